@@ -1,0 +1,459 @@
+// pyxf._core: the only file that knows about Python. Everything crossing this boundary is checked
+// here once (names, shapes, dtypes, token ids, lengths); the engine behind it runs unchecked.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "kernels/kernels.h"
+#include "model/transformer.h"
+#include "runtime/generate.h"
+#include "runtime/threads.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace pyxf {
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+T config_value(const py::dict& cfg, const char* key) {
+  if (!cfg.contains(key)) throw py::key_error(std::string("config is missing '") + key + "'");
+  try {
+    return cfg[key].cast<T>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(std::string("config '") + key + "' has the wrong type");
+  }
+}
+
+template <typename T>
+T config_value(const py::dict& cfg, const char* key, T fallback) {
+  if (!cfg.contains(key) || cfg[key].is_none()) return fallback;
+  return config_value<T>(cfg, key);
+}
+
+kernels::Activation parse_activation(const std::string& name) {
+  if (name == "silu") return kernels::Activation::kSilu;
+  if (name == "gelu") return kernels::Activation::kGelu;
+  if (name == "gelu_tanh") return kernels::Activation::kGeluTanh;
+  if (name == "relu") return kernels::Activation::kRelu;
+  throw py::value_error("unknown activation '" + name + "' (silu, gelu, gelu_tanh, relu)");
+}
+
+ModelConfig parse_config(const py::dict& cfg) {
+  ModelConfig c;
+  c.family = config_value<std::string>(cfg, "family");
+  c.vocab_size = config_value<int>(cfg, "vocab_size");
+  c.hidden_size = config_value<int>(cfg, "hidden_size");
+  c.num_layers = config_value<int>(cfg, "num_layers");
+  c.num_heads = config_value<int>(cfg, "num_heads");
+  c.num_kv_heads = config_value<int>(cfg, "num_kv_heads", c.num_heads);
+  c.head_dim = config_value<int>(cfg, "head_dim", c.num_heads ? c.hidden_size / c.num_heads : 0);
+  c.intermediate_size = config_value<int>(cfg, "intermediate_size");
+  c.max_positions = config_value<int>(cfg, "max_position_embeddings");
+  const std::string norm = config_value<std::string>(cfg, "norm");
+  if (norm != "rmsnorm" && norm != "layernorm") throw py::value_error("unknown norm '" + norm + "'");
+  c.norm = norm == "rmsnorm" ? NormKind::kRms : NormKind::kLayer;
+  c.norm_eps = config_value<float>(cfg, "norm_eps");
+  const std::string placement = config_value<std::string>(cfg, "norm_position", std::string("pre"));
+  if (placement != "pre" && placement != "post") throw py::value_error("unknown norm_position '" + placement + "'");
+  c.post_norm = placement == "post";
+  c.activation = parse_activation(config_value<std::string>(cfg, "activation"));
+  c.gated_ffn = config_value<bool>(cfg, "gated_ffn");
+  const std::string position = config_value<std::string>(cfg, "position");
+  if (position == "rope") c.position = PositionKind::kRope;
+  else if (position == "learned") c.position = PositionKind::kLearned;
+  else if (position == "none") c.position = PositionKind::kNone;
+  else throw py::value_error("unknown position scheme '" + position + "'");
+  c.tied_embeddings = config_value<bool>(cfg, "tie_word_embeddings", false);
+
+  if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_layers <= 0 || c.num_heads <= 0 ||
+      c.num_kv_heads <= 0 || c.head_dim <= 0 || c.intermediate_size <= 0 || c.max_positions <= 0) {
+    throw py::value_error("config sizes must be positive");
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
+    throw py::value_error("num_heads must be a multiple of num_kv_heads");
+  }
+  if (c.position == PositionKind::kRope) {
+    c.rope_interleaved = config_value<bool>(cfg, "rope_interleaved", false);
+    FloatArray inv_freq = config_value<FloatArray>(cfg, "rope_inv_freq");
+    c.rope_inv_freq.assign(inv_freq.data(), inv_freq.data() + inv_freq.size());
+    c.rope_dim = 2 * (int)inv_freq.size();
+    c.rope_attention_scaling = config_value<float>(cfg, "rope_attention_scaling", 1.0f);
+    if (c.rope_dim == 0 || c.rope_dim > c.head_dim || c.rope_dim > 1024) {
+      throw py::value_error("rope_inv_freq must have between 1 and head_dim/2 entries");
+    }
+  }
+  return c;
+}
+
+// Owns what the raw weight pointers point into: the caller's arrays, or widened copies.
+class WeightStore {
+ public:
+  WeightStore(py::dict arrays, std::string dtype) : arrays_(std::move(arrays)), dtype_(std::move(dtype)) {}
+
+  const float* get(const std::string& name, std::vector<long> shape, bool required = true) {
+    if (!arrays_.contains(name)) {
+      if (required) throw py::key_error("missing tensor '" + name + "'");
+      return nullptr;
+    }
+    py::array a = py::reinterpret_borrow<py::array>(arrays_[name.c_str()]);
+    if (!(a.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' is not C-contiguous");
+    if ((size_t)a.ndim() != shape.size()) throw py::value_error("tensor '" + name + "' has the wrong rank");
+    for (size_t i = 0; i < shape.size(); ++i) {
+      if (a.shape(i) != shape[i]) {
+        throw py::value_error("tensor '" + name + "' has shape mismatch at dim " + std::to_string(i) +
+                              ": " + std::to_string(a.shape(i)) + " != " + std::to_string(shape[i]));
+      }
+    }
+    keep_.push_back(a);
+    if (a.dtype().is(py::dtype::of<float>())) return static_cast<const float*>(a.data());
+    if (a.dtype().is(py::dtype::of<uint16_t>()) || a.dtype().kind() == 'f') {
+      return widen(name, a);
+    }
+    throw py::type_error("tensor '" + name + "' has unsupported dtype");
+  }
+
+ private:
+  // float16 / bfloat16 weights are widened once at load.
+  const float* widen(const std::string& name, const py::array& a) {
+    const size_t n = a.size();
+    auto buf = std::make_unique<float[]>(n);
+    const uint16_t* src = static_cast<const uint16_t*>(a.data());
+    const bool bf16 = a.dtype().kind() == 'u' && dtype_ == "bfloat16";
+    if (a.itemsize() != 2 || (a.dtype().kind() == 'u' && !bf16 && dtype_ != "float16")) {
+      throw py::type_error("tensor '" + name + "' has unsupported dtype");
+    }
+    for (size_t i = 0; i < n; ++i) buf[i] = bf16 ? bf16_to_float(src[i]) : half_to_float(src[i]);
+    owned_.push_back(std::move(buf));
+    return owned_.back().get();
+  }
+  static float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+      if (mant == 0) {
+        bits = sign;
+      } else {  // subnormal: renormalize
+        exp = 127 - 15 + 1;
+        while (!(mant & 0x400)) { mant <<= 1; --exp; }
+        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+      }
+    } else if (exp == 31) {
+      bits = sign | 0x7f800000 | (mant << 13);
+    } else {
+      bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+
+  py::dict arrays_;
+  std::string dtype_;
+  std::vector<py::array> keep_;
+  std::vector<std::unique_ptr<float[]>> owned_;
+};
+
+ModelWeights bind_weights(const ModelConfig& c, WeightStore& w) {
+  const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
+  const bool layer_norm = c.norm == NormKind::kLayer;
+  auto norm = [&](const std::string& name) {
+    return Norm{w.get(name + ".weight", {H}), w.get(name + ".bias", {H}, layer_norm)};
+  };
+  auto linear = [&](const std::string& name, long out, long in) {
+    return Linear{w.get(name + ".weight", {out, in}), w.get(name + ".bias", {out}, false)};
+  };
+  ModelWeights m;
+  m.embed = w.get("embed.weight", {V, H});
+  if (c.position == PositionKind::kLearned) m.pos_embed = w.get("pos_embed.weight", {c.max_positions, H});
+  for (int i = 0; i < c.num_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    LayerWeights L;
+    L.attn_norm = norm(p + "attn_norm");
+    L.qkv = linear(p + "attn.qkv", c.qkv_dim(), H);
+    L.attn_out = linear(p + "attn.out", H, c.q_dim());
+    L.ffn_norm = norm(p + "ffn_norm");
+    L.ffn_up = linear(p + (c.gated_ffn ? "ffn.gate_up" : "ffn.up"), c.ffn_width(), H);
+    L.ffn_down = linear(p + "ffn.down", H, I);
+    m.layers.push_back(L);
+  }
+  if (!c.post_norm) m.final_norm = norm("final_norm");
+  m.lm_head = c.tied_embeddings ? Linear{m.embed, w.get("lm_head.bias", {V}, false)} : linear("lm_head", V, H);
+  return m;
+}
+
+class PyModel {
+ public:
+  PyModel(py::dict config, py::dict weights)
+      : store_(weights, config_value<std::string>(config, "dtype", std::string("float32"))),
+        config_(parse_config(config)),
+        model_(config_, bind_weights(config_, store_)) {}
+
+  const Transformer& model() const { return model_; }
+  const ModelConfig& config() const { return config_; }
+
+  // Token ids from Python, checked against the vocabulary.
+  std::vector<int32_t> tokens(py::handle ids) const {
+    py::array arr = py::array::ensure(ids);
+    if (!arr) throw py::type_error("token ids must be a sequence of ints");
+    if (arr.ndim() != 1) throw py::value_error("token ids must be one-dimensional");
+    if (arr.size() > 0 && arr.dtype().kind() != 'i' && arr.dtype().kind() != 'u') {
+      throw py::type_error("token ids must be integers, got dtype " + std::string(py::str(arr.dtype())));
+    }
+    auto as_i64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    std::vector<int32_t> out(as_i64.size());
+    for (ssize_t i = 0; i < as_i64.size(); ++i) {
+      const int64_t t = as_i64.data()[i];
+      if (t < 0 || t >= config_.vocab_size) {
+        throw py::value_error("token id " + std::to_string(t) + " at index " + std::to_string(i) +
+                              " is outside the vocabulary [0, " + std::to_string(config_.vocab_size) + ")");
+      }
+      out[i] = (int32_t)t;
+    }
+    return out;
+  }
+
+ private:
+  WeightStore store_;
+  ModelConfig config_;
+  Transformer model_;
+};
+
+// One sequence fed incrementally: the KV cache persists between feeds.
+class PySession {
+ public:
+  PySession(std::shared_ptr<PyModel> model, int context_length) : model_(std::move(model)) {
+    const ModelConfig& c = model_->config();
+    if (context_length <= 0) throw py::value_error("context_length must be positive");
+    cache_ = std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, context_length);
+  }
+
+  py::array_t<float> feed(py::handle ids, bool all_logits) {
+    std::vector<int32_t> tokens = model_->tokens(ids);
+    if (tokens.empty()) throw py::value_error("feed() needs at least one token");
+    if (cache_->length() + (long)tokens.size() > cache_->capacity()) {
+      throw py::value_error("sequence of " + std::to_string(cache_->length() + tokens.size()) +
+                            " tokens exceeds the context length " + std::to_string(cache_->capacity()));
+    }
+    SeqBatch batch{cache_.get(), tokens.data(), (int)tokens.size(), all_logits};
+    const long rows = Transformer::logit_rows(&batch, 1);
+    py::array_t<float> logits({rows, (long)model_->config().vocab_size});
+    float* out = logits.mutable_data();
+    {
+      py::gil_scoped_release release;
+      model_->model().forward(&batch, 1, workspace_, out);
+    }
+    return logits;
+  }
+
+  int position() const { return cache_->length(); }
+  int capacity() const { return cache_->capacity(); }
+  void reset() { cache_->set_length(0); }
+
+ private:
+  std::shared_ptr<PyModel> model_;
+  std::unique_ptr<KVCache> cache_;
+  Workspace workspace_;
+};
+
+py::list run_generate(PyModel& m, py::sequence prompts, int max_new_tokens, float temperature,
+                      int top_k, float top_p, float repetition_penalty, uint64_t seed,
+                      std::vector<int> stop_ids, int context_length, py::object callback) {
+  if (max_new_tokens <= 0) throw py::value_error("max_new_tokens must be positive");
+  if (temperature < 0) throw py::value_error("temperature must be >= 0");
+  if (top_k < 0) throw py::value_error("top_k must be >= 0");
+  if (!(top_p > 0 && top_p <= 1)) throw py::value_error("top_p must be in (0, 1]");
+  if (!(repetition_penalty > 0)) throw py::value_error("repetition_penalty must be > 0");
+  if (context_length <= 0) throw py::value_error("context_length must be positive");
+  std::vector<std::vector<int32_t>> ids;
+  for (py::handle p : prompts) {
+    ids.push_back(m.tokens(p));
+    if (ids.back().empty()) throw py::value_error("prompt " + std::to_string(ids.size() - 1) + " is empty");
+    if ((long)ids.back().size() > context_length) {
+      throw py::value_error("prompt " + std::to_string(ids.size() - 1) + " has " +
+                            std::to_string(ids.back().size()) + " tokens, more than the context length " +
+                            std::to_string(context_length));
+    }
+  }
+  GenerateOptions opt;
+  opt.max_new_tokens = max_new_tokens;
+  opt.sampling = {temperature, top_k, top_p, repetition_penalty};
+  opt.seed = seed;
+  opt.stop_ids = std::move(stop_ids);
+  opt.context_length = context_length;
+
+  // Each token briefly takes the GIL: to call back into Python and to notice Ctrl-C.
+  TokenCallback on_token = [&callback](int seq, int token) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    return !callback.is_none() && callback(seq, token).cast<bool>();
+  };
+  std::vector<std::vector<int>> out;
+  {
+    py::gil_scoped_release release;
+    out = generate(m.model(), ids, opt, on_token);
+  }
+  py::list result;
+  for (auto& seq : out) result.append(py::cast(seq));
+  return result;
+}
+
+py::dict info() {
+  const char* names[8];
+  const int n = kernels::available_isas(names, 8);
+  py::list isas;
+  for (int i = 0; i < n; ++i) isas.append(names[i]);
+  return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
+                  "num_threads"_a = num_threads(), "compiler"_a = PYXF_COMPILER,
+                  "build_flags"_a = PYXF_BUILD_FLAGS);
+}
+
+
+// Kernels on numpy arrays, for tests: each runs on the active ISA table.
+void bind_ops(py::module_& ops) {
+  auto check_2d = [](const FloatArray& a, const char* name) {
+    if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D");
+  };
+  ops.def("linear", [=](FloatArray x, FloatArray w, py::object bias) {
+    check_2d(x, "x");
+    check_2d(w, "w");
+    if (x.shape(1) != w.shape(1)) throw py::value_error("x and w disagree on the inner dimension");
+    FloatArray b;
+    if (!bias.is_none()) {
+      b = bias.cast<FloatArray>();
+      if (b.ndim() != 1 || b.shape(0) != w.shape(0)) throw py::value_error("bias must be [N]");
+    }
+    py::array_t<float> y({x.shape(0), w.shape(0)});
+    kernels::active().linear(x.data(), x.shape(0), x.shape(1), w.data(), w.shape(0),
+                             bias.is_none() ? nullptr : b.data(), y.mutable_data(), false);
+    return y;
+  }, "x"_a, "w"_a, "bias"_a = py::none());
+  ops.def("rmsnorm", [=](FloatArray x, FloatArray w, float eps) {
+    check_2d(x, "x");
+    if (w.size() != x.shape(1)) throw py::value_error("w must match the row width");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    kernels::active().rmsnorm(x.data(), w.data(), eps, x.shape(0), x.shape(1), y.mutable_data());
+    return y;
+  });
+  ops.def("layernorm", [=](FloatArray x, FloatArray w, FloatArray b, float eps) {
+    check_2d(x, "x");
+    if (w.size() != x.shape(1) || b.size() != x.shape(1)) throw py::value_error("w, b must match the row width");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    kernels::active().layernorm(x.data(), w.data(), b.data(), eps, x.shape(0), x.shape(1), y.mutable_data());
+    return y;
+  });
+  ops.def("softmax", [=](FloatArray x) {
+    check_2d(x, "x");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    kernels::active().softmax(y.mutable_data(), x.shape(0), x.shape(1));
+    return y;
+  });
+  ops.def("activation", [](FloatArray x, const std::string& kind) {
+    py::array_t<float> y(std::vector<ssize_t>(x.shape(), x.shape() + x.ndim()));
+    std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    kernels::active().activation(y.mutable_data(), x.size(), parse_activation(kind));
+    return y;
+  });
+  ops.def("gated_activation", [=](FloatArray gu, const std::string& kind) {
+    check_2d(gu, "gate_up");
+    if (gu.shape(1) % 2) throw py::value_error("gate_up rows must have an even width");
+    const long n = gu.shape(1) / 2;
+    py::array_t<float> y({(long)gu.shape(0), n});
+    kernels::active().gated_activation(gu.data(), gu.shape(0), n, parse_activation(kind), y.mutable_data());
+    return y;
+  });
+  ops.def("rope", [=](FloatArray x, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
+                      FloatArray inv_freq, int head_dim, bool interleaved, float scaling) {
+    check_2d(x, "x");
+    if (pos.size() != x.shape(0)) throw py::value_error("one position per row");
+    if (head_dim <= 0 || x.shape(1) % head_dim) throw py::value_error("row width must be a multiple of head_dim");
+    if (inv_freq.size() == 0 || 2 * inv_freq.size() > head_dim || inv_freq.size() > 512) {
+      throw py::value_error("inv_freq must have between 1 and head_dim/2 entries");
+    }
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    kernels::active().rope(y.mutable_data(), x.shape(0), x.shape(1), (int)(x.shape(1) / head_dim), head_dim,
+                           2 * (int)inv_freq.size(), pos.data(), inv_freq.data(), scaling, interleaved);
+    return y;
+  }, "x"_a, "pos"_a, "inv_freq"_a, "head_dim"_a, "interleaved"_a = false, "scaling"_a = 1.0f);
+  // q: [n_new, n_heads * head_dim]; k, v: [n_keys, n_kv_heads * head_dim] (token-major, as torch).
+  ops.def("attention", [=](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
+                           bool causal, float scale) {
+    check_2d(q, "q");
+    check_2d(k, "k");
+    check_2d(v, "v");
+    if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads) throw py::value_error("bad head counts");
+    if (q.shape(1) % n_heads) throw py::value_error("q width must be a multiple of n_heads");
+    const int D = (int)(q.shape(1) / n_heads);
+    const long n_new = q.shape(0), n_keys = k.shape(0);
+    if (k.shape(1) != (long)n_kv_heads * D || v.shape(1) != k.shape(1) || v.shape(0) != n_keys) {
+      throw py::value_error("k and v must be [n_keys, n_kv_heads * head_dim]");
+    }
+    if (n_keys < n_new) throw py::value_error("need at least as many keys as queries");
+    // Rearrange to the cache layout [kv_head][position][head_dim].
+    std::vector<float> kc(k.size()), vc(v.size());
+    for (long t = 0; t < n_keys; ++t)
+      for (int g = 0; g < n_kv_heads; ++g)
+        for (int d = 0; d < D; ++d) {
+          kc[((long)g * n_keys + t) * D + d] = k.data()[t * n_kv_heads * D + g * D + d];
+          vc[((long)g * n_keys + t) * D + d] = v.data()[t * n_kv_heads * D + g * D + d];
+        }
+    py::array_t<float> out({n_new, (long)q.shape(1)});
+    kernels::AttentionSeq seq{q.data(), out.mutable_data(), kc.data(), vc.data(), n_keys * D,
+                              (int)n_new, (int)(n_keys - n_new), (int)n_keys};
+    kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
+    kernels::active().attention(&seq, 1, shape);
+    return out;
+  }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a);
+}
+
+}  // namespace
+}  // namespace pyxf
+
+PYBIND11_MODULE(_core, m) {
+  using namespace pyxf;
+  m.doc() = "pyxf's C++ engine";
+  m.def("info", &info);
+  m.def("get_isa", [] { return std::string(kernels::active().name); });
+  m.def("set_isa", [](const std::string& name) {
+    if (!kernels::set_isa(name.c_str())) {
+      throw py::value_error("ISA '" + name + "' is unknown or not supported by this CPU");
+    }
+  });
+  m.def("set_num_threads", [](int n) {
+    if (n <= 0) throw py::value_error("number of threads must be positive");
+    set_num_threads(n);
+  });
+  m.def("get_num_threads", &num_threads);
+
+  py::class_<PyModel, std::shared_ptr<PyModel>>(m, "Model")
+      .def(py::init<py::dict, py::dict>(), "config"_a, "weights"_a)
+      .def("generate", &run_generate, "prompts"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a,
+           "top_p"_a, "repetition_penalty"_a, "seed"_a, "stop_ids"_a, "context_length"_a,
+           "callback"_a = py::none())
+      .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
+
+  py::class_<PySession>(m, "Session")
+      .def(py::init<std::shared_ptr<PyModel>, int>(), "model"_a, "context_length"_a)
+      .def("feed", &PySession::feed, "ids"_a, "all_logits"_a = true)
+      .def_property_readonly("position", &PySession::position)
+      .def_property_readonly("capacity", &PySession::capacity)
+      .def("reset", &PySession::reset);
+
+  py::module_ ops = m.def_submodule("ops", "kernels on numpy arrays, for tests");
+  bind_ops(ops);
+}

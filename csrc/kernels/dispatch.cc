@@ -1,0 +1,80 @@
+// Picks a kernel table from what the CPU supports (cpuid via the compiler's builtins).
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace pyxf::kernels {
+namespace generic { void fill_table(KernelTable* t); }
+namespace avx2 { void fill_table(KernelTable* t); }
+namespace avx512 { void fill_table(KernelTable* t); }
+
+namespace {
+
+struct Isa {
+  const char* name;
+  void (*fill)(KernelTable*);
+  bool (*supported)();
+};
+
+bool always() { return true; }
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+const Isa kIsas[] = {
+    {"generic", generic::fill_table, always},
+    {"avx2", avx2::fill_table, has_avx2},
+    {"avx512", avx512::fill_table, has_avx512},
+};
+constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
+
+KernelTable g_table;
+
+bool select(const char* name) {
+  for (const Isa& isa : kIsas) {
+    if (std::strcmp(isa.name, name) == 0 && isa.supported()) {
+      isa.fill(&g_table);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool init_default() {
+  const char* forced = std::getenv("PYXF_ISA");
+  if (forced && *forced && select(forced)) return true;
+  for (int i = kNumIsas - 1; i >= 0; --i) {
+    if (kIsas[i].supported()) return select(kIsas[i].name);
+  }
+  return false;
+}
+
+const bool g_initialized = init_default();
+
+}  // namespace
+
+const KernelTable& active() {
+  (void)g_initialized;
+  return g_table;
+}
+
+int available_isas(const char** names, int max_names) {
+  int n = 0;
+  for (const Isa& isa : kIsas) {
+    if (isa.supported() && n < max_names) names[n++] = isa.name;
+  }
+  return n;
+}
+
+bool set_isa(const char* name) { return select(name); }
+
+}  // namespace pyxf::kernels

@@ -1,0 +1,214 @@
+// Row-wise kernels: norms, activations, softmax, rotary embeddings.
+#include "kernels/kernels.h"
+#include "kernels/simd.h"
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+namespace {
+
+constexpr long kParallelFloats = 1L << 15;  // below this much work a single thread is faster
+
+float sum_squares(const float* x, long n) {
+  Vf acc = vzero();
+  long i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vf v = vload(x + i);
+    acc = vfma(v, v, acc);
+  }
+  if (i < n) {
+    const Vf v = vload_n(x + i, (int)(n - i));
+    acc = vfma(v, v, acc);
+  }
+  return vsum(acc);
+}
+
+float sum(const float* x, long n) {
+  Vf acc = vzero();
+  long i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = vadd(acc, vload(x + i));
+  if (i < n) acc = vadd(acc, vload_n(x + i, (int)(n - i)));
+  return vsum(acc);
+}
+
+// y = (x - shift) * scale * w + b, with w and b optional.
+void scale_row(const float* x, float shift, float scale, const float* w, const float* b, long n,
+               float* y) {
+  const Vf vs = vset1(scale), vm = vset1(shift);
+  long i = 0;
+  for (; i < n; i += kLanes) {
+    const int m = (int)lmin(kLanes, n - i);
+    Vf v = vmul(vsub(m == kLanes ? vload(x + i) : vload_n(x + i, m), vm), vs);
+    if (w) v = vmul(v, m == kLanes ? vload(w + i) : vload_n(w + i, m));
+    if (b) v = vadd(v, m == kLanes ? vload(b + i) : vload_n(b + i, m));
+    if (m == kLanes) vstore(y + i, v); else vstore_n(y + i, v, m);
+  }
+}
+
+Vf activate(Vf x, Activation act) {
+  switch (act) {
+    case Activation::kSilu:
+      return vdiv(x, vadd(vset1(1.0f), vexp(vsub(vzero(), x))));
+    case Activation::kGelu:
+      return vmul(vmul(vset1(0.5f), x), vadd(vset1(1.0f), verf(vmul(x, vset1(0.70710678118654752f)))));
+    case Activation::kGeluTanh: {
+      const Vf inner = vmul(vset1(0.79788456080286536f),
+                            vfma(vmul(vset1(0.044715f), vmul(x, x)), x, x));
+      return vmul(vmul(vset1(0.5f), x), vadd(vset1(1.0f), vtanh(inner)));
+    }
+    case Activation::kRelu:
+    default:
+      return vmax(x, vzero());
+  }
+}
+
+}  // namespace
+
+void rmsnorm(const float* x, const float* w, float eps, long rows, long n, float* y) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+  for (long r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    const float scale = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
+    scale_row(xr, 0.0f, scale, w, nullptr, n, y + r * n);
+  }
+}
+
+void layernorm(const float* x, const float* w, const float* b, float eps, long rows, long n,
+               float* y) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+  for (long r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    const float mean = sum(xr, n) / (float)n;
+    // Two passes: the variance of x - mean does not cancel catastrophically.
+    const Vf vm = vset1(mean);
+    Vf acc = vzero();
+    long i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      const Vf d = vsub(vload(xr + i), vm);
+      acc = vfma(d, d, acc);
+    }
+    float var = vsum(acc);
+    for (; i < n; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    scale_row(xr, mean, 1.0f / sqrtf(var / (float)n + eps), w, b, n, y + r * n);
+  }
+}
+
+void add(float* y, const float* x, long n) {
+#pragma omp parallel for schedule(static) if (n > kParallelFloats)
+  for (long i = 0; i < n; i += kLanes) {
+    const int m = (int)lmin(kLanes, n - i);
+    if (m == kLanes) vstore(y + i, vadd(vload(y + i), vload(x + i)));
+    else vstore_n(y + i, vadd(vload_n(y + i, m), vload_n(x + i, m)), m);
+  }
+}
+
+void activation(float* x, long n, Activation act) {
+#pragma omp parallel for schedule(static) if (n > kParallelFloats)
+  for (long i = 0; i < n; i += kLanes) {
+    const int m = (int)lmin(kLanes, n - i);
+    if (m == kLanes) vstore(x + i, activate(vload(x + i), act));
+    else vstore_n(x + i, activate(vload_n(x + i, m), act), m);
+  }
+}
+
+void gated_activation(const float* gu, long rows, long n, Activation act, float* out) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+  for (long r = 0; r < rows; ++r) {
+    const float* gate = gu + r * 2 * n;
+    const float* up = gate + n;
+    float* o = out + r * n;
+    for (long i = 0; i < n; i += kLanes) {
+      const int m = (int)lmin(kLanes, n - i);
+      if (m == kLanes) {
+        vstore(o + i, vmul(activate(vload(gate + i), act), vload(up + i)));
+      } else {
+        vstore_n(o + i, vmul(activate(vload_n(gate + i, m), act), vload_n(up + i, m)), m);
+      }
+    }
+  }
+}
+
+void softmax(float* x, long rows, long n) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+  for (long r = 0; r < rows; ++r) {
+    float* xr = x + r * n;
+    Vf vmx = vset1(-INFINITY);
+    long i = 0;
+    for (; i + kLanes <= n; i += kLanes) vmx = vmax(vmx, vload(xr + i));
+    float mx = vmaxr(vmx);
+    for (; i < n; ++i) mx = xr[i] > mx ? xr[i] : mx;
+    const Vf vm = vset1(mx);
+    Vf acc = vzero();
+    for (i = 0; i + kLanes <= n; i += kLanes) {
+      const Vf e = vexp(vsub(vload(xr + i), vm));
+      vstore(xr + i, e);
+      acc = vadd(acc, e);
+    }
+    float total = vsum(acc);
+    if (i < n) {
+      const int m = (int)(n - i);
+      const Vf e = vexp(vsub(vload_n(xr + i, m), vm));
+      vstore_n(xr + i, e, m);
+      alignas(64) float tail[kLanes];
+      vstore(tail, e);
+      for (int j = 0; j < m; ++j) total += tail[j];
+    }
+    const float inv = 1.0f / total;
+    scale_row(xr, 0.0f, inv, nullptr, nullptr, n, xr);
+  }
+}
+
+void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
+          const int32_t* pos, const float* inv_freq, float scaling, bool interleaved) {
+  const int half = rot_dim / 2;
+#pragma omp parallel for schedule(static) if (rows * n_heads * head_dim > kParallelFloats)
+  for (long r = 0; r < rows; ++r) {
+    // cos/sin once per row, shared by all heads. The angle is a float product, as in torch.
+    float cs[512], sn[512];
+    for (int i = 0; i < half; ++i) {
+      const float angle = (float)pos[r] * inv_freq[i];
+      cs[i] = (float)cos((double)angle) * scaling;
+      sn[i] = (float)sin((double)angle) * scaling;
+    }
+    float* row = x + r * row_stride;
+    for (int h = 0; h < n_heads; ++h) {
+      float* v = row + (long)h * head_dim;
+      if (interleaved) {
+        for (int i = 0; i < half; ++i) {
+          const float a = v[2 * i], b = v[2 * i + 1];
+          v[2 * i] = a * cs[i] - b * sn[i];
+          v[2 * i + 1] = b * cs[i] + a * sn[i];
+        }
+      } else {
+        for (int i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
+      }
+    }
+  }
+}
+
+void linear(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
+            bool accumulate);
+void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+
+void fill_table(KernelTable* t) {
+#if defined(PYXF_TARGET_avx512)
+  t->name = "avx512";
+#elif defined(PYXF_TARGET_avx2)
+  t->name = "avx2";
+#else
+  t->name = "generic";
+#endif
+  t->linear = linear;
+  t->rmsnorm = rmsnorm;
+  t->layernorm = layernorm;
+  t->add = add;
+  t->activation = activation;
+  t->gated_activation = gated_activation;
+  t->softmax = softmax;
+  t->rope = rope;
+  t->attention = attention;
+}
+
+}  // namespace pyxf::kernels::PYXF_TARGET_NS

@@ -1,0 +1,210 @@
+// y = x w^T (+ bias): a packed, cache-blocked GEMM for many rows (prefill, encoding) and a
+// streaming dot-product kernel for few rows (decode), where reading w once is all that matters.
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "kernels/simd.h"
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+namespace {
+
+// Register tile of the packed kernel: MR rows of x by NR = 2 vectors of columns.
+#if defined(PYXF_TARGET_avx512)
+constexpr int MR = 8;
+#elif defined(PYXF_TARGET_avx2)
+constexpr int MR = 6;
+#else
+constexpr int MR = 4;
+#endif
+constexpr int NR = 2 * kLanes;
+constexpr int KC = 256;      // depth of one packed block: an NR x KC panel stays in L1/L2
+constexpr int NC = 4 * NR;   // columns packed together; one work item
+constexpr int MC = 16 * MR;  // rows per work item
+constexpr long kSmallM = 16; // below this, the dot-product kernel
+
+// Copies columns [n0, n0 + nc) x depth [k0, k0 + kc) of w into panels [panel][k][NR], zero padded.
+void pack_panels(const float* w, long K, long N, long n0, int nc, long k0, int kc, float* dst) {
+  const int panels = (nc + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p) {
+    float* panel = dst + (long)p * kc * NR;
+    for (int j = 0; j < NR; ++j) {
+      const long col = n0 + (long)p * NR + j;
+      if (col < N && p * NR + j < nc) {
+        const float* src = w + col * K + k0;
+        for (int k = 0; k < kc; ++k) panel[k * NR + j] = src[k];
+      } else {
+        for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
+template <int ROWS>
+void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, long ldc,
+                int ncols, bool load_c, const float* bias) {
+  Vf acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
+  for (int k = 0; k < kc; ++k) {
+    const Vf b0 = vload(panel + k * NR);
+    const Vf b1 = vload(panel + k * NR + kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const Vf ar = vset1(a[r * lda + k]);
+      acc0[r] = vfma(ar, b0, acc0[r]);
+      acc1[r] = vfma(ar, b1, acc1[r]);
+    }
+  }
+  if (ncols == NR) {
+    const Vf bias0 = bias ? vload(bias) : vzero();
+    const Vf bias1 = bias ? vload(bias + kLanes) : vzero();
+    for (int r = 0; r < ROWS; ++r) {
+      float* cr = c + r * ldc;
+      Vf y0 = vadd(acc0[r], bias0), y1 = vadd(acc1[r], bias1);
+      if (load_c) {
+        y0 = vadd(y0, vload(cr));
+        y1 = vadd(y1, vload(cr + kLanes));
+      }
+      vstore(cr, y0);
+      vstore(cr + kLanes, y1);
+    }
+    return;
+  }
+  alignas(64) float tile[NR];
+  for (int r = 0; r < ROWS; ++r) {
+    vstore(tile, acc0[r]);
+    vstore(tile + kLanes, acc1[r]);
+    float* cr = c + r * ldc;
+    for (int j = 0; j < ncols; ++j) {
+      float y = tile[j] + (bias ? bias[j] : 0.0f);
+      cr[j] = load_c ? cr[j] + y : y;
+    }
+  }
+}
+
+using MicroTile = void (*)(const float*, long, const float*, int, float*, long, int, bool,
+                           const float*);
+
+template <int... R>
+struct TileTable {
+  static constexpr MicroTile fns[] = {nullptr, micro_tile<R>...};
+};
+#if defined(PYXF_TARGET_avx512)
+using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+#elif defined(PYXF_TARGET_avx2)
+using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
+#else
+using Tiles = TileTable<1, 2, 3, 4>;
+#endif
+
+void linear_packed(const float* x, long M, long K, const float* w, long N, const float* bias,
+                   float* y, bool accumulate) {
+  const long n_chunks = (N + NC - 1) / NC;
+  const long m_blocks = (M + MC - 1) / MC;
+#pragma omp parallel
+  {
+    float* packed = (float*)aligned_alloc(64, sizeof(float) * NC * KC);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (long ci = 0; ci < n_chunks; ++ci) {
+      for (long mb = 0; mb < m_blocks; ++mb) {
+        const long n0 = ci * NC;
+        const int nc = (int)lmin(NC, N - n0);
+        const int panels = (nc + NR - 1) / NR;
+        const long m_end = lmin(M, (mb + 1) * MC);
+        for (long k0 = 0; k0 < K; k0 += KC) {
+          const int kc = (int)lmin(KC, K - k0);
+          const bool first = k0 == 0;
+          pack_panels(w, K, N, n0, nc, k0, kc, packed);
+          for (long m0 = mb * MC; m0 < m_end; m0 += MR) {
+            const int rows = (int)lmin(MR, m_end - m0);
+            for (int p = 0; p < panels; ++p) {
+              const long col = n0 + (long)p * NR;
+              Tiles::fns[rows](x + m0 * K + k0, K, packed + (long)p * kc * NR, kc, y + m0 * N + col,
+                               N, imin(NR, nc - p * NR), !first || accumulate,
+                               first && bias ? bias + col : nullptr);
+            }
+          }
+        }
+      }
+    }
+    free(packed);
+  }
+}
+
+// Dot products of up to 4 rows of x with 4 rows of w: 16 independent accumulators.
+template <int XR, int WR>
+void dot_tile(const float* x, long K, const float* w, float* y, long ldy, const float* bias,
+              bool accumulate) {
+  Vf acc[XR][WR];
+  for (int i = 0; i < XR; ++i)
+    for (int j = 0; j < WR; ++j) acc[i][j] = vzero();
+  long k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    Vf wv[WR];
+    for (int j = 0; j < WR; ++j) wv[j] = vload(w + j * K + k);
+    for (int i = 0; i < XR; ++i) {
+      const Vf xv = vload(x + i * K + k);
+      for (int j = 0; j < WR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const int rest = (int)(K - k);
+    Vf wv[WR];
+    for (int j = 0; j < WR; ++j) wv[j] = vload_n(w + j * K + k, rest);
+    for (int i = 0; i < XR; ++i) {
+      const Vf xv = vload_n(x + i * K + k, rest);
+      for (int j = 0; j < WR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < XR; ++i) {
+    for (int j = 0; j < WR; ++j) {
+      float v = vsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + v : v;
+    }
+  }
+}
+
+template <int WR>
+void dot_rows(const float* x, long M, long K, const float* w, float* y, long ldy,
+              const float* bias, bool accumulate) {
+  long m = 0;
+  for (; m + 4 <= M; m += 4) dot_tile<4, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate);
+  switch (M - m) {
+    case 3: dot_tile<3, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 2: dot_tile<2, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 1: dot_tile<1, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    default: break;
+  }
+}
+
+void linear_small_m(const float* x, long M, long K, const float* w, long N, const float* bias,
+                    float* y, bool accumulate) {
+  const long blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+  for (long b = 0; b < blocks; ++b) {
+    const long n = b * 4;
+    const float* wb = w + n * K;
+    const float* bb = bias ? bias + n : nullptr;
+    switch (lmin(4, N - n)) {
+      case 4: dot_rows<4>(x, M, K, wb, y + n, N, bb, accumulate); break;
+      case 3: dot_rows<3>(x, M, K, wb, y + n, N, bb, accumulate); break;
+      case 2: dot_rows<2>(x, M, K, wb, y + n, N, bb, accumulate); break;
+      default: dot_rows<1>(x, M, K, wb, y + n, N, bb, accumulate); break;
+    }
+  }
+}
+
+}  // namespace
+
+void linear(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
+            bool accumulate) {
+  if (M < kSmallM) {
+    linear_small_m(x, M, K, w, N, bias, y, accumulate);
+  } else {
+    linear_packed(x, M, K, w, N, bias, y, accumulate);
+  }
+}
+
+}  // namespace pyxf::kernels::PYXF_TARGET_NS

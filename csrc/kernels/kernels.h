@@ -1,0 +1,60 @@
+// The kernel interface: plain functions on float arrays, one implementation per ISA, chosen at run
+// time. Nothing here knows about models. All matrices are row-major.
+#pragma once
+#include <cstdint>
+
+namespace pyxf::kernels {
+
+enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+
+// One sequence's share of an attention call. Queries are the sequence's new tokens; keys and
+// values live in its cache as [kv_head][position][head_dim] with `kv_head_stride` floats between
+// heads. Query i sits at position n_past + i and, when causal, sees keys 0 .. n_past + i.
+struct AttentionSeq {
+  const float* q;       // [n_new][q_row_stride], head h at column h * head_dim
+  float* out;           // [n_new][out_row_stride]
+  const float* k;
+  const float* v;
+  long kv_head_stride;
+  int n_new;
+  int n_past;
+  int n_keys;           // keys visible to a non-causal query
+};
+
+struct AttentionShape {
+  int n_heads;
+  int n_kv_heads;       // n_heads % n_kv_heads == 0; query head h reads kv head h / (n_heads / n_kv_heads)
+  int head_dim;
+  long q_row_stride;
+  long out_row_stride;
+  float scale;
+  bool causal;
+};
+
+struct KernelTable {
+  const char* name;
+  // y[M,N] (+)= x[M,K] w[N,K]^T + bias[N]; bias may be null; accumulate adds into y.
+  void (*linear)(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
+                 bool accumulate);
+  void (*rmsnorm)(const float* x, const float* w, float eps, long rows, long n, float* y);
+  void (*layernorm)(const float* x, const float* w, const float* b, float eps, long rows, long n,
+                    float* y);
+  void (*add)(float* y, const float* x, long n);  // y += x
+  void (*activation)(float* x, long n, Activation act);
+  // out[r][j] = act(gu[r][j]) * gu[r][n + j] for rows of width 2n (gate half, then up half).
+  void (*gated_activation)(const float* gu, long rows, long n, Activation act, float* out);
+  void (*softmax)(float* x, long rows, long n);
+  // Rotates `n_heads` heads of each row in place; row r is at position pos[r].
+  void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
+               const int32_t* pos, const float* inv_freq, float scaling, bool interleaved);
+  void (*attention)(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+};
+
+// The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.
+const KernelTable& active();
+// Names of the ISAs this CPU can run, best last.
+int available_isas(const char** names, int max_names);
+// Switches the active table; false when the CPU cannot run `name` or it is unknown.
+bool set_isa(const char* name);
+
+}  // namespace pyxf::kernels

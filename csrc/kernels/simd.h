@@ -1,0 +1,176 @@
+// One float vector type per compile target. Included only by kernel sources, which are compiled
+// once per target with PYXF_TARGET_<name> and PYXF_TARGET_NS defined by the build.
+//
+// Kernel sources use no C++ standard library templates: inline functions instantiated with
+// AVX-512 flags must not be picked by the linker for a generic caller.
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+
+#if defined(PYXF_TARGET_avx512)
+
+constexpr int kLanes = 16;
+struct Vf { __m512 v; };
+static inline Vf vzero() { return {_mm512_setzero_ps()}; }
+static inline Vf vset1(float x) { return {_mm512_set1_ps(x)}; }
+static inline Vf vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+static inline void vstore(float* p, Vf a) { _mm512_storeu_ps(p, a.v); }
+static inline Vf vload_n(const float* p, int n) {
+  return {_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p)};
+}
+static inline void vstore_n(float* p, Vf a, int n) {
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), a.v);
+}
+static inline Vf vadd(Vf a, Vf b) { return {_mm512_add_ps(a.v, b.v)}; }
+static inline Vf vsub(Vf a, Vf b) { return {_mm512_sub_ps(a.v, b.v)}; }
+static inline Vf vmul(Vf a, Vf b) { return {_mm512_mul_ps(a.v, b.v)}; }
+static inline Vf vdiv(Vf a, Vf b) { return {_mm512_div_ps(a.v, b.v)}; }
+static inline Vf vmax(Vf a, Vf b) { return {_mm512_max_ps(a.v, b.v)}; }
+static inline Vf vmin(Vf a, Vf b) { return {_mm512_min_ps(a.v, b.v)}; }
+static inline Vf vabs(Vf a) { return {_mm512_abs_ps(a.v)}; }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+static inline Vf vcopysign(Vf mag, Vf sign) {
+  const __m512i m = _mm512_set1_epi32(0x80000000);
+  return {_mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_andnot_si512(m, _mm512_castps_si512(mag.v)),
+      _mm512_and_si512(m, _mm512_castps_si512(sign.v))))};
+}
+static inline float vsum(Vf a) { return _mm512_reduce_add_ps(a.v); }
+static inline float vmaxr(Vf a) { return _mm512_reduce_max_ps(a.v); }
+// 2^n for integral-valued n.
+static inline Vf vpow2i(Vf n, Vf p) { return {_mm512_scalef_ps(p.v, n.v)}; }
+static inline Vf vround(Vf a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+
+#elif defined(PYXF_TARGET_avx2)
+
+constexpr int kLanes = 8;
+struct Vf { __m256 v; };
+static inline __m256i tail_mask(int n) {
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256((const __m256i*)(table + 8 - n));
+}
+static inline Vf vzero() { return {_mm256_setzero_ps()}; }
+static inline Vf vset1(float x) { return {_mm256_set1_ps(x)}; }
+static inline Vf vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+static inline void vstore(float* p, Vf a) { _mm256_storeu_ps(p, a.v); }
+static inline Vf vload_n(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+static inline void vstore_n(float* p, Vf a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a.v); }
+static inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.v, b.v)}; }
+static inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.v, b.v)}; }
+static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.v, b.v)}; }
+static inline Vf vdiv(Vf a, Vf b) { return {_mm256_div_ps(a.v, b.v)}; }
+static inline Vf vmax(Vf a, Vf b) { return {_mm256_max_ps(a.v, b.v)}; }
+static inline Vf vmin(Vf a, Vf b) { return {_mm256_min_ps(a.v, b.v)}; }
+static inline Vf vabs(Vf a) {
+  return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)};
+}
+static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+static inline Vf vcopysign(Vf mag, Vf sign) {
+  const __m256 m = _mm256_set1_ps(-0.0f);
+  return {_mm256_or_ps(_mm256_andnot_ps(m, mag.v), _mm256_and_ps(m, sign.v))};
+}
+static inline float vsum(Vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float vmaxr(Vf a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline Vf vpow2i(Vf n, Vf p) {
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p.v, _mm256_castsi256_ps(e))};
+}
+static inline Vf vround(Vf a) {
+  return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+
+#else  // portable: plain loops the compiler vectorizes for the baseline ISA
+
+constexpr int kLanes = 8;
+struct Vf { float v[kLanes]; };
+#define PYXF_LANEWISE(expr) \
+  Vf r;                     \
+  for (int i = 0; i < kLanes; ++i) r.v[i] = (expr); \
+  return r
+static inline Vf vzero() { PYXF_LANEWISE(0.0f); }
+static inline Vf vset1(float x) { PYXF_LANEWISE(x); }
+static inline Vf vload(const float* p) { PYXF_LANEWISE(p[i]); }
+static inline void vstore(float* p, Vf a) { for (int i = 0; i < kLanes; ++i) p[i] = a.v[i]; }
+static inline Vf vload_n(const float* p, int n) { PYXF_LANEWISE(i < n ? p[i] : 0.0f); }
+static inline void vstore_n(float* p, Vf a, int n) { for (int i = 0; i < n; ++i) p[i] = a.v[i]; }
+static inline Vf vadd(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] + b.v[i]); }
+static inline Vf vsub(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] - b.v[i]); }
+static inline Vf vmul(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] * b.v[i]); }
+static inline Vf vdiv(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] / b.v[i]); }
+static inline Vf vmax(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+static inline Vf vmin(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
+static inline Vf vabs(Vf a) { PYXF_LANEWISE(fabsf(a.v[i])); }
+static inline Vf vfma(Vf a, Vf b, Vf c) { PYXF_LANEWISE(a.v[i] * b.v[i] + c.v[i]); }
+static inline Vf vcopysign(Vf mag, Vf sign) { PYXF_LANEWISE(copysignf(mag.v[i], sign.v[i])); }
+static inline Vf vpow2i(Vf n, Vf p) { PYXF_LANEWISE(ldexpf(p.v[i], (int)n.v[i])); }
+static inline Vf vround(Vf a) { PYXF_LANEWISE(nearbyintf(a.v[i])); }
+#undef PYXF_LANEWISE
+static inline float vsum(Vf a) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += a.v[i];
+  return s;
+}
+static inline float vmaxr(Vf a) {
+  float m = a.v[0];
+  for (int i = 1; i < kLanes; ++i) m = a.v[i] > m ? a.v[i] : m;
+  return m;
+}
+
+#endif
+
+// e^x with a relative error of a few ulp: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial.
+static inline Vf vexp(Vf x) {
+  x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-87.3365447504019f));
+  const Vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  Vf r = vfma(n, vset1(-0.693359375f), x);  // ln2 split in two for an exact product
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  Vf p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+  return vpow2i(n, p);
+}
+
+// erf(x), absolute error below 1.5e-7 (Abramowitz & Stegun 7.1.26).
+static inline Vf verf(Vf x) {
+  const Vf a = vabs(x);
+  const Vf t = vdiv(vset1(1.0f), vfma(vset1(0.3275911f), a, vset1(1.0f)));
+  Vf p = vset1(1.061405429f);
+  p = vfma(p, t, vset1(-1.453152027f));
+  p = vfma(p, t, vset1(1.421413741f));
+  p = vfma(p, t, vset1(-0.284496736f));
+  p = vfma(p, t, vset1(0.254829592f));
+  p = vmul(p, t);
+  const Vf e = vexp(vsub(vzero(), vmul(a, a)));
+  return vcopysign(vsub(vset1(1.0f), vmul(p, e)), x);
+}
+
+// tanh(x) = 1 - 2 / (e^{2x} + 1), evaluated on |x| and given the sign of x.
+static inline Vf vtanh(Vf x) {
+  const Vf e = vexp(vmul(vset1(2.0f), vabs(x)));
+  const Vf t = vsub(vset1(1.0f), vdiv(vset1(2.0f), vadd(e, vset1(1.0f))));
+  return vcopysign(t, x);
+}
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline long lmin(long a, long b) { return a < b ? a : b; }
+
+}  // namespace pyxf::kernels::PYXF_TARGET_NS

@@ -1,0 +1,41 @@
+// The normalized description of a model, filled from pyxf's config.json by the bindings.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace pyxf {
+
+enum class NormKind { kRms, kLayer };
+enum class PositionKind { kRope, kLearned, kNone };
+
+struct ModelConfig {
+  std::string family;
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int intermediate_size = 0;
+  int max_positions = 0;
+  NormKind norm = NormKind::kRms;
+  float norm_eps = 1e-5f;
+  bool post_norm = false;        // BERT-style: norm after the residual add
+  kernels::Activation activation = kernels::Activation::kSilu;
+  bool gated_ffn = true;
+  PositionKind position = PositionKind::kRope;
+  bool rope_interleaved = false;
+  int rope_dim = 0;              // rotated dimensions per head (partial rotary)
+  std::vector<float> rope_inv_freq;
+  float rope_attention_scaling = 1.0f;
+  bool tied_embeddings = false;
+
+  int q_dim() const { return num_heads * head_dim; }
+  int kv_dim() const { return num_kv_heads * head_dim; }
+  int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  int ffn_width() const { return gated_ffn ? 2 * intermediate_size : intermediate_size; }
+};
+
+}  // namespace pyxf

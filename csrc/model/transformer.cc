@@ -1,0 +1,175 @@
+#include "model/transformer.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace pyxf {
+
+namespace k = kernels;
+
+void Workspace::reserve(const ModelConfig& c, long rows) {
+  auto grow = [](auto& v, size_t n) { if (v.size() < n) v.resize(n); };
+  grow(x, rows * c.hidden_size);
+  grow(h, rows * c.hidden_size);
+  grow(qkv, rows * c.qkv_dim());
+  grow(attn, rows * c.q_dim());
+  grow(ffn, rows * c.ffn_width());
+  grow(act, rows * c.intermediate_size);
+  grow(head_in, rows * c.hidden_size);
+  grow(pos, rows);
+}
+
+Transformer::Transformer(ModelConfig config, ModelWeights weights)
+    : config_(std::move(config)), weights_(std::move(weights)) {}
+
+long Transformer::logit_rows(const SeqBatch* seqs, int n) {
+  long rows = 0;
+  for (int s = 0; s < n; ++s) rows += seqs[s].all_logits ? seqs[s].n_new : 1;
+  return rows;
+}
+
+void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const {
+  const k::KernelTable& K = k::active();
+  if (config_.norm == NormKind::kRms) {
+    K.rmsnorm(x, w.weight, config_.norm_eps, rows, config_.hidden_size, y);
+  } else {
+    K.layernorm(x, w.weight, w.bias, config_.norm_eps, rows, config_.hidden_size, y);
+  }
+}
+
+void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const {
+  const long H = config_.hidden_size;
+  long row = 0;
+  for (int s = 0; s < n; ++s) {
+    const int past = seqs[s].cache->length();
+    for (int i = 0; i < seqs[s].n_new; ++i, ++row) {
+      ws.pos[row] = past + i;
+      std::memcpy(&ws.x[row * H], weights_.embed + (long)seqs[s].tokens[i] * H, H * sizeof(float));
+    }
+  }
+  if (weights_.pos_embed) {
+    for (long r = 0; r < rows; ++r) {
+      k::active().add(&ws.x[r * H], weights_.pos_embed + (long)ws.pos[r] * H, H);
+    }
+  }
+}
+
+void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,
+                                  long rows) const {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = weights_.layers[layer];
+  const k::KernelTable& K = k::active();
+  const long H = c.hidden_size, D = c.head_dim, qkv_dim = c.qkv_dim();
+
+  const float* in = ws.x.data();
+  if (!c.post_norm) {
+    norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
+    in = ws.h.data();
+  }
+  K.linear(in, rows, H, L.qkv.weight, qkv_dim, L.qkv.bias, ws.qkv.data(), false);
+  if (c.position == PositionKind::kRope) {
+    // q and k heads are adjacent in a qkv row: one call rotates both.
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim,
+           ws.pos.data(), c.rope_inv_freq.data(), c.rope_attention_scaling, c.rope_interleaved);
+  }
+
+  ws.attn_seqs.resize(n);
+  long row = 0;
+  for (int s = 0; s < n; ++s) {
+    KVCache& cache = *seqs[s].cache;
+    const int past = cache.length();
+    float* keys = cache.keys(layer);
+    float* values = cache.values(layer);
+    for (int i = 0; i < seqs[s].n_new; ++i) {
+      const float* src = &ws.qkv[(row + i) * qkv_dim + c.q_dim()];
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        const long at = g * cache.head_stride() + (long)(past + i) * D;
+        std::memcpy(keys + at, src + g * D, D * sizeof(float));
+        std::memcpy(values + at, src + c.kv_dim() + g * D, D * sizeof(float));
+      }
+    }
+    k::AttentionSeq& a = ws.attn_seqs[s];
+    a.q = &ws.qkv[row * qkv_dim];
+    a.out = &ws.attn[row * c.q_dim()];
+    a.k = keys;
+    a.v = values;
+    a.kv_head_stride = cache.head_stride();
+    a.n_new = seqs[s].n_new;
+    a.n_past = past;
+    a.n_keys = past + seqs[s].n_new;
+    row += seqs[s].n_new;
+  }
+  k::AttentionShape shape;
+  shape.n_heads = c.num_heads;
+  shape.n_kv_heads = c.num_kv_heads;
+  shape.head_dim = (int)D;
+  shape.q_row_stride = qkv_dim;
+  shape.out_row_stride = c.q_dim();
+  shape.scale = 1.0f / std::sqrt((float)D);
+  shape.causal = true;
+  K.attention(ws.attn_seqs.data(), n, shape);
+
+  // x += attn W_o^T + b: the residual add is fused into the projection.
+  K.linear(ws.attn.data(), rows, c.q_dim(), L.attn_out.weight, H, L.attn_out.bias, ws.x.data(), true);
+  if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
+}
+
+void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = weights_.layers[layer];
+  const k::KernelTable& K = k::active();
+  const long H = c.hidden_size, I = c.intermediate_size;
+
+  const float* in = ws.x.data();
+  if (!c.post_norm) {
+    norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
+    in = ws.h.data();
+  }
+  K.linear(in, rows, H, L.ffn_up.weight, c.ffn_width(), L.ffn_up.bias, ws.ffn.data(), false);
+  const float* hidden = ws.ffn.data();
+  if (c.gated_ffn) {
+    K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
+    hidden = ws.act.data();
+  } else {
+    K.activation(ws.ffn.data(), rows * I, c.activation);
+  }
+  K.linear(hidden, rows, I, L.ffn_down.weight, H, L.ffn_down.bias, ws.x.data(), true);
+  if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
+}
+
+void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
+  const ModelConfig& c = config_;
+  long rows = 0;
+  for (int s = 0; s < n; ++s) {
+    if (seqs[s].cache->length() + seqs[s].n_new > seqs[s].cache->capacity()) {
+      throw std::length_error("sequence exceeds its KV cache capacity");
+    }
+    rows += seqs[s].n_new;
+  }
+  if (rows == 0) return;
+  ws.reserve(c, rows);
+
+  embed(seqs, n, ws, rows);
+  for (int l = 0; l < c.num_layers; ++l) {
+    attention_block(l, seqs, n, ws, rows);
+    ffn_block(l, ws, rows);
+  }
+  for (int s = 0; s < n; ++s) seqs[s].cache->set_length(seqs[s].cache->length() + seqs[s].n_new);
+
+  // The head runs only on the rows whose logits are wanted.
+  const long H = c.hidden_size;
+  long out_rows = 0, row = 0;
+  for (int s = 0; s < n; ++s) {
+    const int first = seqs[s].all_logits ? 0 : seqs[s].n_new - 1;
+    for (int i = first; i < seqs[s].n_new; ++i) {
+      std::memcpy(&ws.head_in[out_rows++ * H], &ws.x[(row + i) * H], H * sizeof(float));
+    }
+    row += seqs[s].n_new;
+  }
+  if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
+  k::active().linear(ws.head_in.data(), out_rows, H, weights_.lm_head.weight, c.vocab_size,
+                     weights_.lm_head.bias, logits, false);
+}
+
+}  // namespace pyxf

@@ -1,0 +1,51 @@
+// The decoder-style transformer: embeddings, a stack of identical blocks parameterized by the
+// config (norm kind and placement, position scheme, activation, gated FFN, GQA), a final norm and
+// the LM head. Many sequences run together: their new tokens are packed as rows of one matrix
+// (no padding); only attention looks at sequences one by one.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+#include "model/weights.h"
+#include "runtime/kv_cache.h"
+
+namespace pyxf {
+
+// The new tokens of one sequence; their keys and values are appended to `cache`.
+struct SeqBatch {
+  KVCache* cache;
+  const int32_t* tokens;
+  int n_new;
+  bool all_logits;  // logits for every new token, else only for the last one
+};
+
+// Activations for one forward pass; grows to the largest batch seen and is reused.
+struct Workspace {
+  std::vector<float> x, h, qkv, attn, ffn, act, head_in;
+  std::vector<int32_t> pos;
+  std::vector<kernels::AttentionSeq> attn_seqs;
+  void reserve(const ModelConfig& c, long rows);
+};
+
+class Transformer {
+ public:
+  Transformer(ModelConfig config, ModelWeights weights);
+  const ModelConfig& config() const { return config_; }
+
+  // Rows of logits `forward` writes for this batch.
+  static long logit_rows(const SeqBatch* seqs, int n);
+  // Runs the batch, appends to the caches and writes logit_rows() x vocab floats.
+  void forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const;
+
+ private:
+  void embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
+  void attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
+  void ffn_block(int layer, Workspace& ws, long rows) const;
+  void norm(const Norm& w, const float* x, long rows, float* y) const;
+
+  ModelConfig config_;
+  ModelWeights weights_;
+};
+
+}  // namespace pyxf

@@ -1,0 +1,35 @@
+// Views of a model's weights: pointers into the memory-mapped file (or into buffers the model
+// owns when the stored dtype had to be widened). Optional tensors are null.
+#pragma once
+#include <vector>
+
+namespace pyxf {
+
+struct Norm {
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+};
+
+struct Linear {
+  const float* weight = nullptr;  // [out, in]
+  const float* bias = nullptr;
+};
+
+struct LayerWeights {
+  Norm attn_norm;
+  Linear qkv;
+  Linear attn_out;
+  Norm ffn_norm;
+  Linear ffn_up;    // gate_up when the FFN is gated
+  Linear ffn_down;
+};
+
+struct ModelWeights {
+  const float* embed = nullptr;      // [vocab, hidden]
+  const float* pos_embed = nullptr;  // [max_positions, hidden]
+  std::vector<LayerWeights> layers;
+  Norm final_norm;
+  Linear lm_head;                    // weight == embed when tied
+};
+
+}  // namespace pyxf
