@@ -5,8 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "kernels/kernels.h"
@@ -72,6 +74,15 @@ ModelConfig parse_config(const py::dict& cfg) {
   else if (position == "none") c.position = PositionKind::kNone;
   else throw py::value_error("unknown position scheme '" + position + "'");
   c.tied_embeddings = config_value<bool>(cfg, "tie_word_embeddings", false);
+  const std::string architecture = config_value<std::string>(cfg, "architecture", std::string("decoder"));
+  if (architecture != "decoder" && architecture != "encoder") {
+    throw py::value_error("architecture '" + architecture + "' is not supported by this build");
+  }
+  c.causal = config_value<bool>(cfg, "causal", architecture == "decoder");
+  c.position_offset = config_value<int>(cfg, "position_offset", 0);
+  c.type_vocab_size = config_value<int>(cfg, "type_vocab_size", 0);
+  c.has_lm_head = architecture == "decoder";
+  if (c.position_offset < 0 || c.type_vocab_size < 0) throw py::value_error("position_offset and type_vocab_size must be >= 0");
 
   if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_layers <= 0 || c.num_heads <= 0 ||
       c.num_kv_heads <= 0 || c.head_dim <= 0 || c.intermediate_size <= 0 || c.max_positions <= 0) {
@@ -179,6 +190,8 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w) {
   ModelWeights m;
   m.embed = w.get("embed.weight", {V, H});
   if (c.position == PositionKind::kLearned) m.pos_embed = w.get("pos_embed.weight", {c.max_positions, H});
+  if (c.type_vocab_size > 0) m.type_embed = w.get("token_type_embed.weight", {c.type_vocab_size, H});
+  m.embed_norm = Norm{w.get("embed_norm.weight", {H}, false), w.get("embed_norm.bias", {H}, false)};
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LayerWeights L;
@@ -191,7 +204,9 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w) {
     m.layers.push_back(L);
   }
   if (!c.post_norm) m.final_norm = norm("final_norm");
-  m.lm_head = c.tied_embeddings ? Linear{m.embed, w.get("lm_head.bias", {V}, false)} : linear("lm_head", V, H);
+  if (c.has_lm_head) {
+    m.lm_head = c.tied_embeddings ? Linear{m.embed, w.get("lm_head.bias", {V}, false)} : linear("lm_head", V, H);
+  }
   return m;
 }
 
@@ -204,6 +219,52 @@ class PyModel {
 
   const Transformer& model() const { return model_; }
   const ModelConfig& config() const { return config_; }
+
+  // Runs complete sequences through an encoder: hidden states of all tokens, packed [rows, H],
+  // sequence i at rows offsets[i] .. offsets[i + 1].
+  py::tuple encode(py::sequence batch, py::object type_ids) {
+    std::vector<std::vector<int32_t>> ids, types;
+    std::vector<long> offsets{0};
+    for (py::handle item : batch) {
+      ids.push_back(tokens(item));
+      const size_t len = ids.back().size();
+      if (len == 0) throw py::value_error("sequence " + std::to_string(ids.size() - 1) + " is empty");
+      if ((long)len > config_.max_sequence()) {
+        throw py::value_error("sequence " + std::to_string(ids.size() - 1) + " has " + std::to_string(len) +
+                              " tokens, more than the model's " + std::to_string(config_.max_sequence()) +
+                              " positions");
+      }
+      offsets.push_back(offsets.back() + (long)len);
+    }
+    if (!type_ids.is_none()) {
+      py::sequence type_seq = type_ids.cast<py::sequence>();
+      if ((size_t)py::len(type_seq) != ids.size()) throw py::value_error("one type_ids row per sequence");
+      for (size_t i = 0; i < ids.size(); ++i) {
+        auto t = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(type_seq[i]);
+        if (!t || (size_t)t.size() != ids[i].size()) throw py::value_error("type_ids must match the token ids in length");
+        std::vector<int32_t> row(t.size());
+        for (ssize_t j = 0; j < t.size(); ++j) {
+          if (t.data()[j] < 0 || t.data()[j] >= std::max(1, config_.type_vocab_size)) {
+            throw py::value_error("token type id " + std::to_string(t.data()[j]) + " is out of range");
+          }
+          row[j] = (int32_t)t.data()[j];
+        }
+        types.push_back(std::move(row));
+      }
+    }
+    std::vector<SeqBatch> seqs;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      seqs.push_back({nullptr, ids[i].data(), (int)ids[i].size(), true, types.empty() ? nullptr : types[i].data()});
+    }
+    py::array_t<float> hidden({offsets.back(), (long)config_.hidden_size});
+    float* out = hidden.mutable_data();
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(workspace_mutex_);
+      model_.encode(seqs.data(), (int)seqs.size(), workspace_, out);
+    }
+    return py::make_tuple(hidden, py::cast(offsets));
+  }
 
   // Token ids from Python, checked against the vocabulary.
   std::vector<int32_t> tokens(py::handle ids) const {
@@ -230,6 +291,8 @@ class PyModel {
   WeightStore store_;
   ModelConfig config_;
   Transformer model_;
+  std::mutex workspace_mutex_;
+  Workspace workspace_;
 };
 
 // One sequence fed incrementally: the KV cache persists between feeds.
@@ -238,6 +301,11 @@ class PySession {
   PySession(std::shared_ptr<PyModel> model, int context_length) : model_(std::move(model)) {
     const ModelConfig& c = model_->config();
     if (context_length <= 0) throw py::value_error("context_length must be positive");
+    if (!c.has_lm_head) throw py::value_error("sessions need a decoder model");
+    if (context_length > c.max_sequence()) {
+      throw py::value_error("context_length " + std::to_string(context_length) + " exceeds the model's " +
+                            std::to_string(c.max_sequence()) + " positions");
+    }
     cache_ = std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, context_length);
   }
 
@@ -278,6 +346,11 @@ py::list run_generate(PyModel& m, py::sequence prompts, int max_new_tokens, floa
   if (!(top_p > 0 && top_p <= 1)) throw py::value_error("top_p must be in (0, 1]");
   if (!(repetition_penalty > 0)) throw py::value_error("repetition_penalty must be > 0");
   if (context_length <= 0) throw py::value_error("context_length must be positive");
+  if (!m.config().has_lm_head) throw py::value_error("generate() needs a decoder model");
+  if (context_length > m.config().max_sequence()) {
+    throw py::value_error("context_length " + std::to_string(context_length) + " exceeds the model's " +
+                          std::to_string(m.config().max_sequence()) + " positions");
+  }
   std::vector<std::vector<int32_t>> ids;
   for (py::handle p : prompts) {
     ids.push_back(m.tokens(p));
@@ -413,7 +486,7 @@ void bind_ops(py::module_& ops) {
           vc[((long)g * n_keys + t) * D + d] = v.data()[t * n_kv_heads * D + g * D + d];
         }
     py::array_t<float> out({n_new, (long)q.shape(1)});
-    kernels::AttentionSeq seq{q.data(), out.mutable_data(), kc.data(), vc.data(), n_keys * D,
+    kernels::AttentionSeq seq{q.data(), out.mutable_data(), kc.data(), vc.data(), n_keys * D, D,
                               (int)n_new, (int)(n_keys - n_new), (int)n_keys};
     kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
     kernels::active().attention(&seq, 1, shape);
@@ -445,6 +518,7 @@ PYBIND11_MODULE(_core, m) {
       .def("generate", &run_generate, "prompts"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a,
            "top_p"_a, "repetition_penalty"_a, "seed"_a, "stop_ids"_a, "context_length"_a,
            "callback"_a = py::none())
+      .def("encode", &PyModel::encode, "batch"_a, "type_ids"_a = py::none())
       .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
 
   py::class_<PySession>(m, "Session")

@@ -56,7 +56,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     const int bk = imin(kBlockKeys, n_keys - j0);
     for (int d = 0; d < D; ++d) {
       float* ktd = sc.kt + (long)d * kBlockKeys;
-      for (int j = 0; j < bk; ++j) ktd[j] = kbase[(long)(j0 + j) * D + d];
+      for (int j = 0; j < bk; ++j) ktd[j] = kbase[(long)(j0 + j) * s.kv_pos_stride + d];
       for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
     }
     for (int r = 0; r < rows; ++r) {
@@ -93,11 +93,12 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       for (int d0 = 0; d0 < dp; d0 += kLanes) {
         const int m = imin(kLanes, D - d0);
         Vf o = vmul(vload(orow + d0), corr);
-        const float* vcol = vbase + (long)j0 * D + d0;
+        const float* vcol = vbase + (long)j0 * s.kv_pos_stride + d0;
+        const long vs = s.kv_pos_stride;
         if (m == kLanes) {
-          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload(vcol + (long)j * D), o);
+          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload(vcol + j * vs), o);
         } else {
-          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload_n(vcol + (long)j * D, m), o);
+          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload_n(vcol + j * vs, m), o);
         }
         vstore(orow + d0, o);
       }

@@ -7,15 +7,17 @@ namespace pyxf::kernels {
 
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
-// One sequence's share of an attention call. Queries are the sequence's new tokens; keys and
-// values live in its cache as [kv_head][position][head_dim] with `kv_head_stride` floats between
-// heads. Query i sits at position n_past + i and, when causal, sees keys 0 .. n_past + i.
+// One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
+// head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache
+// [kv_head][position][head_dim], or the qkv rows themselves when nothing is cached (encoders).
+// Query i sits at position n_past + i and, when causal, sees keys 0 .. n_past + i.
 struct AttentionSeq {
   const float* q;       // [n_new][q_row_stride], head h at column h * head_dim
   float* out;           // [n_new][out_row_stride]
   const float* k;
   const float* v;
   long kv_head_stride;
+  long kv_pos_stride;
   int n_new;
   int n_past;
   int n_keys;           // keys visible to a non-causal query

@@ -31,6 +31,15 @@ struct ModelConfig {
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
   bool tied_embeddings = false;
+  bool has_lm_head = true;       // decoders; encoders end at the last hidden state
+  bool causal = true;            // false for encoders: every token sees the whole sequence
+  int position_offset = 0;       // learned positions start here (RoBERTa: 2)
+  int type_vocab_size = 0;       // token type (segment) embeddings, BERT-style
+
+  // Longest sequence the position scheme can address.
+  int max_sequence() const {
+    return position == PositionKind::kLearned ? max_positions - position_offset : 1 << 30;
+  }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }

@@ -40,19 +40,24 @@ void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const
 
 void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const {
   const long H = config_.hidden_size;
+  const k::KernelTable& K = k::active();
   long row = 0;
   for (int s = 0; s < n; ++s) {
-    const int past = seqs[s].cache->length();
+    const int past = seqs[s].cache ? seqs[s].cache->length() : 0;
     for (int i = 0; i < seqs[s].n_new; ++i, ++row) {
       ws.pos[row] = past + i;
-      std::memcpy(&ws.x[row * H], weights_.embed + (long)seqs[s].tokens[i] * H, H * sizeof(float));
+      float* x = &ws.x[row * H];
+      std::memcpy(x, weights_.embed + (long)seqs[s].tokens[i] * H, H * sizeof(float));
+      if (weights_.pos_embed) {
+        K.add(x, weights_.pos_embed + (long)(past + i + config_.position_offset) * H, H);
+      }
+      if (weights_.type_embed) {
+        const long type = seqs[s].type_ids ? seqs[s].type_ids[i] : 0;
+        K.add(x, weights_.type_embed + type * H, H);
+      }
     }
   }
-  if (weights_.pos_embed) {
-    for (long r = 0; r < rows; ++r) {
-      k::active().add(&ws.x[r * H], weights_.pos_embed + (long)ws.pos[r] * H, H);
-    }
-  }
+  if (weights_.embed_norm.weight) norm(weights_.embed_norm, ws.x.data(), rows, ws.x.data());
 }
 
 void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,
@@ -77,6 +82,21 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   ws.attn_seqs.resize(n);
   long row = 0;
   for (int s = 0; s < n; ++s) {
+    k::AttentionSeq& a = ws.attn_seqs[s];
+    a.q = &ws.qkv[row * qkv_dim];
+    a.out = &ws.attn[row * c.q_dim()];
+    a.n_new = seqs[s].n_new;
+    if (!seqs[s].cache) {
+      // Keys and values stay in the qkv rows.
+      a.k = a.q + c.q_dim();
+      a.v = a.k + c.kv_dim();
+      a.kv_head_stride = D;
+      a.kv_pos_stride = qkv_dim;
+      a.n_past = 0;
+      a.n_keys = seqs[s].n_new;
+      row += seqs[s].n_new;
+      continue;
+    }
     KVCache& cache = *seqs[s].cache;
     const int past = cache.length();
     float* keys = cache.keys(layer);
@@ -89,13 +109,10 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
         std::memcpy(values + at, src + c.kv_dim() + g * D, D * sizeof(float));
       }
     }
-    k::AttentionSeq& a = ws.attn_seqs[s];
-    a.q = &ws.qkv[row * qkv_dim];
-    a.out = &ws.attn[row * c.q_dim()];
     a.k = keys;
     a.v = values;
     a.kv_head_stride = cache.head_stride();
-    a.n_new = seqs[s].n_new;
+    a.kv_pos_stride = D;
     a.n_past = past;
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
@@ -107,7 +124,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   shape.q_row_stride = qkv_dim;
   shape.out_row_stride = c.q_dim();
   shape.scale = 1.0f / std::sqrt((float)D);
-  shape.causal = true;
+  shape.causal = c.causal;
   K.attention(ws.attn_seqs.data(), n, shape);
 
   // x += attn W_o^T + b: the residual add is fused into the projection.
@@ -138,16 +155,18 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
 
-void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
+long Transformer::run_layers(const SeqBatch* seqs, int n, Workspace& ws) const {
   const ModelConfig& c = config_;
   long rows = 0;
   for (int s = 0; s < n; ++s) {
-    if (seqs[s].cache->length() + seqs[s].n_new > seqs[s].cache->capacity()) {
-      throw std::length_error("sequence exceeds its KV cache capacity");
+    const KVCache* cache = seqs[s].cache;
+    const long length = (cache ? cache->length() : 0) + seqs[s].n_new;
+    if ((cache && length > cache->capacity()) || length > c.max_sequence()) {
+      throw std::length_error("sequence exceeds its KV cache capacity or the model's positions");
     }
     rows += seqs[s].n_new;
   }
-  if (rows == 0) return;
+  if (rows == 0) return 0;
   ws.reserve(c, rows);
 
   embed(seqs, n, ws, rows);
@@ -155,7 +174,25 @@ void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* log
     attention_block(l, seqs, n, ws, rows);
     ffn_block(l, ws, rows);
   }
-  for (int s = 0; s < n; ++s) seqs[s].cache->set_length(seqs[s].cache->length() + seqs[s].n_new);
+  for (int s = 0; s < n; ++s) {
+    if (seqs[s].cache) seqs[s].cache->set_length(seqs[s].cache->length() + seqs[s].n_new);
+  }
+  return rows;
+}
+
+void Transformer::encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidden) const {
+  const long rows = run_layers(seqs, n, ws);
+  const long H = config_.hidden_size;
+  if (weights_.final_norm.weight) {
+    norm(weights_.final_norm, ws.x.data(), rows, hidden);
+  } else {
+    std::memcpy(hidden, ws.x.data(), rows * H * sizeof(float));
+  }
+}
+
+void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
+  const ModelConfig& c = config_;
+  if (run_layers(seqs, n, ws) == 0) return;
 
   // The head runs only on the rows whose logits are wanted.
   const long H = c.hidden_size;

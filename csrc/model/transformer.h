@@ -12,12 +12,14 @@
 
 namespace pyxf {
 
-// The new tokens of one sequence; their keys and values are appended to `cache`.
+// The new tokens of one sequence; their keys and values are appended to `cache`. Without a
+// cache (encoders) the sequence is complete and attention reads keys/values where they were made.
 struct SeqBatch {
   KVCache* cache;
   const int32_t* tokens;
   int n_new;
-  bool all_logits;  // logits for every new token, else only for the last one
+  bool all_logits;                  // logits for every new token, else only for the last one
+  const int32_t* type_ids = nullptr;  // token types, when the model has them
 };
 
 // Activations for one forward pass; grows to the largest batch seen and is reused.
@@ -37,8 +39,11 @@ class Transformer {
   static long logit_rows(const SeqBatch* seqs, int n);
   // Runs the batch, appends to the caches and writes logit_rows() x vocab floats.
   void forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const;
+  // Runs complete sequences (no cache) and writes the last hidden state of every token.
+  void encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidden) const;
 
  private:
+  long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
   void embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
   void attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
   void ffn_block(int layer, Workspace& ws, long rows) const;

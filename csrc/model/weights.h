@@ -27,6 +27,8 @@ struct LayerWeights {
 struct ModelWeights {
   const float* embed = nullptr;      // [vocab, hidden]
   const float* pos_embed = nullptr;  // [max_positions, hidden]
+  const float* type_embed = nullptr; // [type_vocab_size, hidden]
+  Norm embed_norm;                   // applied to the summed embeddings when present
   std::vector<LayerWeights> layers;
   Norm final_norm;
   Linear lm_head;                    // weight == embed when tied
