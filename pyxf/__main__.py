@@ -1,0 +1,5 @@
+import sys
+
+from pyxf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""The `pyxf` command: generate, chat, convert, info."""
+
+import argparse
+import json
+import sys
+
+import pyxf
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        # The converter parses its own arguments (argparse cannot pass options like --dtype through).
+        from pyxf.convert import main as convert_main
+
+        return convert_main(argv[1:]) or 0
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"pyxf: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="pyxf", description="Fast CPU inference for transformer models.")
+    parser.add_argument("--version", action="version", version=f"pyxf {pyxf.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    generate.add_argument("prompt")
+    _add_model_options(generate)
+    _add_sampling_options(generate)
+    generate.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=None,
+        help="wrap the prompt in the model's chat template (default: if the model has one)",
+    )
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat keeping the conversation (exit with EOF or 'exit')")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", help="system message starting the conversation")
+    chat.set_defaults(run=_chat)
+
+    # Listed for --help only: main() hands `pyxf convert ...` to the converter before parsing.
+    commands.add_parser(
+        "convert", help="convert a checkpoint: pyxf convert SRC OUT [--dtype D] (see pyxf convert --help)"
+    )
+
+    info = commands.add_parser("info", help="print build and CPU information as JSON")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _add_model_options(parser):
+    parser.add_argument(
+        "--model", metavar="DIR",
+        help="converted model directory (default: SmolLM2-135M-Instruct, downloaded on first use)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)"
+    )
+    parser.add_argument("--context-length", type=int, help="longest sequence to allow (default: the model's)")
+
+
+def _add_sampling_options(parser):
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 (default) disables it")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="default: random")
+
+
+def _load(args):
+    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads)
+
+
+def _sampling(args):
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def _print_stream(pieces):
+    text = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def _generate(args):
+    model = _load(args)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path} has no tokenizer, so it cannot take a text prompt")
+    use_chat = bool(model.tokenizer.chat_template) if args.chat is None else args.chat
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if use_chat else {"prompt": args.prompt}
+    _print_stream(pyxf.generate(model, **prompt, stop=args.stop, stream=True, **_sampling(args)))
+
+
+def _chat(args):
+    model = _load(args)
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise ValueError(f"{model.path} has no chat template; use `pyxf generate` instead")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "exit":
+            break
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        _drop_old_turns(model, history, args.max_new_tokens)
+        try:
+            reply = _print_stream(pyxf.generate(model, messages=history, stream=True, **_sampling(args)))
+        except ValueError as e:  # e.g. a message too long for the context: report it, keep chatting
+            print(f"pyxf: error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _drop_old_turns(model, history, max_new_tokens):
+    """Forgets the oldest exchanges (keeping a system message) until the prompt fits the context."""
+    def prompt_length():
+        return len(model.tokenizer.encode(model.tokenizer.apply_chat_template(history)))
+
+    first = 1 if history[0]["role"] == "system" else 0
+    while prompt_length() + max_new_tokens > model.context_length and len(history) - first > 1:
+        del history[first]
+        if history[first]["role"] == "assistant":
+            del history[first]
+        print("pyxf: (conversation too long; forgot the oldest exchange)", file=sys.stderr)
+
+
+def _info(args):
+    print(json.dumps(pyxf.info(), indent=2))

@@ -1,0 +1,292 @@
+"""Loading a converted model directory (docs/DESIGN.md) and running it: logits and sessions."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pyxf.rope import rope_parameters
+from pyxf.tensorfile import read_safetensors
+from pyxf.threads import check_num_threads, core
+from pyxf.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+KNOWN_FAMILIES = ("llama", "gpt2")
+SUPPORTED_ARCHITECTURES = ("decoder",)
+
+# Allowed values of the config's enumerated fields.
+CONFIG_CHOICES = {
+    "norm": ("rmsnorm", "layernorm"),
+    "norm_position": ("pre", "post"),
+    "activation": ("silu", "gelu", "gelu_tanh", "relu"),
+    "position": ("rope", "learned", "none"),
+    "dtype": ("float32", "float16", "bfloat16"),
+}
+POSITIVE_INT_FIELDS = (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "intermediate_size", "max_position_embeddings",
+)
+BOOL_FIELDS = ("gated_ffn", "tie_word_embeddings")
+# How each config dtype is stored in safetensors. numpy has no bfloat16: such tensors are read as
+# uint16 bit patterns, and the core widens half types at load.
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def load(path=None, context_length=None, threads=None):
+    """Loads a converted model directory; with no path, the default model (downloaded on first use).
+
+    context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
+    default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
+    """
+    if path is None:
+        from pyxf.hub import default_model_path
+
+        path = default_model_path()
+    path = Path(path)
+    config = read_config(path)
+    context_length = _check_context_length(config, context_length)
+    if threads is not None:
+        core().set_num_threads(check_num_threads(threads))
+
+    weights_path = path / "model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    weights = check_weights(config, read_safetensors(weights_path))
+    tokenizer = Tokenizer.from_model_dir(path, config)
+
+    core_config = dict(config)
+    if config["position"] == "rope":
+        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
+    core_model = core().Model(core_config, weights)
+    return Model(path, config, core_model, weights, tokenizer, context_length)
+
+
+def read_config(model_dir):
+    """config.json of a converted model, checked enough that later errors cannot be cryptic."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        what = "does not exist" if not model_dir.exists() else "has no config.json"
+        raise FileNotFoundError(
+            f"{model_dir} {what}: not a pyxf model directory (convert a checkpoint with `pyxf convert SRC OUT`)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object")
+
+    if config.get("format") != "pyxf":
+        hint = " (it looks like a Hugging Face checkpoint)" if "model_type" in config else ""
+        raise ValueError(
+            f"{config_path} is not a pyxf config{hint}; convert the checkpoint with `pyxf convert SRC OUT`"
+        )
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format_version {config.get('format_version')!r}; this pyxf reads version "
+            f"{FORMAT_VERSION} (re-convert the model with this version of pyxf)"
+        )
+    if config.get("family") not in KNOWN_FAMILIES:
+        raise ValueError(
+            f"{config_path}: unknown model family {config.get('family')!r}; known: {', '.join(KNOWN_FAMILIES)}"
+        )
+    if config.get("architecture", "decoder") not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{config_path}: architecture {config.get('architecture')!r} is not supported; supported: decoder"
+        )
+
+    for field in POSITIVE_INT_FIELDS:
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{config_path}: {field!r} must be a positive integer, got {value!r}")
+    for field in BOOL_FIELDS:
+        if not isinstance(config.get(field), bool):
+            raise ValueError(f"{config_path}: {field!r} must be true or false, got {config.get(field)!r}")
+    for field, choices in CONFIG_CHOICES.items():
+        if config.get(field) not in choices:
+            raise ValueError(f"{config_path}: {field!r} must be one of {', '.join(choices)}, got {config.get(field)!r}")
+    if config["num_heads"] % config["num_kv_heads"]:
+        raise ValueError(
+            f"{config_path}: num_heads ({config['num_heads']}) is not a multiple of "
+            f"num_kv_heads ({config['num_kv_heads']})"
+        )
+    return config
+
+
+def expected_tensors(config):
+    """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md)."""
+    H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
+    Hq, Hkv, P = config["num_heads"], config["num_kv_heads"], config["max_position_embeddings"]
+    qkv_rows = (Hq + 2 * Hkv) * D
+    up_name, up_rows = ("gate_up", 2 * I) if config["gated_ffn"] else ("up", I)
+
+    def linear(name, rows, cols, required=True):
+        return {f"{name}.weight": ((rows, cols), required), f"{name}.bias": ((rows,), False)}
+
+    def norm(name):
+        # The core requires LayerNorm biases; RMSNorm has none.
+        return {f"{name}.weight": ((H,), True), f"{name}.bias": ((H,), config["norm"] == "layernorm")}
+
+    tensors = {"embed.weight": ((V, H), True)}
+    if config["position"] == "learned":
+        tensors["pos_embed.weight"] = ((P, H), True)
+    for i in range(config["num_layers"]):
+        layer = f"layers.{i}"
+        tensors.update(norm(f"{layer}.attn_norm"))
+        tensors.update(linear(f"{layer}.attn.qkv", qkv_rows, H))
+        tensors.update(linear(f"{layer}.attn.out", H, Hq * D))
+        tensors.update(norm(f"{layer}.ffn_norm"))
+        tensors.update(linear(f"{layer}.ffn.{up_name}", up_rows, H))
+        tensors.update(linear(f"{layer}.ffn.down", H, I))
+    if config["norm_position"] == "pre":
+        tensors.update(norm("final_norm"))
+    tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
+    return tensors
+
+
+def check_weights(config, tensors):
+    """Checks names, shapes, dtypes and layout of `tensors` (from read_safetensors) against the
+    config; returns the arrays for the core (no copies)."""
+    expected = expected_tensors(config)
+    missing = [name for name, (_, required) in expected.items() if required and name not in tensors]
+    unknown = [name for name in tensors if name not in expected]
+    if missing:
+        raise ValueError(f"model.safetensors lacks {len(missing)} expected tensor(s): {_some(missing)}")
+    if unknown:
+        raise ValueError(f"model.safetensors has {len(unknown)} tensor(s) unknown for this config: {_some(unknown)}")
+
+    wanted_dtype = SAFETENSORS_DTYPES[config["dtype"]]
+    for name, array in tensors.items():
+        shape = expected[name][0]
+        if tuple(array.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {list(array.shape)}, expected {list(shape)}")
+        if tensors.dtypes[name] != wanted_dtype:
+            raise ValueError(
+                f"tensor {name} is stored as {tensors.dtypes[name]}, expected {wanted_dtype} "
+                f"(config.json says dtype {config['dtype']})"
+            )
+        if not array.flags.c_contiguous:
+            raise ValueError(f"tensor {name} is not C-contiguous")
+    return dict(tensors)
+
+
+def _some(names, limit=8):
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_context_length(config, context_length):
+    max_positions = config["max_position_embeddings"]
+    if context_length is None:
+        return max_positions
+    if isinstance(context_length, bool) or not isinstance(context_length, int):
+        raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+    if context_length <= 0:
+        raise ValueError(f"context_length must be positive, got {context_length}")
+    if context_length > max_positions:
+        if config["position"] == "learned":
+            raise ValueError(f"context_length {context_length} exceeds this model's {max_positions} learned positions")
+        warnings.warn(
+            f"context_length {context_length} is beyond the {max_positions} positions the model was made for; "
+            "quality may degrade there",
+            stacklevel=3,
+        )
+    return context_length
+
+
+def as_token_array(ids, vocab_size, what="ids"):
+    """A non-empty int32 array of token ids from a list/tuple/array, or a clear exception."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    elif isinstance(ids, (list, tuple)):
+        for token in ids:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"{what} must hold integer token ids, got {type(token).__name__} {token!r}")
+    else:
+        raise TypeError(f"{what} must be a list of token ids or a 1-D integer numpy array, got {type(ids).__name__}")
+    if len(ids) == 0:
+        raise ValueError(f"{what} is empty")
+    try:
+        array = np.asarray(ids, dtype=np.int64)
+    except OverflowError:
+        raise ValueError(f"a token id in {what} is outside the vocabulary [0, {vocab_size})") from None
+    bad = (array < 0) | (array >= vocab_size)
+    if bad.any():
+        raise ValueError(f"token id {int(array[bad][0])} in {what} is outside the vocabulary [0, {vocab_size})")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+class Model:
+    """A loaded model: its config, tokenizer (None if the directory has none) and the core model."""
+
+    def __init__(self, path, config, core_model, weights, tokenizer, context_length):
+        self.path = Path(path)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = config["vocab_size"]
+        self.context_length = context_length
+        eos = config.get("eos_token_id")
+        self.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self._core_model = core_model
+        self._weights = weights  # the memory-mapped arrays the core points into
+
+    def __repr__(self):
+        c = self.config
+        return (
+            f"pyxf.Model({str(self.path)!r}, family={c['family']}, layers={c['num_layers']}, "
+            f"hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']}, "
+            f"context_length={self.context_length})"
+        )
+
+    def logits(self, ids):
+        """Logits for every position of one sequence: float32 [len(ids), vocab_size]."""
+        tokens = as_token_array(ids, self.vocab_size)
+        if len(tokens) > self.context_length:
+            raise ValueError(f"{len(tokens)} tokens exceed the context length {self.context_length}")
+        session = core().Session(self._core_model, len(tokens))
+        return session.feed(tokens, True)
+
+    def session(self, context_length=None):
+        """A sequence with its own KV cache, fed incrementally."""
+        return Session(self, self.context_length if context_length is None else context_length)
+
+    def generate(self, prompt=None, **kwargs):
+        """Same as pyxf.generate(self, prompt, **kwargs)."""
+        from pyxf.generation import generate
+
+        return generate(self, prompt, **kwargs)
+
+
+class Session:
+    """One sequence with its own KV cache: feed(ids) appends tokens and returns their logits."""
+
+    def __init__(self, model, context_length):
+        if isinstance(context_length, bool) or not isinstance(context_length, int):
+            raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+        if not 0 < context_length <= model.context_length:
+            raise ValueError(f"context_length must be in [1, {model.context_length}], got {context_length}")
+        self.model = model
+        self.context_length = context_length
+        self._session = core().Session(model._core_model, context_length)
+
+    @property
+    def position(self):
+        """Number of tokens fed so far."""
+        return self._session.position
+
+    def feed(self, ids, all_logits=True):
+        """Appends tokens; returns float32 logits [len(ids), vocab] (or [1, vocab] for the last only)."""
+        tokens = as_token_array(ids, self.model.vocab_size)
+        if self.position + len(tokens) > self.context_length:
+            raise ValueError(
+                f"feeding {len(tokens)} tokens at position {self.position} exceeds the session's "
+                f"context length {self.context_length}"
+            )
+        return self._session.feed(tokens, bool(all_logits))
+
+    def reset(self):
+        self._session.reset()

@@ -1,0 +1,110 @@
+"""RoPE frequencies from a pyxf config, following Hugging Face `transformers.modeling_rope_utils`.
+
+The core only needs `inv_freq` (one float per rotated pair) and a scale applied to cos/sin, so every
+scaling scheme is reduced to those two numbers here, once, at load time.
+"""
+
+import math
+
+import numpy as np
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
+
+def rope_type(config):
+    scaling = config.get("rope_scaling") or {}
+    # Older HF configs spell it "type"; transformers v5 adds rope_type="default" explicitly.
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_parameters(config):
+    """Returns (inv_freq float32 [rotary_dim // 2], attention_scaling float) for `config`."""
+    scaling = config.get("rope_scaling") or {}
+    kind = rope_type(config)
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    base = float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
+    partial = config.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0
+    dim = int(config["head_dim"] * partial)
+    max_positions = config["max_position_embeddings"]
+    original_max_positions = scaling.get("original_max_position_embeddings") or max_positions
+
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    inv_freq = 1.0 / base**exponents
+    attention_scaling = 1.0
+
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "dynamic":
+        # NTK scaling only changes the base for sequences longer than max_position_embeddings; at load
+        # (seq_len <= max) HF's formula reduces to the default frequencies.
+        pass
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling, original_max_positions)
+    elif kind == "yarn":
+        inv_freq, attention_scaling = _yarn(inv_freq, base, dim, scaling, max_positions, original_max_positions)
+    elif kind == "longrope":
+        inv_freq, attention_scaling = _longrope(inv_freq, scaling, max_positions, original_max_positions)
+    return np.ascontiguousarray(inv_freq, dtype=np.float32), float(attention_scaling)
+
+
+def _llama3_inv_freq(inv_freq, scaling, original_max_positions):
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended smoothly.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def _yarn(inv_freq, base, dim, scaling, max_positions, original_max_positions):
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_positions / original_max_positions
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_scaling = scaling.get("attention_factor")
+    if attention_scaling is None:
+        m, m_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_scaling = mscale(factor, m) / mscale(factor, m_all_dim) if m and m_all_dim else mscale(factor)
+
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):
+        return dim * math.log(original_max_positions / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation_weight = 1.0 - ramp
+    inv_freq = (inv_freq / factor) * (1.0 - extrapolation_weight) + inv_freq * extrapolation_weight
+    return inv_freq, attention_scaling
+
+
+def _longrope(inv_freq, scaling, max_positions, original_max_positions):
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_positions / original_max_positions
+    attention_scaling = scaling.get("attention_factor")
+    if attention_scaling is None:
+        attention_scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max_positions))
+    # HF switches to long_factor only while a sequence is longer than original_max_position_embeddings;
+    # frequencies are fixed at load here, so the short factors (exact for such lengths) are used.
+    short_factor = np.asarray(scaling["short_factor"], dtype=np.float64)
+    return inv_freq / short_factor, attention_scaling
