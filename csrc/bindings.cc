@@ -172,23 +172,77 @@ class WeightStore {
     return f;
   }
 
+  public:
+  py::dict arrays() const { return arrays_; }
+  std::vector<py::array>& kept() { return keep_; }
+
+ private:
   py::dict arrays_;
   std::string dtype_;
   std::vector<py::array> keep_;
   std::vector<std::unique_ptr<float[]>> owned_;
 };
 
-ModelWeights bind_weights(const ModelConfig& c, WeightStore& w) {
+kernels::QuantFormat parse_quant_format(const std::string& name) {
+  if (name == "q8_0") return kernels::QuantFormat::kQ8_0;
+  if (name == "q4_0") return kernels::QuantFormat::kQ4_0;
+  if (name == "q4_1") return kernels::QuantFormat::kQ4_1;
+  if (name == "int8") return kernels::QuantFormat::kInt8;
+  throw py::value_error("unknown quantization format '" + name + "' (q8_0, q4_0, q4_1, int8)");
+}
+
+// A stored quantized matrix: uint8 rows of blocks, or int8 rows plus per-row float scales.
+kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernels::QuantFormat f, long out,
+                                long in, std::vector<py::array>& keep) {
+  if (in % kernels::kQuantBlock != 0) {
+    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " +
+                          std::to_string(kernels::kQuantBlock) + " columns, got " + std::to_string(in));
+  }
+  if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
+  py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);
+  const long row_bytes = kernels::quant_row_bytes(f, in);
+  if (!(a.flags() & py::array::c_style) || a.itemsize() != 1 || a.ndim() != 2 || a.shape(0) != out ||
+      a.shape(1) != row_bytes) {
+    throw py::value_error("tensor '" + name + "' must be a C-contiguous 1-byte array of shape [" +
+                          std::to_string(out) + ", " + std::to_string(row_bytes) + "]");
+  }
+  keep.push_back(a);
+  kernels::QuantWeight q{f, static_cast<const uint8_t*>(a.data()), nullptr, out, in};
+  if (f == kernels::QuantFormat::kInt8) {
+    const std::string scale_name = name + "_scale";
+    if (!arrays.contains(scale_name)) throw py::key_error("missing tensor '" + scale_name + "'");
+    py::array sc = py::reinterpret_borrow<py::array>(arrays[scale_name.c_str()]);
+    if (!sc.dtype().is(py::dtype::of<float>()) || sc.ndim() != 1 || sc.shape(0) != out ||
+        !(sc.flags() & py::array::c_style)) {
+      throw py::value_error("tensor '" + scale_name + "' must be float32 [" + std::to_string(out) + "]");
+    }
+    keep.push_back(sc);
+    q.row_scales = static_cast<const float*>(sc.data());
+  }
+  return q;
+}
+
+ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const bool layer_norm = c.norm == NormKind::kLayer;
   auto norm = [&](const std::string& name) {
     return Norm{w.get(name + ".weight", {H}), w.get(name + ".bias", {H}, layer_norm)};
   };
   auto linear = [&](const std::string& name, long out, long in) {
-    return Linear{w.get(name + ".weight", {out, in}), w.get(name + ".bias", {out}, false)};
+    Linear l;
+    const std::string weight = name + ".weight";
+    if (formats.contains(weight)) {
+      l.quantized = true;
+      l.quant = quant_view(w.arrays(), weight, parse_quant_format(formats[weight.c_str()].cast<std::string>()),
+                           out, in, w.kept());
+    } else {
+      l.weight = w.get(weight, {out, in});
+    }
+    l.bias = w.get(name + ".bias", {out}, false);
+    return l;
   };
   ModelWeights m;
-  m.embed = w.get("embed.weight", {V, H});
+  m.embed = linear("embed", V, H);
   if (c.position == PositionKind::kLearned) m.pos_embed = w.get("pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.get("token_type_embed.weight", {c.type_vocab_size, H});
   m.embed_norm = Norm{w.get("embed_norm.weight", {H}, false), w.get("embed_norm.bias", {H}, false)};
@@ -205,7 +259,12 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w) {
   }
   if (!c.post_norm) m.final_norm = norm("final_norm");
   if (c.has_lm_head) {
-    m.lm_head = c.tied_embeddings ? Linear{m.embed, w.get("lm_head.bias", {V}, false)} : linear("lm_head", V, H);
+    if (c.tied_embeddings) {
+      m.lm_head = m.embed;
+      m.lm_head.bias = w.get("lm_head.bias", {V}, false);
+    } else {
+      m.lm_head = linear("lm_head", V, H);
+    }
   }
   return m;
 }
@@ -215,7 +274,7 @@ class PyModel {
   PyModel(py::dict config, py::dict weights)
       : store_(weights, config_value<std::string>(config, "dtype", std::string("float32"))),
         config_(parse_config(config)),
-        model_(config_, bind_weights(config_, store_)) {}
+        model_(config_, bind_weights(config_, store_, config_value<py::dict>(config, "tensor_formats", py::dict()))) {}
 
   const Transformer& model() const { return model_; }
   const ModelConfig& config() const { return config_; }
@@ -414,6 +473,38 @@ void bind_ops(py::module_& ops) {
                              bias.is_none() ? nullptr : b.data(), y.mutable_data(), false);
     return y;
   }, "x"_a, "w"_a, "bias"_a = py::none());
+  // w: [N, row bytes] uint8 blocks (or int8 [N, K] with row_scales for "int8").
+  ops.def("linear_quant", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
+                              py::object bias) {
+    check_2d(x, "x");
+    const kernels::QuantFormat f = parse_quant_format(format);
+    const long K = x.shape(1);
+    py::dict arrays;
+    arrays["w"] = w;
+    if (!row_scales.is_none()) arrays["w_scale"] = row_scales.cast<FloatArray>();
+    std::vector<py::array> keep;
+    const kernels::QuantWeight q = quant_view(arrays, "w", f, w.ndim() == 2 ? w.shape(0) : -1, K, keep);
+    FloatArray b;
+    if (!bias.is_none()) {
+      b = bias.cast<FloatArray>();
+      if (b.ndim() != 1 || b.shape(0) != q.rows) throw py::value_error("bias must be [N]");
+    }
+    py::array_t<float> y({x.shape(0), (ssize_t)q.rows});
+    kernels::active().linear_quant(x.data(), x.shape(0), q, bias.is_none() ? nullptr : b.data(),
+                                   y.mutable_data(), false);
+    return y;
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none());
+  ops.def("dequantize", [=](py::array w, const std::string& format, long cols, py::object row_scales) {
+    const kernels::QuantFormat f = parse_quant_format(format);
+    py::dict arrays;
+    arrays["w"] = w;
+    if (!row_scales.is_none()) arrays["w_scale"] = row_scales.cast<FloatArray>();
+    std::vector<py::array> keep;
+    const kernels::QuantWeight q = quant_view(arrays, "w", f, w.ndim() == 2 ? w.shape(0) : -1, cols, keep);
+    py::array_t<float> y({(ssize_t)q.rows, (ssize_t)cols});
+    for (long r = 0; r < q.rows; ++r) kernels::active().dequantize_row(q, r, y.mutable_data() + r * cols);
+    return y;
+  }, "w"_a, "format"_a, "cols"_a, "row_scales"_a = py::none());
   ops.def("rmsnorm", [=](FloatArray x, FloatArray w, float eps) {
     check_2d(x, "x");
     if (w.size() != x.shape(1)) throw py::value_error("w must match the row width");

@@ -77,4 +77,15 @@ int available_isas(const char** names, int max_names) {
 
 bool set_isa(const char* name) { return select(name); }
 
+int quant_row_bytes(QuantFormat f, long cols) {
+  const long blocks = cols / kQuantBlock;
+  switch (f) {
+    case QuantFormat::kQ8_0: return (int)(blocks * (2 + kQuantBlock));
+    case QuantFormat::kQ4_0: return (int)(blocks * (2 + kQuantBlock / 2));
+    case QuantFormat::kQ4_1: return (int)(blocks * (4 + kQuantBlock / 2));
+    case QuantFormat::kInt8:
+    default: return (int)cols;
+  }
+}
+
 }  // namespace pyxf::kernels

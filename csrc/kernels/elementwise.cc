@@ -191,6 +191,9 @@ void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int r
 void linear(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
             bool accumulate);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
+                  bool accumulate);
+void dequantize_row(const QuantWeight& w, long row, float* out);
 
 void fill_table(KernelTable* t) {
 #if defined(PYXF_TARGET_avx512)
@@ -209,6 +212,8 @@ void fill_table(KernelTable* t) {
   t->softmax = softmax;
   t->rope = rope;
   t->attention = attention;
+  t->linear_quant = linear_quant;
+  t->dequantize_row = dequantize_row;
 }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS

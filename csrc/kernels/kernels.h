@@ -7,6 +7,24 @@ namespace pyxf::kernels {
 
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
+// Quantized weight formats. The block formats are those of GGUF (32 weights a block, fp16 scales),
+// so llama.cpp's tensors are used as they are stored:
+//   q8_0: {fp16 d; int8 q[32]}            w = d q
+//   q4_0: {fp16 d; uint8 qs[16]}          w = d (nibble - 8); byte j holds weights j (low), j+16 (high)
+//   q4_1: {fp16 d; fp16 m; uint8 qs[16]}  w = d nibble + m
+//   int8: int8 row [K] and one float scale per row (symmetric, per output channel)
+enum class QuantFormat : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
+constexpr int kQuantBlock = 32;
+int quant_row_bytes(QuantFormat f, long cols);  // bytes of one stored row of `cols` weights
+
+struct QuantWeight {
+  QuantFormat format;
+  const uint8_t* data;        // rows of quant_row_bytes(format, cols) bytes
+  const float* row_scales;    // int8 only
+  long rows;                  // N
+  long cols;                  // K, a multiple of kQuantBlock
+};
+
 // One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
 // head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache
 // [kv_head][position][head_dim], or the qkv rows themselves when nothing is cached (encoders).
@@ -50,6 +68,11 @@ struct KernelTable {
   void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
                const int32_t* pos, const float* inv_freq, float scaling, bool interleaved);
   void (*attention)(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+  // y[M,N] (+)= x[M,K] dequant(w)^T + bias: x is quantized to 8 bits per block of 32 on the fly
+  // and the dot products run on integers.
+  void (*linear_quant)(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
+                       bool accumulate);
+  void (*dequantize_row)(const QuantWeight& w, long row, float* out);
 };
 
 // The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.

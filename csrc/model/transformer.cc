@@ -29,6 +29,17 @@ long Transformer::logit_rows(const SeqBatch* seqs, int n) {
   return rows;
 }
 
+// y (+)= x W^T + b on whichever kernel the weight's format needs.
+static void apply(const Linear& w, const float* x, long rows, long in, long out, float* y,
+                  bool accumulate) {
+  const k::KernelTable& K = k::active();
+  if (w.quantized) {
+    K.linear_quant(x, rows, w.quant, w.bias, y, accumulate);
+  } else {
+    K.linear(x, rows, in, w.weight, out, w.bias, y, accumulate);
+  }
+}
+
 void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const {
   const k::KernelTable& K = k::active();
   if (config_.norm == NormKind::kRms) {
@@ -47,7 +58,12 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     for (int i = 0; i < seqs[s].n_new; ++i, ++row) {
       ws.pos[row] = past + i;
       float* x = &ws.x[row * H];
-      std::memcpy(x, weights_.embed + (long)seqs[s].tokens[i] * H, H * sizeof(float));
+      const long token = seqs[s].tokens[i];
+      if (weights_.embed.quantized) {
+        K.dequantize_row(weights_.embed.quant, token, x);
+      } else {
+        std::memcpy(x, weights_.embed.weight + token * H, H * sizeof(float));
+      }
       if (weights_.pos_embed) {
         K.add(x, weights_.pos_embed + (long)(past + i + config_.position_offset) * H, H);
       }
@@ -72,7 +88,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
     norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
-  K.linear(in, rows, H, L.qkv.weight, qkv_dim, L.qkv.bias, ws.qkv.data(), false);
+  apply(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
   if (c.position == PositionKind::kRope) {
     // q and k heads are adjacent in a qkv row: one call rotates both.
     K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim,
@@ -128,7 +144,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   K.attention(ws.attn_seqs.data(), n, shape);
 
   // x += attn W_o^T + b: the residual add is fused into the projection.
-  K.linear(ws.attn.data(), rows, c.q_dim(), L.attn_out.weight, H, L.attn_out.bias, ws.x.data(), true);
+  apply(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
   if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
 }
 
@@ -143,7 +159,7 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
-  K.linear(in, rows, H, L.ffn_up.weight, c.ffn_width(), L.ffn_up.bias, ws.ffn.data(), false);
+  apply(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
   const float* hidden = ws.ffn.data();
   if (c.gated_ffn) {
     K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
@@ -151,7 +167,7 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   } else {
     K.activation(ws.ffn.data(), rows * I, c.activation);
   }
-  K.linear(hidden, rows, I, L.ffn_down.weight, H, L.ffn_down.bias, ws.x.data(), true);
+  apply(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
 
@@ -205,8 +221,7 @@ void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* log
     row += seqs[s].n_new;
   }
   if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
-  k::active().linear(ws.head_in.data(), out_rows, H, weights_.lm_head.weight, c.vocab_size,
-                     weights_.lm_head.bias, logits, false);
+  apply(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
 }
 
 }  // namespace pyxf

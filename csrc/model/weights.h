@@ -3,6 +3,8 @@
 #pragma once
 #include <vector>
 
+#include "kernels/kernels.h"
+
 namespace pyxf {
 
 struct Norm {
@@ -11,8 +13,10 @@ struct Norm {
 };
 
 struct Linear {
-  const float* weight = nullptr;  // [out, in]
+  const float* weight = nullptr;  // [out, in], when not quantized
   const float* bias = nullptr;
+  bool quantized = false;
+  kernels::QuantWeight quant{};
 };
 
 struct LayerWeights {
@@ -25,7 +29,7 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  const float* embed = nullptr;      // [vocab, hidden]
+  Linear embed;                      // [vocab, hidden]; rows are looked up (and dequantized)
   const float* pos_embed = nullptr;  // [max_positions, hidden]
   const float* type_embed = nullptr; // [type_vocab_size, hidden]
   Norm embed_norm;                   // applied to the summed embeddings when present

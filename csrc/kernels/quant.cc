@@ -1,0 +1,280 @@
+// Linear layers on quantized weights. Activations are quantized per block of 32 to int8 (scale
+// dx = max|x| / 127), so every block product is an integer dot product: VNNI (vpdpbusd) on
+// AVX-512, vpmaddubsw on AVX2, plain loops elsewhere; fp32 accumulation across blocks.
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "kernels/simd.h"
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+namespace {
+
+constexpr int QK = kQuantBlock;
+
+float half_to_float(uint16_t h) {
+#if defined(PYXF_TARGET_avx2) || defined(PYXF_TARGET_avx512)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      exp = 113;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  memcpy(&v, p, 2);
+  return v;
+}
+
+// Activations of one row: int8 blocks, their scales and scale * sum(q) (for the q4 offsets).
+struct QuantRow {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
+  for (long b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    Vf amax = vzero();
+    for (int i = 0; i < QK; i += kLanes) amax = vmax(amax, vabs(vload(xb + i)));
+    const float m = vmaxr(amax);
+    const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < QK; ++i) {
+      const int v = (int)nearbyintf(xb[i] * inv);
+      q[b * QK + i] = (int8_t)v;
+      sum += v;
+    }
+    d[b] = scale;
+    s[b] = scale * (float)sum;
+  }
+}
+
+// ---- one block: 32 weights (as stored) times 32 int8 activations -> partial int32 sums ----
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+using IVec = __m256i;
+static inline IVec dot_u8s8(__m256i u, __m256i s) {
+#if defined(PYXF_TARGET_avx512)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// Signed x signed via |w| and x with the sign of w.
+static inline IVec dot_s8s8(__m256i w, __m256i x) {
+  return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+static inline __m256i unpack_nibbles(const uint8_t* qs) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)qs);
+  const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0f));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
+  return _mm256_set_m128i(hi, lo);
+}
+static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq) {
+  const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
+  switch (f) {
+    case QuantFormat::kQ8_0: return dot_s8s8(_mm256_loadu_si256((const __m256i*)(wb + 2)), x);
+    case QuantFormat::kQ4_0: return dot_s8s8(_mm256_sub_epi8(unpack_nibbles(wb + 2), _mm256_set1_epi8(8)), x);
+    case QuantFormat::kQ4_1: return dot_u8s8(unpack_nibbles(wb + 4), x);
+    case QuantFormat::kInt8:
+    default: return dot_s8s8(_mm256_loadu_si256((const __m256i*)wb), x);
+  }
+}
+struct FAcc {
+  __m256 v;
+};
+static inline FAcc facc_zero() { return {_mm256_setzero_ps()}; }
+static inline void facc_add(FAcc& a, IVec i, float scale) {
+  a.v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(scale), a.v);
+}
+static inline float facc_sum(FAcc a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+using IVec = int;
+static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq) {
+  int sum = 0;
+  switch (f) {
+    case QuantFormat::kQ8_0:
+      for (int i = 0; i < QK; ++i) sum += (int)((const int8_t*)(wb + 2))[i] * xq[i];
+      break;
+    case QuantFormat::kQ4_0:
+    case QuantFormat::kQ4_1: {
+      const uint8_t* qs = wb + (f == QuantFormat::kQ4_0 ? 2 : 4);
+      const int offset = f == QuantFormat::kQ4_0 ? 8 : 0;
+      for (int i = 0; i < QK / 2; ++i) {
+        sum += ((qs[i] & 0x0f) - offset) * xq[i] + ((qs[i] >> 4) - offset) * xq[i + QK / 2];
+      }
+      break;
+    }
+    case QuantFormat::kInt8:
+    default:
+      for (int i = 0; i < QK; ++i) sum += (int)((const int8_t*)wb)[i] * xq[i];
+      break;
+  }
+  return sum;
+}
+struct FAcc {
+  float v;
+};
+static inline FAcc facc_zero() { return {0.0f}; }
+static inline void facc_add(FAcc& a, IVec i, float scale) { a.v += (float)i * scale; }
+static inline float facc_sum(FAcc a) { return a.v; }
+#endif
+
+int block_bytes(QuantFormat f) {
+  switch (f) {
+    case QuantFormat::kQ8_0: return 2 + QK;
+    case QuantFormat::kQ4_0: return 2 + QK / 2;
+    case QuantFormat::kQ4_1: return 4 + QK / 2;
+    case QuantFormat::kInt8:
+    default: return QK;
+  }
+}
+
+// Tile: XR activation rows x WR weight rows, all blocks of K.
+template <int XR, int WR>
+void quant_tile(QuantFormat f, const QuantRow* xr, const uint8_t* w, long row_bytes,
+                const float* row_scales, long nblocks, float* y, long ldy, const float* bias,
+                bool accumulate) {
+  const int bb = block_bytes(f);
+  FAcc acc[XR][WR];
+  float offset[XR][WR];  // q4_1: sum over blocks of m * dx * sum(q)
+  for (int i = 0; i < XR; ++i)
+    for (int j = 0; j < WR; ++j) { acc[i][j] = facc_zero(); offset[i][j] = 0.0f; }
+  for (long b = 0; b < nblocks; ++b) {
+    const uint8_t* wb[WR];
+    float dw[WR], mw[WR];
+    for (int j = 0; j < WR; ++j) {
+      wb[j] = w + j * row_bytes + b * bb;
+      dw[j] = f == QuantFormat::kInt8 ? 1.0f : half_to_float(load_u16(wb[j]));
+      mw[j] = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(wb[j] + 2)) : 0.0f;
+    }
+    for (int i = 0; i < XR; ++i) {
+      const int8_t* xq = xr[i].q + b * QK;
+      const float dx = xr[i].d[b];
+      for (int j = 0; j < WR; ++j) {
+        facc_add(acc[i][j], block_dot(f, wb[j], xq), dw[j] * dx);
+        if (f == QuantFormat::kQ4_1) offset[i][j] += mw[j] * xr[i].s[b];
+      }
+    }
+  }
+  for (int i = 0; i < XR; ++i) {
+    for (int j = 0; j < WR; ++j) {
+      float v = facc_sum(acc[i][j]) + offset[i][j];
+      if (row_scales) v *= row_scales[j];
+      if (bias) v += bias[j];
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + v : v;
+    }
+  }
+}
+
+#if defined(PYXF_TARGET_avx512)
+constexpr int kXR = 4;
+#else
+constexpr int kXR = 2;
+#endif
+constexpr int kWR = 4;
+
+template <int WR>
+void quant_rows(QuantFormat f, const QuantRow* xr, long M, const uint8_t* w, long row_bytes,
+                const float* row_scales, long nblocks, float* y, long ldy, const float* bias,
+                bool accumulate) {
+  long m = 0;
+  for (; m + kXR <= M; m += kXR) {
+    quant_tile<kXR, WR>(f, xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
+  }
+  for (; m < M; ++m) {
+    quant_tile<1, WR>(f, xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
+  }
+}
+
+}  // namespace
+
+void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
+                  bool accumulate) {
+  const long K = w.cols, N = w.rows, nblocks = K / QK;
+  const long row_bytes = quant_row_bytes(w.format, K);
+  int8_t* xq = (int8_t*)malloc(M * K + 64);
+  float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
+  float* xs = xd + M * nblocks;
+  QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * M);
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+  for (long m = 0; m < M; ++m) {
+    quantize_row(x + m * K, K, xq + m * K, xd + m * nblocks, xs + m * nblocks);
+    rows[m] = {xq + m * K, xd + m * nblocks, xs + m * nblocks};
+  }
+  const long wblocks = (N + kWR - 1) / kWR;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+  for (long wbk = 0; wbk < wblocks; ++wbk) {
+    const long n = wbk * kWR;
+    const uint8_t* wn = w.data + n * row_bytes;
+    const float* sc = w.row_scales ? w.row_scales + n : nullptr;
+    const float* bn = bias ? bias + n : nullptr;
+    switch (lmin(kWR, N - n)) {
+      case 4: quant_rows<4>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      case 3: quant_rows<3>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      case 2: quant_rows<2>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      default: quant_rows<1>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+    }
+  }
+  free(rows);
+  free(xd);
+  free(xq);
+}
+
+void dequantize_row(const QuantWeight& w, long row, float* out) {
+  const long row_bytes = quant_row_bytes(w.format, w.cols);
+  const uint8_t* src = w.data + row * row_bytes;
+  const int bb = block_bytes(w.format);
+  for (long b = 0; b < w.cols / QK; ++b) {
+    const uint8_t* blk = src + b * bb;
+    float* o = out + b * QK;
+    switch (w.format) {
+      case QuantFormat::kQ8_0: {
+        const float d = half_to_float(load_u16(blk));
+        for (int i = 0; i < QK; ++i) o[i] = d * (float)((const int8_t*)(blk + 2))[i];
+        break;
+      }
+      case QuantFormat::kQ4_0:
+      case QuantFormat::kQ4_1: {
+        const bool q40 = w.format == QuantFormat::kQ4_0;
+        const float d = half_to_float(load_u16(blk));
+        const float m = q40 ? -8.0f * d : half_to_float(load_u16(blk + 2));
+        const uint8_t* qs = blk + (q40 ? 2 : 4);
+        for (int i = 0; i < QK / 2; ++i) {
+          o[i] = d * (float)(qs[i] & 0x0f) + m;
+          o[i + QK / 2] = d * (float)(qs[i] >> 4) + m;
+        }
+        break;
+      }
+      case QuantFormat::kInt8:
+      default:
+        for (int i = 0; i < QK; ++i) o[i] = w.row_scales[row] * (float)((const int8_t*)blk)[i];
+        break;
+    }
+  }
+}
+
+}  // namespace pyxf::kernels::PYXF_TARGET_NS
