@@ -1,0 +1,81 @@
+"""Quantized kernels under every ISA against numpy doing the same quantized arithmetic.
+
+Weights are quantized by the `gguf` package (llama.cpp's reference layout); activations are
+quantized per block of 32 to int8 with scale max|x|/127, as the kernels do. The reference then
+multiplies the dequantized values in float64, so the only difference left is fp32 rounding.
+"""
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from pyxf import _core  # noqa: E402
+
+QTYPES = {
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
+}
+
+
+@pytest.fixture(params=_core.info()["isas"])
+def isa(request):
+    before = _core.get_isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
+def quantized_activations(x):
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.rint(blocks * inv) * (amax / np.float32(127))).reshape(m, k)
+
+
+@pytest.mark.parametrize("fmt", sorted(QTYPES))
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (3, 576, 100), (17, 96, 33), (40, 1536, 7)])
+def test_block_formats_match_reference(isa, fmt, m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    wq = gguf.quants.quantize(w, QTYPES[fmt])
+    w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
+
+    np.testing.assert_array_equal(_core.ops.dequantize(wq, fmt, k), w_deq)
+    ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
+    y = _core.ops.linear_quant(x, wq, fmt, bias=bias)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_int8_per_channel_matches_reference(isa):
+    rng = np.random.default_rng(7)
+    n, k, m = 40, 128, 5
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = (np.abs(w).max(1) / 127).astype(np.float32)
+    wq = np.rint(w / scale[:, None]).astype(np.int8)
+    ref = quantized_activations(x).astype(np.float64) @ (wq * scale[:, None]).T.astype(np.float64)
+    y = _core.ops.linear_quant(x, wq, "int8", scale)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_quantized_product_is_close_to_float(isa):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    exact = x @ w.T
+    for fmt, tol in [("q8_0", 0.02), ("q4_0", 0.15), ("q4_1", 0.15)]:
+        y = _core.ops.linear_quant(x, gguf.quants.quantize(w, QTYPES[fmt]), fmt)
+        assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < tol, fmt
+
+
+def test_bad_quantized_shapes_raise():
+    x = np.ones((2, 48), np.float32)  # 48 is not a multiple of the block size
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.ops.linear_quant(x, np.zeros((3, 54), np.uint8), "q8_0")
+    with pytest.raises(ValueError, match="shape"):
+        _core.ops.linear_quant(np.ones((2, 64), np.float32), np.zeros((3, 10), np.uint8), "q8_0")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        _core.ops.linear_quant(np.ones((2, 64), np.float32), np.zeros((3, 68), np.uint8), "q3_x")
