@@ -100,7 +100,7 @@ using Tiles = TileTable<1, 2, 3, 4>;
 #endif
 
 void linear_packed(const float* x, long M, long K, const float* w, long N, const float* bias,
-                   float* y, bool accumulate) {
+                   float* y, long ldy, bool accumulate) {
   const long n_chunks = (N + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
 #pragma omp parallel
@@ -121,8 +121,8 @@ void linear_packed(const float* x, long M, long K, const float* w, long N, const
             const int rows = (int)lmin(MR, m_end - m0);
             for (int p = 0; p < panels; ++p) {
               const long col = n0 + (long)p * NR;
-              Tiles::fns[rows](x + m0 * K + k0, K, packed + (long)p * kc * NR, kc, y + m0 * N + col,
-                               N, imin(NR, nc - p * NR), !first || accumulate,
+              Tiles::fns[rows](x + m0 * K + k0, K, packed + (long)p * kc * NR, kc, y + m0 * ldy + col,
+                               ldy, imin(NR, nc - p * NR), !first || accumulate,
                                first && bias ? bias + col : nullptr);
             }
           }
@@ -180,7 +180,7 @@ void dot_rows(const float* x, long M, long K, const float* w, float* y, long ldy
 }
 
 void linear_small_m(const float* x, long M, long K, const float* w, long N, const float* bias,
-                    float* y, bool accumulate) {
+                    float* y, long ldy, bool accumulate) {
   const long blocks = (N + 3) / 4;
 #pragma omp parallel for schedule(static) if (N * K > 32768)
   for (long b = 0; b < blocks; ++b) {
@@ -188,23 +188,29 @@ void linear_small_m(const float* x, long M, long K, const float* w, long N, cons
     const float* wb = w + n * K;
     const float* bb = bias ? bias + n : nullptr;
     switch (lmin(4, N - n)) {
-      case 4: dot_rows<4>(x, M, K, wb, y + n, N, bb, accumulate); break;
-      case 3: dot_rows<3>(x, M, K, wb, y + n, N, bb, accumulate); break;
-      case 2: dot_rows<2>(x, M, K, wb, y + n, N, bb, accumulate); break;
-      default: dot_rows<1>(x, M, K, wb, y + n, N, bb, accumulate); break;
+      case 4: dot_rows<4>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 3: dot_rows<3>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 2: dot_rows<2>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      default: dot_rows<1>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
     }
   }
 }
 
 }  // namespace
 
+// y has row stride ldy >= N, so a caller can fill a slice of columns.
+void linear_strided(const float* x, long M, long K, const float* w, long N, const float* bias,
+                    float* y, long ldy, bool accumulate) {
+  if (M < kSmallM) {
+    linear_small_m(x, M, K, w, N, bias, y, ldy, accumulate);
+  } else {
+    linear_packed(x, M, K, w, N, bias, y, ldy, accumulate);
+  }
+}
+
 void linear(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
             bool accumulate) {
-  if (M < kSmallM) {
-    linear_small_m(x, M, K, w, N, bias, y, accumulate);
-  } else {
-    linear_packed(x, M, K, w, N, bias, y, accumulate);
-  }
+  linear_strided(x, M, K, w, N, bias, y, N, accumulate);
 }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS

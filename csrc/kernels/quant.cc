@@ -212,8 +212,31 @@ void quant_rows(QuantFormat f, const QuantRow* xr, long M, const uint8_t* w, lon
 
 }  // namespace
 
+void dequantize_row(const QuantWeight& w, long row, float* out);
+void linear_strided(const float* x, long M, long K, const float* w, long N, const float* bias,
+                    float* y, long ldy, bool accumulate);
+
+// Many rows (prefill, encoding): dequantize slices of weight rows once and run the packed float
+// GEMM on them; the dequantization is amortized over all M rows.
+static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w, const float* bias,
+                                   float* y, bool accumulate) {
+  const long K = w.cols, N = w.rows, slice = 1024;
+  float* buf = (float*)aligned_alloc(64, sizeof(float) * slice * K);
+  for (long n0 = 0; n0 < N; n0 += slice) {
+    const long nc = lmin(slice, N - n0);
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < nc; ++r) dequantize_row(w, n0 + r, buf + r * K);
+    linear_strided(x, M, K, buf, nc, bias ? bias + n0 : nullptr, y + n0, N, accumulate);
+  }
+  free(buf);
+}
+
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
+  if (M >= 16) {
+    linear_quant_many_rows(x, M, w, bias, y, accumulate);
+    return;
+  }
   const long K = w.cols, N = w.rows, nblocks = K / QK;
   const long row_bytes = quant_row_bytes(w.format, K);
   int8_t* xq = (int8_t*)malloc(M * K + 64);

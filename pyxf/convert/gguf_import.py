@@ -1,0 +1,161 @@
+"""Importing a GGUF file (llama.cpp): metadata -> normalized config, tensors dequantized.
+
+Every quantization `gguf.quants.dequantize` knows (Q4_0, Q4_1, Q5_*, Q8_0, K-quants, ...) is
+expanded to float32 one tensor at a time; the writer then casts to the requested dtype. Q/K rows
+of llama-architecture files are un-permuted back to HF's rotate-half order (see families.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .families import Checkpoint, SourceTensor, family_for_gguf
+from .tokenizer_gguf import write_tokenizer
+
+
+def _reader_class():
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """GGUFReader parsing from a plain-ndarray view of its memory map: numpy.memmap's
+        per-slice overhead makes parsing a 50k-token vocabulary take seconds. Still zero-copy."""
+
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray)
+
+    return Reader
+
+
+def _open_reader(path: Path):
+    try:
+        reader_class = _reader_class()
+    except ImportError:
+        raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from None
+    try:
+        return reader_class(path)
+    except Exception as e:  # the reader raises assorted errors on malformed files
+        raise ValueError(f"{path}: not a readable GGUF file: {e}") from e
+
+
+def read_metadata(reader) -> dict:
+    """All key/value fields as Python values (strings, numbers, lists)."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _dequantizer(tensor, path: Path):
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions innermost first
+
+    def load() -> np.ndarray:
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r}: cannot dequantize type {tensor.tensor_type.name}"
+            ) from None
+        return np.asarray(array, dtype=np.float32).reshape(shape)
+
+    return SourceTensor(shape, load)
+
+
+def _rope_scaling(meta: dict, arch: str, tensor_names) -> dict | None:
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("per-frequency RoPE factors (rope_freqs.weight, e.g. Llama 3.1) are not supported yet")
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _single_value(value, key: str) -> int:
+    """Some files give per-layer arrays (e.g. head_count_kv); pyxf needs one value."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"{key} differs between layers ({sorted(set(value))}); not supported")
+        value = value[0]
+    return int(value)
+
+
+def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
+    """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later).
+    Covers the llama-like architectures (llama, qwen2); another family would add its own."""
+    arch = meta["general.architecture"]
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = _single_value(get("attention.head_count"), "attention.head_count")
+    kv_heads = _single_value(get("attention.head_count_kv", heads), "attention.head_count_kv")
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rope_dims = int(get("rope.dimension_count", head_dim))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return {
+        "format": "pyxf",
+        "format_version": 1,
+        "family": family_name,
+        "architecture": "decoder",
+        "vocab_size": len(tokens) if tokens else int(get("vocab_size")),  # tokens are authoritative
+        "hidden_size": hidden,
+        "num_layers": int(get("block_count")),
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": _single_value(get("feed_forward_length"), "feed_forward_length"),
+        "norm": "rmsnorm",
+        "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "norm_position": "pre",
+        "activation": "silu",
+        "gated_ffn": True,
+        "position": "rope",
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch, tensor_names),
+        "rope_interleaved": False,  # the importer restores rotate-half order
+        "partial_rotary_factor": rope_dims / head_dim,
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+
+
+def open_gguf(path) -> Checkpoint:
+    """Open a GGUF file for conversion."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    reader = _open_reader(path)
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ValueError(f"{path}: GGUF metadata lacks general.architecture")
+    try:
+        family, table = family_for_gguf(arch)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    tensors = {t.name: _dequantizer(t, path) for t in reader.tensors}
+    try:
+        config = gguf_config(meta, family.name, tensors.keys())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+    return Checkpoint(
+        config=config,
+        table=table,
+        tensors=tensors,
+        write_tokenizer=lambda out_dir: write_tokenizer(tokenizer_meta, out_dir),
+        source={"format": "gguf", "path": path.name},
+    )

@@ -1,0 +1,300 @@
+"""Reading Hugging Face checkpoints: a model directory, or a bare state_dict file plus a config.
+
+Weights: `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` (+ index), or
+`pytorch_model.bin` / `*.pt` / `*.pth`, the latter loaded only with
+`torch.load(..., weights_only=True)` (never unpickling arbitrary objects).
+
+Tokenizer and BOS handling: `tokenizer.json` / `tokenizer.model` are copied. pyxf's config.json
+`add_bos_token` is the single switch for prepending BOS, so a tokenizer.json whose post-processor
+prepends BOS (Llama's TemplateProcessing "<s> $A") gets that BOS removed and `add_bos_token`
+set instead. If BOS is added some other way we cannot edit, the file is kept as is and
+`add_bos_token` is false, so BOS is never doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..tensorfile import bf16_to_float32, read_safetensors
+from .families import Checkpoint, SourceTensor, family_for_hf_config, normalized_config
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def _to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    if dtype_name == "BF16":
+        return bf16_to_float32(array)
+    return np.asarray(array, dtype=np.float32)
+
+
+def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
+    file = read_safetensors(path)
+    return {
+        name: SourceTensor(tuple(array.shape), lambda a=array, d=file.dtypes[name]: _to_float32(a, d))
+        for name, array in file.items()
+    }
+
+
+def _torch_state_dict(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path} needs PyTorch (pip install torch); safetensors files do not") from None
+    try:  # mmap keeps a big checkpoint out of memory; old (non-zip) files cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return _unwrap_state_dict(state, path, torch)
+
+
+def _unwrap_state_dict(state, path: Path, torch) -> dict:
+    """Training checkpoints often nest the weights under "state_dict", "model" or "module"."""
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "module", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                return _unwrap_state_dict(state[key], path, torch)
+    raise ValueError(f"{path}: not a state_dict (a dict of tensor names to tensors)")
+
+
+def _torch_to_float32(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return bf16_to_float32(tensor.contiguous().view(torch.int16).numpy().view(np.uint16))
+    return tensor.to(torch.float32).numpy()
+
+
+def _torch_tensors(path: Path) -> dict[str, SourceTensor]:
+    state = _torch_state_dict(path)
+    return {name: SourceTensor(tuple(t.shape), lambda t=t: _torch_to_float32(t)) for name, t in state.items()}
+
+
+def _load_weight_files(files: list[Path]) -> dict[str, SourceTensor]:
+    tensors: dict[str, SourceTensor] = {}
+    for path in files:
+        part = _safetensors_tensors(path) if path.suffix == ".safetensors" else _torch_tensors(path)
+        duplicated = tensors.keys() & part.keys()
+        if duplicated:
+            raise ValueError(f"{path}: tensors also found in another shard: {sorted(duplicated)[:5]}")
+        tensors.update(part)
+    return tensors
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    return [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of an HF model directory, safetensors preferred."""
+    for single, index, shard_glob in (
+        ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
+    ):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            return _shards_from_index(model_dir / index)
+        shards = sorted(model_dir.glob(shard_glob))
+        if shards:
+            return shards
+    for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin"):
+        found = sorted(model_dir.glob(pattern))
+        if len(found) == 1:
+            return found
+    raise FileNotFoundError(
+        f"{model_dir}: no weights found (looked for model.safetensors, sharded model-*-of-*.safetensors "
+        f"with or without an index, pytorch_model.bin, or a single *.safetensors/*.pt/*.pth/*.bin)"
+    )
+
+
+def _strip_prefixes(tensors: dict[str, SourceTensor], prefixes: tuple[str, ...]) -> dict[str, SourceTensor]:
+    """'model.layers.0...' -> 'layers.0...' so the tables fit both *ForCausalLM and bare models."""
+    stripped = {}
+    for name, tensor in tensors.items():
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        stripped[name] = tensor
+    return stripped
+
+
+# ---------------------------------------------------------------------------------------------
+# config and tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def _optional_json(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
+
+
+def _chat_template(files_dir: Path, tokenizer_config: dict) -> str | None:
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is None and (files_dir / "chat_template.jinja").is_file():
+        template = (files_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None and (files_dir / "chat_template.json").is_file():
+        template = _read_json(files_dir / "chat_template.json").get("chat_template")
+    return template
+
+
+def _special_ids(hf_config: dict, generation_config: dict) -> dict:
+    """bos/eos/pad ids; generation_config.json wins (it often lists several eos ids)."""
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = generation_config.get(key)
+        ids[key] = value if value is not None else hf_config.get(key)
+    eos = ids["eos_token_id"]
+    ids["eos_token_id"] = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return ids
+
+
+def _bos_token_text(tokenizer: dict, tokenizer_config: dict, bos_id) -> str | None:
+    if bos_id is not None:
+        for added in tokenizer.get("added_tokens", []):
+            if added.get("id") == bos_id:
+                return added["content"]
+    bos = tokenizer_config.get("bos_token")
+    return bos.get("content") if isinstance(bos, dict) else bos
+
+
+def _strip_bos_from_template(processor: dict, bos: str) -> bool:
+    """Remove BOS from a TemplateProcessing (also inside a Sequence); True if it was there."""
+    if processor.get("type") == "Sequence":
+        stripped = [_strip_bos_from_template(p, bos) for p in processor.get("processors", [])]  # all, no short cut
+        return any(stripped)
+    if processor.get("type") != "TemplateProcessing":
+        return False
+
+    def is_bos(piece):
+        return "SpecialToken" in piece and piece["SpecialToken"]["id"] == bos
+
+    found = any(is_bos(p) for p in processor["single"])
+    for key in ("single", "pair"):
+        processor[key] = [p for p in processor[key] if not is_bos(p)]
+    processor.get("special_tokens", {}).pop(bos, None)
+    return found
+
+
+def _adds_bos_otherwise(processor: dict | None) -> bool:
+    """Post-processors that always add a start token we do not rewrite (BERT/RoBERTa style)."""
+    if not processor:
+        return False
+    if processor.get("type") == "Sequence":
+        return any(_adds_bos_otherwise(p) for p in processor.get("processors", []))
+    return processor.get("type") in ("BertProcessing", "RobertaProcessing")
+
+
+def _write_tokenizer_json(src: Path, out_dir: Path, tokenizer_config: dict, bos_id) -> bool:
+    """Copy tokenizer.json with BOS taken out of its post-processor; returns add_bos_token."""
+    tokenizer = _read_json(src)
+    bos = _bos_token_text(tokenizer, tokenizer_config, bos_id)
+    processor = tokenizer.get("post_processor")
+    template_adds_bos = bool(processor and bos and _strip_bos_from_template(processor, bos))
+    if _adds_bos_otherwise(processor):
+        add_bos = False  # the tokenizer adds it; adding it again would double it
+    elif "add_bos_token" in tokenizer_config:  # transformers rebuilds the template from this flag
+        add_bos = bool(tokenizer_config["add_bos_token"])
+    else:
+        add_bos = template_adds_bos
+    text = json.dumps(tokenizer, ensure_ascii=False)
+    from tokenizers import Tokenizer
+
+    Tokenizer.from_str(text)  # still a valid tokenizer after the edit
+    (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
+    return add_bos
+
+
+def _tokenizer_json_from_bpe_files(vocab: Path, merges: Path, out_dir: Path) -> None:
+    """GPT-2 style repos that ship only vocab.json + merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+
+def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict) -> dict:
+    """Copy the tokenizer files into out_dir; returns the config.json tokenizer fields."""
+    tokenizer_config = _optional_json(files_dir / "tokenizer_config.json")
+    fields = _special_ids(hf_config, _optional_json(files_dir / "generation_config.json"))
+    fields["chat_template"] = _chat_template(files_dir, tokenizer_config)
+    fields["tokenizer"] = None
+    fields["add_bos_token"] = bool(tokenizer_config.get("add_bos_token", False))
+
+    if (files_dir / "tokenizer.model").is_file():
+        shutil.copyfile(files_dir / "tokenizer.model", out_dir / "tokenizer.model")
+        fields["tokenizer"] = "tokenizer.model"
+        # sentencepiece adds nothing itself; Llama's slow tokenizer prepends BOS by default
+        fields["add_bos_token"] = bool(tokenizer_config.get("add_bos_token", True))
+    if (files_dir / "tokenizer.json").is_file():
+        fields["add_bos_token"] = _write_tokenizer_json(
+            files_dir / "tokenizer.json", out_dir, tokenizer_config, fields["bos_token_id"]
+        )
+        fields["tokenizer"] = "tokenizer.json"
+    elif fields["tokenizer"] is None and (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():
+        _tokenizer_json_from_bpe_files(files_dir / "vocab.json", files_dir / "merges.txt", out_dir)
+        fields["tokenizer"] = "tokenizer.json"
+    if fields["tokenizer"] is None:
+        warnings.warn(f"{files_dir}: no tokenizer.json, tokenizer.model or vocab.json+merges.txt; none copied")
+    elif (files_dir / "tokenizer_config.json").is_file():
+        shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def open_hf(src, config=None) -> Checkpoint:
+    """Open an HF model directory, or a weights file (state_dict) with `config` (a config.json
+    path or dict; default: config.json beside the file)."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    files_dir = src if src.is_dir() else src.parent
+    if isinstance(config, dict):
+        hf_config, config_source = config, "config"
+    else:
+        config_path = Path(config) if config is not None else files_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: config.json not found (needed to convert {src})")
+        hf_config, config_source = _read_json(config_path), config_path
+
+    try:  # before touching the weights: unknown architectures fail fast
+        family = family_for_hf_config(hf_config)
+        normalized = normalized_config(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{config_source}: {e}") from None
+    weight_files = find_weight_files(src) if src.is_dir() else [src]
+    tensors = _strip_prefixes(_load_weight_files(weight_files), family.hf.strip_prefixes)
+    kind = "safetensors" if all(f.suffix == ".safetensors" for f in weight_files) else "torch"
+    return Checkpoint(
+        config=normalized,
+        table=family.hf,
+        tensors=tensors,
+        write_tokenizer=lambda out_dir: write_hf_tokenizer(files_dir, Path(out_dir), hf_config),
+        source={"format": f"hf-{kind}", "path": src.name},
+    )
