@@ -31,6 +31,85 @@ struct Scratch {
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// Scores of one or two query rows against the transposed key block: 2 x kScoreVecs independent
+// accumulator chains keep the FMA units busy.
+void block_scores(const float* q0, const float* q1, int D, const float* kt, float* s0, float* s1) {
+  Vf a0[kScoreVecs], a1[kScoreVecs];
+  for (int c = 0; c < kScoreVecs; ++c) a0[c] = a1[c] = vzero();
+  if (q1) {
+    for (int d = 0; d < D; ++d) {
+      const Vf x0 = vset1(q0[d]), x1 = vset1(q1[d]);
+      const float* ktd = kt + (long)d * kBlockKeys;
+      for (int c = 0; c < kScoreVecs; ++c) {
+        const Vf k = vload(ktd + c * kLanes);
+        a0[c] = vfma(x0, k, a0[c]);
+        a1[c] = vfma(x1, k, a1[c]);
+      }
+    }
+  } else {
+    for (int d = 0; d < D; ++d) {
+      const Vf x0 = vset1(q0[d]);
+      const float* ktd = kt + (long)d * kBlockKeys;
+      for (int c = 0; c < kScoreVecs; ++c) a0[c] = vfma(x0, vload(ktd + c * kLanes), a0[c]);
+    }
+  }
+  for (int c = 0; c < kScoreVecs; ++c) {
+    vstore(s0 + c * kLanes, a0[c]);
+    vstore(s1 + c * kLanes, a1[c]);
+  }
+}
+
+// Online softmax update of one query row with the first `visible` scores of a key block:
+// rescales the running output and adds p_j v_j, four output vectors at a time.
+void accumulate_block(float* score, int visible, const float* v, long v_stride, int D, float* o,
+                      float& row_max, float& row_sum) {
+  // Hidden keys get -inf: their probabilities underflow to (almost exactly) zero and are skipped.
+  for (int j = visible; j < kBlockKeys; ++j) score[j] = -INFINITY;
+  Vf vmx = vload(score);
+  for (int c = 1; c < kScoreVecs; ++c) vmx = vmax(vmx, vload(score + c * kLanes));
+  const float block_max = vmaxr(vmx);
+  const float new_max = block_max > row_max ? block_max : row_max;
+  const float correction = expf(row_max - new_max);
+  row_max = new_max;
+  Vf vsum_p = vzero();
+  for (int c = 0; c < kScoreVecs; ++c) {
+    const Vf e = vexp(vsub(vload(score + c * kLanes), vset1(new_max)));
+    vstore(score + c * kLanes, e);
+    vsum_p = vadd(vsum_p, e);
+  }
+  const float block_sum = vsum(vsum_p);
+  row_sum = row_sum * correction + block_sum;
+
+  const Vf corr = vset1(correction);
+  for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
+    const int nvec = imin(4, (D - d0 + kLanes - 1) / kLanes);
+    const int tail = D - d0 - (nvec - 1) * kLanes;  // lanes used in the last vector
+    Vf acc[4];
+    for (int c = 0; c < nvec; ++c) acc[c] = vmul(vload(o + d0 + c * kLanes), corr);
+    const float* vd = v + d0;
+    if (nvec == 4 && tail == kLanes) {
+      for (int j = 0; j < visible; ++j) {
+        const Vf p = vset1(score[j]);
+        const float* vj = vd + j * v_stride;
+        acc[0] = vfma(p, vload(vj), acc[0]);
+        acc[1] = vfma(p, vload(vj + kLanes), acc[1]);
+        acc[2] = vfma(p, vload(vj + 2 * kLanes), acc[2]);
+        acc[3] = vfma(p, vload(vj + 3 * kLanes), acc[3]);
+      }
+    } else {
+      for (int j = 0; j < visible; ++j) {
+        const Vf p = vset1(score[j]);
+        const float* vj = vd + j * v_stride;
+        for (int c = 0; c < nvec; ++c) {
+          const Vf x = c == nvec - 1 && tail < kLanes ? vload_n(vj + c * kLanes, tail) : vload(vj + c * kLanes);
+          acc[c] = vfma(p, x, acc[c]);
+        }
+      }
+    }
+    for (int c = 0; c < nvec; ++c) vstore(o + d0 + c * kLanes, acc[c]);
+  }
+}
+
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, Scratch& sc) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
@@ -59,48 +138,17 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       for (int j = 0; j < bk; ++j) ktd[j] = kbase[(long)(j0 + j) * s.kv_pos_stride + d];
       for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
     }
-    for (int r = 0; r < rows; ++r) {
-      const int qpos = s.n_past + item.q_begin + r / group;
-      const int visible = sh.causal ? imin(bk, qpos - j0 + 1) : bk;
-      if (visible <= 0) continue;
-      const float* qr = sc.q + (long)r * dp;
-      Vf acc[kScoreVecs];
-      for (int c = 0; c < kScoreVecs; ++c) acc[c] = vzero();
-      for (int d = 0; d < D; ++d) {
-        const Vf qd = vset1(qr[d]);
-        const float* ktd = sc.kt + (long)d * kBlockKeys;
-        for (int c = 0; c < kScoreVecs; ++c) acc[c] = vfma(qd, vload(ktd + c * kLanes), acc[c]);
-      }
-      alignas(64) float score[kBlockKeys];
-      for (int c = 0; c < kScoreVecs; ++c) vstore(score + c * kLanes, acc[c]);
-
-      float block_max = -INFINITY;
-      for (int j = 0; j < visible; ++j) block_max = score[j] > block_max ? score[j] : block_max;
-      const float new_max = block_max > sc.row_max[r] ? block_max : sc.row_max[r];
-      const float correction = expf(sc.row_max[r] - new_max);
-      sc.row_max[r] = new_max;
-      // Unnormalized probabilities; only the first `visible` keys of the block are used.
-      for (int c = 0; c < kScoreVecs; ++c) {
-        const Vf e = vexp(vsub(vload(score + c * kLanes), vset1(new_max)));
-        vstore(score + c * kLanes, e);
-      }
-      float block_sum = 0.0f;
-      for (int j = 0; j < visible; ++j) block_sum += score[j];
-      sc.row_sum[r] = sc.row_sum[r] * correction + block_sum;
-
-      float* orow = sc.o + (long)r * dp;
-      const Vf corr = vset1(correction);
-      for (int d0 = 0; d0 < dp; d0 += kLanes) {
-        const int m = imin(kLanes, D - d0);
-        Vf o = vmul(vload(orow + d0), corr);
-        const float* vcol = vbase + (long)j0 * s.kv_pos_stride + d0;
-        const long vs = s.kv_pos_stride;
-        if (m == kLanes) {
-          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload(vcol + j * vs), o);
-        } else {
-          for (int j = 0; j < visible; ++j) o = vfma(vset1(score[j]), vload_n(vcol + j * vs, m), o);
-        }
-        vstore(orow + d0, o);
+    for (int r = 0; r < rows; r += 2) {
+      const int pair = imin(2, rows - r);
+      alignas(64) float score[2][kBlockKeys];
+      block_scores(sc.q + (long)r * dp, pair == 2 ? sc.q + (long)(r + 1) * dp : nullptr, D, sc.kt,
+                   score[0], score[1]);
+      for (int p = 0; p < pair; ++p) {
+        const int qpos = s.n_past + item.q_begin + (r + p) / group;
+        const int visible = sh.causal ? imin(bk, qpos - j0 + 1) : bk;
+        if (visible <= 0) continue;
+        accumulate_block(score[p], visible, vbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, D,
+                         sc.o + (long)(r + p) * dp, sc.row_max[r + p], sc.row_sum[r + p]);
       }
     }
   }
