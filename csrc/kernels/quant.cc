@@ -210,17 +210,214 @@ void quant_rows(QuantFormat f, const QuantRow* xr, long M, const uint8_t* w, lon
   }
 }
 
+
+#if defined(PYXF_TARGET_avx512)
+// ---- Many rows on AVX-512 VNNI: an int8 GEMM. ----
+// Weights of 32 columns are repacked per call into panels that vpdpbusd consumes directly:
+// for each block, [k/4][column][4] int8 (64 bytes = 16 columns x 4 k), plus per column and block
+// the scale d, the offset m (q4_1) and -128 * sum(w), which undoes storing activations as
+// unsigned (q + 128).
+constexpr int kVnniCols = 32;
+constexpr int kVnniRows = 4;
+
+struct VnniPanel {
+  int8_t* w;      // [nblocks][8][32 cols][4]: two 16-column halves of [8][16][4]
+  float* d;       // [nblocks][32]
+  float* m;       // [nblocks][32]
+  int32_t* corr;  // [nblocks][32]
+};
+
+// Signed weights of one stored block, as int8[32] (q4_1: the unsigned nibble values).
+void block_weights(QuantFormat f, const uint8_t* blk, int8_t* out, float row_scale, float* d, float* m) {
+  switch (f) {
+    case QuantFormat::kQ8_0:
+      *d = half_to_float(load_u16(blk));
+      *m = 0.0f;
+      memcpy(out, blk + 2, QK);
+      break;
+    case QuantFormat::kQ4_0:
+    case QuantFormat::kQ4_1: {
+      const bool q40 = f == QuantFormat::kQ4_0;
+      const uint8_t* qs = blk + (q40 ? 2 : 4);
+      const int offset = q40 ? 8 : 0;
+      *d = half_to_float(load_u16(blk));
+      *m = q40 ? 0.0f : half_to_float(load_u16(blk + 2));
+      for (int i = 0; i < QK / 2; ++i) {
+        out[i] = (int8_t)((qs[i] & 0x0f) - offset);
+        out[i + QK / 2] = (int8_t)((qs[i] >> 4) - offset);
+      }
+      break;
+    }
+    case QuantFormat::kInt8:
+    default:
+      *d = row_scale;
+      *m = 0.0f;
+      memcpy(out, blk, QK);
+      break;
+  }
+}
+
+void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel& p) {
+  const long row_bytes = quant_row_bytes(w.format, w.cols);
+  const int bb = block_bytes(w.format);
+  alignas(64) int8_t vals[QK];
+  for (int c = 0; c < kVnniCols; ++c) {
+    const bool real = c < ncols;
+    const uint8_t* row = real ? w.data + (n0 + c) * row_bytes : nullptr;
+    const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
+    const int half = c / 16, col = c % 16;
+    for (long b = 0; b < nblocks; ++b) {
+      float d = 0.0f, m = 0.0f;
+      if (real) {
+        block_weights(w.format, row + b * bb, vals, scale, &d, &m);
+      } else {
+        memset(vals, 0, QK);
+      }
+      int sum = 0;
+      int8_t* dst = p.w + b * (QK * kVnniCols) + half * (QK * 16);
+      for (int k = 0; k < QK; ++k) {
+        dst[(k / 4) * 64 + col * 4 + k % 4] = vals[k];
+        sum += vals[k];
+      }
+      p.d[b * kVnniCols + c] = d;
+      p.m[b * kVnniCols + c] = m;
+      p.corr[b * kVnniCols + c] = -128 * sum;
+    }
+  }
+}
+
+template <int ROWS>
+void vnni_tile(const uint8_t* const* xu, const float* const* xd, const float* const* xs,
+               const VnniPanel& p, long nblocks, bool has_m, float* y, long ldy, int ncols,
+               const float* bias, bool accumulate) {
+  __m512 fa[ROWS][2];
+  for (int i = 0; i < ROWS; ++i) fa[i][0] = fa[i][1] = _mm512_setzero_ps();
+  for (long b = 0; b < nblocks; ++b) {
+    const int8_t* wb = p.w + b * (QK * kVnniCols);
+    const __m512i c0 = _mm512_loadu_si512(p.corr + b * kVnniCols);
+    const __m512i c1 = _mm512_loadu_si512(p.corr + b * kVnniCols + 16);
+    __m512i ia[ROWS][2];
+    for (int i = 0; i < ROWS; ++i) { ia[i][0] = c0; ia[i][1] = c1; }
+#pragma GCC unroll 8
+    for (int kk = 0; kk < QK / 4; ++kk) {
+      const __m512i w0 = _mm512_loadu_si512(wb + kk * 64);
+      const __m512i w1 = _mm512_loadu_si512(wb + QK * 16 + kk * 64);
+      for (int i = 0; i < ROWS; ++i) {
+        int32_t four;
+        memcpy(&four, xu[i] + b * QK + kk * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(four);
+        ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], xb, w0);
+        ia[i][1] = _mm512_dpbusd_epi32(ia[i][1], xb, w1);
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(p.d + b * kVnniCols), d1 = _mm512_loadu_ps(p.d + b * kVnniCols + 16);
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512 dx = _mm512_set1_ps(xd[i][b]);
+      fa[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][0]), _mm512_mul_ps(d0, dx), fa[i][0]);
+      fa[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][1]), _mm512_mul_ps(d1, dx), fa[i][1]);
+    }
+    if (has_m) {
+      const __m512 m0 = _mm512_loadu_ps(p.m + b * kVnniCols), m1 = _mm512_loadu_ps(p.m + b * kVnniCols + 16);
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512 sx = _mm512_set1_ps(xs[i][b]);
+        fa[i][0] = _mm512_fmadd_ps(m0, sx, fa[i][0]);
+        fa[i][1] = _mm512_fmadd_ps(m1, sx, fa[i][1]);
+      }
+    }
+  }
+  alignas(64) float tile[kVnniCols];
+  for (int i = 0; i < ROWS; ++i) {
+    _mm512_store_ps(tile, fa[i][0]);
+    _mm512_store_ps(tile + 16, fa[i][1]);
+    float* yr = y + i * ldy;
+    for (int c = 0; c < ncols; ++c) {
+      const float v = tile[c] + (bias ? bias[c] : 0.0f);
+      yr[c] = accumulate ? yr[c] + v : v;
+    }
+  }
+}
+
+void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
+                       bool accumulate) {
+  const long K = w.cols, N = w.rows, nblocks = K / QK;
+  uint8_t* xu = (uint8_t*)malloc(M * K + 64);
+  float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
+  float* xs = xd + M * nblocks;
+#pragma omp parallel for schedule(static)
+  for (long m = 0; m < M; ++m) {
+    int8_t* q = (int8_t*)(xu + m * K);
+    quantize_row(x + m * K, K, q, xd + m * nblocks, xs + m * nblocks);
+    for (long k = 0; k < K; ++k) xu[m * K + k] = (uint8_t)(q[k] + 128);
+  }
+  const long chunks = (N + kVnniCols - 1) / kVnniCols;
+  const bool has_m = w.format == QuantFormat::kQ4_1;
+#pragma omp parallel
+  {
+    VnniPanel p;
+    p.w = (int8_t*)aligned_alloc(64, (size_t)(nblocks * QK * kVnniCols + 63) / 64 * 64);
+    float* meta = (float*)aligned_alloc(64, (size_t)(sizeof(float) * nblocks * kVnniCols * 3 + 63) / 64 * 64);
+    p.d = meta;
+    p.m = meta + nblocks * kVnniCols;
+    p.corr = (int32_t*)(meta + 2 * nblocks * kVnniCols);
+#pragma omp for schedule(dynamic, 1)
+    for (long ch = 0; ch < chunks; ++ch) {
+      const long n0 = ch * kVnniCols;
+      const int ncols = (int)lmin(kVnniCols, N - n0);
+      pack_vnni(w, n0, ncols, nblocks, p);
+      const float* bn = bias ? bias + n0 : nullptr;
+      for (long m0 = 0; m0 < M; m0 += kVnniRows) {
+        const int rows = (int)lmin(kVnniRows, M - m0);
+        const uint8_t* xr[kVnniRows];
+        const float* dr[kVnniRows];
+        const float* sr[kVnniRows];
+        for (int i = 0; i < rows; ++i) {
+          xr[i] = xu + (m0 + i) * K;
+          dr[i] = xd + (m0 + i) * nblocks;
+          sr[i] = xs + (m0 + i) * nblocks;
+        }
+        float* yt = y + m0 * N + n0;
+        switch (rows) {
+          case 4: vnni_tile<4>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
+          case 3: vnni_tile<3>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
+          case 2: vnni_tile<2>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
+          default: vnni_tile<1>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
+        }
+      }
+    }
+    free(meta);
+    free(p.w);
+  }
+  free(xd);
+  free(xu);
+}
+#endif
+
 }  // namespace
 
 void dequantize_row(const QuantWeight& w, long row, float* out);
 void linear_strided(const float* x, long M, long K, const float* w, long N, const float* bias,
                     float* y, long ldy, bool accumulate);
 
-// Many rows (prefill, encoding): dequantize slices of weight rows once and run the packed float
-// GEMM on them; the dequantization is amortized over all M rows.
+// Many rows (prefill, encoding) without VNNI: dequantize slices of weight rows once and run the
+// packed float GEMM on them, amortized over all M rows. The activations are rounded to their
+// 8-bit block values first, so the result is the same arithmetic as the integer kernels.
 static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w, const float* bias,
                                    float* y, bool accumulate) {
-  const long K = w.cols, N = w.rows, slice = 1024;
+  const long K = w.cols, N = w.rows, slice = 1024, nblocks = K / QK;
+  float* xr = (float*)aligned_alloc(64, (sizeof(float) * M * K + 63) / 64 * 64);
+#pragma omp parallel
+  {
+    int8_t q[QK];
+    float d, sum;
+#pragma omp for schedule(static)
+    for (long m = 0; m < M; ++m) {
+      for (long b = 0; b < nblocks; ++b) {
+        quantize_row(x + m * K + b * QK, QK, q, &d, &sum);
+        for (int i = 0; i < QK; ++i) xr[m * K + b * QK + i] = d * (float)q[i];
+      }
+    }
+  }
+  x = xr;
   float* buf = (float*)aligned_alloc(64, sizeof(float) * slice * K);
   for (long n0 = 0; n0 < N; n0 += slice) {
     const long nc = lmin(slice, N - n0);
@@ -229,12 +426,17 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
     linear_strided(x, M, K, buf, nc, bias ? bias + n0 : nullptr, y + n0, N, accumulate);
   }
   free(buf);
+  free(xr);
 }
 
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
   if (M >= 16) {
+#if defined(PYXF_TARGET_avx512)
+    linear_quant_vnni(x, M, w, bias, y, accumulate);
+#else
     linear_quant_many_rows(x, M, w, bias, y, accumulate);
+#endif
     return;
   }
   const long K = w.cols, N = w.rows, nblocks = K / QK;
