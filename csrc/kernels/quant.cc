@@ -92,7 +92,7 @@ static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq)
   const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
   switch (f) {
     case QuantFormat::kQ8_0: return dot_s8s8(_mm256_loadu_si256((const __m256i*)(wb + 2)), x);
-    case QuantFormat::kQ4_0: return dot_s8s8(_mm256_sub_epi8(unpack_nibbles(wb + 2), _mm256_set1_epi8(8)), x);
+    case QuantFormat::kQ4_0: return dot_u8s8(unpack_nibbles(wb + 2), x);  // the -8 is applied as an offset
     case QuantFormat::kQ4_1: return dot_u8s8(unpack_nibbles(wb + 4), x);
     case QuantFormat::kInt8:
     default: return dot_s8s8(_mm256_loadu_si256((const __m256i*)wb), x);
@@ -121,11 +121,9 @@ static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq)
       break;
     case QuantFormat::kQ4_0:
     case QuantFormat::kQ4_1: {
+      // Raw nibbles: q4_0's -8 is applied by the caller as an offset, like q4_1's m.
       const uint8_t* qs = wb + (f == QuantFormat::kQ4_0 ? 2 : 4);
-      const int offset = f == QuantFormat::kQ4_0 ? 8 : 0;
-      for (int i = 0; i < QK / 2; ++i) {
-        sum += ((qs[i] & 0x0f) - offset) * xq[i] + ((qs[i] >> 4) - offset) * xq[i + QK / 2];
-      }
+      for (int i = 0; i < QK / 2; ++i) sum += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + QK / 2];
       break;
     }
     case QuantFormat::kInt8:
@@ -160,7 +158,9 @@ void quant_tile(QuantFormat f, const QuantRow* xr, const uint8_t* w, long row_by
                 bool accumulate) {
   const int bb = block_bytes(f);
   FAcc acc[XR][WR];
-  float offset[XR][WR];  // q4_1: sum over blocks of m * dx * sum(q)
+  // q4_0 / q4_1: sum over blocks of m * dx * sum(q), with m = -8 d for q4_0.
+  const bool has_offset = f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1;
+  float offset[XR][WR];
   for (int i = 0; i < XR; ++i)
     for (int j = 0; j < WR; ++j) { acc[i][j] = facc_zero(); offset[i][j] = 0.0f; }
   for (long b = 0; b < nblocks; ++b) {
@@ -169,14 +169,14 @@ void quant_tile(QuantFormat f, const QuantRow* xr, const uint8_t* w, long row_by
     for (int j = 0; j < WR; ++j) {
       wb[j] = w + j * row_bytes + b * bb;
       dw[j] = f == QuantFormat::kInt8 ? 1.0f : half_to_float(load_u16(wb[j]));
-      mw[j] = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(wb[j] + 2)) : 0.0f;
+      mw[j] = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(wb[j] + 2)) : -8.0f * dw[j];
     }
     for (int i = 0; i < XR; ++i) {
       const int8_t* xq = xr[i].q + b * QK;
       const float dx = xr[i].d[b];
       for (int j = 0; j < WR; ++j) {
         facc_add(acc[i][j], block_dot(f, wb[j], xq), dw[j] * dx);
-        if (f == QuantFormat::kQ4_1) offset[i][j] += mw[j] * xr[i].s[b];
+        if (has_offset) offset[i][j] += mw[j] * xr[i].s[b];
       }
     }
   }
