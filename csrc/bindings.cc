@@ -10,6 +10,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "kernels/kernels.h"
 #include "model/transformer.h"
@@ -109,10 +111,30 @@ class WeightStore {
  public:
   WeightStore(py::dict arrays, std::string dtype) : arrays_(std::move(arrays)), dtype_(std::move(dtype)) {}
 
+  // A float tensor, widened to float32 once when stored in 16 bits (norms, biases).
   const float* get(const std::string& name, std::vector<long> shape, bool required = true) {
+    py::object found = checked(name, shape, required);
+    if (found.is_none()) return nullptr;
+    py::array a = found.cast<py::array>();
+    if (a.dtype().is(py::dtype::of<float>())) return static_cast<const float*>(a.data());
+    return widen(name, a);
+  }
+
+  // A weight matrix as stored: float32, or 16-bit that the kernels widen in registers.
+  std::pair<const void*, kernels::WeightType> get_matrix(const std::string& name, std::vector<long> shape) {
+    py::array a = checked(name, shape, true).cast<py::array>();
+    if (a.dtype().is(py::dtype::of<float>())) return {a.data(), kernels::WeightType::kF32};
+    if (a.itemsize() == 2 && (a.dtype().kind() == 'f' || dtype_ == "float16")) return {a.data(), kernels::WeightType::kF16};
+    if (a.itemsize() == 2 && a.dtype().kind() == 'u' && dtype_ == "bfloat16") return {a.data(), kernels::WeightType::kBF16};
+    throw py::type_error("tensor '" + name + "' has unsupported dtype");
+  }
+
+ private:
+  // The named array after checking layout, shape and element size; None when optional and absent.
+  py::object checked(const std::string& name, const std::vector<long>& shape, bool required) {
     if (!arrays_.contains(name)) {
       if (required) throw py::key_error("missing tensor '" + name + "'");
-      return nullptr;
+      return py::none();
     }
     py::array a = py::reinterpret_borrow<py::array>(arrays_[name.c_str()]);
     if (!(a.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' is not C-contiguous");
@@ -123,15 +145,13 @@ class WeightStore {
                               ": " + std::to_string(a.shape(i)) + " != " + std::to_string(shape[i]));
       }
     }
-    keep_.push_back(a);
-    if (a.dtype().is(py::dtype::of<float>())) return static_cast<const float*>(a.data());
-    if (a.dtype().is(py::dtype::of<uint16_t>()) || a.dtype().kind() == 'f') {
-      return widen(name, a);
+    if (!a.dtype().is(py::dtype::of<float>()) && a.itemsize() != 2) {
+      throw py::type_error("tensor '" + name + "' has unsupported dtype " + std::string(py::str(a.dtype())));
     }
-    throw py::type_error("tensor '" + name + "' has unsupported dtype");
+    keep_.push_back(a);
+    return a;
   }
 
- private:
   // float16 / bfloat16 weights are widened once at load.
   const float* widen(const std::string& name, const py::array& a) {
     const size_t n = a.size();
@@ -236,7 +256,7 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats
       l.quant = quant_view(w.arrays(), weight, parse_quant_format(formats[weight.c_str()].cast<std::string>()),
                            out, in, w.kept());
     } else {
-      l.weight = w.get(weight, {out, in});
+      std::tie(l.weight, l.dtype) = w.get_matrix(weight, {out, in});
     }
     l.bias = w.get(name + ".bias", {out}, false);
     return l;
@@ -459,17 +479,24 @@ void bind_ops(py::module_& ops) {
   auto check_2d = [](const FloatArray& a, const char* name) {
     if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D");
   };
-  ops.def("linear", [=](FloatArray x, FloatArray w, py::object bias) {
+  // w: float32, float16, or uint16 holding bfloat16 bits.
+  ops.def("linear", [=](FloatArray x, py::array w, py::object bias) {
     check_2d(x, "x");
-    check_2d(w, "w");
+    if (w.ndim() != 2) throw py::value_error("w must be 2-D");
     if (x.shape(1) != w.shape(1)) throw py::value_error("x and w disagree on the inner dimension");
+    kernels::WeightType wt;
+    if (w.dtype().is(py::dtype::of<float>())) wt = kernels::WeightType::kF32;
+    else if (w.dtype().kind() == 'f' && w.itemsize() == 2) wt = kernels::WeightType::kF16;
+    else if (w.dtype().is(py::dtype::of<uint16_t>())) wt = kernels::WeightType::kBF16;
+    else throw py::type_error("w must be float32, float16 or uint16 (bfloat16 bits)");
+    if (!(w.flags() & py::array::c_style)) throw py::value_error("w must be C-contiguous");
     FloatArray b;
     if (!bias.is_none()) {
       b = bias.cast<FloatArray>();
       if (b.ndim() != 1 || b.shape(0) != w.shape(0)) throw py::value_error("bias must be [N]");
     }
     py::array_t<float> y({x.shape(0), w.shape(0)});
-    kernels::active().linear(x.data(), x.shape(0), x.shape(1), w.data(), w.shape(0),
+    kernels::active().linear(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0),
                              bias.is_none() ? nullptr : b.data(), y.mutable_data(), false);
     return y;
   }, "x"_a, "w"_a, "bias"_a = py::none());

@@ -24,15 +24,16 @@ constexpr int MC = 16 * MR;  // rows per work item
 constexpr long kSmallM = 16; // below this, the dot-product kernel
 
 // Copies columns [n0, n0 + nc) x depth [k0, k0 + kc) of w into panels [panel][k][NR], zero padded.
-void pack_panels(const float* w, long K, long N, long n0, int nc, long k0, int kc, float* dst) {
+template <typename W>
+void pack_panels(const W* w, long K, long N, long n0, int nc, long k0, int kc, float* dst) {
   const int panels = (nc + NR - 1) / NR;
   for (int p = 0; p < panels; ++p) {
     float* panel = dst + (long)p * kc * NR;
     for (int j = 0; j < NR; ++j) {
       const long col = n0 + (long)p * NR + j;
       if (col < N && p * NR + j < nc) {
-        const float* src = w + col * K + k0;
-        for (int k = 0; k < kc; ++k) panel[k * NR + j] = src[k];
+        const W* src = w + col * K + k0;
+        for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
       } else {
         for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
       }
@@ -99,7 +100,8 @@ using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
 using Tiles = TileTable<1, 2, 3, 4>;
 #endif
 
-void linear_packed(const float* x, long M, long K, const float* w, long N, const float* bias,
+template <typename W>
+void linear_packed(const float* x, long M, long K, const W* w, long N, const float* bias,
                    float* y, long ldy, bool accumulate) {
   const long n_chunks = (N + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
@@ -134,8 +136,8 @@ void linear_packed(const float* x, long M, long K, const float* w, long N, const
 }
 
 // Dot products of up to 4 rows of x with 4 rows of w: 16 independent accumulators.
-template <int XR, int WR>
-void dot_tile(const float* x, long K, const float* w, float* y, long ldy, const float* bias,
+template <int XR, int WR, typename W>
+void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const float* bias,
               bool accumulate) {
   Vf acc[XR][WR];
   for (int i = 0; i < XR; ++i)
@@ -166,32 +168,33 @@ void dot_tile(const float* x, long K, const float* w, float* y, long ldy, const 
   }
 }
 
-template <int WR>
-void dot_rows(const float* x, long M, long K, const float* w, float* y, long ldy,
+template <int WR, typename W>
+void dot_rows(const float* x, long M, long K, const W* w, float* y, long ldy,
               const float* bias, bool accumulate) {
   long m = 0;
-  for (; m + 4 <= M; m += 4) dot_tile<4, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate);
+  for (; m + 4 <= M; m += 4) dot_tile<4, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate);
   switch (M - m) {
-    case 3: dot_tile<3, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
-    case 2: dot_tile<2, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
-    case 1: dot_tile<1, WR>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 3: dot_tile<3, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 2: dot_tile<2, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 1: dot_tile<1, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
     default: break;
   }
 }
 
-void linear_small_m(const float* x, long M, long K, const float* w, long N, const float* bias,
+template <typename W>
+void linear_small_m(const float* x, long M, long K, const W* w, long N, const float* bias,
                     float* y, long ldy, bool accumulate) {
   const long blocks = (N + 3) / 4;
 #pragma omp parallel for schedule(static) if (N * K > 32768)
   for (long b = 0; b < blocks; ++b) {
     const long n = b * 4;
-    const float* wb = w + n * K;
+    const W* wb = w + n * K;
     const float* bb = bias ? bias + n : nullptr;
     switch (lmin(4, N - n)) {
-      case 4: dot_rows<4>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      case 3: dot_rows<3>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      case 2: dot_rows<2>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      default: dot_rows<1>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 4: dot_rows<4, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 3: dot_rows<3, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 2: dot_rows<2, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      default: dot_rows<1, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
     }
   }
 }
@@ -199,18 +202,51 @@ void linear_small_m(const float* x, long M, long K, const float* w, long N, cons
 }  // namespace
 
 // y has row stride ldy >= N, so a caller can fill a slice of columns.
-void linear_strided(const float* x, long M, long K, const float* w, long N, const float* bias,
-                    float* y, long ldy, bool accumulate) {
+template <typename W>
+void linear_strided(const float* x, long M, long K, const W* w, long N, const float* bias, float* y,
+                    long ldy, bool accumulate) {
   if (M < kSmallM) {
     linear_small_m(x, M, K, w, N, bias, y, ldy, accumulate);
   } else {
     linear_packed(x, M, K, w, N, bias, y, ldy, accumulate);
   }
 }
+template void linear_strided<float>(const float*, long, long, const float*, long, const float*,
+                                    float*, long, bool);
 
-void linear(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
-            bool accumulate) {
-  linear_strided(x, M, K, w, N, bias, y, N, accumulate);
+void linear(const float* x, long M, long K, const void* w, WeightType wt, long N, const float* bias,
+            float* y, bool accumulate) {
+  switch (wt) {
+    case WeightType::kBF16:
+      linear_strided(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate);
+      break;
+    case WeightType::kF16:
+      linear_strided(x, M, K, static_cast<const f16*>(w), N, bias, y, N, accumulate);
+      break;
+    case WeightType::kF32:
+    default:
+      linear_strided(x, M, K, static_cast<const float*>(w), N, bias, y, N, accumulate);
+      break;
+  }
+}
+
+void load_row(const void* w, WeightType wt, long row, long n, float* out) {
+  switch (wt) {
+    case WeightType::kBF16: {
+      const bf16* src = static_cast<const bf16*>(w) + row * n;
+      for (long i = 0; i < n; ++i) out[i] = to_f32(src[i]);
+      break;
+    }
+    case WeightType::kF16: {
+      const f16* src = static_cast<const f16*>(w) + row * n;
+      for (long i = 0; i < n; ++i) out[i] = to_f32(src[i]);
+      break;
+    }
+    case WeightType::kF32:
+    default:
+      memcpy(out, static_cast<const float*>(w) + row * n, sizeof(float) * n);
+      break;
+  }
 }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS

@@ -7,6 +7,9 @@ namespace pyxf::kernels {
 
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
+// How float weights are stored; 16-bit ones are widened in registers (half the bytes to read).
+enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
 // Quantized weight formats. The block formats are those of GGUF (32 weights a block, fp16 scales),
 // so llama.cpp's tensors are used as they are stored:
 //   q8_0: {fp16 d; int8 q[32]}            w = d q
@@ -54,8 +57,10 @@ struct AttentionShape {
 struct KernelTable {
   const char* name;
   // y[M,N] (+)= x[M,K] w[N,K]^T + bias[N]; bias may be null; accumulate adds into y.
-  void (*linear)(const float* x, long M, long K, const float* w, long N, const float* bias, float* y,
-                 bool accumulate);
+  void (*linear)(const float* x, long M, long K, const void* w, WeightType wt, long N,
+                 const float* bias, float* y, bool accumulate);
+  // Row `row` of a [rows, n] weight matrix, widened to float (embedding lookup).
+  void (*load_row)(const void* w, WeightType wt, long row, long n, float* out);
   void (*rmsnorm)(const float* x, const float* w, float eps, long rows, long n, float* y);
   void (*layernorm)(const float* x, const float* w, const float* b, float eps, long rows, long n,
                     float* y);

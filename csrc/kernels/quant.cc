@@ -12,30 +12,7 @@ namespace {
 
 constexpr int QK = kQuantBlock;
 
-float half_to_float(uint16_t h) {
-#if defined(PYXF_TARGET_avx2) || defined(PYXF_TARGET_avx512)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {
-      exp = 113;
-      while (!(mant & 0x400)) { mant <<= 1; --exp; }
-      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000 | (mant << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-#endif
-}
+float half_to_float(uint16_t h) { return to_f32(f16{h}); }
 
 uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -395,8 +372,9 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
 }  // namespace
 
 void dequantize_row(const QuantWeight& w, long row, float* out);
-void linear_strided(const float* x, long M, long K, const float* w, long N, const float* bias,
-                    float* y, long ldy, bool accumulate);
+template <typename W>
+void linear_strided(const float* x, long M, long K, const W* w, long N, const float* bias, float* y,
+                    long ldy, bool accumulate);
 
 // Many rows (prefill, encoding) without VNNI: dequantize slices of weight rows once and run the
 // packed float GEMM on them, amortized over all M rows. The activations are rounded to their

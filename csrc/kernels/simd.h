@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
@@ -131,6 +132,84 @@ static inline float vmaxr(Vf a) {
   return m;
 }
 
+#endif
+
+
+// ---- 16-bit weight storage: bfloat16 and IEEE half, widened to float on load ----
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+static inline float to_f32(float x) { return x; }
+static inline float to_f32(bf16 x) {
+  const uint32_t bits = (uint32_t)x.bits << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+static inline float to_f32(f16 x) {
+#if defined(PYXF_TARGET_avx2) || defined(PYXF_TARGET_avx512)
+  return _cvtsh_ss(x.bits);
+#else
+  const uint16_t h = x.bits;
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      exp = 113;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+#if defined(PYXF_TARGET_avx512)
+static inline Vf vload(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+static inline Vf vload(const f16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+static inline Vf vload_n(const bf16* p, int n) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+static inline Vf vload_n(const f16* p, int n) {
+  return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p))};
+}
+#elif defined(PYXF_TARGET_avx2)
+static inline Vf vload(const bf16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+static inline Vf vload(const f16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+template <typename H>
+static inline Vf vload_n(const H* p, int n) {
+  H tmp[kLanes] = {};
+  memcpy(tmp, p, sizeof(H) * n);
+  return vload(tmp);
+}
+#else
+template <typename H>
+static inline Vf vload(const H* p) {
+  Vf r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = to_f32(p[i]);
+  return r;
+}
+template <typename H>
+static inline Vf vload_n(const H* p, int n) {
+  Vf r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = i < n ? to_f32(p[i]) : 0.0f;
+  return r;
+}
 #endif
 
 // e^x with a relative error of a few ulp: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial.

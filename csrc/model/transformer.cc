@@ -36,7 +36,7 @@ static void apply(const Linear& w, const float* x, long rows, long in, long out,
   if (w.quantized) {
     K.linear_quant(x, rows, w.quant, w.bias, y, accumulate);
   } else {
-    K.linear(x, rows, in, w.weight, out, w.bias, y, accumulate);
+    K.linear(x, rows, in, w.weight, w.dtype, out, w.bias, y, accumulate);
   }
 }
 
@@ -62,7 +62,7 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
       if (weights_.embed.quantized) {
         K.dequantize_row(weights_.embed.quant, token, x);
       } else {
-        std::memcpy(x, weights_.embed.weight + token * H, H * sizeof(float));
+        K.load_row(weights_.embed.weight, weights_.embed.dtype, token, H, x);
       }
       if (weights_.pos_embed) {
         K.add(x, weights_.pos_embed + (long)(past + i + config_.position_offset) * H, H);

@@ -13,7 +13,8 @@ struct Norm {
 };
 
 struct Linear {
-  const float* weight = nullptr;  // [out, in], when not quantized
+  const void* weight = nullptr;   // [out, in] of `dtype`, when not quantized
+  kernels::WeightType dtype = kernels::WeightType::kF32;
   const float* bias = nullptr;
   bool quantized = false;
   kernels::QuantWeight quant{};
