@@ -16,6 +16,7 @@
 #include "kernels/kernels.h"
 #include "model/transformer.h"
 #include "runtime/generate.h"
+#include "runtime/profile.h"
 #include "runtime/threads.h"
 
 namespace py = pybind11;
@@ -630,6 +631,15 @@ PYBIND11_MODULE(_core, m) {
     set_num_threads(n);
   });
   m.def("get_num_threads", &num_threads);
+  m.def("set_profiling", [](bool on) { profile().enabled = on; profile().reset(); },
+        "Turns per-stage timing of the forward pass on or off (and clears it).");
+  m.def("profile", [] {
+    py::dict out;
+    for (int i = 0; i < (int)Stage::kCount; ++i) {
+      out[stage_name((Stage)i)] = py::make_tuple(profile().seconds[i], profile().calls[i]);
+    }
+    return out;
+  }, "Seconds and calls per stage since profiling was turned on: {stage: (seconds, calls)}.");
 
   py::class_<PyModel, std::shared_ptr<PyModel>>(m, "Model")
       .def(py::init<py::dict, py::dict>(), "config"_a, "weights"_a)

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "runtime/profile.h"
+
 namespace pyxf {
 
 namespace k = kernels;
@@ -41,6 +43,7 @@ static void apply(const Linear& w, const float* x, long rows, long in, long out,
 }
 
 void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const {
+  StageTimer timer(Stage::kNorm);
   const k::KernelTable& K = k::active();
   if (config_.norm == NormKind::kRms) {
     K.rmsnorm(x, w.weight, config_.norm_eps, rows, config_.hidden_size, y);
@@ -50,6 +53,7 @@ void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const
 }
 
 void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const {
+  StageTimer timer(Stage::kEmbed);
   const long H = config_.hidden_size;
   const k::KernelTable& K = k::active();
   long row = 0;
@@ -76,25 +80,11 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
   if (weights_.embed_norm.weight) norm(weights_.embed_norm, ws.x.data(), rows, ws.x.data());
 }
 
-void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,
-                                  long rows) const {
+// Appends the new keys/values to the caches and describes each sequence's attention problem.
+void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const {
+  StageTimer timer(Stage::kCacheWrite);
   const ModelConfig& c = config_;
-  const LayerWeights& L = weights_.layers[layer];
-  const k::KernelTable& K = k::active();
-  const long H = c.hidden_size, D = c.head_dim, qkv_dim = c.qkv_dim();
-
-  const float* in = ws.x.data();
-  if (!c.post_norm) {
-    norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
-    in = ws.h.data();
-  }
-  apply(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
-  if (c.position == PositionKind::kRope) {
-    // q and k heads are adjacent in a qkv row: one call rotates both.
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim,
-           ws.pos.data(), c.rope_inv_freq.data(), c.rope_attention_scaling, c.rope_interleaved);
-  }
-
+  const long D = c.head_dim, qkv_dim = c.qkv_dim();
   ws.attn_seqs.resize(n);
   long row = 0;
   for (int s = 0; s < n; ++s) {
@@ -133,6 +123,32 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
   }
+}
+
+void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,
+                                  long rows) const {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = weights_.layers[layer];
+  const k::KernelTable& K = k::active();
+  const long H = c.hidden_size, D = c.head_dim, qkv_dim = c.qkv_dim();
+
+  const float* in = ws.x.data();
+  if (!c.post_norm) {
+    norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
+    in = ws.h.data();
+  }
+  {
+    StageTimer timer(Stage::kQkv);
+    apply(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
+  }
+  if (c.position == PositionKind::kRope) {
+    StageTimer timer(Stage::kRope);
+    // q and k heads are adjacent in a qkv row: one call rotates both.
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim,
+           ws.pos.data(), c.rope_inv_freq.data(), c.rope_attention_scaling, c.rope_interleaved);
+  }
+
+  attention_views(layer, seqs, n, ws);
   k::AttentionShape shape;
   shape.n_heads = c.num_heads;
   shape.n_kv_heads = c.num_kv_heads;
@@ -141,10 +157,15 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   shape.out_row_stride = c.q_dim();
   shape.scale = 1.0f / std::sqrt((float)D);
   shape.causal = c.causal;
-  K.attention(ws.attn_seqs.data(), n, shape);
-
+  {
+    StageTimer timer(Stage::kAttention);
+    K.attention(ws.attn_seqs.data(), n, shape);
+  }
   // x += attn W_o^T + b: the residual add is fused into the projection.
-  apply(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
+  {
+    StageTimer timer(Stage::kAttnOut);
+    apply(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
+  }
   if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
 }
 
@@ -159,15 +180,24 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
-  apply(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
-  const float* hidden = ws.ffn.data();
-  if (c.gated_ffn) {
-    K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
-    hidden = ws.act.data();
-  } else {
-    K.activation(ws.ffn.data(), rows * I, c.activation);
+  {
+    StageTimer timer(Stage::kFfnUp);
+    apply(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
   }
-  apply(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
+  const float* hidden = ws.ffn.data();
+  {
+    StageTimer timer(Stage::kActivation);
+    if (c.gated_ffn) {
+      K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
+      hidden = ws.act.data();
+    } else {
+      K.activation(ws.ffn.data(), rows * I, c.activation);
+    }
+  }
+  {
+    StageTimer timer(Stage::kFfnDown);
+    apply(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
+  }
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
 
@@ -207,6 +237,7 @@ void Transformer::encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidd
 }
 
 void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
+  StageTimer forward_timer(Stage::kForward);
   const ModelConfig& c = config_;
   if (run_layers(seqs, n, ws) == 0) return;
 
@@ -221,6 +252,7 @@ void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* log
     row += seqs[s].n_new;
   }
   if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
+  StageTimer timer(Stage::kHead);
   apply(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
 }
 

@@ -45,6 +45,7 @@ class Transformer {
  private:
   long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
   void embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
+  void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
   void attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
   void ffn_block(int layer, Workspace& ws, long rows) const;
   void norm(const Norm& w, const float* x, long rows, float* y) const;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <memory>
 
+#include "runtime/profile.h"
+
 namespace pyxf {
 
 namespace {
@@ -48,7 +50,11 @@ std::vector<std::vector<int>> generate(const Transformer& model,
 
     for (size_t b = 0; b < batch.size(); ++b) {
       Sequence& s = seqs[batch_index[b]];
-      const int token = s.sampler.sample(&logits[b * c.vocab_size]);
+      int token;
+      {
+        StageTimer timer(Stage::kSample);
+        token = s.sampler.sample(&logits[b * c.vocab_size]);
+      }
       const bool is_stop =
           std::find(options.stop_ids.begin(), options.stop_ids.end(), token) != options.stop_ids.end();
       if (!is_stop) {
