@@ -15,6 +15,8 @@
 
 #include "kernels/kernels.h"
 #include "model/transformer.h"
+#include "model/seq2seq.h"
+#include "runtime/beam_search.h"
 #include "runtime/generate.h"
 #include "runtime/profile.h"
 #include "runtime/threads.h"
@@ -584,7 +586,7 @@ void bind_ops(py::module_& ops) {
   }, "x"_a, "pos"_a, "inv_freq"_a, "head_dim"_a, "interleaved"_a = false, "scaling"_a = 1.0f);
   // q: [n_new, n_heads * head_dim]; k, v: [n_keys, n_kv_heads * head_dim] (token-major, as torch).
   ops.def("attention", [=](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
-                           bool causal, float scale) {
+                           bool causal, float scale, py::object pos_bias) {
     check_2d(q, "q");
     check_2d(k, "k");
     check_2d(v, "v");
@@ -608,9 +610,275 @@ void bind_ops(py::module_& ops) {
     kernels::AttentionSeq seq{q.data(), out.mutable_data(), kc.data(), vc.data(), n_keys * D, D,
                               (int)n_new, (int)(n_keys - n_new), (int)n_keys};
     kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
+    FloatArray bias;  // [n_heads, 2 R + 1]: bias by relative position key - query, clamped to [-R, R]
+    if (!pos_bias.is_none()) {
+      bias = pos_bias.cast<FloatArray>();
+      if (bias.ndim() != 2 || bias.shape(0) != n_heads || bias.shape(1) % 2 != 1) {
+        throw py::value_error("pos_bias must be [n_heads, 2 R + 1]");
+      }
+      shape.pos_bias = bias.data();
+      shape.pos_bias_radius = (int)(bias.shape(1) / 2);
+    }
     kernels::active().attention(&seq, 1, shape);
     return out;
-  }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a);
+  }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a, "pos_bias"_a = py::none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder-decoder models (model/seq2seq.h, runtime/beam_search.h)
+
+// The tensors of `weights` whose names start with `prefix`, without it (or, with `exclude`, the
+// others); `extra` names are added from the full dict when the subset lacks them.
+py::dict tensor_subset(const py::dict& weights, const std::string& prefix, bool exclude) {
+  py::dict out;
+  for (auto item : weights) {
+    const std::string name = item.first.cast<std::string>();
+    const bool has = name.compare(0, prefix.size(), prefix) == 0;
+    if (exclude && !has) out[name.c_str()] = item.second;
+    if (!exclude && has) out[name.substr(prefix.size()).c_str()] = item.second;
+  }
+  return out;
+}
+
+std::vector<int32_t> checked_tokens(py::handle ids, int vocab_size, const std::string& what) {
+  py::array arr = py::array::ensure(ids);
+  if (!arr) throw py::type_error(what + " must be a sequence of ints");
+  if (arr.ndim() != 1) throw py::value_error(what + " must be one-dimensional");
+  if (arr.size() > 0 && arr.dtype().kind() != 'i' && arr.dtype().kind() != 'u') {
+    throw py::type_error(what + " must hold integer token ids, got dtype " + std::string(py::str(arr.dtype())));
+  }
+  auto as_i64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  std::vector<int32_t> out(as_i64.size());
+  for (ssize_t i = 0; i < as_i64.size(); ++i) {
+    const int64_t t = as_i64.data()[i];
+    if (t < 0 || t >= vocab_size) {
+      throw py::value_error("token id " + std::to_string(t) + " in " + what + " is outside the vocabulary [0, " +
+                            std::to_string(vocab_size) + ")");
+    }
+    out[i] = (int32_t)t;
+  }
+  return out;
+}
+
+// config.json of an encoder-decoder model (docs/DESIGN.md) -> the configs of its two stacks.
+// Sinusoidal positions arrive as tables ("pos_embed.weight", "encoder.pos_embed.weight") made in
+// Python, so the stacks see learned positions; T5's relative positions arrive as per-head bias
+// tables by relative distance ("rel_pos_table", "encoder.rel_pos_table", [heads, 2 R + 1]).
+std::pair<ModelConfig, ModelConfig> parse_seq2seq_config(const py::dict& cfg) {
+  py::dict enc = cfg.attr("copy")(), dec = cfg.attr("copy")();
+  const std::string position = config_value<std::string>(cfg, "position");
+  std::string core_position;
+  if (position == "sinusoidal" || position == "learned") core_position = "learned";
+  else if (position == "relative" || position == "none") core_position = "none";
+  else throw py::value_error("unknown position scheme '" + position + "' for an encoder-decoder model");
+  for (py::dict* d : {&enc, &dec}) (*d)["position"] = core_position;
+  enc["architecture"] = "encoder";
+  enc["causal"] = false;
+  enc["num_layers"] = config_value<int>(cfg, "num_encoder_layers");
+  enc["vocab_size"] = config_value<int>(cfg, "source_vocab_size", config_value<int>(cfg, "vocab_size"));
+  dec["architecture"] = "decoder";
+  dec["causal"] = true;
+  ModelConfig e = parse_config(enc), d = parse_config(dec);
+  const float embed_scale = config_value<float>(cfg, "embed_scale", 1.0f);
+  const float attn_scale = config_value<float>(cfg, "attention_scale", 0.0f);
+  const int radius = position == "relative" ? config_value<int>(cfg, "rel_pos_radius") : 0;
+  if (!(embed_scale > 0) || attn_scale < 0 || radius < 0) {
+    throw py::value_error("embed_scale must be positive, attention_scale and rel_pos_radius non-negative");
+  }
+  for (ModelConfig* c : {&e, &d}) {
+    c->embed_scale = embed_scale;
+    c->attn_scale = attn_scale;
+    c->rel_pos_radius = radius;
+  }
+  d.head_scale = config_value<float>(cfg, "head_scale", 1.0f);
+  return {e, d};
+}
+
+// One stack's weights: the decoder-only table plus what encoder-decoder stacks may add (a final
+// norm after post-norm blocks, the relative position bias table).
+ModelWeights bind_stack(const ModelConfig& c, WeightStore& w, py::dict formats) {
+  ModelWeights m = bind_weights(c, w, formats);
+  const long H = c.hidden_size;
+  if (c.post_norm) {
+    m.final_norm = Norm{w.get("final_norm.weight", {H}, false), w.get("final_norm.bias", {H}, false)};
+    if (c.norm == NormKind::kLayer && m.final_norm.weight && !m.final_norm.bias) {
+      throw py::key_error("missing tensor 'final_norm.bias'");
+    }
+  }
+  if (c.rel_pos_radius > 0) m.rel_pos_bias = w.get("rel_pos_table", {c.num_heads, 2L * c.rel_pos_radius + 1});
+  return m;
+}
+
+class PySeq2SeqModel {
+ public:
+  PySeq2SeqModel(py::dict config, py::dict weights) {
+    const std::string dtype = config_value<std::string>(config, "dtype", std::string("float32"));
+    py::dict formats = config_value<py::dict>(config, "tensor_formats", py::dict());
+    py::dict enc_arrays = tensor_subset(weights, "encoder.", false);
+    if (!enc_arrays.contains("embed.weight") && weights.contains("embed.weight")) {
+      enc_arrays["embed.weight"] = weights["embed.weight"];  // shared source/target embeddings
+    }
+    py::dict enc_formats = tensor_subset(formats, "encoder.", false);
+    if (!enc_formats.contains("embed.weight") && formats.contains("embed.weight")) {
+      enc_formats["embed.weight"] = formats["embed.weight"];
+    }
+    enc_store_ = std::make_unique<WeightStore>(enc_arrays, dtype);
+    dec_store_ = std::make_unique<WeightStore>(tensor_subset(weights, "encoder.", true), dtype);
+    auto [ec, dc] = parse_seq2seq_config(config);
+    ModelWeights ew = bind_stack(ec, *enc_store_, enc_formats);
+    ModelWeights dw = bind_stack(dc, *dec_store_, tensor_subset(formats, "encoder.", true));
+    std::vector<CrossAttentionWeights> cross;
+    const long H = dc.hidden_size;
+    const bool layer_norm = dc.norm == NormKind::kLayer;
+    py::dict dec_formats = tensor_subset(formats, "encoder.", true);
+    auto linear = [&](const std::string& name, long out, long in) {
+      Linear l;
+      const std::string weight = name + ".weight";
+      if (dec_formats.contains(weight)) {
+        l.quantized = true;
+        l.quant = quant_view(dec_store_->arrays(), weight,
+                             parse_quant_format(dec_formats[weight.c_str()].cast<std::string>()), out, in,
+                             dec_store_->kept());
+      } else {
+        std::tie(l.weight, l.dtype) = dec_store_->get_matrix(weight, {out, in});
+      }
+      l.bias = dec_store_->get(name + ".bias", {out}, false);
+      return l;
+    };
+    for (int i = 0; i < dc.num_layers; ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      CrossAttentionWeights x;
+      x.norm = Norm{dec_store_->get(p + "cross_norm.weight", {H}), dec_store_->get(p + "cross_norm.bias", {H}, layer_norm)};
+      x.q = linear(p + "cross_attn.q", dc.q_dim(), H);
+      x.kv = linear(p + "cross_attn.kv", 2L * dc.kv_dim(), H);
+      x.out = linear(p + "cross_attn.out", H, dc.q_dim());
+      cross.push_back(x);
+    }
+    model_ = std::make_unique<Seq2SeqModel>(Transformer(ec, ew), Transformer(dc, dw), std::move(cross));
+  }
+
+  const ModelConfig& encoder_config() const { return model_->encoder().config(); }
+  const ModelConfig& decoder_config() const { return model_->decoder().config(); }
+
+  std::vector<int32_t> source(py::handle ids, const std::string& what) const {
+    std::vector<int32_t> out = checked_tokens(ids, encoder_config().vocab_size, what);
+    if (out.empty()) throw py::value_error(what + " is empty");
+    if ((long)out.size() > encoder_config().max_sequence()) {
+      throw py::value_error(what + " has " + std::to_string(out.size()) + " tokens, more than the model's " +
+                            std::to_string(encoder_config().max_sequence()) + " source positions");
+    }
+    return out;
+  }
+
+  // Logits of every decoder position for one source: [len(decoder_ids), target vocab].
+  py::array_t<float> logits(py::handle source_ids, py::handle decoder_ids) {
+    std::vector<std::vector<int32_t>> sources{source(source_ids, "the source")};
+    std::vector<int32_t> target = checked_tokens(decoder_ids, decoder_config().vocab_size, "decoder_ids");
+    if (target.empty()) throw py::value_error("decoder_ids is empty");
+    if ((long)target.size() > decoder_config().max_sequence()) {
+      throw py::value_error("decoder_ids has " + std::to_string(target.size()) + " tokens, more than the model's " +
+                            std::to_string(decoder_config().max_sequence()) + " target positions");
+    }
+    const ModelConfig& c = decoder_config();
+    py::array_t<float> out({(long)target.size(), (long)c.vocab_size});
+    float* data = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      Workspace ws;
+      EncodedSources enc;
+      model_->encode(sources, ws, enc);
+      KVCache cache(c.num_layers, c.num_kv_heads, c.head_dim, (int)target.size());
+      DecoderSeq seq{&cache, target.data(), (int)target.size(), 0, true};
+      model_->decode(&seq, 1, enc, ws, data);
+    }
+    return out;
+  }
+
+  // Hypotheses per source: [[(tokens, score), ...], ...], best first.
+  py::list generate(py::sequence sources, int beam_size, int num_hypotheses, float length_penalty,
+                    int early_stopping, int no_repeat_ngram_size, int max_length, int min_length, float temperature,
+                    int top_k, float top_p, float repetition_penalty, uint64_t seed, std::vector<int> eos_ids,
+                    std::vector<int> suppress_ids, int forced_eos_id, bool renormalize, int decoder_start_id) {
+    const ModelConfig& c = decoder_config();
+    if (beam_size < 1) throw py::value_error("beam_size must be >= 1");
+    if (num_hypotheses < 1 || num_hypotheses > beam_size) throw py::value_error("num_hypotheses must be in [1, beam_size]");
+    if (max_length < 1) throw py::value_error("max_length must be positive");
+    if (max_length > c.max_sequence()) {
+      throw py::value_error("max_length " + std::to_string(max_length) + " exceeds the model's " +
+                            std::to_string(c.max_sequence()) + " target positions");
+    }
+    if (min_length < 0 || no_repeat_ngram_size < 0) throw py::value_error("min_length and no_repeat_ngram_size must be >= 0");
+    if (early_stopping < 0 || early_stopping > 2) throw py::value_error("early_stopping must be 0, 1 or 2");
+    if (temperature < 0) throw py::value_error("temperature must be >= 0");
+    if (top_k < 0) throw py::value_error("top_k must be >= 0");
+    if (!(top_p > 0 && top_p <= 1)) throw py::value_error("top_p must be in (0, 1]");
+    if (!(repetition_penalty > 0)) throw py::value_error("repetition_penalty must be > 0");
+    if (beam_size > 1 && temperature > 0) throw py::value_error("beam search does not sample: use temperature 0");
+    auto check_id = [&](int id, const char* what) {
+      if (id < 0 || id >= c.vocab_size) {
+        throw py::value_error(std::string(what) + " " + std::to_string(id) + " is outside the target vocabulary");
+      }
+    };
+    for (int id : eos_ids) check_id(id, "end token");
+    for (int id : suppress_ids) check_id(id, "suppressed token");
+    if (forced_eos_id >= 0) check_id(forced_eos_id, "forced end token");
+    check_id(decoder_start_id, "decoder start token");
+
+    std::vector<std::vector<int32_t>> ids;
+    for (py::handle s : sources) ids.push_back(source(s, "source " + std::to_string(ids.size())));
+    Seq2SeqOptions o;
+    o.beam_size = beam_size;
+    o.num_hypotheses = num_hypotheses;
+    o.length_penalty = length_penalty;
+    o.early_stopping = (EarlyStopping)early_stopping;
+    o.no_repeat_ngram_size = no_repeat_ngram_size;
+    o.max_length = max_length;
+    o.min_length = min_length;
+    o.sampling = {temperature, top_k, top_p, repetition_penalty};
+    o.seed = seed;
+    o.eos_ids = std::move(eos_ids);
+    o.suppress_ids = std::move(suppress_ids);
+    o.forced_eos_id = forced_eos_id;
+    o.renormalize = renormalize;
+    o.decoder_start_id = decoder_start_id;
+
+    // Each step briefly takes the GIL to notice Ctrl-C.
+    InterruptCheck interrupted = [] {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      return false;
+    };
+    std::vector<std::vector<Hypothesis>> out;
+    {
+      py::gil_scoped_release release;
+      out = seq2seq_generate(*model_, ids, o, interrupted);
+    }
+    py::list result;
+    for (auto& hyps : out) {
+      py::list per_source;
+      for (auto& h : hyps) per_source.append(py::make_tuple(py::cast(h.tokens), h.score));
+      result.append(per_source);
+    }
+    return result;
+  }
+
+ private:
+  std::unique_ptr<WeightStore> enc_store_, dec_store_;
+  std::unique_ptr<Seq2SeqModel> model_;
+};
+
+void bind_seq2seq(py::module_& m) {
+  py::class_<PySeq2SeqModel, std::shared_ptr<PySeq2SeqModel>>(m, "Seq2SeqModel")
+      .def(py::init<py::dict, py::dict>(), "config"_a, "weights"_a)
+      .def("logits", &PySeq2SeqModel::logits, "source_ids"_a, "decoder_ids"_a)
+      .def("generate", &PySeq2SeqModel::generate, "sources"_a, "beam_size"_a = 1, "num_hypotheses"_a = 1,
+           "length_penalty"_a = 1.0f, "early_stopping"_a = 0, "no_repeat_ngram_size"_a = 0, "max_length"_a = 256,
+           "min_length"_a = 0, "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f,
+           "repetition_penalty"_a = 1.0f, "seed"_a = 0, "eos_ids"_a = std::vector<int>(),
+           "suppress_ids"_a = std::vector<int>(), "forced_eos_id"_a = -1, "renormalize"_a = false,
+           "decoder_start_id"_a = 0)
+      .def_property_readonly("vocab_size", [](const PySeq2SeqModel& m) { return m.decoder_config().vocab_size; })
+      .def_property_readonly("source_vocab_size", [](const PySeq2SeqModel& m) { return m.encoder_config().vocab_size; });
 }
 
 }  // namespace
@@ -655,6 +923,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("position", &PySession::position)
       .def_property_readonly("capacity", &PySession::capacity)
       .def("reset", &PySession::reset);
+
+  bind_seq2seq(m);
 
   py::module_ ops = m.def_submodule("ops", "kernels on numpy arrays, for tests");
   bind_ops(ops);

@@ -9,11 +9,12 @@ __version__ = "0.1.0"
 
 from pyxf.generation import generate
 from pyxf.model import Model, Session, load
+from pyxf.seq2seq import Seq2SeqModel, translate
 from pyxf.tokenizer import Tokenizer
 from pyxf import threads as _threads
 
 __all__ = [
-    "Model", "Session", "Tokenizer", "generate", "get_num_threads", "info", "load", "set_num_threads", "__version__",
+    "Model", "Seq2SeqModel", "Session", "Tokenizer", "generate", "get_num_threads", "info", "load", "set_num_threads", "translate", "__version__",
 ]
 
 

@@ -27,6 +27,7 @@ def generate(
     stop=None,
     stream=False,
     add_special_tokens=True,
+    **seq2seq_options,
 ):
     """Continues one prompt or a batch of prompts; returns only the new part.
 
@@ -38,6 +39,22 @@ def generate(
     (token outputs keep the tokens up to the one completing the stop string).
     stream=True (one prompt): returns an iterator over pieces of the new text as they are produced.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        # Encoder-decoder models: the prompt is the source (pyxf.seq2seq.generate has the options).
+        from pyxf.seq2seq import generate as seq2seq_generate
+
+        if messages is not None or stream:
+            raise ValueError("messages and stream are not supported for encoder-decoder models")
+        return seq2seq_generate(
+            model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, add_special_tokens=add_special_tokens,
+            **seq2seq_options,
+        )
+    if seq2seq_options:
+        raise TypeError(
+            f"generate() got unexpected keyword arguments {', '.join(sorted(seq2seq_options))} "
+            "(beam search options are for encoder-decoder models)"
+        )
     prompts, output = _prompt_tokens(model, prompt, messages, add_special_tokens)
     options = _sampling_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     stop_ids, stop_strings = _stop_conditions(model, stop)

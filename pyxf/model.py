@@ -6,21 +6,24 @@ from pathlib import Path
 
 import numpy as np
 
+from pyxf import quant
 from pyxf.rope import rope_parameters
-from pyxf.tensorfile import read_safetensors
+from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
 from pyxf.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-KNOWN_FAMILIES = ("llama", "gpt2")
-SUPPORTED_ARCHITECTURES = ("decoder",)
+KNOWN_FAMILIES = ("llama", "gpt2", "bert", "roberta", "distilbert", "transformer", "marian", "t5")
+SUPPORTED_ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
+CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 # Allowed values of the config's enumerated fields.
 CONFIG_CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "norm_position": ("pre", "post"),
     "activation": ("silu", "gelu", "gelu_tanh", "relu"),
-    "position": ("rope", "learned", "none"),
+    "position": ("rope", "learned", "none", "sinusoidal", "relative"),  # the last two: encoder-decoder
     "dtype": ("float32", "float16", "bfloat16"),
 }
 POSITIVE_INT_FIELDS = (
@@ -33,11 +36,13 @@ BOOL_FIELDS = ("gated_ffn", "tie_word_embeddings")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None):
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=False):
     """Loads a converted model directory; with no path, the default model (downloaded on first use).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
+    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's linear weights in memory
+    at load, as `pyxf convert --quantize` would (quantize_embeddings: embed.weight too).
     """
     if path is None:
         from pyxf.hub import default_model_path
@@ -45,7 +50,16 @@ def load(path=None, context_length=None, threads=None):
         path = default_model_path()
     path = Path(path)
     config = read_config(path)
-    context_length = _check_context_length(config, context_length)
+    if config.get("architecture") == "encoder-decoder":
+        from pyxf.seq2seq import load_seq2seq
+
+        if quantize is not None or quantize_embeddings:
+            raise ValueError("quantize= is not supported for encoder-decoder models yet")
+        return load_seq2seq(path, config, threads=threads)
+    if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
+        context_length = config["max_position_embeddings"] - config.get("position_offset", 0)
+    else:
+        context_length = _check_context_length(config, context_length)
     if threads is not None:
         core().set_num_threads(check_num_threads(threads))
 
@@ -53,9 +67,16 @@ def load(path=None, context_length=None, threads=None):
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
     weights = check_weights(config, read_safetensors(weights_path))
+    if quantize is not None:
+        config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
+    elif quantize_embeddings:
+        raise ValueError("quantize_embeddings needs a quantization format (quantize=...)")
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = dict(config)
+    formats = (config.get("quantization") or {}).get("tensors")
+    if formats:
+        core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
         core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
     core_model = core().Model(core_config, weights)
@@ -94,7 +115,8 @@ def read_config(model_dir):
         )
     if config.get("architecture", "decoder") not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"{config_path}: architecture {config.get('architecture')!r} is not supported; supported: decoder"
+            f"{config_path}: architecture {config.get('architecture')!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     for field in POSITIVE_INT_FIELDS:
@@ -112,11 +134,115 @@ def read_config(model_dir):
             f"{config_path}: num_heads ({config['num_heads']}) is not a multiple of "
             f"num_kv_heads ({config['num_kv_heads']})"
         )
+    if config.get("architecture") == "encoder":
+        _check_encoder_config(config, config_path)
+    if config.get("architecture") == "encoder-decoder":
+        from pyxf.seq2seq import check_seq2seq_config
+
+        check_seq2seq_config(config, config_path)
+    if config.get("quantization") is not None:
+        _check_quantization(config, config_path)
     return config
+
+
+def _check_quantization(config, config_path):
+    """config.json's "quantization": {"method": str, "tensors": {name: format}} (docs/DESIGN.md)."""
+    q = config["quantization"]
+    if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
+        raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
+    expected = expected_tensors(config)
+    for name, fmt in q["tensors"].items():
+        if fmt not in quant.FORMATS:
+            raise ValueError(
+                f"{config_path}: quantization of {name}: unknown format {fmt!r}; known: {', '.join(quant.FORMATS)}"
+            )
+        if name not in expected or not quant.quantizable(name, expected[name][0], embeddings=True):
+            raise ValueError(
+                f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
+                f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
+            )
+
+
+def quantized_layout(config):
+    """{name: (shape, safetensors dtype)} of the quantized tensors config.json declares, with the
+    per-row scales of int8 ones (NAME_scale)."""
+    formats = (config.get("quantization") or {}).get("tensors") or {}
+    expected = expected_tensors(config)
+    layout = {}
+    for name, fmt in formats.items():
+        rows, cols = expected[name][0]
+        layout[name] = ((rows, quant.row_bytes(fmt, cols)), quant.stored_dtype(fmt))
+        if fmt == "int8":
+            layout[quant.scale_name(name)] = ((rows,), "F32")
+    return layout
+
+
+def quantize_weights(config, weights, fmt, embeddings=False):
+    """Quantizes a float model's eligible weights in memory (see pyxf.quant.quantizable); returns
+    the config with its "quantization" entry and the new {name: array} (the float arrays of the
+    quantized tensors are no longer referenced)."""
+    quant.check_format(fmt)
+    if config.get("quantization"):
+        raise ValueError(
+            f"this model is already quantized ({config['quantization'].get('method')}); "
+            "quantize= applies to models stored as floats"
+        )
+    weights, formats = dict(weights), {}
+    for name, array in list(weights.items()):
+        if not quant.quantizable(name, array.shape, embeddings):
+            continue
+        floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
+        data, scales = quant.quantize(floats, fmt)
+        weights[name] = data
+        if scales is not None:
+            weights[quant.scale_name(name)] = scales
+        formats[name] = fmt
+    config = dict(config)
+    config["quantization"] = {"method": fmt, "tensors": formats}
+    return config, weights
+
+
+def _check_encoder_config(config, config_path):
+    """The encoder keys of config.json (docs/DESIGN.md)."""
+
+    def fail(message):
+        raise ValueError(f"{config_path}: {message}")
+
+    for field in ("type_vocab_size", "position_offset"):
+        value = config.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail(f"{field!r} must be a non-negative integer, got {value!r}")
+    if config["position"] != "learned" or config.get("position_offset", 0) >= config["max_position_embeddings"]:
+        fail("encoders need learned positions, with position_offset below max_position_embeddings")
+    max_length = config.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0):
+        fail(f"'max_length' must be a positive integer, got {max_length!r}")
+    pooling = config.get("pooling")
+    if pooling is not None:
+        if not isinstance(pooling, dict) or pooling.get("mode") not in ("mean", "cls", "max", "mean_sqrt_len"):
+            fail(f"'pooling' must be null or hold a mode (mean, cls, max, mean_sqrt_len) and normalize, got {pooling!r}")
+        if not isinstance(pooling.get("normalize", False), bool):
+            fail(f"'pooling.normalize' must be true or false, got {pooling.get('normalize')!r}")
+    head = config.get("classifier")
+    if head is not None:
+        if not isinstance(head, dict) or head.get("kind") not in CLASSIFIER_KINDS:
+            fail(f"'classifier.kind' must be one of {', '.join(CLASSIFIER_KINDS)}, got {head!r}")
+        n = head.get("num_labels")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            fail(f"'classifier.num_labels' must be a positive integer, got {n!r}")
+        labels = head.get("id2label")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != n):
+            fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
+        if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
+            fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
 
 
 def expected_tensors(config):
     """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md)."""
+    if config.get("architecture") == "encoder-decoder":
+        from pyxf.seq2seq import seq2seq_expected_tensors
+
+        return seq2seq_expected_tensors(config)
     H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
     Hq, Hkv, P = config["num_heads"], config["num_kv_heads"], config["max_position_embeddings"]
     qkv_rows = (Hq + 2 * Hkv) * D
@@ -132,6 +258,16 @@ def expected_tensors(config):
     tensors = {"embed.weight": ((V, H), True)}
     if config["position"] == "learned":
         tensors["pos_embed.weight"] = ((P, H), True)
+    encoder = config.get("architecture") == "encoder"
+    if encoder:
+        if config.get("type_vocab_size", 0) > 0:
+            tensors["token_type_embed.weight"] = ((config["type_vocab_size"], H), True)
+        tensors.update({"embed_norm.weight": ((H,), False), "embed_norm.bias": ((H,), False)})
+        head = config.get("classifier") or {}
+        tensors.update(linear("pooler.dense", H, H, required=bool(config.get("pooler")) or head.get("kind") == "bert"))
+        tensors.update(linear("classifier.dense", H, H, required=head.get("kind") in ("roberta", "distilbert")))
+        if head:
+            tensors.update(linear("classifier", head["num_labels"], H))
     for i in range(config["num_layers"]):
         layer = f"layers.{i}"
         tensors.update(norm(f"{layer}.attn_norm"))
@@ -142,7 +278,8 @@ def expected_tensors(config):
         tensors.update(linear(f"{layer}.ffn.down", H, I))
     if config["norm_position"] == "pre":
         tensors.update(norm("final_norm"))
-    tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
+    if not encoder:
+        tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
     return tensors
 
 
@@ -150,6 +287,8 @@ def check_weights(config, tensors):
     """Checks names, shapes, dtypes and layout of `tensors` (from read_safetensors) against the
     config; returns the arrays for the core (no copies)."""
     expected = expected_tensors(config)
+    quantized = quantized_layout(config)
+    expected.update({name: (shape, True) for name, (shape, _) in quantized.items()})
     missing = [name for name, (_, required) in expected.items() if required and name not in tensors]
     unknown = [name for name in tensors if name not in expected]
     if missing:
@@ -162,7 +301,13 @@ def check_weights(config, tensors):
         shape = expected[name][0]
         if tuple(array.shape) != shape:
             raise ValueError(f"tensor {name} has shape {list(array.shape)}, expected {list(shape)}")
-        if tensors.dtypes[name] != wanted_dtype:
+        if name in quantized:
+            if tensors.dtypes[name] != quantized[name][1]:
+                raise ValueError(
+                    f"tensor {name} is stored as {tensors.dtypes[name]}, expected {quantized[name][1]} "
+                    "(config.json lists it as quantized)"
+                )
+        elif tensors.dtypes[name] != wanted_dtype:
             raise ValueError(
                 f"tensor {name} is stored as {tensors.dtypes[name]}, expected {wanted_dtype} "
                 f"(config.json says dtype {config['dtype']})"
@@ -233,17 +378,49 @@ class Model:
         self.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._core_model = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
+        self.is_encoder = config.get("architecture") == "encoder"
+        head = config.get("classifier") or {}
+        self.labels = list(head["id2label"]) if head.get("id2label") else None  # classifier label names
 
     def __repr__(self):
         c = self.config
         return (
             f"pyxf.Model({str(self.path)!r}, family={c['family']}, layers={c['num_layers']}, "
             f"hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']}, "
-            f"context_length={self.context_length})"
+            + (f"quantization={c['quantization']['method']}, " if c.get("quantization") else "")
+            + f"context_length={self.context_length})"
         )
+
+    def encode(self, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
+               truncate=True, progress=False):
+        """Encoders: sentence embeddings float32 [N, H] (or token states, output="tokens"); see
+        pyxf.encoding.encode."""
+        from pyxf.encoding import encode
+
+        self._require_encoder("encode")
+        return encode(self, texts, batch_size=batch_size, pooling=pooling, normalize=normalize, output=output,
+                      max_length=max_length, truncate=truncate, progress=progress)
+
+    def classify(self, texts, batch_size=32, max_length=None, truncate=True, progress=False, return_logits=False):
+        """Sequence classifiers: float32 [N, num_labels] probabilities (labels: self.labels); see
+        pyxf.encoding.classify."""
+        from pyxf.encoding import classify
+
+        self._require_encoder("classify")
+        return classify(self, texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
+                        progress=progress, return_logits=return_logits)
+
+    def _require_encoder(self, what):
+        if not self.is_encoder:
+            raise ValueError(f"{what}() needs an encoder model (BERT, RoBERTa, DistilBERT); this is a {self.config['family']} decoder")
+
+    def _require_decoder(self, what):
+        if self.is_encoder:
+            raise ValueError(f"{what}() needs a decoder model; this {self.config['family']} encoder has encode()/classify()")
 
     def logits(self, ids):
         """Logits for every position of one sequence: float32 [len(ids), vocab_size]."""
+        self._require_decoder("logits")
         tokens = as_token_array(ids, self.vocab_size)
         if len(tokens) > self.context_length:
             raise ValueError(f"{len(tokens)} tokens exceed the context length {self.context_length}")
@@ -252,12 +429,14 @@ class Model:
 
     def session(self, context_length=None):
         """A sequence with its own KV cache, fed incrementally."""
+        self._require_decoder("session")
         return Session(self, self.context_length if context_length is None else context_length)
 
     def generate(self, prompt=None, **kwargs):
         """Same as pyxf.generate(self, prompt, **kwargs)."""
         from pyxf.generation import generate
 
+        self._require_decoder("generate")
         return generate(self, prompt, **kwargs)
 
 

@@ -72,6 +72,15 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
+    def encode_for_encoder(self, texts, max_length=None):
+        """[(ids, type_ids)] for a list of texts, with the special tokens the tokenizer's
+        post-processor adds ([CLS] ... [SEP], <s> ... </s>): what transformers' tokenizer(texts)
+        gives an encoder. With max_length, each is truncated to that many tokens (specials
+        included), as transformers' truncation=True does."""
+        if not hasattr(self._backend, "encode_with_post_processor"):
+            raise ValueError("encoder models need a tokenizer.json (the `tokenizers` library) tokenizer")
+        return self._backend.encode_with_post_processor(list(texts), max_length)
+
     def token_text(self, token_id):
         """The vocabulary entry of one token (e.g. "<|im_end|>"), as chat templates expect it."""
         return self._backend.token_text(token_id)
@@ -123,7 +132,24 @@ class _HFTokenizersBackend:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._tokenizer = HFTokenizer.from_file(str(path))
+        # Padding/truncation saved in the file are settings for a training run; transformers overrides
+        # them on every call, and so does pyxf.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._truncating = {}  # max_length -> a copy of the tokenizer that truncates to it
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_with_post_processor(self, texts, max_length):
+        tokenizer = self._tokenizer
+        if max_length is not None:
+            tokenizer = self._truncating.get(max_length)
+            if tokenizer is None:
+                from tokenizers import Tokenizer as HFTokenizer
+
+                tokenizer = HFTokenizer.from_str(self._tokenizer.to_str())
+                tokenizer.enable_truncation(max_length)  # longest_first, from the right: transformers' default
+                self._truncating[max_length] = tokenizer
+        return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
 
     def encode(self, text):
         # Special tokens written in the text (e.g. "<|im_start|>") are recognized by `tokenizers` itself;

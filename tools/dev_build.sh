@@ -7,4 +7,9 @@ flock 9
 cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v python)" >/dev/null
 cmake --build build/dev -j "${JOBS:-2}"
-cp build/dev/_core*.so pyxf/
+# Copy beside, then rename: a running process that has the old .so mapped keeps its (unlinked) file;
+# copying over it in place would change pages under that process (SIGBUS).
+for so in build/dev/_core*.so; do
+  name=$(basename "$so")
+  cp "$so" "pyxf/.$name.tmp" && mv -f "pyxf/.$name.tmp" "pyxf/$name"
+done

@@ -110,6 +110,15 @@ void accumulate_block(float* score, int visible, const float* v, long v_stride, 
   }
 }
 
+// score[j] += bias[clamp(rel0 + j, -R, R) + R] for j < n: the relative position bias of one row
+// (rel0 = first key position - query position).
+void add_position_bias(float* score, int n, int rel0, const float* bias, int R) {
+  int j = 0;
+  for (; j < n && rel0 + j < -R; ++j) score[j] += bias[0];
+  for (; j < n && rel0 + j <= R; ++j) score[j] += bias[rel0 + j + R];
+  for (; j < n; ++j) score[j] += bias[2 * R];
+}
+
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, Scratch& sc) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
@@ -147,6 +156,10 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
         const int qpos = s.n_past + item.q_begin + (r + p) / group;
         const int visible = sh.causal ? imin(bk, qpos - j0 + 1) : bk;
         if (visible <= 0) continue;
+        if (sh.pos_bias) {
+          const int R = sh.pos_bias_radius, h = item.kv_head * group + (r + p) % group;
+          add_position_bias(score[p], visible, j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
+        }
         accumulate_block(score[p], visible, vbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, D,
                          sc.o + (long)(r + p) * dp, sc.row_max[r + p], sc.row_sum[r + p]);
       }

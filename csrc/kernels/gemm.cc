@@ -205,6 +205,11 @@ void linear_small_m(const float* x, long M, long K, const W* w, long N, const fl
 template <typename W>
 void linear_strided(const float* x, long M, long K, const W* w, long N, const float* bias, float* y,
                     long ldy, bool accumulate) {
+  if (K <= 0) {  // an empty sum: y is the bias
+    for (long m = 0; m < M; ++m)
+      for (long n = 0; n < N; ++n) y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+    return;
+  }
   if (M < kSmallM) {
     linear_small_m(x, M, K, w, N, bias, y, ldy, accumulate);
   } else {

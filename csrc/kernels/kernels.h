@@ -52,6 +52,11 @@ struct AttentionShape {
   long out_row_stride;
   float scale;
   bool causal;
+  // Optional additive bias by relative position (T5): the score of query position i against key
+  // position j of head h gains pos_bias[h * (2 R + 1) + clamp(j - i, -R, R) + R], R =
+  // pos_bias_radius. Null: no bias.
+  const float* pos_bias = nullptr;
+  int pos_bias_radius = 0;
 };
 
 struct KernelTable {

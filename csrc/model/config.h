@@ -35,6 +35,10 @@ struct ModelConfig {
   bool causal = true;            // false for encoders: every token sees the whole sequence
   int position_offset = 0;       // learned positions start here (RoBERTa: 2)
   int type_vocab_size = 0;       // token type (segment) embeddings, BERT-style
+  float embed_scale = 1.0f;      // token embeddings are multiplied by this (sqrt(hidden): Transformer, Marian)
+  float attn_scale = 0.0f;       // attention score scale; 0: 1/sqrt(head_dim) (T5: 1)
+  int rel_pos_radius = 0;        // relative position bias table radius (T5), with ModelWeights::rel_pos_bias
+  float head_scale = 1.0f;       // the LM head's input is multiplied by this (tied T5: hidden^-0.5)
 
   // Longest sequence the position scheme can address.
   int max_sequence() const {

@@ -32,8 +32,7 @@ long Transformer::logit_rows(const SeqBatch* seqs, int n) {
 }
 
 // y (+)= x W^T + b on whichever kernel the weight's format needs.
-static void apply(const Linear& w, const float* x, long rows, long in, long out, float* y,
-                  bool accumulate) {
+void apply_linear(const Linear& w, const float* x, long rows, long in, long out, float* y, bool accumulate) {
   const k::KernelTable& K = k::active();
   if (w.quantized) {
     K.linear_quant(x, rows, w.quant, w.bias, y, accumulate);
@@ -67,6 +66,9 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
         K.dequantize_row(weights_.embed.quant, token, x);
       } else {
         K.load_row(weights_.embed.weight, weights_.embed.dtype, token, H, x);
+      }
+      if (config_.embed_scale != 1.0f) {
+        for (long d = 0; d < H; ++d) x[d] *= config_.embed_scale;
       }
       if (weights_.pos_embed) {
         K.add(x, weights_.pos_embed + (long)(past + i + config_.position_offset) * H, H);
@@ -139,7 +141,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   }
   {
     StageTimer timer(Stage::kQkv);
-    apply(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
+    apply_linear(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
   }
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
@@ -155,8 +157,8 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   shape.head_dim = (int)D;
   shape.q_row_stride = qkv_dim;
   shape.out_row_stride = c.q_dim();
-  shape.scale = 1.0f / std::sqrt((float)D);
   shape.causal = c.causal;
+  attention_shape(shape);
   {
     StageTimer timer(Stage::kAttention);
     K.attention(ws.attn_seqs.data(), n, shape);
@@ -164,9 +166,15 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   // x += attn W_o^T + b: the residual add is fused into the projection.
   {
     StageTimer timer(Stage::kAttnOut);
-    apply(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
+    apply_linear(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
   }
   if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
+}
+
+void Transformer::attention_shape(k::AttentionShape& shape) const {
+  shape.scale = config_.attn_scale > 0.0f ? config_.attn_scale : 1.0f / std::sqrt((float)config_.head_dim);
+  shape.pos_bias = weights_.rel_pos_bias;
+  shape.pos_bias_radius = config_.rel_pos_radius;
 }
 
 void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
@@ -182,7 +190,7 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   }
   {
     StageTimer timer(Stage::kFfnUp);
-    apply(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
+    apply_linear(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
   }
   const float* hidden = ws.ffn.data();
   {
@@ -196,7 +204,7 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   }
   {
     StageTimer timer(Stage::kFfnDown);
-    apply(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
+    apply_linear(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
   }
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
@@ -238,9 +246,12 @@ void Transformer::encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidd
 
 void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
   StageTimer forward_timer(Stage::kForward);
-  const ModelConfig& c = config_;
   if (run_layers(seqs, n, ws) == 0) return;
+  head(seqs, n, ws, logits);
+}
 
+void Transformer::head(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const {
+  const ModelConfig& c = config_;
   // The head runs only on the rows whose logits are wanted.
   const long H = c.hidden_size;
   long out_rows = 0, row = 0;
@@ -252,8 +263,11 @@ void Transformer::forward(const SeqBatch* seqs, int n, Workspace& ws, float* log
     row += seqs[s].n_new;
   }
   if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
+  if (c.head_scale != 1.0f) {
+    for (long i = 0; i < out_rows * H; ++i) ws.head_in[i] *= c.head_scale;
+  }
   StageTimer timer(Stage::kHead);
-  apply(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
+  apply_linear(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
 }
 
 }  // namespace pyxf

@@ -22,6 +22,9 @@ struct SeqBatch {
   const int32_t* type_ids = nullptr;  // token types, when the model has them
 };
 
+// y (+)= x W^T + b on whichever kernel the weight's format needs.
+void apply_linear(const Linear& w, const float* x, long rows, long in, long out, float* y, bool accumulate);
+
 // Activations for one forward pass; grows to the largest batch seen and is reused.
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
@@ -42,13 +45,20 @@ class Transformer {
   // Runs complete sequences (no cache) and writes the last hidden state of every token.
   void encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidden) const;
 
- private:
-  long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
+  // The pieces of a forward pass, for models built around this stack (model/seq2seq.h). They work
+  // on ws.x (the residual stream, `rows` packed rows) and leave cache lengths alone.
   void embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
-  void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
   void attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws, long rows) const;
   void ffn_block(int layer, Workspace& ws, long rows) const;
   void norm(const Norm& w, const float* x, long rows, float* y) const;
+  // Final norm and LM head on the rows whose logits are wanted.
+  void head(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const;
+  // Scale and relative position bias of this stack's self-attention.
+  void attention_shape(kernels::AttentionShape& shape) const;
+
+ private:
+  long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
+  void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
 
   ModelConfig config_;
   ModelWeights weights_;

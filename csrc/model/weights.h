@@ -37,6 +37,7 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   Norm final_norm;
   Linear lm_head;                    // weight == embed when tied
+  const float* rel_pos_bias = nullptr;  // [num_heads][2 rel_pos_radius + 1] (T5), see AttentionShape
 };
 
 }  // namespace pyxf

@@ -37,6 +37,11 @@ TRANSFORMS: dict[str, Transform] = {
     "transpose": Transform(lambda a, cfg: a.T, lambda s, cfg: tuple(reversed(s))),
     "unpermute_q": Transform(lambda a, cfg: _undo_gguf_rope_permutation(a, cfg["num_heads"]), lambda s, cfg: s),
     "unpermute_k": Transform(lambda a, cfg: _undo_gguf_rope_permutation(a, cfg["num_kv_heads"]), lambda s, cfg: s),
+    # torch's nn.MultiheadAttention in_proj (q, k, v rows): cross-attention takes q apart from k, v.
+    "rows_q": Transform(lambda a, cfg: a[: a.shape[0] // 3], lambda s, cfg: (s[0] // 3, *s[1:])),
+    "rows_kv": Transform(lambda a, cfg: a[a.shape[0] // 3 :], lambda s, cfg: (s[0] - s[0] // 3, *s[1:])),
+    # Marian's final_logits_bias [1, V] -> [V]
+    "flatten": Transform(lambda a, cfg: a.reshape(-1), lambda s, cfg: (int(np.prod(s)),)),
 }
 
 
@@ -70,6 +75,7 @@ class TensorTable:
     global_rules: tuple[Rule, ...]
     layer_rules: tuple[Rule, ...]
     lm_head: Rule | None = None  # taken unless the embeddings are tied
+    encoder_layer_rules: tuple[Rule, ...] = ()  # encoder-decoder: per encoder layer (num_encoder_layers)
     strip_prefixes: tuple[str, ...] = ()  # e.g. "model." (LlamaForCausalLM vs LlamaModel)
     ignore_suffixes: tuple[str, ...] = ()  # buffers that are not weights (attention masks, ...)
 
@@ -82,6 +88,12 @@ class Family:
     hf: TensorTable
     hf_config: Callable[[dict], dict]
     gguf: dict[str, TensorTable] = field(default_factory=dict)  # general.architecture -> table
+    # (normalized config, source tensor names) -> config: settles what depends on which optional
+    # tensors a checkpoint has (an encoder's pooler), and checks that a declared head is there.
+    finalize: Callable[[dict, set], dict] | None = None
+    # normalized config -> the table, for families whose tensor names depend on the config (shared
+    # or separate embeddings); `hf` then only gives the prefixes to strip.
+    hf_tables: Callable[[dict], TensorTable] | None = None
 
 
 _LLAMA_HF = TensorTable(
@@ -183,6 +195,98 @@ _GPT2_HF = TensorTable(
     strip_prefixes=("transformer.",),
     # causal-mask buffers that old checkpoints saved alongside the weights
     ignore_suffixes=(".attn.bias", ".attn.masked_bias"),
+)
+
+
+# Encoders (BERT family). Heads beside the encoder, run in numpy by pyxf.encoding: `pooler.dense`
+# (BERT pooler, tanh), `classifier.dense` (RoBERTa's classifier.dense, DistilBERT's pre_classifier)
+# and `classifier` (the final projection to the labels).
+
+
+def _bert_layer_rules(base: str, names: dict[str, str]) -> tuple[Rule, ...]:
+    """Post-LN encoder layer: q,k,v fused into attn.qkv; `names` maps pyxf parts to source parts."""
+    rules = []
+    for part in ("weight", "bias"):
+        rules.append(rule(f"layers.{{i}}.attn.qkv.{part}", *(f"{base}.{names[n]}.{part}" for n in ("q", "k", "v"))))
+        for target in ("attn.out", "attn_norm", "ffn.up", "ffn.down", "ffn_norm"):
+            rules.append(rule(f"layers.{{i}}.{target}.{part}", f"{base}.{names[target]}.{part}"))
+    return tuple(rules)
+
+
+def _linear_rules(target: str, source: str) -> tuple[Rule, ...]:
+    return tuple(rule(f"{target}.{p}", f"{source}.{p}", optional=True) for p in ("weight", "bias"))
+
+
+_BERT_EMBEDDINGS = (
+    rule("embed.weight", "embeddings.word_embeddings.weight"),
+    rule("pos_embed.weight", "embeddings.position_embeddings.weight"),
+    rule("embed_norm.weight", "embeddings.LayerNorm.weight"),
+    rule("embed_norm.bias", "embeddings.LayerNorm.bias"),
+)
+_BERT_LAYER_NAMES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "attn.out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn.up": "intermediate.dense",
+    "ffn.down": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+
+_BERT_HF = TensorTable(
+    global_rules=(
+        *_BERT_EMBEDDINGS,
+        rule("token_type_embed.weight", "embeddings.token_type_embeddings.weight"),
+        *_linear_rules("pooler.dense", "pooler.dense"),
+        *_linear_rules("classifier", "classifier"),
+    ),
+    layer_rules=_bert_layer_rules("encoder.layer.{i}", _BERT_LAYER_NAMES),
+    strip_prefixes=("bert.",),
+    # BertForMaskedLM / BertForPreTraining heads: not converted (pyxf runs the encoder)
+    ignore_suffixes=(
+        "embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.bias",
+        "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
+        "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+        "cls.seq_relationship.weight", "cls.seq_relationship.bias",
+    ),
+)
+
+_ROBERTA_HF = TensorTable(
+    global_rules=(
+        *_BERT_EMBEDDINGS,
+        rule("token_type_embed.weight", "embeddings.token_type_embeddings.weight"),
+        *_linear_rules("pooler.dense", "pooler.dense"),
+        *_linear_rules("classifier.dense", "classifier.dense"),
+        *_linear_rules("classifier", "classifier.out_proj"),
+    ),
+    layer_rules=_bert_layer_rules("encoder.layer.{i}", _BERT_LAYER_NAMES),
+    strip_prefixes=("roberta.",),
+    ignore_suffixes=("embeddings.position_ids", "embeddings.token_type_ids"),
+)
+
+_DISTILBERT_HF = TensorTable(
+    global_rules=(
+        *_BERT_EMBEDDINGS,
+        *_linear_rules("classifier.dense", "pre_classifier"),
+        *_linear_rules("classifier", "classifier"),
+    ),
+    layer_rules=_bert_layer_rules(
+        "transformer.layer.{i}",
+        {
+            "q": "attention.q_lin",
+            "k": "attention.k_lin",
+            "v": "attention.v_lin",
+            "attn.out": "attention.out_lin",
+            "attn_norm": "sa_layer_norm",
+            "ffn.up": "ffn.lin1",
+            "ffn.down": "ffn.lin2",
+            "ffn_norm": "output_layer_norm",
+        },
+    ),
+    strip_prefixes=("distilbert.",),
+    ignore_suffixes=("embeddings.position_ids",),
 )
 
 
@@ -301,6 +405,108 @@ def gpt2_config(hf: dict) -> dict:
     }
 
 
+def _classifier(hf: dict, kind: str) -> dict | None:
+    """The sequence-classification head of a *ForSequenceClassification checkpoint, else None."""
+    if not any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return None
+    id2label = hf.get("id2label") or {}
+    num_labels = len(id2label) or int(hf.get("num_labels", 2))
+    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)]
+    problem = hf.get("problem_type")
+    if problem is None:  # transformers' default when training: one label is a regression
+        problem = "regression" if num_labels == 1 else "single_label_classification"
+    if problem not in ("regression", "single_label_classification", "multi_label_classification"):
+        raise ValueError(f"unknown problem_type {problem!r}")
+    return {"kind": kind, "num_labels": num_labels, "id2label": labels, "problem_type": problem}
+
+
+def _encoder_config(hf: dict, family: str, *, hidden, layers, heads, intermediate, activation, eps,
+                    type_vocab_size, position_offset, classifier) -> dict:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported (only absolute)")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise ValueError("BERT-family decoders (is_decoder / cross-attention) are not supported; only encoders")
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not a multiple of the {heads} heads")
+    return {
+        "family": family,
+        "architecture": "encoder",
+        "causal": False,
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "head_dim": hidden // heads,
+        "intermediate_size": intermediate,
+        "norm": "layernorm",
+        "norm_eps": float(eps),
+        "norm_position": "post",
+        "activation": _activation(activation),
+        "gated_ffn": False,
+        "position": "learned",
+        "position_offset": position_offset,
+        "type_vocab_size": type_vocab_size,
+        "rope_theta": None,
+        "rope_scaling": None,
+        "rope_interleaved": False,
+        "partial_rotary_factor": 1.0,
+        "max_position_embeddings": hf.get("max_position_embeddings", 512),
+        "tie_word_embeddings": False,
+        "pooler": False,  # settled by _encoder_finalize from the tensors present
+        "classifier": classifier,
+        "pooling": None,  # sentence-transformers pooling, filled by the HF reader
+        **_common_config(hf),
+    }
+
+
+def bert_config(hf: dict) -> dict:
+    return _encoder_config(
+        hf, "bert", hidden=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+        intermediate=hf["intermediate_size"], activation=hf.get("hidden_act", "gelu"),
+        eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=int(hf.get("type_vocab_size", 2)), position_offset=0,
+        classifier=_classifier(hf, "bert"),
+    )
+
+
+def roberta_config(hf: dict) -> dict:
+    # RoBERTa numbers positions from padding_idx + 1 (its position ids skip the pad id's row).
+    pad = hf.get("pad_token_id")
+    return _encoder_config(
+        hf, "roberta", hidden=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+        intermediate=hf["intermediate_size"], activation=hf.get("hidden_act", "gelu"),
+        eps=hf.get("layer_norm_eps", 1e-5), type_vocab_size=int(hf.get("type_vocab_size", 1)),
+        position_offset=(1 if pad is None else int(pad)) + 1, classifier=_classifier(hf, "roberta"),
+    )
+
+
+def distilbert_config(hf: dict) -> dict:
+    return _encoder_config(
+        hf, "distilbert", hidden=hf["dim"], layers=hf["n_layers"], heads=hf["n_heads"],
+        intermediate=hf["hidden_dim"], activation=hf.get("activation", "gelu"), eps=1e-12,  # fixed in DistilBERT
+        type_vocab_size=0, position_offset=0, classifier=_classifier(hf, "distilbert"),
+    )
+
+
+_HEAD_SOURCES = {  # classifier kind -> source tensors its head needs
+    "bert": ("pooler.dense.weight", "classifier.weight"),
+    "roberta": ("classifier.dense.weight", "classifier.out_proj.weight"),
+    "distilbert": ("pre_classifier.weight", "classifier.weight"),
+}
+
+
+def _encoder_finalize(config: dict, source_names: set) -> dict:
+    """`pooler` from the tensors present; a declared classifier must have its tensors."""
+    config = dict(config)
+    config["pooler"] = "pooler.dense.weight" in source_names
+    head = config.get("classifier")
+    if head is not None:
+        missing = [n for n in _HEAD_SOURCES[head["kind"]] if n not in source_names]
+        if missing:
+            raise ValueError(f"the sequence-classification head lacks {', '.join(missing)}")
+    return config
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         name="llama",
@@ -320,7 +526,32 @@ FAMILIES: dict[str, Family] = {
         hf=_GPT2_HF,
         hf_config=gpt2_config,
     ),
-    # "bert": Family(name="bert", hf_architectures=("BertModel",), ...) -- an encoder goes here.
+    "bert": Family(
+        name="bert",
+        hf_architectures=("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
+        hf_model_types=("bert",),
+        hf=_BERT_HF,
+        hf_config=bert_config,
+        finalize=_encoder_finalize,
+    ),
+    "roberta": Family(
+        name="roberta",
+        hf_architectures=(
+            "RobertaModel", "RobertaForSequenceClassification", "XLMRobertaModel", "XLMRobertaForSequenceClassification",
+        ),
+        hf_model_types=("roberta", "xlm-roberta"),
+        hf=_ROBERTA_HF,
+        hf_config=roberta_config,
+        finalize=_encoder_finalize,
+    ),
+    "distilbert": Family(
+        name="distilbert",
+        hf_architectures=("DistilBertModel", "DistilBertForSequenceClassification"),
+        hf_model_types=("distilbert",),
+        hf=_DISTILBERT_HF,
+        hf_config=distilbert_config,
+        finalize=_encoder_finalize,
+    ),
 }
 
 
@@ -407,6 +638,8 @@ def plan_tensors(table: TensorTable, source_names, config: dict) -> tuple[list[P
     """
     available = set(source_names)
     rules = [_expand(r, None) for r in table.global_rules]
+    for i in range(config.get("num_encoder_layers", 0) if table.encoder_layer_rules else 0):
+        rules += [_expand(r, i) for r in table.encoder_layer_rules]
     for i in range(config["num_layers"]):
         rules += [_expand(r, i) for r in table.layer_rules]
     if table.lm_head is not None and not config["tie_word_embeddings"]:
@@ -449,3 +682,9 @@ def build_tensor(p: Planned, load: Callable[[str], np.ndarray], config: dict) ->
         array = load(s.name)
         parts.append(TRANSFORMS[s.transform].apply(array, config) if s.transform else array)
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+# Encoder-decoder families (the original Transformer, Marian, T5) live in their own module.
+from .seq2seq_families import SEQ2SEQ_FAMILIES  # noqa: E402
+
+FAMILIES.update(SEQ2SEQ_FAMILIES)

@@ -3,11 +3,18 @@
 Every quantization `gguf.quants.dequantize` knows (Q4_0, Q4_1, Q5_*, Q8_0, K-quants, ...) is
 expanded to float32 one tensor at a time; the writer then casts to the requested dtype. Q/K rows
 of llama-architecture files are un-permuted back to HF's rotate-half order (see families.py).
+
+Tensors stored as Q8_0, Q4_0 or Q4_1 (the block formats the core runs) also offer their raw
+blocks, uint8 [rows, row_bytes] (`GGUFTensor.load_raw`), which `convert(..., keep_quantized=True)`
+copies as they are: the Q/K un-permutation and the q,k,v / gate,up concatenations move whole
+rows, so they apply to block rows unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,10 +56,26 @@ def read_metadata(reader) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
+# GGUF tensor types whose blocks the core runs as they are stored -> pyxf's format name
+KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+
+@dataclass(frozen=True)
+class GGUFTensor(SourceTensor):
+    ggml_type: str = "F32"  # GGMLQuantizationType name
+    load_raw: Callable[[], np.ndarray] | None = None  # raw blocks [rows, row_bytes] (KEPT_TYPES only)
+
+    @property
+    def block_format(self) -> str | None:
+        """pyxf's name of this tensor's block format when its blocks can be kept, else None."""
+        return KEPT_TYPES.get(self.ggml_type) if len(self.shape) == 2 else None
+
+
 def _dequantizer(tensor, path: Path):
     import gguf
 
     shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions innermost first
+    kind = tensor.tensor_type.name
 
     def load() -> np.ndarray:
         try:
@@ -63,7 +86,10 @@ def _dequantizer(tensor, path: Path):
             ) from None
         return np.asarray(array, dtype=np.float32).reshape(shape)
 
-    return SourceTensor(shape, load)
+    def load_raw() -> np.ndarray:
+        return np.asarray(tensor.data, dtype=np.uint8).reshape(shape[0], -1)
+
+    return GGUFTensor(shape, load, kind, load_raw if kind in KEPT_TYPES else None)
 
 
 def _rope_scaling(meta: dict, arch: str, tensor_names) -> dict | None:

@@ -236,7 +236,39 @@ def _tokenizer_json_from_bpe_files(vocab: Path, merges: Path, out_dir: Path) -> 
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
 
-def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict) -> dict:
+def _write_encoder_tokenizer(files_dir: Path, out_dir: Path, tokenizer_config: dict) -> str | None:
+    """Encoders keep their tokenizer's post-processor ([CLS] ... [SEP], <s> ... </s>) as it is: pyxf
+    tokenizes with it, as transformers does. Without tokenizer.json, one is built from BERT's
+    vocab.txt or RoBERTa's vocab.json + merges.txt; returns the file name, or None."""
+    from tokenizers import Tokenizer, processors
+
+    out = out_dir / "tokenizer.json"
+    if (files_dir / "tokenizer.json").is_file():
+        Tokenizer.from_file(str(files_dir / "tokenizer.json"))  # fails early on a broken file
+        shutil.copyfile(files_dir / "tokenizer.json", out)
+    elif (files_dir / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        tokenizer = BertWordPieceTokenizer(
+            str(files_dir / "vocab.txt"), lowercase=bool(tokenizer_config.get("do_lower_case", True)),
+            strip_accents=tokenizer_config.get("strip_accents"),
+            handle_chinese_chars=bool(tokenizer_config.get("tokenize_chinese_chars", True)),
+        )
+        tokenizer.save(str(out))
+    elif (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():
+        _tokenizer_json_from_bpe_files(files_dir / "vocab.json", files_dir / "merges.txt", out_dir)
+        tokenizer = Tokenizer.from_file(str(out))
+        bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+        if bos is None or eos is None:
+            raise ValueError(f"{files_dir}: vocab.json has no <s> / </s> tokens for the RoBERTa post-processor")
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos), trim_offsets=True)
+        tokenizer.save(str(out))
+    else:
+        return None
+    return "tokenizer.json"
+
+
+def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, encoder: bool = False) -> dict:
     """Copy the tokenizer files into out_dir; returns the config.json tokenizer fields."""
     tokenizer_config = _optional_json(files_dir / "tokenizer_config.json")
     fields = _special_ids(hf_config, _optional_json(files_dir / "generation_config.json"))
@@ -244,6 +276,14 @@ def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict) -> dict:
     fields["tokenizer"] = None
     fields["add_bos_token"] = bool(tokenizer_config.get("add_bos_token", False))
 
+    if encoder:
+        fields["add_bos_token"] = False
+        fields["tokenizer"] = _write_encoder_tokenizer(files_dir, out_dir, tokenizer_config)
+        if fields["tokenizer"] is None:
+            warnings.warn(f"{files_dir}: no tokenizer.json, vocab.txt or vocab.json+merges.txt; none copied")
+        elif (files_dir / "tokenizer_config.json").is_file():
+            shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+        return fields
     if (files_dir / "tokenizer.model").is_file():
         shutil.copyfile(files_dir / "tokenizer.model", out_dir / "tokenizer.model")
         fields["tokenizer"] = "tokenizer.model"
@@ -262,6 +302,72 @@ def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict) -> dict:
     elif (files_dir / "tokenizer_config.json").is_file():
         shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
     return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders: sentence-transformers pooling and the tokenization length
+
+# sentence-transformers Pooling config flag -> pyxf pooling mode
+_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
+
+
+def _pooling_mode(pooling_config: dict, path: Path) -> str | None:
+    if isinstance(pooling_config.get("pooling_mode"), str):  # newer sentence-transformers
+        modes = [{"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(m, m)
+                 for m in pooling_config["pooling_mode"].split("-")]
+    else:
+        modes = [mode for flag, mode in _POOLING_FLAGS.items() if pooling_config.get(flag)]
+    if len(modes) == 1 and modes[0] in _POOLING_MODES:
+        return modes[0]
+    warnings.warn(
+        f"{path}: pooling {'+'.join(modes) or 'none'} is not supported ({', '.join(_POOLING_MODES)}, one at a "
+        "time); the converted model has no default pooling and embeddings will differ from sentence-transformers'"
+    )
+    return None
+
+
+def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
+    """config.json `pooling` ({"mode", "normalize"} or None) from a sentence-transformers checkpoint
+    (modules.json, 1_Pooling/config.json), and `max_length`: the tokenization length
+    (sentence_bert_config.json's max_seq_length, else the tokenizer's model_max_length), capped by the
+    learned positions."""
+    modules_path = files_dir / "modules.json"
+    modules = _read_json(modules_path) if modules_path.is_file() else None
+    pooling_dirs, normalize = [], False
+    if isinstance(modules, list):
+        for module in modules:
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                pooling_dirs.append(files_dir / module.get("path", ""))
+            elif kind == "Normalize":
+                normalize = True
+            elif kind != "Transformer":
+                warnings.warn(f"{modules_path}: sentence-transformers module {module.get('type')} is not supported "
+                              "and is left out; embeddings will differ from sentence-transformers'")
+    elif (files_dir / "1_Pooling" / "config.json").is_file():
+        pooling_dirs.append(files_dir / "1_Pooling")
+    pooling = None
+    if pooling_dirs:
+        mode = _pooling_mode(_optional_json(pooling_dirs[0] / "config.json"), pooling_dirs[0] / "config.json")
+        pooling = None if mode is None else {"mode": mode, "normalize": normalize}
+
+    max_positions = config["max_position_embeddings"] - config.get("position_offset", 0)
+    st_config = _optional_json(files_dir / "sentence_bert_config.json")
+    model_max = _optional_json(files_dir / "tokenizer_config.json").get("model_max_length")
+    max_length = st_config.get("max_seq_length")
+    if not isinstance(max_length, int) and isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        max_length = model_max
+    if not isinstance(max_length, int) or max_length <= 0:
+        max_length = max_positions
+    return {"pooling": pooling, "max_length": min(max_length, max_positions)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +396,29 @@ def open_hf(src, config=None) -> Checkpoint:
         raise ValueError(f"{config_source}: {e}") from None
     weight_files = find_weight_files(src) if src.is_dir() else [src]
     tensors = _strip_prefixes(_load_weight_files(weight_files), family.hf.strip_prefixes)
+    encoder = normalized.get("architecture") == "encoder"
+    try:
+        if family.finalize is not None:
+            normalized = family.finalize(normalized, set(tensors))
+        if encoder:
+            normalized.update(sentence_transformers_fields(files_dir, normalized))
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
     kind = "safetensors" if all(f.suffix == ".safetensors" for f in weight_files) else "torch"
+    if normalized.get("architecture") == "encoder-decoder":
+        from .seq2seq_families import write_seq2seq_tokenizer
+
+        def write_tokenizer(out_dir):
+            return write_seq2seq_tokenizer(files_dir, Path(out_dir), hf_config, normalized)
+    else:
+
+        def write_tokenizer(out_dir):
+            return write_hf_tokenizer(files_dir, Path(out_dir), hf_config, encoder=encoder)
+
     return Checkpoint(
         config=normalized,
-        table=family.hf,
+        table=family.hf_tables(normalized) if family.hf_tables is not None else family.hf,
         tensors=tensors,
-        write_tokenizer=lambda out_dir: write_hf_tokenizer(files_dir, Path(out_dir), hf_config),
+        write_tokenizer=write_tokenizer,
         source={"format": f"hf-{kind}", "path": src.name},
     )

@@ -1,0 +1,416 @@
+"""Encoder-decoder families: the original Transformer (pyxf.torch_models.TransformerSeq2Seq, a
+torch.nn.Transformer with embeddings, sinusoidal positions and an output projection), Marian
+(MarianMTModel) and T5 (T5ForConditionalGeneration). Same declarative tables as families.py; the
+encoder's per-layer rules are `encoder_layer_rules`, expanded over `num_encoder_layers`.
+
+pyxf names (docs/DESIGN.md): the decoder keeps the decoder-only names (`embed.weight`,
+`layers.{i}.attn.*`, `layers.{i}.ffn*`, `final_norm`, `lm_head`) and adds per layer `cross_norm`,
+`cross_attn.q`, `cross_attn.kv` (k rows, then v rows) and `cross_attn.out`; the encoder's tensors are
+the same names under `encoder.`. `encoder.embed.weight` is absent when the embeddings are shared.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+from .families import Family, TensorTable, _activation, rule
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _linear(target: str, source: str, bias: bool = True) -> tuple:
+    rules = [rule(f"{target}.weight", f"{source}.weight")]
+    if bias:
+        rules.append(rule(f"{target}.bias", f"{source}.bias", optional=True))
+    return tuple(rules)
+
+
+def _norm(target: str, source: str, bias: bool = True) -> tuple:
+    return _linear(target, source, bias)
+
+
+def _seq2seq_config(**fields) -> dict:
+    """The encoder-decoder config.json fields, with the decoder-only keys that do not apply."""
+    base = {
+        "architecture": "encoder-decoder",
+        "rope_theta": None,
+        "rope_scaling": None,
+        "rope_interleaved": False,
+        "partial_rotary_factor": 1.0,
+        "chat_template": None,
+        "tokenizer": None,
+        "add_bos_token": False,
+        "attention_scale": None,
+        "head_scale": 1.0,
+        "forced_eos_token_id": None,
+        "suppress_token_ids": [],
+        "renormalize_logits": False,
+    }
+    base.update(fields)
+    return base
+
+
+def _eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the original Transformer: pyxf.torch_models.TransformerSeq2Seq (torch.nn.Transformer inside)
+
+
+def transformer_config(hf: dict) -> dict:
+    d, heads = int(hf["d_model"]), int(hf["nhead"])
+    if d % heads:
+        raise ValueError(f"d_model {d} is not a multiple of nhead {heads}")
+    if hf.get("share_embeddings") and hf["src_vocab_size"] != hf["tgt_vocab_size"]:
+        raise ValueError("share_embeddings needs src_vocab_size == tgt_vocab_size")
+    return _seq2seq_config(
+        family="transformer",
+        vocab_size=int(hf["tgt_vocab_size"]),
+        source_vocab_size=int(hf["src_vocab_size"]),
+        shared_embeddings=bool(hf.get("share_embeddings", False)),
+        hidden_size=d,
+        num_layers=int(hf["num_decoder_layers"]),
+        num_encoder_layers=int(hf["num_encoder_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        intermediate_size=int(hf["dim_feedforward"]),
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        norm_position="pre" if hf.get("norm_first") else "post",
+        activation=_activation(hf.get("activation", "relu")),
+        gated_ffn=False,
+        position="sinusoidal",
+        sinusoidal_layout="interleaved",
+        max_position_embeddings=int(hf.get("max_len", 512)),
+        embed_scale=math.sqrt(d),
+        tie_word_embeddings=bool(hf.get("tie_output", False)),
+        bos_token_id=hf.get("bos_id"),
+        eos_token_id=_eos_list(hf.get("eos_id")),
+        pad_token_id=hf.get("pad_id"),
+        decoder_start_token_id=hf.get("bos_id"),
+    )
+
+
+def _transformer_layer(base: str, target: str, cross: bool) -> tuple:
+    # nn.MultiheadAttention names its fused q, k, v projection in_proj_weight / in_proj_bias.
+    rules = [
+        rule(f"{target}.attn.qkv.weight", f"{base}.self_attn.in_proj_weight"),
+        rule(f"{target}.attn.qkv.bias", f"{base}.self_attn.in_proj_bias", optional=True),
+        *_linear(f"{target}.attn.out", f"{base}.self_attn.out_proj"),
+        *_norm(f"{target}.attn_norm", f"{base}.norm1"),
+        *_linear(f"{target}.ffn.up", f"{base}.linear1"),
+        *_linear(f"{target}.ffn.down", f"{base}.linear2"),
+    ]
+    if cross:
+        rules += [
+            rule(f"{target}.cross_attn.q.weight", (f"{base}.multihead_attn.in_proj_weight", "rows_q")),
+            rule(f"{target}.cross_attn.q.bias", (f"{base}.multihead_attn.in_proj_bias", "rows_q"), optional=True),
+            rule(f"{target}.cross_attn.kv.weight", (f"{base}.multihead_attn.in_proj_weight", "rows_kv")),
+            rule(f"{target}.cross_attn.kv.bias", (f"{base}.multihead_attn.in_proj_bias", "rows_kv"), optional=True),
+            *_linear(f"{target}.cross_attn.out", f"{base}.multihead_attn.out_proj"),
+            *_norm(f"{target}.cross_norm", f"{base}.norm2"),
+            *_norm(f"{target}.ffn_norm", f"{base}.norm3"),
+        ]
+    else:
+        rules += list(_norm(f"{target}.ffn_norm", f"{base}.norm2"))
+    return tuple(rules)
+
+
+def _transformer_table(config: dict) -> TensorTable:
+    shared = config.get("shared_embeddings", False)
+    global_rules = [
+        rule("embed.weight", "tgt_embed.weight"),
+        *_norm("encoder.final_norm", "transformer.encoder.norm"),
+        *_norm("final_norm", "transformer.decoder.norm"),
+        rule("lm_head.bias", "generator.bias", optional=True),
+    ]
+    if not shared:
+        global_rules.insert(1, rule("encoder.embed.weight", "src_embed.weight"))
+    return TensorTable(
+        global_rules=tuple(global_rules),
+        layer_rules=_transformer_layer("transformer.decoder.layers.{i}", "layers.{i}", cross=True),
+        encoder_layer_rules=_transformer_layer("transformer.encoder.layers.{i}", "encoder.layers.{i}", cross=False),
+        lm_head=rule("lm_head.weight", "generator.weight"),
+        ignore_suffixes=("src_embed.weight",) if shared else (),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Marian (MarianMTModel)
+
+
+def marian_config(hf: dict) -> dict:
+    d = int(hf["d_model"])
+    heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
+    ffn, dec_ffn = int(hf["encoder_ffn_dim"]), int(hf["decoder_ffn_dim"])
+    if heads != dec_heads or ffn != dec_ffn:
+        raise ValueError("Marian models with different encoder/decoder head counts or FFN sizes are not supported")
+    if d % heads:
+        raise ValueError(f"d_model {d} is not a multiple of {heads} heads")
+    if hf.get("normalize_before") or hf.get("normalize_embedding") or hf.get("add_final_layer_norm"):
+        raise ValueError("Marian variants with pre-norm / embedding norms are not supported")
+    shared = bool(hf.get("share_encoder_decoder_embeddings", True))
+    vocab = int(hf["vocab_size"])
+    target_vocab = vocab if shared else int(hf.get("decoder_vocab_size") or vocab)
+    pad = hf.get("pad_token_id")
+    return _seq2seq_config(
+        family="marian",
+        vocab_size=target_vocab,
+        source_vocab_size=vocab,
+        shared_embeddings=shared,
+        hidden_size=d,
+        num_layers=int(hf["decoder_layers"]),
+        num_encoder_layers=int(hf["encoder_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        intermediate_size=ffn,
+        norm="layernorm",
+        norm_eps=1e-5,  # nn.LayerNorm's default, which Marian uses
+        norm_position="post",
+        activation=_activation(hf.get("activation_function", "swish")),
+        gated_ffn=False,
+        position="sinusoidal",
+        sinusoidal_layout="concat",  # Marian: sin in the first half of the vector, cos in the second
+        max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
+        embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=_eos_list(hf.get("eos_token_id")),
+        pad_token_id=pad,
+        decoder_start_token_id=hf.get("decoder_start_token_id", pad),
+        forced_eos_token_id=hf.get("forced_eos_token_id"),
+    )
+
+
+def _bart_layer(base: str, target: str, cross: bool) -> tuple:
+    rules = []
+    for part in ("weight", "bias"):
+        rules.append(rule(f"{target}.attn.qkv.{part}", *(f"{base}.self_attn.{n}_proj.{part}" for n in "qkv")))
+    rules += [
+        *_linear(f"{target}.attn.out", f"{base}.self_attn.out_proj"),
+        *_norm(f"{target}.attn_norm", f"{base}.self_attn_layer_norm"),
+        *_linear(f"{target}.ffn.up", f"{base}.fc1"),
+        *_linear(f"{target}.ffn.down", f"{base}.fc2"),
+        *_norm(f"{target}.ffn_norm", f"{base}.final_layer_norm"),
+    ]
+    if cross:
+        for part in ("weight", "bias"):
+            rules.append(rule(f"{target}.cross_attn.q.{part}", f"{base}.encoder_attn.q_proj.{part}"))
+            rules.append(rule(f"{target}.cross_attn.kv.{part}", *(f"{base}.encoder_attn.{n}_proj.{part}" for n in "kv")))
+        rules += [
+            *_linear(f"{target}.cross_attn.out", f"{base}.encoder_attn.out_proj"),
+            *_norm(f"{target}.cross_norm", f"{base}.encoder_attn_layer_norm"),
+        ]
+    return tuple(rules)
+
+
+def _marian_table(config: dict) -> TensorTable:
+    shared = config.get("shared_embeddings", True)
+    embeddings = (
+        (rule("embed.weight", "shared.weight"),)
+        if shared
+        else (rule("embed.weight", "decoder.embed_tokens.weight"), rule("encoder.embed.weight", "encoder.embed_tokens.weight"))
+    )
+    return TensorTable(
+        global_rules=(*embeddings, rule("lm_head.bias", ("final_logits_bias", "flatten"), optional=True)),
+        layer_rules=_bart_layer("decoder.layers.{i}", "layers.{i}", cross=True),
+        encoder_layer_rules=_bart_layer("encoder.layers.{i}", "encoder.layers.{i}", cross=False),
+        lm_head=rule("lm_head.weight", "lm_head.weight"),
+        strip_prefixes=("model.",),
+        # fixed sinusoids (pyxf computes them), and copies of the shared embeddings
+        ignore_suffixes=("embed_positions.weight",)
+        + (("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") if shared else ()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 (T5ForConditionalGeneration)
+
+
+def t5_config(hf: dict) -> dict:
+    proj = hf.get("feed_forward_proj", "relu")
+    parts = proj.split("-")
+    gated = parts[0] == "gated"
+    act = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    d = int(hf["d_model"])
+    scale_outputs = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    pad = hf.get("pad_token_id", 0)
+    start = hf.get("decoder_start_token_id")
+    return _seq2seq_config(
+        family="t5",
+        vocab_size=int(hf["vocab_size"]),
+        source_vocab_size=int(hf["vocab_size"]),
+        shared_embeddings=True,
+        hidden_size=d,
+        num_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
+        num_encoder_layers=int(hf["num_layers"]),
+        num_heads=int(hf["num_heads"]),
+        num_kv_heads=int(hf["num_heads"]),
+        head_dim=int(hf["d_kv"]),
+        intermediate_size=int(hf["d_ff"]),
+        norm="rmsnorm",  # T5LayerNorm: no mean subtraction, no bias
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        norm_position="pre",
+        activation=_activation(act),
+        gated_ffn=gated,
+        position="relative",
+        relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        max_position_embeddings=int(hf.get("n_positions", 512)),
+        embed_scale=1.0,
+        attention_scale=1.0,  # T5 does not scale q.k
+        head_scale=d**-0.5 if scale_outputs else 1.0,
+        tie_word_embeddings=True,  # settled by _t5_finalize from the tensors present
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=_eos_list(hf.get("eos_token_id", 1)),
+        pad_token_id=pad,
+        decoder_start_token_id=pad if start is None else start,
+    )
+
+
+def _t5_layer(base: str, target: str, cross: bool, gated: bool) -> tuple:
+    attn = f"{base}.layer.0.SelfAttention"
+    ffn_layer = 2 if cross else 1
+    ff = f"{base}.layer.{ffn_layer}.DenseReluDense"
+    rules = [
+        rule(f"{target}.attn.qkv.weight", *(f"{attn}.{n}.weight" for n in "qkv")),
+        rule(f"{target}.attn.out.weight", f"{attn}.o.weight"),
+        rule(f"{target}.attn_norm.weight", f"{base}.layer.0.layer_norm.weight"),
+        rule(f"{target}.ffn_norm.weight", f"{base}.layer.{ffn_layer}.layer_norm.weight"),
+        rule(f"{target}.ffn.down.weight", f"{ff}.wo.weight"),
+        rule(f"{target}.ffn.gate_up.weight", f"{ff}.wi_0.weight", f"{ff}.wi_1.weight")
+        if gated
+        else rule(f"{target}.ffn.up.weight", f"{ff}.wi.weight"),
+    ]
+    if cross:
+        x = f"{base}.layer.1.EncDecAttention"
+        rules += [
+            rule(f"{target}.cross_attn.q.weight", f"{x}.q.weight"),
+            rule(f"{target}.cross_attn.kv.weight", f"{x}.k.weight", f"{x}.v.weight"),
+            rule(f"{target}.cross_attn.out.weight", f"{x}.o.weight"),
+            rule(f"{target}.cross_norm.weight", f"{base}.layer.1.layer_norm.weight"),
+        ]
+    return tuple(rules)
+
+
+def _t5_table(config: dict) -> TensorTable:
+    gated = config["gated_ffn"]
+    bias = "layer.0.SelfAttention.relative_attention_bias.weight"
+    return TensorTable(
+        global_rules=(
+            rule("embed.weight", "shared.weight"),
+            rule("encoder.rel_bias.weight", f"encoder.block.0.{bias}"),
+            rule("rel_bias.weight", f"decoder.block.0.{bias}"),
+            rule("encoder.final_norm.weight", "encoder.final_layer_norm.weight"),
+            rule("final_norm.weight", "decoder.final_layer_norm.weight"),
+        ),
+        layer_rules=_t5_layer("decoder.block.{i}", "layers.{i}", cross=True, gated=gated),
+        encoder_layer_rules=_t5_layer("encoder.block.{i}", "encoder.layers.{i}", cross=False, gated=gated),
+        lm_head=rule("lm_head.weight", "lm_head.weight"),
+        ignore_suffixes=(
+            "encoder.embed_tokens.weight",
+            "decoder.embed_tokens.weight",
+            "EncDecAttention.relative_attention_bias.weight",
+        ),
+    )
+
+
+def _t5_finalize(config: dict, source_names: set) -> dict:
+    """An untied head when the checkpoint has its own lm_head (T5 v1.1, flan-t5)."""
+    return dict(config, tie_word_embeddings="lm_head.weight" not in source_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers and generation settings
+
+MARIAN_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json")
+
+
+def write_seq2seq_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, config: dict) -> dict:
+    """Copies the tokenizer files; returns config.json fields: special ids, generation settings
+    from generation_config.json, and `tokenizer` ("marian", "tokenizer.json", a sentencepiece
+    file name, or None)."""
+    from .hf import _optional_json
+
+    generation = _optional_json(files_dir / "generation_config.json")
+    fields = {}
+    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+        if generation.get(key) is not None:
+            fields[key] = generation[key]
+    if generation.get("eos_token_id") is not None:
+        fields["eos_token_id"] = _eos_list(generation["eos_token_id"])
+    bad = generation.get("bad_words_ids") or []
+    suppress = [int(w[0]) for w in bad if isinstance(w, list) and len(w) == 1]
+    if len(suppress) != len(bad):
+        warnings.warn("bad_words_ids of more than one token are not supported; only single tokens are suppressed")
+    suppress += [int(t) for t in generation.get("suppress_tokens") or []]
+    fields["suppress_token_ids"] = sorted(set(suppress))
+    fields["renormalize_logits"] = bool(generation.get("renormalize_logits", False))
+
+    tokenizer = None
+    if (files_dir / "source.spm").is_file() and (files_dir / "vocab.json").is_file():
+        for name in MARIAN_FILES:
+            if (files_dir / name).is_file():
+                shutil.copyfile(files_dir / name, out_dir / name)
+        if not (files_dir / "target.spm").is_file():
+            shutil.copyfile(files_dir / "source.spm", out_dir / "target.spm")
+        tokenizer = "marian"
+    elif (files_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(files_dir / "tokenizer.json"))  # fails early on a broken file
+        shutil.copyfile(files_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        tokenizer = "tokenizer.json"
+    else:
+        for name in ("spiece.model", "tokenizer.model", "sentencepiece.model"):
+            if (files_dir / name).is_file():
+                shutil.copyfile(files_dir / name, out_dir / name)
+                tokenizer = name
+                break
+    if tokenizer is None:
+        warnings.warn(f"{files_dir}: no tokenizer files found (Marian's source.spm/vocab.json, tokenizer.json, "
+                      "or a sentencepiece model); the converted model takes token ids only")
+    elif (files_dir / "tokenizer_config.json").is_file():
+        shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    fields["tokenizer"] = tokenizer
+    return fields
+
+
+SEQ2SEQ_FAMILIES: dict[str, Family] = {
+    "transformer": Family(
+        name="transformer",
+        hf_architectures=("TransformerSeq2Seq",),
+        hf_model_types=("pyxf-transformer",),
+        hf=_transformer_table({}),
+        hf_config=transformer_config,
+        hf_tables=_transformer_table,
+    ),
+    "marian": Family(
+        name="marian",
+        hf_architectures=("MarianMTModel",),
+        hf_model_types=("marian",),
+        hf=_marian_table({}),
+        hf_config=marian_config,
+        hf_tables=_marian_table,
+    ),
+    "t5": Family(
+        name="t5",
+        hf_architectures=("T5ForConditionalGeneration",),
+        hf_model_types=("t5",),
+        hf=_t5_table({"gated_ffn": False}),
+        hf_config=t5_config,
+        finalize=_t5_finalize,
+        hf_tables=_t5_table,
+    ),
+}
+
+__all__ = ["SEQ2SEQ_FAMILIES", "write_seq2seq_tokenizer"]

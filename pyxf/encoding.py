@@ -1,0 +1,231 @@
+"""Encoders (BERT, RoBERTa, DistilBERT): batched sentence embeddings, token states, classification.
+
+Texts are tokenized with the tokenizer's post-processor ([CLS] ... [SEP], token type ids), as
+transformers does, sorted by length and run `batch_size` at a time through `_core.Model.encode`,
+which packs the sequences of a batch without padding (the GIL is released meanwhile). Pooling,
+normalization and the classification heads (a few small matrices) run in numpy.
+"""
+
+import numpy as np
+
+from pyxf.tensorfile import bf16_to_float32
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+OUTPUTS = ("sentence", "tokens")
+
+
+def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
+           truncate=True, progress=False):
+    """Embeddings of `texts` (a list of str, or one str).
+
+    output="sentence": float32 [N, H] (one str: [H]), each text's token states pooled with `pooling`
+    ("mean" | "cls" | "max" | "mean_sqrt_len"; default: the model's sentence-transformers pooling,
+    else "mean") and L2-normalized if `normalize` (default: the model's, else False).
+    output="tokens": a list of float32 [T_i, H], the last hidden state of every token of each text
+    (special tokens included); pooling and normalize do not apply.
+    max_length: tokens per text, special tokens included (default: the model's max_length, from
+    sentence-transformers' max_seq_length or the tokenizer's model_max_length, at most the positions
+    the model has). Longer texts are cut to it, or with truncate=False raise ValueError.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    config = model.config
+    default_pooling = config.get("pooling") or {}
+    if output == "tokens":
+        if pooling is not None or normalize:
+            raise ValueError('pooling and normalize apply to output="sentence" only')
+    else:
+        pooling = default_pooling.get("mode", "mean") if pooling is None else pooling
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+        normalize = bool(default_pooling.get("normalize", False)) if normalize is None else normalize
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be True, False or None, got {normalize!r}")
+
+    single = isinstance(texts, str)
+    texts = [texts] if single else _check_texts(texts)
+    hidden_size = config["hidden_size"]
+    if output == "tokens":
+        result = _run(model, texts, batch_size, max_length, truncate, progress, _token_states)
+        return result[0] if single else result
+
+    def pool(hidden, offsets):
+        return _pool(hidden, offsets, pooling)
+
+    embeddings = _stack(_run(model, texts, batch_size, max_length, truncate, progress, pool), hidden_size)
+    if normalize:
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings /= np.maximum(norms, 1e-12)
+    return embeddings[0] if single else embeddings
+
+
+def classify(model, texts, batch_size=32, max_length=None, truncate=True, progress=False, return_logits=False):
+    """Sequence classification: float32 [N, num_labels] (one str: [num_labels]) probabilities,
+    softmax over the labels (sigmoid for multi-label models; raw scores for regression models), or
+    the logits with return_logits=True. Label names: model.labels."""
+    head = model.config.get("classifier")
+    if not head:
+        raise ValueError(
+            "this model has no classification head (convert a *ForSequenceClassification checkpoint to get one)"
+        )
+    single = isinstance(texts, str)
+    texts = [texts] if single else _check_texts(texts)
+    weights = _head_weights(model)
+
+    def first_token(hidden, offsets):
+        return hidden[np.asarray(offsets[:-1])]
+
+    cls = _stack(_run(model, texts, batch_size, max_length, truncate, progress, first_token), model.config["hidden_size"])
+    logits = _head_logits(cls, head["kind"], weights)
+    if return_logits or head.get("problem_type") == "regression":
+        scores = logits
+    elif head.get("problem_type") == "multi_label_classification":
+        scores = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    else:
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        scores = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return scores[0] if single else scores
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_texts(texts):
+    if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+def _check_int(value, name, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def _max_sequence(config):
+    return config["max_position_embeddings"] - config.get("position_offset", 0)
+
+
+def _run(model, texts, batch_size, max_length, truncate, progress, reduce):
+    """reduce(hidden [rows, H], offsets) of every batch, scattered back to the input order: a list
+    with one item per text."""
+    config = model.config
+    limit = _max_sequence(config)
+    batch_size = _check_int(batch_size, "batch_size", 1, 1 << 30)
+    max_length = config.get("max_length", limit) if max_length is None else max_length
+    max_length = _check_int(max_length, "max_length", 1, limit)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path} has no tokenizer; encoder models need one")
+    if not texts:
+        return []
+
+    try:
+        encoded = model.tokenizer.encode_for_encoder(texts, max_length if truncate else None)
+    except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
+        if isinstance(e, (TypeError, ValueError)):
+            raise
+        raise ValueError(f"tokenization failed: {e}") from None
+    lengths = np.array([len(ids) for ids, _ in encoded])
+    if not truncate and (lengths > max_length).any():
+        i = int(np.argmax(lengths > max_length))
+        raise ValueError(
+            f"text {i} has {lengths[i]} tokens, more than max_length {max_length} (truncate=True cuts it)"
+        )
+    if (lengths == 0).any():
+        i = int(np.argmax(lengths == 0))
+        raise ValueError(f"text {i} gives no tokens (the tokenizer adds no special tokens)")
+    if (lengths > max_length).any():  # a tokenizer that cannot truncate to so few tokens
+        i = int(np.argmax(lengths > max_length))
+        raise ValueError(f"text {i} cannot be truncated to max_length {max_length} (it has {lengths[i]} tokens)")
+
+    use_types = config.get("type_vocab_size", 0) > 1
+    order = np.argsort(-lengths, kind="stable")  # longest first: memory peaks early, not late
+    results = [None] * len(texts)
+    bar = _progress_bar(len(texts), progress)
+    try:
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            ids = [np.asarray(encoded[i][0], dtype=np.int32) for i in chosen]
+            types = [np.asarray(encoded[i][1], dtype=np.int32) for i in chosen] if use_types else None
+            hidden, offsets = model._core_model.encode(ids, types)
+            for i, item in zip(chosen, reduce(hidden, offsets)):
+                results[i] = item
+            if bar is not None:
+                bar.update(len(chosen))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _progress_bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="encoding", unit="text")
+
+
+def _stack(rows, hidden_size):
+    if not rows:
+        return np.zeros((0, hidden_size), dtype=np.float32)
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+
+
+def _token_states(hidden, offsets):
+    return [hidden[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def _pool(hidden, offsets, mode):
+    starts = np.asarray(offsets[:-1])
+    lengths = np.diff(np.asarray(offsets)).astype(np.float32)[:, None]
+    if mode == "cls":
+        return hidden[starts]
+    if mode == "max":
+        return np.maximum.reduceat(hidden, starts, axis=0)
+    sums = np.add.reduceat(hidden, starts, axis=0)
+    return sums / (lengths if mode == "mean" else np.sqrt(lengths))
+
+
+# ---------------------------------------------------------------------------------------------
+# classification heads (HF: BertForSequenceClassification, RobertaClassificationHead,
+# DistilBertForSequenceClassification), on the first token's last hidden state
+
+
+def _head_weights(model):
+    cached = getattr(model, "_head_cache", None)
+    if cached is None:
+        dtype = model.config["dtype"]
+        cached = {}
+        for name, array in model._weights.items():
+            if name.startswith(("pooler.", "classifier.")):
+                cached[name] = bf16_to_float32(array) if dtype == "bfloat16" else np.asarray(array, dtype=np.float32)
+        model._head_cache = cached
+    return cached
+
+
+def _dense(x, weights, name):
+    y = x @ weights[f"{name}.weight"].T
+    bias = weights.get(f"{name}.bias")
+    return y + bias if bias is not None else y
+
+
+def _head_logits(cls, kind, weights):
+    if kind == "bert":
+        hidden = np.tanh(_dense(cls, weights, "pooler.dense"))
+    elif kind == "roberta":
+        hidden = np.tanh(_dense(cls, weights, "classifier.dense"))
+    elif kind == "distilbert":
+        hidden = np.maximum(_dense(cls, weights, "classifier.dense"), 0)
+    else:
+        raise ValueError(f"unknown classifier kind {kind!r}")
+    return np.ascontiguousarray(_dense(hidden, weights, "classifier"), dtype=np.float32)

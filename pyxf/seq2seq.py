@@ -1,0 +1,531 @@
+"""Encoder-decoder models (the original Transformer, Marian, T5): loading, source tokenizers, and
+generate / translate (greedy, sampling, beam search), which run in the core without the GIL.
+
+    m = pyxf.load("opus-mt-en-de-pyxf")
+    pyxf.translate(m, ["Hello world", "How are you?"], beam_size=4)   # -> list of str
+    pyxf.generate(m, "Hello world")                                  # greedy -> str
+    m.logits(source_ids, decoder_ids)                                # float32 [len(decoder_ids), vocab]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from pyxf.tensorfile import bf16_to_float32, read_safetensors
+from pyxf.threads import check_num_threads, core
+
+__all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
+
+SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
+EARLY_STOPPING = {False: 0, True: 1, "never": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# config and tensors (docs/DESIGN.md)
+
+
+def check_seq2seq_config(config, config_path):
+    """The encoder-decoder keys of config.json."""
+
+    def fail(message):
+        raise ValueError(f"{config_path}: {message}")
+
+    def positive_int(field, default=None):
+        value = config.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(f"{field!r} must be a positive integer, got {value!r}")
+        return value
+
+    positive_int("num_encoder_layers")
+    positive_int("source_vocab_size", config["vocab_size"])
+    if not isinstance(config.get("shared_embeddings", False), bool):
+        fail(f"'shared_embeddings' must be true or false, got {config.get('shared_embeddings')!r}")
+    if config.get("shared_embeddings") and config.get("source_vocab_size", config["vocab_size"]) != config["vocab_size"]:
+        fail("shared embeddings need source_vocab_size == vocab_size")
+    position = config["position"]
+    if position not in ("sinusoidal", "relative"):
+        fail(f"encoder-decoder models need 'position' sinusoidal or relative, got {position!r}")
+    if position == "sinusoidal" and config.get("sinusoidal_layout", "interleaved") not in SINUSOIDAL_LAYOUTS:
+        fail(f"'sinusoidal_layout' must be one of {', '.join(SINUSOIDAL_LAYOUTS)}")
+    if position == "relative":
+        buckets = positive_int("relative_attention_num_buckets")
+        distance = positive_int("relative_attention_max_distance")
+        if buckets < 4 or distance < buckets // 2:
+            fail("relative_attention_num_buckets must be >= 4 and max_distance >= num_buckets / 2")
+    for field in ("embed_scale", "head_scale", "attention_scale"):
+        value = config.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            fail(f"{field!r} must be a positive number or null, got {value!r}")
+    start = config.get("decoder_start_token_id")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < config["vocab_size"]:
+        fail(f"'decoder_start_token_id' must be a token id of the target vocabulary, got {start!r}")
+
+
+def seq2seq_expected_tensors(config):
+    """{name: (shape, required)} for an encoder-decoder model's model.safetensors."""
+    H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
+    Hq, Hkv = config["num_heads"], config["num_kv_heads"]
+    Vs = config.get("source_vocab_size", V)
+    layer_norm = config["norm"] == "layernorm"
+    pre = config["norm_position"] == "pre"
+    up_name, up_rows = ("gate_up", 2 * I) if config["gated_ffn"] else ("up", I)
+
+    def linear(name, rows, cols, required=True):
+        return {f"{name}.weight": ((rows, cols), required), f"{name}.bias": ((rows,), False)}
+
+    def norm(name, required=True):
+        return {f"{name}.weight": ((H,), required), f"{name}.bias": ((H,), required and layer_norm)}
+
+    tensors = {"embed.weight": ((V, H), True)}
+    if not config.get("shared_embeddings", False):
+        tensors["encoder.embed.weight"] = ((Vs, H), True)
+    for prefix, layers, cross in (("encoder.", config["num_encoder_layers"], False), ("", config["num_layers"], True)):
+        for i in range(layers):
+            p = f"{prefix}layers.{i}"
+            tensors.update(norm(f"{p}.attn_norm"))
+            tensors.update(linear(f"{p}.attn.qkv", (Hq + 2 * Hkv) * D, H))
+            tensors.update(linear(f"{p}.attn.out", H, Hq * D))
+            if cross:
+                tensors.update(norm(f"{p}.cross_norm"))
+                tensors.update(linear(f"{p}.cross_attn.q", Hq * D, H))
+                tensors.update(linear(f"{p}.cross_attn.kv", 2 * Hkv * D, H))
+                tensors.update(linear(f"{p}.cross_attn.out", H, Hq * D))
+            tensors.update(norm(f"{p}.ffn_norm"))
+            tensors.update(linear(f"{p}.ffn.{up_name}", up_rows, H))
+            tensors.update(linear(f"{p}.ffn.down", H, I))
+        tensors.update(norm(f"{prefix}final_norm", required=pre))
+        if not pre:  # an optional final norm (torch.nn.Transformer has one even when post-norm)
+            tensors[f"{prefix}final_norm.bias"] = ((H,), False)
+        if config["position"] == "relative":
+            tensors[f"{prefix}rel_bias.weight"] = ((config["relative_attention_num_buckets"], Hq), True)
+    tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
+    return tensors
+
+
+def sinusoidal_table(num_positions, dim, layout="interleaved"):
+    """float32 [num_positions, dim] sinusoidal position table, computed in float64.
+
+    interleaved (the Transformer paper, PyTorch tutorials): column 2i = sin(pos / 10000^(2i/dim)),
+    column 2i+1 = cos(...). concat (Marian): the sines in the first half, the cosines in the second.
+    """
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    i = np.arange((dim + 1) // 2, dtype=np.float64)[None, :]
+    angle = pos / np.power(10000.0, 2.0 * i / dim)
+    table = np.zeros((num_positions, dim), dtype=np.float64)
+    if layout == "interleaved":
+        table[:, 0::2] = np.sin(angle)
+        table[:, 1::2] = np.cos(angle[:, : dim // 2])
+    elif layout == "concat":
+        half = (dim + 1) // 2
+        table[:, :half] = np.sin(angle)
+        table[:, half:] = np.cos(angle[:, : dim - half])
+    else:
+        raise ValueError(f"unknown sinusoidal layout {layout!r} ({', '.join(SINUSOIDAL_LAYOUTS)})")
+    return table.astype(np.float32)
+
+
+def relative_position_buckets(relative_position, bidirectional, num_buckets, max_distance):
+    """T5's bucket of each relative position (key - query), in float32 as transformers computes it."""
+    rel = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        n = np.abs(rel)
+    else:
+        n = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    ratio = np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)
+    large = max_exact + (
+        np.log(ratio) / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    ).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(n < max_exact, n, large)
+
+
+def relative_bias_table(weight, bidirectional, num_buckets, max_distance):
+    """[heads, 2 R + 1] bias by relative position -R .. R (R = max_distance), from T5's
+    relative_attention_bias weight [num_buckets, heads]: beyond R the bucket no longer changes, so
+    the kernel clamps the relative position to [-R, R]."""
+    R = max_distance
+    buckets = relative_position_buckets(np.arange(-R, R + 1), bidirectional, num_buckets, max_distance)
+    return np.ascontiguousarray(np.asarray(weight, dtype=np.float32)[buckets].T)
+
+
+def _as_float32(array, dtype):
+    if dtype == "bfloat16":
+        return bf16_to_float32(np.asarray(array))
+    return np.asarray(array, dtype=np.float32)
+
+
+def load_seq2seq(path, config, threads=None):
+    """An encoder-decoder model directory (called by pyxf.load)."""
+    from pyxf.model import check_weights
+
+    path = Path(path)
+    if threads is not None:
+        core().set_num_threads(check_num_threads(threads))
+    weights_path = path / "model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    weights = check_weights(config, read_safetensors(weights_path))
+    arrays = dict(weights)
+    core_config = dict(config)
+    if config["position"] == "sinusoidal":
+        # Fixed, so not stored: both stacks read the same table as learned positions.
+        table = sinusoidal_table(config["max_position_embeddings"], config["hidden_size"],
+                                 config.get("sinusoidal_layout", "interleaved"))
+        if config["dtype"] != "float32":
+            table = table.astype(np.float16) if config["dtype"] == "float16" else _bf16(table)
+        arrays["pos_embed.weight"] = arrays["encoder.pos_embed.weight"] = table
+    else:
+        nb, md = config["relative_attention_num_buckets"], config["relative_attention_max_distance"]
+        for prefix, bidirectional in (("encoder.", True), ("", False)):
+            weight = _as_float32(arrays[f"{prefix}rel_bias.weight"], config["dtype"])
+            arrays[f"{prefix}rel_pos_table"] = relative_bias_table(weight, bidirectional, nb, md)
+        core_config["rel_pos_radius"] = md
+    core_model = core().Seq2SeqModel(core_config, arrays)
+    tokenizer = Seq2SeqTokenizer.from_model_dir(path, config)
+    return Seq2SeqModel(path, config, core_model, arrays, tokenizer)
+
+
+def _bf16(table):
+    from pyxf.tensorfile import float32_to_bf16
+
+    return float32_to_bf16(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+class Seq2SeqTokenizer:
+    """Source text -> ids (with the end token the model was trained with), target ids -> text."""
+
+    def __init__(self, backend, eos_token_id):
+        self._backend = backend
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_model_dir(cls, model_dir, config):
+        model_dir = Path(model_dir)
+        name = config.get("tokenizer")
+        eos = (config.get("eos_token_id") or [None])[0]
+        if name is None:
+            return None
+        if name == "marian":
+            return cls(_MarianBackend(model_dir), eos)
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"tokenizer file {name!r} named in config.json is missing in {model_dir}")
+        if name.endswith(".json"):
+            return cls(_TokenizersBackend(model_dir / name), eos)
+        return cls(_SentencePieceBackend(model_dir / name, eos), eos)
+
+    def encode(self, text, add_special_tokens=True):
+        """Source ids of one text, the end token appended (add_special_tokens)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+
+class _MarianBackend:
+    """MarianTokenizer's behaviour: sentencepiece pieces (source.spm / target.spm) mapped through
+    vocab.json (unknown pieces -> <unk>), a leading >>lang<< code kept as one token, </s> appended."""
+
+    def __init__(self, model_dir):
+        import sentencepiece
+
+        settings = {}
+        if (model_dir / "tokenizer_config.json").is_file():
+            settings = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.encoder = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
+        self.separate_vocabs = bool(settings.get("separate_vocabs", False))
+        target = self.encoder
+        if self.separate_vocabs:
+            target = json.loads((model_dir / "target_vocab.json").read_text(encoding="utf-8"))
+        self.decoder = {v: k for k, v in target.items()}
+
+        def token(key, default):
+            value = settings.get(key, default)
+            return value.get("content", default) if isinstance(value, dict) else (value or default)
+
+        self.unk, self.eos, self.pad = token("unk_token", "<unk>"), token("eos_token", "</s>"), token("pad_token", "<pad>")
+        self.unk_id = self.encoder[self.unk]
+        self.eos_id = self.encoder[self.eos]
+        self.special = {self.unk, self.eos, self.pad}
+        self.special_ids = {self.encoder[t] for t in self.special if t in self.encoder}
+        self.spm_source = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "source.spm"))
+        self.spm_target = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "target.spm"))
+
+    def encode(self, text, add_special_tokens):
+        code = []
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            code, text = [text[: end + 2]], text[end + 2 :]
+        pieces = code + self.spm_source.encode(text, out_type=str)
+        ids = [self.encoder.get(p, self.unk_id) for p in pieces]
+        return ids + [self.eos_id] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens):
+        # transformers decodes with the source model unless the vocabularies are separate.
+        sp = self.spm_target if self.separate_vocabs else self.spm_source
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        tokens = [self.decoder.get(i) or sp.IdToPiece(i) or self.unk for i in ids]
+        out, run = "", []
+        for t in tokens:
+            if t in self.special:
+                out += sp.decode_pieces(run) + t + " "
+                run = []
+            else:
+                run.append(t)
+        out += sp.decode_pieces(run)
+        return out.replace("\u2581", " ").strip()
+
+
+class _TokenizersBackend:
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+
+    def encode(self, text, add_special_tokens):
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens):
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class _SentencePieceBackend:
+    def __init__(self, path, eos):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self._eos = eos if eos is not None else self._sp.eos_id()
+        self._control = {i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)}
+
+    def encode(self, text, add_special_tokens):
+        ids = list(self._sp.encode(text))
+        return ids + [self._eos] if add_special_tokens and self._eos >= 0 else ids
+
+    def decode(self, ids, skip_special_tokens):
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._control and i != self._eos]
+        return self._sp.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class Seq2SeqModel:
+    """A loaded encoder-decoder model: config, tokenizer (None without one) and the core model."""
+
+    is_encoder = False
+    is_encoder_decoder = True
+
+    def __init__(self, path, config, core_model, weights, tokenizer):
+        self.path = Path(path)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = config["vocab_size"]
+        self.source_vocab_size = config.get("source_vocab_size", self.vocab_size)
+        self.eos_token_ids = list(config.get("eos_token_id") or [])
+        self.decoder_start_token_id = config["decoder_start_token_id"]
+        positions = config["max_position_embeddings"] if config["position"] == "sinusoidal" else None
+        self.max_source_length = config.get("max_source_length") or positions  # None: unbounded
+        self.max_target_length = positions or 1 << 20
+        self.context_length = self.max_target_length
+        self._core_model = core_model
+        self._weights = weights  # the memory-mapped arrays the core points into
+
+    def __repr__(self):
+        c = self.config
+        return (
+            f"pyxf.Seq2SeqModel({str(self.path)!r}, family={c['family']}, layers={c['num_encoder_layers']}+"
+            f"{c['num_layers']}, hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']})"
+        )
+
+    def logits(self, source_ids, decoder_ids):
+        """Logits of every decoder position for one source: float32 [len(decoder_ids), vocab].
+        decoder_ids normally start with the decoder start token (self.decoder_start_token_id)."""
+        from pyxf.model import as_token_array
+
+        source = as_token_array(source_ids, self.source_vocab_size, "source_ids")
+        target = as_token_array(decoder_ids, self.vocab_size, "decoder_ids")
+        self._check_source_length(len(source), "source_ids")
+        return self._core_model.logits(source, target)
+
+    def _check_source_length(self, n, what):
+        if self.max_source_length is not None and n > self.max_source_length:
+            raise ValueError(
+                f"{what} has {n} tokens, more than the model's {self.max_source_length} source positions "
+                "(pass truncate=True to cut it)"
+            )
+
+    def generate(self, source=None, **kwargs):
+        """Same as pyxf.generate(self, source, **kwargs)."""
+        return generate(self, source, **kwargs)
+
+    def translate(self, texts, **kwargs):
+        """Same as pyxf.translate(self, texts, **kwargs)."""
+        return translate(self, texts, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _sources(model, source, add_special_tokens, truncate):
+    """(list of source id lists, output form: text | texts | ids | batch_ids)."""
+    from pyxf.model import as_token_array
+
+    def check(ids, what):
+        if model.max_source_length is not None and len(ids) > model.max_source_length:
+            if not truncate:
+                model._check_source_length(len(ids), what)
+            keep_eos = add_special_tokens and ids[-1] in model.eos_token_ids
+            ids = ids[: model.max_source_length - 1] + ids[-1:] if keep_eos else ids[: model.max_source_length]
+        return ids
+
+    def encode(text, what):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path} has no tokenizer; pass token ids instead of text")
+        if not text:
+            raise ValueError(f"{what} is empty")
+        ids = model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise ValueError(f"{what} encodes to no tokens")
+        return check(ids, what)
+
+    if source is None:
+        raise ValueError("a source (text or token ids) is required")
+    if isinstance(source, str):
+        return [encode(source, "the source")], "text"
+    if isinstance(source, np.ndarray) and source.ndim == 2:
+        source = list(source)
+    if not isinstance(source, (list, tuple, np.ndarray)):
+        raise TypeError(f"source must be a str, a list of str, or token ids, got {type(source).__name__}")
+    if len(source) == 0:
+        raise ValueError("source is empty")
+    if all(isinstance(s, str) for s in source):
+        return [encode(s, f"source {i}") for i, s in enumerate(source)], "texts"
+    if all(isinstance(s, (list, tuple, np.ndarray)) for s in source):
+        return [check(as_token_array(s, model.source_vocab_size, f"source {i}").tolist(), f"source {i}")
+                for i, s in enumerate(source)], "batch_ids"
+    return [check(as_token_array(source, model.source_vocab_size, "source").tolist(), "source")], "ids"
+
+
+def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_length=0, beam_size=1,
+             num_hypotheses=1, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False, temperature=0.0,
+             top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, truncate=False, return_scores=False,
+             add_special_tokens=True):
+    """Target text (or ids) for one source or a batch of sources of an encoder-decoder model.
+
+    source: str -> str; list[str] -> list[str]; list[int] -> list[int]; list[list[int]] -> list[list[int]]
+    (ids are source token ids, end token included as the model expects; output ids exclude the end
+    token). num_hypotheses > 1 makes each output a list of that many hypotheses, best first;
+    return_scores=True makes each hypothesis a (output, score) pair (beam: the length-normalized
+    sum of log-probabilities, else the sum of log-probabilities).
+
+    max_length (or max_new_tokens): most target tokens per hypothesis, the end token included
+    (default 256, at most the model's target positions); min_length: the end token is blocked
+    before this many tokens. beam_size 1 is greedy (temperature 0) or sampling (temperature, top_k,
+    top_p, seed); beam_size > 1 is beam search with length_penalty, early_stopping (False, True or
+    "never", as transformers), num_hypotheses. no_repeat_ngram_size and repetition_penalty apply to
+    both. stop: extra end token ids. truncate: cut overlong sources instead of raising.
+    """
+    if max_new_tokens is not None and max_length is not None and max_new_tokens != max_length:
+        raise ValueError("pass max_length or max_new_tokens, not both")
+    max_length = max_length if max_length is not None else max_new_tokens
+    if max_length is None:
+        max_length = min(256, model.max_target_length)
+    max_length = _check_int("max_length", max_length, 1)
+    if max_length > model.max_target_length:
+        raise ValueError(f"max_length {max_length} exceeds the model's {model.max_target_length} target positions")
+    min_length = _check_int("min_length", min_length, 0)
+    beam_size = _check_int("beam_size", beam_size, 1)
+    num_hypotheses = _check_int("num_hypotheses", num_hypotheses, 1)
+    if num_hypotheses > beam_size:
+        raise ValueError(f"num_hypotheses ({num_hypotheses}) must not exceed beam_size ({beam_size})")
+    no_repeat_ngram_size = _check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    top_k = _check_int("top_k", top_k, 0)
+    length_penalty = _check_number("length_penalty", length_penalty)
+    temperature = _check_number("temperature", temperature)
+    top_p = _check_number("top_p", top_p)
+    repetition_penalty = _check_number("repetition_penalty", repetition_penalty)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if temperature > 0 and beam_size > 1:
+        raise ValueError("beam search does not sample: use temperature=0 with beam_size > 1")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive (1 disables it), got {repetition_penalty}")
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+    if seed is None:
+        seed = secrets.randbits(63)
+    seed = _check_int("seed", seed, 0)
+    eos = list(model.eos_token_ids)
+    for item in [] if stop is None else [stop] if isinstance(stop, (int, np.integer)) else list(stop):
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise TypeError(f"stop entries of an encoder-decoder model must be token ids, got {item!r}")
+        if not 0 <= item < model.vocab_size:
+            raise ValueError(f"stop token id {item} is outside the vocabulary [0, {model.vocab_size})")
+        eos.append(int(item))
+    sources, form = _sources(model, source, add_special_tokens, truncate)
+
+    config = model.config
+    forced = config.get("forced_eos_token_id")
+    results = model._core_model.generate(
+        sources, beam_size=beam_size, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
+        early_stopping=EARLY_STOPPING[early_stopping], no_repeat_ngram_size=no_repeat_ngram_size,
+        max_length=max_length, min_length=min_length, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, eos_ids=list(dict.fromkeys(eos)),
+        suppress_ids=list(config.get("suppress_token_ids") or []), forced_eos_id=-1 if forced is None else forced,
+        renormalize=bool(config.get("renormalize_logits", False)), decoder_start_id=model.decoder_start_token_id,
+    )
+
+    def output(tokens):
+        tokens = [int(t) for t in tokens]
+        return model.tokenizer.decode(tokens) if form in ("text", "texts") else tokens
+
+    per_source = []
+    for hyps in results:
+        outs = [(output(tokens), float(score)) if return_scores else output(tokens) for tokens, score in hyps]
+        per_source.append(outs if num_hypotheses > 1 else outs[0])
+    return per_source[0] if form in ("text", "ids") else per_source
+
+
+def translate(model, texts, *, beam_size=4, **kwargs):
+    """Translations of a text or a list of texts (or token id lists): beam search by default
+    (beam_size=4); other options as pyxf.generate."""
+    if not getattr(model, "is_encoder_decoder", False):
+        raise ValueError("translate() needs an encoder-decoder model (Marian, T5, the original Transformer)")
+    return generate(model, texts, beam_size=beam_size, **kwargs)

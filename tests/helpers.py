@@ -1,0 +1,330 @@
+"""Tiny random Hugging Face models for parity tests: built from a spec, given weights large enough
+that logits are far from zero and attention is not uniform, saved with save_pretrained and converted
+with pyxf.convert. The conftest fixture `tiny_models` caches them per test session.
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BOS, EOS = 0, 1
+
+# name -> (transformers class name, config class name, config kwargs). Every model has 2 layers and a
+# small vocabulary; together the specs cover head dims 24/32/64/80/128, MQA, GQA and MHA, hidden sizes
+# that are not a multiple of 16, head_dim * heads != hidden, RoPE scaling (linear, llama3) and theta,
+# attention/MLP biases (Qwen2's qkv bias; Llama's attention_bias/mlp_bias), the non-SiLU gated
+# activations, and tied and untied LM heads.
+LLAMA_SPECS = {
+    # MQA (1 KV head), head_dim 32, untied head, default RoPE.
+    "llama_mqa_d32": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=384, hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=32, tie_word_embeddings=False,
+    )),
+    # MHA (kv heads == heads), head_dim 64, tied head, linear RoPE scaling.
+    "llama_mha_d64_linear_tied": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=512, hidden_size=128, intermediate_size=160, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=64, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=10000.0,
+    )),
+    # GQA 4:2, head_dim 80 with hidden 72 (not a multiple of 16, and != heads * head_dim), odd
+    # intermediate size, llama3 RoPE scaling, biases on every projection, tanh-GELU gate.
+    "llama_gqa_d80_llama3_bias": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=300, hidden_size=72, intermediate_size=97, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=80, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+        hidden_act="gelu_pytorch_tanh",
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+        rope_theta=500000.0,
+    )),
+    # head_dim 24 (not a multiple of any vector width), 3 heads, ReLU gate, hidden 72.
+    "llama_d24_relu": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=1000, hidden_size=72, intermediate_size=136, num_attention_heads=3, num_key_value_heads=3,
+        head_dim=24, tie_word_embeddings=False, hidden_act="relu",
+    )),
+    # Qwen2: q/k/v biases, head_dim 128, MQA, tied head, large theta.
+    "qwen2_d128_tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        vocab_size=640, hidden_size=256, intermediate_size=320, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=128, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,
+    )),
+}
+
+GPT2_SPECS = {
+    # head_dim 32, tanh GELU (gelu_new), tied head.
+    "gpt2_d32": ("GPT2LMHeadModel", "GPT2Config", dict(
+        vocab_size=400, n_embd=64, n_head=2, n_positions=256, activation_function="gelu_new",
+    )),
+    # A single head of 80, exact GELU, odd n_inner, untied head.
+    "gpt2_d80_gelu_untied": ("GPT2LMHeadModel", "GPT2Config", dict(
+        vocab_size=520, n_embd=80, n_head=1, n_inner=150, n_positions=256, activation_function="gelu",
+        tie_word_embeddings=False,
+    )),
+    # hidden 72 in 3 heads of 24, ReLU, layer_norm_epsilon not the default.
+    "gpt2_d24_relu": ("GPT2LMHeadModel", "GPT2Config", dict(
+        vocab_size=300, n_embd=72, n_head=3, n_positions=256, activation_function="relu",
+        layer_norm_epsilon=1e-6,
+    )),
+}
+
+SPECS = {**LLAMA_SPECS, **GPT2_SPECS}
+
+
+def _config(spec_name):
+    import transformers
+
+    _, config_class, kwargs = SPECS[spec_name]
+    kwargs = dict(kwargs, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None)
+    if config_class == "GPT2Config":
+        kwargs.update(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        kwargs.update(num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+    return getattr(transformers, config_class)(**kwargs)
+
+
+def _init_weights(model, seed):
+    """Weights with unit-scale activations: linear weights ~ N(0, (1.5 / sqrt(fan_in))^2), norm
+    weights around 1, biases and embeddings of moderate size; logits come out a few units large.
+    transformers' default (std 0.02) gives near-zero logits, where a parity check would prove
+    little; much larger weights make float32 rounding alone exceed the 1e-4 bound."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                is_norm_weight = name.endswith("weight") and ("norm" in name or ".ln_" in name)
+                p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=g)) if is_norm_weight
+                        else 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+                # Rows of norm ~2, so that a tied head gives logits of a few units.
+                p.copy_(2.0 / math.sqrt(p.shape[1]) * torch.randn(p.shape, generator=g))
+            else:
+                # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out].
+                fan_in = p.shape[0] if "Conv1D" in type(_module(model, name)).__name__ else p.shape[1]
+                p.copy_(1.5 / math.sqrt(fan_in) * torch.randn(p.shape, generator=g))
+
+
+def _module(model, param_name):
+    module = model
+    for part in param_name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
+
+
+def build_hf_model(spec_name, seed=0):
+    """The random transformers model for a spec: float32, eager attention, eval mode."""
+    import torch
+    import transformers
+
+    model_class = getattr(transformers, SPECS[spec_name][0])
+    torch.manual_seed(seed)
+    model = model_class._from_config(_config(spec_name), attn_implementation="eager").float().eval()
+    _init_weights(model, seed)
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    return model
+
+
+class TinyModelCache:
+    """Builds and saves each spec once, converts it once per dtype; keeps the transformers model
+    in memory."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self._hf = {}
+        self._converted = {}
+
+    def __call__(self, spec_name, dtype="float32"):
+        """(transformers model, pyxf model directory converted to `dtype`)."""
+        if spec_name not in self._hf:
+            model = build_hf_model(spec_name, seed=sum(map(ord, spec_name)))
+            hf_dir = self.root / f"{spec_name}-hf"
+            model.save_pretrained(hf_dir)
+            self._hf[spec_name] = (model, hf_dir)
+        model, hf_dir = self._hf[spec_name]
+        key = (spec_name, dtype)
+        if key not in self._converted:
+            from pyxf.convert import convert
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no tokenizer": these models have none
+                out = convert(hf_dir, self.root / f"{spec_name}-pyxf-{dtype}", dtype=dtype, progress=False)
+            self._converted[key] = Path(out)
+        return model, self._converted[key]
+
+
+def random_ids(vocab_size, n, seed):
+    """n token ids, avoiding BOS/EOS so that nothing stops early by accident."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(2, vocab_size, size=n).tolist()
+
+
+def hf_logits(model, ids):
+    """transformers' logits for one sequence: float32 numpy [len(ids), vocab]."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids, max_new_tokens, eos_token_id=None):
+    """transformers' greedy continuation of one prompt (new tokens only; the EOS token, if one
+    stops it, included), with no EOS unless one is given."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+            max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos_token_id,
+            pad_token_id=0 if eos_token_id is None else np.ravel(eos_token_id)[0].item(),
+            num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+        )
+    return out[0, len(ids):].tolist()
+
+
+def strip_eos(tokens, eos_ids):
+    """Tokens up to (excluding) the first EOS: what pyxf returns for the same generation."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i]
+    return tokens
+
+
+def max_abs_err(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def require_core():
+    import importlib.util
+
+    if importlib.util.find_spec("pyxf._core") is None:
+        pytest.skip("pyxf._core is not built (bash tools/dev_build.sh)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the parity test files: each takes the transformers model and the loaded pyxf
+# model of one spec.
+
+LOGITS_ATOL = 1e-4
+NEW_TOKENS = 32
+
+
+def check_prefill(hf, px, length, seed):
+    ids = random_ids(px.vocab_size, length, seed)
+    ref = hf_logits(hf, ids)
+    out = px.logits(ids)
+    assert out.dtype == np.float32 and out.shape == (length, px.vocab_size)
+    err = max_abs_err(out, ref)
+    assert err <= LOGITS_ATOL, f"prefill of {length} tokens: max abs logit error {err:.3g}"
+    # Feeding the prompt to a session, asking for the last row only, gives the same last row.
+    last = px.session().feed(ids, all_logits=False)
+    assert last.shape == (1, px.vocab_size)
+    assert max_abs_err(last[0], ref[-1]) <= LOGITS_ATOL
+    return err
+
+
+def check_incremental_decode(hf, px, prompt_length, seed, steps=NEW_TOKENS):
+    """pyxf's session fed one token at a time against transformers decoding with its own KV cache
+    (past_key_values) on the same tokens, and against transformers on the whole sequence at once.
+    The tokens are transformers' greedy choices, so both run the same sequence."""
+    import torch
+
+    prompt = random_ids(px.vocab_size, prompt_length, seed)
+    session = px.session()
+    got = [session.feed(prompt)[-1]]
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        past, expected = out.past_key_values, [out.logits[0, -1].numpy()]
+        tokens = []
+        for _ in range(steps):
+            token = int(np.argmax(expected[-1]))
+            tokens.append(token)
+            got.append(session.feed([token])[0])
+            out = hf(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            expected.append(out.logits[0, -1].numpy())
+    assert session.position == prompt_length + steps
+    errs = [max_abs_err(g, e) for g, e in zip(got, expected)]
+    worst = int(np.argmax(errs))
+    assert errs[worst] <= LOGITS_ATOL, f"decode step {worst}: max abs logit error {errs[worst]:.3g}"
+
+    full = hf_logits(hf, prompt + tokens)[prompt_length - 1 :]
+    err_full = max_abs_err(np.stack(got), full)
+    assert err_full <= LOGITS_ATOL, f"decode vs transformers on the full sequence: {err_full:.3g}"
+    return max(errs)
+
+
+def check_cache_equals_recompute(px, seed):
+    """Logits from a session fed in uneven chunks (1 token, a block, single tokens, a block) equal
+    those of one forward pass over the whole sequence."""
+    ids = random_ids(px.vocab_size, 80, seed)
+    full = px.logits(ids)
+    session = px.session()
+    chunks, start = [1, 17, 1, 1, 1, 40, 1, 1, 16, 1], 0
+    assert sum(chunks) == len(ids)
+    rows = []
+    for n in chunks:
+        rows.append(session.feed(ids[start : start + n]))
+        start += n
+    incremental = np.concatenate(rows)
+    err = max_abs_err(incremental, full)
+    assert err <= 2e-5, f"incremental vs full recomputation: max abs error {err:.3g}"
+    # After reset the session starts over.
+    session.reset()
+    assert session.position == 0
+    assert max_abs_err(session.feed(ids[:5]), full[:5]) <= 2e-5
+
+
+def check_greedy(hf, px, prompt, max_new_tokens=NEW_TOKENS):
+    """pyxf's greedy continuation equals transformers' generate(do_sample=False); both stop at the
+    model's EOS, which transformers returns and pyxf leaves out."""
+    import pyxf
+
+    expected = strip_eos(hf_greedy(hf, prompt, max_new_tokens, eos_token_id=EOS), {EOS})
+    got = pyxf.generate(px, prompt, max_new_tokens=max_new_tokens)
+    assert isinstance(got, list) and all(isinstance(t, int) for t in got)
+    assert got == expected, f"prompt of {len(prompt)} tokens:\n pyxf         {got}\n transformers {expected}"
+    return got
+
+
+def check_stop_token(hf, px, prompt):
+    """A stop token ends generation like transformers' eos_token_id does, and is not returned."""
+    import pyxf
+
+    free = hf_greedy(hf, prompt, NEW_TOKENS)  # no EOS at all
+    # The first token whose first occurrence is at index >= 3 becomes the stop token.
+    j = next((i for i in range(3, len(free)) if free[i] not in free[:i] and free[i] != EOS), None)
+    if j is None:
+        pytest.skip("greedy output repeats from the start; no fresh token to stop on")
+    stop = free[j]
+    assert hf_greedy(hf, prompt, NEW_TOKENS, eos_token_id=stop) == free[: j + 1]
+    assert pyxf.generate(px, prompt, max_new_tokens=NEW_TOKENS, stop=[stop]) == free[:j]
+
+
+def check_batched_generate(hf, px, seed):
+    """A batch of prompts of different lengths gives what each prompt gives alone, and what
+    transformers gives."""
+    import pyxf
+
+    prompts = [random_ids(px.vocab_size, n, seed + n) for n in (1, 5, 17, 40)]
+    batched = pyxf.generate(px, prompts, max_new_tokens=NEW_TOKENS)
+    singles = [pyxf.generate(px, [p], max_new_tokens=NEW_TOKENS)[0] for p in prompts]
+    assert batched == singles
+    for p, got in zip(prompts, batched):
+        assert got == strip_eos(hf_greedy(hf, p, NEW_TOKENS, eos_token_id=EOS), {EOS})
+
+
+def half_precision_reference(hf, dtype):
+    """A copy of the transformers model whose weights are rounded to `dtype` and computed in
+    float32: what a model converted to that dtype should compute."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(getattr(torch, dtype)).float())
+    return model
