@@ -30,12 +30,14 @@ def rope_parameters(config):
     max_positions = config["max_position_embeddings"]
     original_max_positions = scaling.get("original_max_position_embeddings") or max_positions
 
-    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
-    inv_freq = 1.0 / base**exponents
+    # float32 like transformers (exponent and reciprocal in float32, the power rounded from float64):
+    # an ulp of difference here grows into a visible angle error over thousands of positions.
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (base ** exponents.astype(np.float64)).astype(np.float32)
     attention_scaling = 1.0
 
     if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
+        inv_freq = inv_freq / np.float32(scaling["factor"])
     elif kind == "dynamic":
         # NTK scaling only changes the base for sequences longer than max_position_embeddings; at load
         # (seq_len <= max) HF's formula reduces to the default frequencies.
@@ -56,13 +58,17 @@ def _llama3_inv_freq(inv_freq, scaling, original_max_positions):
     low_freq_wavelen = original_max_positions / low_freq_factor
     high_freq_wavelen = original_max_positions / high_freq_factor
 
-    wavelen = 2 * math.pi / inv_freq
+    # Written as torch evaluates it (`scalar / tensor` is reciprocal(tensor) * scalar, in float32).
+    f32 = np.float32
+    wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
     # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended smoothly.
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, smoothed, scaled)
+    scaled = np.where(wavelen > f32(low_freq_wavelen), inv_freq / f32(factor), inv_freq)
+    smooth = ((f32(1) / wavelen) * f32(original_max_positions) - f32(low_freq_factor)) / f32(
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
+    is_medium = (wavelen >= f32(high_freq_wavelen)) & (wavelen <= f32(low_freq_wavelen))
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
 def _yarn(inv_freq, base, dim, scaling, max_positions, original_max_positions):
