@@ -231,6 +231,16 @@ def test_load_optional_bias_accepted(model_dir, tmp_path):
 # model: attributes, logits, sessions
 
 
+def package_parent():
+    """Where a child interpreter must start so that `import pyxf` finds the pyxf under test
+    (its current directory comes first on sys.path)."""
+    from pathlib import Path
+
+    import pyxf
+
+    return str(Path(pyxf.__file__).resolve().parents[1])
+
+
 @needs_core
 def test_model_attributes(model, model_dir):
     assert model.config["family"] == "llama"
@@ -522,11 +532,12 @@ def test_num_threads_environment():
     code = "import pyxf; print(pyxf.get_num_threads())"
     env = dict(os.environ, PYXF_NUM_THREADS="1")
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "1"
+                          check=True, cwd=package_parent()).stdout.strip() == "1"
     env.pop("PYXF_NUM_THREADS")
     from pyxf.threads import physical_core_count
 
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=package_parent())
     assert int(out.stdout) == physical_core_count()
 
 
@@ -543,7 +554,7 @@ def test_info():
 
 def _cli(*args, input=None):
     return subprocess.run([sys.executable, "-m", "pyxf", *args], capture_output=True, text=True, input=input,
-                          timeout=300)
+                          timeout=300, cwd=package_parent())
 
 
 @needs_core

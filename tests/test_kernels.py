@@ -7,6 +7,7 @@ query against many keys (decode), query counts crossing the 64-key and query-blo
 MHA, head dims from 7 to 256; RoPE in both layouts with partial rotation.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -527,7 +528,7 @@ def test_degenerate_shapes_do_not_crash():
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
-                          env=_child_env())
+                          env=_child_env(), cwd=_child_env()["PYTHONPATH"].split(os.pathsep)[0])
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
         f"exit status {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}"
     )
