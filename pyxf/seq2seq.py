@@ -454,7 +454,7 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
     sum of log-probabilities, else the sum of log-probabilities).
 
     max_length (or max_new_tokens): most target tokens per hypothesis, the end token included
-    (default 256, at most the model's target positions); min_length: the end token is blocked
+    (default 128, at most the model's target positions); min_length: the end token is blocked
     before this many tokens. beam_size 1 is greedy (temperature 0) or sampling (temperature, top_k,
     top_p, seed); beam_size > 1 is beam search with length_penalty, early_stopping (False, True or
     "never", as transformers), num_hypotheses. no_repeat_ngram_size and repetition_penalty apply to
@@ -464,7 +464,7 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         raise ValueError("pass max_length or max_new_tokens, not both")
     max_length = max_length if max_length is not None else max_new_tokens
     if max_length is None:
-        max_length = min(256, model.max_target_length)
+        max_length = min(128, model.max_target_length)
     max_length = _check_int("max_length", max_length, 1)
     if max_length > model.max_target_length:
         raise ValueError(f"max_length {max_length} exceeds the model's {model.max_target_length} target positions")

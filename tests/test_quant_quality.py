@@ -6,14 +6,15 @@ Measured: top-1 next-token agreement with float32 over 1,024 positions and the t
 The float32 reference is the GGUF's Q4_1 weights dequantized (the only copy of this model pyxf can
 fetch). Numbers (pyxf; llama.cpp on the same weights and text, F32 perplexity 32.97 in both):
 
-    format                   agreement   perplexity     llama.cpp (same weights)
-    int8 (per-row)           95.9%       +0.12%         -
-    q8_0                     95.8%       +0.2%          Q8_0: 95.1%, +0.58%
-    q4_1                     96.8%       +0.3%          Q4_1: 96.2%, +0.29%  (re-quantizing Q4_1 weights
-                                                        recovers their grid: only activation rounding left)
-    q4_0                     67.7%       +26.3%         Q4_0: 67.1%, +26.2%  (Q4_1 values re-quantized
-                                                        on a symmetric 4-bit grid: two 4-bit roundings)
-    GGUF kept (Q4_1, Q8_0 head) 96.7%    +0.2%
+    format                      agreement  perplexity  llama.cpp, same weights
+    int8 (per-row scales)       95.9%      +0.12%      -
+    q8_0                        95.8%      +0.63%      Q8_0: 95.1%, +0.58%
+    q4_1                        96.8%      +0.31%      Q4_1: 96.2%, +0.29%
+    q4_0                        67.7%      +26.3%      Q4_0: 67.1%, +26.2%
+    GGUF kept (Q4_1, Q8_0 head) 96.7%      +0.24%      (the Q4_1 row: the same file)
+
+q4_1 re-quantizes Q4_1 weights and recovers their grid (to fp16 rounding), so only the 8-bit rounding of the
+activations is left; q4_0 puts those Q4_1 values on a symmetric 4-bit grid, a second 4-bit rounding.
 
 Agreement stops near 96% for 8-bit weights because this small model's next-token distributions are
 flat (perplexity 33: a tenth of the positions have a top-1/top-2 logit gap under 0.12) and a 0.5%
