@@ -25,89 +25,101 @@ struct Scratch {
   float* q;        // [kMaxRows][dp], pre-scaled, zero padded
   float* o;        // [kMaxRows][dp]
   float* kt;       // [head_dim][kBlockKeys], the key block transposed
+  float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
   float* row_max;  // [kMaxRows]
   float* row_sum;  // [kMaxRows]
+  float* corr;     // [kMaxRows], this block's rescaling of each row's running output
+  int* visible;    // [kMaxRows], keys of this block each row sees
 };
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Scores of one or two query rows against the transposed key block: 2 x kScoreVecs independent
-// accumulator chains keep the FMA units busy.
-void block_scores(const float* q0, const float* q1, int D, const float* kt, float* s0, float* s1) {
-  Vf a0[kScoreVecs], a1[kScoreVecs];
-  for (int c = 0; c < kScoreVecs; ++c) a0[c] = a1[c] = vzero();
-  if (q1) {
-    for (int d = 0; d < D; ++d) {
-      const Vf x0 = vset1(q0[d]), x1 = vset1(q1[d]);
-      const float* ktd = kt + (long)d * kBlockKeys;
-      for (int c = 0; c < kScoreVecs; ++c) {
-        const Vf k = vload(ktd + c * kLanes);
-        a0[c] = vfma(x0, k, a0[c]);
-        a1[c] = vfma(x1, k, a1[c]);
-      }
-    }
-  } else {
-    for (int d = 0; d < D; ++d) {
-      const Vf x0 = vset1(q0[d]);
-      const float* ktd = kt + (long)d * kBlockKeys;
-      for (int c = 0; c < kScoreVecs; ++c) a0[c] = vfma(x0, vload(ktd + c * kLanes), a0[c]);
+constexpr int kTileRows = 4;  // query rows per register tile: 4 x 4 vectors = 16 accumulators
+
+// s[R][kBlockKeys] = q[R][D] . kt[D][kBlockKeys] for R query rows.
+template <int R>
+void scores_tile(const float* q, int dp, int D, const float* kt, float* s) {
+  Vf acc[R][kScoreVecs];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kScoreVecs; ++c) acc[r][c] = vzero();
+  for (int d = 0; d < D; ++d) {
+    const float* ktd = kt + (long)d * kBlockKeys;
+    Vf k[kScoreVecs];
+    for (int c = 0; c < kScoreVecs; ++c) k[c] = vload(ktd + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const Vf x = vset1(q[(long)r * dp + d]);
+      for (int c = 0; c < kScoreVecs; ++c) acc[r][c] = vfma(x, k[c], acc[r][c]);
     }
   }
-  for (int c = 0; c < kScoreVecs; ++c) {
-    vstore(s0 + c * kLanes, a0[c]);
-    vstore(s1 + c * kLanes, a1[c]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kScoreVecs; ++c) vstore(s + (long)r * kBlockKeys + c * kLanes, acc[r][c]);
+}
+
+// o[r][d0 .. d0 + NV lanes) = corr[r] o[r] + sum_j p[r][j] v[j] over j < n_keys, for R rows;
+// `tail` lanes of the last vector are real (v rows end at head_dim).
+template <int R, int NV>
+void pv_tile(const float* p, const float* corr, const float* v, long v_stride, int n_keys, int tail,
+             float* o, int dp) {
+  Vf acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const Vf c = vset1(corr[r]);
+    for (int i = 0; i < NV; ++i) acc[r][i] = vmul(vload(o + (long)r * dp + i * kLanes), c);
+  }
+  for (int j = 0; j < n_keys; ++j) {
+    const float* vj = v + j * v_stride;
+    Vf x[NV];
+    for (int i = 0; i < NV - 1; ++i) x[i] = vload(vj + i * kLanes);
+    x[NV - 1] = tail == kLanes ? vload(vj + (NV - 1) * kLanes) : vload_n(vj + (NV - 1) * kLanes, tail);
+    for (int r = 0; r < R; ++r) {
+      const Vf pr = vset1(p[(long)r * kBlockKeys + j]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = vfma(pr, x[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) vstore(o + (long)r * dp + i * kLanes, acc[r][i]);
+}
+
+template <int R>
+void pv_rows(const float* p, const float* corr, const float* v, long v_stride, int n_keys, int D,
+             float* o, int dp) {
+  // Head dimensions in chunks of up to 4 vectors.
+  for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
+    const int nv = imin(4, (D - d0 + kLanes - 1) / kLanes);
+    const int tail = imin(kLanes, D - d0 - (nv - 1) * kLanes);
+    const float* vd = v + d0;
+    float* od = o + d0;
+    switch (nv) {
+      case 4: pv_tile<R, 4>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
+      case 3: pv_tile<R, 3>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
+      case 2: pv_tile<R, 2>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
+      default: pv_tile<R, 1>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
+    }
   }
 }
 
-// Online softmax update of one query row with the first `visible` scores of a key block:
-// rescales the running output and adds p_j v_j, four output vectors at a time.
-void accumulate_block(float* score, int visible, const float* v, long v_stride, int D, float* o,
-                      float& row_max, float& row_sum) {
-  // Hidden keys get -inf: their probabilities underflow to (almost exactly) zero and are skipped.
-  for (int j = visible; j < kBlockKeys; ++j) score[j] = -INFINITY;
-  Vf vmx = vload(score);
-  for (int c = 1; c < kScoreVecs; ++c) vmx = vmax(vmx, vload(score + c * kLanes));
+// Online softmax of one row's block of scores: p = exp(s - new max) on the first `visible`
+// keys (exactly 0 past them); returns the factor that rescales the row's running output.
+float softmax_block(float* s, int visible, float& row_max, float& row_sum) {
+  if (visible <= 0) {
+    for (int j = 0; j < kBlockKeys; ++j) s[j] = 0.0f;
+    return 1.0f;
+  }
+  for (int j = visible; j < kBlockKeys; ++j) s[j] = -INFINITY;
+  Vf vmx = vload(s);
+  for (int c = 1; c < kScoreVecs; ++c) vmx = vmax(vmx, vload(s + c * kLanes));
   const float block_max = vmaxr(vmx);
   const float new_max = block_max > row_max ? block_max : row_max;
   const float correction = expf(row_max - new_max);
   row_max = new_max;
   Vf vsum_p = vzero();
   for (int c = 0; c < kScoreVecs; ++c) {
-    const Vf e = vexp(vsub(vload(score + c * kLanes), vset1(new_max)));
-    vstore(score + c * kLanes, e);
+    const Vf e = vexp(vsub(vload(s + c * kLanes), vset1(new_max)));
+    vstore(s + c * kLanes, e);
     vsum_p = vadd(vsum_p, e);
   }
-  const float block_sum = vsum(vsum_p);
-  row_sum = row_sum * correction + block_sum;
-
-  const Vf corr = vset1(correction);
-  for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
-    const int nvec = imin(4, (D - d0 + kLanes - 1) / kLanes);
-    const int tail = D - d0 - (nvec - 1) * kLanes;  // lanes used in the last vector
-    Vf acc[4];
-    for (int c = 0; c < nvec; ++c) acc[c] = vmul(vload(o + d0 + c * kLanes), corr);
-    const float* vd = v + d0;
-    if (nvec == 4 && tail == kLanes) {
-      for (int j = 0; j < visible; ++j) {
-        const Vf p = vset1(score[j]);
-        const float* vj = vd + j * v_stride;
-        acc[0] = vfma(p, vload(vj), acc[0]);
-        acc[1] = vfma(p, vload(vj + kLanes), acc[1]);
-        acc[2] = vfma(p, vload(vj + 2 * kLanes), acc[2]);
-        acc[3] = vfma(p, vload(vj + 3 * kLanes), acc[3]);
-      }
-    } else {
-      for (int j = 0; j < visible; ++j) {
-        const Vf p = vset1(score[j]);
-        const float* vj = vd + j * v_stride;
-        for (int c = 0; c < nvec; ++c) {
-          const Vf x = c == nvec - 1 && tail < kLanes ? vload_n(vj + c * kLanes, tail) : vload(vj + c * kLanes);
-          acc[c] = vfma(p, x, acc[c]);
-        }
-      }
-    }
-    for (int c = 0; c < nvec; ++c) vstore(o + d0 + c * kLanes, acc[c]);
-  }
+  for (int j = visible; j < kBlockKeys; ++j) s[j] = 0.0f;  // exp's clamp leaves ~1e-38 there
+  row_sum = row_sum * correction + vsum(vsum_p);
+  return correction;
 }
 
 // score[j] += bias[clamp(rel0 + j, -R, R) + R] for j < n: the relative position bias of one row
@@ -118,6 +130,11 @@ void add_position_bias(float* score, int n, int rel0, const float* bias, int R) 
   for (; j < n && rel0 + j <= R; ++j) score[j] += bias[rel0 + j + R];
   for (; j < n; ++j) score[j] += bias[2 * R];
 }
+
+using ScoresTile = void (*)(const float*, int, int, const float*, float*);
+using PvRows = void (*)(const float*, const float*, const float*, long, int, int, float*, int);
+constexpr ScoresTile kScoresTiles[] = {nullptr, scores_tile<1>, scores_tile<2>, scores_tile<3>, scores_tile<4>};
+constexpr PvRows kPvRows[] = {nullptr, pv_rows<1>, pv_rows<2>, pv_rows<3>, pv_rows<4>};
 
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, Scratch& sc) {
   const int D = sh.head_dim, dp = padded(D);
@@ -147,22 +164,28 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       for (int j = 0; j < bk; ++j) ktd[j] = kbase[(long)(j0 + j) * s.kv_pos_stride + d];
       for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
     }
-    for (int r = 0; r < rows; r += 2) {
-      const int pair = imin(2, rows - r);
-      alignas(64) float score[2][kBlockKeys];
-      block_scores(sc.q + (long)r * dp, pair == 2 ? sc.q + (long)(r + 1) * dp : nullptr, D, sc.kt,
-                   score[0], score[1]);
-      for (int p = 0; p < pair; ++p) {
-        const int qpos = s.n_past + item.q_begin + (r + p) / group;
-        const int visible = sh.causal ? imin(bk, qpos - j0 + 1) : bk;
-        if (visible <= 0) continue;
-        if (sh.pos_bias) {
-          const int R = sh.pos_bias_radius, h = item.kv_head * group + (r + p) % group;
-          add_position_bias(score[p], visible, j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
-        }
-        accumulate_block(score[p], visible, vbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, D,
-                         sc.o + (long)(r + p) * dp, sc.row_max[r + p], sc.row_sum[r + p]);
+    for (int r = 0; r < rows; r += kTileRows) {
+      const int n = imin(kTileRows, rows - r);
+      kScoresTiles[n](sc.q + (long)r * dp, dp, D, sc.kt, sc.p + (long)r * kBlockKeys);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int qpos = s.n_past + item.q_begin + r / group;
+      const int visible = sh.causal ? imax(0, imin(bk, qpos - j0 + 1)) : bk;
+      float* score = sc.p + (long)r * kBlockKeys;
+      if (sh.pos_bias && visible > 0) {
+        const int R = sh.pos_bias_radius, h = item.kv_head * group + r % group;
+        add_position_bias(score, visible, j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
       }
+      sc.visible[r] = visible;
+      sc.corr[r] = softmax_block(score, visible, sc.row_max[r], sc.row_sum[r]);
+    }
+    const float* vblock = vbase + (long)j0 * s.kv_pos_stride;
+    for (int r = 0; r < rows; r += kTileRows) {
+      const int n = imin(kTileRows, rows - r);
+      int keys = 0;  // the tile's widest row; probabilities past a row's own visible keys are 0
+      for (int i = 0; i < n; ++i) keys = imax(keys, sc.visible[r + i]);
+      kPvRows[n](sc.p + (long)r * kBlockKeys, sc.corr + r, vblock, s.kv_pos_stride, keys, D,
+                 sc.o + (long)r * dp, dp);
     }
   }
 
@@ -197,14 +220,18 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int max_rows = group * q_block;
 #pragma omp parallel if (n_items > 1)
   {
-    const long floats = 2L * max_rows * dp + (long)sh.head_dim * kBlockKeys + 2L * max_rows;
+    const long floats = 2L * max_rows * dp + (long)sh.head_dim * kBlockKeys + (long)max_rows * kBlockKeys +
+                        4L * max_rows;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
     sc.o = sc.q + (long)max_rows * dp;
     sc.kt = sc.o + (long)max_rows * dp;
-    sc.row_max = sc.kt + (long)sh.head_dim * kBlockKeys;
+    sc.p = sc.kt + (long)sh.head_dim * kBlockKeys;
+    sc.row_max = sc.p + (long)max_rows * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
+    sc.corr = sc.row_sum + max_rows;
+    sc.visible = (int*)(sc.corr + max_rows);
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < n_items; ++i) run_item(items[i], seqs[items[i].seq], sh, sc);
     free(mem);

@@ -23,22 +23,44 @@ constexpr int NC = 4 * NR;   // columns packed together; one work item
 constexpr int MC = 16 * MR;  // rows per work item
 constexpr long kSmallM = 16; // below this, the dot-product kernel
 
-// Copies columns [n0, n0 + nc) x depth [k0, k0 + kc) of w into panels [panel][k][NR], zero padded.
+// Packed weights: for each depth block [k0, k0 + kc) (KC deep, the last one shorter), the N columns
+// as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * KC * n_pad floats and
+// panel p of it at p * kc * NR.
+inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
+
+// Packs w (all of it) into `dst`; one pass over w, done once per call and shared by every thread.
 template <typename W>
-void pack_panels(const W* w, long K, long N, long n0, int nc, long k0, int kc, float* dst) {
-  const int panels = (nc + NR - 1) / NR;
-  for (int p = 0; p < panels; ++p) {
-    float* panel = dst + (long)p * kc * NR;
-    for (int j = 0; j < NR; ++j) {
-      const long col = n0 + (long)p * NR + j;
-      if (col < N && p * NR + j < nc) {
-        const W* src = w + col * K + k0;
-        for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
-      } else {
-        for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
+void pack_weights(const W* w, long K, long N, float* dst) {
+  const long n_pad = padded_cols(N), panels = n_pad / NR, k_blocks = (K + KC - 1) / KC;
+#pragma omp for schedule(static) collapse(2)
+  for (long kb = 0; kb < k_blocks; ++kb) {
+    for (long p = 0; p < panels; ++p) {
+      const long k0 = kb * KC;
+      const int kc = (int)lmin(KC, K - k0);
+      float* panel = dst + kb * KC * n_pad + p * kc * NR;
+      for (int j = 0; j < NR; ++j) {
+        const long col = p * NR + j;
+        if (col < N) {
+          const W* src = w + col * K + k0;
+          for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
+        } else {
+          for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
+        }
       }
     }
   }
+}
+
+// Scratch for the packed weights of the calling thread's current GEMM; grows, never shrinks.
+float* packing_buffer(long floats) {
+  static thread_local float* buffer = nullptr;
+  static thread_local long capacity = 0;
+  if (floats > capacity) {
+    free(buffer);
+    capacity = floats;
+    buffer = (float*)aligned_alloc(64, (sizeof(float) * capacity + 63) / 64 * 64);
+  }
+  return buffer;
 }
 
 // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
@@ -103,11 +125,13 @@ using Tiles = TileTable<1, 2, 3, 4>;
 template <typename W>
 void linear_packed(const float* x, long M, long K, const W* w, long N, const float* bias,
                    float* y, long ldy, bool accumulate) {
+  const long n_pad = padded_cols(N);
+  float* packed = packing_buffer(n_pad * K);
   const long n_chunks = (N + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
 #pragma omp parallel
   {
-    float* packed = (float*)aligned_alloc(64, sizeof(float) * NC * KC);
+    pack_weights(w, K, N, packed);  // ends with the omp for's barrier
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (long ci = 0; ci < n_chunks; ++ci) {
       for (long mb = 0; mb < m_blocks; ++mb) {
@@ -118,12 +142,13 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
         for (long k0 = 0; k0 < K; k0 += KC) {
           const int kc = (int)lmin(KC, K - k0);
           const bool first = k0 == 0;
-          pack_panels(w, K, N, n0, nc, k0, kc, packed);
-          for (long m0 = mb * MC; m0 < m_end; m0 += MR) {
-            const int rows = (int)lmin(MR, m_end - m0);
-            for (int p = 0; p < panels; ++p) {
-              const long col = n0 + (long)p * NR;
-              Tiles::fns[rows](x + m0 * K + k0, K, packed + (long)p * kc * NR, kc, y + m0 * ldy + col,
+          const float* block = packed + k0 * n_pad + n0 * kc;  // panel n0 / NR of depth block k0 / KC
+          // A panel of w (kc x NR, in L1) meets every row tile of the block's rows (in L2).
+          for (int p = 0; p < panels; ++p) {
+            const long col = n0 + (long)p * NR;
+            for (long m0 = mb * MC; m0 < m_end; m0 += MR) {
+              const int rows = (int)lmin(MR, m_end - m0);
+              Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc, y + m0 * ldy + col,
                                ldy, imin(NR, nc - p * NR), !first || accumulate,
                                first && bias ? bias + col : nullptr);
             }
@@ -131,7 +156,6 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
         }
       }
     }
-    free(packed);
   }
 }
 

@@ -214,7 +214,9 @@ static inline Vf vload_n(const H* p, int n) {
 
 // e^x with a relative error of a few ulp: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial.
 static inline Vf vexp(Vf x) {
-  x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-87.3365447504019f));
+  // The lower clamp keeps n >= -125, so the result (>= 2^-125 e^(-ln2/2)) is never subnormal:
+  // subnormal results and operands cost a microcode assist each on x86.
+  x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-86.6f));
   const Vf n = vround(vmul(x, vset1(1.44269504088896341f)));
   Vf r = vfma(n, vset1(-0.693359375f), x);  // ln2 split in two for an exact product
   r = vfma(n, vset1(2.12194440e-4f), r);
@@ -250,6 +252,7 @@ static inline Vf vtanh(Vf x) {
 }
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS
