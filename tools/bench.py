@@ -499,7 +499,7 @@ def method_lines(spec):
             f"- **decode, batch 8**: {len(spec['batch_prompts'])} different prompts cut to the same length "
             f"({len(spec['batch_prompts'][0])} tokens, so no padding), {spec['batch_new_tokens']} new tokens each, "
             f"one batched generate call; (8 × {spec['batch_new_tokens']}) / total time, prefill included.",
-            "- **peak RSS**: `ru_maxrss` of a separate process per engine that imports the engine, loads the model "
+            "- **peak RSS**: the high-water mark of resident memory (`VmHWM`) of a separate process per engine that imports the engine, loads the model "
             "and runs the batch-1 decode once. pyxf memory-maps its float32 file (the pages it reads count as "
             "resident); transformers holds the dequantized float32 weights in its own memory.",
         ]
