@@ -65,15 +65,13 @@ static inline __m256i unpack_nibbles(const uint8_t* qs) {
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
   return _mm256_set_m128i(hi, lo);
 }
-static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq) {
+template <QuantFormat F>
+static inline IVec block_dot(const uint8_t* wb, const int8_t* xq) {
   const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
-  switch (f) {
-    case QuantFormat::kQ8_0: return dot_s8s8(_mm256_loadu_si256((const __m256i*)(wb + 2)), x);
-    case QuantFormat::kQ4_0: return dot_u8s8(unpack_nibbles(wb + 2), x);  // the -8 is applied as an offset
-    case QuantFormat::kQ4_1: return dot_u8s8(unpack_nibbles(wb + 4), x);
-    case QuantFormat::kInt8:
-    default: return dot_s8s8(_mm256_loadu_si256((const __m256i*)wb), x);
-  }
+  if constexpr (F == QuantFormat::kQ8_0) return dot_s8s8(_mm256_loadu_si256((const __m256i*)(wb + 2)), x);
+  if constexpr (F == QuantFormat::kQ4_0) return dot_u8s8(unpack_nibbles(wb + 2), x);  // -8: an offset
+  if constexpr (F == QuantFormat::kQ4_1) return dot_u8s8(unpack_nibbles(wb + 4), x);
+  if constexpr (F == QuantFormat::kInt8) return dot_s8s8(_mm256_loadu_si256((const __m256i*)wb), x);
 }
 struct FAcc {
   __m256 v;
@@ -90,23 +88,16 @@ static inline float facc_sum(FAcc a) {
 }
 #else
 using IVec = int;
-static inline IVec block_dot(QuantFormat f, const uint8_t* wb, const int8_t* xq) {
+template <QuantFormat F>
+static inline IVec block_dot(const uint8_t* wb, const int8_t* xq) {
   int sum = 0;
-  switch (f) {
-    case QuantFormat::kQ8_0:
-      for (int i = 0; i < QK; ++i) sum += (int)((const int8_t*)(wb + 2))[i] * xq[i];
-      break;
-    case QuantFormat::kQ4_0:
-    case QuantFormat::kQ4_1: {
-      // Raw nibbles: q4_0's -8 is applied by the caller as an offset, like q4_1's m.
-      const uint8_t* qs = wb + (f == QuantFormat::kQ4_0 ? 2 : 4);
-      for (int i = 0; i < QK / 2; ++i) sum += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + QK / 2];
-      break;
-    }
-    case QuantFormat::kInt8:
-    default:
-      for (int i = 0; i < QK; ++i) sum += (int)((const int8_t*)wb)[i] * xq[i];
-      break;
+  if constexpr (F == QuantFormat::kQ4_0 || F == QuantFormat::kQ4_1) {
+    // Raw nibbles: q4_0's -8 is applied by the caller as an offset, like q4_1's m.
+    const uint8_t* qs = wb + (F == QuantFormat::kQ4_0 ? 2 : 4);
+    for (int i = 0; i < QK / 2; ++i) sum += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + QK / 2];
+  } else {
+    const int8_t* q = (const int8_t*)(F == QuantFormat::kQ8_0 ? wb + 2 : wb);
+    for (int i = 0; i < QK; ++i) sum += (int)q[i] * xq[i];
   }
   return sum;
 }
@@ -118,7 +109,7 @@ static inline void facc_add(FAcc& a, IVec i, float scale) { a.v += (float)i * sc
 static inline float facc_sum(FAcc a) { return a.v; }
 #endif
 
-int block_bytes(QuantFormat f) {
+constexpr int block_bytes(QuantFormat f) {
   switch (f) {
     case QuantFormat::kQ8_0: return 2 + QK;
     case QuantFormat::kQ4_0: return 2 + QK / 2;
@@ -128,15 +119,16 @@ int block_bytes(QuantFormat f) {
   }
 }
 
+constexpr int kPrefetchBytes = 4096;
+
 // Tile: XR activation rows x WR weight rows, all blocks of K.
-template <int XR, int WR>
-void quant_tile(QuantFormat f, const QuantRow* xr, const uint8_t* w, long row_bytes,
-                const float* row_scales, long nblocks, float* y, long ldy, const float* bias,
-                bool accumulate) {
-  const int bb = block_bytes(f);
-  FAcc acc[XR][WR];
+template <QuantFormat F, int XR, int WR>
+void quant_tile(const QuantRow* xr, const uint8_t* w, long row_bytes, const float* row_scales,
+                long nblocks, float* y, long ldy, const float* bias, bool accumulate) {
+  constexpr int bb = block_bytes(F);
   // q4_0 / q4_1: sum over blocks of m * dx * sum(q), with m = -8 d for q4_0.
-  const bool has_offset = f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1;
+  constexpr bool has_offset = F == QuantFormat::kQ4_0 || F == QuantFormat::kQ4_1;
+  FAcc acc[XR][WR];
   float offset[XR][WR];
   for (int i = 0; i < XR; ++i)
     for (int j = 0; j < WR; ++j) { acc[i][j] = facc_zero(); offset[i][j] = 0.0f; }
@@ -145,14 +137,18 @@ void quant_tile(QuantFormat f, const QuantRow* xr, const uint8_t* w, long row_by
     float dw[WR], mw[WR];
     for (int j = 0; j < WR; ++j) {
       wb[j] = w + j * row_bytes + b * bb;
-      dw[j] = f == QuantFormat::kInt8 ? 1.0f : half_to_float(load_u16(wb[j]));
-      mw[j] = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(wb[j] + 2)) : -8.0f * dw[j];
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+      // Decode reads each weight once from memory: ask for it well ahead of its use.
+      _mm_prefetch((const char*)(wb[j] + kPrefetchBytes), _MM_HINT_T0);
+#endif
+      dw[j] = F == QuantFormat::kInt8 ? 1.0f : half_to_float(load_u16(wb[j]));
+      mw[j] = F == QuantFormat::kQ4_1 ? half_to_float(load_u16(wb[j] + 2)) : -8.0f * dw[j];
     }
     for (int i = 0; i < XR; ++i) {
       const int8_t* xq = xr[i].q + b * QK;
       const float dx = xr[i].d[b];
       for (int j = 0; j < WR; ++j) {
-        facc_add(acc[i][j], block_dot(f, wb[j], xq), dw[j] * dx);
+        facc_add(acc[i][j], block_dot<F>(wb[j], xq), dw[j] * dx);
         if (has_offset) offset[i][j] += mw[j] * xr[i].s[b];
       }
     }
@@ -174,19 +170,39 @@ constexpr int kXR = 2;
 #endif
 constexpr int kWR = 4;
 
-template <int WR>
-void quant_rows(QuantFormat f, const QuantRow* xr, long M, const uint8_t* w, long row_bytes,
-                const float* row_scales, long nblocks, float* y, long ldy, const float* bias,
-                bool accumulate) {
+template <QuantFormat F, int WR>
+void quant_rows(const QuantRow* xr, long M, const uint8_t* w, long row_bytes, const float* row_scales,
+                long nblocks, float* y, long ldy, const float* bias, bool accumulate) {
   long m = 0;
   for (; m + kXR <= M; m += kXR) {
-    quant_tile<kXR, WR>(f, xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
+    quant_tile<F, kXR, WR>(xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
   }
   for (; m < M; ++m) {
-    quant_tile<1, WR>(f, xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
+    quant_tile<F, 1, WR>(xr + m, w, row_bytes, row_scales, nblocks, y + m * ldy, ldy, bias, accumulate);
   }
 }
 
+// Few rows (decode): every weight row read once, 4 at a time, against all M activation rows.
+template <QuantFormat F>
+void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const float* bias, float* y,
+                    bool accumulate) {
+  const long K = w.cols, N = w.rows, nblocks = K / QK;
+  const long row_bytes = quant_row_bytes(F, K);
+  const long wblocks = (N + kWR - 1) / kWR;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+  for (long wbk = 0; wbk < wblocks; ++wbk) {
+    const long n = wbk * kWR;
+    const uint8_t* wn = w.data + n * row_bytes;
+    const float* sc = w.row_scales ? w.row_scales + n : nullptr;
+    const float* bn = bias ? bias + n : nullptr;
+    switch (lmin(kWR, N - n)) {
+      case 4: quant_rows<F, 4>(rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      case 3: quant_rows<F, 3>(rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      case 2: quant_rows<F, 2>(rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+      default: quant_rows<F, 1>(rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
+    }
+  }
+}
 
 #if defined(PYXF_TARGET_avx512)
 // ---- Many rows on AVX-512 VNNI: an int8 GEMM. ----
@@ -417,8 +433,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #endif
     return;
   }
-  const long K = w.cols, N = w.rows, nblocks = K / QK;
-  const long row_bytes = quant_row_bytes(w.format, K);
+  const long K = w.cols, nblocks = K / QK;
   int8_t* xq = (int8_t*)malloc(M * K + 64);
   float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
   float* xs = xd + M * nblocks;
@@ -428,19 +443,12 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
     quantize_row(x + m * K, K, xq + m * K, xd + m * nblocks, xs + m * nblocks);
     rows[m] = {xq + m * K, xd + m * nblocks, xs + m * nblocks};
   }
-  const long wblocks = (N + kWR - 1) / kWR;
-#pragma omp parallel for schedule(static) if (N * K > 32768)
-  for (long wbk = 0; wbk < wblocks; ++wbk) {
-    const long n = wbk * kWR;
-    const uint8_t* wn = w.data + n * row_bytes;
-    const float* sc = w.row_scales ? w.row_scales + n : nullptr;
-    const float* bn = bias ? bias + n : nullptr;
-    switch (lmin(kWR, N - n)) {
-      case 4: quant_rows<4>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
-      case 3: quant_rows<3>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
-      case 2: quant_rows<2>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
-      default: quant_rows<1>(w.format, rows, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate); break;
-    }
+  switch (w.format) {
+    case QuantFormat::kQ8_0: quant_few_rows<QuantFormat::kQ8_0>(rows, M, w, bias, y, accumulate); break;
+    case QuantFormat::kQ4_0: quant_few_rows<QuantFormat::kQ4_0>(rows, M, w, bias, y, accumulate); break;
+    case QuantFormat::kQ4_1: quant_few_rows<QuantFormat::kQ4_1>(rows, M, w, bias, y, accumulate); break;
+    case QuantFormat::kInt8:
+    default: quant_few_rows<QuantFormat::kInt8>(rows, M, w, bias, y, accumulate); break;
   }
   free(rows);
   free(xd);
