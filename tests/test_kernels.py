@@ -1,7 +1,7 @@
 """The float kernels (`pyxf._core.ops`) under every ISA the CPU offers, against float64 numpy and
 torch/transformers references, and each SIMD path against the portable (generic) one.
 
-Shapes are chosen to hit every code path: the dot-product GEMM (M < 16) and the packed one (M >= 16)
+Shapes are chosen to hit every code path: the dot-product GEMM (M < 160) and the packed one (M >= 160)
 with K and N that fill no vector, no register tile and no cache block evenly; attention with one
 query against many keys (decode), query counts crossing the 64-key and query-block tiles, GQA, MQA and
 MHA, head dims from 7 to 256; RoPE in both layouts with partial rotation.
@@ -96,10 +96,10 @@ def test_isa_selection():
 
 
 LINEAR_SHAPES = [
-    # small-M (dot product) path
-    (1, 7, 33), (1, 577, 1000), (3, 1000, 7), (7, 33, 577), (15, 577, 33),
+    # small-M (dot product) path: M below 160
+    (1, 7, 33), (1, 577, 1000), (3, 1000, 7), (7, 33, 577), (15, 577, 33), (64, 1000, 33), (159, 577, 577),
     # packed path: M at and past the threshold, past one row block, K past one depth block
-    (16, 7, 7), (16, 577, 1000), (17, 33, 577), (64, 1000, 33), (129, 577, 577), (200, 300, 1000),
+    (160, 7, 7), (160, 577, 1000), (161, 33, 577), (300, 577, 577), (333, 300, 1000),
 ]
 
 

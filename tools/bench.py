@@ -24,6 +24,8 @@ Workloads (SmolLM2-135M-Instruct by default):
            (sentence-transformers), ONNX Runtime (the HF model exported with torch.onnx.export and
            fused by onnxruntime's BERT optimizer, cached) and CTranslate2 (its TransformersConverter,
            cached; Encoder.forward_batch); those two run this workload only.
+  translate  tools/bench_seq2seq.py: a Marian-sized random model, 64 sources, greedy and beam 4, target
+           tokens/s of pyxf, transformers and CTranslate2; its table is added to the report.
 
 Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1
 (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 GGUF files of
@@ -55,7 +57,7 @@ sys.path.insert(0, str(HERE))
 import bench_peers  # noqa: E402
 import bench_quant  # noqa: E402
 
-WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode")
+WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate")
 DECODER_WORKLOADS = ("decode", "prefill", "batch8", "memory")
 DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_quant.QUANT_ENGINE_NAMES)
 ENCODE = {"sentences": 512, "min_words": 40, "max_words": 120, "batch": 32, "max_length": 128}
@@ -93,9 +95,11 @@ PREFILL_TEXT = (
     "planted as pieces of last year's crop. Good soil matters more than anything else: compost made from "
     "kitchen scraps and fallen leaves feeds the worms and fungi that keep the earth loose and rich. "
 )
-QUICK = {"decode_new_tokens": 16, "batch_new_tokens": 16, "prefill_tokens": 64, "repeat": 1, "encode_sentences": 64}
+QUICK = {"decode_new_tokens": 16, "batch_new_tokens": 16, "prefill_tokens": 64, "repeat": 1, "encode_sentences": 64,
+         "translate_new_tokens": 8}
 FULL = {"decode_new_tokens": 128, "batch_new_tokens": 128, "prefill_tokens": 512, "repeat": 3,
-        "encode_sentences": ENCODE["sentences"]}
+        "encode_sentences": ENCODE["sentences"], "translate_new_tokens": 32}
+TRANSLATE_ENGINES = ("pyxf", "torch", "ctranslate2")  # tools/bench_seq2seq.py's engines
 WORKER_TIMEOUT_S = 1800
 
 
@@ -654,6 +658,7 @@ def main(argv=None):
             agreement = encode_agreement(args.engines, workdir)
             for engine, cosine in agreement.items():
                 records[engine]["encode_min_cosine"] = cosine
+    translation = run_translation(args) if "translate" in args.workloads else None
     loads.append(os.getloadavg()[0])
     for engine in ("pyxf", "torch"):  # float32 engines reading the float32 weights
         if engine in records and base["model_dir"] and "decode" in records[engine]["results"]:
@@ -671,11 +676,37 @@ def main(argv=None):
         output = Path(args.output)
         plot = output.with_suffix(".png")
         plot_name = plot.name if write_plot(plot, args.engines, records, spec) else None
-        output.write_text(report(args, spec, machine, records, started, loads, plot_name))
+        text = report(args, spec, machine, records, started, loads, plot_name)
+        if translation:
+            text = text.replace("## Machine\n", translation + "\n## Machine\n", 1)
+        output.write_text(text)
         print(f"bench: wrote {output}" + (f" and {plot}" if plot_name else " (no matplotlib: no plot)"), file=sys.stderr)
     else:
         print(details_table(args.engines, records, spec))
+        if translation:
+            print(translation)
     return 0
+
+
+def run_translation(args):
+    """The translation section (Markdown) from tools/bench_seq2seq.py, run with the same threads and
+    repetitions; None when it fails (its error is printed)."""
+    engines = [e for e in TRANSLATE_ENGINES if e in args.engines]
+    if "pyxf" not in engines:
+        return None
+    print(f"bench: translate: {', '.join(engines)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="pyxf-bench-s2s-") as tmp:
+        out = Path(tmp) / "translate.md"
+        command = [sys.executable, str(HERE / "bench_seq2seq.py"), "--threads", str(args.threads), "--repeat",
+                   str(args.repeat), "--new-tokens", str(args.sizes["translate_new_tokens"]), "--engines",
+                   ",".join(engines), "--output", str(out)]
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0 or not out.is_file():
+            print(f"bench: translate failed: {proc.stderr[-3000:]}", file=sys.stderr)
+            return None
+        command[1] = "tools/bench_seq2seq.py"
+        return out.read_text() + "\nCommand: `" + " ".join(shlex.quote(c) for c in ["python", *command[1:-2]]) + "`\n"
 
 
 if __name__ == "__main__":

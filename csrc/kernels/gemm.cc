@@ -21,7 +21,7 @@ constexpr int NR = 2 * kLanes;
 constexpr int KC = 256;      // depth of one packed block: an NR x KC panel stays in L1/L2
 constexpr int NC = 4 * NR;   // columns packed together; one work item
 constexpr int MC = 16 * MR;  // rows per work item
-constexpr long kSmallM = 16; // below this, the dot-product kernel
+constexpr long kSmallM = 160; // below this, the dot-product kernel: packing w costs more than it saves
 
 // Packed weights: for each depth block [k0, k0 + kc) (KC deep, the last one shorter), the N columns
 // as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * KC * n_pad floats and

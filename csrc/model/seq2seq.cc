@@ -1,5 +1,7 @@
 #include "model/seq2seq.h"
 
+#include "runtime/profile.h"
+
 #include <stdexcept>
 #include <utility>
 
@@ -19,6 +21,7 @@ Seq2SeqModel::Seq2SeqModel(Transformer encoder, Transformer decoder, std::vector
 
 void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Workspace& ws,
                           EncodedSources& out) const {
+  StageTimer timer(Stage::kEncode);
   const ModelConfig& c = decoder_.config();
   const long H = c.hidden_size, kv2 = 2L * c.kv_dim();
   const int n = (int)sources.size();
@@ -40,6 +43,7 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
 
 void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int n, const EncodedSources& enc,
                                          Workspace& ws, long rows) const {
+  StageTimer timer(Stage::kCrossAttention);
   const ModelConfig& c = decoder_.config();
   const CrossAttentionWeights& W = cross_[layer];
   const long H = c.hidden_size, D = c.head_dim, qd = c.q_dim(), kv2 = 2L * c.kv_dim();

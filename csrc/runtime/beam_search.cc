@@ -6,6 +6,8 @@
 #include <memory>
 #include <stdexcept>
 
+#include "runtime/profile.h"
+
 namespace pyxf {
 
 namespace {
@@ -130,7 +132,10 @@ std::vector<std::vector<Hypothesis>> generate_single(const Seq2SeqModel& model, 
     }
     if (batch.empty()) break;
     logits.resize((size_t)batch.size() * V);
-    model.decode(batch.data(), (int)batch.size(), enc, ws, logits.data());
+    {
+      StageTimer timer(Stage::kForward);
+      model.decode(batch.data(), (int)batch.size(), enc, ws, logits.data());
+    }
 #pragma omp parallel for schedule(dynamic, 1) if (batch.size() > 1)
     for (long b = 0; b < (long)batch.size(); ++b) {
       Hyp& h = hyps[index[b]];
@@ -232,7 +237,10 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
     }
     if (batch.empty()) break;
     logits.resize((size_t)batch.size() * V);
-    model.decode(batch.data(), (int)batch.size(), enc, ws, logits.data());
+    {
+      StageTimer timer(Stage::kForward);
+      model.decode(batch.data(), (int)batch.size(), enc, ws, logits.data());
+    }
 
     // Log-probabilities, processors, and each beam's best K continuations.
     const int per_row = step == 0 ? B : 1;

@@ -16,7 +16,8 @@ Profile& profile() {
 
 const char* stage_name(Stage s) {
   static const char* names[] = {"embed", "norm", "qkv", "rope", "cache_write", "attention", "attn_out",
-                                "ffn_up", "activation", "ffn_down", "head", "sample", "forward"};
+                                "ffn_up", "activation", "ffn_down", "head", "sample", "forward",
+                                "cross_attention", "encode", "beam_search"};
   return names[(int)s];
 }
 

@@ -6,7 +6,8 @@
 namespace pyxf {
 
 enum class Stage : int { kEmbed, kNorm, kQkv, kRope, kCacheWrite, kAttention, kAttnOut, kFfnUp,
-                         kActivation, kFfnDown, kHead, kSample, kForward, kCount };
+                         kActivation, kFfnDown, kHead, kSample, kForward, kCrossAttention, kEncode, kBeamSearch,
+                         kCount };
 
 struct Profile {
   bool enabled = false;
