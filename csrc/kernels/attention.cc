@@ -159,9 +159,15 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   const int n_keys = sh.causal ? last_pos + 1 : s.n_keys;
   for (int j0 = 0; j0 < n_keys; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, n_keys - j0);
+    // The key block transposed: whole vectors of keys by gathers, the rest one by one.
+    const int bk_vec = bk / kLanes * kLanes;
+    const float* kblock = kbase + (long)j0 * s.kv_pos_stride;
     for (int d = 0; d < D; ++d) {
       float* ktd = sc.kt + (long)d * kBlockKeys;
-      for (int j = 0; j < bk; ++j) ktd[j] = kbase[(long)(j0 + j) * s.kv_pos_stride + d];
+      for (int j = 0; j < bk_vec; j += kLanes) {
+        vstore(ktd + j, vgather(kblock + (long)j * s.kv_pos_stride + d, s.kv_pos_stride));
+      }
+      for (int j = bk_vec; j < bk; ++j) ktd[j] = kblock[(long)j * s.kv_pos_stride + d];
       for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
     }
     for (int r = 0; r < rows; r += kTileRows) {

@@ -46,6 +46,12 @@ static inline Vf vpow2i(Vf n, Vf p) { return {_mm512_scalef_ps(p.v, n.v)}; }
 static inline Vf vround(Vf a) {
   return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
+// Lane i = p[i * stride] (stride in floats, i * stride within int32).
+static inline Vf vgather(const float* p, long stride) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32((int)stride));
+  return {_mm512_i32gather_ps(idx, p, 4)};
+}
 
 #elif defined(PYXF_TARGET_avx2)
 
@@ -94,6 +100,10 @@ static inline Vf vpow2i(Vf n, Vf p) {
 static inline Vf vround(Vf a) {
   return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
+static inline Vf vgather(const float* p, long stride) {
+  const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)stride));
+  return {_mm256_i32gather_ps(p, idx, 4)};
+}
 
 #else  // portable: plain loops the compiler vectorizes for the baseline ISA
 
@@ -120,6 +130,7 @@ static inline Vf vfma(Vf a, Vf b, Vf c) { PYXF_LANEWISE(a.v[i] * b.v[i] + c.v[i]
 static inline Vf vcopysign(Vf mag, Vf sign) { PYXF_LANEWISE(copysignf(mag.v[i], sign.v[i])); }
 static inline Vf vpow2i(Vf n, Vf p) { PYXF_LANEWISE(ldexpf(p.v[i], (int)n.v[i])); }
 static inline Vf vround(Vf a) { PYXF_LANEWISE(nearbyintf(a.v[i])); }
+static inline Vf vgather(const float* p, long stride) { PYXF_LANEWISE(p[i * stride]); }
 #undef PYXF_LANEWISE
 static inline float vsum(Vf a) {
   float s = 0.0f;
