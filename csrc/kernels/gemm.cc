@@ -38,6 +38,15 @@ void pack_weights(const W* w, long K, long N, float* dst) {
       const long k0 = kb * KC;
       const int kc = (int)lmin(KC, K - k0);
       float* panel = dst + kb * KC * n_pad + p * kc * NR;
+      if constexpr (sizeof(W) == sizeof(float)) {
+        if ((p + 1) * NR <= N) {  // a whole panel of float columns: transposed by gathers
+          const float* src = w + p * NR * K + k0;
+          for (int k = 0; k < kc; ++k) {
+            for (int h = 0; h < NR; h += kLanes) vstore(panel + k * NR + h, vgather(src + h * K + k, K));
+          }
+          continue;
+        }
+      }
       for (int j = 0; j < NR; ++j) {
         const long col = p * NR + j;
         if (col < N) {
