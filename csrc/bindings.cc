@@ -556,6 +556,21 @@ void bind_ops(py::module_& ops) {
     kernels::active().softmax(y.mutable_data(), x.shape(0), x.shape(1));
     return y;
   });
+  ops.def("log_softmax", [=](FloatArray x) {
+    check_2d(x, "x");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    for (long r = 0; r < x.shape(0); ++r) kernels::active().log_softmax(y.mutable_data() + r * x.shape(1), x.shape(1));
+    return y;
+  });
+  ops.def("logsumexp", [=](FloatArray x) {
+    check_2d(x, "x");
+    py::array_t<float> y(x.shape(0));
+    for (long r = 0; r < x.shape(0); ++r) {
+      y.mutable_data()[r] = kernels::active().logsumexp(x.data() + r * x.shape(1), x.shape(1));
+    }
+    return y;
+  });
   ops.def("activation", [](FloatArray x, const std::string& kind) {
     py::array_t<float> y(std::vector<ssize_t>(x.shape(), x.shape() + x.ndim()));
     std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));

@@ -209,6 +209,28 @@ def test_softmax(isa, rows, n):
     assert_matches_generic(isa, ops.softmax, x)
 
 
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (4, 33), (2, 1000), (3, 32000)])
+def test_log_softmax_and_logsumexp(isa, rows, n):
+    """Beam search's log-probabilities over a whole vocabulary, against torch in float64."""
+    rng = rng_for("log_softmax", rows, n)
+    x = randn(rng, rows, n, scale=10.0)
+    x[0, 0] = 80.0
+    if n > 2:
+        x[-1, 1] = -np.inf  # a banned token stays at -inf
+    xt = torch.from_numpy(x).double()
+    ref = torch.log_softmax(xt, -1).numpy()
+    y = ops.log_softmax(x)
+    finite = np.isfinite(ref)
+    assert np.array_equal(np.isfinite(y), finite)
+    # Absolute: log-probabilities near 0 carry the rounding of max + log(sum).
+    np.testing.assert_allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ops.logsumexp(x), torch.logsumexp(xt, -1).numpy(), rtol=1e-6, atol=1e-5)
+    all_banned = np.full((1, n), -np.inf, dtype=np.float32)
+    assert np.all(ops.log_softmax(all_banned) == -np.inf)
+    if isa != "generic":
+        np.testing.assert_allclose(y, on_generic(ops.log_softmax, x), rtol=1e-5, atol=1e-5)
+
+
 TORCH_ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,

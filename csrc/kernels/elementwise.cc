@@ -156,6 +156,47 @@ void softmax(float* x, long rows, long n) {
   }
 }
 
+// max(x) and log(sum(exp(x - max))); max is -inf when every entry is.
+void max_and_log_sum(const float* x, long n, float* max_out, float* log_sum_out) {
+  Vf vmx = vset1(-INFINITY);
+  long i = 0;
+  for (; i + kLanes <= n; i += kLanes) vmx = vmax(vmx, vload(x + i));
+  float mx = vmaxr(vmx);
+  for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  *max_out = mx;
+  *log_sum_out = 0.0f;
+  if (!(mx > -INFINITY)) return;
+  // Float lanes, added up in double per 1024 entries: a long row (a vocabulary) loses no more
+  // than a float sum of one chunk.
+  const Vf vm = vset1(mx);
+  double total = 0.0;
+  for (i = 0; i + kLanes <= n;) {
+    Vf acc = vzero();
+    const long end = lmin(n / kLanes * kLanes, i + 1024);
+    for (; i < end; i += kLanes) acc = vadd(acc, vexp(vsub(vload(x + i), vm)));
+    total += vsum(acc);
+  }
+  for (; i < n; ++i) total += expf(x[i] - mx);
+  *log_sum_out = logf((float)total);
+}
+
+float logsumexp(const float* x, long n) {
+  float mx, log_sum;
+  max_and_log_sum(x, n, &mx, &log_sum);
+  return mx + log_sum;
+}
+
+void log_softmax(float* x, long n) {
+  float mx, log_sum;
+  max_and_log_sum(x, n, &mx, &log_sum);
+  if (!(mx > -INFINITY)) return;  // nothing possible: the row stays at -inf
+  // (x - max) - log(sum), in torch's order of operations.
+  const Vf vm = vset1(mx), vl = vset1(log_sum);
+  long i = 0;
+  for (; i + kLanes <= n; i += kLanes) vstore(x + i, vsub(vsub(vload(x + i), vm), vl));
+  for (; i < n; ++i) x[i] = (x[i] - mx) - log_sum;
+}
+
 void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
           const int32_t* pos, const float* inv_freq, float scaling, bool interleaved) {
   const int half = rot_dim / 2;
@@ -212,6 +253,8 @@ void fill_table(KernelTable* t) {
   t->activation = activation;
   t->gated_activation = gated_activation;
   t->softmax = softmax;
+  t->log_softmax = log_softmax;
+  t->logsumexp = logsumexp;
   t->rope = rope;
   t->attention = attention;
   t->linear_quant = linear_quant;

@@ -74,6 +74,9 @@ struct KernelTable {
   // out[r][j] = act(gu[r][j]) * gu[r][n + j] for rows of width 2n (gate half, then up half).
   void (*gated_activation)(const float* gu, long rows, long n, Activation act, float* out);
   void (*softmax)(float* x, long rows, long n);
+  // x <- log_softmax(x) of one row, on the calling thread (callers parallelize over rows).
+  void (*log_softmax)(float* x, long n);
+  float (*logsumexp)(const float* x, long n);  // log(sum(exp(x))), one row, calling thread
   // Rotates `n_heads` heads of each row in place; row r is at position pos[r].
   void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
                const int32_t* pos, const float* inv_freq, float scaling, bool interleaved);

@@ -29,15 +29,7 @@ void copy_cache(KVCache& src, KVCache& dst, const ModelConfig& c) {
 }
 
 // x <- log_softmax(x), as torch computes it: (x - max) - log(sum(exp(x - max))).
-void log_softmax(float* x, int n) {
-  float mx = -INFINITY;
-  for (int i = 0; i < n; ++i) mx = std::max(mx, x[i]);
-  if (!(mx > -INFINITY)) return;  // nothing possible: leave the row at -inf
-  double sum = 0.0;
-  for (int i = 0; i < n; ++i) sum += std::exp((double)(x[i] - mx));
-  const float log_sum = (float)std::log(sum);
-  for (int i = 0; i < n; ++i) x[i] = (x[i] - mx) - log_sum;
-}
+void log_softmax(float* x, int n) { kernels::active().log_softmax(x, n); }
 
 // Bans every token that would repeat an n-gram of `history` (decoder start token included), as
 // transformers' NoRepeatNGramLogitsProcessor does.
@@ -142,11 +134,7 @@ std::vector<std::vector<Hypothesis>> generate_single(const Seq2SeqModel& model, 
       float* row = &logits[b * V];
       process_row(row, V, h.history, step, o);
       // The model's log-probability of the chosen token (after the processors above).
-      float mx = -INFINITY;
-      for (int t = 0; t < V; ++t) mx = std::max(mx, row[t]);
-      double sum = 0.0;
-      for (int t = 0; t < V; ++t) sum += std::exp((double)(row[t] - mx));
-      const float log_z = mx + (float)std::log(sum);
+      const float log_z = kernels::active().logsumexp(row, V);
       std::vector<float> raw;
       const int token = [&] {
         if (o.sampling.repetition_penalty == 1.0f && o.sampling.temperature <= 0.0f) return h.sampler.sample(row);
