@@ -33,6 +33,12 @@ def _use_source_tree():
 _use_source_tree()
 
 
+def pytest_sessionstart(session):
+    """In CI (CI set), a missing extension is a failure: its tests would otherwise all skip."""
+    if os.environ.get("CI") and importlib.util.find_spec("pyxf._core") is None:
+        pytest.exit("CI: pyxf._core cannot be imported (is pyxf installed?); refusing to skip its tests", returncode=1)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """tiny_models(spec) -> (hf_dir, pyxf_dir): a small random Hugging Face model built from a
