@@ -60,16 +60,25 @@ void pack_weights(const W* w, long K, long N, float* dst) {
   }
 }
 
-// Scratch for the packed weights of the calling thread's current GEMM; grows, never shrinks.
+// Scratch for the packed weights of the calling thread's GEMMs: kept between calls up to
+// kKeptPackingFloats (every layer's weights of the models we run fit); a larger request (a
+// vocabulary-sized head over many rows) gets its own allocation, freed by release_packing_buffer.
+constexpr long kKeptPackingFloats = 4L << 20;  // 16 MiB
+
 float* packing_buffer(long floats) {
   static thread_local float* buffer = nullptr;
   static thread_local long capacity = 0;
+  if (floats > kKeptPackingFloats) return (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
   if (floats > capacity) {
     free(buffer);
     capacity = floats;
     buffer = (float*)aligned_alloc(64, (sizeof(float) * capacity + 63) / 64 * 64);
   }
   return buffer;
+}
+
+void release_packing_buffer(float* buffer, long floats) {
+  if (floats > kKeptPackingFloats) free(buffer);
 }
 
 // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
@@ -166,6 +175,7 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
       }
     }
   }
+  release_packing_buffer(packed, n_pad * K);
 }
 
 // Dot products of up to 4 rows of x with 4 rows of w: 16 independent accumulators.
