@@ -266,12 +266,11 @@ void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel
       } else {
         memset(vals, 0, QK);
       }
-      int sum = 0;
+      // Four consecutive k of one column are adjacent in the panel: move them as one int32.
       int8_t* dst = p.w + b * (QK * kVnniCols) + half * (QK * 16);
-      for (int k = 0; k < QK; ++k) {
-        dst[(k / 4) * 64 + col * 4 + k % 4] = vals[k];
-        sum += vals[k];
-      }
+      for (int g = 0; g < QK / 4; ++g) memcpy(dst + g * 64 + col * 4, vals + 4 * g, 4);
+      int sum = 0;
+      for (int k = 0; k < QK; ++k) sum += vals[k];
       p.d[b * kVnniCols + c] = d;
       p.m[b * kVnniCols + c] = m;
       p.corr[b * kVnniCols + c] = -128 * sum;
