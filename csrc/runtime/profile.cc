@@ -17,7 +17,7 @@ Profile& profile() {
 const char* stage_name(Stage s) {
   static const char* names[] = {"embed", "norm", "qkv", "rope", "cache_write", "attention", "attn_out",
                                 "ffn_up", "activation", "ffn_down", "head", "sample", "forward",
-                                "cross_attention", "encode", "beam_search"};
+                                "cross_attention", "encode"};
   return names[(int)s];
 }
 

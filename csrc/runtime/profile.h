@@ -6,8 +6,7 @@
 namespace pyxf {
 
 enum class Stage : int { kEmbed, kNorm, kQkv, kRope, kCacheWrite, kAttention, kAttnOut, kFfnUp,
-                         kActivation, kFfnDown, kHead, kSample, kForward, kCrossAttention, kEncode, kBeamSearch,
-                         kCount };
+                         kActivation, kFfnDown, kHead, kSample, kForward, kCrossAttention, kEncode, kCount };
 
 struct Profile {
   bool enabled = false;
