@@ -276,8 +276,12 @@ def run_worker(engine, spec, workdir):
     elapsed = time.perf_counter() - start
     if proc.returncode != 0 or not result_path.is_file():
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        return {"engine": engine, "phase": spec["phase"], "status": "error",
-                "detail": f"worker exited with status {proc.returncode}: {tail[0]}", "stderr": proc.stderr[-4000:]}
+        detail = f"worker exited with status {proc.returncode}: {tail[0]}"
+        if proc.returncode == -11 and engine.startswith("llama.cpp"):
+            detail += (" (a segfault: llama.cpp built with AMX kernels on a machine that does not grant AMX "
+                       "crashes on quantized models; README, Benchmarks, shows how to build it without them)")
+        return {"engine": engine, "phase": spec["phase"], "status": "error", "detail": detail,
+                "stderr": proc.stderr[-4000:]}
     result = json.loads(result_path.read_text())
     result["wall_s"] = elapsed
     if result["status"] == "error":
