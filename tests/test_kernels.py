@@ -394,6 +394,8 @@ ATTENTION_CASES = [
     (129, 129, 8, 1, 64, True),   # MQA, queries and keys across several tiles
     (129, 129, 3, 3, 80, True),   # MHA
     (1, 300, 9, 3, 64, True),     # decode against many keys (SmolLM2's shape)
+    (200, 200, 9, 3, 64, True),   # SmolLM2 prefill: keys transposed once for many query blocks
+    (50, 150, 9, 3, 64, True),    # a long chunk after a cached past
     (1, 1000, 4, 1, 128, True),
     (1, 65, 2, 2, 32, True),
     (5, 200, 4, 4, 80, True),     # a chunk of new tokens after a cached past

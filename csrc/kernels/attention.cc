@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <vector>
+
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
 
@@ -56,8 +58,9 @@ void scores_tile(const float* q, int dp, int D, const float* kt, float* s) {
 }
 
 // o[r][d0 .. d0 + NV lanes) = corr[r] o[r] + sum_j p[r][j] v[j] over j < n_keys, for R rows;
-// `tail` lanes of the last vector are real (v rows end at head_dim).
-template <int R, int NV>
+// `tail` lanes of the last vector are real (v rows end at head_dim). kPartial is a template
+// parameter: a branch inside the key loop makes the compiler keep the accumulators on the stack.
+template <int R, int NV, bool kPartial>
 void pv_tile(const float* p, const float* corr, const float* v, long v_stride, int n_keys, int tail,
              float* o, int dp) {
   Vf acc[R][NV];
@@ -69,7 +72,7 @@ void pv_tile(const float* p, const float* corr, const float* v, long v_stride, i
     const float* vj = v + j * v_stride;
     Vf x[NV];
     for (int i = 0; i < NV - 1; ++i) x[i] = vload(vj + i * kLanes);
-    x[NV - 1] = tail == kLanes ? vload(vj + (NV - 1) * kLanes) : vload_n(vj + (NV - 1) * kLanes, tail);
+    x[NV - 1] = kPartial ? vload_n(vj + (NV - 1) * kLanes, tail) : vload(vj + (NV - 1) * kLanes);
     for (int r = 0; r < R; ++r) {
       const Vf pr = vset1(p[(long)r * kBlockKeys + j]);
       for (int i = 0; i < NV; ++i) acc[r][i] = vfma(pr, x[i], acc[r][i]);
@@ -77,6 +80,17 @@ void pv_tile(const float* p, const float* corr, const float* v, long v_stride, i
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NV; ++i) vstore(o + (long)r * dp + i * kLanes, acc[r][i]);
+}
+
+template <int R, bool kPartial>
+void pv_chunk(int nv, const float* p, const float* corr, const float* v, long v_stride, int n_keys, int tail,
+              float* o, int dp) {
+  switch (nv) {
+    case 4: pv_tile<R, 4, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
+    case 3: pv_tile<R, 3, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
+    case 2: pv_tile<R, 2, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
+    default: pv_tile<R, 1, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
+  }
 }
 
 template <int R>
@@ -88,11 +102,10 @@ void pv_rows(const float* p, const float* corr, const float* v, long v_stride, i
     const int tail = imin(kLanes, D - d0 - (nv - 1) * kLanes);
     const float* vd = v + d0;
     float* od = o + d0;
-    switch (nv) {
-      case 4: pv_tile<R, 4>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
-      case 3: pv_tile<R, 3>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
-      case 2: pv_tile<R, 2>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
-      default: pv_tile<R, 1>(p, corr, vd, v_stride, n_keys, tail, od, dp); break;
+    if (tail == kLanes) {
+      pv_chunk<R, false>(nv, p, corr, vd, v_stride, n_keys, tail, od, dp);
+    } else {
+      pv_chunk<R, true>(nv, p, corr, vd, v_stride, n_keys, tail, od, dp);
     }
   }
 }
@@ -136,7 +149,22 @@ using PvRows = void (*)(const float*, const float*, const float*, long, int, int
 constexpr ScoresTile kScoresTiles[] = {nullptr, scores_tile<1>, scores_tile<2>, scores_tile<3>, scores_tile<4>};
 constexpr PvRows kPvRows[] = {nullptr, pv_rows<1>, pv_rows<2>, pv_rows<3>, pv_rows<4>};
 
-void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, Scratch& sc) {
+// kt[d][j] = k[j][d] for the bk keys of one block (rows kv_pos_stride apart), zero past bk: whole
+// vectors of keys by gathers, the rest one by one.
+void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) {
+  const int bk_vec = bk / kLanes * kLanes;
+  for (int d = 0; d < D; ++d) {
+    float* ktd = kt + (long)d * kBlockKeys;
+    for (int j = 0; j < bk_vec; j += kLanes) vstore(ktd + j, vgather(k + (long)j * stride + d, stride));
+    for (int j = bk_vec; j < bk; ++j) ktd[j] = k[(long)j * stride + d];
+    for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
+  }
+}
+
+// shared_kt: this item's kv head's keys already transposed block by block ([block][D][kBlockKeys]),
+// or null to transpose each block here.
+void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
+              Scratch& sc) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
   const int rows = group * item.q_count;
@@ -159,20 +187,15 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   const int n_keys = sh.causal ? last_pos + 1 : s.n_keys;
   for (int j0 = 0; j0 < n_keys; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, n_keys - j0);
-    // The key block transposed: whole vectors of keys by gathers, the rest one by one.
-    const int bk_vec = bk / kLanes * kLanes;
-    const float* kblock = kbase + (long)j0 * s.kv_pos_stride;
-    for (int d = 0; d < D; ++d) {
-      float* ktd = sc.kt + (long)d * kBlockKeys;
-      for (int j = 0; j < bk_vec; j += kLanes) {
-        vstore(ktd + j, vgather(kblock + (long)j * s.kv_pos_stride + d, s.kv_pos_stride));
-      }
-      for (int j = bk_vec; j < bk; ++j) ktd[j] = kblock[(long)j * s.kv_pos_stride + d];
-      for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
+    const float* kt = sc.kt;
+    if (shared_kt) {
+      kt = shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
+    } else {
+      transpose_key_block(kbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, bk, D, sc.kt);
     }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
-      kScoresTiles[n](sc.q + (long)r * dp, dp, D, sc.kt, sc.p + (long)r * kBlockKeys);
+      kScoresTiles[n](sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
       const int qpos = s.n_past + item.q_begin + r / group;
@@ -209,40 +232,77 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int group = sh.n_heads / sh.n_kv_heads;
   const int q_block = group >= kMaxRows ? 1 : kMaxRows / group;
-  long n_items = 0;
+  const int D = sh.head_dim;
+  const long block_floats = (long)D * kBlockKeys;
+  // A sequence with several query blocks per kv head transposes its keys once, up front, for all
+  // of them (prefill); one block per kv head (decode) transposes inside the item, in L1.
+  long n_items = 0, shared_blocks = 0;
+  std::vector<long> kt_offset(n_seqs, -1);
   for (int s = 0; s < n_seqs; ++s) {
-    n_items += (long)sh.n_kv_heads * ((seqs[s].n_new + q_block - 1) / q_block);
-  }
-  WorkItem* items = (WorkItem*)malloc(sizeof(WorkItem) * (n_items > 0 ? n_items : 1));
-  long n = 0;
-  for (int s = 0; s < n_seqs; ++s) {
-    for (int q0 = 0; q0 < seqs[s].n_new; q0 += q_block) {
-      for (int g = 0; g < sh.n_kv_heads; ++g) {
-        items[n++] = {s, g, q0, imin(q_block, seqs[s].n_new - q0)};
-      }
+    const AttentionSeq& a = seqs[s];
+    const long q_blocks = (a.n_new + q_block - 1) / q_block;
+    n_items += sh.n_kv_heads * q_blocks;
+    if (q_blocks > 1) {
+      kt_offset[s] = shared_blocks;
+      const int keys = sh.causal ? a.n_past + a.n_new : a.n_keys;
+      shared_blocks += (long)sh.n_kv_heads * ((keys + kBlockKeys - 1) / kBlockKeys);
     }
   }
-  const int dp = padded(sh.head_dim);
+  std::vector<WorkItem> items;
+  items.reserve(n_items);
+  for (int s = 0; s < n_seqs; ++s) {
+    for (int q0 = 0; q0 < seqs[s].n_new; q0 += q_block) {
+      for (int g = 0; g < sh.n_kv_heads; ++g) items.push_back({s, g, q0, imin(q_block, seqs[s].n_new - q0)});
+    }
+  }
+  float* shared_kt = shared_blocks ? (float*)aligned_alloc(64, sizeof(float) * shared_blocks * block_floats) : nullptr;
+  auto blocks_of = [&](int s) {
+    const int keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
+    return (keys + kBlockKeys - 1) / kBlockKeys;
+  };
+  const int dp = padded(D);
   const int max_rows = group * q_block;
 #pragma omp parallel if (n_items > 1)
   {
-    const long floats = 2L * max_rows * dp + (long)sh.head_dim * kBlockKeys + (long)max_rows * kBlockKeys +
-                        4L * max_rows;
+    if (shared_kt) {
+#pragma omp for schedule(static)
+      for (int s = 0; s < n_seqs; ++s) {
+        if (kt_offset[s] < 0) continue;
+        const AttentionSeq& a = seqs[s];
+        const int nb = blocks_of(s);
+        const int keys = sh.causal ? a.n_past + a.n_new : a.n_keys;
+        for (int g = 0; g < sh.n_kv_heads; ++g) {
+          for (int b = 0; b < nb; ++b) {
+            const long j0 = (long)b * kBlockKeys;
+            transpose_key_block(a.k + (long)g * a.kv_head_stride + j0 * a.kv_pos_stride, a.kv_pos_stride,
+                                imin(kBlockKeys, keys - (int)j0), D,
+                                shared_kt + (kt_offset[s] + (long)g * nb + b) * block_floats);
+          }
+        }
+      }
+    }
+    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + 4L * max_rows;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
     sc.o = sc.q + (long)max_rows * dp;
     sc.kt = sc.o + (long)max_rows * dp;
-    sc.p = sc.kt + (long)sh.head_dim * kBlockKeys;
+    sc.p = sc.kt + block_floats;
     sc.row_max = sc.p + (long)max_rows * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
     sc.corr = sc.row_sum + max_rows;
     sc.visible = (int*)(sc.corr + max_rows);
 #pragma omp for schedule(dynamic, 1)
-    for (long i = 0; i < n_items; ++i) run_item(items[i], seqs[items[i].seq], sh, sc);
+    for (long i = 0; i < n_items; ++i) {
+      const WorkItem& it = items[i];
+      const float* kt = kt_offset[it.seq] < 0
+                            ? nullptr
+                            : shared_kt + (kt_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) * block_floats;
+      run_item(it, seqs[it.seq], sh, kt, sc);
+    }
     free(mem);
   }
-  free(items);
+  free(shared_kt);
 }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS
