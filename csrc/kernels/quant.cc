@@ -220,60 +220,70 @@ struct VnniPanel {
   int32_t* corr;  // [nblocks][32]
 };
 
-// Signed weights of one stored block, as int8[32] (q4_1: the unsigned nibble values).
-void block_weights(QuantFormat f, const uint8_t* blk, int8_t* out, float row_scale, float* d, float* m) {
-  switch (f) {
-    case QuantFormat::kQ8_0:
-      *d = half_to_float(load_u16(blk));
-      *m = 0.0f;
-      memcpy(out, blk + 2, QK);
-      break;
-    case QuantFormat::kQ4_0:
-    case QuantFormat::kQ4_1: {
-      const bool q40 = f == QuantFormat::kQ4_0;
-      const uint8_t* qs = blk + (q40 ? 2 : 4);
-      const int offset = q40 ? 8 : 0;
-      *d = half_to_float(load_u16(blk));
-      *m = q40 ? 0.0f : half_to_float(load_u16(blk + 2));
-      for (int i = 0; i < QK / 2; ++i) {
-        out[i] = (int8_t)((qs[i] & 0x0f) - offset);
-        out[i + QK / 2] = (int8_t)((qs[i] >> 4) - offset);
+// The scale d and offset m of one column's stored block.
+void block_meta(QuantFormat f, const uint8_t* blk, float row_scale, float* d, float* m) {
+  *d = f == QuantFormat::kInt8 ? row_scale : half_to_float(load_u16(blk));
+  *m = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(blk + 2)) : 0.0f;
+}
+
+// Packs 16 columns (weight rows; `live` lanes exist) of all blocks into panel halves. Each
+// [16 col][4 k] slice of a block is one gather of int32s (one per column, row_bytes apart):
+// 8-bit formats gather their bytes as they are, 4-bit ones gather 4 bytes = 8 nibbles per column,
+// whose low halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
+void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, __mmask16 live, long nblocks,
+                    int8_t* panel, int32_t* corr) {
+  const int bb = block_bytes(w.format);
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)row_bytes));
+  const __m512i ones = _mm512_set1_epi8(1), nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+  const bool four_bit = w.format == QuantFormat::kQ4_0 || w.format == QuantFormat::kQ4_1;
+  const int data_offset = w.format == QuantFormat::kInt8 ? 0 : w.format == QuantFormat::kQ4_1 ? 4 : 2;
+  for (long b = 0; b < nblocks; ++b) {
+    const uint8_t* base = rows + b * bb + data_offset;
+    int8_t* dst = panel + b * (QK * kVnniCols);
+    __m512i slices[QK / 4];
+    if (four_bit) {
+      for (int g = 0; g < QK / 8; ++g) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + 4 * g, 1);
+        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+        if (w.format == QuantFormat::kQ4_0) {  // stored as w + 8; absent columns stay 0
+          lo = _mm512_maskz_mov_epi32(live, _mm512_sub_epi8(lo, eight));
+          hi = _mm512_maskz_mov_epi32(live, _mm512_sub_epi8(hi, eight));
+        }
+        slices[g] = lo;
+        slices[g + QK / 8] = hi;
       }
-      break;
+    } else {
+      for (int g = 0; g < QK / 4; ++g) {
+        slices[g] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + 4 * g, 1);
+      }
     }
-    case QuantFormat::kInt8:
-    default:
-      *d = row_scale;
-      *m = 0.0f;
-      memcpy(out, blk, QK);
-      break;
+    __m512i sum = _mm512_setzero_si512();
+    for (int g = 0; g < QK / 4; ++g) {
+      _mm512_store_si512(dst + g * 64, slices[g]);
+      sum = _mm512_dpbusd_epi32(sum, ones, slices[g]);
+    }
+    _mm512_storeu_si512(corr + b * kVnniCols, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), sum), 7));
   }
 }
 
 void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel& p) {
   const long row_bytes = quant_row_bytes(w.format, w.cols);
+  for (int half = 0; half < 2; ++half) {
+    const int live = imax(0, imin(16, ncols - 16 * half));
+    pack_vnni_half(w, w.data + (n0 + 16 * half) * row_bytes, row_bytes, (__mmask16)((1u << live) - 1), nblocks,
+                   p.w + half * (QK * 16), p.corr + 16 * half);
+  }
   const int bb = block_bytes(w.format);
-  alignas(64) int8_t vals[QK];
   for (int c = 0; c < kVnniCols; ++c) {
     const bool real = c < ncols;
-    const uint8_t* row = real ? w.data + (n0 + c) * row_bytes : nullptr;
+    const uint8_t* row = w.data + (n0 + c) * row_bytes;
     const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
-    const int half = c / 16, col = c % 16;
     for (long b = 0; b < nblocks; ++b) {
       float d = 0.0f, m = 0.0f;
-      if (real) {
-        block_weights(w.format, row + b * bb, vals, scale, &d, &m);
-      } else {
-        memset(vals, 0, QK);
-      }
-      // Four consecutive k of one column are adjacent in the panel: move them as one int32.
-      int8_t* dst = p.w + b * (QK * kVnniCols) + half * (QK * 16);
-      for (int g = 0; g < QK / 4; ++g) memcpy(dst + g * 64 + col * 4, vals + 4 * g, 4);
-      int sum = 0;
-      for (int k = 0; k < QK; ++k) sum += vals[k];
+      if (real) block_meta(w.format, row + b * bb, scale, &d, &m);
       p.d[b * kVnniCols + c] = d;
       p.m[b * kVnniCols + c] = m;
-      p.corr[b * kVnniCols + c] = -128 * sum;
     }
   }
 }
