@@ -595,8 +595,11 @@ void bind_ops(py::module_& ops) {
     }
     py::array_t<float> y({x.shape(0), x.shape(1)});
     std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    const int half = (int)inv_freq.size();
+    std::vector<float> table((size_t)x.shape(0) * 2 * half);
+    kernels::active().rope_table(pos.data(), x.shape(0), inv_freq.data(), half, scaling, table.data());
     kernels::active().rope(y.mutable_data(), x.shape(0), x.shape(1), (int)(x.shape(1) / head_dim), head_dim,
-                           2 * (int)inv_freq.size(), pos.data(), inv_freq.data(), scaling, interleaved);
+                           2 * half, table.data(), interleaved);
     return y;
   }, "x"_a, "pos"_a, "inv_freq"_a, "head_dim"_a, "interleaved"_a = false, "scaling"_a = 1.0f);
   // q: [n_new, n_heads * head_dim]; k, v: [n_keys, n_kv_heads * head_dim] (token-major, as torch).

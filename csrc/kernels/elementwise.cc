@@ -197,18 +197,25 @@ void log_softmax(float* x, long n) {
   for (; i < n; ++i) x[i] = (x[i] - mx) - log_sum;
 }
 
-void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
-          const int32_t* pos, const float* inv_freq, float scaling, bool interleaved) {
+void rope_table(const int32_t* pos, long rows, const float* inv_freq, int half, float scaling, float* cs) {
+#pragma omp parallel for schedule(static) if (rows * half > kParallelFloats / 8)
+  for (long r = 0; r < rows; ++r) {
+    float* c = cs + r * 2 * half;
+    for (int i = 0; i < half; ++i) {
+      const float angle = (float)pos[r] * inv_freq[i];  // a float product, as in torch
+      c[i] = (float)cos((double)angle) * scaling;
+      c[half + i] = (float)sin((double)angle) * scaling;
+    }
+  }
+}
+
+void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim, const float* table,
+          bool interleaved) {
   const int half = rot_dim / 2;
 #pragma omp parallel for schedule(static) if (rows * n_heads * head_dim > kParallelFloats)
   for (long r = 0; r < rows; ++r) {
-    // cos/sin once per row, shared by all heads. The angle is a float product, as in torch.
-    float cs[512], sn[512];
-    for (int i = 0; i < half; ++i) {
-      const float angle = (float)pos[r] * inv_freq[i];
-      cs[i] = (float)cos((double)angle) * scaling;
-      sn[i] = (float)sin((double)angle) * scaling;
-    }
+    const float* cs = table + r * 2 * half;
+    const float* sn = cs + half;
     float* row = x + r * row_stride;
     for (int h = 0; h < n_heads; ++h) {
       float* v = row + (long)h * head_dim;
@@ -255,6 +262,7 @@ void fill_table(KernelTable* t) {
   t->softmax = softmax;
   t->log_softmax = log_softmax;
   t->logsumexp = logsumexp;
+  t->rope_table = rope_table;
   t->rope = rope;
   t->attention = attention;
   t->linear_quant = linear_quant;

@@ -77,9 +77,13 @@ struct KernelTable {
   // x <- log_softmax(x) of one row, on the calling thread (callers parallelize over rows).
   void (*log_softmax)(float* x, long n);
   float (*logsumexp)(const float* x, long n);  // log(sum(exp(x))), one row, calling thread
-  // Rotates `n_heads` heads of each row in place; row r is at position pos[r].
-  void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim,
-               const int32_t* pos, const float* inv_freq, float scaling, bool interleaved);
+  // cs[r] = cos(pos[r] f) * scaling for the `half` frequencies f, then the sines: the rotation
+  // of one position, shared by every head and layer.
+  void (*rope_table)(const int32_t* pos, long rows, const float* inv_freq, int half, float scaling, float* cs);
+  // Rotates the first rot_dim dimensions of `n_heads` heads of each row in place by the angles of
+  // cs[r] (rope_table rows, rot_dim / 2 frequencies).
+  void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim, const float* cs,
+               bool interleaved);
   void (*attention)(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
   // y[M,N] (+)= x[M,K] dequant(w)^T + bias: x is quantized to 8 bits per block of 32 on the fly
   // and the dot products run on integers.

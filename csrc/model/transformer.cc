@@ -20,6 +20,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(act, rows * c.intermediate_size);
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
+  grow(rope_cs, rows * c.rope_dim);
 }
 
 Transformer::Transformer(ModelConfig config, ModelWeights weights)
@@ -80,6 +81,11 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     }
   }
   if (weights_.embed_norm.weight) norm(weights_.embed_norm, ws.x.data(), rows, ws.x.data());
+  if (config_.position == PositionKind::kRope) {
+    StageTimer rope_timer(Stage::kRope);
+    K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
+                 config_.rope_attention_scaling, ws.rope_cs.data());
+  }
 }
 
 // Appends the new keys/values to the caches and describes each sequence's attention problem.
@@ -146,8 +152,8 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim,
-           ws.pos.data(), c.rope_inv_freq.data(), c.rope_attention_scaling, c.rope_interleaved);
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, ws.rope_cs.data(),
+           c.rope_interleaved);
   }
 
   attention_views(layer, seqs, n, ws);

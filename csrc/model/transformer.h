@@ -28,6 +28,7 @@ void apply_linear(const Linear& w, const float* x, long rows, long in, long out,
 // Activations for one forward pass; grows to the largest batch seen and is reused.
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
+  std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
   void reserve(const ModelConfig& c, long rows);

@@ -1,5 +1,7 @@
 #include "runtime/kv_cache.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <new>
 
@@ -11,9 +13,18 @@ KVCache::KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity)
       head_dim_(head_dim),
       capacity_(capacity),
       layer_floats_((size_t)num_kv_heads * capacity * head_dim) {
-  const size_t bytes = (2 * (size_t)num_layers * layer_floats_ * sizeof(float) + 4095) / 4096 * 4096;
-  data_ = static_cast<float*>(std::aligned_alloc(4096, bytes > 0 ? bytes : 4096));
+  // A cache of 2 MiB or more sits on transparent huge pages where the kernel offers them: a
+  // prefill writes every page of its cache once, and 4 KiB pages cost a fault each (SmolLM2 at 512
+  // positions: 5,760 faults, ~4% of the prefill).
+  constexpr size_t kHuge = 2u << 20;
+  const size_t want = 2 * (size_t)num_layers * layer_floats_ * sizeof(float);
+  const size_t align = want >= kHuge ? kHuge : 4096;
+  const size_t bytes = want > 0 ? (want + align - 1) / align * align : 4096;
+  data_ = static_cast<float*>(std::aligned_alloc(align, bytes));
   if (!data_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) madvise(data_, bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
 }
 
 KVCache::~KVCache() { std::free(data_); }
