@@ -34,12 +34,35 @@ void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
     for (int i = 0; i < QK; i += kLanes) amax = vmax(amax, vabs(vload(xb + i)));
     const float m = vmaxr(amax);
     const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    // Round to nearest even (the default mode, as nearbyintf); |x * inv| <= 127.
+#if defined(PYXF_TARGET_avx512)
+    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb), vi));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16), vi));
+    _mm_storeu_si128((__m128i*)(q + b * QK), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i*)(q + b * QK + 16), _mm512_cvtepi32_epi8(q1));
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#elif defined(PYXF_TARGET_avx2)
+    const __m256 vi = _mm256_set1_ps(inv);
+    __m256i qi[4];
+    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), vi));
+    // int32 -> int16 -> int8 packs interleave 128-bit lanes; one permute restores the order.
+    const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(q + b * QK), bytes);
+    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    const __m128i s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4e));
+    const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1)));
+#else
     int sum = 0;
     for (int i = 0; i < QK; ++i) {
       const int v = (int)nearbyintf(xb[i] * inv);
       q[b * QK + i] = (int8_t)v;
       sum += v;
     }
+#endif
     d[b] = scale;
     s[b] = scale * (float)sum;
   }
@@ -211,7 +234,7 @@ void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const fl
 // the scale d, the offset m (q4_1) and -128 * sum(w), which undoes storing activations as
 // unsigned (q + 128).
 constexpr int kVnniCols = 32;
-constexpr int kVnniRows = 4;
+constexpr int kVnniRows = 8;
 
 struct VnniPanel {
   int8_t* w;      // [nblocks][8][32 cols][4]: two 16-column halves of [8][16][4]
@@ -288,71 +311,122 @@ void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel
   }
 }
 
-template <int ROWS>
-void vnni_tile(const uint8_t* const* xu, const float* const* xd, const float* const* xs,
-               const VnniPanel& p, long nblocks, bool has_m, float* y, long ldy, int ncols,
+// Activations of kVnniRows rows, interleaved for the tile: per block, [QK/4 k slices][row][4]
+// unsigned bytes (q + 128), so the tile broadcasts each row's 4 bytes from one base pointer; then
+// per block and row the scale and scale * sum(q) (q4_1's offset term).
+struct VnniRows {
+  const uint8_t* u;  // [nblocks][QK / 4][kVnniRows][4]
+  const float* d;    // [nblocks][kVnniRows]
+  const float* s;    // [nblocks][kVnniRows]
+};
+
+// kVnniRows activation rows x 32 columns (rows past `rows` are zero padding, not written). The
+// int32 sums of a block live in registers (16 independent vpdpbusd chains hide its latency); the
+// float sums across blocks live in L1 (fa), touched once per block. kBlockScale: the weight
+// scale varies per block (else one per column, int8: applied once at the end); kOffset: q4_1's
+// per-block minimum.
+template <bool kBlockScale, bool kOffset>
+void vnni_tile(const VnniRows& x, const VnniPanel& p, long nblocks, float* y, long ldy, int rows, int ncols,
                const float* bias, bool accumulate) {
-  __m512 fa[ROWS][2];
-  for (int i = 0; i < ROWS; ++i) fa[i][0] = fa[i][1] = _mm512_setzero_ps();
+  constexpr int R = kVnniRows;
+  alignas(64) float fa[R][kVnniCols];
+  for (int i = 0; i < R; ++i) {
+    _mm512_store_ps(fa[i], _mm512_setzero_ps());
+    _mm512_store_ps(fa[i] + 16, _mm512_setzero_ps());
+  }
   for (long b = 0; b < nblocks; ++b) {
     const int8_t* wb = p.w + b * (QK * kVnniCols);
+    const uint8_t* xb = x.u + b * (QK * R);
     const __m512i c0 = _mm512_loadu_si512(p.corr + b * kVnniCols);
     const __m512i c1 = _mm512_loadu_si512(p.corr + b * kVnniCols + 16);
-    __m512i ia[ROWS][2];
-    for (int i = 0; i < ROWS; ++i) { ia[i][0] = c0; ia[i][1] = c1; }
+    __m512i ia[R][2];
+    for (int i = 0; i < R; ++i) { ia[i][0] = c0; ia[i][1] = c1; }
 #pragma GCC unroll 8
     for (int kk = 0; kk < QK / 4; ++kk) {
-      const __m512i w0 = _mm512_loadu_si512(wb + kk * 64);
-      const __m512i w1 = _mm512_loadu_si512(wb + QK * 16 + kk * 64);
-      for (int i = 0; i < ROWS; ++i) {
+      const __m512i w0 = _mm512_load_si512(wb + kk * 64);
+      const __m512i w1 = _mm512_load_si512(wb + QK * 16 + kk * 64);
+      for (int i = 0; i < R; ++i) {
         int32_t four;
-        memcpy(&four, xu[i] + b * QK + kk * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(four);
-        ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], xb, w0);
-        ia[i][1] = _mm512_dpbusd_epi32(ia[i][1], xb, w1);
+        memcpy(&four, xb + (kk * R + i) * 4, 4);
+        const __m512i xi = _mm512_set1_epi32(four);
+        ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], xi, w0);
+        ia[i][1] = _mm512_dpbusd_epi32(ia[i][1], xi, w1);
       }
     }
     const __m512 d0 = _mm512_loadu_ps(p.d + b * kVnniCols), d1 = _mm512_loadu_ps(p.d + b * kVnniCols + 16);
-    for (int i = 0; i < ROWS; ++i) {
-      const __m512 dx = _mm512_set1_ps(xd[i][b]);
-      fa[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][0]), _mm512_mul_ps(d0, dx), fa[i][0]);
-      fa[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][1]), _mm512_mul_ps(d1, dx), fa[i][1]);
-    }
-    if (has_m) {
-      const __m512 m0 = _mm512_loadu_ps(p.m + b * kVnniCols), m1 = _mm512_loadu_ps(p.m + b * kVnniCols + 16);
-      for (int i = 0; i < ROWS; ++i) {
-        const __m512 sx = _mm512_set1_ps(xs[i][b]);
-        fa[i][0] = _mm512_fmadd_ps(m0, sx, fa[i][0]);
-        fa[i][1] = _mm512_fmadd_ps(m1, sx, fa[i][1]);
+    const __m512 m0 = _mm512_loadu_ps(p.m + b * kVnniCols), m1 = _mm512_loadu_ps(p.m + b * kVnniCols + 16);
+    const float* xd = x.d + b * R;
+    const float* xs = x.s + b * R;
+    for (int i = 0; i < R; ++i) {
+      const __m512 dx = _mm512_set1_ps(xd[i]);
+      const __m512 s0 = kBlockScale ? _mm512_mul_ps(d0, dx) : dx, s1 = kBlockScale ? _mm512_mul_ps(d1, dx) : dx;
+      __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][0]), s0, _mm512_load_ps(fa[i]));
+      __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][1]), s1, _mm512_load_ps(fa[i] + 16));
+      if (kOffset) {
+        const __m512 sx = _mm512_set1_ps(xs[i]);
+        f0 = _mm512_fmadd_ps(m0, sx, f0);
+        f1 = _mm512_fmadd_ps(m1, sx, f1);
       }
+      _mm512_store_ps(fa[i], f0);
+      _mm512_store_ps(fa[i] + 16, f1);
     }
   }
-  alignas(64) float tile[kVnniCols];
-  for (int i = 0; i < ROWS; ++i) {
-    _mm512_store_ps(tile, fa[i][0]);
-    _mm512_store_ps(tile + 16, fa[i][1]);
+  const __mmask16 k0 = (__mmask16)((1u << imin(16, ncols)) - 1);
+  const __mmask16 k1 = (__mmask16)((1u << imax(0, ncols - 16)) - 1);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(k0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(k1, bias + 16) : _mm512_setzero_ps();
+  const __m512 e0 = kBlockScale ? _mm512_set1_ps(1.0f) : _mm512_loadu_ps(p.d);
+  const __m512 e1 = kBlockScale ? _mm512_set1_ps(1.0f) : _mm512_loadu_ps(p.d + 16);
+  for (int i = 0; i < rows; ++i) {
     float* yr = y + i * ldy;
-    for (int c = 0; c < ncols; ++c) {
-      const float v = tile[c] + (bias ? bias[c] : 0.0f);
-      yr[c] = accumulate ? yr[c] + v : v;
+    __m512 v0 = _mm512_fmadd_ps(_mm512_load_ps(fa[i]), e0, b0), v1 = _mm512_fmadd_ps(_mm512_load_ps(fa[i] + 16), e1, b1);
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, yr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, yr + 16));
     }
+    _mm512_mask_storeu_ps(yr, k0, v0);
+    _mm512_mask_storeu_ps(yr + 16, k1, v1);
   }
 }
 
 void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                        bool accumulate) {
-  const long K = w.cols, N = w.rows, nblocks = K / QK;
-  uint8_t* xu = (uint8_t*)malloc(M * K + 64);
-  float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
-  float* xs = xd + M * nblocks;
-#pragma omp parallel for schedule(static)
-  for (long m = 0; m < M; ++m) {
-    int8_t* q = (int8_t*)(xu + m * K);
-    quantize_row(x + m * K, K, q, xd + m * nblocks, xs + m * nblocks);
-    for (long k = 0; k < K; ++k) xu[m * K + k] = (uint8_t)(q[k] + 128);
+  constexpr int R = kVnniRows;
+  const long K = w.cols, N = w.rows, nblocks = K / QK, tiles = (M + R - 1) / R;
+  uint8_t* xu = (uint8_t*)aligned_alloc(64, (size_t)(tiles * R * K + 63) / 64 * 64);
+  float* xd = (float*)aligned_alloc(64, (size_t)(sizeof(float) * tiles * R * nblocks * 2 + 63) / 64 * 64);
+  float* xs = xd + tiles * R * nblocks;
+#pragma omp parallel
+  {
+    int8_t* q = (int8_t*)malloc(K + 64);
+    float* qd = (float*)malloc(sizeof(float) * nblocks * 2 + 64);
+    float* qs = qd + nblocks;
+#pragma omp for schedule(static)
+    for (long m = 0; m < tiles * R; ++m) {
+      const long t = m / R;
+      const int i = (int)(m % R);
+      if (m < M) {
+        quantize_row(x + m * K, K, q, qd, qs);
+      } else {  // padding rows: q = 0, scale 0
+        memset(q, 0, K);
+        for (long b = 0; b < nblocks; ++b) qd[b] = qs[b] = 0.0f;
+      }
+      uint8_t* tu = xu + t * R * K;
+      for (long b = 0; b < nblocks; ++b) {
+        for (int kk = 0; kk < QK / 4; ++kk) {
+          uint32_t four;
+          memcpy(&four, q + b * QK + kk * 4, 4);
+          four ^= 0x80808080u;  // q + 128 in every byte
+          memcpy(tu + b * QK * R + (kk * R + i) * 4, &four, 4);
+        }
+        xd[(t * nblocks + b) * R + i] = qd[b];
+        xs[(t * nblocks + b) * R + i] = qs[b];
+      }
+    }
+    free(qd);
+    free(q);
   }
   const long chunks = (N + kVnniCols - 1) / kVnniCols;
-  const bool has_m = w.format == QuantFormat::kQ4_1;
 #pragma omp parallel
   {
     VnniPanel p;
@@ -367,22 +441,14 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
       const int ncols = (int)lmin(kVnniCols, N - n0);
       pack_vnni(w, n0, ncols, nblocks, p);
       const float* bn = bias ? bias + n0 : nullptr;
-      for (long m0 = 0; m0 < M; m0 += kVnniRows) {
-        const int rows = (int)lmin(kVnniRows, M - m0);
-        const uint8_t* xr[kVnniRows];
-        const float* dr[kVnniRows];
-        const float* sr[kVnniRows];
-        for (int i = 0; i < rows; ++i) {
-          xr[i] = xu + (m0 + i) * K;
-          dr[i] = xd + (m0 + i) * nblocks;
-          sr[i] = xs + (m0 + i) * nblocks;
-        }
-        float* yt = y + m0 * N + n0;
-        switch (rows) {
-          case 4: vnni_tile<4>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
-          case 3: vnni_tile<3>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
-          case 2: vnni_tile<2>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
-          default: vnni_tile<1>(xr, dr, sr, p, nblocks, has_m, yt, N, ncols, bn, accumulate); break;
+      for (long t = 0; t < tiles; ++t) {
+        const VnniRows rows{xu + t * R * K, xd + t * R * nblocks, xs + t * R * nblocks};
+        float* yt = y + t * R * N + n0;
+        const int nr = (int)lmin(R, M - t * R);
+        switch (w.format) {
+          case QuantFormat::kInt8: vnni_tile<false, false>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
+          case QuantFormat::kQ4_1: vnni_tile<true, true>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
+          default: vnni_tile<true, false>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
         }
       }
     }
