@@ -524,6 +524,30 @@ void bind_ops(py::module_& ops) {
                                    y.mutable_data(), false);
     return y;
   }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none());
+  // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T), fused where the ISA has the kernel.
+  ops.def("linear_quant_gated", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
+                                    const std::string& activation) {
+    check_2d(x, "x");
+    const kernels::QuantFormat f = parse_quant_format(format);
+    const kernels::Activation act = parse_activation(activation);
+    py::dict arrays;
+    arrays["w"] = w;
+    if (!row_scales.is_none()) arrays["w_scale"] = row_scales.cast<FloatArray>();
+    std::vector<py::array> keep;
+    const kernels::QuantWeight q = quant_view(arrays, "w", f, w.ndim() == 2 ? w.shape(0) : -1, x.shape(1), keep);
+    if (q.rows % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
+    const long M = x.shape(0), I = q.rows / 2;
+    py::array_t<float> y({M, I});
+    const kernels::KernelTable& K = kernels::active();
+    if (K.linear_quant_gated && M >= kernels::kQuantGemmRows) {
+      K.linear_quant_gated(x.data(), M, q, act, y.mutable_data());
+    } else {
+      std::vector<float> gu((size_t)M * q.rows);
+      K.linear_quant(x.data(), M, q, nullptr, gu.data(), false);
+      K.gated_activation(gu.data(), M, I, act, y.mutable_data());
+    }
+    return y;
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "activation"_a = "silu");
   ops.def("dequantize", [=](py::array w, const std::string& format, long cols, py::object row_scales) {
     const kernels::QuantFormat f = parse_quant_format(format);
     py::dict arrays;

@@ -49,15 +49,43 @@ def test_block_formats_match_reference(isa, fmt, m, k, n):
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_int8_per_channel_matches_reference(isa):
-    rng = np.random.default_rng(7)
-    n, k, m = 40, 128, 5
+@pytest.mark.parametrize("m,n", [(5, 40), (40, 37), (130, 64)])  # few rows; GEMM tiles with partial ones
+def test_int8_per_channel_matches_reference(isa, m, n):
+    rng = np.random.default_rng(7 + m)
+    k = 128
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     scale = (np.abs(w).max(1) / 127).astype(np.float32)
     wq = np.rint(w / scale[:, None]).astype(np.int8)
     ref = quantized_activations(x).astype(np.float64) @ (wq * scale[:, None]).T.astype(np.float64)
     y = _core.ops.linear_quant(x, wq, "int8", scale)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("m,inter", [(3, 64), (20, 48), (67, 96)])
+def test_gated_ffn_up_matches_reference(isa, fmt, m, inter):
+    # ffn_up of a gated FFN: silu(x gate^T) * (x up^T), w = [gate; up]; the fused kernel (AVX-512)
+    # applies the activation to GEMM tiles, others run the product and the activation apart.
+    rng = np.random.default_rng(m + inter)
+    k = 160
+    w = rng.standard_normal((2 * inter, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if fmt == "int8":
+        scale = (np.abs(w).max(1) / 127).astype(np.float32)
+        wq = np.rint(w / scale[:, None]).astype(np.int8)
+        w_deq, scales = wq * scale[:, None], scale
+    else:
+        wq = gguf.quants.quantize(w, QTYPES[fmt])
+        w_deq, scales = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(2 * inter, k), None
+    gu = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64)
+    ref = silu(gu[:, :inter]) * gu[:, inter:]
+    y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu")
+    assert y.shape == (m, inter)
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 

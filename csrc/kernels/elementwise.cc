@@ -109,21 +109,20 @@ void activation(float* x, long n, Activation act) {
   }
 }
 
-void gated_activation(const float* gu, long rows, long n, Activation act, float* out) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
-  for (long r = 0; r < rows; ++r) {
-    const float* gate = gu + r * 2 * n;
-    const float* up = gate + n;
-    float* o = out + r * n;
-    for (long i = 0; i < n; i += kLanes) {
-      const int m = (int)lmin(kLanes, n - i);
-      if (m == kLanes) {
-        vstore(o + i, vmul(activate(vload(gate + i), act), vload(up + i)));
-      } else {
-        vstore_n(o + i, vmul(activate(vload_n(gate + i, m), act), vload_n(up + i, m)), m);
-      }
+void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out) {
+  for (long i = 0; i < n; i += kLanes) {
+    const int m = (int)lmin(kLanes, n - i);
+    if (m == kLanes) {
+      vstore(out + i, vmul(activate(vload(gate + i), act), vload(up + i)));
+    } else {
+      vstore_n(out + i, vmul(activate(vload_n(gate + i, m), act), vload_n(up + i, m)), m);
     }
   }
+}
+
+void gated_activation(const float* gu, long rows, long n, Activation act, float* out) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+  for (long r = 0; r < rows; ++r) gated_activation_row(gu + r * 2 * n, gu + r * 2 * n + n, n, act, out + r * n);
 }
 
 void softmax(float* x, long rows, long n) {
@@ -242,6 +241,7 @@ void load_row(const void* w, WeightType wt, long row, long n, float* out);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate);
+void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 void dequantize_row(const QuantWeight& w, long row, float* out);
 
 void fill_table(KernelTable* t) {
@@ -266,6 +266,11 @@ void fill_table(KernelTable* t) {
   t->rope = rope;
   t->attention = attention;
   t->linear_quant = linear_quant;
+#if defined(PYXF_TARGET_avx512)
+  t->linear_quant_gated = linear_quant_gated;
+#else
+  t->linear_quant_gated = nullptr;
+#endif
   t->dequantize_row = dequantize_row;
 }
 

@@ -20,6 +20,9 @@ enum class QuantFormat : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
 constexpr int kQuantBlock = 32;
 int quant_row_bytes(QuantFormat f, long cols);  // bytes of one stored row of `cols` weights
 
+// Rows from which linear_quant runs a GEMM (below: one pass over the weights per call, GEMV-like).
+constexpr long kQuantGemmRows = 16;
+
 struct QuantWeight {
   QuantFormat format;
   const uint8_t* data;        // rows of quant_row_bytes(format, cols) bytes
@@ -90,6 +93,10 @@ struct KernelTable {
   void (*linear_quant)(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                        bool accumulate);
   void (*dequantize_row)(const QuantWeight& w, long row, float* out);
+  // y[M, I] = act(x gate^T) * (x up^T) for w = [gate; up] (2 I rows), M >= kQuantGemmRows: the
+  // activation runs on each GEMM tile in registers/L1, so the 2 I-wide product never reaches
+  // memory. Null where the ISA has no fused kernel (callers use linear_quant + gated_activation).
+  void (*linear_quant_gated)(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 };
 
 // The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.

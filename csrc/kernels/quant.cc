@@ -8,6 +8,8 @@
 #include "kernels/simd.h"
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
+void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+
 namespace {
 
 constexpr int QK = kQuantBlock;
@@ -389,20 +391,35 @@ void vnni_tile(const VnniRows& x, const VnniPanel& p, long nblocks, float* y, lo
   }
 }
 
-void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
-                       bool accumulate) {
+// Activations quantized and interleaved for vnni_tile, kVnniRows rows per tile (the last one
+// padded with zero rows).
+struct VnniActivations {
+  long tiles, K, nblocks;
+  uint8_t* u;
+  float* d;
+  float* s;
+  VnniRows tile(long t) const {
+    return {u + t * kVnniRows * K, d + t * kVnniRows * nblocks, s + t * kVnniRows * nblocks};
+  }
+};
+
+VnniActivations quantize_for_vnni(const float* x, long M, long K) {
   constexpr int R = kVnniRows;
-  const long K = w.cols, N = w.rows, nblocks = K / QK, tiles = (M + R - 1) / R;
-  uint8_t* xu = (uint8_t*)aligned_alloc(64, (size_t)(tiles * R * K + 63) / 64 * 64);
-  float* xd = (float*)aligned_alloc(64, (size_t)(sizeof(float) * tiles * R * nblocks * 2 + 63) / 64 * 64);
-  float* xs = xd + tiles * R * nblocks;
+  VnniActivations a;
+  a.K = K;
+  a.nblocks = K / QK;
+  a.tiles = (M + R - 1) / R;
+  const long nblocks = a.nblocks;
+  a.u = (uint8_t*)aligned_alloc(64, (size_t)(a.tiles * R * K + 63) / 64 * 64);
+  a.d = (float*)aligned_alloc(64, (size_t)(sizeof(float) * a.tiles * R * nblocks * 2 + 63) / 64 * 64);
+  a.s = a.d + a.tiles * R * nblocks;
 #pragma omp parallel
   {
     int8_t* q = (int8_t*)malloc(K + 64);
     float* qd = (float*)malloc(sizeof(float) * nblocks * 2 + 64);
     float* qs = qd + nblocks;
 #pragma omp for schedule(static)
-    for (long m = 0; m < tiles * R; ++m) {
+    for (long m = 0; m < a.tiles * R; ++m) {
       const long t = m / R;
       const int i = (int)(m % R);
       if (m < M) {
@@ -411,7 +428,7 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
         memset(q, 0, K);
         for (long b = 0; b < nblocks; ++b) qd[b] = qs[b] = 0.0f;
       }
-      uint8_t* tu = xu + t * R * K;
+      uint8_t* tu = a.u + t * R * K;
       for (long b = 0; b < nblocks; ++b) {
         for (int kk = 0; kk < QK / 4; ++kk) {
           uint32_t four;
@@ -419,44 +436,96 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
           four ^= 0x80808080u;  // q + 128 in every byte
           memcpy(tu + b * QK * R + (kk * R + i) * 4, &four, 4);
         }
-        xd[(t * nblocks + b) * R + i] = qd[b];
-        xs[(t * nblocks + b) * R + i] = qs[b];
+        a.d[(t * nblocks + b) * R + i] = qd[b];
+        a.s[(t * nblocks + b) * R + i] = qs[b];
       }
     }
     free(qd);
     free(q);
   }
-  const long chunks = (N + kVnniCols - 1) / kVnniCols;
-#pragma omp parallel
-  {
-    VnniPanel p;
+  return a;
+}
+
+void free_activations(VnniActivations& a) {
+  free(a.d);
+  free(a.u);
+}
+
+// Per-thread panel storage for one 32-column chunk.
+struct PanelBuffer {
+  VnniPanel p;
+  explicit PanelBuffer(long nblocks) {
     p.w = (int8_t*)aligned_alloc(64, (size_t)(nblocks * QK * kVnniCols + 63) / 64 * 64);
     float* meta = (float*)aligned_alloc(64, (size_t)(sizeof(float) * nblocks * kVnniCols * 3 + 63) / 64 * 64);
     p.d = meta;
     p.m = meta + nblocks * kVnniCols;
     p.corr = (int32_t*)(meta + 2 * nblocks * kVnniCols);
+  }
+  ~PanelBuffer() {
+    free(p.d);
+    free(p.w);
+  }
+};
+
+void run_tile(QuantFormat f, const VnniRows& x, const VnniPanel& p, long nblocks, float* y, long ldy, int rows,
+              int ncols, const float* bias, bool accumulate) {
+  switch (f) {
+    case QuantFormat::kInt8: vnni_tile<false, false>(x, p, nblocks, y, ldy, rows, ncols, bias, accumulate); break;
+    case QuantFormat::kQ4_1: vnni_tile<true, true>(x, p, nblocks, y, ldy, rows, ncols, bias, accumulate); break;
+    default: vnni_tile<true, false>(x, p, nblocks, y, ldy, rows, ncols, bias, accumulate); break;
+  }
+}
+
+void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
+                       bool accumulate) {
+  constexpr int R = kVnniRows;
+  const long N = w.rows;
+  VnniActivations a = quantize_for_vnni(x, M, w.cols);
+  const long chunks = (N + kVnniCols - 1) / kVnniCols;
+#pragma omp parallel
+  {
+    PanelBuffer panel(a.nblocks);
 #pragma omp for schedule(dynamic, 1)
     for (long ch = 0; ch < chunks; ++ch) {
       const long n0 = ch * kVnniCols;
       const int ncols = (int)lmin(kVnniCols, N - n0);
-      pack_vnni(w, n0, ncols, nblocks, p);
+      pack_vnni(w, n0, ncols, a.nblocks, panel.p);
       const float* bn = bias ? bias + n0 : nullptr;
-      for (long t = 0; t < tiles; ++t) {
-        const VnniRows rows{xu + t * R * K, xd + t * R * nblocks, xs + t * R * nblocks};
-        float* yt = y + t * R * N + n0;
-        const int nr = (int)lmin(R, M - t * R);
-        switch (w.format) {
-          case QuantFormat::kInt8: vnni_tile<false, false>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
-          case QuantFormat::kQ4_1: vnni_tile<true, true>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
-          default: vnni_tile<true, false>(rows, p, nblocks, yt, N, nr, ncols, bn, accumulate); break;
+      for (long t = 0; t < a.tiles; ++t) {
+        run_tile(w.format, a.tile(t), panel.p, a.nblocks, y + t * R * N + n0, N, (int)lmin(R, M - t * R), ncols,
+                 bn, accumulate);
+      }
+    }
+  }
+  free_activations(a);
+}
+
+void linear_quant_gated_vnni(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
+  constexpr int R = kVnniRows;
+  const long I = w.rows / 2;
+  VnniActivations a = quantize_for_vnni(x, M, w.cols);
+  const long chunks = (I + kVnniCols - 1) / kVnniCols;
+#pragma omp parallel
+  {
+    PanelBuffer gate(a.nblocks), up(a.nblocks);
+    alignas(64) float gu[R][2 * kVnniCols];
+#pragma omp for schedule(dynamic, 1)
+    for (long ch = 0; ch < chunks; ++ch) {
+      const long n0 = ch * kVnniCols;
+      const int ncols = (int)lmin(kVnniCols, I - n0);
+      pack_vnni(w, n0, ncols, a.nblocks, gate.p);
+      pack_vnni(w, I + n0, ncols, a.nblocks, up.p);
+      for (long t = 0; t < a.tiles; ++t) {
+        const int rows = (int)lmin(R, M - t * R);
+        run_tile(w.format, a.tile(t), gate.p, a.nblocks, gu[0], 2 * kVnniCols, rows, ncols, nullptr, false);
+        run_tile(w.format, a.tile(t), up.p, a.nblocks, gu[0] + kVnniCols, 2 * kVnniCols, rows, ncols, nullptr, false);
+        for (int i = 0; i < rows; ++i) {
+          gated_activation_row(gu[i], gu[i] + kVnniCols, ncols, act, y + (t * R + i) * I + n0);
         }
       }
     }
-    free(meta);
-    free(p.w);
   }
-  free(xd);
-  free(xu);
+  free_activations(a);
 }
 #endif
 
@@ -500,7 +569,7 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
-  if (M >= 16) {
+  if (M >= kQuantGemmRows) {
 #if defined(PYXF_TARGET_avx512)
     linear_quant_vnni(x, M, w, bias, y, accumulate);
 #else
@@ -529,6 +598,21 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   free(xd);
   free(xq);
 }
+
+#if defined(PYXF_TARGET_avx512)
+void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
+  if (M >= kQuantGemmRows) {
+    linear_quant_gated_vnni(x, M, w, act, y);
+    return;
+  }
+  float* gu = (float*)malloc(sizeof(float) * M * w.rows + 64);
+  linear_quant(x, M, w, nullptr, gu, false);
+  for (long m = 0; m < M; ++m) {
+    gated_activation_row(gu + m * w.rows, gu + m * w.rows + w.rows / 2, w.rows / 2, act, y + m * (w.rows / 2));
+  }
+  free(gu);
+}
+#endif
 
 void dequantize_row(const QuantWeight& w, long row, float* out) {
   const long row_bytes = quant_row_bytes(w.format, w.cols);

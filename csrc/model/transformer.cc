@@ -194,12 +194,17 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
-  {
-    StageTimer timer(Stage::kFfnUp);
-    apply_linear(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
-  }
   const float* hidden = ws.ffn.data();
-  {
+  if (c.gated_ffn && L.ffn_up.quantized && !L.ffn_up.bias && K.linear_quant_gated && rows >= k::kQuantGemmRows) {
+    // Fused: the activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
+    StageTimer timer(Stage::kFfnUp);
+    K.linear_quant_gated(in, rows, L.ffn_up.quant, c.activation, ws.act.data());
+    hidden = ws.act.data();
+  } else {
+    {
+      StageTimer timer(Stage::kFfnUp);
+      apply_linear(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
+    }
     StageTimer timer(Stage::kActivation);
     if (c.gated_ffn) {
       K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
