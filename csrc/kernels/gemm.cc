@@ -18,26 +18,33 @@ constexpr int MR = 6;
 constexpr int MR = 4;
 #endif
 constexpr int NR = 2 * kLanes;
-constexpr int KC = 256;      // depth of one packed block: an NR x KC panel stays in L1/L2
+constexpr int KC = 288;      // deepest packed block: an NR x KC panel (36 KiB) stays in L1
 constexpr int NC = 4 * NR;   // columns packed together; one work item
 constexpr int MC = 16 * MR;  // rows per work item
 constexpr long kSmallM = 160; // below this, the dot-product kernel: packing w costs more than it saves
 
-// Packed weights: for each depth block [k0, k0 + kc) (KC deep, the last one shorter), the N columns
-// as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * KC * n_pad floats and
+// Depth of the packed blocks for K: as few as KC allows, of equal depth (576 = 2 x 288, not 256 +
+// 256 + 64: a shallow block pays the same C tile loads and stores for a quarter of the work).
+inline int block_depth(long K) {
+  const long blocks = (K + KC - 1) / KC;
+  return (int)((K + blocks - 1) / blocks);
+}
+
+// Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
+// N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad floats and
 // panel p of it at p * kc * NR.
 inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
 
 // Packs w (all of it) into `dst`; one pass over w, done once per call and shared by every thread.
 template <typename W>
 void pack_weights(const W* w, long K, long N, float* dst) {
-  const long n_pad = padded_cols(N), panels = n_pad / NR, k_blocks = (K + KC - 1) / KC;
+  const long n_pad = padded_cols(N), panels = n_pad / NR, depth = block_depth(K), k_blocks = (K + depth - 1) / depth;
 #pragma omp for schedule(static) collapse(2)
   for (long kb = 0; kb < k_blocks; ++kb) {
     for (long p = 0; p < panels; ++p) {
-      const long k0 = kb * KC;
-      const int kc = (int)lmin(KC, K - k0);
-      float* panel = dst + kb * KC * n_pad + p * kc * NR;
+      const long k0 = kb * depth;
+      const int kc = (int)lmin(depth, K - k0);
+      float* panel = dst + kb * depth * n_pad + p * kc * NR;
       if constexpr (sizeof(W) == sizeof(float)) {
         if ((p + 1) * NR <= N) {  // a whole panel of float columns: transposed by gathers
           const float* src = w + p * NR * K + k0;
@@ -147,6 +154,7 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
   float* packed = packing_buffer(n_pad * K);
   const long n_chunks = (N + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
+  const int depth = block_depth(K);
 #pragma omp parallel
   {
     pack_weights(w, K, N, packed);  // ends with the omp for's barrier
@@ -157,10 +165,10 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
         const int nc = (int)lmin(NC, N - n0);
         const int panels = (nc + NR - 1) / NR;
         const long m_end = lmin(M, (mb + 1) * MC);
-        for (long k0 = 0; k0 < K; k0 += KC) {
-          const int kc = (int)lmin(KC, K - k0);
+        for (long k0 = 0; k0 < K; k0 += depth) {
+          const int kc = (int)lmin(depth, K - k0);
           const bool first = k0 == 0;
-          const float* block = packed + k0 * n_pad + n0 * kc;  // panel n0 / NR of depth block k0 / KC
+          const float* block = packed + k0 * n_pad + n0 * kc;  // panel n0 / NR of depth block k0 / depth
           // A panel of w (kc x NR, in L1) meets every row tile of the block's rows (in L2).
           for (int p = 0; p < panels; ++p) {
             const long col = n0 + (long)p * NR;
