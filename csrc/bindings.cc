@@ -483,16 +483,29 @@ void bind_ops(py::module_& ops) {
     if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D");
   };
   // w: float32, float16, or uint16 holding bfloat16 bits.
-  ops.def("linear", [=](FloatArray x, py::array w, py::object bias) {
+  // The weight type of a float weight matrix for x [M, K] (checked: 2-D, C-contiguous, K columns).
+  auto float_weight = [=](const FloatArray& x, const py::array& w) {
     check_2d(x, "x");
     if (w.ndim() != 2) throw py::value_error("w must be 2-D");
     if (x.shape(1) != w.shape(1)) throw py::value_error("x and w disagree on the inner dimension");
-    kernels::WeightType wt;
-    if (w.dtype().is(py::dtype::of<float>())) wt = kernels::WeightType::kF32;
-    else if (w.dtype().kind() == 'f' && w.itemsize() == 2) wt = kernels::WeightType::kF16;
-    else if (w.dtype().is(py::dtype::of<uint16_t>())) wt = kernels::WeightType::kBF16;
-    else throw py::type_error("w must be float32, float16 or uint16 (bfloat16 bits)");
     if (!(w.flags() & py::array::c_style)) throw py::value_error("w must be C-contiguous");
+    if (w.dtype().is(py::dtype::of<float>())) return kernels::WeightType::kF32;
+    if (w.dtype().kind() == 'f' && w.itemsize() == 2) return kernels::WeightType::kF16;
+    if (w.dtype().is(py::dtype::of<uint16_t>())) return kernels::WeightType::kBF16;
+    throw py::type_error("w must be float32, float16 or uint16 (bfloat16 bits)");
+  };
+  // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T).
+  ops.def("linear_gated", [=](FloatArray x, py::array w, const std::string& activation) {
+    const kernels::WeightType wt = float_weight(x, w);
+    const kernels::Activation act = parse_activation(activation);
+    if (w.shape(0) % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
+    py::array_t<float> y({x.shape(0), w.shape(0) / 2});
+    kernels::active().linear_gated(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0) / 2, act,
+                                   y.mutable_data());
+    return y;
+  }, "x"_a, "w"_a, "activation"_a = "silu");
+  ops.def("linear", [=](FloatArray x, py::array w, py::object bias) {
+    const kernels::WeightType wt = float_weight(x, w);
     FloatArray b;
     if (!bias.is_none()) {
       b = bias.cast<FloatArray>();

@@ -117,6 +117,19 @@ def test_linear(isa, m, k, n, with_bias):
     assert_matches_generic(isa, ops.linear, x, w, bias=bias)
 
 
+@pytest.mark.parametrize("m,k,inter", [(5, 64, 48), (160, 96, 64), (300, 577, 96), (161, 40, 40)])
+def test_linear_gated_matches_torch(isa, m, k, inter):
+    """A gated FFN's up projection: silu(x gate^T) * (x up^T) with w = [gate; up]; from 160 rows
+    (and I a multiple of 32) the activation is fused into the packed GEMM."""
+    rng = rng_for("linear-gated", m, k, inter)
+    x, w = randn(rng, m, k), randn(rng, 2 * inter, k)
+    gu = F.linear(torch.from_numpy(x).double(), torch.from_numpy(w).double())
+    ref = F.silu(gu[:, :inter]) * gu[:, inter:]
+    y = ops.linear_gated(x, w, "silu")
+    assert y.shape == (m, inter)
+    assert_close(y, ref.numpy(), what=f"linear_gated {m}x{k}x{inter}")
+
+
 def test_linear_agrees_with_torch(isa):
     rng = rng_for("linear-torch")
     x, w, b = randn(rng, 19, 577), randn(rng, 33, 577), randn(rng, 33)

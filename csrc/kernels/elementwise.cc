@@ -237,6 +237,8 @@ void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int r
 
 void linear(const float* x, long M, long K, const void* w, WeightType wt, long N, const float* bias,
             float* y, bool accumulate);
+void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
+                  float* y);
 void load_row(const void* w, WeightType wt, long row, long n, float* out);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
@@ -253,6 +255,7 @@ void fill_table(KernelTable* t) {
   t->name = "generic";
 #endif
   t->linear = linear;
+  t->linear_gated = linear_gated;
   t->load_row = load_row;
   t->rmsnorm = rmsnorm;
   t->layernorm = layernorm;

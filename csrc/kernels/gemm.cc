@@ -7,6 +7,8 @@
 #include "kernels/simd.h"
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
+void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+
 namespace {
 
 // Register tile of the packed kernel: MR rows of x by NR = 2 vectors of columns.
@@ -21,7 +23,6 @@ constexpr int NR = 2 * kLanes;
 constexpr int KC = 288;      // deepest packed block: an NR x KC panel (36 KiB) stays in L1
 constexpr int NC = 4 * NR;   // columns packed together; one work item
 constexpr int MC = 16 * MR;  // rows per work item
-constexpr long kSmallM = 160; // below this, the dot-product kernel: packing w costs more than it saves
 
 // Depth of the packed blocks for K: as few as KC allows, of equal depth (576 = 2 x 288, not 256 +
 // 256 + 64: a shallow block pays the same C tile loads and stores for a quarter of the work).
@@ -186,6 +187,53 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
   release_packing_buffer(packed, n_pad * K);
 }
 
+// y[M, I] = act(x gate^T) * (x up^T), w = [gate; up] with I % NR == 0: a work item computes the
+// gate and up columns of one chunk into an L2 scratch tile and applies the activation there, so
+// the 2 I-wide product never goes to memory.
+template <typename W>
+void linear_packed_gated(const float* x, long M, long K, const W* w, long I, Activation act, float* y) {
+  const long N = 2 * I, n_pad = padded_cols(N);
+  float* packed = packing_buffer(n_pad * K);
+  const long n_chunks = (I + NC - 1) / NC;
+  const long m_blocks = (M + MC - 1) / MC;
+  const int depth = block_depth(K);
+#pragma omp parallel
+  {
+    pack_weights(w, K, N, packed);  // ends with the omp for's barrier
+    float* scratch = (float*)aligned_alloc(64, sizeof(float) * MC * 2 * NC);  // [MC][gate NC | up NC]
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (long ci = 0; ci < n_chunks; ++ci) {
+      for (long mb = 0; mb < m_blocks; ++mb) {
+        const long n0 = ci * NC;
+        const int nc = (int)lmin(NC, I - n0);
+        const int panels = (nc + NR - 1) / NR;
+        const long m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
+        for (long k0 = 0; k0 < K; k0 += depth) {
+          const int kc = (int)lmin(depth, K - k0);
+          for (int half = 0; half < 2; ++half) {
+            const long col0 = half * I + n0;
+            const float* block = packed + k0 * n_pad + col0 * kc;
+            for (int p = 0; p < panels; ++p) {
+              for (long m0 = m_begin; m0 < m_end; m0 += MR) {
+                const int rows = (int)lmin(MR, m_end - m0);
+                Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc,
+                                 scratch + (m0 - m_begin) * 2 * NC + half * NC + p * NR, 2 * NC,
+                                 imin(NR, nc - p * NR), k0 != 0, nullptr);
+              }
+            }
+          }
+        }
+        for (long m = m_begin; m < m_end; ++m) {
+          const float* row = scratch + (m - m_begin) * 2 * NC;
+          gated_activation_row(row, row + NC, nc, act, y + m * I + n0);
+        }
+      }
+    }
+    free(scratch);
+  }
+  release_packing_buffer(packed, n_pad * K);
+}
+
 // Dot products of up to 4 rows of x with 4 rows of w: 16 independent accumulators.
 template <int XR, int WR, typename W>
 void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const float* bias,
@@ -261,7 +309,7 @@ void linear_strided(const float* x, long M, long K, const W* w, long N, const fl
       for (long n = 0; n < N; ++n) y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
     return;
   }
-  if (M < kSmallM) {
+  if (M < kFloatGemmRows) {
     linear_small_m(x, M, K, w, N, bias, y, ldy, accumulate);
   } else {
     linear_packed(x, M, K, w, N, bias, y, ldy, accumulate);
@@ -284,6 +332,22 @@ void linear(const float* x, long M, long K, const void* w, WeightType wt, long N
       linear_strided(x, M, K, static_cast<const float*>(w), N, bias, y, N, accumulate);
       break;
   }
+}
+
+void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
+                  float* y) {
+  if (M >= kFloatGemmRows && I % NR == 0) {
+    switch (wt) {
+      case WeightType::kBF16: linear_packed_gated(x, M, K, static_cast<const bf16*>(w), I, act, y); return;
+      case WeightType::kF16: linear_packed_gated(x, M, K, static_cast<const f16*>(w), I, act, y); return;
+      case WeightType::kF32:
+      default: linear_packed_gated(x, M, K, static_cast<const float*>(w), I, act, y); return;
+    }
+  }
+  float* gu = (float*)malloc(sizeof(float) * M * 2 * I + 64);
+  linear(x, M, K, w, wt, 2 * I, nullptr, gu, false);
+  for (long m = 0; m < M; ++m) gated_activation_row(gu + m * 2 * I, gu + m * 2 * I + I, I, act, y + m * I);
+  free(gu);
 }
 
 void load_row(const void* w, WeightType wt, long row, long n, float* out) {

@@ -20,6 +20,9 @@ enum class QuantFormat : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
 constexpr int kQuantBlock = 32;
 int quant_row_bytes(QuantFormat f, long cols);  // bytes of one stored row of `cols` weights
 
+// Rows from which linear runs the packed GEMM: below, the dot-product kernel (packing w per call
+// costs more than it saves).
+constexpr long kFloatGemmRows = 160;
 // Rows from which linear_quant runs a GEMM (below: one pass over the weights per call, GEMV-like).
 constexpr long kQuantGemmRows = 16;
 
@@ -68,6 +71,10 @@ struct KernelTable {
   void (*linear)(const float* x, long M, long K, const void* w, WeightType wt, long N,
                  const float* bias, float* y, bool accumulate);
   // Row `row` of a [rows, n] weight matrix, widened to float (embedding lookup).
+  // y[M, I] = act(x gate^T) * (x up^T) for w = [gate; up] (2 I rows, no bias); from
+  // kFloatGemmRows rows the activation is applied to the GEMM's tiles (no 2 I-wide intermediate).
+  void (*linear_gated)(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
+                       float* y);
   void (*load_row)(const void* w, WeightType wt, long row, long n, float* out);
   void (*rmsnorm)(const float* x, const float* w, float eps, long rows, long n, float* y);
   void (*layernorm)(const float* x, const float* w, const float* b, float eps, long rows, long n,

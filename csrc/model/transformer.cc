@@ -195,10 +195,17 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     in = ws.h.data();
   }
   const float* hidden = ws.ffn.data();
-  if (c.gated_ffn && L.ffn_up.quantized && !L.ffn_up.bias && K.linear_quant_gated && rows >= k::kQuantGemmRows) {
-    // Fused: the activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
+  const bool fused = c.gated_ffn && !L.ffn_up.bias &&
+                     (L.ffn_up.quantized ? K.linear_quant_gated && rows >= k::kQuantGemmRows
+                                         : rows >= k::kFloatGemmRows);
+  if (fused) {
+    // The activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
     StageTimer timer(Stage::kFfnUp);
-    K.linear_quant_gated(in, rows, L.ffn_up.quant, c.activation, ws.act.data());
+    if (L.ffn_up.quantized) {
+      K.linear_quant_gated(in, rows, L.ffn_up.quant, c.activation, ws.act.data());
+    } else {
+      K.linear_gated(in, rows, H, L.ffn_up.weight, L.ffn_up.dtype, I, c.activation, ws.act.data());
+    }
     hidden = ws.act.data();
   } else {
     {
