@@ -38,23 +38,24 @@ int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 constexpr int kTileRows = 4;  // query rows per register tile: 4 x 4 vectors = 16 accumulators
 
-// s[R][kBlockKeys] = q[R][D] . kt[D][kBlockKeys] for R query rows.
-template <int R>
+// s[R][0 .. NV vectors) = q[R][D] . kt[D][...] for R query rows: the block's first NV vectors
+// of keys (a causal tile on the diagonal sees only some of them).
+template <int R, int NV>
 void scores_tile(const float* q, int dp, int D, const float* kt, float* s) {
-  Vf acc[R][kScoreVecs];
+  Vf acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kScoreVecs; ++c) acc[r][c] = vzero();
+    for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
   for (int d = 0; d < D; ++d) {
     const float* ktd = kt + (long)d * kBlockKeys;
-    Vf k[kScoreVecs];
-    for (int c = 0; c < kScoreVecs; ++c) k[c] = vload(ktd + c * kLanes);
+    Vf k[NV];
+    for (int c = 0; c < NV; ++c) k[c] = vload(ktd + c * kLanes);
     for (int r = 0; r < R; ++r) {
       const Vf x = vset1(q[(long)r * dp + d]);
-      for (int c = 0; c < kScoreVecs; ++c) acc[r][c] = vfma(x, k[c], acc[r][c]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = vfma(x, k[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kScoreVecs; ++c) vstore(s + (long)r * kBlockKeys + c * kLanes, acc[r][c]);
+    for (int c = 0; c < NV; ++c) vstore(s + (long)r * kBlockKeys + c * kLanes, acc[r][c]);
 }
 
 // o[r][d0 .. d0 + NV lanes) = corr[r] o[r] + sum_j p[r][j] v[j] over j < n_keys, for R rows;
@@ -111,26 +112,31 @@ void pv_rows(const float* p, const float* corr, const float* v, long v_stride, i
 }
 
 // Online softmax of one row's block of scores: p = exp(s - new max) on the first `visible`
-// keys (exactly 0 past them); returns the factor that rescales the row's running output.
+// keys (exactly 0 past them, whatever s holds there); returns the factor that rescales the row's
+// running output.
 float softmax_block(float* s, int visible, float& row_max, float& row_sum) {
+  const Vf zero = vzero();
   if (visible <= 0) {
-    for (int j = 0; j < kBlockKeys; ++j) s[j] = 0.0f;
+    for (int c = 0; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
     return 1.0f;
   }
-  for (int j = visible; j < kBlockKeys; ++j) s[j] = -INFINITY;
-  Vf vmx = vload(s);
-  for (int c = 1; c < kScoreVecs; ++c) vmx = vmax(vmx, vload(s + c * kLanes));
+  const int nv = (visible + kLanes - 1) / kLanes, tail = visible - (nv - 1) * kLanes;
+  const Vf ninf = vset1(-INFINITY);
+  Vf vmx = vselect_n(vload(s + (nv - 1) * kLanes), ninf, tail);
+  for (int c = 0; c < nv - 1; ++c) vmx = vmax(vmx, vload(s + c * kLanes));
   const float block_max = vmaxr(vmx);
   const float new_max = block_max > row_max ? block_max : row_max;
   const float correction = expf(row_max - new_max);
   row_max = new_max;
-  Vf vsum_p = vzero();
-  for (int c = 0; c < kScoreVecs; ++c) {
-    const Vf e = vexp(vsub(vload(s + c * kLanes), vset1(new_max)));
+  const Vf m = vset1(new_max);
+  Vf vsum_p = zero;
+  for (int c = 0; c < nv; ++c) {
+    Vf e = vexp(vsub(vload(s + c * kLanes), m));
+    if (c == nv - 1) e = vselect_n(e, zero, tail);
     vstore(s + c * kLanes, e);
     vsum_p = vadd(vsum_p, e);
   }
-  for (int j = visible; j < kBlockKeys; ++j) s[j] = 0.0f;  // exp's clamp leaves ~1e-38 there
+  for (int c = nv; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
   row_sum = row_sum * correction + vsum(vsum_p);
   return correction;
 }
@@ -144,9 +150,26 @@ void add_position_bias(float* score, int n, int rel0, const float* bias, int R) 
   for (; j < n; ++j) score[j] += bias[2 * R];
 }
 
-using ScoresTile = void (*)(const float*, int, int, const float*, float*);
 using PvRows = void (*)(const float*, const float*, const float*, long, int, int, float*, int);
-constexpr ScoresTile kScoresTiles[] = {nullptr, scores_tile<1>, scores_tile<2>, scores_tile<3>, scores_tile<4>};
+constexpr int capped(int nv) { return nv < kScoreVecs ? nv : kScoreVecs; }
+
+// scores_tile for R rows and the block's first nv (1 .. kScoreVecs) key vectors.
+template <int R>
+void scores_rows(int nv, const float* q, int dp, int D, const float* kt, float* s) {
+  switch (nv) {
+    case 1: scores_tile<R, capped(1)>(q, dp, D, kt, s); break;
+    case 2: scores_tile<R, capped(2)>(q, dp, D, kt, s); break;
+    case 3: scores_tile<R, capped(3)>(q, dp, D, kt, s); break;
+    case 4: scores_tile<R, capped(4)>(q, dp, D, kt, s); break;
+    case 5: scores_tile<R, capped(5)>(q, dp, D, kt, s); break;
+    case 6: scores_tile<R, capped(6)>(q, dp, D, kt, s); break;
+    case 7: scores_tile<R, capped(7)>(q, dp, D, kt, s); break;
+    default: scores_tile<R, capped(8)>(q, dp, D, kt, s); break;
+  }
+}
+static_assert(kScoreVecs <= 8, "scores_rows covers up to 8 key vectors");
+using ScoresRows = void (*)(int, const float*, int, int, const float*, float*);
+constexpr ScoresRows kScoresRows[] = {nullptr, scores_rows<1>, scores_rows<2>, scores_rows<3>, scores_rows<4>};
 constexpr PvRows kPvRows[] = {nullptr, pv_rows<1>, pv_rows<2>, pv_rows<3>, pv_rows<4>};
 
 // kt[d][j] = k[j][d] for the bk keys of one block (rows kv_pos_stride apart), zero past bk: whole
@@ -193,19 +216,25 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     } else {
       transpose_key_block(kbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, bk, D, sc.kt);
     }
+    for (int r = 0; r < rows; ++r) {
+      const int qpos = s.n_past + item.q_begin + r / group;
+      sc.visible[r] = sh.causal ? imax(0, imin(bk, qpos - j0 + 1)) : bk;
+    }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
-      kScoresTiles[n](sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
+      int keys = 0;  // the tile's widest row (later rows see more keys)
+      for (int i = 0; i < n; ++i) keys = imax(keys, sc.visible[r + i]);
+      if (keys == 0) continue;  // softmax_block zeroes these rows
+      kScoresRows[n]((keys + kLanes - 1) / kLanes, sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
       const int qpos = s.n_past + item.q_begin + r / group;
-      const int visible = sh.causal ? imax(0, imin(bk, qpos - j0 + 1)) : bk;
+      const int visible = sc.visible[r];
       float* score = sc.p + (long)r * kBlockKeys;
       if (sh.pos_bias && visible > 0) {
         const int R = sh.pos_bias_radius, h = item.kv_head * group + r % group;
         add_position_bias(score, visible, j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
       }
-      sc.visible[r] = visible;
       sc.corr[r] = softmax_block(score, visible, sc.row_max[r], sc.row_sum[r]);
     }
     const float* vblock = vbase + (long)j0 * s.kv_pos_stride;

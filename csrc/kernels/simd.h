@@ -39,6 +39,8 @@ static inline Vf vcopysign(Vf mag, Vf sign) {
       _mm512_andnot_si512(m, _mm512_castps_si512(mag.v)),
       _mm512_and_si512(m, _mm512_castps_si512(sign.v))))};
 }
+// Lanes below n from a, the rest from b.
+static inline Vf vselect_n(Vf a, Vf b, int n) { return {_mm512_mask_blend_ps((__mmask16)((1u << n) - 1), b.v, a.v)}; }
 static inline float vsum(Vf a) { return _mm512_reduce_add_ps(a.v); }
 static inline float vmaxr(Vf a) { return _mm512_reduce_max_ps(a.v); }
 // 2^n for integral-valued n.
@@ -67,6 +69,7 @@ static inline Vf vload(const float* p) { return {_mm256_loadu_ps(p)}; }
 static inline void vstore(float* p, Vf a) { _mm256_storeu_ps(p, a.v); }
 static inline Vf vload_n(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
 static inline void vstore_n(float* p, Vf a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a.v); }
+static inline Vf vselect_n(Vf a, Vf b, int n) { return {_mm256_blendv_ps(b.v, a.v, _mm256_castsi256_ps(tail_mask(n)))}; }
 static inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.v, b.v)}; }
 static inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.v, b.v)}; }
 static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -119,6 +122,7 @@ static inline Vf vload(const float* p) { PYXF_LANEWISE(p[i]); }
 static inline void vstore(float* p, Vf a) { for (int i = 0; i < kLanes; ++i) p[i] = a.v[i]; }
 static inline Vf vload_n(const float* p, int n) { PYXF_LANEWISE(i < n ? p[i] : 0.0f); }
 static inline void vstore_n(float* p, Vf a, int n) { for (int i = 0; i < n; ++i) p[i] = a.v[i]; }
+static inline Vf vselect_n(Vf a, Vf b, int n) { PYXF_LANEWISE(i < n ? a.v[i] : b.v[i]); }
 static inline Vf vadd(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] + b.v[i]); }
 static inline Vf vsub(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] - b.v[i]); }
 static inline Vf vmul(Vf a, Vf b) { PYXF_LANEWISE(a.v[i] * b.v[i]); }
