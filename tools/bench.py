@@ -154,6 +154,20 @@ def tilde(path):
     return "~" + text[len(home):] if text == home or text.startswith(home + os.sep) else text
 
 
+def report_args(argv):
+    """The command line as the report shows it: --json (where the raw results went, not how they were
+    measured) left out, paths under the home directory written with ~."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(tilde(a))
+    return out
+
+
 def resolve_model(args):
     from pyxf import hub
     from pyxf.model import read_config
@@ -528,7 +542,7 @@ def method_lines(spec):
 def report(args, spec, machine, records, started, loads, plot_name):
     engines = args.engines
     pyxf_versions = records.get(REFERENCE, {}).get("versions", {})
-    command = "python tools/bench.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(tilde(a) for a in sys.argv[1:]))
+    command = "python tools/bench.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(report_args(sys.argv[1:])))
     versions = []
     for e in engines:
         r = records[e]
