@@ -117,15 +117,20 @@ def test_linear(isa, m, k, n, with_bias):
     assert_matches_generic(isa, ops.linear, x, w, bias=bias)
 
 
+GATED_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+
+
+@pytest.mark.parametrize("act", sorted(GATED_ACTIVATIONS))
 @pytest.mark.parametrize("m,k,inter", [(5, 64, 48), (160, 96, 64), (300, 577, 96), (161, 40, 40)])
-def test_linear_gated_matches_torch(isa, m, k, inter):
-    """A gated FFN's up projection: silu(x gate^T) * (x up^T) with w = [gate; up]; from 160 rows
-    (and I a multiple of 32) the activation is fused into the packed GEMM."""
+def test_linear_gated_matches_torch(isa, m, k, inter, act):
+    """A gated FFN's up projection: act(x gate^T) * (x up^T) with w = [gate; up] (Llama: silu, T5:
+    gelu_tanh); from 160 rows (and I a multiple of the tile width) the activation is fused into the
+    packed GEMM."""
     rng = rng_for("linear-gated", m, k, inter)
     x, w = randn(rng, m, k), randn(rng, 2 * inter, k)
     gu = F.linear(torch.from_numpy(x).double(), torch.from_numpy(w).double())
-    ref = F.silu(gu[:, :inter]) * gu[:, inter:]
-    y = ops.linear_gated(x, w, "silu")
+    ref = GATED_ACTIVATIONS[act](gu[:, :inter]) * gu[:, inter:]
+    y = ops.linear_gated(x, w, act)
     assert y.shape == (m, inter)
     assert_close(y, ref.numpy(), what=f"linear_gated {m}x{k}x{inter}")
 
