@@ -148,6 +148,21 @@ using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
 using Tiles = TileTable<1, 2, 3, 4>;
 #endif
 
+// One depth block of one chunk: `panels` packed panels (kc x NR each, in L1 in turn) against the
+// row tiles of x rows [m_begin, m_end) (in L2). Column p NR + j of row m goes to
+// c[(m - m_begin) * ldc + p NR + j]; bias (first depth block only) is indexed alike.
+void chunk_block(const float* x, long K, long k0, int kc, const float* block, int nc, long m_begin, long m_end,
+                 float* c, long ldc, bool load_c, const float* bias) {
+  const int panels = (nc + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p) {
+    for (long m0 = m_begin; m0 < m_end; m0 += MR) {
+      const int rows = (int)lmin(MR, m_end - m0);
+      Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc, c + (m0 - m_begin) * ldc + p * NR, ldc,
+                       imin(NR, nc - p * NR), load_c, bias ? bias + p * NR : nullptr);
+    }
+  }
+}
+
 template <typename W>
 void linear_packed(const float* x, long M, long K, const W* w, long N, const float* bias,
                    float* y, long ldy, bool accumulate) {
@@ -162,24 +177,14 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (long ci = 0; ci < n_chunks; ++ci) {
       for (long mb = 0; mb < m_blocks; ++mb) {
-        const long n0 = ci * NC;
+        const long n0 = ci * NC, m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
         const int nc = (int)lmin(NC, N - n0);
-        const int panels = (nc + NR - 1) / NR;
-        const long m_end = lmin(M, (mb + 1) * MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           const bool first = k0 == 0;
-          const float* block = packed + k0 * n_pad + n0 * kc;  // panel n0 / NR of depth block k0 / depth
-          // A panel of w (kc x NR, in L1) meets every row tile of the block's rows (in L2).
-          for (int p = 0; p < panels; ++p) {
-            const long col = n0 + (long)p * NR;
-            for (long m0 = mb * MC; m0 < m_end; m0 += MR) {
-              const int rows = (int)lmin(MR, m_end - m0);
-              Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc, y + m0 * ldy + col,
-                               ldy, imin(NR, nc - p * NR), !first || accumulate,
-                               first && bias ? bias + col : nullptr);
-            }
-          }
+          // panel n0 / NR of depth block k0 / depth
+          chunk_block(x, K, k0, kc, packed + k0 * n_pad + n0 * kc, nc, m_begin, m_end, y + m_begin * ldy + n0, ldy,
+                      !first || accumulate, first && bias ? bias + n0 : nullptr);
         }
       }
     }
@@ -204,23 +209,13 @@ void linear_packed_gated(const float* x, long M, long K, const W* w, long I, Act
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (long ci = 0; ci < n_chunks; ++ci) {
       for (long mb = 0; mb < m_blocks; ++mb) {
-        const long n0 = ci * NC;
+        const long n0 = ci * NC, m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
         const int nc = (int)lmin(NC, I - n0);
-        const int panels = (nc + NR - 1) / NR;
-        const long m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
-          for (int half = 0; half < 2; ++half) {
-            const long col0 = half * I + n0;
-            const float* block = packed + k0 * n_pad + col0 * kc;
-            for (int p = 0; p < panels; ++p) {
-              for (long m0 = m_begin; m0 < m_end; m0 += MR) {
-                const int rows = (int)lmin(MR, m_end - m0);
-                Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc,
-                                 scratch + (m0 - m_begin) * 2 * NC + half * NC + p * NR, 2 * NC,
-                                 imin(NR, nc - p * NR), k0 != 0, nullptr);
-              }
-            }
+          for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
+            chunk_block(x, K, k0, kc, packed + k0 * n_pad + (half * I + n0) * kc, nc, m_begin, m_end,
+                        scratch + half * NC, 2 * NC, k0 != 0, nullptr);
           }
         }
         for (long m = m_begin; m < m_end; ++m) {
