@@ -211,15 +211,22 @@ kernels::QuantFormat parse_quant_format(const std::string& name) {
   if (name == "q4_0") return kernels::QuantFormat::kQ4_0;
   if (name == "q4_1") return kernels::QuantFormat::kQ4_1;
   if (name == "int8") return kernels::QuantFormat::kInt8;
-  throw py::value_error("unknown quantization format '" + name + "' (q8_0, q4_0, q4_1, int8)");
+  if (name == "q5_0") return kernels::QuantFormat::kQ5_0;
+  if (name == "q5_1") return kernels::QuantFormat::kQ5_1;
+  if (name == "q4_k") return kernels::QuantFormat::kQ4_K;
+  if (name == "q5_k") return kernels::QuantFormat::kQ5_K;
+  if (name == "q6_k") return kernels::QuantFormat::kQ6_K;
+  throw py::value_error("unknown quantization format '" + name +
+                        "' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, int8)");
 }
 
 // A stored quantized matrix: uint8 rows of blocks, or int8 rows plus per-row float scales.
 kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernels::QuantFormat f, long out,
                                 long in, std::vector<py::array>& keep) {
-  if (in % kernels::kQuantBlock != 0) {
-    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " +
-                          std::to_string(kernels::kQuantBlock) + " columns, got " + std::to_string(in));
+  const int block = kernels::quant_block_cols(f);
+  if (in <= 0 || in % block != 0) {
+    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " + std::to_string(block) +
+                          " columns, got " + std::to_string(in));
   }
   if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
   py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);

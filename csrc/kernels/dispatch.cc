@@ -78,11 +78,16 @@ int available_isas(const char** names, int max_names) {
 bool set_isa(const char* name) { return select(name); }
 
 int quant_row_bytes(QuantFormat f, long cols) {
-  const long blocks = cols / kQuantBlock;
+  const long blocks = cols / quant_block_cols(f);
   switch (f) {
     case QuantFormat::kQ8_0: return (int)(blocks * (2 + kQuantBlock));
     case QuantFormat::kQ4_0: return (int)(blocks * (2 + kQuantBlock / 2));
     case QuantFormat::kQ4_1: return (int)(blocks * (4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_0: return (int)(blocks * (2 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_1: return (int)(blocks * (4 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ4_K: return (int)(blocks * 144);
+    case QuantFormat::kQ5_K: return (int)(blocks * 176);
+    case QuantFormat::kQ6_K: return (int)(blocks * 210);
     case QuantFormat::kInt8:
     default: return (int)cols;
   }
