@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyxf import quant
+from pyxf import quant, quant_mix
 from pyxf.rope import rope_parameters
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
@@ -41,8 +41,9 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
-    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's linear weights in memory
-    at load, as `pyxf convert --quantize` would (quantize_embeddings: embed.weight too).
+    quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or a
+    mix ("q4_k_m", "q5_k_m") quantizes a float model's linear weights in memory at load, as
+    `pyxf convert --quantize` would (quantize_embeddings: embed.weight too; see pyxf.quant_mix).
     """
     if path is None:
         from pyxf.hub import default_model_path
@@ -146,21 +147,31 @@ def read_config(model_dir):
 
 
 def _check_quantization(config, config_path):
-    """config.json's "quantization": {"method": str, "tensors": {name: format}} (docs/DESIGN.md)."""
+    """config.json's "quantization": {"method": str, "tensors": {name: spec}} (docs/DESIGN.md); a spec
+    is a format name or, for a tensor stored in several formats, [[format, rows], ...]."""
     q = config["quantization"]
     if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
         raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
     expected = expected_tensors(config)
-    for name, fmt in q["tensors"].items():
-        if fmt not in quant.FORMATS:
-            raise ValueError(
-                f"{config_path}: quantization of {name}: unknown format {fmt!r}; known: {', '.join(quant.FORMATS)}"
-            )
+    for name, spec in q["tensors"].items():
         if name not in expected or not quant.quantizable(name, expected[name][0], embeddings=True):
             raise ValueError(
                 f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
             )
+        rows, cols = expected[name][0]
+        try:
+            parts = quant.segments(spec, rows)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: quantization of {name}: {e}; known formats: {', '.join(quant.FORMATS)}") from None
+        for fmt, _ in parts:
+            if cols % quant.block_cols(fmt):
+                raise ValueError(
+                    f"{config_path}: quantization of {name}: {fmt} needs rows of a multiple of "
+                    f"{quant.block_cols(fmt)} weights, the tensor has {cols}"
+                )
+        if name == "embed.weight" and len(parts) > 1:
+            raise ValueError(f"{config_path}: embed.weight must be stored in one format (its rows are looked up)")
 
 
 def quantized_layout(config):
@@ -169,19 +180,19 @@ def quantized_layout(config):
     formats = (config.get("quantization") or {}).get("tensors") or {}
     expected = expected_tensors(config)
     layout = {}
-    for name, fmt in formats.items():
-        rows, cols = expected[name][0]
-        layout[name] = ((rows, quant.row_bytes(fmt, cols)), quant.stored_dtype(fmt))
-        if fmt == "int8":
-            layout[quant.scale_name(name)] = ((rows,), "F32")
+    for name, spec in formats.items():
+        shape = expected[name][0]
+        layout[name] = (quant.stored_shape(spec, shape), quant.stored_dtype(spec))
+        if spec == "int8":
+            layout[quant.scale_name(name)] = ((shape[0],), "F32")
     return layout
 
 
-def quantize_weights(config, weights, fmt, embeddings=False):
-    """Quantizes a float model's eligible weights in memory (see pyxf.quant.quantizable); returns
-    the config with its "quantization" entry and the new {name: array} (the float arrays of the
-    quantized tensors are no longer referenced)."""
-    quant.check_format(fmt)
+def quantize_weights(config, weights, method, embeddings=False):
+    """Quantizes a float model's weights in memory as `method` chooses (pyxf.quant_mix.tensor_spec);
+    returns the config with its "quantization" entry and the new {name: array} (the float arrays of
+    the quantized tensors are no longer referenced)."""
+    quant_mix.check_method(method)
     if config.get("quantization"):
         raise ValueError(
             f"this model is already quantized ({config['quantization'].get('method')}); "
@@ -189,16 +200,17 @@ def quantize_weights(config, weights, fmt, embeddings=False):
         )
     weights, formats = dict(weights), {}
     for name, array in list(weights.items()):
-        if not quant.quantizable(name, array.shape, embeddings):
+        spec = quant_mix.tensor_spec(name, array.shape, config, method, embeddings)
+        if spec is None:
             continue
         floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize(floats, fmt)
+        data, scales = quant.quantize_as(floats, spec)
         weights[name] = data
         if scales is not None:
             weights[quant.scale_name(name)] = scales
-        formats[name] = fmt
+        formats[name] = spec
     config = dict(config)
-    config["quantization"] = {"method": fmt, "tensors": formats}
+    config["quantization"] = {"method": method, "tensors": formats}
     return config, weights
 
 

@@ -102,7 +102,8 @@ def llama_quantize(src, dst, fmt, threads):
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-                    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[fmt]
+                    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                    "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[fmt]
     partial = Path(str(dst) + ".partial")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {fmt} failed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quant
+from .. import quant, quant_mix
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
 from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
 
@@ -169,38 +169,60 @@ def _progress(items, enabled: bool, total: int):
 _ROW_TRANSFORMS = (None, "unpermute_q", "unpermute_k")
 
 
-def _kept_format(p, ckpt: Checkpoint, shape: tuple) -> str | None:
-    """The block format in which `p` can be copied from a GGUF file without dequantizing: all its
-    sources stored in the same Q8_0/Q4_0/Q4_1 type, moved by whole rows; else None."""
+def _kept_format(p, ckpt: Checkpoint, shape: tuple):
+    """The spec in which `p` can be copied from a GGUF file without dequantizing: all its sources in
+    block formats the core runs, moved by whole rows; a format name, or [[format, rows], ...] when
+    the sources differ (the q, k / v rows of a Q4_K_M file). None otherwise."""
     if not quant.quantizable(p.target, shape, embeddings=True):
         return None
-    formats = {getattr(ckpt.tensors[s.name], "block_format", None) for s in p.sources}
-    if len(formats) != 1 or None in formats or any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
+    if any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
         return None
-    return formats.pop()
+    parts = []
+    for s in p.sources:
+        tensor = ckpt.tensors[s.name]
+        fmt = getattr(tensor, "block_format", None)
+        if fmt is None:
+            return None
+        if parts and parts[-1][0] == fmt:
+            parts[-1][1] += tensor.shape[0]
+        else:
+            parts.append([fmt, tensor.shape[0]])
+    if len(parts) == 1:
+        return parts[0][0]
+    return None if p.target == "embed.weight" else parts
 
 
 def _quantization_plan(ckpt, plan, shapes, quantize, quantize_embeddings, keep_quantized):
-    """{target: format} for every tensor stored quantized, and the targets copied as GGUF blocks."""
+    """{target: spec} for every tensor stored quantized, and the targets copied as GGUF blocks."""
     formats, kept = {}, set()
     for p in plan:
         shape = shapes[p.target]
-        fmt = _kept_format(p, ckpt, shape) if keep_quantized else None
-        if fmt is not None:
-            formats[p.target] = fmt
+        spec = _kept_format(p, ckpt, shape) if keep_quantized else None
+        if spec is not None:
+            formats[p.target] = spec
             kept.add(p.target)
-        elif quantize is not None and quant.quantizable(p.target, shape, quantize_embeddings):
-            formats[p.target] = quantize
+        elif quantize is not None:
+            spec = quant_mix.tensor_spec(p.target, shape, ckpt.config, quantize, quantize_embeddings)
+            if spec is not None:
+                formats[p.target] = spec
     return formats, kept
 
 
-def _weight_specs(target: str, dtype: str, shape: tuple, fmt: str | None) -> list[tuple]:
+def _weight_specs(target: str, dtype: str, shape: tuple, fmt) -> list[tuple]:
     if fmt is None:
         return [(target, DTYPES[dtype], shape)]
-    specs = [(target, quant.stored_dtype(fmt), (shape[0], quant.row_bytes(fmt, shape[1])))]
+    specs = [(target, quant.stored_dtype(fmt), quant.stored_shape(fmt, shape))]
     if fmt == "int8":
         specs.append((quant.scale_name(target), "F32", (shape[0],)))
     return specs
+
+
+def _build_kept(p, load_raw, config, spec) -> np.ndarray:
+    """The GGUF blocks of a kept tensor: [rows, row bytes], or one flat byte array of its sources
+    when they are in several formats."""
+    if isinstance(spec, str):
+        return build_tensor(p, load_raw, config)
+    return np.concatenate([build_tensor(type(p)(p.target, (s,)), load_raw, config).reshape(-1) for s in p.sources])
 
 
 def _write_weights(
@@ -219,8 +241,8 @@ def _write_weights(
         for p in _progress(plan, progress, len(plan)):
             fmt = formats.get(p.target)
             if p.target in kept:  # GGUF blocks, copied
-                array = build_tensor(p, load_raw, ckpt.config)
-                want = (shapes[p.target][0], quant.row_bytes(fmt, shapes[p.target][1]))
+                array = _build_kept(p, load_raw, ckpt.config, fmt)
+                want = quant.stored_shape(fmt, shapes[p.target])
                 if tuple(array.shape) != want:
                     raise ValueError(f"{p.target}: built {fmt} blocks of shape {array.shape}, expected {want}")
                 writer.write(p.target, array)
@@ -231,7 +253,7 @@ def _write_weights(
             if fmt is None:
                 writer.write(p.target, _cast(array, dtype, p.target))
                 continue
-            data, scales = quant.quantize(array, fmt)
+            data, scales = quant.quantize_as(array, fmt)
             writer.write(p.target, data)
             if scales is not None:
                 writer.write(quant.scale_name(p.target), scales)
@@ -252,16 +274,20 @@ def convert(
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
     stored as floats.
 
-    quantize: int8 | q8_0 | q4_0 | q4_1 quantizes the layers' linear weights (qkv, attn.out,
-    gate_up/up, down) and an untied lm_head; with quantize_embeddings, embed.weight too (which
-    then also serves as a tied head). Rows whose length is not a multiple of 32 stay float.
-    keep_quantized (GGUF sources only): tensors stored as Q8_0/Q4_0/Q4_1 are copied as they are,
-    embeddings included; other types (F16, Q6_K, Q5_*, K-quants) are dequantized, then quantized
-    to `quantize` when given (and eligible), else stored as `dtype` floats."""
+    quantize: a format (int8 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k) quantizes the
+    layers' linear weights (qkv, attn.out, gate_up/up, down) and an untied lm_head; with
+    quantize_embeddings, embed.weight too (which then also serves as a tied head). Rows whose length
+    is not a multiple of 32 stay float; K-quants fall back as llama.cpp's do where rows are not a
+    multiple of 256 (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0). The mixes q4_k_m | q5_k_m choose per
+    tensor as llama.cpp's Q4_K_M / Q5_K_M (pyxf.quant_mix), embeddings included.
+    keep_quantized (GGUF sources only): tensors stored in a block format the core runs (Q8_0,
+    Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are copied as they are, embeddings included; a fused
+    tensor whose sources differ keeps each source's format. Other types (F16, Q2_K, ...) are
+    dequantized, then quantized as `quantize` says when given, else stored as `dtype` floats."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
-        quant.check_format(quantize)
+        quant_mix.check_method(quantize)
     elif quantize_embeddings:
         raise ValueError("quantize_embeddings needs a quantization format (quantize=...)")
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -284,7 +310,7 @@ def convert(
     config.update(ckpt.write_tokenizer(out))
     config["dtype"] = dtype
     if formats:
-        method = "+".join((["gguf"] if kept else []) + ([quantize] if quantize in formats.values() else []))
+        method = "+".join((["gguf"] if kept else []) + ([quantize] if set(formats) - kept else []))
         config["quantization"] = {"method": method, "tensors": formats}
     config["source"] = ckpt.source
 
@@ -308,9 +334,10 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="output directory")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
     parser.add_argument(
-        "--quantize", choices=quant.FORMATS,
+        "--quantize", choices=quant_mix.METHODS,
         help="quantize the layers' linear weights and an untied lm_head (int8: per-row scales; "
-        "q8_0/q4_0/q4_1: GGUF blocks of 32)",
+        "q8_0/q4_0/q4_1/q5_0/q5_1: GGUF blocks of 32; q4_k/q5_k/q6_k: K-quants; q4_k_m/q5_k_m: "
+        "llama.cpp's mixes, embeddings included)",
     )
     parser.add_argument(
         "--quantize-embeddings", action="store_true",
@@ -318,8 +345,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--keep-quantized", action="store_true",
-        help="GGUF: copy Q8_0/Q4_0/Q4_1 tensors as they are, without dequantizing (other types are "
-        "dequantized, then quantized to --quantize if given)",
+        help="GGUF: copy tensors in the block formats pyxf runs (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, "
+        "Q5_K, Q6_K) as they are, without dequantizing (other types are dequantized, then quantized "
+        "as --quantize says if given)",
     )
     parser.add_argument("--config", help="HF config.json for a bare state_dict file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
