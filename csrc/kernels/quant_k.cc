@@ -85,6 +85,63 @@ void k_scales(const uint8_t* scales, uint32_t sc[2], uint32_t mn[2]) {
   mn[1] = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
 }
 
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+// ---- a block's integers as unsigned bytes in weight order, 32 per 256-bit vector (AVX2) ----
+// The AVX2 decode kernels multiply these; unpack() stores them (both x86 ISAs).
+
+// Byte j = 0x10 where bit j of `bits` is set.
+static inline __m256i fifth_bits(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)bits), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                     2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+// q5_0 / q5_1: the block's 32 values.
+template <bool kQ51>
+static inline __m256i q5_values(const uint8_t* blk) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)(blk + (kQ51 ? 8 : 6)));
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m256i z = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+  return _mm256_or_si256(z, fifth_bits(load_u32(blk + (kQ51 ? 4 : 2))));
+}
+
+// q4_k / q5_k: q[s] = sub-block s.
+template <bool kFive>
+static inline void k45_values(const uint8_t* blk, __m256i q[8]) {
+  const uint8_t* qs = blk + (kFive ? 48 : 16);
+  const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  for (int g = 0; g < 4; ++g) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * g));
+    q[2 * g] = _mm256_and_si256(v, nib);
+    q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  }
+  if (kFive) {
+    const __m256i hb = _mm256_loadu_si256((const __m256i*)(blk + 16));
+    for (int s = 0; s < 8; ++s) {
+      const __m128i shift = _mm_cvtsi32_si128(s);
+      q[s] = _mm256_or_si256(q[s], _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shift), one), 4));
+    }
+  }
+}
+
+// q6_k: q[v] = weights 32v .. 32v + 31.
+static inline void q6k_values(const uint8_t* blk, __m256i q[8]) {
+  const __m256i nib = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi8(0x30);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+    for (int p = 0; p < 2; ++p) {
+      const __m256i ql = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32 * p));
+      const __m128i up = _mm_cvtsi32_si128(4 - 2 * p), down = _mm_cvtsi32_si128(2 * p);
+      q[4 * h + p] = _mm256_or_si256(_mm256_and_si256(ql, nib), _mm256_and_si256(_mm256_sll_epi16(qh, up), top));
+      q[4 * h + 2 + p] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql, 4), nib),
+                                         _mm256_and_si256(_mm256_srl_epi16(qh, down), top));
+    }
+  }
+}
+#endif
+
 // One block unpacked: its stored integers in weight order and, per sub-block, what makes them
 // floats: w = scale (q - zero) + offset, computed as llama.cpp (and gguf.quants) do, so exactly.
 struct Unpacked {
@@ -97,12 +154,16 @@ template <QuantFormat F>
 void unpack(const uint8_t* blk, Unpacked& u) {
   if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ5_1) {
     constexpr bool q51 = F == QuantFormat::kQ5_1;
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+    _mm256_storeu_si256((__m256i*)u.q, q5_values<q51>(blk));
+#else
     const uint32_t qh = load_u32(blk + (q51 ? 4 : 2));
     const uint8_t* qs = blk + (q51 ? 8 : 6);
     for (int j = 0; j < QK / 2; ++j) {
       u.q[j] = (uint8_t)((qs[j] & 0x0f) | ((qh >> j) & 1) << 4);
       u.q[j + QK / 2] = (uint8_t)((qs[j] >> 4) | ((qh >> (j + QK / 2)) & 1) << 4);
     }
+#endif
     u.scale[0] = half_to_float(load_u16(blk));
     u.offset[0] = q51 ? half_to_float(load_u16(blk + 2)) : 0.0f;
   } else if constexpr (F == QuantFormat::kQ4_K || F == QuantFormat::kQ5_K) {
@@ -110,6 +171,11 @@ void unpack(const uint8_t* blk, Unpacked& u) {
     const float d = half_to_float(load_u16(blk)), dmin = half_to_float(load_u16(blk + 2));
     uint32_t sc[2], mn[2];
     k_scales(blk + 4, sc, mn);
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+    __m256i q[8];
+    k45_values<q5>(blk, q);
+    for (int s = 0; s < 8; ++s) _mm256_storeu_si256((__m256i*)(u.q + 32 * s), q[s]);
+#else
     const uint8_t* qh = blk + 16;
     const uint8_t* qs = blk + (q5 ? 48 : 16);
     for (int g = 0; g < 4; ++g) {
@@ -123,16 +189,22 @@ void unpack(const uint8_t* blk, Unpacked& u) {
         u.q[64 * g + 32 + l] = hi;
       }
     }
+#endif
     for (int s = 0; s < 8; ++s) {
       const int scale = (sc[s / 4] >> (8 * (s % 4))) & 0xff, min = (mn[s / 4] >> (8 * (s % 4))) & 0xff;
       u.scale[s] = d * (float)scale;
       u.offset[s] = -(dmin * (float)min);
     }
   } else {  // q6_k
-    const uint8_t* ql = blk;
-    const uint8_t* qh = blk + 128;
     const int8_t* sc = (const int8_t*)(blk + 192);
     const float d = half_to_float(load_u16(blk + 208));
+#if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
+    __m256i q[8];
+    q6k_values(blk, q);
+    for (int v = 0; v < 8; ++v) _mm256_storeu_si256((__m256i*)(u.q + 32 * v), q[v]);
+#else
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
     for (int h = 0; h < 2; ++h) {
       for (int l = 0; l < 32; ++l) {
         const uint8_t a = ql[64 * h + l], b = ql[64 * h + 32 + l], bits = qh[32 * h + l];
@@ -143,6 +215,7 @@ void unpack(const uint8_t* blk, Unpacked& u) {
         q[96] = (uint8_t)((b >> 4) | ((bits >> 6) & 3) << 4);
       }
     }
+#endif
     for (int s = 0; s < 16; ++s) {
       u.scale[s] = d * (float)sc[s];
       u.offset[s] = 0.0f;
@@ -484,20 +557,7 @@ struct K45Kernel {
     k_scales(blk + 4, s, mn);
     for (int i = 0; i < 8; ++i) sc[i] = (int16_t)((s[i / 4] >> (8 * (i % 4))) & 0xff);
     mins = _mm_cvtepu8_epi16(_mm_setr_epi32((int)mn[0], (int)mn[1], 0, 0));
-    const uint8_t* qs = blk + (kFive ? 48 : 16);
-    const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    const __m256i hb = kFive ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : _mm256_setzero_si256();
-    for (int g = 0; g < 4; ++g) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * g));
-      q[2 * g] = _mm256_and_si256(v, nib);
-      q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-    }
-    if (kFive) {
-      for (int s5 = 0; s5 < 8; ++s5) {
-        const __m128i shift = _mm_cvtsi32_si128(s5);
-        q[s5] = _mm256_or_si256(q[s5], _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shift), one), 4));
-      }
-    }
+    k45_values<kFive>(blk, q);
   }
   void dot(const ActRow& x, long b, Acc& acc) const {
     const int8_t* xq = x.q + b * QKK;
@@ -524,17 +584,7 @@ struct Q6KKernel {
     d = half_to_float(load_u16(blk + 208));
     const int8_t* sc = (const int8_t*)(blk + 192);
     sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));
-    const __m256i nib = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi8(0x30);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
-      for (int p2 = 0; p2 < 2; ++p2) {
-        const __m256i ql = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32 * p2));
-        const __m128i up = _mm_cvtsi32_si128(4 - 2 * p2), down = _mm_cvtsi32_si128(2 * p2);
-        q[4 * h + p2] = _mm256_or_si256(_mm256_and_si256(ql, nib), _mm256_and_si256(_mm256_sll_epi16(qh, up), top));
-        q[4 * h + 2 + p2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql, 4), nib),
-                                            _mm256_and_si256(_mm256_srl_epi16(qh, down), top));
-      }
-    }
+    q6k_values(blk, q);
     for (int v = 0; v < 8; ++v) p[v] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * v + 1]), _mm_set1_epi16(sc[2 * v]));
   }
   void dot(const ActRow& x, long b, Acc& acc) const {
@@ -548,15 +598,6 @@ struct Q6KKernel {
   }
 };
 
-// Byte j = 0x10 where bit j of `bits` is set.
-static inline __m256i fifth_bits(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32((int)bits), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
-                                                     2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
-}
-
 template <bool kQ51>
 struct Q5Kernel {
   static constexpr int kStep = 1;
@@ -565,10 +606,7 @@ struct Q5Kernel {
   float d, m;
   void load(const uint8_t* row, long b, long) {
     const uint8_t* blk = row + b * kBytes;
-    const __m128i v = _mm_loadu_si128((const __m128i*)(blk + (kQ51 ? 8 : 6)));
-    const __m128i nib = _mm_set1_epi8(0x0f);
-    const __m256i z = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
-    q = _mm256_or_si256(z, fifth_bits(load_u32(blk + (kQ51 ? 4 : 2))));
+    q = q5_values<kQ51>(blk);
     d = half_to_float(load_u16(blk));
     m = kQ51 ? half_to_float(load_u16(blk + 2)) : 0.0f;
   }
@@ -629,7 +667,9 @@ void gemv_tile(const ActRow* x, const uint8_t* w, long row_bytes, long nblocks, 
     for (int j = 0; j < WR; ++j) {
       const uint8_t* row = w + j * row_bytes;
 #if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
-      _mm_prefetch((const char*)(row + st * B::kStep * B::kBytes + kPrefetchBytes), _MM_HINT_T0);
+      // Decode reads each weight once from memory: every cache line of the step, well ahead of use.
+      const char* ahead = (const char*)(row + st * B::kStep * B::kBytes + kPrefetchBytes);
+      for (int off = 0; off < B::kStep * B::kBytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
 #endif
       B blk;
       blk.load(row, st, nblocks);
