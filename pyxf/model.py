@@ -160,6 +160,10 @@ def _check_quantization(config, config_path):
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
             )
         rows, cols = expected[name][0]
+        if isinstance(spec, str) and spec not in quant.FORMATS:
+            raise ValueError(
+                f"{config_path}: quantization of {name}: unknown format {spec!r}; known: {', '.join(quant.FORMATS)}"
+            )
         try:
             parts = quant.segments(spec, rows)
         except ValueError as e:

@@ -51,7 +51,7 @@ def test_block_quantization_is_bit_exact_with_gguf(fmt, scale):
 
 
 def test_block_quantization_in_row_chunks_matches_whole(monkeypatch):
-    w = awkward_matrix(np.random.default_rng(1), 50, 64)
+    w = awkward_matrix(np.random.default_rng(1), 50, 256)
     whole = {fmt: quant.quantize(w, fmt) for fmt in quant.FORMATS}
     monkeypatch.setattr(quant, "_CHUNK_ROWS", 7)
     for fmt in quant.FORMATS:
@@ -86,7 +86,9 @@ def test_quantizable_names():
     assert not quant.quantizable("pos_embed.weight", (100, 64), embeddings=True)
     assert not quant.quantizable("pooler.dense.weight", (64, 64), embeddings=True)
     with pytest.raises(ValueError, match="unknown quantization format"):
-        quant.quantize(np.zeros((1, 32), np.float32), "q5_0")
+        quant.quantize(np.zeros((1, 32), np.float32), "q3_k")
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quant.quantize(np.zeros((1, 288), np.float32), "q4_k")
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize(np.zeros((1, 48), np.float32), "q4_0")
 
@@ -115,21 +117,24 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_convert_quantizes_linear_weights(tiny_models, tmp_path, fmt):
-    # hidden 96, intermediate 200: ffn.down's rows (200) are not a multiple of 32 and stay float
+    # hidden 96, intermediate 200: ffn.down's rows (200) are not a multiple of 32 and stay float;
+    # K-quants need rows of 256 and fall back as llama.cpp's do (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0)
     _, float_dir = tiny_models("llama_mqa_d32")
     out = convert_quiet(float_dir.parent / "llama_mqa_d32-hf", tmp_path / fmt, quantize=fmt)
     config, tensors = read_dir(out)
     _, floats = read_dir(float_dir)
     expected = {f"layers.{i}.{k}.weight" for i in range(2) for k in ("attn.qkv", "attn.out", "ffn.gate_up")}
     expected.add("lm_head.weight")
-    assert config["quantization"] == {"method": fmt, "tensors": dict.fromkeys(expected, fmt)}
+    fitted = {name: quant.fit_format(fmt, floats[name].shape[1]) for name in expected}
+    assert fmt not in ("q4_k", "q5_k", "q6_k") or set(fitted.values()) == {{"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}[fmt]}
+    assert config["quantization"] == {"method": fmt, "tensors": fitted}
     assert config["dtype"] == "float32"
     for name in expected:
         want_dtype = "I8" if fmt == "int8" else "U8"
         assert tensors.dtypes[name] == want_dtype
         rows, cols = floats[name].shape
-        assert tensors[name].shape == (rows, quant.row_bytes(fmt, cols))
-        data, scales = quant.quantize(np.asarray(floats[name]), fmt)
+        assert tensors[name].shape == (rows, quant.row_bytes(fitted[name], cols))
+        data, scales = quant.quantize(np.asarray(floats[name]), fitted[name])
         np.testing.assert_array_equal(tensors[name], data.view(tensors[name].dtype))
         if fmt == "int8":
             np.testing.assert_array_equal(tensors[name + "_scale"], scales)
@@ -152,7 +157,8 @@ def test_quantized_models_run_close_to_float(tiny_models, tmp_path, fmt):
     assert "quantization=" + fmt in repr(at_load)
     logits = converted.logits(ids)
     np.testing.assert_array_equal(at_load.logits(ids), logits)  # the same arrays, the same arithmetic
-    bound = {"int8": 0.08, "q8_0": 0.08, "q4_0": 0.4, "q4_1": 0.4}[fmt]
+    bound = {"int8": 0.08, "q8_0": 0.08, "q4_0": 0.4, "q4_1": 0.4, "q5_0": 0.3, "q5_1": 0.3,
+             "q4_k": 0.3, "q5_k": 0.3, "q6_k": 0.08}[fmt]  # (the K-quants fall back here, see above)
     assert relative_error(logits, reference) < bound
     generated = pyxf.generate(converted, [ids[:5]], max_new_tokens=4, temperature=0)
     assert len(generated[0]) == 4
@@ -356,6 +362,7 @@ def test_gguf_blocks_are_copied_not_dequantized(quantized_gguf, tmp_path):
             "layers.0.attn.qkv.weight": "q4_1",
             "layers.0.attn.out.weight": "q4_1",
             "layers.0.ffn.gate_up.weight": "q4_0",
+            "layers.1.attn.qkv.weight": [["q4_1", 64], ["q8_0", 32], ["q4_1", 32]],  # q, k, v as stored
             "layers.1.attn.out.weight": "q4_1",
             "layers.1.ffn.gate_up.weight": "q4_0",
         },
@@ -366,17 +373,17 @@ def test_gguf_blocks_are_copied_not_dequantized(quantized_gguf, tmp_path):
                                   np.concatenate([raw["blk.0.ffn_gate.weight"], raw["blk.0.ffn_up.weight"]]))
     # un-permuted block rows dequantize to exactly the float import's un-permuted rows
     for name, fmt in config["quantization"]["tensors"].items():
-        np.testing.assert_array_equal(quant.dequantize(kept[name], fmt), floats[name], err_msg=name)
-    # mixed Q4_1 / Q8_0 sources, and F16: floats as before
-    for name in ("layers.1.attn.qkv.weight", "layers.0.ffn.down.weight"):
-        assert kept.dtypes[name] == "F32"
-        np.testing.assert_array_equal(kept[name], floats[name])
+        deq = quant.dequantize(kept[name], fmt, shape=floats[name].shape)
+        np.testing.assert_array_equal(deq, floats[name], err_msg=name)
+    # F16: floats as before
+    assert kept.dtypes["layers.0.ffn.down.weight"] == "F32"
+    np.testing.assert_array_equal(kept["layers.0.ffn.down.weight"], floats["layers.0.ffn.down.weight"])
 
     # with --quantize, the tensors that could not be kept are quantized to that format
     config, mixed = read_dir(convert_quiet(quantized_gguf, tmp_path / "mixed", keep_quantized=True, quantize="q8_0"))
     assert config["quantization"]["method"] == "gguf+q8_0"
     formats = config["quantization"]["tensors"]
-    assert formats["layers.1.attn.qkv.weight"] == formats["layers.0.ffn.down.weight"] == "q8_0"
+    assert formats["layers.0.ffn.down.weight"] == "q8_0"
     assert formats["layers.0.attn.qkv.weight"] == "q4_1" and formats["embed.weight"] == "q8_0"
     np.testing.assert_array_equal(mixed["layers.0.ffn.down.weight"], quant.quantize(floats["layers.0.ffn.down.weight"], "q8_0")[0])
 
