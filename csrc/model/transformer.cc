@@ -97,6 +97,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
   long row = 0;
   for (int s = 0; s < n; ++s) {
     k::AttentionSeq& a = ws.attn_seqs[s];
+    a = k::AttentionSeq{};
     a.q = &ws.qkv[row * qkv_dim];
     a.out = &ws.attn[row * c.q_dim()];
     a.n_new = seqs[s].n_new;
@@ -113,20 +114,14 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     }
     KVCache& cache = *seqs[s].cache;
     const int past = cache.length();
-    float* keys = cache.keys(layer);
-    float* values = cache.values(layer);
     for (int i = 0; i < seqs[s].n_new; ++i) {
       const float* src = &ws.qkv[(row + i) * qkv_dim + c.q_dim()];
       for (int g = 0; g < c.num_kv_heads; ++g) {
-        const long at = g * cache.head_stride() + (long)(past + i) * D;
-        std::memcpy(keys + at, src + g * D, D * sizeof(float));
-        std::memcpy(values + at, src + c.kv_dim() + g * D, D * sizeof(float));
+        std::memcpy(cache.key_at(layer, g, past + i), src + g * D, D * sizeof(float));
+        std::memcpy(cache.value_at(layer, g, past + i), src + c.kv_dim() + g * D, D * sizeof(float));
       }
     }
-    a.k = keys;
-    a.v = values;
-    a.kv_head_stride = cache.head_stride();
-    a.kv_pos_stride = D;
+    cache.describe(layer, a);
     a.n_past = past;
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
