@@ -28,7 +28,7 @@ Transformer::Transformer(ModelConfig config, ModelWeights weights)
 
 long Transformer::logit_rows(const SeqBatch* seqs, int n) {
   long rows = 0;
-  for (int s = 0; s < n; ++s) rows += seqs[s].all_logits ? seqs[s].n_new : 1;
+  for (int s = 0; s < n; ++s) rows += seqs[s].logit_count();
   return rows;
 }
 
@@ -269,12 +269,13 @@ void Transformer::head(const SeqBatch* seqs, int n, Workspace& ws, float* logits
   const long H = c.hidden_size;
   long out_rows = 0, row = 0;
   for (int s = 0; s < n; ++s) {
-    const int first = seqs[s].all_logits ? 0 : seqs[s].n_new - 1;
+    const int first = seqs[s].n_new - seqs[s].logit_count();
     for (int i = first; i < seqs[s].n_new; ++i) {
       std::memcpy(&ws.head_in[out_rows++ * H], &ws.x[(row + i) * H], H * sizeof(float));
     }
     row += seqs[s].n_new;
   }
+  if (out_rows == 0) return;
   if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
   if (c.head_scale != 1.0f) {
     for (long i = 0; i < out_rows * H; ++i) ws.head_in[i] *= c.head_scale;
