@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from pyxf.constraints import Constraint, grammar_for
 from pyxf.sampling import check_int, check_lengths, prompt_tokens, sampling_options, stop_conditions
 from pyxf.text import TextTracker, first_stop
 from pyxf.threads import core
@@ -71,7 +72,8 @@ class Request:
     """One submitted request: iterate it (or `async for` over stream_async()) for deltas as they
     come; result() waits for the end."""
 
-    def __init__(self, dispatcher, request_id, prompt_tokens, tokenizer, stop_strings, logprobs, text_deltas):
+    def __init__(self, dispatcher, request_id, prompt_tokens, tokenizer, stop_strings, logprobs, text_deltas,
+                 constraint=None):
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self._dispatcher = dispatcher
@@ -85,6 +87,8 @@ class Request:
         self._token_ids = []
         self._shown = ""                  # text delivered in deltas so far
         self._stopped_by_text = False     # a stop string ended it: further tokens are dropped
+        self._constraint = constraint     # pyxf.constraints.Constraint, or None
+        self._complete = False            # the constraint is complete: the request ends here
         self._items = queue.SimpleQueue()
         self._async = None                # (loop, asyncio.Queue) once stream_async() runs
         self._lock = threading.Lock()
@@ -146,9 +150,16 @@ class Request:
 
     # Called on the dispatcher thread.
     def _on_token(self, token, logprob, top):
-        if self._stopped_by_text:
+        if self._stopped_by_text or self._complete:
             return
         self._token_ids.append(token)
+        if self._constraint is not None:
+            # First, so the core has the next mask before the forward pass it overlaps ends.
+            if self._constraint.advance(token):
+                self._dispatcher.core.set_mask(self.id, len(self._token_ids), self._constraint.mask())
+            else:
+                self._complete = True
+                self.cancel()
         text = ""
         if self._tracker is not None:
             self._tracker.push(token)
@@ -165,7 +176,7 @@ class Request:
         self._put(Delta(text, [token], logprobs))
 
     def _on_finish(self, finish, prompt_tokens, cached_tokens, error):
-        reason = "stop" if self._stopped_by_text else _FINISH[finish]
+        reason = "stop" if self._stopped_by_text or self._complete else _FINISH[finish]
         text = ""
         if self._tokenizer is not None:
             text = self._tokenizer.decode(self._token_ids)
@@ -288,21 +299,26 @@ class Engine:
 
     def submit(self, prompt=None, *, messages=None, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
-               stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True):
+               stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True, response_format=None,
+               regex=None, choice=None, grammar=None, tools=None):
         """Queues one request (see pyxf.generate for the options) and returns its Request.
         max_new_tokens None: up to the context length. logprobs k >= 0: each token's log-probability
-        and its k most likely alternatives. pyxf.EngineFull when max_queue requests are waiting."""
+        and its k most likely alternatives. Structured output (at most one): response_format
+        (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}),
+        regex, choice (a list of strings), grammar (Lark or GBNF). tools: passed to the chat
+        template with messages. pyxf.EngineFull when max_queue requests are waiting."""
         return self._submit(prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                             presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
-                            add_special_tokens, text_deltas=True)
+                            add_special_tokens, response_format, regex, choice, grammar, tools, text_deltas=True)
 
     def _submit(self, prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
-                add_special_tokens, text_deltas):
+                add_special_tokens, response_format=None, regex=None, choice=None, grammar=None, tools=None,
+                text_deltas=True):
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
-        prompts, _ = prompt_tokens(model, prompt, messages, add_special_tokens)
+        prompts, _ = prompt_tokens(model, prompt, messages, add_special_tokens, tools)
         if len(prompts) != 1:
             raise ValueError("submit() takes one prompt; submit each prompt of a batch on its own")
         ids = prompts[0]
@@ -318,16 +334,18 @@ class Engine:
         if stop_strings and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         check_lengths([ids], options["max_new_tokens"], self.context_length)
+        grammar_source = grammar_for(response_format, regex, choice, grammar)
+        constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 
         def make_request(request_id):
             return Request(self._dispatcher, request_id, len(ids), model.tokenizer, stop_strings, logprobs,
-                           text_deltas)
+                           text_deltas, constraint)
 
         o = options
         return self._dispatcher.submit(
             make_request, ids, o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"],
             o["repetition_penalty"], o["presence_penalty"], o["frequency_penalty"], o["logit_bias"], o["seed"],
-            stop_ids, -1 if logprobs is None else logprobs,
+            stop_ids, -1 if logprobs is None else logprobs, constraint.mask() if constraint is not None else None,
         )
 
     def stats(self):

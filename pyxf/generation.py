@@ -25,6 +25,11 @@ def generate(
     stream=False,
     return_details=False,
     add_special_tokens=True,
+    response_format=None,
+    regex=None,
+    choice=None,
+    grammar=None,
+    tools=None,
     **seq2seq_options,
 ):
     """Continues one prompt or a batch of prompts; returns only the new part.
@@ -38,13 +43,20 @@ def generate(
     stream=True (one prompt): returns an iterator over pieces of the new text as they are produced.
     return_details=True: pyxf.Result objects (text, token_ids, finish_reason, usage, logprobs) in
     place of text or ids; logprobs=k adds each token's log-probability and k alternatives.
+    Structured output (at most one, for every prompt): response_format ({"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}), regex, choice (a list of
+    strings), grammar (Lark or GBNF); a result cut short by max_new_tokens has finish_reason
+    "length". tools (with messages): OpenAI function definitions for the chat template.
     """
     if getattr(model, "is_encoder_decoder", False):
         # Encoder-decoder models: the prompt is the source (pyxf.seq2seq.generate has the options).
         from pyxf.seq2seq import generate as seq2seq_generate
 
-        if messages is not None or stream or return_details or logprobs is not None:
-            raise ValueError("messages, stream, return_details and logprobs are not supported for encoder-decoder models")
+        unsupported = dict(messages=messages, stream=stream, return_details=return_details, logprobs=logprobs,
+                           response_format=response_format, regex=regex, choice=choice, grammar=grammar, tools=tools)
+        used = [name for name, value in unsupported.items() if value not in (None, False)]
+        if used:
+            raise ValueError(f"{', '.join(used)}: not supported for encoder-decoder models")
         return seq2seq_generate(
             model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, add_special_tokens=add_special_tokens,
@@ -55,7 +67,7 @@ def generate(
             f"generate() got unexpected keyword arguments {', '.join(sorted(seq2seq_options))} "
             "(beam search options are for encoder-decoder models)"
         )
-    prompts, output = prompt_tokens(model, prompt, messages, add_special_tokens)
+    prompts, output = prompt_tokens(model, prompt, messages, add_special_tokens, tools)
     options = sampling_options(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                presence_penalty, frequency_penalty, logit_bias, seed)
     _, stop_strings = stop_conditions(model, stop, stop_token_ids)
@@ -74,6 +86,7 @@ def generate(
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=options["seed"], stop=stop,
         stop_token_ids=stop_token_ids, logprobs=logprobs, add_special_tokens=add_special_tokens,
+        response_format=response_format, regex=regex, choice=choice, grammar=grammar,
     )
     if stream:
         return _stream_text(engine, prompts[0], submit)

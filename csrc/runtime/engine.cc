@@ -95,6 +95,7 @@ int64_t Engine::submit(Request request) {
                                 std::to_string(request.max_new_tokens) + " that is " + std::to_string(total) +
                                 " tokens, more than the context length " + std::to_string(options_.context_length));
   }
+  std::vector<uint32_t> first_mask = std::move(request.first_mask);
   auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, c.vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw std::logic_error("the engine is closed");
@@ -103,6 +104,7 @@ int64_t Engine::submit(Request request) {
   }
   seq->id = next_id_++;
   const int64_t id = seq->id;
+  if (seq->request.constrained) masks_[id] = {0, std::move(first_mask)};
   submitted_.push_back(std::move(seq));
   ++n_waiting_;
   work_.notify_one();
@@ -113,6 +115,29 @@ void Engine::cancel(int64_t id) {
   std::lock_guard<std::mutex> lock(mutex_);
   cancelled_.insert(id);
   work_.notify_one();
+  masks_cv_.notify_all();
+}
+
+void Engine::set_mask(int64_t id, int index, std::vector<uint32_t> mask) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  masks_[id] = {index, std::move(mask)};
+  masks_cv_.notify_all();
+}
+
+// The mask of the sequence's next token, once its caller has supplied it; false when the request
+// is cancelled (or the engine closes) first.
+bool Engine::wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    const auto it = masks_.find(s.id);
+    if (it != masks_.end() && it->second.index == s.generated) {
+      mask.swap(it->second.words);
+      masks_.erase(it);
+      return true;
+    }
+    if (cancelled_.count(s.id) || cancel_all_) return false;
+    masks_cv_.wait(lock);
+  }
 }
 
 std::vector<TokenEvent> Engine::poll(int timeout_ms) {
@@ -133,6 +158,7 @@ void Engine::close(bool cancel_running) {
   closing_ = true;
   cancel_all_ = cancel_all_ || cancel_running;
   work_.notify_one();
+  masks_cv_.notify_all();
 }
 
 EngineStats Engine::stats() const {
@@ -336,6 +362,10 @@ void Engine::preempt(Sequence& s) {
 void Engine::finish(Sequence& s, Finish why, std::vector<TokenEvent>& events, const std::string& error) {
   if (s.done) return;
   if (!s.running) --n_waiting_;
+  if (s.request.constrained) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    masks_.erase(s.id);
+  }
   preempt_pages(s);
   s.done = true;
   TokenEvent ev;
@@ -358,7 +388,18 @@ void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events)
     logprob_row_.assign(logits, logits + vocab);
     kernels::active().log_softmax(logprob_row_.data(), vocab);
   }
-  const int token = s.sampler.sample(logits);
+  std::vector<uint32_t> mask;
+  if (s.request.constrained) {
+    if (!wait_for_mask(s, mask)) {
+      finish(s, Finish::kCancelled, events);
+      return;
+    }
+    if (std::all_of(mask.begin(), mask.end(), [](uint32_t w) { return w == 0; })) {
+      finish(s, Finish::kError, events, "the constraint allows no token here");
+      return;
+    }
+  }
+  const int token = s.sampler.sample(logits, mask.empty() ? nullptr : mask.data(), (int)mask.size());
   const auto& stops = s.request.stop_ids;
   if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
     finish(s, Finish::kStop, events);

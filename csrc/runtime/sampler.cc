@@ -21,7 +21,13 @@ void Sampler::observe_generated(int token) {
   ++generated_counts_[token];
 }
 
-int Sampler::sample(float* logits) {
+int Sampler::sample(float* logits, const uint32_t* allowed, int words) {
+  if (allowed) {
+    for (int t = 0; t < vocab_size_; ++t) {
+      const bool ok = t / 32 < words && (allowed[t / 32] >> (t % 32)) & 1u;
+      if (!ok) logits[t] = -INFINITY;
+    }
+  }
   for (const auto& [t, bias] : options_.logit_bias) logits[t] += bias;
   for (const auto& [t, count] : generated_counts_) {
     logits[t] -= options_.presence_penalty + options_.frequency_penalty * count;

@@ -1,4 +1,5 @@
-// Picks the next token from a row of logits: logit bias, presence and frequency penalties (OpenAI's,
+// Picks the next token from a row of logits: the allowed-token mask, logit bias, presence and
+// frequency penalties (OpenAI's,
 // over generated tokens), repetition penalty (Hugging Face's, over prompt and generated tokens),
 // temperature, top-k, top-p, in that order; temperature 0 is greedy.
 #pragma once
@@ -27,8 +28,10 @@ class Sampler {
   void observe(int token);
   // Remembers a generated token (presence and frequency penalties; implies observe).
   void observe_generated(int token);
-  // Modifies `logits` in place.
-  int sample(float* logits);
+  // Modifies `logits` in place. `allowed` (optional, structured output): a bitmask of `words` 32-bit
+  // words, bit t % 32 of word t / 32 set where token t may come next; every other token is excluded
+  // before anything else applies.
+  int sample(float* logits, const uint32_t* allowed = nullptr, int words = 0);
 
  private:
   SamplingOptions options_;
