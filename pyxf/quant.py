@@ -43,6 +43,7 @@ __all__ = [
     "block_cols",
     "dequantize",
     "fit_format",
+    "formats_of",
     "quantizable",
     "quantize",
     "quantize_as",
@@ -119,6 +120,11 @@ def segments(spec, rows: int) -> list[tuple[str, int]]:
     if sum(n for _, n in parts) != rows:
         raise ValueError(f"the segments of {spec!r} cover {sum(n for _, n in parts)} rows, not {rows}")
     return parts
+
+
+def formats_of(spec) -> list[str]:
+    """The formats a tensor's spec uses, in row order."""
+    return [spec] if isinstance(spec, str) else [str(fmt) for fmt, _ in spec]
 
 
 def stored_shape(spec, shape) -> tuple[int, ...]:

@@ -391,8 +391,10 @@ def engines(Engine, PyxfEngine):
             super().load()
 
         def weights(self):
+            from pyxf import quant
+
             q = self.model.config["quantization"]
-            kinds = sorted(set(q["tensors"].values()))
+            kinds = sorted({fmt for spec in q["tensors"].values() for fmt in quant.formats_of(spec)})
             return self.model.path / "model.safetensors", f"{'/'.join(kinds)} safetensors ({q['method']}), memory-mapped"
 
         def decode_bytes(self):
