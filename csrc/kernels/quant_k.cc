@@ -499,8 +499,9 @@ struct Q5Kernel {
                                               _mm_loadu_si128((const __m128i*)(b1 + qo)), 1);
     const __m512i z = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1),
                                        _mm512_set1_epi8(0x0f));
-    const uint64_t h0 = load_u32(b0 + ho), h1 = load_u32(b1 + ho);
-    const uint64_t high = (h0 & 0xffff) | (h1 & 0xffff) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
+    // fifth bits in the vector's byte order: b.lo16, b1.lo16, b.hi16, b1.hi16
+    const uint64_t high = _pdep_u64(load_u32(b0 + ho), 0x0000ffff0000ffffull) |
+                          _pdep_u64(load_u32(b1 + ho), 0xffff0000ffff0000ull);
     q = _mm512_mask_add_epi8(z, (__mmask64)high, z, _mm512_set1_epi8(16));
     dw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(load_u16(b0) | (uint32_t)load_u16(b1) << 16)));
     if (kQ51) mw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(load_u16(b0 + 2) | (uint32_t)load_u16(b1 + 2) << 16)));
