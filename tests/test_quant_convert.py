@@ -397,3 +397,64 @@ def test_gguf_kept_model_runs_like_its_float_import(quantized_gguf, tmp_path):
     ids = helpers.random_ids(256, 24, seed=8)
     # the same weights; only the 8-bit rounding of activations in the quantized products differs
     assert relative_error(kept.logits(ids), floats.logits(ids)) < 0.03
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])
+def test_k_quant_mixes_run_close_to_float(tiny_models, tmp_path, mix):
+    # llama.cpp's mixes on a 2-layer model: layer 1 is a "more bits" layer (the last eighth), so its
+    # attention v rows are q6_k, falling back to q8_0 on rows of 96; layer 0 is all q4_k / q5_k
+    helpers.require_core()
+    import pyxf
+
+    _, float_dir = tiny_models("llama_mqa_d32")
+    ids = helpers.random_ids(384, 40, seed=3)
+    reference = pyxf.load(float_dir).logits(ids)
+    converted = pyxf.load(convert_quiet(float_dir.parent / "llama_mqa_d32-hf", tmp_path / mix, quantize=mix))
+    formats = converted.config["quantization"]["tensors"]
+    base = {"q4_k_m": "q5_0", "q5_k_m": "q5_1"}[mix]  # q4_k / q5_k on rows of 96
+    c = converted.config
+    v_rows = c["num_kv_heads"] * c["head_dim"]
+    qk_rows = (c["num_heads"] + c["num_kv_heads"]) * c["head_dim"]
+    assert formats["layers.0.attn.qkv.weight"] == base
+    assert formats["layers.1.attn.qkv.weight"] == [[base, qk_rows], ["q8_0", v_rows]]
+    assert formats["embed.weight"] == base and formats["lm_head.weight"] == "q8_0"
+    assert "layers.0.ffn.down.weight" not in formats  # 200 columns: not even 32-blocks
+    at_load = pyxf.load(float_dir, quantize=mix)
+    assert at_load.config["quantization"] == converted.config["quantization"]
+    np.testing.assert_array_equal(at_load.logits(ids), converted.logits(ids))
+    assert relative_error(converted.logits(ids), reference) < 0.3
+    assert len(pyxf.generate(converted, [ids[:5]], max_new_tokens=4, temperature=0)[0]) == 4
+
+
+def test_load_rejects_bad_segments(quantized_gguf, tmp_path):
+    helpers.require_core()
+    import shutil
+
+    import pyxf
+
+    out = convert_quiet(quantized_gguf, tmp_path / "kept", keep_quantized=True)
+    name = "layers.1.attn.qkv.weight"
+
+    def variant(tag, spec):
+        path = tmp_path / tag
+        shutil.copytree(out, path)
+        config = json.loads((path / "config.json").read_text())
+        config["quantization"]["tensors"][name] = spec
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    for tag, spec, message in [
+        ("rows", [["q4_1", 64], ["q8_0", 32], ["q4_1", 16]], "cover 112 rows, not 128"),
+        ("int8", [["q4_1", 64], ["int8", 64]], "bad segment"),
+        ("fmt", [["q4_1", 64], ["q9_9", 64]], "unknown quantization format 'q9_9'"),
+        ("shape", [["q4_1", 64], ["q4_1", 64]], f"tensor {name} has shape"),  # bytes of q8_0 rows stored
+        ("ksize", [["q4_k", 128]], "q4_k needs rows of a multiple of 256"),
+        ("pairs", [["q4_1"], ["q8_0", 32]], "format name or"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pyxf.load(variant(tag, spec))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"]["tensors"]["embed.weight"] = [["q8_0", 128], ["q8_0", 128]]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="embed.weight must be stored in one format"):
+        pyxf.load(out)
