@@ -271,52 +271,64 @@ struct StreamRows {
 template <QuantFormat F>
 StreamRows prepare_stream_rows(const float* x, long M, long K) {
   constexpr int G = step_blocks(F), XB = step_x_bytes(F), lanes_per_block = 16 / G;
-  constexpr bool four_bit = G == 4;
   const long nblocks = K / QK;
   StreamRows r;
   r.steps = (nblocks + G - 1) / G;
   r.x_stride = r.steps * XB;
   r.lane_stride = r.steps * 16;
+  const long padded = r.steps * G;  // blocks, the absent ones zero
   r.x = (int8_t*)aligned_alloc(64, (size_t)(M * r.x_stride + 63) / 64 * 64);
-  float* lanes = (float*)aligned_alloc(64, sizeof(float) * (size_t)(M * r.lane_stride * 3));
+  float* lanes = (float*)aligned_alloc(64, sizeof(float) * (size_t)(M * r.lane_stride * 3 + padded * 2 + 16));
   r.init = (int32_t*)lanes;
   r.dx = lanes + M * r.lane_stride;
   r.s = lanes + 2 * M * r.lane_stride;
-  int8_t* q = (int8_t*)malloc(K + 64);
-  float* qd = (float*)malloc(sizeof(float) * nblocks * 2 + 64);
-  float* qs = qd + nblocks;
+  float* qd = lanes + 3 * M * r.lane_stride;  // one row's block scales and scale * sum(q)
+  float* qs = qd + padded;
+  // lane -> its block within the step; the 4-bit layout takes 16-byte quarters of the natural order
+  // (block g's first half to quarter g of the first register, its second half to the second's).
+  const __m512i lane_block = _mm512_set_epi32(15 / lanes_per_block, 14 / lanes_per_block, 13 / lanes_per_block,
+                                              12 / lanes_per_block, 11 / lanes_per_block, 10 / lanes_per_block,
+                                              9 / lanes_per_block, 8 / lanes_per_block, 7 / lanes_per_block,
+                                              6 / lanes_per_block, 5 / lanes_per_block, 4 / lanes_per_block,
+                                              3 / lanes_per_block, 2 / lanes_per_block, 1 / lanes_per_block, 0);
+  const __m512i first_halves = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
+  const __m512i second_halves = _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512 per_lane = _mm512_set1_ps(1.0f / lanes_per_block);
+  int8_t* scratch = G == 4 ? (int8_t*)aligned_alloc(64, (size_t)padded * QK) : nullptr;
   for (long m = 0; m < M; ++m) {
-    quantize_row(x + m * K, K, q, qd, qs);
     int8_t* xs = r.x + m * r.x_stride;
     int32_t* init = r.init + m * r.lane_stride;
     float* dx = r.dx + m * r.lane_stride;
     float* s = r.s + m * r.lane_stride;
-    memset(xs, 0, r.x_stride);
-    for (long b = 0; b < r.steps * G; ++b) {
-      const long t = b / G;
-      const int g = (int)(b % G);
-      const bool real = b < nblocks;
-      const int8_t* qb = q + b * QK;
-      if (real && four_bit) {  // weights 0..15 of block g are the low nibbles of step bytes 16g.., 16..31 the high ones
-        memcpy(xs + t * XB + 16 * g, qb, 16);
-        memcpy(xs + t * XB + 64 + 16 * g, qb + 16, 16);
-      } else if (real) {
-        memcpy(xs + t * XB + 32 * g, qb, 32);
+    // 8-bit formats keep the natural order: quantize straight into place.
+    int8_t* q = G == 2 ? xs : scratch;
+    memset(q + nblocks * QK, 0, (padded - nblocks) * QK);
+    for (long b = nblocks; b < padded; ++b) qd[b] = qs[b] = 0.0f;
+    quantize_row(x + m * K, K, q, qd, qs);
+    for (long t = 0; t < r.steps; ++t) {
+      __m512i sums;
+      if constexpr (G == 2) {
+        sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_load_si512(xs + t * XB));
+      } else {
+        const __m512i v0 = _mm512_loadu_si512(q + t * XB), v1 = _mm512_loadu_si512(q + t * XB + 64);
+        const __m512i lo = _mm512_permutex2var_epi64(v0, first_halves, v1);
+        const __m512i hi = _mm512_permutex2var_epi64(v0, second_halves, v1);
+        _mm512_store_si512(xs + t * XB, lo);
+        _mm512_store_si512(xs + t * XB + 64, hi);
+        sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo), ones, hi);
       }
-      for (int l = 0; l < lanes_per_block; ++l) {
-        const int lane = g * lanes_per_block + l;
-        int sum = 0;  // the lane's x: 4 bytes (8-bit), or 4 low-nibble and 4 high-nibble partners (4-bit)
-        if (real) {
-          for (int i = 0; i < 4; ++i) sum += four_bit ? qb[4 * l + i] + qb[16 + 4 * l + i] : qb[4 * l + i];
-        }
-        init[t * 16 + lane] = F == QuantFormat::kQ4_1 ? 0 : (F == QuantFormat::kQ4_0 ? -8 : -128) * sum;
-        dx[t * 16 + lane] = real ? qd[b] : 0.0f;
-        s[t * 16 + lane] = real ? qs[b] / lanes_per_block : 0.0f;
-      }
+      // init = -128 * sums (8-bit: w + 128), -8 * sums (q4_0: nibble = w + 8), 0 (q4_1)
+      const int shift = F == QuantFormat::kQ4_0 ? 3 : 7;
+      const __m512i start = F == QuantFormat::kQ4_1 ? _mm512_setzero_si512()
+                                                    : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, shift));
+      _mm512_store_si512(init + t * 16, start);
+      _mm512_store_ps(dx + t * 16, _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qd + t * G)));
+      const __m512 sl = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qs + t * G));
+      _mm512_store_ps(s + t * 16, _mm512_mul_ps(sl, per_lane));
     }
   }
-  free(qd);
-  free(q);
+  free(scratch);
   return r;
 }
 
