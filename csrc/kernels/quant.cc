@@ -278,19 +278,21 @@ StreamRows prepare_stream_rows(const float* x, long M, long K) {
   r.lane_stride = r.steps * 16;
   const long padded = r.steps * G;  // blocks, the absent ones zero
   r.x = (int8_t*)aligned_alloc(64, (size_t)(M * r.x_stride + 63) / 64 * 64);
-  float* lanes = (float*)aligned_alloc(64, sizeof(float) * (size_t)(M * r.lane_stride * 3 + padded * 2 + 16));
+  const size_t lane_floats = (size_t)(M * r.lane_stride * 3 + padded * 2 + 15) / 16 * 16;
+  float* lanes = (float*)aligned_alloc(64, sizeof(float) * lane_floats);
   r.init = (int32_t*)lanes;
   r.dx = lanes + M * r.lane_stride;
   r.s = lanes + 2 * M * r.lane_stride;
   float* qd = lanes + 3 * M * r.lane_stride;  // one row's block scales and scale * sum(q)
   float* qs = qd + padded;
-  // lane -> its block within the step; the 4-bit layout takes 16-byte quarters of the natural order
-  // (block g's first half to quarter g of the first register, its second half to the second's).
+  // lane -> its block within the step
   const __m512i lane_block = _mm512_set_epi32(15 / lanes_per_block, 14 / lanes_per_block, 13 / lanes_per_block,
                                               12 / lanes_per_block, 11 / lanes_per_block, 10 / lanes_per_block,
                                               9 / lanes_per_block, 8 / lanes_per_block, 7 / lanes_per_block,
                                               6 / lanes_per_block, 5 / lanes_per_block, 4 / lanes_per_block,
                                               3 / lanes_per_block, 2 / lanes_per_block, 1 / lanes_per_block, 0);
+  // 4-bit steps: block g's first 16 activations go to quarter g of the first register, its last 16
+  // to quarter g of the second (the low and high nibbles of its quant bytes).
   const __m512i first_halves = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
   const __m512i second_halves = _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2);
   const __m512i ones = _mm512_set1_epi8(1);
