@@ -56,7 +56,13 @@ def _parser():
         "convert", help="convert a checkpoint: pyxf convert SRC OUT [--dtype D] (see pyxf convert --help)"
     )
 
-    info = commands.add_parser("info", help="print build and CPU information as JSON")
+    info = commands.add_parser(
+        "info", help="print build and CPU information as JSON (with --model: how its weights are stored)"
+    )
+    info.add_argument(
+        "--model", metavar="DIR",
+        help="also describe this converted model: tensors and bytes per format, weight bytes per decode step",
+    )
     info.set_defaults(run=_info)
     return parser
 
@@ -162,4 +168,9 @@ def _drop_old_turns(model, history, max_new_tokens, context_length):
 
 
 def _info(args):
-    print(json.dumps(pyxf.info(), indent=2))
+    info = pyxf.info()
+    if args.model:
+        from pyxf.model import describe_model
+
+        info["model"] = describe_model(args.model)
+    print(json.dumps(info, indent=2))

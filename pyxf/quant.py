@@ -44,6 +44,7 @@ __all__ = [
     "dequantize",
     "fit_format",
     "formats_of",
+    "planned_format",
     "quantizable",
     "quantize",
     "quantize_as",
@@ -65,7 +66,7 @@ _BLOCKS = {
 # What llama.cpp's quantizer uses for a K-quant when a row's length is not a multiple of 256
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
-# The linear layers the core runs quantized (besides embed.weight, quantized only on request).
+# The linear layers the core runs quantized (besides embed.weight).
 _LINEAR = re.compile(r"^(layers\.\d+\.(attn\.qkv|attn\.out|ffn\.gate_up|ffn\.up|ffn\.down)|lm_head)\.weight$")
 
 # Rows are quantized this many at a time, bounding the temporaries of a large embedding.
@@ -148,12 +149,32 @@ def scale_name(name: str) -> str:
 
 
 def quantizable(name: str, shape, embeddings: bool = False) -> bool:
-    """Whether a pyxf tensor is quantized by --quantize: the layers' linear weights (qkv, attn.out,
-    gate_up/up, down) and an untied lm_head; embed.weight only with `embeddings`. Rows whose length
-    is not a multiple of 32 stay float."""
+    """Whether a pyxf tensor can be stored quantized: the layers' linear weights (qkv, attn.out,
+    gate_up/up, down) and lm_head; embed.weight when `embeddings`. Rows whose length is not a
+    multiple of 32 stay float, as do norms, biases and other 1-D tensors."""
     if not (_LINEAR.match(name) or (embeddings and name == "embed.weight")):
         return False
     return len(shape) == 2 and shape[1] % BLOCK == 0 and shape[1] > 0
+
+
+# The output projection's format for `--quantize F` where llama.cpp's quantizer gives it more bits
+# than F: the head (lm_head, or the embedding when it is the tied head) of a model of fewer than 8
+# bits is q6_k, which falls back to q8_0 where its rows are not a multiple of 256 (as llama.cpp's).
+HEAD_FORMATS = dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k"), "q6_k")
+
+
+def planned_format(name: str, shape, fmt: str, tied_head: bool, embeddings: bool = True) -> str | None:
+    """The format `--quantize fmt` stores a pyxf tensor in, or None (it stays float): the tensors
+    llama.cpp's quantizer quantizes (every linear weight, the token embedding and the output
+    projection; not norms, biases, position embeddings or other small tensors), the head in
+    HEAD_FORMATS' format, K-quants falling back where rows are not a multiple of 256 (fit_format).
+    `tied_head`: embed.weight is also the head; `embeddings=False` keeps embed.weight (and so a tied
+    head) float. llama.cpp's mixes (q4_k_m, q5_k_m) are pyxf.quant_mix's."""
+    check_format(fmt)
+    if not quantizable(name, shape, embeddings):
+        return None
+    is_head = name == "lm_head.weight" or (tied_head and name == "embed.weight")
+    return fit_format(HEAD_FORMATS.get(fmt, fmt) if is_head else fmt, shape[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ eligible tensor, or one of llama.cpp's K-quant mixes.
     q4_k_m, q5_k_m   llama.cpp's Q4_K_M / Q5_K_M: q4_k (q5_k) everywhere, except q6_k for the LM head
                      (a tied embedding serves as head), and for the v rows of attention and ffn.down
                      in the first and last eighth of the layers and every third layer between
-                     (llama.cpp's use_more_bits). The token embedding is included.
+                     (llama.cpp's use_more_bits). The token embedding is included, as with a
+                     plain format (quant.planned_format).
 
 Rows whose length is not a multiple of a K-quant's 256 get llama.cpp's fallback (q4_k -> q5_0,
 q5_k -> q5_1, q6_k -> q8_0), as in llama.cpp's files: SmolLM2's hidden size is 576.
@@ -34,21 +35,22 @@ def more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
-def tensor_spec(name: str, shape, config: dict, method: str, embeddings: bool = False):
+def tensor_spec(name: str, shape, config: dict, method: str, tied_head: bool, embeddings: bool = True):
     """The quantization of tensor `name` [rows, cols] under `method`: a format name, [[format, rows],
     ...] for a tensor whose row ranges differ (a mix's q, k / v rows), or None (it stays float).
-    A plain format applies to the linear weights and an untied lm_head (embed.weight with
-    `embeddings`); a mix also to embed.weight."""
+    The tensors are those llama.cpp's quantizer quantizes (pyxf.quant.planned_format; `tied_head`:
+    embed.weight is also the head; embeddings=False keeps embed.weight float); a plain format gives
+    them quant.planned_format's formats, a mix the formats above."""
     check_method(method)
-    rows, cols = shape[0], shape[-1]
     if method not in MIXES:
-        return quant.fit_format(method, cols) if quant.quantizable(name, shape, embeddings) else None
-    if not quant.quantizable(name, shape, embeddings=True):
+        return quant.planned_format(name, shape, method, tied_head, embeddings)
+    if not quant.quantizable(name, shape, embeddings):
         return None
+    rows, cols = shape[0], shape[-1]
     base = MIXES[method]
     layer = _LAYER.match(name)
     more = layer is not None and more_bits(int(layer.group(1)), config["num_layers"])
-    if name == "lm_head.weight" or (name == "embed.weight" and config.get("tie_word_embeddings")):
+    if name == "lm_head.weight" or (name == "embed.weight" and tied_head):
         return quant.fit_format("q6_k", cols)
     if name.endswith(".ffn.down.weight"):
         return quant.fit_format("q6_k" if more else base, cols)

@@ -247,7 +247,7 @@ def expected_specs(config, method):
     shapes = {n: s for n, (s, _) in expected_tensors(config).items() if len(s) == 2}
     if config["tie_word_embeddings"]:
         shapes.pop("lm_head.weight", None)
-    specs = {n: quant_mix.tensor_spec(n, s, config, method, embeddings=True) for n, s in shapes.items()}
+    specs = {n: quant_mix.tensor_spec(n, s, config, method, config["tie_word_embeddings"]) for n, s in shapes.items()}
     return {n: s for n, s in specs.items() if s is not None}
 
 
@@ -264,7 +264,7 @@ def smollm2(tmp_path_factory):
     reference = pyxf.load(convert(f32, out / "f32", progress=False))
     ids = reference.tokenizer.encode(TEXT)[:512]
     models = {fmt: (kquant_files.smollm2_gguf(fmt),
-                    pyxf.load(convert(kquant_files.smollm2_gguf(fmt), out / fmt, keep_quantized=True, progress=False)))
+                    pyxf.load(convert(kquant_files.smollm2_gguf(fmt), out / fmt, progress=False)))
               for fmt in kquant_files.SMOLLM2_FORMATS}
     return {"f32": f32, "reference": reference, "ids": ids, "models": models}
 

@@ -15,8 +15,9 @@ Every engine starts from the same numbers: SmolLM2-135M-Instruct's Q4_1 GGUF, de
     Q4_1          the original file
     Q4_K_M, Q5_K_M, Q6_K  llama.cpp's quantizer on the F32 file (SmolLM2's rows of 576 are not a
                   multiple of 256: those tensors get llama.cpp's fallbacks Q5_0 / Q5_1 / Q8_0)
-    pyxf q8_0/q4_0/q4_1/q4_k_m   those GGUF files converted with --keep-quantized: the same blocks
-    pyxf int8     --quantize int8 --quantize-embeddings (per-row int8, no GGUF equivalent)
+    pyxf q8_0/q4_0/q4_1/q4_k_m   those GGUF files converted with no flags (`pyxf convert X.gguf OUT`):
+                  the same blocks
+    pyxf int8     --quantize int8 (per-row int8, the tied embedding/head included; no GGUF equivalent)
     CTranslate2   the HF model (transformers from the GGUF), TransformersConverter to float32 and int8
 
 Everything is made once and cached under <pyxf cache>/bench/quant. `engines(Engine, PyxfEngine)`
@@ -33,8 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # pyxf from the source checkout, as tools/bench.py uses it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()  # the pyxf tools/bench.py uses
 
 PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m")
 GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m")
@@ -157,9 +160,9 @@ def prepare(gguf_path, cache, threads, want_ct2=True):
         if not (out / "config.json").is_file():
             _log(f"converting pyxf {fmt}")
             if fmt == "int8":
-                convert(gguf_path, out, quantize="int8", quantize_embeddings=True, progress=False)
+                convert(gguf_path, out, quantize="int8", progress=False)
             else:
-                convert(files["gguf"][fmt], out, keep_quantized=True, progress=False)
+                convert(files["gguf"][fmt], out, progress=False)  # no flags: the GGUF's blocks kept
         files["pyxf"][fmt] = str(out)
 
     if want_ct2:
@@ -310,7 +313,7 @@ def _scores(logits, ids):
 
 def quality(files, threads):
     """Perplexity of the quality text and top-1 agreement with the F32 model, for pyxf and llama.cpp on
-    each GGUF file of QUALITY_FORMATS (pyxf: the file converted with --keep-quantized). Returns
+    each GGUF file of QUALITY_FORMATS (pyxf: the file converted, its blocks kept). Returns
     {"positions": n, "reference": {engine: F32 perplexity}, "rows": [{"format", "types", engine: {...}}]}."""
     import pyxf
 
@@ -344,7 +347,7 @@ def _kept_dir(cache, fmt, path):
 
     out = cache / f"pyxf-{fmt}"
     if not (out / "config.json").is_file():
-        convert(path, out, keep_quantized=fmt != "f32", progress=False)
+        convert(path, out, progress=False)  # no flags: the GGUF's blocks kept (F32: floats)
     return out
 
 
@@ -356,7 +359,7 @@ def quality_section(result):
     lines = [
         "## Quality of the quantized files",
         "",
-        f"The same GGUF files in pyxf (converted with `--keep-quantized`) and in llama.cpp: perplexity of "
+        f"The same GGUF files in pyxf (converted with no flags: every tensor as stored) and in llama.cpp: perplexity of "
         f"{result['positions'] + 1:,} tokens of English prose (tests/test_quant_quality.py's text) and top-1 "
         f"agreement with the engine's own float32 run of the F32 file over {result['positions']:,} positions. "
         "Float32 perplexity: " + ", ".join(f"{e} {p:.3f}" for e, p in ref.items()) + ".",
@@ -594,8 +597,8 @@ def method_lines(spec):
         "- **quantized engines** (tools/bench_quant.py): the weights are SmolLM2's Q4_1 GGUF dequantized; the F32 "
         "GGUF is those tensors written with the `gguf` package, Q8_0 and Q4_0 are llama.cpp's own quantizer "
         "(`llama_model_quantize`) applied to it, Q4_1 is the original file. Tensor types: " + described + ". "
-        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with `--keep-quantized` (the very same blocks); "
-        "pyxf int8 is `--quantize int8 --quantize-embeddings` (per-row scales). CTranslate2 runs the HF model "
+        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with no flags (`pyxf convert X.gguf OUT`: the very "
+        "same blocks); pyxf int8 is `--quantize int8` (per-row scales). CTranslate2 runs the HF model "
         "(written by transformers from the GGUF) converted by `TransformersConverter` with quantization float32 "
         "and int8, through `Generator.generate_batch` (greedy, min_length = max_length = the new tokens).",
         "- llama.cpp: llama-cpp-python's `Llama(n_threads, n_threads_batch, n_batch=512, logits_all=False)`, "
