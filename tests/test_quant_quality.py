@@ -12,8 +12,8 @@ fetch). Numbers (pyxf; llama.cpp on the same weights and text, F32 perplexity 32
     q4_1 (q8_0)                 96.6%      +0.36%      Q4_1: 96.2%, +0.29%
     q4_0 (q8_0)                 67.4%      +26.3%      Q4_0: 67.1%, +26.2%
     GGUF kept (Q4_1, Q8_0 head) 96.6%      +0.36%      (the Q4_1 row: the same file)
-    q6_k (q8_0)                 Q6K_AGREE      Q6K_PPL      -
-    q4_k_m (q8_0)               Q4KM_AGREE      Q4KM_PPL      -
+    q6_k (q8_0)                 92.3%      +0.71%      -
+    q4_k_m (q8_0)               84.8%      +4.96%      -
     Q4_K_M file, kept           84.0%      +4.56%      the same file: 84.6%, +4.34%
     Q5_K_M file, kept           81.2%      +10.6%      the same file: 82.0%, +10.1%
     Q6_K file, kept             92.6%      +1.11%      the same file: 92.8%, +0.50%
