@@ -1,4 +1,4 @@
-"""The `pyxf` command: generate, chat, convert, info."""
+"""The `pyxf` command: generate, chat, serve, convert, info."""
 
 import argparse
 import json
@@ -54,6 +54,27 @@ def _parser():
     commands.add_parser(
         "convert", help="convert a checkpoint: pyxf convert SRC OUT [--dtype D] (see pyxf convert --help)"
     )
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings)",
+        description="Serves models over the OpenAI API: decoders for /v1/chat/completions and /v1/completions, "
+        "encoders for /v1/embeddings. With no MODEL: SmolLM2-135M-Instruct and all-MiniLM-L6-v2. "
+        "Needs the serve extra: pip install 'pyxf[serve]'.",
+    )
+    serve.add_argument("models", nargs="*", metavar="NAME=DIR",
+                       help="a converted model directory served under the model id NAME (DIR alone: its name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: PYXF_API_KEY)")
+    serve.add_argument("--max-batch", type=int, help="most sequences in one engine step (default 64)")
+    serve.add_argument("--kv-cache-mb", type=int, help="KV cache budget per model in MiB (default 1024)")
+    serve.add_argument("--prefill-chunk", type=int, help="most prompt tokens per engine step (default 512)")
+    serve.add_argument("--max-queue", type=int, help="most waiting requests before answering 503 (default 1024)")
+    serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM (default 30)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="print build and CPU information as JSON")
     info.set_defaults(run=_info)
@@ -149,6 +170,18 @@ def _drop_old_turns(model, history, max_new_tokens):
         if history[first]["role"] == "assistant":
             del history[first]
         print("pyxf: (conversation too long; forgot the oldest exchange)", file=sys.stderr)
+
+
+def _serve(args):
+    try:
+        from pyxf.server import serve
+    except ImportError as e:
+        raise ImportError(f"pyxf serve needs the serve extra ({e}); install it with: pip install 'pyxf[serve]'") from None
+    return serve(
+        args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+        kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+        threads=args.threads, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+    )
 
 
 def _info(args):

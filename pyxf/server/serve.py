@@ -1,0 +1,63 @@
+"""`pyxf serve`: load the models, build the app, run uvicorn until SIGTERM or Ctrl-C.
+
+Shutdown is graceful: the listening socket closes at once, requests in flight finish (for at most
+shutdown_timeout seconds, then they are cancelled), the engines close, and the process exits 0.
+"""
+
+import os
+import signal
+import sys
+
+import uvicorn
+
+from pyxf.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, parse_model_spec
+
+
+def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
+          prefill_chunk=None, max_queue=None, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+          shutdown_timeout=30.0, log_level="info"):
+    """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
+    Engine options left None take pyxf.Engine's defaults. Returns 0 after a graceful shutdown."""
+    specs = [parse_model_spec(m) for m in models] if models else default_model_specs()
+    engine_options = {
+        name: value
+        for name, value in dict(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
+                                max_queue=max_queue).items()
+        if value is not None
+    }
+    api_key = api_key or os.environ.get("PYXF_API_KEY") or None
+    registry = ModelRegistry.load(specs, engine_options=engine_options, threads=threads)
+    app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
+    _announce(registry, host, port, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(config)
+    try:
+        with _quiet_after_shutdown():
+            server.run()
+    finally:
+        registry.close(timeout=0)  # a no-op after the app's shutdown; needed if uvicorn failed to start
+    return 0 if server.started else 1
+
+
+def _announce(registry, host, port, api_key):
+    for served in registry:
+        use = "embeddings" if served.kind == EMBED else "chat, completions"
+        print(f"pyxf: serving {served.name} ({use}) from {served.model.path}", file=sys.stderr)
+    key = " (API key required)" if api_key else ""
+    print(f"pyxf: OpenAI-compatible API at http://{host}:{port}/v1{key}", file=sys.stderr, flush=True)
+
+
+class _quiet_after_shutdown:
+    """uvicorn handles SIGTERM/SIGINT itself while it runs, then raises the signal again against the
+    handlers it found; these no-op handlers make that re-raise end the process normally (exit 0)
+    instead of by the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, lambda *_: None) for sig in self.SIGNALS}
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
