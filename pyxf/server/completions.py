@@ -117,10 +117,10 @@ def _sampling(body, max_new_tokens, logprobs):
 
 def _refuse_unsupported_chat(body):
     if body.tools or body.functions:
-        raise errors.invalid("Tool and function calling are not supported", param="tools" if body.tools else "functions")
+        raise errors.unsupported("Tool and function calling are not supported", param="tools" if body.tools else "functions")
     if body.response_format is not None and body.response_format.type != "text":
-        raise errors.invalid(f"response_format {body.response_format.type!r} is not supported (only 'text')",
-                             param="response_format")
+        raise errors.unsupported(f"response_format {body.response_format.type!r} is not supported (only 'text')",
+                                 param="response_format")
 
 
 def _chat_messages(body, served):
@@ -140,11 +140,11 @@ def _chat_messages(body, served):
 
 def _refuse_unsupported_completion(body):
     if body.suffix:
-        raise errors.invalid("suffix is not supported", param="suffix")
+        raise errors.unsupported("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
-        raise errors.invalid("best_of other than n is not supported", param="best_of")
+        raise errors.unsupported("best_of other than n is not supported", param="best_of")
     if body.echo and body.logprobs is not None:
-        raise errors.invalid("echo with logprobs (the prompt's logprobs) is not supported", param="echo")
+        raise errors.unsupported("echo with logprobs (the prompt's logprobs) is not supported", param="echo")
 
 
 def _completion_prompts(prompt):

@@ -40,8 +40,10 @@ def _inputs(value):
 
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not value:
-        raise fail("input must not be empty" if value == [] else None)
+    if value == []:
+        raise fail("input must not be empty")
+    if not isinstance(value, list):
+        raise fail()
     if len(value) > MAX_INPUTS and not all(_is_token_id(t) for t in value):
         raise fail(f"at most {MAX_INPUTS} inputs are allowed per request, got {len(value)}")
     if all(isinstance(v, str) for v in value):
@@ -67,12 +69,15 @@ def _encode(served, inputs):
             vectors = model.encode(inputs)
         except (ValueError, TypeError) as e:
             raise errors.invalid(str(e), param="input") from None
+    return vectors, _token_count(model, inputs)
+
+
+def _token_count(model, inputs):
+    """Tokens the encoder read: texts tokenized as Model.encode does (cut to the model's max_length)."""
+    limit = model.config.get("max_length") or model.context_length
     if isinstance(inputs[0], str):
-        limit = model.config.get("max_length")
-        tokens = sum(len(ids) for ids, _ in model.tokenizer.encode_for_encoder(inputs, limit))
-    else:
-        tokens = sum(len(ids) for ids in inputs)
-    return vectors, tokens
+        return sum(len(ids) for ids, _ in model.tokenizer.encode_for_encoder(inputs, limit))
+    return sum(min(len(ids), limit) for ids in inputs)
 
 
 def _format(vector, encoding_format):

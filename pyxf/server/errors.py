@@ -34,9 +34,14 @@ def error_response(status, message, type, param=None, code=None, headers=None):
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def invalid(message, param=None, code=None):
-    """400: a parameter the server cannot honour."""
+def invalid(message, param=None, code="invalid_value"):
+    """400: a parameter with a value the server cannot take."""
     return APIError(400, message, param=param, code=code)
+
+
+def unsupported(message, param):
+    """400: a parameter OpenAI defines that pyxf does not implement."""
+    return APIError(400, message, param=param, code="unsupported_parameter")
 
 
 def model_not_found(name, known):
