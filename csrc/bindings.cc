@@ -17,7 +17,7 @@
 #include "model/transformer.h"
 #include "model/seq2seq.h"
 #include "runtime/beam_search.h"
-#include "runtime/generate.h"
+#include "runtime/engine.h"
 #include "runtime/profile.h"
 #include "runtime/threads.h"
 
@@ -419,51 +419,82 @@ class PySession {
   Workspace workspace_;
 };
 
-py::list run_generate(PyModel& m, py::sequence prompts, int max_new_tokens, float temperature,
-                      int top_k, float top_p, float repetition_penalty, uint64_t seed,
-                      std::vector<int> stop_ids, int context_length, py::object callback) {
-  if (max_new_tokens <= 0) throw py::value_error("max_new_tokens must be positive");
-  if (temperature < 0) throw py::value_error("temperature must be >= 0");
-  if (top_k < 0) throw py::value_error("top_k must be >= 0");
-  if (!(top_p > 0 && top_p <= 1)) throw py::value_error("top_p must be in (0, 1]");
-  if (!(repetition_penalty > 0)) throw py::value_error("repetition_penalty must be > 0");
-  if (context_length <= 0) throw py::value_error("context_length must be positive");
-  if (!m.config().has_lm_head) throw py::value_error("generate() needs a decoder model");
-  if (context_length > m.config().max_sequence()) {
-    throw py::value_error("context_length " + std::to_string(context_length) + " exceeds the model's " +
-                          std::to_string(m.config().max_sequence()) + " positions");
-  }
-  std::vector<std::vector<int32_t>> ids;
-  for (py::handle p : prompts) {
-    ids.push_back(m.tokens(p));
-    if (ids.back().empty()) throw py::value_error("prompt " + std::to_string(ids.size() - 1) + " is empty");
-    if ((long)ids.back().size() > context_length) {
-      throw py::value_error("prompt " + std::to_string(ids.size() - 1) + " has " +
-                            std::to_string(ids.back().size()) + " tokens, more than the context length " +
-                            std::to_string(context_length));
-    }
-  }
-  GenerateOptions opt;
-  opt.max_new_tokens = max_new_tokens;
-  opt.sampling = {temperature, top_k, top_p, repetition_penalty};
-  opt.seed = seed;
-  opt.stop_ids = std::move(stop_ids);
-  opt.context_length = context_length;
+// The serving engine over one decoder: requests in, token events out. Arguments arrive checked by
+// pyxf/engine.py; the engine itself rejects what would be unsafe (token ids, lengths).
+class PyEngine {
+ public:
+  PyEngine(std::shared_ptr<PyModel> model, int max_batch, double kv_cache_mb, int prefill_chunk, int max_queue,
+           int context_length, bool prefix_cache)
+      : model_(std::move(model)),
+        engine_(model_->model(), EngineOptions{max_batch, (size_t)(kv_cache_mb * (1 << 20)), prefill_chunk,
+                                               max_queue, context_length, prefix_cache}) {}
 
-  // Each token briefly takes the GIL: to call back into Python and to notice Ctrl-C.
-  TokenCallback on_token = [&callback](int seq, int token) {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-    return !callback.is_none() && callback(seq, token).cast<bool>();
-  };
-  std::vector<std::vector<int>> out;
-  {
-    py::gil_scoped_release release;
-    out = generate(m.model(), ids, opt, on_token);
+  int64_t submit(py::handle prompt, int max_new_tokens, float temperature, int top_k, float top_p,
+                 float repetition_penalty, float presence_penalty, float frequency_penalty,
+                 std::vector<std::pair<int, float>> logit_bias, uint64_t seed, std::vector<int> stop_ids,
+                 int top_logprobs) {
+    Request r;
+    r.prompt = model_->tokens(prompt);
+    r.max_new_tokens = max_new_tokens;
+    r.sampling = {temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty,
+                  std::move(logit_bias)};
+    r.seed = seed;
+    r.stop_ids = std::move(stop_ids);
+    r.top_logprobs = top_logprobs;
+    return engine_.submit(std::move(r));
   }
-  py::list result;
-  for (auto& seq : out) result.append(py::cast(seq));
-  return result;
+
+  // [(request, token, logprob, top, finish, prompt_tokens, cached_tokens, error), ...]
+  py::list poll(int timeout_ms) {
+    std::vector<TokenEvent> events;
+    {
+      py::gil_scoped_release release;
+      events = engine_.poll(timeout_ms);
+    }
+    py::list out;
+    for (const TokenEvent& e : events) {
+      out.append(py::make_tuple(e.request, e.token, e.logprob, py::cast(e.top), (int)e.finish, e.prompt_tokens,
+                                e.cached_tokens, e.error));
+    }
+    return out;
+  }
+
+  py::dict stats() const {
+    const EngineStats s = engine_.stats();
+    return py::dict("running"_a = s.running, "waiting"_a = s.waiting, "kv_blocks_total"_a = s.pages_total,
+                    "kv_blocks_used"_a = s.pages_used, "kv_blocks_cached"_a = s.pages_cached,
+                    "kv_block_tokens"_a = s.page_tokens, "prefix_cache_queried_tokens"_a = s.prefix_queried_tokens,
+                    "prefix_cache_hit_tokens"_a = s.prefix_hit_tokens, "prompt_tokens_total"_a = s.prompt_tokens,
+                    "generated_tokens_total"_a = s.generated_tokens, "requests_finished_total"_a = s.finished,
+                    "steps_total"_a = s.steps);
+  }
+
+  Engine& engine() { return engine_; }
+
+ private:
+  std::shared_ptr<PyModel> model_;
+  Engine engine_;
+};
+
+void bind_engine(py::module_& m) {
+  py::register_exception<QueueFull>(m, "QueueFull", PyExc_RuntimeError);
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<std::shared_ptr<PyModel>, int, double, int, int, int, bool>(), "model"_a, "max_batch"_a,
+           "kv_cache_mb"_a, "prefill_chunk"_a, "max_queue"_a, "context_length"_a, "prefix_cache"_a)
+      .def("submit", &PyEngine::submit, "prompt"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a,
+           "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "logit_bias"_a, "seed"_a,
+           "stop_ids"_a, "top_logprobs"_a)
+      .def("cancel", [](PyEngine& e, int64_t id) { e.engine().cancel(id); }, "request"_a)
+      .def("poll", &PyEngine::poll, "timeout_ms"_a)
+      .def_property_readonly("drained", [](PyEngine& e) { return e.engine().drained(); })
+      .def("close", [](PyEngine& e, bool cancel) { e.engine().close(cancel); }, "cancel_running"_a = false)
+      .def("stats", &PyEngine::stats)
+      .def_property_readonly("context_length", [](PyEngine& e) { return e.engine().options().context_length; })
+      .def_static("page_bytes", [](const PyModel& m) {
+        const ModelConfig& c = m.config();
+        return KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
+      }, "model"_a, "Bytes of one KV page (kv_page_tokens positions of every layer) of this model.");
+  m.attr("kv_page_tokens") = kPageTokens;
 }
 
 py::dict info() {
@@ -966,9 +997,6 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PyModel, std::shared_ptr<PyModel>>(m, "Model")
       .def(py::init<py::dict, py::dict>(), "config"_a, "weights"_a)
-      .def("generate", &run_generate, "prompts"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a,
-           "top_p"_a, "repetition_penalty"_a, "seed"_a, "stop_ids"_a, "context_length"_a,
-           "callback"_a = py::none())
       .def("encode", &PyModel::encode, "batch"_a, "type_ids"_a = py::none())
       .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
 
@@ -979,6 +1007,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("capacity", &PySession::capacity)
       .def("reset", &PySession::reset);
 
+  bind_engine(m);
   bind_seq2seq(m);
 
   py::module_ ops = m.def_submodule("ops", "kernels on numpy arrays, for tests");

@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from pyxf.engine import Delta, Engine, EngineFull, Request, Result, TokenLogprob, Usage
 from pyxf.generation import generate
 from pyxf.model import Model, Session, load
 from pyxf.seq2seq import Seq2SeqModel, translate
@@ -14,6 +15,7 @@ from pyxf.tokenizer import Tokenizer
 from pyxf import threads as _threads
 
 __all__ = [
+    "Delta", "Engine", "EngineFull", "Request", "Result", "TokenLogprob", "Usage",
     "Model", "Seq2SeqModel", "Session", "Tokenizer", "generate", "get_num_threads", "info", "load", "set_num_threads", "translate", "__version__",
 ]
 

@@ -445,14 +445,14 @@ def test_streaming_closed_early_stops(model):
 
 
 def test_text_tracker_holds_back_partial_characters_and_stop_prefixes():
-    from pyxf.generation import _TextTracker
+    from pyxf.text import TextTracker
 
     class ByteTokenizer:  # one token per byte, decoding like a byte-level BPE
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
 
     data = "a€b stop!".encode()
-    tracker = _TextTracker(ByteTokenizer(), ["stop"])
+    tracker = TextTracker(ByteTokenizer(), ["stop"])
     shown = []
     for byte in data:
         tracker.push(byte)

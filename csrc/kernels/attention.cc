@@ -15,6 +15,14 @@ namespace {
 constexpr int kBlockKeys = 64;     // keys per block: scores of one row fit in registers
 constexpr int kMaxRows = 64;       // query rows (heads x tokens) per work item
 constexpr int kScoreVecs = kBlockKeys / kLanes;
+static_assert(kBlockKeys == kKVPageTokens, "a block of keys is one page of a paged KV cache");
+
+// The first key of the block starting at key j0 (a multiple of kBlockKeys) of kv head g; the block's
+// keys follow kv_pos_stride apart. `base` is s.k or s.v.
+const float* key_block(const float* base, const AttentionSeq& s, int g, int j0) {
+  if (s.pages) return base + (long)s.pages[j0 / kBlockKeys] * s.page_stride + (long)g * s.kv_head_stride;
+  return base + (long)g * s.kv_head_stride + (long)j0 * s.kv_pos_stride;
+}
 
 struct WorkItem {
   int seq;
@@ -191,8 +199,6 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
   const int rows = group * item.q_count;
-  const float* kbase = s.k + (long)item.kv_head * s.kv_head_stride;
-  const float* vbase = s.v + (long)item.kv_head * s.kv_head_stride;
 
   // Row r is query token item.q_begin + r / group of head kv_head * group + r % group.
   for (int r = 0; r < rows; ++r) {
@@ -214,7 +220,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     if (shared_kt) {
       kt = shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
     } else {
-      transpose_key_block(kbase + (long)j0 * s.kv_pos_stride, s.kv_pos_stride, bk, D, sc.kt);
+      transpose_key_block(key_block(s.k, s, item.kv_head, j0), s.kv_pos_stride, bk, D, sc.kt);
     }
     for (int r = 0; r < rows; ++r) {
       const int qpos = s.n_past + item.q_begin + r / group;
@@ -237,7 +243,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       }
       sc.corr[r] = softmax_block(score, visible, sc.row_max[r], sc.row_sum[r]);
     }
-    const float* vblock = vbase + (long)j0 * s.kv_pos_stride;
+    const float* vblock = key_block(s.v, s, item.kv_head, j0);
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row; probabilities past a row's own visible keys are 0
@@ -303,7 +309,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
         for (int g = 0; g < sh.n_kv_heads; ++g) {
           for (int b = 0; b < nb; ++b) {
             const long j0 = (long)b * kBlockKeys;
-            transpose_key_block(a.k + (long)g * a.kv_head_stride + j0 * a.kv_pos_stride, a.kv_pos_stride,
+            transpose_key_block(key_block(a.k, a, g, (int)j0), a.kv_pos_stride,
                                 imin(kBlockKeys, keys - (int)j0), D,
                                 shared_kt + (kt_offset[s] + (long)g * nb + b) * block_floats);
           }

@@ -34,9 +34,15 @@ struct QuantWeight {
   long cols;                  // K, a multiple of kQuantBlock
 };
 
+// Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
+// keys never straddles two pages.
+constexpr int kKVPageTokens = 64;
+
 // One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
 // head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache
 // [kv_head][position][head_dim], or the qkv rows themselves when nothing is cached (encoders).
+// With `pages` (a paged cache), key j of kv head g is at
+//   k + pages[j / kKVPageTokens] * page_stride + g * kv_head_stride + (j % kKVPageTokens) * kv_pos_stride.
 // Query i sits at position n_past + i and, when causal, sees keys 0 .. n_past + i.
 struct AttentionSeq {
   const float* q;       // [n_new][q_row_stride], head h at column h * head_dim
@@ -48,6 +54,8 @@ struct AttentionSeq {
   int n_new;
   int n_past;
   int n_keys;           // keys visible to a non-causal query
+  const int32_t* pages = nullptr;  // page of each kKVPageTokens keys, or null: keys are contiguous
+  long page_stride = 0;            // floats from one page to the next
 };
 
 struct AttentionShape {

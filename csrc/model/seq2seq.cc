@@ -60,6 +60,7 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
   long row = 0;
   for (int s = 0; s < n; ++s) {
     k::AttentionSeq& a = ws.attn_seqs[s];
+    a = k::AttentionSeq{};
     a.q = &ws.qkv[row * qd];
     a.out = &ws.attn[row * qd];
     a.k = kv + enc.offsets[seqs[s].source] * kv2;

@@ -28,7 +28,7 @@ Transformer::Transformer(ModelConfig config, ModelWeights weights)
 
 long Transformer::logit_rows(const SeqBatch* seqs, int n) {
   long rows = 0;
-  for (int s = 0; s < n; ++s) rows += seqs[s].all_logits ? seqs[s].n_new : 1;
+  for (int s = 0; s < n; ++s) rows += seqs[s].logit_count();
   return rows;
 }
 
@@ -97,6 +97,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
   long row = 0;
   for (int s = 0; s < n; ++s) {
     k::AttentionSeq& a = ws.attn_seqs[s];
+    a = k::AttentionSeq{};
     a.q = &ws.qkv[row * qkv_dim];
     a.out = &ws.attn[row * c.q_dim()];
     a.n_new = seqs[s].n_new;
@@ -113,20 +114,14 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     }
     KVCache& cache = *seqs[s].cache;
     const int past = cache.length();
-    float* keys = cache.keys(layer);
-    float* values = cache.values(layer);
     for (int i = 0; i < seqs[s].n_new; ++i) {
       const float* src = &ws.qkv[(row + i) * qkv_dim + c.q_dim()];
       for (int g = 0; g < c.num_kv_heads; ++g) {
-        const long at = g * cache.head_stride() + (long)(past + i) * D;
-        std::memcpy(keys + at, src + g * D, D * sizeof(float));
-        std::memcpy(values + at, src + c.kv_dim() + g * D, D * sizeof(float));
+        std::memcpy(cache.key_at(layer, g, past + i), src + g * D, D * sizeof(float));
+        std::memcpy(cache.value_at(layer, g, past + i), src + c.kv_dim() + g * D, D * sizeof(float));
       }
     }
-    a.k = keys;
-    a.v = values;
-    a.kv_head_stride = cache.head_stride();
-    a.kv_pos_stride = D;
+    cache.describe(layer, a);
     a.n_past = past;
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
@@ -274,12 +269,13 @@ void Transformer::head(const SeqBatch* seqs, int n, Workspace& ws, float* logits
   const long H = c.hidden_size;
   long out_rows = 0, row = 0;
   for (int s = 0; s < n; ++s) {
-    const int first = seqs[s].all_logits ? 0 : seqs[s].n_new - 1;
+    const int first = seqs[s].n_new - seqs[s].logit_count();
     for (int i = first; i < seqs[s].n_new; ++i) {
       std::memcpy(&ws.head_in[out_rows++ * H], &ws.x[(row + i) * H], H * sizeof(float));
     }
     row += seqs[s].n_new;
   }
+  if (out_rows == 0) return;
   if (weights_.final_norm.weight) norm(weights_.final_norm, ws.head_in.data(), out_rows, ws.head_in.data());
   if (c.head_scale != 1.0f) {
     for (long i = 0; i < out_rows * H; ++i) ws.head_in[i] *= c.head_scale;

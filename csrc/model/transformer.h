@@ -20,6 +20,10 @@ struct SeqBatch {
   int n_new;
   bool all_logits;                  // logits for every new token, else only for the last one
   const int32_t* type_ids = nullptr;  // token types, when the model has them
+  bool no_logits = false;             // no logits at all (a prompt chunk that does not end the prompt)
+
+  // Logit rows this sequence gets: its last new tokens.
+  int logit_count() const { return no_logits ? 0 : all_logits ? n_new : 1; }
 };
 
 // y (+)= x W^T + b on whichever kernel the weight's format needs.

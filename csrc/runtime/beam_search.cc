@@ -16,18 +16,6 @@ constexpr float kPenalty = -1.0e9f;  // transformers' "very large negative" beam
 
 bool contains(const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
-void copy_cache(KVCache& src, KVCache& dst, const ModelConfig& c) {
-  const int length = src.length();
-  const long hs = src.head_stride(), n = (long)length * src.head_dim();
-  for (int l = 0; l < c.num_layers; ++l) {
-    for (int g = 0; g < c.num_kv_heads; ++g) {
-      std::memcpy(dst.keys(l) + g * hs, src.keys(l) + g * hs, n * sizeof(float));
-      std::memcpy(dst.values(l) + g * hs, src.values(l) + g * hs, n * sizeof(float));
-    }
-  }
-  dst.set_length(length);
-}
-
 // x <- log_softmax(x), as torch computes it: (x - max) - log(sum(exp(x - max))).
 void log_softmax(float* x, int n) { kernels::active().log_softmax(x, n); }
 
@@ -319,7 +307,7 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
         } else {
           slot = free_slots.back();
           free_slots.pop_back();
-          copy_cache(*s.slots[s.beams[p].slot], *s.slots[slot], c);
+          s.slots[slot]->copy_from(*s.slots[s.beams[p].slot]);
         }
         next.push_back({std::move(history), penalized(i), slot});
       }

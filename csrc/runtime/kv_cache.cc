@@ -2,33 +2,73 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 namespace pyxf {
 
-KVCache::KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity)
+size_t KVPool::page_bytes(int num_layers, int num_kv_heads, int head_dim) {
+  return 2 * (size_t)num_layers * num_kv_heads * kPageTokens * head_dim * sizeof(float);
+}
+
+KVPool::KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages)
     : num_layers_(num_layers),
       num_kv_heads_(num_kv_heads),
       head_dim_(head_dim),
-      capacity_(capacity),
-      layer_floats_((size_t)num_kv_heads * capacity * head_dim) {
-  // A cache between 2 and 32 MiB sits on transparent huge pages where the kernel offers them: a
+      num_pages_(num_pages),
+      page_floats_((size_t)num_kv_heads * kPageTokens * head_dim),
+      layer_floats_(page_floats_ * num_pages) {
+  // A pool between 2 and 32 MiB sits on transparent huge pages where the kernel offers them: a
   // prefill writes every page of its cache once, and 4 KiB pages cost a fault each (SmolLM2 at 512
-  // positions: 5,760 faults, ~3% of the prefill). Larger caches keep 4 KiB pages: a long-context
-  // session touches a few positions of every [layer][head] region, and huge pages would make all of
-  // them resident.
-  constexpr size_t kHuge = 2u << 20, kMaxHugeCache = 32u << 20;
+  // positions: 5,760 faults, ~3% of the prefill). Larger pools keep 4 KiB pages: a shared pool is
+  // touched only as pages are first used, and huge pages would make far more of it resident.
+  constexpr size_t kHuge = 2u << 20, kMaxHugePool = 32u << 20;
   const size_t want = 2 * (size_t)num_layers * layer_floats_ * sizeof(float);
-  const size_t align = want >= kHuge && want <= kMaxHugeCache ? kHuge : 4096;
-  const size_t bytes = want > 0 ? (want + align - 1) / align * align : 4096;
-  data_ = static_cast<float*>(std::aligned_alloc(align, bytes));
+  const size_t align = want >= kHuge && want <= kMaxHugePool ? kHuge : 4096;
+  bytes_ = want > 0 ? (want + align - 1) / align * align : 4096;
+  data_ = static_cast<float*>(std::aligned_alloc(align, bytes_));
   if (!data_) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-  if (align == kHuge) madvise(data_, bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
+  if (align == kHuge) madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
 }
 
-KVCache::~KVCache() { std::free(data_); }
+KVPool::~KVPool() { std::free(data_); }
+
+KVCache::KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity)
+    : owned_(std::make_unique<KVPool>(num_layers, num_kv_heads, head_dim,
+                                      (capacity + kPageTokens - 1) / kPageTokens)),
+      pool_(owned_.get()),
+      limit_(capacity) {
+  pages_.resize(pool_->num_pages());
+  for (int p = 0; p < (int)pages_.size(); ++p) pages_[p] = p;
+}
+
+void KVCache::describe(int layer, kernels::AttentionSeq& a) const {
+  a.k = pool_->keys(layer);
+  a.v = pool_->values(layer);
+  a.pages = pages_.data();
+  a.page_stride = pool_->page_stride();
+  a.kv_head_stride = pool_->head_stride();
+  a.kv_pos_stride = pool_->head_dim();
+}
+
+void KVCache::copy_from(const KVCache& src) {
+  const int n = src.length();
+  const size_t row = (size_t)head_dim() * sizeof(float);
+  for (int l = 0; l < pool_->num_layers(); ++l) {
+    for (int g = 0; g < pool_->num_kv_heads(); ++g) {
+      // Runs of positions within one page are contiguous.
+      for (int p0 = 0; p0 < n; p0 += kPageTokens) {
+        const int count = std::min(kPageTokens, n - p0);
+        std::memcpy(key_at(l, g, p0), src.key_at(l, g, p0), count * row);
+        std::memcpy(value_at(l, g, p0), src.value_at(l, g, p0), count * row);
+      }
+    }
+  }
+  length_ = n;
+}
 
 }  // namespace pyxf

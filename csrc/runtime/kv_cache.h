@@ -1,30 +1,85 @@
-// Keys and values of one sequence for every layer, preallocated to a fixed capacity.
-// Layout per layer: [kv_head][position][head_dim], so one head's keys are contiguous.
+// Keys and values in pages of kKVPageTokens positions. A KVPool holds the pages of every layer; a
+// KVCache is one sequence's view: its page table and length. A cache either owns a private pool
+// sized to a fixed capacity (sessions, beam search) or borrows pages from a shared pool that a
+// block manager hands out (the serving engine).
+// Layout per layer: keys [page][kv_head][kKVPageTokens][head_dim], values alike, so a page of one
+// head's keys is contiguous and a sequence's pages need not be.
 #pragma once
+#include <algorithm>
+#include <climits>
 #include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/kernels.h"
 
 namespace pyxf {
 
+constexpr int kPageTokens = kernels::kKVPageTokens;
+
+class KVPool {
+ public:
+  KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages);
+  ~KVPool();
+  KVPool(const KVPool&) = delete;
+  KVPool& operator=(const KVPool&) = delete;
+
+  // Bytes of one page across all layers (keys and values).
+  static size_t page_bytes(int num_layers, int num_kv_heads, int head_dim);
+
+  float* keys(int layer) const { return data_ + (2 * (size_t)layer) * layer_floats_; }
+  float* values(int layer) const { return data_ + (2 * (size_t)layer + 1) * layer_floats_; }
+  long page_stride() const { return page_floats_; }
+  long head_stride() const { return (long)kPageTokens * head_dim_; }
+  int head_dim() const { return head_dim_; }
+  int num_kv_heads() const { return num_kv_heads_; }
+  int num_layers() const { return num_layers_; }
+  int num_pages() const { return num_pages_; }
+
+ private:
+  int num_layers_, num_kv_heads_, head_dim_, num_pages_;
+  size_t page_floats_, layer_floats_, bytes_;
+  float* data_;  // pages are touched only as they are first written, so resident memory follows use
+};
+
 class KVCache {
  public:
+  // A private pool of ceil(capacity / kPageTokens) pages, in order.
   KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity);
-  ~KVCache();
+  // Pages borrowed from `pool`: the owner appends them to pages() before positions reach them.
+  explicit KVCache(const KVPool* pool) : pool_(pool) {}
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
-  float* keys(int layer) { return data_ + (2 * (size_t)layer) * layer_floats_; }
-  float* values(int layer) { return data_ + (2 * (size_t)layer + 1) * layer_floats_; }
-  long head_stride() const { return (long)capacity_ * head_dim_; }
-  int head_dim() const { return head_dim_; }
-  int capacity() const { return capacity_; }
+  const KVPool& pool() const { return *pool_; }
+  std::vector<int32_t>& pages() { return pages_; }
+  const std::vector<int32_t>& pages() const { return pages_; }
+  int head_dim() const { return pool_->head_dim(); }
+  // Positions it can hold: its pages, and for a private pool the capacity it was made with.
+  int capacity() const { return std::min(limit_, (int)pages_.size() * kPageTokens); }
   int length() const { return length_; }
   void set_length(int n) { length_ = n; }
 
+  // Where position `pos` of kv head g of `layer` keeps its key (value_at alike).
+  float* key_at(int layer, int g, int pos) const { return at(pool_->keys(layer), g, pos); }
+  float* value_at(int layer, int g, int pos) const { return at(pool_->values(layer), g, pos); }
+  // Points `a` (an attention problem) at this cache's keys and values of `layer`.
+  void describe(int layer, kernels::AttentionSeq& a) const;
+  // Copies the first `length` positions of `src` (same shape) and takes its length.
+  void copy_from(const KVCache& src);
+
  private:
-  int num_layers_, num_kv_heads_, head_dim_, capacity_;
+  float* at(float* base, int g, int pos) const {
+    return base + (long)pages_[pos / kPageTokens] * pool_->page_stride() + (long)g * pool_->head_stride() +
+           (long)(pos % kPageTokens) * pool_->head_dim();
+  }
+
+  std::unique_ptr<KVPool> owned_;
+  const KVPool* pool_;
+  std::vector<int32_t> pages_;
+  int limit_ = INT_MAX;
   int length_ = 0;
-  size_t layer_floats_;
-  float* data_;  // pages are touched only as positions fill, so resident memory follows length
 };
 
 }  // namespace pyxf

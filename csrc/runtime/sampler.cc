@@ -15,7 +15,17 @@ void Sampler::observe(int token) {
   }
 }
 
+void Sampler::observe_generated(int token) {
+  observe(token);
+  if (options_.presence_penalty == 0.0f && options_.frequency_penalty == 0.0f) return;
+  ++generated_counts_[token];
+}
+
 int Sampler::sample(float* logits) {
+  for (const auto& [t, bias] : options_.logit_bias) logits[t] += bias;
+  for (const auto& [t, count] : generated_counts_) {
+    logits[t] -= options_.presence_penalty + options_.frequency_penalty * count;
+  }
   const float penalty = options_.repetition_penalty;
   for (int t : seen_list_) logits[t] = logits[t] > 0 ? logits[t] / penalty : logits[t] * penalty;
 

@@ -1,8 +1,10 @@
-// Picks the next token from a row of logits: repetition penalty, temperature, top-k, top-p,
-// in that order (as Hugging Face applies them); temperature 0 is greedy.
+// Picks the next token from a row of logits: logit bias, presence and frequency penalties (OpenAI's,
+// over generated tokens), repetition penalty (Hugging Face's, over prompt and generated tokens),
+// temperature, top-k, top-p, in that order; temperature 0 is greedy.
 #pragma once
 #include <cstdint>
 #include <random>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -13,6 +15,9 @@ struct SamplingOptions {
   int top_k = 0;          // 0: no limit
   float top_p = 1.0f;
   float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;    // subtracted once from every token generated so far
+  float frequency_penalty = 0.0f;   // subtracted per occurrence in the generated tokens
+  std::vector<std::pair<int, float>> logit_bias;  // (token, bias) added to the logits
 };
 
 class Sampler {
@@ -20,6 +25,8 @@ class Sampler {
   Sampler(const SamplingOptions& options, uint64_t seed, int vocab_size);
   // Remembers a token for the repetition penalty (prompt and generated tokens).
   void observe(int token);
+  // Remembers a generated token (presence and frequency penalties; implies observe).
+  void observe_generated(int token);
   // Modifies `logits` in place.
   int sample(float* logits);
 
@@ -29,6 +36,7 @@ class Sampler {
   std::mt19937_64 rng_;
   std::vector<uint8_t> seen_;
   std::vector<int> seen_list_;
+  std::unordered_map<int, int> generated_counts_;  // token -> count, kept only for the penalties
   std::vector<std::pair<float, int>> candidates_;
 };
 

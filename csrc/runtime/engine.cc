@@ -1,0 +1,397 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+
+#include "runtime/profile.h"
+#include "runtime/threads.h"
+
+namespace pyxf {
+
+struct Engine::Sequence {
+  Sequence(int64_t id, Request r, const KVPool* pool, int vocab_size)
+      : id(id),
+        request(std::move(r)),
+        tokens(request.prompt),
+        prompt_len((int)request.prompt.size()),
+        cache(pool),
+        sampler(request.sampling, request.seed, vocab_size) {
+    for (int32_t t : tokens) sampler.observe(t);
+  }
+
+  // Tokens whose keys and values are not in the cache yet: the prompt's rest, or the last sampled one.
+  int pending() const { return (int)tokens.size() - cache.length(); }
+
+  int64_t id;
+  Request request;
+  std::vector<int32_t> tokens;  // the prompt, then what was generated
+  int prompt_len;
+  int generated = 0;
+  KVCache cache;                // cache.length(): tokens computed
+  Sampler sampler;
+  int published = 0;            // leading pages offered to (or found in) the prefix cache
+  uint64_t prefix = 0;          // id of the prefix those pages end
+  int cached_tokens = 0;
+  int step_tokens = 0;          // tokens this step runs
+  bool running = false;         // in running_, else waiting
+  bool done = false;
+};
+
+namespace {
+
+int pages_for(int positions) { return (positions + kPageTokens - 1) / kPageTokens; }
+
+int page_budget(const ModelConfig& c, size_t bytes) {
+  const size_t page = KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
+  return (int)std::min<size_t>(bytes / page, 1 << 24);
+}
+
+}  // namespace
+
+Engine::Engine(const Transformer& model, const EngineOptions& options)
+    : model_(model),
+      options_(options),
+      pool_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
+            page_budget(model.config(), options.kv_cache_bytes)),
+      pages_(pool_.num_pages()) {
+  const ModelConfig& c = model.config();
+  if (!c.has_lm_head) throw std::invalid_argument("the engine needs a decoder model (one with an LM head)");
+  if (options_.max_batch <= 0) throw std::invalid_argument("max_batch must be positive");
+  if (options_.prefill_chunk <= 0) throw std::invalid_argument("prefill_chunk must be positive");
+  if (options_.max_queue < 0) throw std::invalid_argument("max_queue must be >= 0");
+  if (pool_.num_pages() == 0) throw std::invalid_argument("kv_cache_mb is too small for one KV page");
+  // A sequence can hold at most the whole pool.
+  if (options_.context_length <= 0 || options_.context_length > c.max_sequence()) {
+    options_.context_length = c.max_sequence();
+  }
+  options_.context_length = std::min(options_.context_length, pool_.num_pages() * kPageTokens);
+  thread_ = std::thread([this] { run(); });
+}
+
+Engine::~Engine() {
+  close(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+int64_t Engine::submit(Request request) {
+  const ModelConfig& c = model_.config();
+  const long n = (long)request.prompt.size();
+  if (n == 0) throw std::invalid_argument("the prompt is empty");
+  for (int32_t t : request.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      throw std::invalid_argument("prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                  std::to_string(c.vocab_size) + ")");
+    }
+  }
+  for (const auto& [t, bias] : request.sampling.logit_bias) {
+    if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("logit_bias token " + std::to_string(t) + " is outside the vocabulary");
+  }
+  if (request.max_new_tokens <= 0) throw std::invalid_argument("max_new_tokens must be positive");
+  if (request.top_logprobs > c.vocab_size) throw std::invalid_argument("top_logprobs exceeds the vocabulary");
+  const long total = n + request.max_new_tokens;
+  if (total > options_.context_length) {
+    throw std::invalid_argument("the prompt has " + std::to_string(n) + " tokens; with max_new_tokens=" +
+                                std::to_string(request.max_new_tokens) + " that is " + std::to_string(total) +
+                                " tokens, more than the context length " + std::to_string(options_.context_length));
+  }
+  auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, c.vocab_size);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closing_) throw std::logic_error("the engine is closed");
+  if (n_waiting_ >= options_.max_queue) {
+    throw QueueFull("the engine's queue is full (" + std::to_string(options_.max_queue) + " requests waiting)");
+  }
+  seq->id = next_id_++;
+  const int64_t id = seq->id;
+  submitted_.push_back(std::move(seq));
+  ++n_waiting_;
+  work_.notify_one();
+  return id;
+}
+
+void Engine::cancel(int64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  cancelled_.insert(id);
+  work_.notify_one();
+}
+
+std::vector<TokenEvent> Engine::poll(int timeout_ms) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  events_cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return !events_.empty() || stopped_; });
+  std::vector<TokenEvent> out;
+  out.swap(events_);
+  return out;
+}
+
+bool Engine::drained() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stopped_ && events_.empty();
+}
+
+void Engine::close(bool cancel_running) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  closing_ = true;
+  cancel_all_ = cancel_all_ || cancel_running;
+  work_.notify_one();
+}
+
+EngineStats Engine::stats() const {
+  return {n_running_, n_waiting_, pool_.num_pages(), pages_used_, pages_cached_, kPageTokens,
+          prefix_queried_, prefix_hits_, prompt_tokens_, generated_, finished_, steps_};
+}
+
+void Engine::run() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (running_.empty() && waiting_.empty()) {
+        work_.wait(lock, [&] { return !submitted_.empty() || !cancelled_.empty() || closing_; });
+      }
+      if (closing_ && submitted_.empty() && running_.empty() && waiting_.empty()) {
+        stopped_ = true;
+        events_cv_.notify_all();
+        return;
+      }
+    }
+    step();
+  }
+}
+
+// One scheduler step: new requests and cancellations in, one forward pass, tokens out.
+bool Engine::step() {
+  take_requests();
+  std::vector<Sequence*> batch;
+  schedule(batch);
+  if (batch.empty()) return false;
+
+  std::vector<SeqBatch> rows;
+  rows.reserve(batch.size());
+  for (Sequence* s : batch) {
+    SeqBatch b{&s->cache, s->tokens.data() + s->cache.length(), s->step_tokens, false};
+    b.no_logits = s->step_tokens < s->pending();
+    rows.push_back(b);
+  }
+  const int vocab = model_.config().vocab_size;
+  logits_.resize((size_t)Transformer::logit_rows(rows.data(), (int)rows.size()) * vocab);
+
+  std::vector<TokenEvent> events;
+  adopt_num_threads();
+  try {
+    model_.forward(rows.data(), (int)rows.size(), ws_, logits_.data());
+  } catch (const std::exception& e) {
+    for (Sequence* s : batch) finish(*s, Finish::kError, events, e.what());
+  }
+  float* row = logits_.data();
+  for (Sequence* s : batch) {
+    if (s->done) continue;
+    publish_full_pages(*s);
+    if (s->pending() == 0) {
+      sample(*s, row, events);
+      row += vocab;
+    }
+  }
+  running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+                 running_.end());
+  ++steps_;
+  n_running_ = (int)running_.size();
+  pages_used_ = pages_.used();
+  pages_cached_ = pages_.cached();
+  emit(events);
+  return true;
+}
+
+void Engine::take_requests() {
+  std::unordered_set<int64_t> cancelled;
+  bool cancel_all;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& s : submitted_) waiting_.push_back(std::move(s));
+    submitted_.clear();
+    cancelled.swap(cancelled_);
+    cancel_all = cancel_all_;
+  }
+  if (cancelled.empty() && !cancel_all) return;
+  std::vector<TokenEvent> events;
+  auto cancel = [&](auto& seqs) {
+    for (auto& s : seqs) {
+      if (cancel_all || cancelled.count(s->id)) finish(*s, Finish::kCancelled, events);
+    }
+    seqs.erase(std::remove_if(seqs.begin(), seqs.end(), [](const auto& s) { return s->done; }), seqs.end());
+  };
+  cancel(waiting_);
+  cancel(running_);
+  n_running_ = (int)running_.size();
+  emit(events);
+}
+
+// Picks this step's work: every running sequence's next token (decode), then prompt chunks up to
+// prefill_chunk tokens in all, for running sequences first and then for newly admitted ones. A
+// running sequence that needs a page when none is left takes the pages of the newest running
+// sequence, which goes back to the front of the queue to be recomputed later.
+void Engine::schedule(std::vector<Sequence*>& batch) {
+  int budget = options_.prefill_chunk;
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Sequence& s = *running_[i];
+    const int pending = s.pending();
+    const int n = pending == 1 ? 1 : std::min(pending, budget);
+    if (n == 0) continue;
+    bool preempted_self = false;
+    while (!grow(s, s.cache.length() + n)) {
+      Sequence& victim = *running_.back();
+      preempted_self = &victim == &s;
+      preempt(victim);
+      if (preempted_self) break;
+    }
+    if (preempted_self) break;
+    if (pending > 1) budget -= n;
+    s.step_tokens = n;
+    batch.push_back(&s);
+  }
+  while (!waiting_.empty() && (int)running_.size() < options_.max_batch && budget > 0) {
+    Sequence& s = *waiting_.front();
+    const bool first_admission = s.generated == 0;
+    if (options_.prefix_cache) match_prefix(s);
+    if (first_admission) {
+      s.cached_tokens = s.cache.length();
+      prefix_queried_ += s.prompt_len;
+      prefix_hits_ += s.cached_tokens;
+    }
+    const int n = std::min(s.pending(), budget);
+    if (!grow(s, s.cache.length() + n)) {
+      preempt_pages(s);
+      break;  // the queue's head waits for pages; later requests wait behind it
+    }
+    budget -= n;
+    s.step_tokens = n;
+    batch.push_back(&s);
+    s.running = true;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    --n_waiting_;
+  }
+  n_running_ = (int)running_.size();
+}
+
+bool Engine::grow(Sequence& s, int positions) {
+  while (s.cache.capacity() < positions) {
+    const int page = pages_.allocate();
+    if (page < 0) return false;
+    s.cache.pages().push_back(page);
+  }
+  return true;
+}
+
+// Starts the sequence on the longest run of cached pages holding its first tokens, leaving at least
+// one token to compute (its logits give the next token).
+void Engine::match_prefix(Sequence& s) {
+  const int max_pages = ((int)s.tokens.size() - 1) / kPageTokens;
+  uint64_t prefix = 0;
+  int matched = 0;
+  for (; matched < max_pages; ++matched) {
+    uint64_t id;
+    const int page = pages_.lookup(prefix, s.tokens.data() + (long)matched * kPageTokens, &id);
+    if (page < 0) break;
+    s.cache.pages().push_back(page);
+    prefix = id;
+  }
+  s.published = matched;
+  s.prefix = prefix;
+  s.cache.set_length(matched * kPageTokens);
+}
+
+void Engine::publish_full_pages(Sequence& s) {
+  if (!options_.prefix_cache) return;
+  while (s.prefix != PageManager::kUncacheable && (s.published + 1) * kPageTokens <= s.cache.length()) {
+    s.prefix = pages_.publish(s.cache.pages()[s.published], s.prefix, s.tokens.data() + (long)s.published * kPageTokens);
+    ++s.published;
+  }
+}
+
+// Gives back every page of a sequence and forgets what it computed; its tokens and sampler state
+// stay, so it resumes where it was once it is scheduled again.
+void Engine::preempt_pages(Sequence& s) {
+  for (int page : s.cache.pages()) pages_.release(page);
+  s.cache.pages().clear();
+  s.cache.set_length(0);
+  s.published = 0;
+  s.prefix = 0;
+}
+
+void Engine::preempt(Sequence& s) {
+  preempt_pages(s);
+  s.running = false;
+  for (size_t i = running_.size(); i-- > 0;) {
+    if (running_[i].get() == &s) {
+      waiting_.push_front(std::move(running_[i]));
+      running_.erase(running_.begin() + (long)i);
+      ++n_waiting_;
+      return;
+    }
+  }
+}
+
+void Engine::finish(Sequence& s, Finish why, std::vector<TokenEvent>& events, const std::string& error) {
+  if (s.done) return;
+  if (!s.running) --n_waiting_;
+  preempt_pages(s);
+  s.done = true;
+  TokenEvent ev;
+  ev.request = s.id;
+  ev.finish = why;
+  ev.prompt_tokens = s.prompt_len;
+  ev.cached_tokens = s.cached_tokens;
+  ev.error = error;
+  events.push_back(std::move(ev));
+  ++finished_;
+  prompt_tokens_ += s.prompt_len;
+}
+
+void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events) {
+  StageTimer timer(Stage::kSample);
+  const int vocab = model_.config().vocab_size;
+  const int k = s.request.top_logprobs;
+  if (k >= 0) {
+    // Log-probabilities of the model's own distribution (before penalties and temperature).
+    logprob_row_.assign(logits, logits + vocab);
+    kernels::active().log_softmax(logprob_row_.data(), vocab);
+  }
+  const int token = s.sampler.sample(logits);
+  const auto& stops = s.request.stop_ids;
+  if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
+    finish(s, Finish::kStop, events);
+    return;
+  }
+  TokenEvent ev;
+  ev.request = s.id;
+  ev.token = token;
+  if (k >= 0) {
+    ev.logprob = logprob_row_[token];
+    std::vector<int32_t> order(vocab);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return logprob_row_[a] > logprob_row_[b] || (logprob_row_[a] == logprob_row_[b] && a < b);
+    });
+    for (int i = 0; i < k; ++i) ev.top.push_back({order[i], logprob_row_[order[i]]});
+  }
+  events.push_back(std::move(ev));
+  s.tokens.push_back(token);
+  s.sampler.observe_generated(token);
+  ++s.generated;
+  ++generated_;
+  if (s.generated >= s.request.max_new_tokens || (int)s.tokens.size() >= options_.context_length) {
+    finish(s, Finish::kLength, events);
+  }
+}
+
+void Engine::emit(std::vector<TokenEvent>& events) {
+  if (events.empty()) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (events_.empty()) {
+    events_.swap(events);
+  } else {
+    for (auto& e : events) events_.push_back(std::move(e));
+  }
+  events_cv_.notify_all();
+}
+
+}  // namespace pyxf
