@@ -67,10 +67,13 @@ def _parser():
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: PYXF_API_KEY)")
     serve.add_argument("--max-batch", type=int, help="most sequences in one engine step (default 64)")
-    serve.add_argument("--kv-cache-mb", type=int, help="KV cache budget per model in MiB (default 1024)")
+    serve.add_argument("--kv-cache-mb", type=float, help="KV cache budget per model in MiB (default 1024)")
     serve.add_argument("--prefill-chunk", type=int, help="most prompt tokens per engine step (default 512)")
     serve.add_argument("--max-queue", type=int, help="most waiting requests before answering 503 (default 1024)")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       help="do not reuse the KV blocks of earlier requests' shared prompt prefixes")
     serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM (default 30)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -180,7 +183,8 @@ def _serve(args):
     return serve(
         args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
         kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-        threads=args.threads, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        prefix_cache=args.prefix_cache, threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
     )
 
 

@@ -15,7 +15,7 @@ from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, pars
 
 
 def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
-          prefill_chunk=None, max_queue=None, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+          prefill_chunk=None, max_queue=None, prefix_cache=True, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
           shutdown_timeout=30.0, log_level="info"):
     """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
     Engine options left None take pyxf.Engine's defaults. Returns 0 after a graceful shutdown."""
@@ -26,6 +26,7 @@ def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=Non
                                 max_queue=max_queue).items()
         if value is not None
     }
+    engine_options["prefix_cache"] = prefix_cache
     api_key = api_key or os.environ.get("PYXF_API_KEY") or None
     registry = ModelRegistry.load(specs, engine_options=engine_options, threads=threads)
     app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
