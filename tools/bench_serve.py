@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -416,6 +417,8 @@ def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM ends the run like Ctrl-C: the servers it started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import pyxf
     from pyxf.model import read_config
     from pyxf.tokenizer import Tokenizer

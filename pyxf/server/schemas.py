@@ -8,7 +8,7 @@ silently. Responses carry what the official `openai` client parses.
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -186,8 +186,15 @@ class ChatCompletion(_Response):
 
 
 class ChatDelta(_Response):
+    """Only what the chunk adds: {"role": "assistant", "content": ""} first, then {"content": ...},
+    and {} in the chunk that carries the finish reason (as OpenAI sends them)."""
+
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(_Response):
