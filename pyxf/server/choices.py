@@ -20,6 +20,7 @@ class Choices:
         self.requests = []
         self.started = time.monotonic()
         self.first_token_at = None
+        sampling = dict(sampling)
         seed = sampling.pop("seed", None)
         try:
             for prompt in prompts:

@@ -94,11 +94,13 @@ class _Call:
         self.created = int(time.time())
 
     def finished(self, choices, results):
+        """Records the request's latency, time to first token and finish reasons (a choice without a
+        result was cut short by its client leaving: "cancelled")."""
         ttft = choices.time_to_first_token()
         if ttft is not None:
             self.metrics.observe_ttft(self.model_name, ttft)
         self.metrics.observe_request(self.model_name, self.endpoint, time.monotonic() - choices.started,
-                                     [r.finish_reason for r in results if r is not None])
+                                     [r.finish_reason if r is not None else "cancelled" for r in results])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,8 +60,10 @@ class Throughput:
 ENGINE_STATS = (
     ("pyxf_requests_running", "running", "gauge", "Requests in the running batch"),
     ("pyxf_requests_waiting", "waiting", "gauge", "Requests queued for admission"),
-    ("pyxf_kv_cache_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks held by sequences or the prefix cache"),
+    ("pyxf_kv_cache_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks held by running sequences"),
     ("pyxf_kv_cache_blocks_total", "kv_blocks_total", "gauge", "KV cache blocks in the pool"),
+    ("pyxf_kv_cache_blocks_cached", "kv_blocks_cached", "gauge",
+     "KV cache blocks held only by the prefix cache (reusable, evicted when needed)"),
     ("pyxf_prefix_cache_queried_tokens_total", "prefix_cache_queried_tokens", "counter",
      "Prompt tokens looked up in the prefix cache"),
     ("pyxf_prefix_cache_hit_tokens_total", "prefix_cache_hit_tokens", "counter",
@@ -110,7 +112,9 @@ class Metrics:
         families = []  # (name, type, help, [(labels, value)])
         stats = [(name, engine.stats()) for name, engine in engines]
         for metric, key, kind, help_text in ENGINE_STATS:
-            families.append((metric, kind, help_text, [({"model": name}, s[key]) for name, s in stats]))
+            samples = [({"model": name}, s[key]) for name, s in stats if key in s]
+            if samples:
+                families.append((metric, kind, help_text, samples))
         families.append(("pyxf_kv_cache_usage_ratio", "gauge", "Fraction of the KV cache blocks in use",
                          [({"model": name}, _ratio(s["kv_blocks_used"], s["kv_blocks_total"])) for name, s in stats]))
         families.append(("pyxf_prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / looked up",
