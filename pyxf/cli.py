@@ -5,6 +5,7 @@ import json
 import sys
 
 import pyxf
+from pyxf.engine import kv_cache_mb
 
 
 def main(argv=None):
@@ -141,6 +142,10 @@ def _chat(args):
         raise ValueError(f"{model.path} has no chat template; use `pyxf generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    # One engine for the conversation: each turn's prompt starts with the previous turns, whose KV
+    # pages the prefix cache still holds, so a turn computes only what is new.
+    # The current conversation and as much again of earlier turns' pages.
+    engine = pyxf.Engine(model, max_batch=1, kv_cache_mb=kv_cache_mb(model, [model.context_length] * 2))
     while True:
         try:
             line = input("> " if interactive else "")
@@ -151,24 +156,29 @@ def _chat(args):
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        _drop_old_turns(model, history, args.max_new_tokens)
+        _drop_old_turns(model, history, args.max_new_tokens, engine.context_length)
         try:
-            reply = _print_stream(pyxf.generate(model, messages=history, stream=True, **_sampling(args)))
+            request = engine.submit(messages=history, **_sampling(args))
         except ValueError as e:  # e.g. a message too long for the context: report it, keep chatting
             print(f"pyxf: error: {e}", file=sys.stderr)
             history.pop()
             continue
-        history.append({"role": "assistant", "content": reply})
+        try:
+            _print_stream(delta.text for delta in request)
+        finally:
+            request.cancel()  # Ctrl-C mid-answer: stop generating
+        history.append({"role": "assistant", "content": request.result().text})
+    engine.close()
     return 0
 
 
-def _drop_old_turns(model, history, max_new_tokens):
+def _drop_old_turns(model, history, max_new_tokens, context_length):
     """Forgets the oldest exchanges (keeping a system message) until the prompt fits the context."""
     def prompt_length():
         return len(model.tokenizer.encode(model.tokenizer.apply_chat_template(history)))
 
     first = 1 if history[0]["role"] == "system" else 0
-    while prompt_length() + max_new_tokens > model.context_length and len(history) - first > 1:
+    while prompt_length() + max_new_tokens > context_length and len(history) - first > 1:
         del history[first]
         if history[first]["role"] == "assistant":
             del history[first]

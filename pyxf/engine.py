@@ -133,8 +133,11 @@ class Request:
         return self._result
 
     async def result_async(self):
-        async for _ in self.stream_async():
-            pass
+        """The final Result, awaited (consuming the deltas nobody has read)."""
+        if not self._done.is_set():
+            async for _ in self.stream_async():
+                pass
+        self._raise_error()
         return self._result
 
     def _raise_error(self):
@@ -174,13 +177,13 @@ class Request:
             self._error = error or "the engine failed"
         usage = Usage(prompt_tokens, len(self._token_ids), cached_tokens)
         self._result = Result(text, list(self._token_ids), reason, usage, self._logprobs)
+        self._done.set()  # before the end marker: a consumer that saw the end finds the result
         self._put(_END)
-        self._done.set()
 
     def _fail(self, error):
         self._error = error
-        self._put(_END)
         self._done.set()
+        self._put(_END)
 
     def _put(self, item):
         with self._lock:
@@ -253,6 +256,13 @@ class _Dispatcher:
                     request._fail(f"{type(e).__name__}: {e}")
             if not events and self.core.drained:
                 return
+
+
+def kv_cache_mb(model, lengths):
+    """The kv_cache_mb that holds sequences of these lengths (tokens each) at once."""
+    page_tokens = core().kv_page_tokens
+    pages = sum(-(-int(n) // page_tokens) for n in lengths)
+    return pages * core().Engine.page_bytes(model._core_model) / 2**20
 
 
 class Engine:

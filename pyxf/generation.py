@@ -1,9 +1,8 @@
 """pyxf.generate: prompts in, new text or tokens out. Decoders run on pyxf.Engine (submit all, wait
 for all); encoder-decoder models on their own beam-search loop (pyxf.seq2seq)."""
 
-from pyxf.engine import Engine
+from pyxf.engine import Engine, kv_cache_mb
 from pyxf.sampling import check_lengths, prompt_tokens, sampling_options, stop_conditions
-from pyxf.threads import core
 
 
 def generate(
@@ -97,9 +96,7 @@ def generate(
 
 def _engine_for(model, prompts, max_new_tokens):
     """An engine that runs all prompts at once: KV pages for each prompt and its new tokens."""
-    page_tokens, page_bytes = core().kv_page_tokens, core().Engine.page_bytes(model._core_model)
-    pages = sum(-(-(len(p) + max_new_tokens) // page_tokens) for p in prompts)
-    return Engine(model, max_batch=len(prompts), kv_cache_mb=pages * page_bytes / 2**20,
+    return Engine(model, max_batch=len(prompts), kv_cache_mb=kv_cache_mb(model, [len(p) + max_new_tokens for p in prompts]),
                   prefill_chunk=max(512, min(8192, sum(map(len, prompts)))), max_queue=len(prompts))
 
 

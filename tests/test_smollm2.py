@@ -136,6 +136,25 @@ def test_greedy_matches_transformers(px, hf, greedy_reference):
     assert pyxf.generate(px, prompts[0], max_new_tokens=NEW_TOKENS) == batched[0]
 
 
+def test_engine_requests_arriving_apart_match_transformers(px, hf, greedy_reference):
+    """The serving engine, requests submitted while others decode (one forced through prefill
+    chunks of 7 tokens), each with its text streamed: every result is transformers' greedy text."""
+    import pyxf
+
+    with pyxf.Engine(px, max_batch=3, prefill_chunk=7) as engine:
+        requests, first_pieces = [], []
+        for prompt in PROMPTS:
+            requests.append(engine.submit(prompt, max_new_tokens=NEW_TOKENS))
+            first_pieces.append(next(iter(requests[-1])).text)  # decoding when the next one arrives
+        streamed = [first + "".join(d.text for d in r) for first, r in zip(first_pieces, requests)]
+        results = [r.result() for r in requests]
+    for (ids, reference), text, result in zip(greedy_reference, streamed, results):
+        expected = helpers.strip_eos(reference, set(px.eos_token_ids))
+        assert result.token_ids == expected
+        assert text == result.text == px.tokenizer.decode(expected)
+        assert result.finish_reason == ("length" if len(expected) == NEW_TOKENS else "stop")
+
+
 def test_logits_close_to_transformers(px, hf, greedy_reference, record_property):
     """Prefill logits over prompt + continuation, and the same positions decoded one token at a
     time through a session."""

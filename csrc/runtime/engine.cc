@@ -193,11 +193,15 @@ bool Engine::step() {
   running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
                  running_.end());
   ++steps_;
+  update_stats();
+  emit(events);
+  return true;
+}
+
+void Engine::update_stats() {
   n_running_ = (int)running_.size();
   pages_used_ = pages_.used();
   pages_cached_ = pages_.cached();
-  emit(events);
-  return true;
 }
 
 void Engine::take_requests() {
@@ -220,7 +224,7 @@ void Engine::take_requests() {
   };
   cancel(waiting_);
   cancel(running_);
-  n_running_ = (int)running_.size();
+  update_stats();
   emit(events);
 }
 
@@ -269,7 +273,6 @@ void Engine::schedule(std::vector<Sequence*>& batch) {
     waiting_.pop_front();
     --n_waiting_;
   }
-  n_running_ = (int)running_.size();
 }
 
 bool Engine::grow(Sequence& s, int positions) {

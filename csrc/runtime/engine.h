@@ -108,6 +108,7 @@ class Engine {
   void preempt_pages(Sequence& s);
   void finish(Sequence& s, Finish why, std::vector<TokenEvent>& events, const std::string& error = "");
   void emit(std::vector<TokenEvent>& events);
+  void update_stats();
   void sample(Sequence& s, float* logits, std::vector<TokenEvent>& events);
 
   const Transformer& model_;
