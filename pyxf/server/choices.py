@@ -61,10 +61,7 @@ class Choices:
         try:
             async for delta in request.stream_async():
                 items.put_nowait((index, delta, False))
-            # The stream has ended, so the result is set or about to be (within microseconds). Not
-            # result_async(): the engine's result_async() starts a new stream and waits forever
-            # once the first one has consumed the end.
-            items.put_nowait((index, await asyncio.to_thread(request.result), True))
+            items.put_nowait((index, await request.result_async(), True))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # surfaced by stream()
