@@ -376,18 +376,14 @@ async def soak(server, prompts, new_tokens, never_stop, seconds, clients=SOAK_CL
 # the runs
 
 
-def measure_levels(server, prompts, args, never_stop):
-    results = {}
-    asyncio.run(run_clients(server, [prompts[:1]], min(args.new_tokens, 8), never_stop))  # warm-up
-    for n in args.concurrency:
-        rss_before = server.rss()
-        records, wall = asyncio.run(run_clients(server, level_prompts(prompts, n, requests_per_client(n)),
-                                                args.new_tokens, never_stop))
-        results[n] = {**summarize(records, wall), "rss_before": rss_before, "rss_after": server.rss()}
-        r = results[n]
-        _log(f"{server.name} N={n}: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {_fmt_s(r['ttft_p50'])}, "
-             f"ITL p50 {_fmt_s(r['itl_p50'])}, failed {r['failed']}")
-    return results
+def measure_level(server, prompts, n, args, never_stop):
+    rss_before = server.rss()
+    records, wall = asyncio.run(run_clients(server, level_prompts(prompts, n, requests_per_client(n)),
+                                            args.new_tokens, never_stop))
+    r = {**summarize(records, wall), "rss_before": rss_before, "rss_after": server.rss()}
+    _log(f"{server.name} N={n}: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {_fmt_s(r['ttft_p50'])}, "
+         f"ITL p50 {_fmt_s(r['itl_p50'])}, failed {r['failed']}")
+    return r
 
 
 def measure_shared_prefix(server, requests, args, never_stop):
@@ -400,8 +396,8 @@ def measure_shared_prefix(server, requests, args, never_stop):
 
 
 def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
-    """tokens/s of pyxf.generate over the same chat requests in one batch (in this process, with no
-    server running)."""
+    """tokens/s of pyxf.generate over the same chat requests in one batch (in this process, after the
+    servers have stopped)."""
     import pyxf
 
     model = pyxf.load(model_dir, threads=threads)
@@ -438,20 +434,26 @@ def main(argv=None):
         "shared_prefix_tokens": prompt_tokens(tokenizer, shared[0][:1]),
         "pyxf_kv_cache_mb": PYXF_KV_CACHE_MB, "llama_cpp_version": _llama_cpp_version(), "pyxf_version": pyxf.__version__,
     }
-    results = {"levels": {}, "shared_prefix": {}, "offline": None, "soak": None}
-    with tempfile.TemporaryDirectory(prefix="pyxf-bench-serve-") as logdir:
-        for name in args.servers:
-            with running_server(name, files, args.threads, logdir) as server:
-                results["levels"][name] = measure_levels(server, prompts, args, never_stop)
-                if args.prefix_test:
-                    results["shared_prefix"][name] = measure_shared_prefix(server, shared, args, never_stop)
-                if name == "pyxf" and args.soak > 0:
-                    _log(f"soak: {SOAK_CLIENTS} clients for {args.soak:g} s")
-                    results["soak"] = asyncio.run(soak(server, prompts, args.new_tokens, never_stop, args.soak))
+    results = {"levels": {name: {} for name in args.servers}, "shared_prefix": {}, "offline": None, "soak": None}
+    with tempfile.TemporaryDirectory(prefix="pyxf-bench-serve-") as logdir, contextlib.ExitStack() as stack:
+        # All servers up at once, and each measurement taken on one right after the other: load from
+        # other work on the machine then falls on both alike. An idle server costs nothing.
+        servers = {name: stack.enter_context(running_server(name, files, args.threads, logdir))
+                   for name in args.servers}
         if "pyxf" in args.servers and args.prefix_test:
-            with running_server("pyxf", files, args.threads, logdir, prefix_cache=False) as server:
-                asyncio.run(run_clients(server, [prompts[:1]], 8, never_stop))  # warm-up
-                results["shared_prefix"]["pyxf-no-prefix-cache"] = measure_shared_prefix(server, shared, args, never_stop)
+            servers["pyxf-no-prefix-cache"] = stack.enter_context(
+                running_server("pyxf", files, args.threads, logdir, prefix_cache=False))
+        for server in servers.values():
+            asyncio.run(run_clients(server, [prompts[:1]], 8, never_stop))  # warm-up
+        for n in args.concurrency:
+            for name in args.servers:
+                results["levels"][name][n] = measure_level(servers[name], prompts, n, args, never_stop)
+        if args.prefix_test:
+            for name, server in servers.items():
+                results["shared_prefix"][name] = measure_shared_prefix(server, shared, args, never_stop)
+        if "pyxf" in args.servers and args.soak > 0:
+            _log(f"soak: {SOAK_CLIENTS} clients for {args.soak:g} s")
+            results["soak"] = asyncio.run(soak(servers["pyxf"], prompts, args.new_tokens, never_stop, args.soak))
     if "pyxf" in args.servers:
         _log(f"offline: pyxf.generate of {OFFLINE_REQUESTS} requests in one batch")
         offline_prompts = [m for client in level_prompts(prompts, OFFLINE_REQUESTS, 1) for m in client]

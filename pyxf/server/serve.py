@@ -28,6 +28,7 @@ def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=Non
     }
     engine_options["prefix_cache"] = prefix_cache
     api_key = api_key or os.environ.get("PYXF_API_KEY") or None
+    _sleep_idle_threads()
     registry = ModelRegistry.load(specs, engine_options=engine_options, threads=threads)
     app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
     _announce(registry, host, port, api_key)
@@ -39,6 +40,15 @@ def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=Non
     finally:
         registry.close(timeout=0)  # a no-op after the app's shutdown; needed if uvicorn failed to start
     return 0 if server.started else 1
+
+
+def _sleep_idle_threads():
+    """Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set already).
+    A server's engine shares the cores with its own event loop and detokenizer threads, and often
+    with other processes: spinning workers then take the CPU those need, and a worker that is not
+    scheduled stalls every parallel region. On 2 busy cores this made streaming 8-10x faster. Takes
+    effect only before the core is loaded (as `pyxf serve` does); later it changes nothing."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _announce(registry, host, port, api_key):
