@@ -131,6 +131,20 @@ def test_seeded_sampling_is_what_generate_gives(client, model):
     assert reply.choices[0].message.content != reply.choices[1].message.content
 
 
+def test_chat_stream_with_several_choices(client):
+    kwargs = dict(model=CHAT, messages=QUESTION, max_tokens=12, temperature=0.9, seed=7, n=3)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage == whole.usage
+
+
 def test_chat_logprobs(client, model):
     reply = client.chat.completions.create(
         model=CHAT, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3

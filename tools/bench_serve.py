@@ -61,12 +61,14 @@ SOAK_CLIENTS = 64
 SOAK_WARMUP_S = 60
 SOAK_SAMPLE_S = 10
 SECTION_TITLE = "## Serving"
+SOAK_TITLE = "### Serving soak"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
+                   help='comma-separated client counts ("" with --soak: the soak alone)')
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--no-prefix-test", dest="prefix_test", action="store_false",
@@ -79,7 +81,7 @@ def parse_args(argv):
                    help=f"replace (or add) the '{SECTION_TITLE}' section of this report")
     p.add_argument("--json", help="also write the raw results as JSON to this file")
     args = p.parse_args(argv)
-    args.concurrency = [int(n) for n in args.concurrency.split(",")]
+    args.concurrency = [int(n) for n in args.concurrency.split(",") if n]
     args.servers = [s for s in args.servers.split(",") if s]
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
@@ -460,13 +462,18 @@ def main(argv=None):
         results["offline"] = offline_batch(files[1], offline_prompts, args.new_tokens, args.threads, never_stop)
     loads.append(os.getloadavg()[0])
 
-    section = report_section(args, spec, results, machine_info(), started, loads)
-    print(section)
+    machine = machine_info()
+    sections = []
+    if args.concurrency or results["shared_prefix"]:
+        sections.append(report_section(args, spec, results, machine, started, loads))
+    if results["soak"]:
+        sections.append(soak_section(spec, results["soak"], machine, started, loads))
+    print("\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": spec, "results": results, "loadavg": loads}, indent=1))
     if args.output:
-        Path(args.output).write_text(section)
-    if args.update_report:
+        Path(args.output).write_text("\n".join(sections))
+    for section in sections if args.update_report else ():
         update_report(Path(args.update_report), section)
         _log(f"updated {args.update_report}")
     return 0
@@ -551,25 +558,37 @@ def report_section(args, spec, results, machine, started, loads):
         if "pyxf" in shared and "pyxf-no-prefix-cache" in shared and shared["pyxf"]["ttft_p50"]:
             ratio = shared["pyxf-no-prefix-cache"]["ttft_p50"] / shared["pyxf"]["ttft_p50"]
             lines += [f"Prefix cache: TTFT p50 {ratio:.1f}x lower with it than without (target: >= 5x).", ""]
-    s = results["soak"]
-    if s:
-        lines += [
-            f"Soak: {s['clients']} clients for {s['seconds']:.0f} s against pyxf serve: {s['requests']} requests, "
-            f"{s['failed']} failed or lost, {s['tokens_per_s']:.1f} output tokens/s, TTFT p50 {_fmt_s(s['ttft_p50'])} / "
-            f"p99 {_fmt_s(s['ttft_p99'])}; RSS {_mib(s['rss_after_warmup'])} MiB after {SOAK_WARMUP_S} s of warm-up, "
-            f"{_mib(s['rss_end'])} MiB at the end ({s['rss_growth'] * 100:+.1f}%, target <= 5%), peak "
-            f"{_mib(s['rss_max'])} MiB.",
-            "",
-        ]
     errors = [f"- {LABELS[name]} N={n}: {'; '.join(r['errors'])}" for name, levels in results["levels"].items()
               for n, r in levels.items() if r["errors"]]
     if errors:
         lines += ["Errors:", "", *errors, ""]
-    busy = max(loads) > 0.5 * machine["logical_cpus"]
-    lines += [f"Load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"
-              + (" (other work was running on the machine: the numbers are noisier and lower than on an idle one)."
-                 if busy else "."), ""]
+    lines += _load_lines(loads, machine)[1:]
     return "\n".join(lines)
+
+
+def soak_section(spec, soak, machine, started, loads):
+    s = soak
+    return "\n".join([
+        SOAK_TITLE,
+        "",
+        f"`tools/bench_serve.py --soak {s['seconds']:g}` on {started:%Y-%m-%d %H:%M} UTC ({spec['pyxf_revision']}), "
+        f"{machine['cpu']}: {s['clients']} streaming chat clients against pyxf serve (the setup above, "
+        f"{spec['new_tokens']} new tokens per request), each sending its next request as soon as one ends.",
+        "",
+        f"- {s['requests']} requests, {s['failed']} failed or lost; {s['tokens_per_s']:.1f} output tokens/s; "
+        f"TTFT p50 {_fmt_s(s['ttft_p50'])}, p99 {_fmt_s(s['ttft_p99'])}; ITL p50 {_fmt_s(s['itl_p50'])}, "
+        f"p99 {_fmt_s(s['itl_p99'])}.",
+        f"- RSS {_mib(s['rss_after_warmup'])} MiB after {SOAK_WARMUP_S} s of warm-up, {_mib(s['rss_end'])} MiB at the "
+        f"end: {s['rss_growth'] * 100:+.1f}% (target <= 5%); peak {_mib(s['rss_max'])} MiB.",
+        *_load_lines(loads, machine),
+    ])
+
+
+def _load_lines(loads, machine):
+    busy = max(loads) > 0.5 * machine["logical_cpus"]
+    return ["", f"Load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"
+            + (" (other work was running on the machine: the numbers are noisier and lower than on an idle one)."
+               if busy else "."), ""]
 
 
 def _targets(results):
@@ -593,13 +612,21 @@ def _targets(results):
 
 
 def update_report(path, section):
-    """Replaces the report's serving section (up to the next '## ' heading), or adds it before
-    '## Machine' (else at the end)."""
-    text = path.read_text() if path.is_file() else ""
-    lines = text.splitlines()
-    if SECTION_TITLE in lines:
-        start = lines.index(SECTION_TITLE)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    """Puts `section` into the report: in place of the text under its heading (up to the next
+    heading); else the soak subsection at the end of the serving section, and the serving section
+    before '## Machine' (else at the end)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    title = section.splitlines()[0]
+
+    def section_end(start, level):
+        return next((i for i in range(start + 1, len(lines))
+                     if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+
+    if title in lines:  # its own text only: a later subsection (the soak's) stays
+        start = lines.index(title)
+        end = section_end(start, 6)
+    elif title != SECTION_TITLE and SECTION_TITLE in lines:
+        start = end = section_end(lines.index(SECTION_TITLE), 2)
     else:
         start = end = lines.index("## Machine") if "## Machine" in lines else len(lines)
     lines[start:end] = section.rstrip("\n").splitlines() + [""]
