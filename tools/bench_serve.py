@@ -468,7 +468,7 @@ def main(argv=None):
         if "pyxf" in args.servers and args.soak > 0:
             _log(f"soak: {SOAK_CLIENTS} clients for {args.soak:g} s")
             results["soak"] = asyncio.run(soak(servers["pyxf"], prompts, args.new_tokens, never_stop, args.soak))
-    if "pyxf" in args.servers:
+    if "pyxf" in args.servers and OFFLINE_REQUESTS in args.concurrency:  # the 16-client level's reference
         _log(f"offline: pyxf.generate of {OFFLINE_REQUESTS} requests in one batch")
         offline_prompts = [m for client in level_prompts(prompts, OFFLINE_REQUESTS, 1) for m in client]
         results["offline"] = offline_batch(files[1], offline_prompts, args.new_tokens, args.threads, never_stop)
