@@ -520,7 +520,8 @@ py::dict info() {
   py::list isas;
   for (int i = 0; i < n; ++i) isas.append(names[i]);
   return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
-                  "num_threads"_a = num_threads(), "compiler"_a = PYXF_COMPILER,
+                  "quant_gemv"_a = kernels::quant_gemv_name(), "num_threads"_a = num_threads(),
+                  "compiler"_a = PYXF_COMPILER,
                   "build_flags"_a = PYXF_BUILD_FLAGS);
 }
 
@@ -997,6 +998,12 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error("ISA '" + name + "' is unknown or not supported by this CPU");
     }
   });
+  m.def("set_quant_gemv", [](const std::string& name) {
+    if (!kernels::set_quant_gemv(name.c_str())) {
+      throw py::value_error("unknown quantized GEMV variant '" + name + "' (rows, stream)");
+    }
+  }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream' (AMD's default) or 'rows'.");
+  m.def("get_quant_gemv", [] { return std::string(kernels::quant_gemv_name()); });
   m.def("set_num_threads", [](int n) {
     if (n <= 0) throw py::value_error("number of threads must be positive");
     set_num_threads(n);

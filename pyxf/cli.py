@@ -80,7 +80,13 @@ def _parser():
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)
 
-    info = commands.add_parser("info", help="print build and CPU information as JSON")
+    info = commands.add_parser(
+        "info", help="print build and CPU information as JSON (with --model: how its weights are stored)"
+    )
+    info.add_argument(
+        "--model", metavar="DIR",
+        help="also describe this converted model: tensors and bytes per format, weight bytes per decode step",
+    )
     info.set_defaults(run=_info)
     return parser
 
@@ -199,4 +205,9 @@ def _serve(args):
 
 
 def _info(args):
-    print(json.dumps(pyxf.info(), indent=2))
+    info = pyxf.info()
+    if args.model:
+        from pyxf.model import describe_model
+
+        info["model"] = describe_model(args.model)
+    print(json.dumps(info, indent=2))

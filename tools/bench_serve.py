@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))  # run from a source checkout
 sys.path.insert(0, str(HERE))
 
 import bench_quant  # noqa: E402
-from bench import PREFILL_TEXT, git_revision, machine_info, tilde  # noqa: E402
+from bench import PREFILL_TEXT, REPORT_HEAD, git_revision, machine_info, tilde  # noqa: E402
 
 SERVERS = ("pyxf", "llama.cpp")
 CONCURRENCY = (1, 4, 16, 64)
@@ -60,8 +60,8 @@ REQUEST_TIMEOUT_S = 1800
 SOAK_CLIENTS = 64
 SOAK_WARMUP_S = 60
 SOAK_SAMPLE_S = 10
-SECTION_TITLE = "## Serving"
-SOAK_TITLE = "### Serving soak"
+SECTION_TITLE = "### Serving"  # inside BENCHMARKS.md's section of this machine's CPU ("## <CPU>")
+SOAK_TITLE = "#### Serving soak"
 
 
 def parse_args(argv):
@@ -486,7 +486,7 @@ def main(argv=None):
     if args.output:
         Path(args.output).write_text("\n".join(sections))
     for section in sections if args.update_report else ():
-        update_report(Path(args.update_report), section)
+        update_report(Path(args.update_report), section, machine["cpu_title"])
         _log(f"updated {args.update_report}")
     return 0
 
@@ -636,24 +636,34 @@ def _targets(results):
     return [*lines, ""]
 
 
-def update_report(path, section):
-    """Puts `section` into the report: in place of the text under its heading (up to the next
-    heading); else the soak subsection at the end of the serving section, and the serving section
-    before '## Machine' (else at the end)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    title = section.splitlines()[0]
+def update_report(path, section, cpu_title):
+    """Puts `section` into BENCHMARKS.md's section of this CPU ("## <cpu_title>", made if missing):
+    in place of the text under its heading (up to the next heading); else the soak subsection at the
+    end of the serving subsection, and the serving subsection before that CPU's "### Machine"."""
+    lines = path.read_text().splitlines() if path.is_file() else REPORT_HEAD.splitlines()
+    cpu_heading = f"## {cpu_title}"
+    if cpu_heading not in lines:
+        lines += ["", cpu_heading, ""]
+    cpu_start = lines.index(cpu_heading)
+    cpu_end = next((i for i in range(cpu_start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+
+    def find(title):
+        return next((i for i in range(cpu_start, cpu_end) if lines[i] == title), None)
 
     def section_end(start, level):
-        return next((i for i in range(start + 1, len(lines))
-                     if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+        """The next heading of `level` or higher (fewer #) after start, within the CPU's section."""
+        return next((i for i in range(start + 1, cpu_end)
+                     if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), cpu_end)
 
-    if title in lines:  # its own text only: a later subsection (the soak's) stays
-        start = lines.index(title)
+    title = section.splitlines()[0]
+    if find(title) is not None:  # its own text only: a later subsection (the soak's) stays
+        start = find(title)
         end = section_end(start, 6)
-    elif title != SECTION_TITLE and SECTION_TITLE in lines:
-        start = end = section_end(lines.index(SECTION_TITLE), 2)
+    elif title != SECTION_TITLE and find(SECTION_TITLE) is not None:
+        start = end = section_end(find(SECTION_TITLE), 3)
     else:
-        start = end = lines.index("## Machine") if "## Machine" in lines else len(lines)
+        machine = find("### Machine")
+        start = end = machine if machine is not None else cpu_end
     lines[start:end] = section.rstrip("\n").splitlines() + [""]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
