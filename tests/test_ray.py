@@ -8,6 +8,7 @@ Slow (a cluster start, model loads in every actor): run with --run-slow (CI does
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 
@@ -16,6 +17,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+# Set before Ray is imported, which reads it once: this driver addresses the nodes on 127.0.0.1 as they
+# do each other (see ray_cluster.local_cluster).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
 pytest.importorskip("ray.data")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
@@ -295,17 +299,26 @@ class TestServe:
                 time.sleep(1)
 
 
+def wait_for_log(path, text, timeout):
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged in {timeout} s:\n{path.read_text()}"
+        time.sleep(0.5)
+
+
 def test_pyxf_serve_ray_joins_the_cluster(cluster, chat_model, tmp_path):
     """`pyxf serve --ray --replicas 2` on the running cluster: answers, and SIGTERM stops its app (exit 0)."""
     with time_limit(400):
         server = Server(["--ray", "--ray-address", cluster.address, "--replicas", "2", "--threads", "1",
                          f"{CHAT}={chat_model.path}"], log_path=tmp_path / "serve.log")
         try:
+            wait_for_log(tmp_path / "serve.log", "OpenAI-compatible API at", 300)
             client = server.openai(timeout=120)
             reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Say hi"}],
                                                    max_tokens=8, temperature=0)
             assert reply.choices[0].message.content == chat_reference(chat_model, ["Say hi"], 8)[0]
             assert len(replica_names()) == 2
         finally:
-            assert server.stop() == 0, server.log_text()
+            returncode = server.stop()
+        assert returncode == 0, (tmp_path / "serve.log").read_text()
         assert "pyxf" not in serve.status().applications

@@ -10,7 +10,7 @@ removes replicas to keep the ongoing requests per replica near a target.
 import os
 import signal
 import sys
-import threading
+import time
 
 import ray
 from ray import serve
@@ -103,36 +103,46 @@ def build_app(args):
 
 def serve_on_ray(models=(), *, address=None, host="127.0.0.1", port=8000, **app_options):
     """`pyxf serve --ray`: deploys serve_app(models, **app_options) with Serve's HTTP proxy on
-    host:port and waits for SIGTERM or Ctrl-C. address: a Ray cluster to join (default: $RAY_ADDRESS,
-    else a Ray started here for this server, stopped at the end). Returns 0."""
-    own_ray = address is None and not _ray_address_set()
-    ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    host:port and waits for SIGTERM or Ctrl-C (also while the replicas start), then deletes the app.
+    address: a Ray cluster to join (default: $RAY_ADDRESS, else a Ray started here for this server,
+    stopped at the end). Returns 0."""
+    own_ray = address is None and not os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    previous = _raise_stop_on_signals()  # after ray.init, whose own handlers would end the process at once
     try:
         serve.start(http_options={"host": host, "port": port})
-        print(f"pyxf: starting replicas on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)",
-              file=sys.stderr, flush=True)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        print(f"pyxf: starting the replicas on Ray ({cpus:g} CPUs in the cluster)", file=sys.stderr, flush=True)
         serve.run(serve_app(models, **app_options), name=APP_NAME, route_prefix="/", blocking=False)
         announce_url(host, port, resolve_api_key(app_options.get("api_key")))
-        _wait_for_signal()
+        while True:
+            time.sleep(3600)
+    except _Stop:
         print("pyxf: stopping the replicas", file=sys.stderr, flush=True)
-        serve.delete(APP_NAME)
-        if own_ray:
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-    return 0
-
-
-def _ray_address_set():
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
-def _wait_for_signal():
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(1.0):
-            pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _stop_serving(own_ray)
+    return 0
+
+
+def _stop_serving(own_ray):
+    """Deletes the app (its replicas finish their requests first); a Ray started here stops too."""
+    if own_ray:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)
+    ray.shutdown()
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+def _raise_stop_on_signals():
+    """SIGTERM and SIGINT raise _Stop in the main thread, whatever it waits for (also while the
+    replicas start); returns the handlers they replace."""
+    def stop(*_):
+        raise _Stop()
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
