@@ -432,8 +432,13 @@ class PyEngine {
   int64_t submit(py::handle prompt, int max_new_tokens, float temperature, int top_k, float top_p,
                  float repetition_penalty, float presence_penalty, float frequency_penalty,
                  std::vector<std::pair<int, float>> logit_bias, uint64_t seed, std::vector<int> stop_ids,
-                 int top_logprobs) {
+                 int top_logprobs, py::object first_mask, int draft_tokens) {
     Request r;
+    r.draft_tokens = draft_tokens;
+    if (!first_mask.is_none()) {
+      r.constrained = true;
+      r.first_mask = mask_words(first_mask.cast<py::bytes>());
+    }
     r.prompt = model_->tokens(prompt);
     r.max_new_tokens = max_new_tokens;
     r.sampling = {temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty,
@@ -466,10 +471,19 @@ class PyEngine {
                     "kv_block_tokens"_a = s.page_tokens, "prefix_cache_queried_tokens"_a = s.prefix_queried_tokens,
                     "prefix_cache_hit_tokens"_a = s.prefix_hit_tokens, "prompt_tokens_total"_a = s.prompt_tokens,
                     "generated_tokens_total"_a = s.generated_tokens, "requests_finished_total"_a = s.finished,
-                    "steps_total"_a = s.steps);
+                    "steps_total"_a = s.steps, "draft_tokens_proposed_total"_a = s.draft_proposed,
+                    "draft_tokens_accepted_total"_a = s.draft_accepted);
   }
 
   Engine& engine() { return engine_; }
+
+  // A token bitmask from Python bytes: little-endian 32-bit words (llguidance's layout).
+  static std::vector<uint32_t> mask_words(const py::bytes& b) {
+    const std::string_view bytes = b;
+    std::vector<uint32_t> words(bytes.size() / 4);
+    std::memcpy(words.data(), bytes.data(), words.size() * 4);
+    return words;
+  }
 
  private:
   std::shared_ptr<PyModel> model_;
@@ -483,8 +497,11 @@ void bind_engine(py::module_& m) {
            "kv_cache_mb"_a, "prefill_chunk"_a, "max_queue"_a, "context_length"_a, "prefix_cache"_a)
       .def("submit", &PyEngine::submit, "prompt"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a,
            "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "logit_bias"_a, "seed"_a,
-           "stop_ids"_a, "top_logprobs"_a)
+           "stop_ids"_a, "top_logprobs"_a, "first_mask"_a = py::none(), "draft_tokens"_a = 0)
       .def("cancel", [](PyEngine& e, int64_t id) { e.engine().cancel(id); }, "request"_a)
+      .def("set_mask", [](PyEngine& e, int64_t id, int index, const py::bytes& mask) {
+        e.engine().set_mask(id, index, PyEngine::mask_words(mask));
+      }, "request"_a, "index"_a, "mask"_a)
       .def("poll", &PyEngine::poll, "timeout_ms"_a)
       .def_property_readonly("drained", [](PyEngine& e) { return e.engine().drained(); })
       .def("close", [](PyEngine& e, bool cancel) { e.engine().close(cancel); }, "cancel_running"_a = false)
@@ -503,7 +520,8 @@ py::dict info() {
   py::list isas;
   for (int i = 0; i < n; ++i) isas.append(names[i]);
   return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
-                  "num_threads"_a = num_threads(), "compiler"_a = PYXF_COMPILER,
+                  "quant_gemv"_a = kernels::quant_gemv_name(), "num_threads"_a = num_threads(),
+                  "compiler"_a = PYXF_COMPILER,
                   "build_flags"_a = PYXF_BUILD_FLAGS);
 }
 
@@ -980,6 +998,12 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error("ISA '" + name + "' is unknown or not supported by this CPU");
     }
   });
+  m.def("set_quant_gemv", [](const std::string& name) {
+    if (!kernels::set_quant_gemv(name.c_str())) {
+      throw py::value_error("unknown quantized GEMV variant '" + name + "' (rows, stream)");
+    }
+  }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream' (AMD's default) or 'rows'.");
+  m.def("get_quant_gemv", [] { return std::string(kernels::quant_gemv_name()); });
   m.def("set_num_threads", [](int n) {
     if (n <= 0) throw py::value_error("number of threads must be positive");
     set_num_threads(n);

@@ -91,7 +91,13 @@ def _parser():
                      "for this server)")
     serve.set_defaults(run=_serve)
 
-    info = commands.add_parser("info", help="print build and CPU information as JSON")
+    info = commands.add_parser(
+        "info", help="print build and CPU information as JSON (with --model: how its weights are stored)"
+    )
+    info.add_argument(
+        "--model", metavar="DIR",
+        help="also describe this converted model: tensors and bytes per format, weight bytes per decode step",
+    )
     info.set_defaults(run=_info)
     return parser
 
@@ -232,4 +238,9 @@ def _serve_on_ray(args, options):
 
 
 def _info(args):
-    print(json.dumps(pyxf.info(), indent=2))
+    info = pyxf.info()
+    if args.model:
+        from pyxf.model import describe_model
+
+        info["model"] = describe_model(args.model)
+    print(json.dumps(info, indent=2))

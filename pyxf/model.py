@@ -36,13 +36,13 @@ BOOL_FIELDS = ("gated_ffn", "tie_word_embeddings")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=False):
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True):
     """Loads a converted model directory; with no path, the default model (downloaded on first use).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
-    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's linear weights in memory
-    at load, as `pyxf convert --quantize` would (quantize_embeddings: embed.weight too).
+    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's weights in memory at load,
+    the tensors `pyxf convert --quantize` would (quantize_embeddings=False: embed.weight stays float).
     """
     if path is None:
         from pyxf.hub import default_model_path
@@ -53,7 +53,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if config.get("architecture") == "encoder-decoder":
         from pyxf.seq2seq import load_seq2seq
 
-        if quantize is not None or quantize_embeddings:
+        if quantize is not None:
             raise ValueError("quantize= is not supported for encoder-decoder models yet")
         return load_seq2seq(path, config, threads=threads)
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
@@ -69,8 +69,6 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     weights = check_weights(config, read_safetensors(weights_path))
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
-    elif quantize_embeddings:
-        raise ValueError("quantize_embeddings needs a quantization format (quantize=...)")
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = dict(config)
@@ -177,29 +175,87 @@ def quantized_layout(config):
     return layout
 
 
-def quantize_weights(config, weights, fmt, embeddings=False):
-    """Quantizes a float model's eligible weights in memory (see pyxf.quant.quantizable); returns
-    the config with its "quantization" entry and the new {name: array} (the float arrays of the
-    quantized tensors are no longer referenced)."""
+def has_tied_head(config):
+    """Whether embed.weight is also the output projection (a decoder with tied embeddings)."""
+    return config.get("architecture", "decoder") == "decoder" and bool(config.get("tie_word_embeddings"))
+
+
+def quantize_weights(config, weights, fmt, embeddings=True):
+    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would
+    (pyxf.quant.planned_format); returns the config with its "quantization" entry and the new
+    {name: array} (the float arrays of the quantized tensors are no longer referenced)."""
     quant.check_format(fmt)
     if config.get("quantization"):
         raise ValueError(
             f"this model is already quantized ({config['quantization'].get('method')}); "
             "quantize= applies to models stored as floats"
         )
-    weights, formats = dict(weights), {}
+    weights, formats, tied = dict(weights), {}, has_tied_head(config)
     for name, array in list(weights.items()):
-        if not quant.quantizable(name, array.shape, embeddings):
+        target = quant.planned_format(name, array.shape, fmt, tied, embeddings)
+        if target is None:
             continue
         floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize(floats, fmt)
+        data, scales = quant.quantize(floats, target)
         weights[name] = data
         if scales is not None:
             weights[quant.scale_name(name)] = scales
-        formats[name] = fmt
+        formats[name] = target
     config = dict(config)
     config["quantization"] = {"method": fmt, "tensors": formats}
     return config, weights
+
+
+def weight_summary(config, weights):
+    """How a model's weights are stored: {"formats": {format: {"tensors": n, "bytes": b}},
+    "decode_bytes": b}. Formats are the quantized ones of config.json's "quantization" (an int8
+    tensor's scales count with it) and config["dtype"] for every other tensor. decode_bytes: the
+    weight bytes one decode step reads (every tensor in full, except that an embedding which is not
+    also the head and learned positions contribute one row each); None for other than decoder-only
+    models."""
+    quantized = (config.get("quantization") or {}).get("tensors") or {}
+    scale_of = {quant.scale_name(name): name for name, fmt in quantized.items() if fmt == "int8"}
+    one_row = {"pos_embed.weight", "token_type_embed.weight"}
+    if not has_tied_head(config):
+        one_row.add("embed.weight")
+    formats, decode_bytes = {}, 0
+    for name, array in weights.items():
+        owner = scale_of.get(name, name)
+        fmt = quantized.get(owner, config["dtype"])
+        entry = formats.setdefault(fmt, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += owner == name
+        entry["bytes"] += array.nbytes
+        decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
+    if config.get("architecture", "decoder") != "decoder":
+        decode_bytes = None  # encoders run whole sequences; encoder-decoder steps read the decoder only
+    ordered = dict(sorted(formats.items(), key=lambda item: -item[1]["bytes"]))
+    return {"formats": ordered, "decode_bytes": decode_bytes}
+
+
+def describe_model(model_dir):
+    """A converted model directory's family and weight_summary, read from its files (no loading)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weights_path = model_dir / "model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    summary = weight_summary(config, read_safetensors(weights_path))
+    return {"path": str(model_dir), "family": config["family"], "architecture": config.get("architecture", "decoder"),
+            **summary, "description": describe_weights(summary)}
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def describe_weights(summary):
+    """One line for weight_summary's result: 'q4_1 210 tensors 55.3 MiB, ...; decode reads 92.1 MiB/token'."""
+    parts = [f"{fmt} {e['tensors']} tensor{'s' * (e['tensors'] != 1)} {_mib(e['bytes'])}"
+             for fmt, e in summary["formats"].items()]
+    text = ", ".join(parts)
+    if summary["decode_bytes"] is not None:
+        text += f"; decode reads {_mib(summary['decode_bytes'])}/token"
+    return text
 
 
 def _check_encoder_config(config, config_path):
@@ -386,10 +442,14 @@ class Model:
         c = self.config
         return (
             f"pyxf.Model({str(self.path)!r}, family={c['family']}, layers={c['num_layers']}, "
-            f"hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']}, "
-            + (f"quantization={c['quantization']['method']}, " if c.get("quantization") else "")
-            + f"context_length={self.context_length})"
+            f"hidden={c['hidden_size']}, vocab={self.vocab_size}, weights: {describe_weights(self.weight_summary())}, "
+            f"context_length={self.context_length})"
         )
+
+    def weight_summary(self):
+        """Tensors and bytes per storage format, and the weight bytes one decode step reads (see
+        pyxf.model.weight_summary)."""
+        return weight_summary(self.config, self._weights)
 
     def encode(self, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
                truncate=True, progress=False):

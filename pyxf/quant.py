@@ -24,6 +24,7 @@ __all__ = [
     "BLOCK",
     "FORMATS",
     "dequantize",
+    "planned_format",
     "quantizable",
     "quantize",
     "row_bytes",
@@ -35,7 +36,7 @@ FORMATS = ("int8", "q8_0", "q4_0", "q4_1")
 BLOCK = 32
 _BLOCK_BYTES = {"q8_0": 2 + 32, "q4_0": 2 + 16, "q4_1": 4 + 16}
 
-# The linear layers the core runs quantized (besides embed.weight, quantized only on request).
+# The linear layers the core runs quantized (besides embed.weight).
 _LINEAR = re.compile(r"^(layers\.\d+\.(attn\.qkv|attn\.out|ffn\.gate_up|ffn\.up|ffn\.down)|lm_head)\.weight$")
 
 # Rows are quantized this many at a time, bounding the temporaries of a large embedding.
@@ -67,12 +68,31 @@ def scale_name(name: str) -> str:
 
 
 def quantizable(name: str, shape, embeddings: bool = False) -> bool:
-    """Whether a pyxf tensor is quantized by --quantize: the layers' linear weights (qkv, attn.out,
-    gate_up/up, down) and an untied lm_head; embed.weight only with `embeddings`. Rows whose length
-    is not a multiple of 32 stay float."""
+    """Whether a pyxf tensor can be stored quantized: the layers' linear weights (qkv, attn.out,
+    gate_up/up, down) and lm_head; embed.weight when `embeddings`. Rows whose length is not a
+    multiple of 32 stay float, as do norms, biases and other 1-D tensors."""
     if not (_LINEAR.match(name) or (embeddings and name == "embed.weight")):
         return False
     return len(shape) == 2 and shape[1] % BLOCK == 0 and shape[1] > 0
+
+
+# The output projection's format for `--quantize F` where llama.cpp's quantizer gives it more bits
+# than F: the head (lm_head, or the embedding when it is the tied head) of a 4-bit model stays at 8
+# bits (llama.cpp: Q6_K when its rows are a multiple of 256, else Q8_0; pyxf has no Q6_K yet).
+HEAD_FORMATS = {"q4_0": "q8_0", "q4_1": "q8_0"}
+
+
+def planned_format(name: str, shape, fmt: str, tied_head: bool, embeddings: bool = True) -> str | None:
+    """The format `--quantize fmt` stores a pyxf tensor in, or None (it stays float): the tensors
+    llama.cpp's quantizer quantizes (every linear weight, the token embedding and the output
+    projection; not norms, biases, position embeddings or other small tensors), the head in
+    HEAD_FORMATS' format. `tied_head`: embed.weight is also the head; `embeddings=False` keeps
+    embed.weight (and so a tied head) float."""
+    check_format(fmt)
+    if not quantizable(name, shape, embeddings):
+        return None
+    is_head = name == "lm_head.weight" or (tied_head and name == "embed.weight")
+    return HEAD_FORMATS.get(fmt, fmt) if is_head else fmt
 
 
 # ---------------------------------------------------------------------------------------------

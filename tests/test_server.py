@@ -131,6 +131,20 @@ def test_seeded_sampling_is_what_generate_gives(client, model):
     assert reply.choices[0].message.content != reply.choices[1].message.content
 
 
+def test_chat_stream_with_several_choices(client):
+    kwargs = dict(model=CHAT, messages=QUESTION, max_tokens=12, temperature=0.9, seed=7, n=3)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage == whole.usage
+
+
 def test_chat_logprobs(client, model):
     reply = client.chat.completions.create(
         model=CHAT, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
@@ -178,6 +192,50 @@ def test_completions_stream_and_logprobs(client, model):
     assert "".join(lp.tokens) == reply.choices[0].text
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
     assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_structured_output_follows_the_schema(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=CHAT, messages=QUESTION, max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+def test_tool_calls_plain_and_streamed(client):
+    kwargs = dict(model=CHAT, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice="required",
+                  max_tokens=48, temperature=0)
+    reply = client.chat.completions.create(**kwargs)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # Streamed: the calls come in one delta before the finish, as the openai client assembles them.
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].index == 0
+    assert deltas[0][0].function.name == call.function.name and deltas[0][0].function.arguments == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The conversation goes on with the call and its result.
+    followup = WEATHER_QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "clear"}'},
+    ]
+    answer = client.chat.completions.create(model=CHAT, messages=followup, tools=[WEATHER_TOOL], max_tokens=32,
+                                            temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +381,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT_BODY, "stop": 7}, 400, "invalid_value", "stop"),
     ("/v1/chat/completions", {**CHAT_BODY, "logit_bias": {"abc": 1}}, 400, "invalid_value", "logit_bias"),
     ("/v1/chat/completions", {**CHAT_BODY, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "unsupported_parameter", "tools"),
+    ("/v1/chat/completions", {**CHAT_BODY, "functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function"}]}, 400, "invalid_value", "tools"),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "invalid_value",
+     "tool_choice"),
+    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "xml"}}, 400, "invalid_value",
+     "response_format"),
     ("/v1/chat/completions", {**CHAT_BODY, "max_tokens": 100000}, 400, "context_length_exceeded", "messages"),
     ("/v1/chat/completions", {**CHAT_BODY, "model": EMBED}, 400, "wrong_model_kind", "model"),
     ("/v1/completions", {"model": CHAT, "prompt": []}, 400, "invalid_value", "prompt"),

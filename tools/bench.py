@@ -56,8 +56,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))  # run from a source checkout
 sys.path.insert(0, str(HERE))
+
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()
 
 import bench_peers  # noqa: E402
 import bench_quant  # noqa: E402
@@ -110,8 +113,8 @@ WORKER_TIMEOUT_S = 1800
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model-dir", help="converted pyxf model directory (default: the default model, "
-                   "SmolLM2-135M-Instruct, converted on first use)")
+    p.add_argument("--model-dir", help="converted float32 pyxf model directory (default: the default model, "
+                   "SmolLM2-135M-Instruct, dequantized to float32 on first use)")
     p.add_argument("--gguf", help="the GGUF file the model was converted from, for the peers (default: the "
                    "default model's GGUF in pyxf's cache, or config.json's source path)")
     p.add_argument("--threads", type=int, default=2)
@@ -177,7 +180,8 @@ def resolve_model(args):
     from pyxf import hub
     from pyxf.model import read_config
 
-    model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.default_model_path()
+    # The float32 engines' model: the default model's weights dequantized (pyxf convert --dequantize).
+    model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.float32_model_path()
     config = read_config(model_dir)
     gguf = Path(args.gguf).expanduser() if args.gguf else None
     if gguf is None:
@@ -247,17 +251,35 @@ def git_revision():
         return None
 
 
+def amd_core_name(family, model):
+    """AMD's core generation from cpuid's family and model (virtual machines often report a bare
+    "AMD EPYC" model name, which says nothing of it)."""
+    if family == 26:
+        return "Zen 5"
+    if family == 25:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    if family == 23:
+        return "Zen 2" if model >= 0x30 else "Zen"
+    return None
+
+
 def machine_info():
-    cpu, flags = None, set()
+    cpu, flags, fields = None, set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu is None:
+            key = key.strip()
+            if key == "model name" and cpu is None:
                 cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
+            elif key == "flags" and not flags:
                 flags = set(value.split())
+            elif key in ("vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
+    core = None
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family", "").isdigit():
+        core = amd_core_name(int(fields["cpu family"]), int(fields.get("model", "0")))
     try:
         mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal:"))
@@ -267,8 +289,10 @@ def machine_info():
     from pyxf.threads import physical_core_count
 
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    cpu = cpu or platform.processor() or platform.machine()
     return {
-        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu": cpu,
+        "cpu_title": f"{cpu} ({core})" if core and core not in cpu else cpu,
         "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "physical_cores": physical_core_count(),
         "memory": memory,
@@ -563,17 +587,17 @@ def report(args, spec, machine, records, started, loads, plot_name):
                 for e in engines if records[e]["details"] and records[e]["status"] != "not installed"]
 
     lines = [
-        "# Benchmarks",
+        f"# {machine['cpu_title']}",
         "",
-        f"pyxf beside its peers on one machine, written by `tools/bench.py` on {started:%Y-%m-%d %H:%M} UTC:",
+        f"pyxf beside its peers on this CPU, written by `tools/bench.py` on {started:%Y-%m-%d %H:%M} UTC:",
         "",
         "```",
         command,
         "```",
         "",
-        *([f"Model: SmolLM2-135M-Instruct (`{tilde(spec['model_dir'])}`), every engine computing in float32 from "
-           f"the same weights (the Q4_1 GGUF dequantized: by pyxf's converter into its model file, by the peers at "
-           f"load).", ""] if spec.get("model_dir") else []),
+        *([f"Model: SmolLM2-135M-Instruct (`{tilde(spec['model_dir'])}`), every engine of the first table computing "
+           f"in float32 from the same weights (the Q4_1 GGUF dequantized: by pyxf's converter into its model file, "
+           f"`--dequantize`, by the peers at load).", ""] if spec.get("model_dir") else []),
         *([f"Encoder (the encode workload): `{tilde(spec['encode_hf_dir'])}` in float32 in every engine (pyxf: "
            f"converted to `{tilde(spec['encode_model_dir'])}`).", ""] if "encode" in spec["workloads"] else []),
         f"Threads: {spec['threads']} for every engine. Median of {spec['repeat']} run(s) after a warm-up.",
@@ -698,13 +722,13 @@ def main(argv=None):
                                                "loadavg": loads}, indent=1))
     if args.output:
         output = Path(args.output)
-        plot = output.with_suffix(".png")
+        plot = output.with_name(f"{output.stem}-{slug(machine['cpu_title'])}.png")
         plot_name = plot.name if write_plot(plot, args.engines, records, spec) else None
         text = report(args, spec, machine, records, started, loads, plot_name)
         for section in (translation, serving):
             if section:
                 text = text.replace("## Machine\n", section + "\n## Machine\n", 1)
-        output.write_text(text)
+        output.write_text(merge_cpu_section(output.read_text() if output.is_file() else "", demote(text)))
         print(f"bench: wrote {output}" + (f" and {plot}" if plot_name else " (no matplotlib: no plot)"), file=sys.stderr)
     else:
         print(details_table(args.engines, records, spec))
@@ -712,6 +736,41 @@ def main(argv=None):
             if section:
                 print(section)
     return 0
+
+
+def slug(text):
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def demote(markdown):
+    """Every heading one level deeper: a machine's report becomes one section of BENCHMARKS.md."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines()) + "\n"
+
+
+REPORT_HEAD = """# Benchmarks
+
+pyxf beside its peers, one section per CPU kind it was measured on: `python tools/bench.py` writes (or
+replaces) the section of the CPU it runs on and keeps the others. Speeds depend on the CPU far more than
+on anything else, so compare pyxf with its peers within a section, not across sections.
+"""
+
+
+def merge_cpu_section(existing, section):
+    """BENCHMARKS.md with `section` (a "## CPU" section) in place of the one of the same CPU, or
+    appended; the other CPUs' sections are kept as they are."""
+    title = section.splitlines()[0]
+    parts, current = [], None
+    for line in existing.splitlines(keepends=True):
+        if line.startswith("## "):
+            current = [line]
+            parts.append(current)
+        elif current is not None:
+            current.append(line)
+    sections = ["".join(p).rstrip("\n") + "\n" for p in parts]
+    replaced = [section if s.splitlines()[0] == title else s for s in sections]
+    if section not in replaced:
+        replaced.append(section)
+    return REPORT_HEAD + "\n" + "\n".join(replaced)
 
 
 def run_translation(args):
@@ -749,7 +808,8 @@ def run_serving(args):
         if proc.returncode != 0 or not out.is_file():
             print(f"bench: serve failed: {proc.stderr[-3000:]}", file=sys.stderr)
             return None
-        return out.read_text()
+        # One heading level up: the report is demoted as a whole into its CPU's section.
+        return "\n".join(line[1:] if line.startswith("##") else line for line in out.read_text().splitlines()) + "\n"
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ Every engine starts from the same numbers: SmolLM2-135M-Instruct's Q4_1 GGUF, de
                   same files are written with pyxf.quant, bit-exact with llama.cpp's reference
                   quantizers
     Q4_1          the original file
-    pyxf q8_0/q4_0/q4_1   those GGUF files converted with --keep-quantized: the same blocks
-    pyxf int8     --quantize int8 --quantize-embeddings (per-row int8, no GGUF equivalent)
+    pyxf q8_0/q4_0/q4_1   those GGUF files converted with no flags (`pyxf convert X.gguf OUT`): the
+                  same blocks
+    pyxf int8     --quantize int8 (per-row int8, the tied embedding/head included; no GGUF equivalent)
     CTranslate2   the HF model (transformers from the GGUF), TransformersConverter to float32 and int8
 
 Everything is made once and cached under <pyxf cache>/bench/quant. `engines(Engine, PyxfEngine)`
@@ -30,8 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # pyxf from the source checkout, as tools/bench.py uses it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()  # the pyxf tools/bench.py uses
 
 PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1")
 GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1")
@@ -146,9 +149,9 @@ def prepare(gguf_path, cache, threads, want_ct2=True):
         if not (out / "config.json").is_file():
             _log(f"converting pyxf {fmt}")
             if fmt == "int8":
-                convert(gguf_path, out, quantize="int8", quantize_embeddings=True, progress=False)
+                convert(gguf_path, out, quantize="int8", progress=False)
             else:
-                convert(files["gguf"][fmt], out, keep_quantized=True, progress=False)
+                convert(files["gguf"][fmt], out, progress=False)  # no flags: the GGUF's blocks kept
         files["pyxf"][fmt] = str(out)
 
     if want_ct2:
@@ -466,8 +469,8 @@ def method_lines(spec):
         "- **quantized engines** (tools/bench_quant.py): the weights are SmolLM2's Q4_1 GGUF dequantized; the F32 "
         "GGUF is those tensors written with the `gguf` package, Q8_0 and Q4_0 are llama.cpp's own quantizer "
         "(`llama_model_quantize`) applied to it, Q4_1 is the original file. Tensor types: " + described + ". "
-        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with `--keep-quantized` (the very same blocks); "
-        "pyxf int8 is `--quantize int8 --quantize-embeddings` (per-row scales). CTranslate2 runs the HF model "
+        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with no flags (`pyxf convert X.gguf OUT`: the very "
+        "same blocks); pyxf int8 is `--quantize int8` (per-row scales). CTranslate2 runs the HF model "
         "(written by transformers from the GGUF) converted by `TransformersConverter` with quantization float32 "
         "and int8, through `Generator.generate_batch` (greedy, min_length = max_length = the new tokens).",
         "- llama.cpp: llama-cpp-python's `Llama(n_threads, n_threads_batch, n_batch=512, logits_all=False)`, "

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))  # run from a source checkout
 sys.path.insert(0, str(HERE))
 
 import bench_quant  # noqa: E402
-from bench import PREFILL_TEXT, git_revision, machine_info, tilde  # noqa: E402
+from bench import PREFILL_TEXT, REPORT_HEAD, git_revision, machine_info, tilde  # noqa: E402
 
 SERVERS = ("pyxf", "llama.cpp")
 CONCURRENCY = (1, 4, 16, 64)
@@ -60,13 +60,15 @@ REQUEST_TIMEOUT_S = 1800
 SOAK_CLIENTS = 64
 SOAK_WARMUP_S = 60
 SOAK_SAMPLE_S = 10
-SECTION_TITLE = "## Serving"
+SECTION_TITLE = "### Serving"  # inside BENCHMARKS.md's section of this machine's CPU ("## <CPU>")
+SOAK_TITLE = "#### Serving soak"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
+                   help='comma-separated client counts ("" with --soak: the soak alone)')
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--no-prefix-test", dest="prefix_test", action="store_false",
@@ -79,7 +81,7 @@ def parse_args(argv):
                    help=f"replace (or add) the '{SECTION_TITLE}' section of this report")
     p.add_argument("--json", help="also write the raw results as JSON to this file")
     args = p.parse_args(argv)
-    args.concurrency = [int(n) for n in args.concurrency.split(",")]
+    args.concurrency = [int(n) for n in args.concurrency.split(",") if n]
     args.servers = [s for s in args.servers.split(",") if s]
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
@@ -395,20 +397,32 @@ def measure_shared_prefix(server, requests, args, never_stop):
     return result
 
 
-def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
-    """tokens/s of pyxf.generate over the same chat requests in one batch (in this process, after the
-    servers have stopped)."""
-    import pyxf
+OFFLINE_SCRIPT = """
+import json, sys, time
+import pyxf
+spec = json.loads(sys.stdin.read())
+model = pyxf.load(spec["model_dir"], threads=spec["threads"])
+ids = [model.tokenizer.encode(model.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in spec["prompts"]]
+bias = {int(t): float(b) for t, b in spec["never_stop"].items()}
+pyxf.generate(model, ids[:2], max_new_tokens=4, logit_bias=bias)  # warm-up
+start = time.perf_counter()
+out = pyxf.generate(model, ids, max_new_tokens=spec["new_tokens"], logit_bias=bias)
+wall = time.perf_counter() - start
+print(json.dumps({"requests": len(ids), "tokens": sum(map(len, out)), "wall_s": wall}))
+"""
 
-    model = pyxf.load(model_dir, threads=threads)
-    ids = [model.tokenizer.encode(model.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in prompts]
-    bias = {int(t): float(b) for t, b in never_stop.items()}
-    pyxf.generate(model, ids[:2], max_new_tokens=4, logit_bias=bias)  # warm-up
-    start = time.perf_counter()
-    out = pyxf.generate(model, ids, max_new_tokens=new_tokens, logit_bias=bias)
-    wall = time.perf_counter() - start
-    tokens = sum(map(len, out))
-    return {"requests": len(ids), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
+    """tokens/s of pyxf.generate over the same chat requests in one batch, in a fresh process with
+    the OpenMP wait policy `pyxf serve` uses (so that only the serving differs), after the servers
+    have stopped."""
+    spec = {"model_dir": str(model_dir), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
+            "never_stop": never_stop}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], input=json.dumps(spec), capture_output=True,
+                          text=True, env=env, timeout=REQUEST_TIMEOUT_S, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "tokens_per_s": result["tokens"] / result["wall_s"]}
 
 
 def main(argv=None):
@@ -454,20 +468,25 @@ def main(argv=None):
         if "pyxf" in args.servers and args.soak > 0:
             _log(f"soak: {SOAK_CLIENTS} clients for {args.soak:g} s")
             results["soak"] = asyncio.run(soak(servers["pyxf"], prompts, args.new_tokens, never_stop, args.soak))
-    if "pyxf" in args.servers:
+    if "pyxf" in args.servers and OFFLINE_REQUESTS in args.concurrency:  # the 16-client level's reference
         _log(f"offline: pyxf.generate of {OFFLINE_REQUESTS} requests in one batch")
         offline_prompts = [m for client in level_prompts(prompts, OFFLINE_REQUESTS, 1) for m in client]
         results["offline"] = offline_batch(files[1], offline_prompts, args.new_tokens, args.threads, never_stop)
     loads.append(os.getloadavg()[0])
 
-    section = report_section(args, spec, results, machine_info(), started, loads)
-    print(section)
+    machine = machine_info()
+    sections = []
+    if args.concurrency or results["shared_prefix"]:
+        sections.append(report_section(args, spec, results, machine, started, loads))
+    if results["soak"]:
+        sections.append(soak_section(spec, results["soak"], machine, started, loads))
+    print("\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": spec, "results": results, "loadavg": loads}, indent=1))
     if args.output:
-        Path(args.output).write_text(section)
-    if args.update_report:
-        update_report(Path(args.update_report), section)
+        Path(args.output).write_text("\n".join(sections))
+    for section in sections if args.update_report else ():
+        update_report(Path(args.update_report), section, machine["cpu_title"])
         _log(f"updated {args.update_report}")
     return 0
 
@@ -500,8 +519,7 @@ LABELS = {"pyxf": "pyxf serve", "llama.cpp": "llama-cpp-python server",
 
 
 def report_section(args, spec, results, machine, started, loads):
-    command = "python tools/bench_serve.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(
-        [a for a in sys.argv[1:] if not a.startswith("--json")]))
+    command = shlex.join(["python", "tools/bench_serve.py", *measurement_args(sys.argv[1:])])
     lp = spec["prompt_tokens"]
     lines = [
         SECTION_TITLE,
@@ -551,25 +569,51 @@ def report_section(args, spec, results, machine, started, loads):
         if "pyxf" in shared and "pyxf-no-prefix-cache" in shared and shared["pyxf"]["ttft_p50"]:
             ratio = shared["pyxf-no-prefix-cache"]["ttft_p50"] / shared["pyxf"]["ttft_p50"]
             lines += [f"Prefix cache: TTFT p50 {ratio:.1f}x lower with it than without (target: >= 5x).", ""]
-    s = results["soak"]
-    if s:
-        lines += [
-            f"Soak: {s['clients']} clients for {s['seconds']:.0f} s against pyxf serve: {s['requests']} requests, "
-            f"{s['failed']} failed or lost, {s['tokens_per_s']:.1f} output tokens/s, TTFT p50 {_fmt_s(s['ttft_p50'])} / "
-            f"p99 {_fmt_s(s['ttft_p99'])}; RSS {_mib(s['rss_after_warmup'])} MiB after {SOAK_WARMUP_S} s of warm-up, "
-            f"{_mib(s['rss_end'])} MiB at the end ({s['rss_growth'] * 100:+.1f}%, target <= 5%), peak "
-            f"{_mib(s['rss_max'])} MiB.",
-            "",
-        ]
     errors = [f"- {LABELS[name]} N={n}: {'; '.join(r['errors'])}" for name, levels in results["levels"].items()
               for n, r in levels.items() if r["errors"]]
     if errors:
         lines += ["Errors:", "", *errors, ""]
-    busy = max(loads) > 0.5 * machine["logical_cpus"]
-    lines += [f"Load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"
-              + (" (other work was running on the machine: the numbers are noisier and lower than on an idle one)."
-                 if busy else "."), ""]
+    lines += _load_lines(loads, machine)[1:]
     return "\n".join(lines)
+
+
+def soak_section(spec, soak, machine, started, loads):
+    s = soak
+    return "\n".join([
+        SOAK_TITLE,
+        "",
+        f"`tools/bench_serve.py --soak {s['seconds']:g}` on {started:%Y-%m-%d %H:%M} UTC ({spec['pyxf_revision']}), "
+        f"{machine['cpu']}: {s['clients']} streaming chat clients against pyxf serve (the setup above, "
+        f"{spec['new_tokens']} new tokens per request), each sending its next request as soon as one ends.",
+        "",
+        f"- {s['requests']} requests, {s['failed']} failed or lost; {s['tokens_per_s']:.1f} output tokens/s; "
+        f"TTFT p50 {_fmt_s(s['ttft_p50'])}, p99 {_fmt_s(s['ttft_p99'])}; ITL p50 {_fmt_s(s['itl_p50'])}, "
+        f"p99 {_fmt_s(s['itl_p99'])}.",
+        f"- RSS {_mib(s['rss_after_warmup'])} MiB after {SOAK_WARMUP_S} s of warm-up, {_mib(s['rss_end'])} MiB at the "
+        f"end: {s['rss_growth'] * 100:+.1f}% (target <= 5%); peak {_mib(s['rss_max'])} MiB.",
+        *_load_lines(loads, machine),
+    ])
+
+
+def _load_lines(loads, machine):
+    busy = max(loads) > 0.5 * machine["logical_cpus"]
+    return ["", f"Load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"
+            + (" (other work was running on the machine: the numbers are noisier and lower than on an idle one)."
+               if busy else "."), ""]
+
+
+def measurement_args(argv):
+    """The command line without the options that say where results went (--json, --output,
+    --update-report), as the report shows it."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--json", "--output", "--update-report"):
+            skip = True
+        elif not a.startswith(("--json=", "--output=", "--update-report=")):
+            out.append(a)
+    return out
 
 
 def _targets(results):
@@ -587,21 +631,39 @@ def _targets(results):
     if offline:
         lines.append(f"- 16 clients: {mine['tokens_per_s'] / offline['tokens_per_s'] * 100:.0f}% of pyxf.generate of "
                      f"the same {offline['requests']} requests in one offline batch ({offline['tokens_per_s']:.1f} "
-                     f"tokens/s) (target >= 80%).")
+                     f"tokens/s; a fresh process, same threads and OpenMP wait policy as the server) (target >= 80%).")
     lines.append(f"- 16 clients: TTFT p99 {_fmt_s(mine['ttft_p99'])} (target <= 3 s).")
     return [*lines, ""]
 
 
-def update_report(path, section):
-    """Replaces the report's serving section (up to the next '## ' heading), or adds it before
-    '## Machine' (else at the end)."""
-    text = path.read_text() if path.is_file() else ""
-    lines = text.splitlines()
-    if SECTION_TITLE in lines:
-        start = lines.index(SECTION_TITLE)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+def update_report(path, section, cpu_title):
+    """Puts `section` into BENCHMARKS.md's section of this CPU ("## <cpu_title>", made if missing):
+    in place of the text under its heading (up to the next heading); else the soak subsection at the
+    end of the serving subsection, and the serving subsection before that CPU's "### Machine"."""
+    lines = path.read_text().splitlines() if path.is_file() else REPORT_HEAD.splitlines()
+    cpu_heading = f"## {cpu_title}"
+    if cpu_heading not in lines:
+        lines += ["", cpu_heading, ""]
+    cpu_start = lines.index(cpu_heading)
+    cpu_end = next((i for i in range(cpu_start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+
+    def find(title):
+        return next((i for i in range(cpu_start, cpu_end) if lines[i] == title), None)
+
+    def section_end(start, level):
+        """The next heading of `level` or higher (fewer #) after start, within the CPU's section."""
+        return next((i for i in range(start + 1, cpu_end)
+                     if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), cpu_end)
+
+    title = section.splitlines()[0]
+    if find(title) is not None:  # its own text only: a later subsection (the soak's) stays
+        start = find(title)
+        end = section_end(start, 6)
+    elif title != SECTION_TITLE and find(SECTION_TITLE) is not None:
+        start = end = section_end(find(SECTION_TITLE), 3)
     else:
-        start = end = lines.index("## Machine") if "## Machine" in lines else len(lines)
+        machine = find("### Machine")
+        start = end = machine if machine is not None else cpu_end
     lines[start:end] = section.rstrip("\n").splitlines() + [""]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 

@@ -60,6 +60,19 @@ bool init_default() {
 
 const bool g_initialized = init_default();
 
+const char* const kQuantGemvNames[] = {"rows", "stream"};
+
+QuantGemv default_quant_gemv() {
+  const char* forced = std::getenv("PYXF_QUANT_GEMV");
+  for (int i = 0; forced && i < 2; ++i) {
+    if (std::strcmp(forced, kQuantGemvNames[i]) == 0) return (QuantGemv)i;
+  }
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? QuantGemv::kStream : QuantGemv::kRows;
+}
+
+QuantGemv g_quant_gemv = default_quant_gemv();
+
 }  // namespace
 
 const KernelTable& active() {
@@ -76,6 +89,18 @@ int available_isas(const char** names, int max_names) {
 }
 
 bool set_isa(const char* name) { return select(name); }
+
+QuantGemv quant_gemv() { return g_quant_gemv; }
+const char* quant_gemv_name() { return kQuantGemvNames[(int)g_quant_gemv]; }
+bool set_quant_gemv(const char* name) {
+  for (int i = 0; i < 2; ++i) {
+    if (std::strcmp(name, kQuantGemvNames[i]) == 0) {
+      g_quant_gemv = (QuantGemv)i;
+      return true;
+    }
+  }
+  return false;
+}
 
 int quant_row_bytes(QuantFormat f, long cols) {
   const long blocks = cols / kQuantBlock;

@@ -121,4 +121,17 @@ int available_isas(const char** names, int max_names);
 // Switches the active table; false when the CPU cannot run `name` or it is unknown.
 bool set_isa(const char* name);
 
+// Kernel variants chosen by CPU model rather than instruction set; every variant is correct
+// everywhere, they differ in speed. The decode GEMV on quantized weights (AVX-512, fewer than
+// kQuantGemmRows rows):
+//   kStream  whole 512-bit steps of 2 or 4 blocks, fewest instructions per weight byte; chosen on
+//            AMD (Zen 4/5), where two hyper-threads share one core's vector units and the
+//            block-by-block loop could not keep up with memory;
+//   kRows    block by block with 256-bit dot products, as tuned on Intel Xeon; chosen elsewhere.
+// PYXF_QUANT_GEMV=stream|rows overrides the choice.
+enum class QuantGemv : int { kRows = 0, kStream = 1 };
+QuantGemv quant_gemv();
+const char* quant_gemv_name();
+bool set_quant_gemv(const char* name);  // false for an unknown name
+
 }  // namespace pyxf::kernels

@@ -172,7 +172,11 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            status = status or 500  # answered by Starlette's outermost error handler
+            raise
         finally:
             path = scope["path"]
             endpoint = path if path in self.routes else "other"
+            # No status at all: the client left before an answer started (nginx's 499).
             self.metrics.count_http(endpoint, status if status is not None else 499)

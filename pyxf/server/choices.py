@@ -3,6 +3,7 @@ model's Engine, their deltas merged into one stream, cancelled together when the
 
 import asyncio
 import math
+import re
 import time
 
 from pyxf.engine import EngineFull
@@ -93,14 +94,28 @@ async def _cancel_on_disconnect(http_request, choices):
             return
 
 
+# Engine.submit's argument names -> the request fields they come from, in the order an error
+# message is searched for them (tool_choice before tools).
+ENGINE_PARAMS = (
+    ("response_format", "response_format"), ("tool_choice", "tool_choice"), ("tools", "tools"), ("tool", "tools"),
+    ("function", "tools"),
+    ("logit_bias", "logit_bias"), ("max_new_tokens", "max_tokens"), ("temperature", "temperature"),
+    ("top_p", "top_p"), ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+    ("seed", "seed"), ("logprobs", "logprobs"), ("stop", "stop"),
+)
+
+
 def _api_error(e, param):
-    """What a failed submit answers: 503 when the engine is full or closed, 400 for a bad argument."""
+    """What a failed submit answers: 503 when the engine is full or closed, 400 for a bad argument
+    (param: the field the engine's message names, else `param`, the prompt or messages)."""
     if isinstance(e, EngineFull):
         return errors.overloaded(f"The server is busy ({e}); retry later")
     if isinstance(e, (ValueError, TypeError)):
         message = str(e)
-        code = "context_length_exceeded" if "context length" in message else "invalid_value"
-        return errors.invalid(message, param=param, code=code)
+        if "context length" in message:
+            return errors.invalid(message, param=param, code="context_length_exceeded")
+        named = next((field for name, field in ENGINE_PARAMS if re.search(rf"\b{name}\b", message)), param)
+        return errors.invalid(message, param=named)
     if isinstance(e, RuntimeError):  # the engine is closed: the server is shutting down
         return errors.overloaded(f"The server is not accepting requests ({e})")
     return e

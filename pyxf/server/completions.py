@@ -26,8 +26,8 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.invalid("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    choices = Choices(served.engine, [{"messages": messages}], body.n, _sampling(body, max_new_tokens, logprobs),
-                      param="messages")
+    sampling = {**_sampling(body, max_new_tokens, logprobs), **_structure(body)}
+    choices = Choices(served.engine, [{"messages": messages}], body.n, sampling, param="messages")
     call = _Call(request, served.name, "chat", body.model, "chatcmpl")
     if body.stream:
         return _event_stream(_chat_events(call, choices, body), choices)
@@ -38,7 +38,7 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
         id=call.id, created=call.created, model=call.model,
         choices=[
             schemas.ChatChoice(
-                index=i, message=schemas.AssistantMessage(content=r.text),
+                index=i, message=schemas.AssistantMessage(content=r.text, tool_calls=_tool_calls(r.tool_calls)),
                 logprobs=_chat_logprobs(r.logprobs) if logprobs is not None else None,
                 finish_reason=r.finish_reason,
             )
@@ -118,11 +118,18 @@ def _sampling(body, max_new_tokens, logprobs):
 
 
 def _refuse_unsupported_chat(body):
-    if body.tools or body.functions:
-        raise errors.unsupported("Tool and function calling are not supported", param="tools" if body.tools else "functions")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise errors.unsupported(f"response_format {body.response_format.type!r} is not supported (only 'text')",
-                                 param="response_format")
+    if body.functions:
+        raise errors.unsupported("functions (deprecated) is not supported; use tools", param="functions")
+
+
+def _structure(body):
+    """Engine.submit's structured-output and tool arguments of a chat request."""
+    return dict(response_format=body.response_format, tools=body.tools, tool_choice=body.tool_choice)
+
+
+def _buffers_reply(body):
+    """With tools the reply is read whole (calls or content) before any of it is sent."""
+    return bool(body.tools) and body.tool_choice != "none"
 
 
 def _chat_messages(body, served):
@@ -136,7 +143,9 @@ def _chat_messages(body, served):
         except ValueError as e:
             raise errors.invalid(str(e), param=f"messages.{i}.content") from None
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content})
+        extra = {k: v for k, v in (("name", message.name), ("tool_calls", message.tool_calls),
+                                   ("tool_call_id", message.tool_call_id)) if v is not None}
+        messages.append({"role": role, "content": content, **extra})
     return messages
 
 
@@ -193,6 +202,15 @@ def _usage(prompt, completion, cached):
     )
 
 
+def _tool_calls(calls, streamed=False):
+    """The result's calls (OpenAI's shape already) as response models; None without calls."""
+    if not calls:
+        return None
+    if streamed:
+        return [schemas.ToolCallDelta(index=k, **call) for k, call in enumerate(calls)]
+    return [schemas.ToolCall(**call) for call in calls]
+
+
 def _chat_logprobs(token_logprobs):
     if token_logprobs is None:
         return None
@@ -230,14 +248,18 @@ async def _chat_events(call, choices, body):
         ).model_dump_json()
 
     results = [None] * len(choices.requests)
+    buffered = _buffers_reply(body)
     try:
         for i in range(len(choices.requests)):
             yield chunk([schemas.ChatChunkChoice(index=i, delta=schemas.ChatDelta(role="assistant", content=""))])
         async for i, item in choices.stream():
             if hasattr(item, "finish_reason"):
                 results[i] = item
+                if buffered and (item.text or item.tool_calls):
+                    reply = schemas.ChatDelta(content=item.text or None, tool_calls=_tool_calls(item.tool_calls, True))
+                    yield chunk([schemas.ChatChunkChoice(index=i, delta=reply)])
                 yield chunk([schemas.ChatChunkChoice(index=i, delta=schemas.ChatDelta(), finish_reason=item.finish_reason)])
-            elif item.text or item.logprobs:
+            elif not buffered and (item.text or item.logprobs):
                 logprobs = _chat_logprobs(item.logprobs) if body.logprobs else None
                 yield chunk([schemas.ChatChunkChoice(index=i, delta=schemas.ChatDelta(content=item.text), logprobs=logprobs)])
         if body.include_usage:

@@ -80,6 +80,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, List[Dict[str, Any]]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message's answer to that call
 
     def text(self):
         """The content as one string: text parts joined; other parts (images, audio) are refused."""
@@ -95,19 +97,18 @@ class ChatMessage(_Request):
         return "".join(pieces)
 
 
-class ResponseFormat(_Request):
-    type: str = "text"
-
-
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Not supported: present and non-empty answers 400.
-    tools: Optional[List[Any]] = None
+    # Structured output and function calling, checked by the engine (pyxf.constraints, pyxf.tools).
+    response_format: Optional[Dict[str, Any]] = None
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted; a reply may hold several calls either way
+    # Not supported (the deprecated form of tools): present and non-empty answers 400.
     functions: Optional[List[Any]] = None
-    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(_Sampling):
@@ -163,9 +164,25 @@ class ChoiceLogprobs(_Response):
     content: Optional[List[TokenLogprob]] = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+
+
+class ToolCallDelta(ToolCall):
+    index: int
 
 
 class ChatChoice(_Response):
@@ -191,6 +208,7 @@ class ChatDelta(_Response):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler):
