@@ -28,6 +28,11 @@ Workloads (SmolLM2-135M-Instruct by default):
            tokens/s of pyxf, transformers and CTranslate2; its table is added to the report.
   quality  tools/bench_quant.py: perplexity and top-1 agreement with float32 of the Q8_0, Q4_1, Q4_K_M,
            Q5_K_M and Q6_K files in pyxf and in llama.cpp, on 1,025 tokens of prose.
+  serve    tools/bench_serve.py: `pyxf serve` beside llama-cpp-python's OpenAI server on the same Q8_0
+           GGUF weights, 1/4/16/64 concurrent streaming chat clients (tokens/s, TTFT, inter-token
+           latency, failures, RSS) and a shared-system-prompt test of the prefix cache; its section is
+           added to the report (`python tools/bench_serve.py --update-report BENCHMARKS.md` re-runs
+           it alone and replaces that section).
 
 Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1 /
 Q4_K_M (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 /
@@ -62,7 +67,7 @@ which_pyxf.use_checkout_if_built()
 import bench_peers  # noqa: E402
 import bench_quant  # noqa: E402
 
-WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "quality")
+WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "quality", "serve")
 DECODER_WORKLOADS = ("decode", "prefill", "batch8", "memory")
 DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_quant.QUANT_ENGINE_NAMES)
 ENCODE = {"sentences": 512, "min_words": 40, "max_words": 120, "batch": 32, "max_length": 128}
@@ -704,6 +709,7 @@ def main(argv=None):
             for engine, cosine in agreement.items():
                 records[engine]["encode_min_cosine"] = cosine
     translation = run_translation(args) if "translate" in args.workloads else None
+    serving = run_serving(args) if "serve" in args.workloads else None
     quality = None
     if "quality" in args.workloads and base.get("quant"):
         print("bench: quality of the quantized files (pyxf, llama.cpp)", file=sys.stderr, flush=True)
@@ -726,14 +732,16 @@ def main(argv=None):
         plot = output.with_name(f"{output.stem}-{slug(machine['cpu_title'])}.png")
         plot_name = plot.name if write_plot(plot, args.engines, records, spec) else None
         text = report(args, spec, machine, records, started, loads, plot_name, quality)
-        if translation:
-            text = text.replace("## Machine\n", translation + "\n## Machine\n", 1)
+        for section in (translation, serving):
+            if section:
+                text = text.replace("## Machine\n", section + "\n## Machine\n", 1)
         output.write_text(merge_cpu_section(output.read_text() if output.is_file() else "", demote(text)))
         print(f"bench: wrote {output}" + (f" and {plot}" if plot_name else " (no matplotlib: no plot)"), file=sys.stderr)
     else:
         print(details_table(args.engines, records, spec))
-        if translation:
-            print(translation)
+        for section in (translation, serving):
+            if section:
+                print(section)
         print("\n".join(bench_quant.quality_section(quality)))
     return 0
 
@@ -792,6 +800,24 @@ def run_translation(args):
             return None
         command[1] = "tools/bench_seq2seq.py"
         return out.read_text() + "\nCommand: `" + " ".join(shlex.quote(c) for c in ["python", *command[1:-2]]) + "`\n"
+
+
+def run_serving(args):
+    """The serving section (Markdown) from tools/bench_serve.py with the same threads (--quick: its
+    quick run); None when it fails (its error is printed)."""
+    print("bench: serve: pyxf serve, llama-cpp-python server", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="pyxf-bench-serve-") as tmp:
+        out = Path(tmp) / "serve.md"
+        command = [sys.executable, str(HERE / "bench_serve.py"), "--threads", str(args.threads), "--output", str(out)]
+        if args.quick:
+            command.append("--quick")
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0 or not out.is_file():
+            print(f"bench: serve failed: {proc.stderr[-3000:]}", file=sys.stderr)
+            return None
+        # One heading level up: the report is demoted as a whole into its CPU's section.
+        return "\n".join(line[1:] if line.startswith("##") else line for line in out.read_text().splitlines()) + "\n"
 
 
 if __name__ == "__main__":
