@@ -78,6 +78,17 @@ def _parser():
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM (default 30)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = serve.add_argument_group(
+        "Ray Serve", "with --ray: replicas of the server behind Ray Serve's router (needs the ray extra: "
+        "pip install 'pyxf[ray]'); --threads is then per replica (default 1), each replica reserving as many CPUs")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray: replicas across the cluster's nodes")
+    ray.add_argument("--replicas", type=int, help="number of replicas (default 1); the most, with --min-replicas")
+    ray.add_argument("--min-replicas", type=int,
+                     help="autoscale between --min-replicas and --replicas on the ongoing requests per replica")
+    ray.add_argument("--target-ongoing-requests", type=float,
+                     help="autoscaling target of ongoing requests per replica (default 16)")
+    ray.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started "
+                     "for this server)")
     serve.set_defaults(run=_serve)
 
     info = commands.add_parser(
@@ -196,12 +207,34 @@ def _serve(args):
         from pyxf.server import serve
     except ImportError as e:
         raise ImportError(f"pyxf serve needs the serve extra ({e}); install it with: pip install 'pyxf[serve]'") from None
-    return serve(
-        args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-        kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-        prefix_cache=args.prefix_cache, threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+    options = dict(
+        api_key=args.api_key, max_batch=args.max_batch, kv_cache_mb=args.kv_cache_mb,
+        prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
+        threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
     )
+    if args.ray:
+        return _serve_on_ray(args, options)
+    given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
+                                      ("--target-ongoing-requests", args.target_ongoing_requests),
+                                      ("--ray-address", args.ray_address)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --ray")
+    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, **options)
+
+
+def _serve_on_ray(args, options):
+    try:
+        from pyxf.ray import serve_on_ray
+    except ImportError as e:
+        raise ImportError(f"pyxf serve --ray needs the ray extra ({e}); install it with: pip install 'pyxf[ray]'") from None
+    autoscaling = None
+    if args.min_replicas is not None or args.target_ongoing_requests is not None:
+        autoscaling = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1}
+        if args.target_ongoing_requests is not None:
+            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
+    options["threads"] = options["threads"] or 1
+    return serve_on_ray(args.models, address=args.ray_address, host=args.host, port=args.port,
+                        replicas=args.replicas or 1, autoscaling=autoscaling, **options)
 
 
 def _info(args):
