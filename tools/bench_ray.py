@@ -248,27 +248,26 @@ def measure_serving(args, logdir):
     never_stop = {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
     port = bench_serve.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    configs = [(1, args.threads), (args.threads, 1)]
-    results = {"plain": {c: [] for c in args.clients}}
-    memory = {}
+    configs = []
     with bench_serve.running_server("pyxf", files, args.threads, logdir) as plain:
         plain.name = "pyxf serve"
-        for replicas, threads in configs:
+        for replicas, threads in [(1, args.threads), (args.threads, 1)]:
             app = RayServeApp(model_dir, replicas, threads, port)
             _log(f"{app.name}: ready in {app.startup_s:.1f} s")
-            results[app.name] = {c: [] for c in args.clients}
+            runs = {"plain": {c: [] for c in args.clients}, "ray": {c: [] for c in args.clients}}
             for r in range(args.rounds):
                 for clients in args.clients:
                     for server in (plain, app) if r % 2 == 0 else (app, plain):
-                        key = "plain" if server is plain else app.name
-                        results[key][clients].append(measure_level(server, prompts, clients, args, never_stop))
-            memory[app.name] = app.replica_memory()
-        plain_memory = plain.rss()
+                        key = "plain" if server is plain else "ray"
+                        runs[key][clients].append(measure_level(server, prompts, clients, args, never_stop))
+            configs.append({"name": app.name, "replicas": replicas, "threads": threads, "startup_s": app.startup_s,
+                            "levels": {key: {c: _median_level(level) for c, level in by_clients.items()}
+                                       for key, by_clients in runs.items()},
+                            "replica_memory": app.replica_memory()})
+            serve.delete("pyxf")  # frees its CPUs for the next configuration's replicas
+        plain_rss = plain.rss()
     serve.shutdown()
-    return {"levels": {name: {c: _median_level(runs) for c, runs in levels.items()}
-                       for name, levels in results.items()},
-            "replica_memory": memory, "plain_rss": plain_memory, "prompts": len(prompts),
-            "new_tokens": args.new_tokens}
+    return {"configs": configs, "plain_rss": plain_rss, "prompts": len(prompts), "new_tokens": args.new_tokens}
 
 
 def _median_level(runs):
@@ -290,7 +289,7 @@ def _mib(n):
 
 def report_section(args, embed, serving, machine, started, loads):
     lines = [SECTION_TITLE, ""]
-    lines.append(f"`tools/bench_ray.py` on {started} UTC (git {git_revision()}), {machine['cpu_title']}, "
+    lines.append(f"`tools/bench_ray.py` on {started} UTC ({git_revision()}), {machine['cpu_title']}, "
                  f"{args.threads} cores per configuration, Ray {_ray_version()}, {args.rounds} alternating "
                  f"round(s), medians:")
     lines += ["", "```", "python tools/bench_ray.py", "```", ""]
@@ -318,19 +317,23 @@ def report_section(args, embed, serving, machine, started, loads):
               "| server | N | requests | failed | output tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | proxy CPU per token |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = bench_serve._fmt_s
-    for name, levels in serving["levels"].items():
-        label = f"`pyxf serve`, {args.threads} threads" if name == "plain" else name
-        for clients, r in levels.items():
-            lines.append(f"| {label} | {clients} | {r['requests']} | {r['failed_all']} | {r['tokens_per_s']:.1f} | "
-                         f"{fmt(r['ttft_p50'])} | {fmt(r['ttft_p99'])} | {fmt(r['itl_p50'])} | {fmt(r['itl_p99'])} | "
-                         + (f"{r['proxy_cpu_ms_per_token']:.2f} ms |" if "proxy_cpu_ms_per_token" in r else "— |"))
-    lines += ["", "Memory per replica (the Q8_0 weight file memory-mapped by each):", "",
+    for config in serving["configs"]:
+        for clients in config["levels"]["ray"]:
+            for key, label in (("plain", f"`pyxf serve`, {args.threads} threads"), ("ray", config["name"])):
+                r = config["levels"][key][clients]
+                proxy = f"{r['proxy_cpu_ms_per_token']:.2f} ms" if "proxy_cpu_ms_per_token" in r else "—"
+                lines.append(f"| {label} | {clients} | {r['requests']} | {r['failed_all']} | {r['tokens_per_s']:.1f} | "
+                             f"{fmt(r['ttft_p50'])} | {fmt(r['ttft_p99'])} | {fmt(r['itl_p50'])} | "
+                             f"{fmt(r['itl_p99'])} | {proxy} |")
+    lines += ["", "Memory per replica (each maps the Q8_0 weight file):", "",
               "| deployment | replica | RSS | PSS | weights RSS | weights PSS |", "|---|---:|---:|---:|---:|---:|"]
-    for name, usage in serving["replica_memory"].items():
-        for i, u in enumerate(usage):
-            lines.append(f"| {name} | {i + 1} | {_mib(u['rss'])} MiB | {_mib(u['pss'])} MiB | "
+    for config in serving["configs"]:
+        for i, u in enumerate(config["replica_memory"]):
+            lines.append(f"| {config['name']} | {i + 1} | {_mib(u['rss'])} MiB | {_mib(u['pss'])} MiB | "
                          f"{u['files_rss'] / 2**20:.1f} MiB | {u['files_pss'] / 2**20:.1f} MiB |")
-    lines.append(f"\n`pyxf serve` RSS at the end: {_mib(serving['plain_rss'])} MiB.")
+    lines.append(f"\n`pyxf serve` RSS at the end: {_mib(serving['plain_rss'])} MiB. Replicas were ready "
+                 + ", ".join(f"in {c['startup_s']:.1f} s ({c['name']})" for c in serving['configs'])
+                 + " after `serve.run` (model loads included).")
     lines.append(f"\nLoad average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"
                  + (" (other work was running on the machine: the numbers are noisier and lower than on an idle one)."
                     if max(loads) > 1.0 else "."))
@@ -359,15 +362,15 @@ def main(argv=None):
     finally:
         ray.shutdown()
     loads.append(os.getloadavg()[0])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"embed": embed, "serving": serving, "machine": machine, "loads": loads},
+                                              indent=1, default=str))
     section = report_section(args, embed, serving, machine, started, loads)
     print(section)
     if args.output:
         Path(args.output).write_text(section)
     if args.update_report:
         bench_serve.update_report(Path(args.update_report), section, machine["cpu_title"])
-    if args.json:
-        Path(args.json).write_text(json.dumps({"embed": embed, "serving": serving, "machine": machine}, indent=1,
-                                              default=str))
     return 0
 
 
