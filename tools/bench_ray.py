@@ -101,9 +101,9 @@ def encode_job(model_dir, texts, actors, cpus_per_actor):
 
     start = time.perf_counter()
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
-    rows = ds.map_batches(Embedder, fn_constructor_kwargs={"model": str(model_dir), "batch_size": ENCODE_BATCH,
-                                                         "max_length": 128},
-                          concurrency=actors, num_cpus=cpus_per_actor, batch_size=DATA_BATCH_ROWS).take_all()
+    options = {"model": str(model_dir), "batch_size": ENCODE_BATCH, "max_length": 128}
+    rows = ds.map_batches(Embedder, fn_constructor_kwargs=options, compute=ray.data.ActorPoolStrategy(size=actors),
+                          num_cpus=cpus_per_actor, batch_size=DATA_BATCH_ROWS).take_all()
     wall = time.perf_counter() - start
     rows.sort(key=lambda r: r["id"])
     return wall, np.stack([r["embedding"] for r in rows])

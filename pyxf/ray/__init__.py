@@ -8,10 +8,10 @@ Ray Serve: the OpenAI-compatible server as replicas behind Serve's router (`pyxf
 
 Ray Data: callable classes for Dataset.map_batches that load the model once per actor:
 
-    ds.map_batches(Embedder, fn_constructor_kwargs={"model": "models/all-minilm-l6-v2"}, concurrency=2)
-    ds.map_batches(Generator, fn_constructor_kwargs={"model": "models/smollm2", "max_new_tokens": 64},
-                   concurrency=2)
-    ds.map_batches(Translator, fn_constructor_kwargs={"model": "models/opus-mt-en-de"}, concurrency=2)
+    pool = ray.data.ActorPoolStrategy(size=2)   # 2 actors
+    ds.map_batches(Embedder, fn_constructor_kwargs={"model": "models/all-minilm-l6-v2"}, compute=pool)
+    ds.map_batches(Generator, fn_constructor_kwargs={"model": "models/smollm2", "max_new_tokens": 64}, compute=pool)
+    ds.map_batches(Translator, fn_constructor_kwargs={"model": "models/opus-mt-en-de"}, compute=pool)
 """
 
 try:

@@ -5,7 +5,7 @@
 
     ds = ray.data.from_items([{"text": t} for t in texts])
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "models/all-minilm-l6-v2"},
-                        concurrency=2, num_cpus=2, batch_size=256)
+                        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=2, batch_size=256)
 
 Each actor runs pyxf with as many threads as the CPUs Ray reserved for it (map_batches' num_cpus,
 1 by default), so actors sharing a node do not oversubscribe its cores. Weights are memory-mapped:
