@@ -277,6 +277,18 @@ class _Dispatcher:
                 return
 
 
+def _draft_tokens(speculative, num_draft_tokens):
+    """Tokens the core drafts a step: 0 without speculative decoding."""
+    if speculative is None:
+        return 0
+    if speculative != "prompt_lookup":
+        raise ValueError(f'speculative must be "prompt_lookup" (draft models are not supported yet), got {speculative!r}')
+    check_int("num_draft_tokens", num_draft_tokens)
+    if not 1 <= num_draft_tokens <= 32:
+        raise ValueError(f"num_draft_tokens must be in [1, 32], got {num_draft_tokens}")
+    return int(num_draft_tokens)
+
+
 def kv_cache_mb(model, lengths):
     """The kv_cache_mb that holds sequences of these lengths (tokens each) at once."""
     page_tokens = core().kv_page_tokens
@@ -308,23 +320,26 @@ class Engine:
     def submit(self, prompt=None, *, messages=None, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
                stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True, response_format=None,
-               regex=None, choice=None, grammar=None, tools=None, tool_choice=None):
+               regex=None, choice=None, grammar=None, tools=None, tool_choice=None, speculative=None,
+               num_draft_tokens=4):
         """Queues one request (see pyxf.generate for the options) and returns its Request.
         max_new_tokens None: up to the context length. logprobs k >= 0: each token's log-probability
         and its k most likely alternatives. Structured output (at most one): response_format
         (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}),
         regex, choice (a list of strings), grammar (Lark or GBNF). tools and tool_choice (with
         messages): OpenAI function calling (pyxf.tools); the result's tool_calls hold the calls.
-        pyxf.EngineFull when max_queue requests are waiting."""
+        speculative="prompt_lookup": each step drafts up to num_draft_tokens tokens from earlier in
+        the sequence and verifies them in one forward pass (greedy output unchanged; sampled output
+        from the same distribution). pyxf.EngineFull when max_queue requests are waiting."""
         return self._submit(prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                             presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
                             add_special_tokens, response_format, regex, choice, grammar, tools, tool_choice,
-                            text_deltas=True)
+                            speculative, num_draft_tokens, text_deltas=True)
 
     def _submit(self, prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
                 add_special_tokens, response_format=None, regex=None, choice=None, grammar=None, tools=None,
-                tool_choice=None, text_deltas=True):
+                tool_choice=None, speculative=None, num_draft_tokens=4, text_deltas=True):
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
@@ -356,6 +371,7 @@ class Engine:
         if stop_strings and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         check_lengths([ids], options["max_new_tokens"], self.context_length)
+        draft_tokens = _draft_tokens(speculative, num_draft_tokens)
         grammar_source = grammar_for(**constraint_args)
         constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 
@@ -368,6 +384,7 @@ class Engine:
             make_request, ids, o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"],
             o["repetition_penalty"], o["presence_penalty"], o["frequency_penalty"], o["logit_bias"], o["seed"],
             stop_ids, -1 if logprobs is None else logprobs, constraint.mask() if constraint is not None else None,
+            draft_tokens,
         )
 
     def stats(self):

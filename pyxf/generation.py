@@ -31,6 +31,8 @@ def generate(
     grammar=None,
     tools=None,
     tool_choice=None,
+    speculative=None,
+    num_draft_tokens=4,
     **seq2seq_options,
 ):
     """Continues one prompt or a batch of prompts; returns only the new part.
@@ -48,13 +50,16 @@ def generate(
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}), regex, choice (a list of
     strings), grammar (Lark or GBNF); a result cut short by max_new_tokens has finish_reason
     "length". tools and tool_choice (with messages): OpenAI function calling; the calls are in the
-    Result's tool_calls (return_details=True).
+    Result's tool_calls (return_details=True). speculative="prompt_lookup" (num_draft_tokens per
+    step): speculative decoding with drafts copied from earlier in the sequence; greedy output is
+    unchanged, sampled output keeps its distribution.
     """
     if getattr(model, "is_encoder_decoder", False):
         # Encoder-decoder models: the prompt is the source (pyxf.seq2seq.generate has the options).
         from pyxf.seq2seq import generate as seq2seq_generate
 
         unsupported = dict(messages=messages, stream=stream, return_details=return_details, logprobs=logprobs,
+                           speculative=speculative,
                            response_format=response_format, regex=regex, choice=choice, grammar=grammar, tools=tools,
                            tool_choice=tool_choice)
         used = [name for name, value in unsupported.items() if value not in (None, False)]
@@ -98,6 +103,7 @@ def generate(
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=options["seed"], stop=stop,
         stop_token_ids=stop_token_ids, logprobs=logprobs, add_special_tokens=add_special_tokens,
         response_format=response_format, regex=regex, choice=choice, grammar=grammar,
+        speculative=speculative, num_draft_tokens=num_draft_tokens,
     )
     if tools is not None:
         submit.update(tools=tools, tool_choice=tool_choice)

@@ -43,6 +43,7 @@ struct Request {
   uint64_t seed = 0;
   std::vector<int> stop_ids;
   int top_logprobs = -1;        // -1: no logprobs; k >= 0: the chosen token's and k alternatives
+  int draft_tokens = 0;         // speculative decoding by prompt lookup: tokens drafted a step (0: off)
   // Structured output: the tokens allowed as the first new token (a bitmask, see Sampler::sample);
   // the caller supplies the mask of each later token with set_mask once it has seen the previous one.
   std::vector<uint32_t> first_mask;
@@ -69,6 +70,7 @@ struct EngineStats {
   int pages_total, pages_used, pages_cached, page_tokens;
   int64_t prefix_queried_tokens, prefix_hit_tokens;
   int64_t prompt_tokens, generated_tokens, finished, steps;
+  int64_t draft_proposed, draft_accepted;  // speculative tokens proposed and confirmed
 };
 
 class QueueFull : public std::runtime_error {
@@ -119,6 +121,10 @@ class Engine {
   void emit(std::vector<TokenEvent>& events);
   void update_stats();
   void sample(Sequence& s, float* logits, std::vector<TokenEvent>& events);
+  void verify_drafts(Sequence& s, float* rows, std::vector<TokenEvent>& events);
+  void prepare_logprobs(const Sequence& s, const float* logits);
+  void accept_token(Sequence& s, int token, std::vector<TokenEvent>& events);
+  void propose_drafts(Sequence& s);
   bool wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask);
 
   const Transformer& model_;
@@ -150,7 +156,7 @@ class Engine {
 
   std::atomic<int> n_running_{0}, n_waiting_{0}, pages_used_{0}, pages_cached_{0};
   std::atomic<int64_t> prefix_queried_{0}, prefix_hits_{0}, prompt_tokens_{0}, generated_{0}, finished_{0},
-      steps_{0};
+      steps_{0}, draft_proposed_{0}, draft_accepted_{0};
 
   std::thread thread_;
 };

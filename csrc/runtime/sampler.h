@@ -32,8 +32,20 @@ class Sampler {
   // words, bit t % 32 of word t / 32 set where token t may come next; every other token is excluded
   // before anything else applies.
   int sample(float* logits, const uint32_t* allowed = nullptr, int words = 0);
+  // Speculative decoding: the token at a position where `draft` was proposed. *accepted says
+  // whether it is the draft; either way the token is distributed as sample() would draw it (greedy:
+  // the argmax; sampling: the accept/reject rule of speculative sampling for a certain draft).
+  int verify(float* logits, int draft, bool* accepted);
 
  private:
+  // Mask, bias and penalties applied to the logits in place.
+  void adjust(float* logits, const uint32_t* allowed, int words) const;
+  // candidates_ = the tokens that survive temperature, top-k and top-p with their unnormalized
+  // probabilities; returns their sum.
+  double distribution(const float* logits);
+  // A candidate drawn in proportion to its weight (total: the weights' sum without `excluded`).
+  int draw(double total, int excluded);
+
   SamplingOptions options_;
   int vocab_size_;
   std::mt19937_64 rng_;
