@@ -407,3 +407,18 @@ def build_marian(hf_dir):
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     return model, tokenizer
+
+
+def child_process_options():
+    """`cwd` and `env` for a child interpreter that must import the pyxf under test: started in the
+    directory that holds that pyxf (a child's current directory comes first on sys.path, so a child
+    started in a source checkout would otherwise import the source tree, which has no compiled
+    extension when pyxf is installed), with that directory on PYTHONPATH as well."""
+    import os
+
+    import pyxf
+
+    package_parent = str(Path(pyxf.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    return {"cwd": package_parent, "env": env}

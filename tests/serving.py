@@ -1,16 +1,14 @@
 """`pyxf serve` as a real subprocess on a free loopback port, for the server tests."""
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from helpers import child_process_options
 
-import pyxf
 
 STARTUP_TIMEOUT_S = 180
 API_KEY = "test-key"
@@ -33,13 +31,10 @@ class Server:
                    "--log-level", "warning"]
         if api_key:
             command += ["--api-key", api_key]
-        env = dict(os.environ)
-        # The server imports the same pyxf as the tests (the source tree when built in place).
-        package_root = str(Path(pyxf.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        env.pop("PYXF_API_KEY", None)
+        child = child_process_options()
+        child["env"].pop("PYXF_API_KEY", None)
         self.log = open(log_path, "w+") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log, **child)
         self._wait_until_healthy()
 
     def _wait_until_healthy(self):

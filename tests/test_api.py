@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import child_process_options
+
 import pyxf
 from pyxf.rope import rope_parameters
 from pyxf.tensorfile import read_safetensors, write_safetensors
@@ -230,16 +232,6 @@ def test_load_optional_bias_accepted(model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # model: attributes, logits, sessions
-
-
-def package_parent():
-    """Where a child interpreter must start so that `import pyxf` finds the pyxf under test
-    (its current directory comes first on sys.path)."""
-    from pathlib import Path
-
-    import pyxf
-
-    return str(Path(pyxf.__file__).resolve().parents[1])
 
 
 @needs_core
@@ -531,14 +523,14 @@ def test_set_num_threads():
 @needs_core
 def test_num_threads_environment():
     code = "import pyxf; print(pyxf.get_num_threads())"
-    env = dict(os.environ, PYXF_NUM_THREADS="1")
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True, cwd=package_parent()).stdout.strip() == "1"
-    env.pop("PYXF_NUM_THREADS")
+    child = child_process_options()
+    child["env"]["PYXF_NUM_THREADS"] = "1"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          **child).stdout.strip() == "1"
+    child["env"].pop("PYXF_NUM_THREADS")
     from pyxf.threads import physical_core_count
 
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=package_parent())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, **child)
     assert int(out.stdout) == physical_core_count()
 
 
@@ -555,7 +547,7 @@ def test_info():
 
 def _cli(*args, input=None):
     return subprocess.run([sys.executable, "-m", "pyxf", *args], capture_output=True, text=True, input=input,
-                          timeout=300, cwd=package_parent())
+                          timeout=300, **child_process_options())
 
 
 @needs_core

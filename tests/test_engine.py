@@ -303,10 +303,7 @@ def test_a_script_that_never_closes_its_engine_exits_cleanly(pair):
         "e = pyxf.Engine(m)\n"
         "print(e.submit([3, 4, 5], max_new_tokens=4).result().finish_reason)\n"
     )
-    import pyxf
-
-    root = str(__import__("pathlib").Path(pyxf.__file__).resolve().parents[1])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": root})
+                          **helpers.child_process_options())
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() in ("length", "stop")

@@ -7,7 +7,6 @@ query against many keys (decode), query counts crossing the 64-key and query-blo
 MHA, head dims from 7 to 256; RoPE in both layouts with partial rotation.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import child_process_options
 
 core = pytest.importorskip("pyxf._core", reason="pyxf._core is not built (bash tools/dev_build.sh)")
 ops = core.ops
@@ -570,7 +570,7 @@ def test_degenerate_shapes_do_not_crash():
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
-                          env=_child_env(), cwd=_child_env()["PYTHONPATH"].split(os.pathsep)[0])
+                          **child_process_options())
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
         f"exit status {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}"
     )
@@ -587,16 +587,3 @@ def test_linear_with_empty_inner_dimension(isa, m):
         return
     np.testing.assert_array_equal(with_bias, np.broadcast_to(bias, (m, 4)))
     np.testing.assert_array_equal(without, np.zeros((m, 4)))
-
-
-def _child_env():
-    """This process's environment, with the directory that holds the pyxf being tested on the path."""
-    import os
-    from pathlib import Path
-
-    import pyxf
-
-    env = dict(os.environ)
-    package_parent = str(Path(pyxf.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    return env

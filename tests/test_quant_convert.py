@@ -477,9 +477,11 @@ def test_cli_gguf_notice_and_info(quantized_gguf, tmp_path, capsys):
     assert notice == []  # layer 1's q, k, v (Q4_1, Q8_0, Q4_1) are kept, each part in its own format
     assert main([str(quantized_gguf), str(tmp_path / "float"), "--dequantize", "--quiet"]) == 0
     cli = [sys.executable, "-m", "pyxf", "info", "--model"]
-    kept = json.loads(subprocess.run([*cli, str(tmp_path / "kept")], capture_output=True, check=True, text=True).stdout)
+    child = helpers.child_process_options()
+    kept = json.loads(subprocess.run([*cli, str(tmp_path / "kept")], capture_output=True, check=True, text=True,
+                                     **child).stdout)
     floats = json.loads(subprocess.run([*cli, str(tmp_path / "float")], capture_output=True, check=True,
-                                       text=True).stdout)
+                                       text=True, **child).stdout)
     # q8_0: the embedding and layer 1's k rows
     assert kept["model"]["formats"]["q8_0"]["tensors"] == 2 and list(floats["model"]["formats"]) == ["float32"]
     assert floats["model"]["decode_bytes"] > 2 * kept["model"]["decode_bytes"]  # the F16 down projections are float
