@@ -211,15 +211,22 @@ kernels::QuantFormat parse_quant_format(const std::string& name) {
   if (name == "q4_0") return kernels::QuantFormat::kQ4_0;
   if (name == "q4_1") return kernels::QuantFormat::kQ4_1;
   if (name == "int8") return kernels::QuantFormat::kInt8;
-  throw py::value_error("unknown quantization format '" + name + "' (q8_0, q4_0, q4_1, int8)");
+  if (name == "q5_0") return kernels::QuantFormat::kQ5_0;
+  if (name == "q5_1") return kernels::QuantFormat::kQ5_1;
+  if (name == "q4_k") return kernels::QuantFormat::kQ4_K;
+  if (name == "q5_k") return kernels::QuantFormat::kQ5_K;
+  if (name == "q6_k") return kernels::QuantFormat::kQ6_K;
+  throw py::value_error("unknown quantization format '" + name +
+                        "' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, int8)");
 }
 
 // A stored quantized matrix: uint8 rows of blocks, or int8 rows plus per-row float scales.
 kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernels::QuantFormat f, long out,
                                 long in, std::vector<py::array>& keep) {
-  if (in % kernels::kQuantBlock != 0) {
-    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " +
-                          std::to_string(kernels::kQuantBlock) + " columns, got " + std::to_string(in));
+  const int block = kernels::quant_block_cols(f);
+  if (in <= 0 || in % block != 0) {
+    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " + std::to_string(block) +
+                          " columns, got " + std::to_string(in));
   }
   if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
   py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);
@@ -245,6 +252,47 @@ kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernel
   return q;
 }
 
+// A quantized linear weight as config.json's "tensors" entry describes it: a format name (the
+// array is [out, row bytes]), or a list of [format, rows] for a matrix stored in several formats
+// (the array is the segments' bytes, one after the other).
+void bind_quantized(Linear& l, py::dict arrays, const std::string& name, py::handle spec, long out, long in,
+                    std::vector<py::array>& keep) {
+  l.quantized = true;
+  if (py::isinstance<py::str>(spec)) {
+    l.quant = quant_view(arrays, name, parse_quant_format(spec.cast<std::string>()), out, in, keep);
+    return;
+  }
+  if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
+  py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);
+  if (!(a.flags() & py::array::c_style) || a.itemsize() != 1 || a.ndim() != 1) {
+    throw py::value_error("tensor '" + name + "' (several formats) must be a C-contiguous 1-D byte array");
+  }
+  keep.push_back(a);
+  const uint8_t* data = static_cast<const uint8_t*>(a.data());
+  long rows = 0, offset = 0;
+  for (py::handle item : spec) {
+    const py::sequence pair = py::reinterpret_borrow<py::sequence>(item);
+    if (pair.size() != 2) throw py::value_error("tensor '" + name + "': segments are [format, rows] pairs");
+    const kernels::QuantFormat f = parse_quant_format(pair[0].cast<std::string>());
+    const long n = pair[1].cast<long>();
+    const int block = kernels::quant_block_cols(f);
+    if (f == kernels::QuantFormat::kInt8 || n <= 0 || in <= 0 || in % block != 0) {
+      throw py::value_error("tensor '" + name + "': bad segment (a block format whose blocks fit the " +
+                            std::to_string(in) + " columns, and a positive row count)");
+    }
+    const long bytes = n * kernels::quant_row_bytes(f, in);
+    if (offset + bytes > a.shape(0)) throw py::value_error("tensor '" + name + "' is shorter than its segments");
+    l.segments.push_back({f, data + offset, nullptr, n, in});
+    rows += n;
+    offset += bytes;
+  }
+  if (rows != out || offset != a.shape(0)) {
+    throw py::value_error("tensor '" + name + "': its segments cover " + std::to_string(rows) + " rows and " +
+                          std::to_string(offset) + " bytes, expected " + std::to_string(out) + " rows and " +
+                          std::to_string(a.shape(0)) + " bytes");
+  }
+}
+
 ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const bool layer_norm = c.norm == NormKind::kLayer;
@@ -255,9 +303,7 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats
     Linear l;
     const std::string weight = name + ".weight";
     if (formats.contains(weight)) {
-      l.quantized = true;
-      l.quant = quant_view(w.arrays(), weight, parse_quant_format(formats[weight.c_str()].cast<std::string>()),
-                           out, in, w.kept());
+      bind_quantized(l, w.arrays(), weight, formats[weight.c_str()], out, in, w.kept());
     } else {
       std::tie(l.weight, l.dtype) = w.get_matrix(weight, {out, in});
     }
@@ -266,6 +312,7 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats
   };
   ModelWeights m;
   m.embed = linear("embed", V, H);
+  if (!m.embed.segments.empty()) throw py::value_error("embed.weight must be stored in one format (rows are looked up)");
   if (c.position == PositionKind::kLearned) m.pos_embed = w.get("pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.get("token_type_embed.weight", {c.type_vocab_size, H});
   m.embed_norm = Norm{w.get("embed_norm.weight", {H}, false), w.get("embed_norm.bias", {H}, false)};
@@ -839,10 +886,7 @@ class PySeq2SeqModel {
       Linear l;
       const std::string weight = name + ".weight";
       if (dec_formats.contains(weight)) {
-        l.quantized = true;
-        l.quant = quant_view(dec_store_->arrays(), weight,
-                             parse_quant_format(dec_formats[weight.c_str()].cast<std::string>()), out, in,
-                             dec_store_->kept());
+        bind_quantized(l, dec_store_->arrays(), weight, dec_formats[weight.c_str()], out, in, dec_store_->kept());
       } else {
         std::tie(l.weight, l.dtype) = dec_store_->get_matrix(weight, {out, in});
       }

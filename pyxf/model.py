@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyxf import quant
+from pyxf import quant, quant_mix
 from pyxf.rope import rope_parameters
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
@@ -41,8 +41,10 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
-    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's weights in memory at load,
-    the tensors `pyxf convert --quantize` would (quantize_embeddings=False: embed.weight stays float).
+    quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or one
+    of llama.cpp's mixes ("q4_k_m", "q5_k_m") quantizes a float model's weights in memory at load, the
+    tensors `pyxf convert --quantize` would (pyxf.quant_mix; quantize_embeddings=False: embed.weight
+    stays float).
     """
     if path is None:
         from pyxf.hub import default_model_path
@@ -144,21 +146,35 @@ def read_config(model_dir):
 
 
 def _check_quantization(config, config_path):
-    """config.json's "quantization": {"method": str, "tensors": {name: format}} (docs/DESIGN.md)."""
+    """config.json's "quantization": {"method": str, "tensors": {name: spec}} (docs/DESIGN.md); a spec
+    is a format name or, for a tensor stored in several formats, [[format, rows], ...]."""
     q = config["quantization"]
     if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
         raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
     expected = expected_tensors(config)
-    for name, fmt in q["tensors"].items():
-        if fmt not in quant.FORMATS:
-            raise ValueError(
-                f"{config_path}: quantization of {name}: unknown format {fmt!r}; known: {', '.join(quant.FORMATS)}"
-            )
+    for name, spec in q["tensors"].items():
         if name not in expected or not quant.quantizable(name, expected[name][0], embeddings=True):
             raise ValueError(
                 f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
             )
+        rows, cols = expected[name][0]
+        if isinstance(spec, str) and spec not in quant.FORMATS:
+            raise ValueError(
+                f"{config_path}: quantization of {name}: unknown format {spec!r}; known: {', '.join(quant.FORMATS)}"
+            )
+        try:
+            parts = quant.segments(spec, rows)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: quantization of {name}: {e}; known formats: {', '.join(quant.FORMATS)}") from None
+        for fmt, _ in parts:
+            if cols % quant.block_cols(fmt):
+                raise ValueError(
+                    f"{config_path}: quantization of {name}: {fmt} needs rows of a multiple of "
+                    f"{quant.block_cols(fmt)} weights, the tensor has {cols}"
+                )
+        if name == "embed.weight" and len(parts) > 1:
+            raise ValueError(f"{config_path}: embed.weight must be stored in one format (its rows are looked up)")
 
 
 def quantized_layout(config):
@@ -167,11 +183,11 @@ def quantized_layout(config):
     formats = (config.get("quantization") or {}).get("tensors") or {}
     expected = expected_tensors(config)
     layout = {}
-    for name, fmt in formats.items():
-        rows, cols = expected[name][0]
-        layout[name] = ((rows, quant.row_bytes(fmt, cols)), quant.stored_dtype(fmt))
-        if fmt == "int8":
-            layout[quant.scale_name(name)] = ((rows,), "F32")
+    for name, spec in formats.items():
+        shape = expected[name][0]
+        layout[name] = (quant.stored_shape(spec, shape), quant.stored_dtype(spec))
+        if spec == "int8":
+            layout[quant.scale_name(name)] = ((shape[0],), "F32")
     return layout
 
 
@@ -180,11 +196,12 @@ def has_tied_head(config):
     return config.get("architecture", "decoder") == "decoder" and bool(config.get("tie_word_embeddings"))
 
 
-def quantize_weights(config, weights, fmt, embeddings=True):
-    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would
-    (pyxf.quant.planned_format); returns the config with its "quantization" entry and the new
-    {name: array} (the float arrays of the quantized tensors are no longer referenced)."""
-    quant.check_format(fmt)
+def quantize_weights(config, weights, method, embeddings=True):
+    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would, in
+    the formats `method` (a format or a mix) gives them (pyxf.quant_mix.tensor_spec); returns the
+    config with its "quantization" entry and the new {name: array} (the float arrays of the
+    quantized tensors are no longer referenced)."""
+    quant_mix.check_method(method)
     if config.get("quantization"):
         raise ValueError(
             f"this model is already quantized ({config['quantization'].get('method')}); "
@@ -192,17 +209,17 @@ def quantize_weights(config, weights, fmt, embeddings=True):
         )
     weights, formats, tied = dict(weights), {}, has_tied_head(config)
     for name, array in list(weights.items()):
-        target = quant.planned_format(name, array.shape, fmt, tied, embeddings)
-        if target is None:
+        spec = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
+        if spec is None:
             continue
         floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize(floats, target)
+        data, scales = quant.quantize_as(floats, spec)
         weights[name] = data
         if scales is not None:
             weights[quant.scale_name(name)] = scales
-        formats[name] = target
+        formats[name] = spec
     config = dict(config)
-    config["quantization"] = {"method": fmt, "tensors": formats}
+    config["quantization"] = {"method": method, "tensors": formats}
     return config, weights
 
 
@@ -218,13 +235,23 @@ def weight_summary(config, weights):
     one_row = {"pos_embed.weight", "token_type_embed.weight"}
     if not has_tied_head(config):
         one_row.add("embed.weight")
+    expected = expected_tensors(config)
     formats, decode_bytes = {}, 0
+
+    def count(fmt, tensors, nbytes):
+        entry = formats.setdefault(fmt, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += tensors
+        entry["bytes"] += nbytes
+
     for name, array in weights.items():
         owner = scale_of.get(name, name)
-        fmt = quantized.get(owner, config["dtype"])
-        entry = formats.setdefault(fmt, {"tensors": 0, "bytes": 0})
-        entry["tensors"] += owner == name
-        entry["bytes"] += array.nbytes
+        spec = quantized.get(owner, config["dtype"])
+        if isinstance(spec, str):
+            count(spec, owner == name, array.nbytes)
+        else:  # several formats: each segment's bytes under its format (the tensor counts in each)
+            rows, cols = expected[name][0]
+            for fmt, n in quant.segments(spec, rows):
+                count(fmt, 1, n * quant.row_bytes(fmt, cols))
         decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
     if config.get("architecture", "decoder") != "decoder":
         decode_bytes = None  # encoders run whole sequences; encoder-decoder steps read the decoder only

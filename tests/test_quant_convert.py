@@ -21,6 +21,8 @@ QTYPES = {
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
     "q4_0": gguf.GGMLQuantizationType.Q4_0,
     "q4_1": gguf.GGMLQuantizationType.Q4_1,
+    "q5_0": gguf.GGMLQuantizationType.Q5_0,
+    "q5_1": gguf.GGMLQuantizationType.Q5_1,
 }
 
 
@@ -52,7 +54,7 @@ def test_block_quantization_is_bit_exact_with_gguf(fmt, scale):
 
 
 def test_block_quantization_in_row_chunks_matches_whole(monkeypatch):
-    w = awkward_matrix(np.random.default_rng(1), 50, 64)
+    w = awkward_matrix(np.random.default_rng(1), 50, 256)
     whole = {fmt: quant.quantize(w, fmt) for fmt in quant.FORMATS}
     monkeypatch.setattr(quant, "_CHUNK_ROWS", 7)
     for fmt in quant.FORMATS:
@@ -87,22 +89,29 @@ def test_quantizable_names():
     assert not quant.quantizable("pos_embed.weight", (100, 64), embeddings=True)
     assert not quant.quantizable("pooler.dense.weight", (64, 64), embeddings=True)
     with pytest.raises(ValueError, match="unknown quantization format"):
-        quant.quantize(np.zeros((1, 32), np.float32), "q5_0")
+        quant.quantize(np.zeros((1, 32), np.float32), "q3_k")
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quant.quantize(np.zeros((1, 288), np.float32), "q4_k")
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize(np.zeros((1, 48), np.float32), "q4_0")
 
 
 def test_planned_formats_follow_llama_cpp():
     """--quantize F quantizes what llama.cpp's quantizer does: linear weights, the token embedding and
-    the head, a 4-bit model's head (lm_head, or the tied embedding) at 8 bits; not norms or biases."""
+    the head, the head (lm_head, or the tied embedding) of a model below 8 bits at q6_k; not norms or
+    biases. K-quants fall back where rows are not a multiple of 256, as llama.cpp's do."""
     plan = quant.planned_format
+    fallback = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
     for fmt in quant.FORMATS:
-        head = "q8_0" if fmt in ("q4_0", "q4_1") else fmt
-        assert plan("layers.0.ffn.down.weight", (64, 96), fmt, tied_head=True) == fmt
-        assert plan("embed.weight", (100, 64), fmt, tied_head=False) == fmt
-        assert plan("lm_head.weight", (100, 64), fmt, tied_head=False) == head
-        assert plan("embed.weight", (100, 64), fmt, tied_head=True) == head
-        assert plan("embed.weight", (100, 64), fmt, tied_head=True, embeddings=False) is None
+        below_8_bits = fmt not in ("int8", "q8_0")
+        for cols in (64, 512):
+            body = fmt if cols % quant.block_cols(fmt) == 0 else fallback[fmt]
+            head = ("q6_k" if cols % 256 == 0 else "q8_0") if below_8_bits else fmt
+            assert plan("layers.0.ffn.down.weight", (64, cols), fmt, tied_head=True) == body
+            assert plan("embed.weight", (100, cols), fmt, tied_head=False) == body
+            assert plan("lm_head.weight", (100, cols), fmt, tied_head=False) == head
+            assert plan("embed.weight", (100, cols), fmt, tied_head=True) == head
+            assert plan("embed.weight", (100, cols), fmt, tied_head=True, embeddings=False) is None
         assert plan("layers.0.attn_norm.weight", (64,), fmt, tied_head=True) is None
         assert plan("layers.0.attn.qkv.bias", (96,), fmt, tied_head=True) is None
         assert plan("pos_embed.weight", (100, 64), fmt, tied_head=True) is None
@@ -137,14 +146,16 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_convert_quantizes_linear_weights(tiny_models, tmp_path, fmt):
-    # hidden 96, intermediate 200: ffn.down's rows (200) are not a multiple of 32 and stay float
+    # hidden 96, intermediate 200: ffn.down's rows (200) are not a multiple of 32 and stay float;
+    # K-quants need rows of 256 and fall back as llama.cpp's do (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0)
     _, float_dir = tiny_models("llama_mqa_d32")
     out = convert_quiet(float_dir.parent / "llama_mqa_d32-hf", tmp_path / fmt, quantize=fmt)
     config, tensors = read_dir(out)
     _, floats = read_dir(float_dir)
-    expected = {f"layers.{i}.{k}.weight": fmt for i in range(2) for k in ("attn.qkv", "attn.out", "ffn.gate_up")}
-    expected["embed.weight"] = fmt  # untied: the embedding in the model's format, the head at 8 bits for 4-bit ones
-    expected["lm_head.weight"] = "q8_0" if fmt in ("q4_0", "q4_1") else fmt
+    small = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}.get(fmt, fmt)  # rows of 96: no K-quant blocks
+    expected = {f"layers.{i}.{k}.weight": small for i in range(2) for k in ("attn.qkv", "attn.out", "ffn.gate_up")}
+    expected["embed.weight"] = small  # untied: the embedding in the model's format, the head at 8 bits below 8
+    expected["lm_head.weight"] = fmt if fmt in ("int8", "q8_0") else "q8_0"  # (q6_k, falling back on rows of 96)
     assert config["quantization"] == {"method": fmt, "tensors": expected}
     assert config["dtype"] == "float32"
     for name, stored in expected.items():
@@ -174,11 +185,13 @@ def test_quantized_models_run_close_to_float(tiny_models, tmp_path, fmt):
     converted = pyxf.load(convert_quiet(float_dir.parent / "llama_mqa_d32-hf", tmp_path / fmt, quantize=fmt))
     at_load = pyxf.load(float_dir, quantize=fmt)
     assert at_load.config["quantization"] == converted.config["quantization"]
-    count = list(at_load.config["quantization"]["tensors"].values()).count(fmt)
-    assert f" {fmt} {count} tensors " in repr(at_load) and "decode reads" in repr(at_load)
+    stored = list(at_load.config["quantization"]["tensors"].values())
+    common = max(set(stored), key=stored.count)  # fmt, or the K-quants' fallback on rows of 96
+    assert f" {common} {stored.count(common)} tensors " in repr(at_load) and "decode reads" in repr(at_load)
     logits = converted.logits(ids)
     np.testing.assert_array_equal(at_load.logits(ids), logits)  # the same arrays, the same arithmetic
-    bound = {"int8": 0.08, "q8_0": 0.08, "q4_0": 0.5, "q4_1": 0.5}[fmt]  # 4-bit embeddings too
+    bound = {"int8": 0.08, "q8_0": 0.08, "q4_0": 0.5, "q4_1": 0.5, "q5_0": 0.35, "q5_1": 0.35,
+             "q4_k": 0.35, "q5_k": 0.35, "q6_k": 0.08}[fmt]  # embeddings too; K-quants fall back here
     assert relative_error(logits, reference) < bound
     generated = pyxf.generate(converted, [ids[:5]], max_new_tokens=4, temperature=0)
     assert len(generated[0]) == 4
@@ -192,10 +205,11 @@ def test_quantized_embeddings_serve_as_tied_head(tiny_models, tmp_path):
     hf_dir = float_dir.parent / "qwen2_d128_tied-hf"
     ids = helpers.random_ids(640, 30, seed=4)
     reference = pyxf.load(float_dir).logits(ids)
-    for fmt in ("q8_0", "q4_0"):  # the tied head of a 4-bit model at q8_0, as llama.cpp stores it
+    # hidden 256: the tied head of a 4-bit model at q6_k, as llama.cpp stores it
+    for fmt, head in (("q8_0", "q8_0"), ("q4_0", "q6_k")):
         out = convert_quiet(hf_dir, tmp_path / fmt, quantize=fmt)
         config, tensors = read_dir(out)
-        assert config["tie_word_embeddings"] and config["quantization"]["tensors"]["embed.weight"] == "q8_0"
+        assert config["tie_word_embeddings"] and config["quantization"]["tensors"]["embed.weight"] == head
         assert config["quantization"]["tensors"]["layers.0.attn.qkv.weight"] == fmt
         assert "lm_head.weight" not in tensors and tensors.dtypes["embed.weight"] == "U8"
         logits = pyxf.load(out).logits(ids)
@@ -374,8 +388,10 @@ def test_gguf_blocks_are_kept_by_default(quantized_gguf, tmp_path):
     from pyxf.convert.gguf_import import _open_reader
 
     floats_dir = convert_quiet(quantized_gguf, tmp_path / "float", dequantize=True)
-    with pytest.warns(UserWarning, match=r"1 quantized tensor\(s\) stored as float32: .*layers.1.attn.qkv.weight: Q4_1\+Q8_0"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         kept_dir = convert(quantized_gguf, tmp_path / "kept", progress=False)
+    assert not [w for w in caught if "stored as" in str(w.message)]  # every quantized tensor kept
     _, floats = read_dir(floats_dir)
     assert not read_dir(floats_dir)[0].get("quantization") and set(floats.dtypes.values()) == {"F32"}
     config, kept = read_dir(kept_dir)
@@ -386,6 +402,7 @@ def test_gguf_blocks_are_kept_by_default(quantized_gguf, tmp_path):
             "layers.0.attn.qkv.weight": "q4_1",
             "layers.0.attn.out.weight": "q4_1",
             "layers.0.ffn.gate_up.weight": "q4_0",
+            "layers.1.attn.qkv.weight": [["q4_1", 64], ["q8_0", 32], ["q4_1", 32]],  # q, k, v as stored
             "layers.1.attn.out.weight": "q4_1",
             "layers.1.ffn.gate_up.weight": "q4_0",
         },
@@ -396,11 +413,22 @@ def test_gguf_blocks_are_kept_by_default(quantized_gguf, tmp_path):
                                   np.concatenate([raw["blk.0.ffn_gate.weight"], raw["blk.0.ffn_up.weight"]]))
     # un-permuted block rows dequantize (gguf's reference) to exactly the float import's un-permuted rows
     for name, fmt in config["quantization"]["tensors"].items():
-        np.testing.assert_array_equal(gguf.quants.dequantize(kept[name], QTYPES[fmt]), floats[name], err_msg=name)
-    # mixed Q4_1 / Q8_0 sources, and F16: floats
-    for name in ("layers.1.attn.qkv.weight", "layers.0.ffn.down.weight"):
-        assert kept.dtypes[name] == "F32"
-        np.testing.assert_array_equal(kept[name], floats[name])
+        np.testing.assert_array_equal(gguf_dequantize(kept[name], fmt, floats[name].shape), floats[name], err_msg=name)
+    # F16: floats
+    assert kept.dtypes["layers.0.ffn.down.weight"] == "F32"
+    np.testing.assert_array_equal(kept["layers.0.ffn.down.weight"], floats["layers.0.ffn.down.weight"])
+
+
+def gguf_dequantize(data, spec, shape):
+    """gguf's reference dequantization of a stored tensor, segment by segment."""
+    rows, cols = shape
+    out, start = [], 0
+    for fmt, n in quant.segments(spec, rows):
+        size = n * quant.row_bytes(fmt, cols)
+        part = np.asarray(data).reshape(-1)[start : start + size].reshape(n, -1)
+        out.append(gguf.quants.dequantize(part, QTYPES[fmt]).reshape(n, cols))
+        start += size
+    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
@@ -432,7 +460,8 @@ def test_gguf_kept_model_runs_like_its_float_import(quantized_gguf, tmp_path):
     assert relative_error(kept.logits(ids), floats.logits(ids)) < 0.03
     summary = kept.weight_summary()
     assert set(summary["formats"]) == {"q4_1", "q4_0", "q8_0", "float32"}
-    assert summary["formats"]["q8_0"] == {"tensors": 1, "bytes": 256 * 2 * 34}  # the embedding, also the head
+    # q8_0: the embedding (also the head) and layer 1's k rows (its q, v rows are q4_1)
+    assert summary["formats"]["q8_0"] == {"tensors": 2, "bytes": 256 * 2 * 34 + 32 * 2 * 34}
     assert summary["decode_bytes"] == sum(e["bytes"] for e in summary["formats"].values())
 
 
@@ -445,12 +474,73 @@ def test_cli_gguf_notice_and_info(quantized_gguf, tmp_path, capsys):
 
     assert main([str(quantized_gguf), str(tmp_path / "kept"), "--quiet"]) == 0
     notice = [line for line in capsys.readouterr().err.splitlines() if "stored as float32" in line]
-    assert notice == ["pyxf convert: tiny-q.gguf: 1 quantized tensor(s) stored as float32: 1 tensor(s) join parts "
-                      "of different types (layers.1.attn.qkv.weight: Q4_1+Q8_0)"]
+    assert notice == []  # layer 1's q, k, v (Q4_1, Q8_0, Q4_1) are kept, each part in its own format
     assert main([str(quantized_gguf), str(tmp_path / "float"), "--dequantize", "--quiet"]) == 0
     cli = [sys.executable, "-m", "pyxf", "info", "--model"]
     kept = json.loads(subprocess.run([*cli, str(tmp_path / "kept")], capture_output=True, check=True, text=True).stdout)
     floats = json.loads(subprocess.run([*cli, str(tmp_path / "float")], capture_output=True, check=True,
                                        text=True).stdout)
-    assert kept["model"]["formats"]["q8_0"]["tensors"] == 1 and list(floats["model"]["formats"]) == ["float32"]
-    assert floats["model"]["decode_bytes"] > 2 * kept["model"]["decode_bytes"]  # F16 / mixed ones are float
+    # q8_0: the embedding and layer 1's k rows
+    assert kept["model"]["formats"]["q8_0"]["tensors"] == 2 and list(floats["model"]["formats"]) == ["float32"]
+    assert floats["model"]["decode_bytes"] > 2 * kept["model"]["decode_bytes"]  # the F16 down projections are float
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])
+def test_k_quant_mixes_run_close_to_float(tiny_models, tmp_path, mix):
+    # llama.cpp's mixes on a 2-layer model: layer 1 is a "more bits" layer (the last eighth), so its
+    # attention v rows are q6_k, falling back to q8_0 on rows of 96; layer 0 is all q4_k / q5_k
+    helpers.require_core()
+    import pyxf
+
+    _, float_dir = tiny_models("llama_mqa_d32")
+    ids = helpers.random_ids(384, 40, seed=3)
+    reference = pyxf.load(float_dir).logits(ids)
+    converted = pyxf.load(convert_quiet(float_dir.parent / "llama_mqa_d32-hf", tmp_path / mix, quantize=mix))
+    formats = converted.config["quantization"]["tensors"]
+    base = {"q4_k_m": "q5_0", "q5_k_m": "q5_1"}[mix]  # q4_k / q5_k on rows of 96
+    c = converted.config
+    v_rows = c["num_kv_heads"] * c["head_dim"]
+    qk_rows = (c["num_heads"] + c["num_kv_heads"]) * c["head_dim"]
+    assert formats["layers.0.attn.qkv.weight"] == base
+    assert formats["layers.1.attn.qkv.weight"] == [[base, qk_rows], ["q8_0", v_rows]]
+    assert formats["embed.weight"] == base and formats["lm_head.weight"] == "q8_0"
+    assert "layers.0.ffn.down.weight" not in formats  # 200 columns: not even 32-blocks
+    at_load = pyxf.load(float_dir, quantize=mix)
+    assert at_load.config["quantization"] == converted.config["quantization"]
+    np.testing.assert_array_equal(at_load.logits(ids), converted.logits(ids))
+    assert relative_error(converted.logits(ids), reference) < 0.3
+    assert len(pyxf.generate(converted, [ids[:5]], max_new_tokens=4, temperature=0)[0]) == 4
+
+
+def test_load_rejects_bad_segments(quantized_gguf, tmp_path):
+    helpers.require_core()
+    import shutil
+
+    import pyxf
+
+    out = convert_quiet(quantized_gguf, tmp_path / "kept")
+    name = "layers.1.attn.qkv.weight"
+
+    def variant(tag, spec):
+        path = tmp_path / tag
+        shutil.copytree(out, path)
+        config = json.loads((path / "config.json").read_text())
+        config["quantization"]["tensors"][name] = spec
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    for tag, spec, message in [
+        ("rows", [["q4_1", 64], ["q8_0", 32], ["q4_1", 16]], "cover 112 rows, not 128"),
+        ("int8", [["q4_1", 64], ["int8", 64]], "bad segment"),
+        ("fmt", [["q4_1", 64], ["q9_9", 64]], "unknown quantization format 'q9_9'"),
+        ("shape", [["q4_1", 64], ["q4_1", 64]], f"tensor {name} has shape"),  # bytes of q8_0 rows stored
+        ("ksize", [["q4_k", 128]], "q4_k needs rows of a multiple of 256"),
+        ("pairs", [["q4_1"], ["q8_0", 32]], "format name or"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pyxf.load(variant(tag, spec))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"]["tensors"]["embed.weight"] = [["q8_0", 128], ["q8_0", 128]]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="embed.weight must be stored in one format"):
+        pyxf.load(out)

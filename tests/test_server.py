@@ -19,7 +19,9 @@ import pyxf  # noqa: E402
 from pyxf import hub  # noqa: E402
 from serving import API_KEY, Server  # noqa: E402
 
-CHAT = hub.DEFAULT_MODEL_NAME
+# The float32 default model: what a request gets must not depend on its batch, and the float32 kernels
+# guarantee that bit for bit (the quantized default's batch-1 and batched kernels round differently).
+CHAT = hub.FLOAT32_MODEL_NAME
 EMBED = hub.MINILM_MODEL_NAME
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # About 220 tokens: three full 64-token blocks of prefix shared by the prefix-cache test's requests.
@@ -38,9 +40,10 @@ SYSTEM_PROMPT = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The default models, an API key, a 1 MiB body limit."""
+    """The float32 default model and all-MiniLM-L6-v2, an API key, a 1 MiB body limit."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    s = Server(["--max-body-mb", "1"], api_key=API_KEY, log_path=log)
+    models = [f"{CHAT}={hub.float32_model_path()}", f"{EMBED}={hub.minilm_model_path()}"]
+    s = Server([*models, "--max-body-mb", "1"], api_key=API_KEY, log_path=log)
     yield s
     assert s.stop() == 0, s.log_text()
 
@@ -52,7 +55,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def model():
-    return pyxf.load(hub.default_model_path())
+    return pyxf.load(hub.float32_model_path())
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ BLOCK_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def model():
-    return pyxf.load(hub.default_model_path())
+    return pyxf.load(hub.float32_model_path())  # batch-invariant kernels: outputs equal to running alone
 
 
 def kv_mb_for_blocks(model, blocks):
@@ -55,7 +55,7 @@ class Monitor(threading.Thread):
 
 
 def test_small_kv_budget_queues_requests_and_all_finish(model, tmp_path):
-    server = Server([f"{CHAT}={hub.default_model_path()}", "--kv-cache-mb", f"{kv_mb_for_blocks(model, 3):.3f}"],
+    server = Server([f"{CHAT}={hub.float32_model_path()}", "--kv-cache-mb", f"{kv_mb_for_blocks(model, 3):.3f}"],
                     log_path=tmp_path / "server.log")
     try:
         assert server.stats(CHAT)["kv_blocks_total"] == 3  # room for about 3 requests of < 64 tokens
@@ -94,7 +94,7 @@ def _stream(server, body, events):
 
 
 def test_full_queue_answers_503_and_sigterm_lets_requests_finish(model, tmp_path):
-    server = Server([f"{CHAT}={hub.default_model_path()}", "--max-batch", "1", "--max-queue", "1"],
+    server = Server([f"{CHAT}={hub.float32_model_path()}", "--max-batch", "1", "--max-queue", "1"],
                     log_path=tmp_path / "server.log")
     never_stop = {str(t): -100 for t in model.eos_token_ids}
     prompt = "The history of the lighthouse"
@@ -128,6 +128,22 @@ def test_full_queue_answers_503_and_sigterm_lets_requests_finish(model, tmp_path
         assert events[-1] == "[DONE]"
         assert events[-2]["usage"]["completion_tokens"] == 96
         assert "".join(e["choices"][0]["text"] for e in events[:-2] if e["choices"]) == expected
+
+
+def test_no_model_serves_the_default_models(tmp_path):
+    server = Server([], log_path=tmp_path / "server.log")
+    try:
+        client = server.openai()
+        assert sorted(m.id for m in client.models.list()) == sorted([hub.DEFAULT_MODEL_NAME, hub.MINILM_MODEL_NAME])
+        reply = client.chat.completions.create(model=hub.DEFAULT_MODEL_NAME, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Say hi"}])
+        default = pyxf.load(hub.default_model_path())
+        assert reply.choices[0].message.content == pyxf.generate(
+            default, messages=[{"role": "user", "content": "Say hi"}], max_new_tokens=8)
+        embedding = client.embeddings.create(model=hub.MINILM_MODEL_NAME, input="hi").data[0].embedding
+        assert len(embedding) == 384
+    finally:
+        assert server.stop() == 0, server.log_text()
 
 
 def _wait(condition, timeout=30.0):

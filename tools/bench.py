@@ -26,15 +26,17 @@ Workloads (SmolLM2-135M-Instruct by default):
            cached; Encoder.forward_batch); those two run this workload only.
   translate  tools/bench_seq2seq.py: a Marian-sized random model, 64 sources, greedy and beam 4, target
            tokens/s of pyxf, transformers and CTranslate2; its table is added to the report.
+  quality  tools/bench_quant.py: perplexity and top-1 agreement with float32 of the Q8_0, Q4_1, Q4_K_M,
+           Q5_K_M and Q6_K files in pyxf and in llama.cpp, on 1,025 tokens of prose.
   serve    tools/bench_serve.py: `pyxf serve` beside llama-cpp-python's OpenAI server on the same Q8_0
            GGUF weights, 1/4/16/64 concurrent streaming chat clients (tokens/s, TTFT, inter-token
            latency, failures, RSS) and a shared-system-prompt test of the prefix cache; its section is
            added to the report (`python tools/bench_serve.py --update-report BENCHMARKS.md` re-runs
            it alone and replaces that section).
 
-Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1
-(engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 GGUF files of
-the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
+Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1 /
+Q4_K_M (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 /
+Q4_K_M GGUF files of the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
 ct2-int8). The files are made once and cached. The report adds the memory-bandwidth roofline: the
 read bandwidth of --threads threads (numpy sums over a 1 GiB array) divided by the weight bytes one
 decode step reads gives each engine's ceiling in tokens/s, and its measured decode speed is reported
@@ -65,7 +67,7 @@ which_pyxf.use_checkout_if_built()
 import bench_peers  # noqa: E402
 import bench_quant  # noqa: E402
 
-WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "serve")
+WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "quality", "serve")
 DECODER_WORKLOADS = ("decode", "prefill", "batch8", "memory")
 DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_quant.QUANT_ENGINE_NAMES)
 ENCODE = {"sentences": 512, "min_words": 40, "max_words": 120, "batch": 32, "max_length": 128}
@@ -568,7 +570,7 @@ def method_lines(spec):
     return lines
 
 
-def report(args, spec, machine, records, started, loads, plot_name):
+def report(args, spec, machine, records, started, loads, plot_name, quality=None):
     engines = args.engines
     pyxf_versions = records.get(REFERENCE, {}).get("versions", {})
     command = "python tools/bench.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(report_args(sys.argv[1:])))
@@ -613,6 +615,7 @@ def report(args, spec, machine, records, started, loads, plot_name):
         lines += [f"![benchmark plot]({plot_name})", ""]
     lines += bench_quant.report_section(engines, records, spec, {e: bench_peers.ENGINES[e].label for e in engines},
                                         common_prefix)
+    lines += bench_quant.quality_section(quality)
     if problems:
         lines += ["Failures:", "", *problems, ""]
     lines += [
@@ -658,7 +661,7 @@ def main(argv=None):
         "decode_prompt": [], "decode_new_tokens": args.sizes["decode_new_tokens"],
         "batch_prompts": [[]], "batch_new_tokens": args.sizes["batch_new_tokens"], "prefill_ids": [],
     }
-    if any(w in DECODER_WORKLOADS for w in args.workloads):
+    if any(w in DECODER_WORKLOADS for w in args.workloads) or "quality" in args.workloads:
         model_dir, config, gguf = resolve_model(args)
         decode_prompt, batch, prefill = build_prompts(model_dir, config, args.sizes)
         base.update(model_dir=str(model_dir), gguf=str(gguf) if gguf else None, decode_prompt=decode_prompt,
@@ -677,7 +680,7 @@ def main(argv=None):
                     encode_texts=texts, encode_tokens=real_tokens, encode_batch=ENCODE["batch"],
                     encode_max_length=ENCODE["max_length"])
     quant_engines = [e for e in args.engines if e in bench_quant.QUANT_ENGINE_NAMES]
-    if quant_engines and base["gguf"]:
+    if (quant_engines or "quality" in args.workloads) and base["gguf"]:
         from pyxf import hub
 
         base["quant"] = bench_quant.prepare(base["gguf"], hub.cache_dir() / "bench" / "quant", args.threads,
@@ -707,6 +710,10 @@ def main(argv=None):
                 records[engine]["encode_min_cosine"] = cosine
     translation = run_translation(args) if "translate" in args.workloads else None
     serving = run_serving(args) if "serve" in args.workloads else None
+    quality = None
+    if "quality" in args.workloads and base.get("quant"):
+        print("bench: quality of the quantized files (pyxf, llama.cpp)", file=sys.stderr, flush=True)
+        quality = bench_quant.quality(base["quant"], args.threads)
     loads.append(os.getloadavg()[0])
     for engine in ("pyxf", "torch"):  # float32 engines reading the float32 weights
         if engine in records and base["model_dir"] and "decode" in records[engine]["results"]:
@@ -724,7 +731,7 @@ def main(argv=None):
         output = Path(args.output)
         plot = output.with_name(f"{output.stem}-{slug(machine['cpu_title'])}.png")
         plot_name = plot.name if write_plot(plot, args.engines, records, spec) else None
-        text = report(args, spec, machine, records, started, loads, plot_name)
+        text = report(args, spec, machine, records, started, loads, plot_name, quality)
         for section in (translation, serving):
             if section:
                 text = text.replace("## Machine\n", section + "\n## Machine\n", 1)
@@ -735,6 +742,7 @@ def main(argv=None):
         for section in (translation, serving):
             if section:
                 print(section)
+        print("\n".join(bench_quant.quality_section(quality)))
     return 0
 
 

@@ -75,6 +75,8 @@ def parse_args(argv):
                    help="skip the shared-system-prompt test")
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS",
                    help=f"also run {SOAK_CLIENTS} clients against pyxf for this long (the issue's soak: 600)")
+    p.add_argument("--kv-cache-mb", type=float, default=PYXF_KV_CACHE_MB,
+                   help=f"pyxf serve's KV cache budget (default {PYXF_KV_CACHE_MB})")
     p.add_argument("--quick", action="store_true", help="a smoke run: 16 new tokens, concurrency 1 and 4")
     p.add_argument("--output", help="write the report section (Markdown) to this file")
     p.add_argument("--update-report", metavar="BENCHMARKS.md",
@@ -223,12 +225,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(name, files, threads, logdir, prefix_cache=True):
+def running_server(name, files, threads, logdir, prefix_cache=True, kv_cache_mb=PYXF_KV_CACHE_MB):
     gguf, model_dir = files
     port = free_port()
     if name == "pyxf":
         command = [sys.executable, "-m", "pyxf", "serve", f"smollm2-q8_0={model_dir}", "--port", str(port),
-                   "--threads", str(threads), "--kv-cache-mb", str(PYXF_KV_CACHE_MB), "--log-level", "warning"]
+                   "--threads", str(threads), "--kv-cache-mb", str(kv_cache_mb), "--log-level", "warning"]
         if not prefix_cache:
             command.append("--no-prefix-cache")
     else:
@@ -371,7 +373,8 @@ async def soak(server, prompts, new_tokens, never_stop, seconds, clients=SOAK_CL
     after_warmup = next((rss for t, rss in samples if t >= SOAK_WARMUP_S), samples[0][1])
     return {**summarize(records, wall), "seconds": seconds, "clients": clients, "rss_after_warmup": after_warmup,
             "rss_end": samples[-1][1], "rss_max": max(rss for _, rss in samples),
-            "rss_growth": (samples[-1][1] - after_warmup) / after_warmup}
+            "rss_growth": (samples[-1][1] - after_warmup) / after_warmup,
+            "rss_samples": [(round(t, 1), rss) for t, rss in samples]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,17 +449,18 @@ def main(argv=None):
         "gguf": tilde(files[0]), "model_dir": tilde(files[1]), "pyxf_revision": git_revision(),
         "prompt_tokens": [prompt_tokens(tokenizer, m) for m in prompts],
         "shared_prefix_tokens": prompt_tokens(tokenizer, shared[0][:1]),
-        "pyxf_kv_cache_mb": PYXF_KV_CACHE_MB, "llama_cpp_version": _llama_cpp_version(), "pyxf_version": pyxf.__version__,
+        "pyxf_kv_cache_mb": args.kv_cache_mb, "llama_cpp_version": _llama_cpp_version(), "pyxf_version": pyxf.__version__,
     }
     results = {"levels": {name: {} for name in args.servers}, "shared_prefix": {}, "offline": None, "soak": None}
     with tempfile.TemporaryDirectory(prefix="pyxf-bench-serve-") as logdir, contextlib.ExitStack() as stack:
         # All servers up at once, and each measurement taken on one right after the other: load from
         # other work on the machine then falls on both alike. An idle server costs nothing.
-        servers = {name: stack.enter_context(running_server(name, files, args.threads, logdir))
+        servers = {name: stack.enter_context(running_server(name, files, args.threads, logdir,
+                                                             kv_cache_mb=args.kv_cache_mb))
                    for name in args.servers}
         if "pyxf" in args.servers and args.prefix_test:
             servers["pyxf-no-prefix-cache"] = stack.enter_context(
-                running_server("pyxf", files, args.threads, logdir, prefix_cache=False))
+                running_server("pyxf", files, args.threads, logdir, prefix_cache=False, kv_cache_mb=args.kv_cache_mb))
         for server in servers.values():
             asyncio.run(run_clients(server, [prompts[:1]], 8, never_stop))  # warm-up
         for n in args.concurrency:
@@ -584,7 +588,8 @@ def soak_section(spec, soak, machine, started, loads):
         "",
         f"`tools/bench_serve.py --soak {s['seconds']:g}` on {started:%Y-%m-%d %H:%M} UTC ({spec['pyxf_revision']}), "
         f"{machine['cpu']}: {s['clients']} streaming chat clients against pyxf serve (the setup above, "
-        f"{spec['new_tokens']} new tokens per request), each sending its next request as soon as one ends.",
+        f"`--kv-cache-mb {spec['pyxf_kv_cache_mb']:g}`, {spec['new_tokens']} new tokens per request), each sending "
+        f"its next request as soon as one ends.",
         "",
         f"- {s['requests']} requests, {s['failed']} failed or lost; {s['tokens_per_s']:.1f} output tokens/s; "
         f"TTFT p50 {_fmt_s(s['ttft_p50'])}, p99 {_fmt_s(s['ttft_p99'])}; ITL p50 {_fmt_s(s['itl_p50'])}, "

@@ -27,7 +27,7 @@ bool has_avx512() {
   __builtin_cpu_init();
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2");
 }
 
 const Isa kIsas[] = {
@@ -103,11 +103,16 @@ bool set_quant_gemv(const char* name) {
 }
 
 int quant_row_bytes(QuantFormat f, long cols) {
-  const long blocks = cols / kQuantBlock;
+  const long blocks = cols / quant_block_cols(f);
   switch (f) {
     case QuantFormat::kQ8_0: return (int)(blocks * (2 + kQuantBlock));
     case QuantFormat::kQ4_0: return (int)(blocks * (2 + kQuantBlock / 2));
     case QuantFormat::kQ4_1: return (int)(blocks * (4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_0: return (int)(blocks * (2 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_1: return (int)(blocks * (4 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ4_K: return (int)(blocks * 144);
+    case QuantFormat::kQ5_K: return (int)(blocks * 176);
+    case QuantFormat::kQ6_K: return (int)(blocks * 210);
     case QuantFormat::kInt8:
     default: return (int)cols;
   }

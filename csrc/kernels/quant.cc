@@ -9,6 +9,10 @@
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+// The 5-bit and K-quant formats (is_quant_k_format) run in quant_k.cc.
+void linear_quant_k(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate);
+void linear_quant_gated_k(const float* x, long M, const QuantWeight& w, Activation act, float* y);
+void dequantize_row_k(const QuantWeight& w, long row, float* out);
 
 namespace {
 
@@ -863,6 +867,10 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
+  if (is_quant_k_format(w.format)) {
+    linear_quant_k(x, M, w, bias, y, accumulate);
+    return;
+  }
   if (M >= kQuantGemmRows) {
 #if defined(PYXF_TARGET_avx512)
     linear_quant_vnni(x, M, w, bias, y, accumulate);
@@ -908,7 +916,11 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #if defined(PYXF_TARGET_avx512)
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
   if (M >= kQuantGemmRows) {
-    linear_quant_gated_vnni(x, M, w, act, y);
+    if (is_quant_k_format(w.format)) {
+      linear_quant_gated_k(x, M, w, act, y);
+    } else {
+      linear_quant_gated_vnni(x, M, w, act, y);
+    }
     return;
   }
   float* gu = (float*)malloc(sizeof(float) * M * w.rows + 64);
@@ -921,6 +933,10 @@ void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation
 #endif
 
 void dequantize_row(const QuantWeight& w, long row, float* out) {
+  if (is_quant_k_format(w.format)) {
+    dequantize_row_k(w, row, out);
+    return;
+  }
   const long row_bytes = quant_row_bytes(w.format, w.cols);
   const uint8_t* src = w.data + row * row_bytes;
   const int bb = block_bytes(w.format);

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quant
+from .. import quant, quant_mix
 from ..model import has_tied_head
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
 from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
@@ -171,15 +171,28 @@ def _progress(items, enabled: bool, total: int):
 _ROW_TRANSFORMS = (None, "unpermute_q", "unpermute_k")
 
 
-def _stored_format(p, ckpt: Checkpoint, shape: tuple) -> str | None:
-    """The pyxf format in which `p` can be copied from a GGUF file as stored: all its sources in
-    the same natively run block type (gguf_import.KEPT_TYPES), moved by whole rows; else None."""
+def _stored_format(p, ckpt: Checkpoint, shape: tuple):
+    """The spec in which `p` can be copied from a GGUF file as stored: all its sources in natively
+    run block types (gguf_import.KEPT_TYPES), moved by whole rows. A format name, or [[format,
+    rows], ...] when the sources differ (the q, k / v rows of a Q4_K_M file; not the embedding,
+    whose rows are looked up); else None."""
     if not quant.quantizable(p.target, shape, embeddings=True):
         return None
-    formats = {getattr(ckpt.tensors[s.name], "block_format", None) for s in p.sources}
-    if len(formats) != 1 or None in formats or any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
+    if any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
         return None
-    return formats.pop()
+    parts = []
+    for s in p.sources:
+        tensor = ckpt.tensors[s.name]
+        fmt = getattr(tensor, "block_format", None)
+        if fmt is None:
+            return None
+        if parts and parts[-1][0] == fmt:
+            parts[-1][1] += tensor.shape[0]
+        else:
+            parts.append([fmt, tensor.shape[0]])
+    if len(parts) == 1:
+        return parts[0][0]
+    return None if p.target == "embed.weight" else parts
 
 
 _UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
@@ -193,23 +206,23 @@ def _quantized_source_types(p, ckpt: Checkpoint) -> list[str]:
 
 @dataclass
 class _FormatPlan:
-    formats: dict  # target -> pyxf format, for every tensor stored quantized
+    formats: dict  # target -> pyxf format (or [[format, rows], ...]), for every tensor stored quantized
     copied: set  # targets whose GGUF blocks are written as stored
     dequantized: dict  # target -> its quantized GGUF source types, for tensors stored as floats
 
 
 def _plan_formats(ckpt, plan, shapes, quantize, quantize_embeddings, dequantize) -> _FormatPlan:
-    """Which format each tensor is stored in. --quantize F: the tensors llama.cpp's quantizer
-    quantizes (quant.planned_format), re-quantized from their float values unless the source
-    already holds exactly those blocks; no flags: every GGUF tensor in the block format it is
-    stored in when the core runs that format, else floats; dequantize: floats throughout."""
+    """Which format each tensor is stored in. --quantize F (a format or a mix): the tensors llama.cpp's
+    quantizer quantizes, in F's formats (quant_mix.tensor_spec), re-quantized from their float values
+    unless the source already holds exactly those blocks; no flags: every GGUF tensor in the block
+    format(s) it is stored in when the core runs them, else floats; dequantize: floats throughout."""
     tied = has_tied_head(ckpt.config)
     result = _FormatPlan({}, set(), {})
     for p in plan:
         shape = shapes[p.target]
         stored = _stored_format(p, ckpt, shape)
         if quantize is not None:
-            fmt = quant.planned_format(p.target, shape, quantize, tied, quantize_embeddings)
+            fmt = quant_mix.tensor_spec(p.target, shape, ckpt.config, quantize, tied, quantize_embeddings)
         else:
             fmt = None if dequantize else stored
         if fmt is not None:
@@ -234,13 +247,21 @@ def _dequantized_notice(src: Path, dequantized: dict, dtype: str) -> str:
     return f"{src.name}: {len(dequantized)} quantized tensor(s) stored as {dtype}: {'; '.join(parts)}"
 
 
-def _weight_specs(target: str, dtype: str, shape: tuple, fmt: str | None) -> list[tuple]:
+def _weight_specs(target: str, dtype: str, shape: tuple, fmt) -> list[tuple]:
     if fmt is None:
         return [(target, DTYPES[dtype], shape)]
-    specs = [(target, quant.stored_dtype(fmt), (shape[0], quant.row_bytes(fmt, shape[1])))]
+    specs = [(target, quant.stored_dtype(fmt), quant.stored_shape(fmt, shape))]
     if fmt == "int8":
         specs.append((quant.scale_name(target), "F32", (shape[0],)))
     return specs
+
+
+def _build_stored(p, load_raw, config, spec) -> np.ndarray:
+    """The GGUF blocks of a tensor copied as stored: [rows, row bytes], or one flat byte array of its
+    sources when they are in several formats."""
+    if isinstance(spec, str):
+        return build_tensor(p, load_raw, config)
+    return np.concatenate([build_tensor(type(p)(p.target, (s,)), load_raw, config).reshape(-1) for s in p.sources])
 
 
 def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str, progress: bool,
@@ -259,8 +280,8 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
         for p in _progress(plan, progress, len(plan)):
             fmt = formats.formats.get(p.target)
             if p.target in formats.copied:  # GGUF blocks, as stored
-                array = build_tensor(p, load_raw, ckpt.config)
-                want = (shapes[p.target][0], quant.row_bytes(fmt, shapes[p.target][1]))
+                array = _build_stored(p, load_raw, ckpt.config, fmt)
+                want = quant.stored_shape(fmt, shapes[p.target])
                 if tuple(array.shape) != want:
                     raise ValueError(f"{p.target}: built {fmt} blocks of shape {array.shape}, expected {want}")
                 writer.write(p.target, array)
@@ -271,7 +292,7 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
             if fmt is None:
                 writer.write(p.target, _cast(array, dtype, p.target))
                 continue
-            data, scales = quant.quantize(array, fmt)
+            data, scales = quant.quantize_as(array, fmt)
             writer.write(p.target, data)
             if scales is not None:
                 writer.write(quant.scale_name(p.target), scales)
@@ -292,18 +313,22 @@ def convert(
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
     stored as floats.
 
-    A GGUF file's tensors keep their quantization where the core runs it (Q8_0, Q4_0, Q4_1: the
-    blocks are copied as stored); tensors of other quantized types are dequantized to `dtype`
-    (with a warning naming them). dequantize=True: every tensor as `dtype` floats.
+    A GGUF file's tensors keep their quantization where the core runs it (Q8_0, Q4_0, Q4_1, Q5_0,
+    Q5_1, Q4_K, Q5_K, Q6_K: the blocks are copied as stored; a fused tensor whose sources differ keeps
+    each source's format); tensors of other quantized types are dequantized to `dtype` (with a
+    warning naming them). dequantize=True: every tensor as `dtype` floats.
 
-    quantize: int8 | q8_0 | q4_0 | q4_1 quantizes the tensors llama.cpp's quantizer does (every
-    linear weight, the token embedding and the head; a 4-bit model's head at q8_0, see
-    quant.planned_format), from their float values; quantize_embeddings=False keeps embed.weight
-    (and so a tied head) float. Rows whose length is not a multiple of 32 stay float."""
+    quantize: a format (int8 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k) quantizes the
+    tensors llama.cpp's quantizer does (every linear weight, the token embedding and the head; the
+    head of a model of fewer than 8 bits at q6_k, see quant.planned_format), from their float values;
+    K-quants fall back as llama.cpp's do where rows are not a multiple of 256 (q4_k -> q5_0,
+    q5_k -> q5_1, q6_k -> q8_0). The mixes q4_k_m | q5_k_m choose per tensor as llama.cpp's Q4_K_M /
+    Q5_K_M (pyxf.quant_mix). quantize_embeddings=False keeps embed.weight (and so a tied head)
+    float. Rows whose length is not a multiple of 32 stay float."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
-        quant.check_format(quantize)
+        quant_mix.check_method(quantize)
         if dequantize:
             raise ValueError("dequantize and quantize exclude each other")
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -358,9 +383,10 @@ def main(argv=None) -> int:
         help="dtype of the tensors stored as floats (default float32)",
     )
     parser.add_argument(
-        "--quantize", choices=quant.FORMATS,
+        "--quantize", choices=quant_mix.METHODS,
         help="quantize the tensors llama.cpp's quantizer does: every linear weight, the token embedding and "
-        "the head (a 4-bit model's head at q8_0); int8: per-row scales, q8_0/q4_0/q4_1: GGUF blocks of 32",
+        "the head (below 8 bits at q6_k); int8: per-row scales; q8_0/q4_0/q4_1/q5_0/q5_1: GGUF blocks of 32; "
+        "q4_k/q5_k/q6_k: K-quants; q4_k_m/q5_k_m: llama.cpp's mixes",
     )
     parser.add_argument(
         "--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
@@ -368,7 +394,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--dequantize", action="store_true",
-        help="GGUF: store every tensor as --dtype floats (default: Q8_0/Q4_0/Q4_1 tensors are kept as stored)",
+        help="GGUF: store every tensor as --dtype floats (default: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K "
+        "tensors are kept as stored)",
     )
     # Kept so that older command lines still run: keeping GGUF blocks is now the default.
     parser.add_argument("--keep-quantized", action="store_true", help=argparse.SUPPRESS)
