@@ -14,8 +14,10 @@ for all requests) and hands them to each request's consumer, synchronous or asyn
 """
 
 import asyncio
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -296,6 +298,17 @@ def kv_cache_mb(model, lengths):
     return pages * core().Engine.page_bytes(model._core_model) / 2**20
 
 
+# Engines still open when the interpreter exits are closed first, while threads can still be joined
+# (at finalization the dispatcher thread can no longer run, and the core's thread would outlive it).
+_open_engines = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines():
+    for engine in list(_open_engines):
+        engine.close(timeout=0)
+
+
 class Engine:
     """A continuous-batching engine over one decoder model (see the module docstring)."""
 
@@ -316,6 +329,7 @@ class Engine:
         self.context_length = core_engine.context_length  # at most what the KV budget holds
         self._dispatcher = _Dispatcher(core_engine)
         self._closed = False
+        _open_engines.add(self)
 
     def submit(self, prompt=None, *, messages=None, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,

@@ -288,3 +288,25 @@ def test_generate_returns_details(pair, reference):
         assert r.token_ids == reference(p)
         assert r.usage.prompt_tokens == len(p)
         assert r.finish_reason == ("length" if len(r.token_ids) == NEW else "stop")
+
+
+def test_a_script_that_never_closes_its_engine_exits_cleanly(pair):
+    """No close(), no `with`: the interpreter still exits with status 0 (the engine's threads are
+    stopped before finalization)."""
+    import subprocess
+    import sys
+
+    hf, px = pair
+    script = (
+        "import pyxf\n"
+        f"m = pyxf.load({str(px.path)!r})\n"
+        "e = pyxf.Engine(m)\n"
+        "print(e.submit([3, 4, 5], max_new_tokens=4).result().finish_reason)\n"
+    )
+    import pyxf
+
+    root = str(__import__("pathlib").Path(pyxf.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("length", "stop")

@@ -775,10 +775,34 @@ def merge_cpu_section(existing, section):
         elif current is not None:
             current.append(line)
     sections = ["".join(p).rstrip("\n") + "\n" for p in parts]
+    old = next((s for s in sections if s.splitlines()[0] == title), None)
+    if old is not None:  # keep the subsections other tools wrote there (bench_serve's, ...)
+        section = section.rstrip("\n") + "\n" + "".join("\n" + sub for sub in _foreign_subsections(old, section))
     replaced = [section if s.splitlines()[0] == title else s for s in sections]
     if section not in replaced:
         replaced.append(section)
     return REPORT_HEAD + "\n" + "\n".join(replaced)
+
+
+# The subsections this report writes (any others in a CPU's section come from other tools).
+OWN_SUBSECTIONS = ("### Results", "### Quantized decoding", "### Translation", "### Machine", "### Method",
+                   "### Timings")
+
+
+def _foreign_subsections(old, new):
+    """The "### " subsections of `old` that other tools wrote and `new` does not have."""
+    def split(text):
+        subs, current = [], None
+        for line in text.splitlines(keepends=True):
+            if line.startswith("### "):
+                current = [line]
+                subs.append(current)
+            elif current is not None:
+                current.append(line)
+        return {"".join(sub).splitlines()[0]: "".join(sub).rstrip("\n") + "\n" for sub in subs}
+
+    ours = split(new)
+    return [text for title, text in split(old).items() if title not in ours and not title.startswith(OWN_SUBSECTIONS)]
 
 
 def run_translation(args):
