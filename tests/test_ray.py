@@ -226,6 +226,13 @@ async def ask_streaming(url, question, max_tokens, first_token):
     return text
 
 
+def cut_short(outcome):
+    """How a stream on a replica that dies ends: cut (the connection closes after the 200 and some
+    events) or, if no event was sent yet, a 500 from Serve's proxy."""
+    return isinstance(outcome, openai.APIConnectionError) or (
+        isinstance(outcome, openai.InternalServerError) and outcome.status_code == 500)
+
+
 class TestServe:
     @pytest.fixture(scope="class")
     def url(self, cluster, encoder, chat_model):
@@ -271,8 +278,9 @@ class TestServe:
             assert "pyxf_requests_running" in httpx.get(f"{url}/metrics", timeout=30).text
 
     def test_a_killed_replica_fails_cleanly_and_is_replaced(self, url, chat_model):
-        """In flight when a replica dies: streams end with a connection error or complete, plain requests
-        retried by the openai client (its default, 2 retries) all complete; nothing hangs. Then 32 new
+        """In flight when a replica dies: streams complete or end cleanly (a connection error, or a 500
+        before their first event), plain requests retried by the openai client (its default, 2 retries)
+        all complete; nothing hangs. Then 32 new
         requests all succeed, and Serve starts a replacement replica."""
         questions = [f"Tell me a short story about a {w}." for w in WORDS[:16]]
         expected = chat_reference(chat_model, questions, 48)
@@ -288,8 +296,8 @@ class TestServe:
         with time_limit(300):
             streamed, plain = asyncio.run(kill_during_requests())
         for text, want in zip(streamed, expected[:8]):
-            assert text == want or isinstance(text, openai.APIConnectionError), text
-        assert any(isinstance(t, openai.APIConnectionError) for t in streamed), "some streams were on the killed replica"
+            assert text == want or cut_short(text), text
+        assert any(cut_short(t) for t in streamed), "some streams were on the killed replica"
         assert plain == expected[8:]
 
         after = [f"Give me one word about the number {i}." for i in range(32)]

@@ -62,6 +62,7 @@ def parse_args(argv):
     p.add_argument("--output", help="write the report section (Markdown) to this file")
     p.add_argument("--update-report", metavar="BENCHMARKS.md", help=f"replace (or add) the '{SECTION_TITLE}' section")
     p.add_argument("--json", help="also write the raw results as JSON to this file")
+    p.add_argument("--from-json", metavar="FILE", help="write the report of an earlier run's --json file, measure nothing")
     args = p.parse_args(argv)
     if args.quick:
         args.sentences, args.new_tokens, args.rounds = 256, 16, 1
@@ -287,23 +288,25 @@ def _mib(n):
     return f"{n / 2**20:,.0f}"
 
 
-def report_section(args, embed, serving, machine, started, loads):
+def report_section(run):
+    embed, serving, loads, threads = run["embed"], run["serving"], run["loads"], run["threads"]
     lines = [SECTION_TITLE, ""]
-    lines.append(f"`tools/bench_ray.py` on {started} UTC ({git_revision()}), {machine['cpu_title']}, "
-                 f"{args.threads} cores per configuration, Ray {_ray_version()}, {args.rounds} alternating "
-                 f"round(s), medians:")
+    lines.append(f"`tools/bench_ray.py` on {run['started']} UTC ({run['revision']}), {run['machine']['cpu_title']}, "
+                 f"{threads} cores per configuration, Ray {run['ray']}, {run['rounds']} alternating round(s):")
     lines += ["", "```", "python tools/bench_ray.py", "```", ""]
     lines.append(f"Ray Data: all-MiniLM-L6-v2, {embed['sentences']} sentences of 40-120 words (at most 128 tokens), "
                  f"`Model.encode` in this process against a Ray Data job of `pyxf.ray.Embedder` "
                  f"({DATA_BATCH_ROWS} rows per batch) on a local Ray; the job's time includes starting its actors "
                  f"and loading the model in each. Largest difference from the in-process embeddings: "
                  f"{embed['max_abs_diff']:.1e}.")
-    lines += ["", "| configuration | sentences/s | wall | Ray overhead per row |", "|---|---:|---:|---:|"]
-    for name, c in embed["configs"].items():
+    lines += ["", "| configuration | sentences/s (median) | wall of each round | Ray overhead per row |",
+              "|---|---:|---:|---:|"]
+    for c in embed["configs"].values():
         label = (f"`Model.encode`, {c['cpus_per_actor']} threads" if c["actors"] == 0
                  else f"Ray Data, {c['actors']} actor{'s' if c['actors'] > 1 else ''} x {c['cpus_per_actor']} CPU")
         overhead = "—" if c["actors"] == 0 else f"{c['overhead_ms_per_row']:+.2f} ms"
-        lines.append(f"| {label} | {c['sentences_per_s']:.1f} | {c['wall_s']:.2f} s | {overhead} |")
+        rounds = ", ".join(f"{t:.1f} s" for t in c["times"])
+        lines.append(f"| {label} | {c['sentences_per_s']:.1f} | {rounds} | {overhead} |")
     lines += ["", ("Memory of 2 Embedder actors on the machine after each embedded the same 256 sentences "
                    "(the weight file is memory-mapped: its pages are shared, PSS splits them between the processes "
                    "that map them):"), "", "| actor | RSS | PSS | weights RSS | weights PSS |", "|---|---:|---:|---:|---:|"]
@@ -313,16 +316,20 @@ def report_section(args, embed, serving, machine, started, loads):
     lines += ["", (f"Ray Serve: SmolLM2-135M-Instruct Q8_0, `pyxf serve` against `pyxf.ray.serve_app` (Serve's HTTP "
                    f"proxy in front of the replicas), N streaming chat clients with bench_serve.py's "
                    f"{serving['prompts']} prompts, greedy, exactly {serving['new_tokens']} new tokens each; levels "
-                   "alternate between the plain server and the Ray app."), "",
-              "| server | N | requests | failed | output tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | proxy CPU per token |",
+                   "alternate between the plain server and the Ray app. Output tokens/s of each round; the latencies "
+                   "and the proxy's CPU time (per token it relayed) are those of the round with the median (of two: "
+                   "the higher) tokens/s."), "",
+              "| server | N | requests per round | failed | output tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 "
+              "| proxy CPU per token |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = bench_serve._fmt_s
     for config in serving["configs"]:
         for clients in config["levels"]["ray"]:
-            for key, label in (("plain", f"`pyxf serve`, {args.threads} threads"), ("ray", config["name"])):
+            for key, label in (("plain", f"`pyxf serve`, {threads} threads"), ("ray", config["name"])):
                 r = config["levels"][key][clients]
                 proxy = f"{r['proxy_cpu_ms_per_token']:.2f} ms" if "proxy_cpu_ms_per_token" in r else "—"
-                lines.append(f"| {label} | {clients} | {r['requests']} | {r['failed_all']} | {r['tokens_per_s']:.1f} | "
+                rates = ", ".join(f"{t:.1f}" for t in r["all_tokens_per_s"])
+                lines.append(f"| {label} | {clients} | {r['requests']} | {r['failed_all']} | {rates} | "
                              f"{fmt(r['ttft_p50'])} | {fmt(r['ttft_p99'])} | {fmt(r['itl_p50'])} | "
                              f"{fmt(r['itl_p99'])} | {proxy} |")
     lines += ["", "Memory per replica (each maps the Q8_0 weight file):", "",
@@ -346,8 +353,7 @@ def _ray_version():
     return ray.__version__
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def measure(args):
     import ray
 
     machine = machine_info()
@@ -362,10 +368,20 @@ def main(argv=None):
     finally:
         ray.shutdown()
     loads.append(os.getloadavg()[0])
-    if args.json:
-        Path(args.json).write_text(json.dumps({"embed": embed, "serving": serving, "machine": machine, "loads": loads},
-                                              indent=1, default=str))
-    section = report_section(args, embed, serving, machine, started, loads)
+    return {"embed": embed, "serving": serving, "machine": machine, "started": started, "loads": loads,
+            "revision": git_revision(), "ray": _ray_version(), "threads": args.threads, "rounds": args.rounds}
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        run = json.loads(Path(args.from_json).read_text())
+    else:
+        run = measure(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(run, indent=1, default=str))
+    machine = run["machine"]
+    section = report_section(run)
     print(section)
     if args.output:
         Path(args.output).write_text(section)

@@ -40,13 +40,14 @@ class _ModelActor:
 class Embedder(_ModelActor):
     """Sentence embeddings of an encoder model: the `column` column (texts) in, `output_column`
     (float32 [N, H], Model.encode's pooling and normalization) out. Other keyword arguments go to
-    Model.encode (batch_size, pooling, normalize, max_length, truncate)."""
+    Model.encode (batch_size: texts per forward pass, default 32, apart from the rows per Ray Data
+    batch; pooling, normalize, max_length, truncate)."""
 
     def __init__(self, model=None, *, column="text", output_column="embedding", threads=None, **encode_options):
         from pyxf import hub
 
         super().__init__(model if model is not None else hub.minilm_model_path(), threads)
-        if not self.model.is_encoder:
+        if not getattr(self.model, "is_encoder", False):
             raise ValueError(f"Embedder needs an encoder model; {self.model.path} is not one")
         self.column = column
         self.output_column = output_column

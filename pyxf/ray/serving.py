@@ -23,9 +23,10 @@ from pyxf.server.serve import (announce_url, engine_options, model_specs, resolv
 APP_NAME = "pyxf"
 DEFAULT_THREADS = 1  # Ray's default CPUs per actor
 DEFAULT_MAX_BATCH = 64  # pyxf.Engine's
-# Autoscaling keeps about this many ongoing requests per replica: enough for continuous batching to
-# pay (on 2 cores a replica's tokens/s grows up to about 16 sequences) while a new request still
-# finds a slot. Serve's own default (2) would add a replica for every two streams.
+# Autoscaling keeps about this many ongoing requests per replica: a trade of throughput for time to
+# first token. On 2 busy cores (BENCHMARKS.md, serving) pyxf serve gave 58 tokens/s at 4 streams, 133
+# at 16 and 258 at 64, with TTFT p99 0.2 s, 2.2 s and 3.9 s. Serve's own default (2) would add a
+# replica for every second stream and never batch.
 DEFAULT_TARGET_ONGOING_REQUESTS = 16
 
 
@@ -55,14 +56,14 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
     upscale_delay_s, ...). threads: pyxf threads per replica, which also reserve as many CPUs.
     max_ongoing_requests: requests Serve sends a replica at once (default: the engine's max_batch;
     more wait in Serve's queue). The other options are `pyxf serve`'s."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     engine = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                             max_queue=max_queue, prefix_cache=prefix_cache)
     app_options = dict(api_key=resolve_api_key(api_key), max_body_bytes=max_body_bytes,
                        shutdown_timeout=shutdown_timeout)
     deployment = serve.deployment(Replica).options(
-        name="pyxf",
+        name=APP_NAME,
         **_scaling(replicas, autoscaling),
         max_ongoing_requests=max_ongoing_requests or max_batch or DEFAULT_MAX_BATCH,
         ray_actor_options={"num_cpus": threads, **(ray_actor_options or {})},
@@ -106,6 +107,7 @@ def serve_on_ray(models=(), *, address=None, host="127.0.0.1", port=8000, **app_
     host:port and waits for SIGTERM or Ctrl-C (also while the replicas start), then deletes the app.
     address: a Ray cluster to join (default: $RAY_ADDRESS, else a Ray started here for this server,
     stopped at the end). Returns 0."""
+    app = serve_app(models, **app_options)  # bad arguments fail here, before Ray starts
     own_ray = address is None and not os.environ.get("RAY_ADDRESS")
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     previous = _raise_stop_on_signals()  # after ray.init, whose own handlers would end the process at once
@@ -113,7 +115,7 @@ def serve_on_ray(models=(), *, address=None, host="127.0.0.1", port=8000, **app_
         serve.start(http_options={"host": host, "port": port})
         cpus = ray.cluster_resources().get("CPU", 0)
         print(f"pyxf: starting the replicas on Ray ({cpus:g} CPUs in the cluster)", file=sys.stderr, flush=True)
-        serve.run(serve_app(models, **app_options), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         announce_url(host, port, resolve_api_key(app_options.get("api_key")))
         while True:
             time.sleep(3600)
