@@ -31,6 +31,8 @@ POSITIVE_INT_FIELDS = (
     "intermediate_size", "max_position_embeddings",
 )
 BOOL_FIELDS = ("gated_ffn", "tie_word_embeddings")
+# The core holds sizes, positions and token ids in 32-bit ints.
+MAX_INT = 2**31 - 1
 # How each config dtype is stored in safetensors. numpy has no bfloat16: such tensors are read as
 # uint16 bit patterns, and the core widens half types at load.
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -123,6 +125,9 @@ def read_config(model_dir):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{config_path}: {field!r} must be a positive integer, got {value!r}")
+        if value > MAX_INT:
+            raise ValueError(f"{config_path}: {field!r} is {value}, more than pyxf supports ({MAX_INT})")
+    _check_derived_sizes(config, config_path)
     for field in BOOL_FIELDS:
         if not isinstance(config.get(field), bool):
             raise ValueError(f"{config_path}: {field!r} must be true or false, got {config.get(field)!r}")
@@ -145,18 +150,35 @@ def read_config(model_dir):
     return config
 
 
+def _check_derived_sizes(config, config_path):
+    """Sizes the core computes from the config's (products of heads and head size, the fused FFN
+    width, the rotated dimensions) fit its ints as well."""
+    D, I = config["head_dim"], config["intermediate_size"]
+    derived = {
+        "(num_heads + 2 num_kv_heads) * head_dim": (config["num_heads"] + 2 * config["num_kv_heads"]) * D,
+        "2 * intermediate_size": 2 * I,
+    }
+    for what, value in derived.items():
+        if value > MAX_INT:
+            raise ValueError(f"{config_path}: {what} is {value}, more than pyxf supports ({MAX_INT})")
+    factor = config.get("partial_rotary_factor", 1.0)
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1):
+        raise ValueError(f"{config_path}: 'partial_rotary_factor' must be a number in (0, 1], got {factor!r}")
+
+
 def _check_quantization(config, config_path):
     """config.json's "quantization": {"method": str, "tensors": {name: format}} (docs/DESIGN.md)."""
     q = config["quantization"]
     if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
         raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
-    expected = expected_tensors(config)
+    layout = tensor_layout(config)
     for name, fmt in q["tensors"].items():
         if fmt not in quant.FORMATS:
             raise ValueError(
                 f"{config_path}: quantization of {name}: unknown format {fmt!r}; known: {', '.join(quant.FORMATS)}"
             )
-        if name not in expected or not quant.quantizable(name, expected[name][0], embeddings=True):
+        entry = layout.lookup(name)
+        if entry is None or not quant.quantizable(name, entry[0], embeddings=True):
             raise ValueError(
                 f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
@@ -167,10 +189,10 @@ def quantized_layout(config):
     """{name: (shape, safetensors dtype)} of the quantized tensors config.json declares, with the
     per-row scales of int8 ones (NAME_scale)."""
     formats = (config.get("quantization") or {}).get("tensors") or {}
-    expected = expected_tensors(config)
+    expected = tensor_layout(config)
     layout = {}
     for name, fmt in formats.items():
-        rows, cols = expected[name][0]
+        rows, cols = expected.lookup(name)[0]
         layout[name] = ((rows, quant.row_bytes(fmt, cols)), quant.stored_dtype(fmt))
         if fmt == "int8":
             layout[quant.scale_name(name)] = ((rows,), "F32")
@@ -237,12 +259,56 @@ def _check_encoder_config(config, config_path):
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
 
 
-def expected_tensors(config):
-    """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md)."""
-    if config.get("architecture") == "encoder-decoder":
-        from pyxf.seq2seq import seq2seq_expected_tensors
+class TensorLayout:
+    """The tensors a config describes: fixed ones, and stacks of layers that repeat one pattern.
 
-        return seq2seq_expected_tensors(config)
+    Kept in this form, not enumerated, so that the size of a config's claims can be checked against
+    the weight file before any work proportional to them: a 1 KB config.json with num_layers 2**31
+    must not make pyxf list 2**31 layers."""
+
+    def __init__(self, fixed, stacks):
+        self.fixed = fixed    # {name: (shape, required)}
+        self.stacks = stacks  # [(prefix, count, {suffix: (shape, required)})]: names "{prefix}{i}.{suffix}"
+
+    def required_count(self):
+        return sum(required for _, required in self.fixed.values()) + sum(
+            count * sum(required for _, required in layer.values()) for _, count, layer in self.stacks
+        )
+
+    def lookup(self, name):
+        """(shape, required) of one tensor name, or None when the config has no such tensor."""
+        if name in self.fixed:
+            return self.fixed[name]
+        for prefix, count, layer in self.stacks:
+            if name.startswith(prefix):
+                index, _, suffix = name[len(prefix):].partition(".")
+                if index.isdigit() and index == str(int(index)) and int(index) < count and suffix in layer:
+                    return layer[suffix]
+        return None
+
+    def enumerate(self, max_tensors):
+        """{name: (shape, required)} of every tensor; ValueError, before listing them, when the
+        config requires far more tensors than the `max_tensors` the weight file holds (up to twice
+        as many are listed, so that a file missing a few gets a message naming them)."""
+        required = self.required_count()
+        if required > 2 * max_tensors + 64:
+            raise ValueError(
+                f"the config describes {' and '.join(f'{count} layers {prefix}N' for prefix, count, _ in self.stacks)}, "
+                f"at least {required} tensors, but model.safetensors holds {max_tensors}"
+            )
+        tensors = dict(self.fixed)
+        for prefix, count, layer in self.stacks:
+            for i in range(count):
+                tensors.update({f"{prefix}{i}.{suffix}": entry for suffix, entry in layer.items()})
+        return tensors
+
+
+def tensor_layout(config):
+    """The TensorLayout of every tensor a model with `config` may have (DESIGN.md)."""
+    if config.get("architecture") == "encoder-decoder":
+        from pyxf.seq2seq import seq2seq_tensor_layout
+
+        return seq2seq_tensor_layout(config)
     H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
     Hq, Hkv, P = config["num_heads"], config["num_kv_heads"], config["max_position_embeddings"]
     qkv_rows = (Hq + 2 * Hkv) * D
@@ -268,25 +334,31 @@ def expected_tensors(config):
         tensors.update(linear("classifier.dense", H, H, required=head.get("kind") in ("roberta", "distilbert")))
         if head:
             tensors.update(linear("classifier", head["num_labels"], H))
-    for i in range(config["num_layers"]):
-        layer = f"layers.{i}"
-        tensors.update(norm(f"{layer}.attn_norm"))
-        tensors.update(linear(f"{layer}.attn.qkv", qkv_rows, H))
-        tensors.update(linear(f"{layer}.attn.out", H, Hq * D))
-        tensors.update(norm(f"{layer}.ffn_norm"))
-        tensors.update(linear(f"{layer}.ffn.{up_name}", up_rows, H))
-        tensors.update(linear(f"{layer}.ffn.down", H, I))
+    layer = {
+        **norm("attn_norm"),
+        **linear("attn.qkv", qkv_rows, H),
+        **linear("attn.out", H, Hq * D),
+        **norm("ffn_norm"),
+        **linear(f"ffn.{up_name}", up_rows, H),
+        **linear("ffn.down", H, I),
+    }
     if config["norm_position"] == "pre":
         tensors.update(norm("final_norm"))
     if not encoder:
         tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
-    return tensors
+    return TensorLayout(tensors, [("layers.", config["num_layers"], layer)])
+
+
+def expected_tensors(config, max_tensors):
+    """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md);
+    ValueError when that is more than the `max_tensors` the weight file holds."""
+    return tensor_layout(config).enumerate(max_tensors)
 
 
 def check_weights(config, tensors):
     """Checks names, shapes, dtypes and layout of `tensors` (from read_safetensors) against the
     config; returns the arrays for the core (no copies)."""
-    expected = expected_tensors(config)
+    expected = expected_tensors(config, max_tensors=len(tensors))
     quantized = quantized_layout(config)
     expected.update({name: (shape, True) for name, (shape, _) in quantized.items()})
     missing = [name for name, (_, required) in expected.items() if required and name not in tensors]
@@ -440,6 +512,12 @@ class Model:
         return generate(self, prompt, **kwargs)
 
 
+def kv_cache_bytes(model, context_length):
+    """Bytes of keys and values a sequence of context_length positions takes (whole pages)."""
+    pages = -(-context_length // core().kv_page_tokens)
+    return pages * core().Engine.page_bytes(model._core_model)
+
+
 class Session:
     """One sequence with its own KV cache: feed(ids) appends tokens and returns their logits."""
 
@@ -450,7 +528,13 @@ class Session:
             raise ValueError(f"context_length must be in [1, {model.context_length}], got {context_length}")
         self.model = model
         self.context_length = context_length
-        self._session = core().Session(model._core_model, context_length)
+        try:
+            self._session = core().Session(model._core_model, context_length)
+        except MemoryError:
+            raise MemoryError(
+                f"a KV cache of {context_length} positions needs {kv_cache_bytes(model, context_length) / 2**30:.1f} "
+                "GiB of address space, more than this machine grants; pass a smaller context_length"
+            ) from None
 
     @property
     def position(self):

@@ -13,6 +13,7 @@ override ({"name": "BF16"}) for uint16 arrays (an `ml_dtypes.bfloat16` array als
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -154,7 +155,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> tuple[str, tup
     ):
         raise _fail(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
     begin, end = offsets
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    expected = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: numpy's int64 product wraps
     if end - begin != expected:
         raise _fail(path, f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}", name)
     if end > data_size:

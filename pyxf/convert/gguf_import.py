@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .families import Checkpoint, SourceTensor, family_for_gguf
+from .gguf_layout import check_gguf_layout
 from .tokenizer_gguf import write_tokenizer
 
 
@@ -45,6 +46,7 @@ def _open_reader(path: Path):
         reader_class = _reader_class()
     except ImportError:
         raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from None
+    check_gguf_layout(path)  # every count bounded by the file size before gguf's reader trusts them
     try:
         return reader_class(path)
     except Exception as e:  # the reader raises assorted errors on malformed files

@@ -62,6 +62,12 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+# Deriving merges tries every split of a token: quadratic in its length, so a file with a few
+# megabyte-long "tokens" would take hours. Real vocabularies' longest tokens are far shorter
+# (sentencepiece's default limit is 16; byte-level BPE runs of spaces reach a few dozen).
+MAX_MERGED_TOKEN_LENGTH = 256
+
+
 def derive_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary: every split of a token into two vocabulary tokens.
 
@@ -71,8 +77,16 @@ def derive_merges(vocab: dict[str, int], scores: dict[str, float] | None = None)
     """
     by_score = scores is not None
     priority = scores if by_score else vocab
+    long_tokens = [token for token in priority if len(token) > MAX_MERGED_TOKEN_LENGTH]
+    if long_tokens:
+        warnings.warn(
+            f"{len(long_tokens)} tokens longer than {MAX_MERGED_TOKEN_LENGTH} characters get no merges "
+            f"(e.g. one of {len(long_tokens[0])}); BPE will not produce them"
+        )
     merges = []
     for token, score in priority.items():
+        if len(token) > MAX_MERGED_TOKEN_LENGTH:
+            continue
         pairs = [
             (token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab
         ]
