@@ -113,6 +113,10 @@ def _max_sequence(config):
     return config["max_position_embeddings"] - config.get("position_offset", 0)
 
 
+# Texts tokenized per call into the tokenizers library (which runs without checking for signals).
+TOKENIZE_CHUNK = 4096
+
+
 def _run(model, texts, batch_size, max_length, truncate, progress, reduce):
     """reduce(hidden [rows, H], offsets) of every batch, scattered back to the input order: a list
     with one item per text."""
@@ -126,12 +130,15 @@ def _run(model, texts, batch_size, max_length, truncate, progress, reduce):
     if not texts:
         return []
 
-    try:
-        encoded = model.tokenizer.encode_for_encoder(texts, max_length if truncate else None)
-    except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
-        if isinstance(e, (TypeError, ValueError)):
-            raise
-        raise ValueError(f"tokenization failed: {e}") from None
+    encoded = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):  # in chunks: Ctrl-C is noticed between them
+        try:
+            encoded += model.tokenizer.encode_for_encoder(texts[start : start + TOKENIZE_CHUNK],
+                                                          max_length if truncate else None)
+        except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
+            if isinstance(e, (TypeError, ValueError)):
+                raise
+            raise ValueError(f"tokenization failed: {e}") from None
     lengths = np.array([len(ids) for ids, _ in encoded])
     if not truncate and (lengths > max_length).any():
         i = int(np.argmax(lengths > max_length))

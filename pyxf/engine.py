@@ -302,6 +302,7 @@ class Engine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
+        model._core_model  # noqa: B018 -- FileChangedError if the weight file was truncated
         prompts, _ = prompt_tokens(model, prompt, messages, add_special_tokens)
         if len(prompts) != 1:
             raise ValueError("submit() takes one prompt; submit each prompt of a batch on its own")

@@ -1,6 +1,7 @@
 """Loading a converted model directory (docs/DESIGN.md) and running it: logits and sessions."""
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    weights = check_weights(config, read_safetensors(weights_path))
+    weights_file = read_safetensors(weights_path)
+    weights = check_weights(config, weights_file)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
     elif quantize_embeddings:
@@ -82,7 +84,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if config["position"] == "rope":
         core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
     core_model = core().Model(core_config, weights)
-    return Model(path, config, core_model, weights, tokenizer, context_length)
+    return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
 
 
 def read_config(model_dir):
@@ -96,8 +98,15 @@ def read_config(model_dir):
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {type(e).__name__}: {e}") from None
+    return check_config(config, config_path)
+
+
+def check_config(config, config_path="config.json"):
+    """Checks a pyxf config (config.json's dict) field by field, without work proportional to any
+    size it claims; returns it. ValueError names the field. The converter checks what it writes
+    with this too."""
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object")
 
@@ -145,9 +154,47 @@ def read_config(model_dir):
         from pyxf.seq2seq import check_seq2seq_config
 
         check_seq2seq_config(config, config_path)
+    _check_scalars(config, config_path)
     if config.get("quantization") is not None:
         _check_quantization(config, config_path)
     return config
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_scalars(config, config_path):
+    """The numbers, token ids and names besides the sizes."""
+
+    def fail(message):
+        raise ValueError(f"{config_path}: {message}")
+
+    if not _is_number(config.get("norm_eps")) or config["norm_eps"] < 0:
+        fail(f"'norm_eps' must be a non-negative number, got {config.get('norm_eps')!r}")
+    if config["position"] == "rope":
+        theta = config.get("rope_theta")
+        if theta is not None and (not _is_number(theta) or theta <= 0):
+            fail(f"'rope_theta' must be a positive number, got {theta!r}")
+        if not isinstance(config.get("rope_scaling") or {}, dict):
+            fail(f"'rope_scaling' must be null or an object, got {config.get('rope_scaling')!r}")
+    # Token ids are not required to be in the vocabulary here (some checkpoints name ids of tokens
+    # they lack): prompts are checked against it, and a stop id the model cannot produce never stops.
+    eos = config.get("eos_token_id")
+    ids = {"bos_token_id": [config.get("bos_token_id")], "pad_token_id": [config.get("pad_token_id")],
+           "eos_token_id": eos if isinstance(eos, list) else [eos]}
+    for field, values in ids.items():
+        for value in values:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT):
+                fail(f"{field!r} must be null or non-negative token ids, got {config.get(field)!r}")
+    tokenizer = config.get("tokenizer")
+    if tokenizer is not None and (not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer
+                                  or tokenizer in ("", ".", "..") or "\\" in tokenizer):
+        fail(f"'tokenizer' must be null or the name of a file in the model directory, got {tokenizer!r}")
+    if not isinstance(config.get("chat_template") or "", str):
+        fail(f"'chat_template' must be null or a string, got {type(config['chat_template']).__name__}")
+    if not isinstance(config.get("add_bos_token", False), bool):
+        fail(f"'add_bos_token' must be true or false, got {config['add_bos_token']!r}")
 
 
 def _check_derived_sizes(config, config_path):
@@ -437,10 +484,25 @@ def as_token_array(ids, vocab_size, what="ids"):
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
-class Model:
+class MappedModel:
+    """The core model behind a loaded model, reached through a check that the memory-mapped weight
+    file it points into is still whole (SafetensorsFile.check_intact: a file truncated under a
+    loaded model raises FileChangedError on the next call instead of killing the process)."""
+
+    _core = None
+    _weights_file = None
+
+    @property
+    def _core_model(self):
+        if self._weights_file is not None:
+            self._weights_file.check_intact()
+        return self._core
+
+
+class Model(MappedModel):
     """A loaded model: its config, tokenizer (None if the directory has none) and the core model."""
 
-    def __init__(self, path, config, core_model, weights, tokenizer, context_length):
+    def __init__(self, path, config, core_model, weights, tokenizer, context_length, weights_file=None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -448,8 +510,9 @@ class Model:
         self.context_length = context_length
         eos = config.get("eos_token_id")
         self.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._core_model = core_model
+        self._core = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
+        self._weights_file = weights_file
         self.is_encoder = config.get("architecture") == "encoder"
         head = config.get("classifier") or {}
         self.labels = list(head["id2label"]) if head.get("id2label") else None  # classifier label names
@@ -544,6 +607,7 @@ class Session:
     def feed(self, ids, all_logits=True):
         """Appends tokens; returns float32 logits [len(ids), vocab] (or [1, vocab] for the last only)."""
         tokens = as_token_array(ids, self.model.vocab_size)
+        self.model._core_model  # noqa: B018 -- checks the weight file is intact
         if self.position + len(tokens) > self.context_length:
             raise ValueError(
                 f"feeding {len(tokens)} tokens at position {self.position} exceeds the session's "

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pyxf.model import MappedModel
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
+from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
 
@@ -188,8 +190,8 @@ def load_seq2seq(path, config, threads=None):
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    weights = check_weights(config, read_safetensors(weights_path))
-    arrays = dict(weights)
+    weights_file = read_safetensors(weights_path)
+    arrays = dict(check_weights(config, weights_file))
     core_config = dict(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
@@ -206,7 +208,7 @@ def load_seq2seq(path, config, threads=None):
         core_config["rel_pos_radius"] = md
     core_model = core().Seq2SeqModel(core_config, arrays)
     tokenizer = Seq2SeqTokenizer.from_model_dir(path, config)
-    return Seq2SeqModel(path, config, core_model, arrays, tokenizer)
+    return Seq2SeqModel(path, config, core_model, arrays, tokenizer, weights_file)
 
 
 def _bf16(table):
@@ -234,12 +236,12 @@ class Seq2SeqTokenizer:
         if name is None:
             return None
         if name == "marian":
-            return cls(_MarianBackend(model_dir), eos)
+            return cls(read_tokenizer_file(_MarianBackend, model_dir), eos)
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer file {name!r} named in config.json is missing in {model_dir}")
         if name.endswith(".json"):
-            return cls(_TokenizersBackend(model_dir / name), eos)
-        return cls(_SentencePieceBackend(model_dir / name, eos), eos)
+            return cls(read_tokenizer_file(_TokenizersBackend, model_dir / name), eos)
+        return cls(read_tokenizer_file(_SentencePieceBackend, model_dir / name, eos), eos)
 
     def encode(self, text, add_special_tokens=True):
         """Source ids of one text, the end token appended (add_special_tokens)."""
@@ -342,13 +344,13 @@ class _SentencePieceBackend:
 # the model
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(MappedModel):
     """A loaded encoder-decoder model: config, tokenizer (None without one) and the core model."""
 
     is_encoder = False
     is_encoder_decoder = True
 
-    def __init__(self, path, config, core_model, weights, tokenizer):
+    def __init__(self, path, config, core_model, weights, tokenizer, weights_file=None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -360,8 +362,9 @@ class Seq2SeqModel:
         self.max_source_length = config.get("max_source_length") or positions  # None: unbounded
         self.max_target_length = positions or 1 << 20
         self.context_length = self.max_target_length
-        self._core_model = core_model
+        self._core = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
+        self._weights_file = weights_file
 
     def __repr__(self):
         c = self.config

@@ -7,6 +7,7 @@ minutes and gigabytes (a config.json with num_layers 2**31 made pyxf.load list 2
 """
 
 import json
+import os
 import shutil
 import struct
 import time
@@ -239,3 +240,211 @@ def test_safetensors_header_claiming_huge_tensor_fails_fast(tmp_path):
         bad.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data[8 + header_len :]))
         with quickly(), pytest.raises(FormatError, match=message):
             read_safetensors(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# files that change under a loaded model, full and read-only disks, Ctrl-C
+
+
+def test_weight_file_truncated_under_a_loaded_model(tmp_path):
+    """The weights are memory-mapped: touching pages of a truncated file would kill the process
+    (SIGBUS). Every call first checks the file's size, so a truncation between calls is an
+    exception and the interpreter lives on; a new file renamed over the old one is harmless."""
+    pytest.importorskip("pyxf._core")
+    from pyxf.tensorfile import FileChangedError
+
+    model_dir = tiny_files.write_pyxf_model(tmp_path / "m")
+    model = pyxf.load(model_dir)
+    expected = pyxf.generate(model, [[2, 3, 4]], max_new_tokens=3)
+    replacement = tmp_path / "new.safetensors"
+    shutil.copy(model_dir / "model.safetensors", replacement)
+    replacement.replace(model_dir / "model.safetensors")  # rename over it: the mapping keeps the old file
+    assert pyxf.generate(model, [[2, 3, 4]], max_new_tokens=3) == expected
+
+    model = pyxf.load(model_dir)
+    session = model.session()
+    os.truncate(model_dir / "model.safetensors", 100)
+    for call in (lambda: pyxf.generate(model, [[2, 3, 4]], max_new_tokens=3), lambda: model.logits([1, 2]),
+                 lambda: session.feed([1]), lambda: pyxf.Engine(model)):
+        with pytest.raises(FileChangedError, match="was truncated to 100 bytes after it was loaded"):
+            call()
+    assert pyxf.generate(pyxf.load(tiny_files.write_pyxf_model(tmp_path / "again")), [[2, 3, 4]],
+                         max_new_tokens=3) == expected
+
+
+def _child_env():
+    """The environment of a fresh interpreter that imports the pyxf under test and tests/tiny_files."""
+    paths = [str(Path(pyxf.__file__).parents[1]), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def _in_child(code, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], env=_child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_convert_onto_a_full_disk_leaves_no_partial_model(tmp_path):
+    """A disk that fills up mid-write (here: a file size limit, which fails writes the same way)
+    gives an OSError; the half-written weights are removed and no config.json marks the
+    directory as a model."""
+    src = tiny_files.write_hf_llama(tmp_path / "hf")
+    out = tmp_path / "out"
+    child = _in_child(f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # fail the write instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # bytes per file
+from pyxf.convert import convert
+try:
+    convert({str(src)!r}, {str(out)!r}, progress=False)
+except OSError as e:
+    print("OSError", e.errno)
+""")
+    assert child.returncode == 0 and child.stdout.startswith("OSError"), child.stderr
+    assert not (out / "config.json").exists() and not list(out.glob("model.safetensors*"))
+    cli = _in_child(f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+from pyxf.cli import main
+sys.exit(main(["convert", {str(src)!r}, {str(out)!r}, "--quiet"]))
+""")
+    assert cli.returncode == 1 and "pyxf convert: error: [Errno 27] File too large" in cli.stderr, cli.stderr
+
+
+def test_convert_into_a_read_only_directory(tmp_path):
+    src = tiny_files.write_hf_llama(tmp_path / "hf")
+    if os.geteuid() == 0:  # root writes through permissions; /proc refuses everyone
+        target = Path("/proc/pyxf-cannot-write-here")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        target = locked / "out"
+    with pytest.raises(OSError):
+        convert(src, target, progress=False)
+
+
+LONG_RUNS = {
+    "generate": """
+model = pyxf.load(tiny_files.write_pyxf_model(root / "m", max_position_embeddings=1 << 20))
+run = lambda: pyxf.generate(model, [[2, 3]], max_new_tokens=200_000)
+after = lambda: pyxf.generate(model, [[2, 3]], max_new_tokens=2)
+""",
+    "stream": """
+model = pyxf.load(tiny_files.write_pyxf_model(root / "m", max_position_embeddings=1 << 20))
+run = lambda: "".join(pyxf.generate(model, "hello", max_new_tokens=200_000, stream=True))
+after = lambda: pyxf.generate(model, [[2, 3]], max_new_tokens=2)
+""",
+    "encode": """
+model = pyxf.load(tiny_files.write_pyxf_encoder(root / "e"))
+run = lambda: model.encode(["hello world " * 60] * 200_000, batch_size=8)
+after = lambda: model.encode(["hello"])
+""",
+    "translate": """
+model = pyxf.load(tiny_files.write_pyxf_seq2seq(root / "s"))
+run = lambda: pyxf.translate(model, [[5, 6, 7, 1]] * 4, beam_size=4, max_length=200_000)
+after = lambda: pyxf.translate(model, [[5, 6, 7, 1]], beam_size=2, max_length=3)
+""",
+}
+
+
+@pytest.mark.parametrize("what", sorted(LONG_RUNS))
+def test_ctrl_c_stops_a_long_run_and_the_interpreter_lives(tmp_path, what):
+    """SIGINT during a long generate / stream / encode / translate raises KeyboardInterrupt within a
+    moment; the model is usable afterwards."""
+    pytest.importorskip("pyxf._core")
+    import signal
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, time
+from pathlib import Path
+import pyxf, tiny_files
+root = Path({str(tmp_path)!r})
+{LONG_RUNS[what]}
+print("running", flush=True)
+start = time.monotonic()
+try:
+    run()
+    print("finished")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+after()
+print("alive")
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], env=_child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "running", child.stderr.read()
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert out.split() == ["interrupted", "alive"], (out, err)
+    assert time.monotonic() - sent < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# what the fuzzers found (tests/fuzz/regressions holds the inputs themselves)
+
+
+def test_tokenizer_must_be_a_file_of_the_model_directory(base_dir, tmp_path):
+    for name in ("../../etc/passwd.json", "/etc/hosts.json", "sub/dir.json", ".."):
+        copy = edited_copy(base_dir, tmp_path / name.replace("/", "_"), tokenizer=name)
+        with pytest.raises(ValueError, match="'tokenizer' must be null or the name of a file in the model directory"):
+            pyxf.load(copy)
+
+
+def test_malformed_tokenizer_file_is_a_value_error(base_dir, tmp_path):
+    copy = edited_copy(base_dir, tmp_path)
+    (copy / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 12}}')
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer file"):
+        pyxf.load(copy)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ messages[0]['content'] + 1 }}", "the model's chat template failed: TypeError"),
+    ("{{ raise_exception('no system messages') }}", "no system messages"),
+    ("{% for %}", "Expected an expression"),
+])
+def test_failing_chat_template_is_a_clear_error(template, message):
+    import jinja2
+
+    from pyxf.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(None, chat_template=template)
+    with pytest.raises((ValueError, jinja2.exceptions.TemplateError), match=message):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "llama3", "factor": 8.0}, "lacks 'low_freq_factor'"),
+    ({"rope_type": "linear", "factor": "two"}, "is malformed"),
+    ({"rope_type": "linear", "factor": 0.0}, "no finite rotation frequencies|is malformed"),
+])
+def test_malformed_rope_scaling_is_refused_by_the_converter_and_the_loader(base_dir, tmp_path, scaling, message):
+    with pytest.raises(ValueError, match=message):
+        convert(tiny_files.write_hf_llama(tmp_path / "hf", rope_scaling=scaling), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+    pytest.importorskip("pyxf._core")
+    with pytest.raises(ValueError, match=message):
+        pyxf.load(edited_copy(base_dir, tmp_path, rope_scaling=scaling))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"norm_eps": "1e-5"}, "'norm_eps' must be a non-negative number"),
+    ({"eos_token_id": "</s>"}, "'eos_token_id' must be null or non-negative token ids"),
+    ({"bos_token_id": -1}, "'bos_token_id' must be null or non-negative token ids"),
+    ({"rope_theta": [1]}, "'rope_theta' must be a positive number"),
+    ({"chat_template": 7}, "'chat_template' must be null or a string"),
+])
+def test_config_values_of_the_wrong_kind(base_dir, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        pyxf.load(edited_copy(base_dir, tmp_path, **changes))

@@ -23,10 +23,10 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def tokenizer_json() -> str:
+def tokenizer_json(encoder: bool = False) -> str:
     """A byte-level BPE tokenizer.json of TINY["vocab_size"] tokens: the special tokens, 40 bytes
-    and 4 merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    and 4 merges; encoder: with a post-processor that wraps texts in <s> ... </s> (RoBERTa's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = list("abcdefghijklmnopqrstuvwxyz .,!?'") + ["Ġ", "Ċ", "0", "1", "2", "3", "T", "H"]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
@@ -39,6 +39,8 @@ def tokenizer_json() -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    if encoder:
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
     return tokenizer.to_str()
 
 
@@ -56,7 +58,8 @@ def pyxf_config(**overrides) -> dict:
 
 
 def pyxf_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights for every required tensor of a decoder config (float16)."""
+    """Random weights for every required tensor of a config (float16), biases of LayerNorms
+    included."""
     from pyxf.model import tensor_layout
 
     rng = np.random.default_rng(seed)
@@ -71,12 +74,37 @@ def pyxf_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_pyxf_model(out, seed: int = 0, **overrides) -> Path:
     """A loadable pyxf model directory (config.json, model.safetensors, tokenizer.json)."""
+    return _write_model(out, pyxf_config(**overrides), seed, tokenizer_json())
+
+
+def write_pyxf_encoder(out, seed: int = 0, **overrides) -> Path:
+    """A loadable BERT-style encoder directory (post-norm, learned positions, mean pooling)."""
+    config = pyxf_config(family="roberta", architecture="encoder", causal=False, norm="layernorm",
+                         norm_position="post", activation="gelu", gated_ffn=False, position="learned",
+                         position_offset=0, type_vocab_size=0, max_position_embeddings=128, max_length=128,
+                         pooler=False, pooling={"mode": "mean", "normalize": True}, classifier=None,
+                         tie_word_embeddings=False, chat_template=None, **overrides)
+    return _write_model(out, config, seed, tokenizer_json(encoder=True))
+
+
+def write_pyxf_seq2seq(out, seed: int = 0, **overrides) -> Path:
+    """A loadable encoder-decoder directory (the original Transformer's layout, sinusoidal
+    positions, shared embeddings, no tokenizer: token ids in and out)."""
+    config = pyxf_config(family="transformer", architecture="encoder-decoder", num_encoder_layers=1,
+                         norm="layernorm", norm_position="post", activation="relu", gated_ffn=False,
+                         position="sinusoidal", sinusoidal_layout="interleaved", max_position_embeddings=1 << 18,
+                         shared_embeddings=True, decoder_start_token_id=0, embed_scale=4.0, tokenizer=None,
+                         chat_template=None, **overrides)
+    return _write_model(out, config, seed, None)
+
+
+def _write_model(out, config: dict, seed: int, tokenizer: str | None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = pyxf_config(**overrides)
     write_safetensors(out / "model.safetensors", pyxf_tensors(config, seed))
     (out / "config.json").write_text(json.dumps(config))
-    (out / "tokenizer.json").write_text(tokenizer_json())
+    if tokenizer is not None:
+        (out / "tokenizer.json").write_text(tokenizer)
     return out
 
 

@@ -237,6 +237,20 @@ def _write_weights(
                 writer.write(quant.scale_name(p.target), scales)
 
 
+def _check_written_config(config: dict, src: Path) -> None:
+    """What pyxf.load will check, checked before anything is written: a checkpoint whose config the
+    loader would refuse (a size out of range, a malformed rope_scaling) fails here, naming it."""
+    from ..model import check_config
+    from ..rope import rope_parameters
+
+    check_config(config, f"{src} (converted config)")
+    if config["position"] == "rope":
+        try:
+            rope_parameters(config)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+
+
 def convert(
     src,
     out,
@@ -287,6 +301,7 @@ def convert(
         method = "+".join((["gguf"] if kept else []) + ([quantize] if quantize in formats.values() else []))
         config["quantization"] = {"method": method, "tensors": formats}
     config["source"] = ckpt.source
+    _check_written_config(config, src)
 
     partial = out / "model.safetensors.partial"
     try:
@@ -332,7 +347,7 @@ def main(argv=None) -> int:
             quantize=args.quantize, quantize_embeddings=args.quantize_embeddings,
             keep_quantized=args.keep_quantized,
         )
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: a read-only or full disk, a missing file
         print(f"pyxf convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -620,6 +620,9 @@ def normalized_config(hf: dict) -> dict:
         config = family.hf_config(hf)
     except KeyError as e:
         raise ValueError(f"config lacks {e.args[0]!r}, needed for a {family.name} model") from None
+    except (TypeError, ArithmeticError, AttributeError, IndexError) as e:  # a value of the wrong kind
+        raise ValueError(f"config has a value pyxf cannot use for a {family.name} model: "
+                         f"{type(e).__name__}: {e}") from None
     return {"format": "pyxf", "format_version": 1, **config}
 
 
