@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,10 +43,24 @@ def sanitized_env(kind: str) -> dict:
         return env
     out = subprocess.run(["bash", str(ROOT / "tools" / "sanitize.sh"), kind, "--build-only"], check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    for assignment in out.split():
+    for assignment in shlex.split(out):
         key, _, value = assignment.partition("=")
+        value = value.strip("'")
         env[key] = value
-    env["ASAN_OPTIONS"] += ":allocator_may_return_null=0"  # libFuzzer's malloc limit reports huge requests
+    # atheris' libFuzzer must receive the coverage that libasan's weak no-ops would otherwise swallow
+    # (tests/fuzz/coverage_shim.c), so the shim comes first, before libasan.
+    import atheris
+
+    env["PYXF_LIBFUZZER_MODULE"] = str(next(Path(atheris.__file__).parent.glob("core_with_libfuzzer*.so")))
+    shim = WORK / "coverage_shim.so"
+    WORK.mkdir(parents=True, exist_ok=True)
+    subprocess.run([os.environ.get("CC", "gcc"), "-shared", "-fPIC", "-O2", "-o", str(shim),
+                    str(FUZZ / "coverage_shim.c"), "-ldl"], check=True)
+    env["LD_PRELOAD"] = f"{shim} {env['LD_PRELOAD']}"
+    env["ASAN_OPTIONS"] += ":verify_asan_link_order=0:quarantine_size_mb=64"
+    # libFuzzer's malloc limit reports huge requests; reports on stderr, where libFuzzer expects them.
+    env["ASAN_OPTIONS"] = re.sub(r":log_path=[^:]*", "", env["ASAN_OPTIONS"]) + ":allocator_may_return_null=0"
+    env["UBSAN_OPTIONS"] = re.sub(r":log_path=[^:]*", "", env["UBSAN_OPTIONS"])
     return env
 
 

@@ -26,6 +26,8 @@ build=build/sanitize-$kind
 cxx=${CXX:-g++}
 
 mkdir -p "$build"
+exec 9>"$build/.lock"  # one build at a time (fuzzers start this script in parallel)
+flock 9
 # RelWithDebInfo: debug information, and none of the link-time optimization and stripping that
 # pybind11 adds to Release modules.
 cmake -S . -B "$build/cmake" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYXF_SANITIZE="$sanitize" \
@@ -34,50 +36,67 @@ cmake -S . -B "$build/cmake" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYXF_S
 cmake --build "$build/cmake" -j "${JOBS:-2}"
 
 site=$build/site/pyxf
-rm -rf "$build/site"
 mkdir -p "$site"
 for entry in pyxf/*; do
   case "$(basename "$entry")" in _core*|__pycache__) continue ;; esac
-  ln -s "$root/$entry" "$site/"
+  ln -sfn "$root/$entry" "$site/"
 done
-cp "$build"/cmake/_core*.so "$site/"
+for so in "$build"/cmake/_core*.so; do  # beside, then renamed: running processes keep their copy
+  cp "$so" "$site/.tmp.so" && mv -f "$site/.tmp.so" "$site/$(basename "$so")"
+done
+flock -u 9
 
-# The sanitizer's runtime must be loaded before anything else in the (uninstrumented) interpreter.
-export LD_PRELOAD=$("$cxx" -print-file-name="$runtime")
+# The sanitizer's runtime must be loaded before anything else in the (uninstrumented) interpreter,
+# and libstdc++ with it: the python binary does not link it, and ASan can only intercept
+# __cxa_throw (every C++ exception) if libstdc++ is there when it starts.
+export LD_PRELOAD="$("$cxx" -print-file-name="$runtime") $("$cxx" -print-file-name=libstdc++.so)"
+# Reports go to files (pytest captures the test process's stderr, and a report ends that process).
+reports=$root/$build/reports
+rm -rf "$reports"
+mkdir -p "$reports"
 # detect_leaks=0: CPython and numpy keep allocations alive until exit by design (interned objects,
 # module state), thousands of reports that are not pyxf's. allocator_may_return_null=1: an
 # allocation larger than the machine allows (a test asks for a 64 GiB KV cache) must fail as
 # malloc does (std::bad_alloc -> MemoryError), not abort the process as ASan does by default.
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:check_initialization_order=1:strict_init_order=1}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:check_initialization_order=1:strict_init_order=1:log_path=$reports/asan}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan}
 # libgomp is not built with TSan, so its barriers and task queues are invisible to TSan; the
 # suppressions file names those frames and says why each is not a pyxf race.
-export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tools/tsan.supp}
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tools/tsan.supp:log_path=$reports/tsan}
 export PYXF_IMPORT_ROOT=$root/$build/site
 # Spinning OpenMP workers make a sanitized run several times slower on a small machine.
 export OMP_WAIT_POLICY=PASSIVE
 
 if [ "${1:-}" = "--build-only" ]; then
-  echo "LD_PRELOAD=$LD_PRELOAD PYXF_IMPORT_ROOT=$PYXF_IMPORT_ROOT ASAN_OPTIONS=$ASAN_OPTIONS UBSAN_OPTIONS=$UBSAN_OPTIONS"
+  echo "LD_PRELOAD='$LD_PRELOAD' PYXF_IMPORT_ROOT=$PYXF_IMPORT_ROOT ASAN_OPTIONS=$ASAN_OPTIONS UBSAN_OPTIONS=$UBSAN_OPTIONS TSAN_OPTIONS=$TSAN_OPTIONS"
   exit 0
 fi
-python -c "import pyxf._core as c, sys; s = c.info()['sanitize']; print('pyxf._core', c.__file__, 'sanitize=' + s); sys.exit(s != '$sanitize')"
+# The tests must import the sanitized extension (conftest.py puts PYXF_IMPORT_ROOT first); so must this.
+(cd / && PYTHONPATH=$PYXF_IMPORT_ROOT python -c "import pyxf._core as c, sys; s = c.info()['sanitize']; \
+  print('pyxf._core', c.__file__, 'sanitize=' + s); sys.exit(s != '$sanitize')")
 
+status=0
+run() { python -m pytest -p no:cacheprovider "$@" || status=$?; }
 if [ $# -gt 0 ]; then
-  exec python -m pytest "$@"
+  run "$@"
+elif [ "$kind" = thread ]; then
+  run -q tests/test_threads.py
+else
+  # The default subset (README "Sanitizers"): every kernel under every ISA the CPU has (the kernel
+  # tests loop over them), both GEMM paths and attention tails, the quantized formats, the decoder
+  # and encoder parity tests, sessions, the engine, seq2seq with beam search, the threads tests,
+  # the resource limits and the fuzz regressions; then the model-level paths with lower ISAs forced.
+  run -q tests/test_kernels.py tests/test_quant_kernels.py tests/test_half_weights.py \
+    tests/test_parity_llama.py tests/test_parity_gpt2.py tests/test_engine.py tests/test_seq2seq.py \
+    tests/test_encoders.py tests/test_limits.py tests/test_threads.py tests/test_fuzz_regressions.py
+  for isa in avx2 generic; do
+    PYXF_ISA=$isa run -q tests/test_parity_llama.py tests/test_seq2seq.py tests/test_engine.py \
+      -k "greedy or beam or prefill or decode or transformers"
+  done
 fi
-if [ "$kind" = thread ]; then
-  exec python -m pytest -q -p no:cacheprovider tests/test_threads.py
+if compgen -G "$reports/*" >/dev/null; then
+  echo "sanitizer reports:" >&2
+  cat "$reports"/* >&2
+  exit 1
 fi
-# The default subset (README "Sanitizers"): every kernel under every ISA the CPU has (the kernel
-# tests loop over them), both GEMM paths and attention tails, the quantized formats, the decoder
-# and encoder parity tests, sessions, the engine, seq2seq with beam search, the threads tests and
-# the resource limits; then the model-level paths again with lower ISAs forced.
-python -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py tests/test_quant_kernels.py tests/test_half_weights.py \
-  tests/test_parity_llama.py tests/test_parity_gpt2.py tests/test_engine.py tests/test_seq2seq.py \
-  tests/test_encoders.py tests/test_limits.py tests/test_threads.py
-for isa in avx2 generic; do
-  PYXF_ISA=$isa python -m pytest -q -p no:cacheprovider tests/test_parity_llama.py tests/test_seq2seq.py \
-    -k "greedy or beam or prefill or decode"
-done
+exit $status
