@@ -70,13 +70,16 @@ def corpus_stats(target: str) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+INTERRUPTED = 72  # libFuzzer's exit status after SIGINT / SIGTERM: a run stopped early, not a finding
+
+
 def record(target: str, executions: int, seconds: float, status: int) -> dict:
     stats = json.loads(STATS.read_text()) if STATS.is_file() else {}
     entry = stats.setdefault(target, {"executions": 0, "seconds": 0.0, "runs": 0, "findings": 0})
     entry["executions"] += executions
     entry["seconds"] = round(entry["seconds"] + seconds, 1)
     entry["runs"] += 1
-    entry["findings"] += status != 0
+    entry["findings"] += status not in (0, INTERRUPTED)
     entry["corpus_files"], entry["corpus_bytes"] = corpus_stats(target)
     STATS.write_text(json.dumps(stats, indent=2) + "\n")
     return entry
@@ -105,6 +108,8 @@ def fuzz(target: str, seconds: int, env: dict, extra: list[str]) -> int:
     entry = record(target, executions, time.monotonic() - start, status)
     print(f"{target}: {executions} executions this run, {entry['executions']} in all; corpus "
           f"{entry['corpus_files']} files, {entry['corpus_bytes']} bytes; status {status}", file=sys.stderr)
+    if status == INTERRUPTED:
+        return 0
     if status != 0:
         (WORK / target / "last-failure.log").write_text(text)
         print(f"{target}: FINDING; log in {WORK / target / 'last-failure.log'}", file=sys.stderr)
