@@ -114,7 +114,7 @@ def _max_sequence(config):
 
 
 # Texts tokenized per call into the tokenizers library (which runs without checking for signals).
-TOKENIZE_CHUNK = 4096
+TOKENIZE_CHUNK = 256
 
 
 def _run(model, texts, batch_size, max_length, truncate, progress, reduce):

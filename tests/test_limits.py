@@ -340,7 +340,7 @@ after = lambda: pyxf.generate(model, [[2, 3]], max_new_tokens=2)
 """,
     "encode": """
 model = pyxf.load(tiny_files.write_pyxf_encoder(root / "e"))
-run = lambda: model.encode(["hello world " * 60] * 200_000, batch_size=8)
+run = lambda: model.encode(["hello world " * 10] * 200_000, batch_size=8)
 after = lambda: model.encode(["hello"])
 """,
     "translate": """

@@ -22,6 +22,10 @@ import pyxf
 THREADS = 8
 NEW = 12
 SPEC = "llama_mqa_d32"
+# Under ThreadSanitizer (tools/sanitize.sh thread) the outputs are compared between threads and
+# sequential runs only: the reference libraries (torch) run 20x slower there, and their agreement
+# is checked by the normal and the ASan runs of this file.
+ANCHORED = "thread" not in pyxf.info()["sanitize"]
 
 
 def run_together(fn, items, timeout=600):
@@ -66,7 +70,7 @@ def sequential(decoder, prompts):
     """Each prompt alone: greedy (checked against transformers) and seeded sampling."""
     hf, px = decoder
     greedy = [pyxf.generate(px, [p], max_new_tokens=NEW)[0] for p in prompts]
-    for p, got in zip(prompts, greedy):
+    for p, got in zip(prompts, greedy if ANCHORED else ()):
         assert got == helpers.strip_eos(helpers.hf_greedy(hf, p, NEW), px.eos_token_ids)
     sampled = [pyxf.generate(px, [p], max_new_tokens=NEW, temperature=0.8, top_k=20, seed=i)[0]
                for i, p in enumerate(prompts)]
@@ -113,7 +117,7 @@ def test_sessions_one_per_thread(decoder, prompts):
         return np.concatenate([first, last])
 
     alone = [feed(p) for p in prompts]
-    for p, logits in zip(prompts[:3], alone):
+    for p, logits in zip(prompts[:3], alone if ANCHORED else ()):
         assert helpers.max_abs_err(logits, helpers.hf_logits(hf, p)) < 1e-3
     together = run_together(feed, prompts)
     for a, b in zip(alone, together):
@@ -143,8 +147,9 @@ def test_encode_from_8_threads(minilm):
     from pyxf import hub
 
     alone = [minilm.encode([t, TEXTS[0]]) for t in TEXTS]
-    reference = SentenceTransformer(str(hub.minilm_source_path()), device="cpu").encode(TEXTS)
-    np.testing.assert_allclose(np.stack([a[0] for a in alone]), reference, atol=1e-4)
+    if ANCHORED:
+        reference = SentenceTransformer(str(hub.minilm_source_path()), device="cpu").encode(TEXTS)
+        np.testing.assert_allclose(np.stack([a[0] for a in alone]), reference, atol=1e-4)
     together = run_together(lambda t: minilm.encode([t, TEXTS[0]]), TEXTS)
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
@@ -180,7 +185,7 @@ def test_translate_from_8_threads(seq2seq):
     rng = np.random.default_rng(3)
     sources = [rng.integers(3, 50, n).tolist() + [2] for n in (2, 5, 9, 14, 20, 27, 33, 40)]
     greedy = [pyxf.generate(px, s, max_new_tokens=12) for s in sources]
-    for s, got in zip(sources[:3], greedy):
+    for s, got in zip(sources[:3], greedy if ANCHORED else ()):
         expected = model.greedy(torch.tensor([s]), 12)[0].tolist()
         assert got == (expected[: expected.index(2)] if 2 in expected else expected)
     beams = [pyxf.translate(px, [s], beam_size=3, max_length=12, num_hypotheses=2, return_scores=True)[0]
@@ -248,9 +253,9 @@ def test_work_started_from_a_new_thread_follows_set_num_threads(decoder):
         added = []
 
         def work():
-            tasks = len(os.listdir("/proc/self/task"))
+            before = set(os.listdir("/proc/self/task"))  # (threads of earlier tests may still be exiting)
             px.session().feed(prompt, all_logits=False)
-            added.append(len(os.listdir("/proc/self/task")) - tasks)  # the team's workers stay until exit
+            added.append(len(set(os.listdir("/proc/self/task")) - before))  # the team's workers stay until exit
 
         thread = threading.Thread(target=work)
         thread.start()

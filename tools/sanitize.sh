@@ -62,7 +62,9 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:c
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan}
 # libgomp is not built with TSan, so its barriers and task queues are invisible to TSan; the
 # suppressions file names those frames and says why each is not a pyxf race.
-export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tools/tsan.supp:log_path=$reports/tsan}
+# history_size=7: the longest access history, so that the earlier access of a report (often an
+# OpenMP worker's) has its stack, which the suppressions match.
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:history_size=7:suppressions=$root/tools/tsan.supp:log_path=$reports/tsan}
 export PYXF_IMPORT_ROOT=$root/$build/site
 # Spinning OpenMP workers make a sanitized run several times slower on a small machine.
 export OMP_WAIT_POLICY=PASSIVE
