@@ -223,15 +223,22 @@ kernels::QuantFormat parse_quant_format(const std::string& name) {
   if (name == "q4_0") return kernels::QuantFormat::kQ4_0;
   if (name == "q4_1") return kernels::QuantFormat::kQ4_1;
   if (name == "int8") return kernels::QuantFormat::kInt8;
-  throw py::value_error("unknown quantization format '" + name + "' (q8_0, q4_0, q4_1, int8)");
+  if (name == "q5_0") return kernels::QuantFormat::kQ5_0;
+  if (name == "q5_1") return kernels::QuantFormat::kQ5_1;
+  if (name == "q4_k") return kernels::QuantFormat::kQ4_K;
+  if (name == "q5_k") return kernels::QuantFormat::kQ5_K;
+  if (name == "q6_k") return kernels::QuantFormat::kQ6_K;
+  throw py::value_error("unknown quantization format '" + name +
+                        "' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, int8)");
 }
 
 // A stored quantized matrix: uint8 rows of blocks, or int8 rows plus per-row float scales.
 kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernels::QuantFormat f, long out,
                                 long in, std::vector<py::array>& keep) {
-  if (in % kernels::kQuantBlock != 0) {
-    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " +
-                          std::to_string(kernels::kQuantBlock) + " columns, got " + std::to_string(in));
+  const int block = kernels::quant_block_cols(f);
+  if (in <= 0 || in % block != 0) {
+    throw py::value_error("tensor '" + name + "': quantized rows need a multiple of " + std::to_string(block) +
+                          " columns, got " + std::to_string(in));
   }
   if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
   py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);
@@ -257,6 +264,47 @@ kernels::QuantWeight quant_view(py::dict arrays, const std::string& name, kernel
   return q;
 }
 
+// A quantized linear weight as config.json's "tensors" entry describes it: a format name (the
+// array is [out, row bytes]), or a list of [format, rows] for a matrix stored in several formats
+// (the array is the segments' bytes, one after the other).
+void bind_quantized(Linear& l, py::dict arrays, const std::string& name, py::handle spec, long out, long in,
+                    std::vector<py::array>& keep) {
+  l.quantized = true;
+  if (py::isinstance<py::str>(spec)) {
+    l.quant = quant_view(arrays, name, parse_quant_format(spec.cast<std::string>()), out, in, keep);
+    return;
+  }
+  if (!arrays.contains(name)) throw py::key_error("missing tensor '" + name + "'");
+  py::array a = py::reinterpret_borrow<py::array>(arrays[name.c_str()]);
+  if (!(a.flags() & py::array::c_style) || a.itemsize() != 1 || a.ndim() != 1) {
+    throw py::value_error("tensor '" + name + "' (several formats) must be a C-contiguous 1-D byte array");
+  }
+  keep.push_back(a);
+  const uint8_t* data = static_cast<const uint8_t*>(a.data());
+  long rows = 0, offset = 0;
+  for (py::handle item : spec) {
+    const py::sequence pair = py::reinterpret_borrow<py::sequence>(item);
+    if (pair.size() != 2) throw py::value_error("tensor '" + name + "': segments are [format, rows] pairs");
+    const kernels::QuantFormat f = parse_quant_format(pair[0].cast<std::string>());
+    const long n = pair[1].cast<long>();
+    const int block = kernels::quant_block_cols(f);
+    if (f == kernels::QuantFormat::kInt8 || n <= 0 || in <= 0 || in % block != 0) {
+      throw py::value_error("tensor '" + name + "': bad segment (a block format whose blocks fit the " +
+                            std::to_string(in) + " columns, and a positive row count)");
+    }
+    const long bytes = n * kernels::quant_row_bytes(f, in);
+    if (offset + bytes > a.shape(0)) throw py::value_error("tensor '" + name + "' is shorter than its segments");
+    l.segments.push_back({f, data + offset, nullptr, n, in});
+    rows += n;
+    offset += bytes;
+  }
+  if (rows != out || offset != a.shape(0)) {
+    throw py::value_error("tensor '" + name + "': its segments cover " + std::to_string(rows) + " rows and " +
+                          std::to_string(offset) + " bytes, expected " + std::to_string(out) + " rows and " +
+                          std::to_string(a.shape(0)) + " bytes");
+  }
+}
+
 ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   const bool layer_norm = c.norm == NormKind::kLayer;
@@ -267,9 +315,7 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats
     Linear l;
     const std::string weight = name + ".weight";
     if (formats.contains(weight)) {
-      l.quantized = true;
-      l.quant = quant_view(w.arrays(), weight, parse_quant_format(formats[weight.c_str()].cast<std::string>()),
-                           out, in, w.kept());
+      bind_quantized(l, w.arrays(), weight, formats[weight.c_str()], out, in, w.kept());
     } else {
       std::tie(l.weight, l.dtype) = w.get_matrix(weight, {out, in});
     }
@@ -278,6 +324,7 @@ ModelWeights bind_weights(const ModelConfig& c, WeightStore& w, py::dict formats
   };
   ModelWeights m;
   m.embed = linear("embed", V, H);
+  if (!m.embed.segments.empty()) throw py::value_error("embed.weight must be stored in one format (rows are looked up)");
   if (c.position == PositionKind::kLearned) m.pos_embed = w.get("pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.get("token_type_embed.weight", {c.type_vocab_size, H});
   m.embed_norm = Norm{w.get("embed_norm.weight", {H}, false), w.get("embed_norm.bias", {H}, false)};
@@ -456,8 +503,13 @@ class PyEngine {
   int64_t submit(py::handle prompt, int max_new_tokens, float temperature, int top_k, float top_p,
                  float repetition_penalty, float presence_penalty, float frequency_penalty,
                  std::vector<std::pair<int, float>> logit_bias, uint64_t seed, std::vector<int> stop_ids,
-                 int top_logprobs) {
+                 int top_logprobs, py::object first_mask, int draft_tokens) {
     Request r;
+    r.draft_tokens = draft_tokens;
+    if (!first_mask.is_none()) {
+      r.constrained = true;
+      r.first_mask = mask_words(first_mask.cast<py::bytes>());
+    }
     r.prompt = model_->tokens(prompt);
     r.max_new_tokens = max_new_tokens;
     r.sampling = {temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty,
@@ -490,10 +542,19 @@ class PyEngine {
                     "kv_block_tokens"_a = s.page_tokens, "prefix_cache_queried_tokens"_a = s.prefix_queried_tokens,
                     "prefix_cache_hit_tokens"_a = s.prefix_hit_tokens, "prompt_tokens_total"_a = s.prompt_tokens,
                     "generated_tokens_total"_a = s.generated_tokens, "requests_finished_total"_a = s.finished,
-                    "steps_total"_a = s.steps);
+                    "steps_total"_a = s.steps, "draft_tokens_proposed_total"_a = s.draft_proposed,
+                    "draft_tokens_accepted_total"_a = s.draft_accepted);
   }
 
   Engine& engine() { return engine_; }
+
+  // A token bitmask from Python bytes: little-endian 32-bit words (llguidance's layout).
+  static std::vector<uint32_t> mask_words(const py::bytes& b) {
+    const std::string_view bytes = b;
+    std::vector<uint32_t> words(bytes.size() / 4);
+    std::memcpy(words.data(), bytes.data(), words.size() * 4);
+    return words;
+  }
 
  private:
   std::shared_ptr<PyModel> model_;
@@ -507,8 +568,11 @@ void bind_engine(py::module_& m) {
            "kv_cache_mb"_a, "prefill_chunk"_a, "max_queue"_a, "context_length"_a, "prefix_cache"_a)
       .def("submit", &PyEngine::submit, "prompt"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a,
            "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "logit_bias"_a, "seed"_a,
-           "stop_ids"_a, "top_logprobs"_a)
+           "stop_ids"_a, "top_logprobs"_a, "first_mask"_a = py::none(), "draft_tokens"_a = 0)
       .def("cancel", [](PyEngine& e, int64_t id) { e.engine().cancel(id); }, "request"_a)
+      .def("set_mask", [](PyEngine& e, int64_t id, int index, const py::bytes& mask) {
+        e.engine().set_mask(id, index, PyEngine::mask_words(mask));
+      }, "request"_a, "index"_a, "mask"_a)
       .def("poll", &PyEngine::poll, "timeout_ms"_a)
       .def_property_readonly("drained", [](PyEngine& e) { return e.engine().drained(); })
       .def("close", [](PyEngine& e, bool cancel) { e.engine().close(cancel); }, "cancel_running"_a = false)
@@ -527,7 +591,8 @@ py::dict info() {
   py::list isas;
   for (int i = 0; i < n; ++i) isas.append(names[i]);
   return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
-                  "num_threads"_a = num_threads(), "compiler"_a = PYXF_COMPILER,
+                  "quant_gemv"_a = kernels::quant_gemv_name(), "num_threads"_a = num_threads(),
+                  "compiler"_a = PYXF_COMPILER,
                   "build_flags"_a = PYXF_BUILD_FLAGS, "sanitize"_a = PYXF_SANITIZE);
 }
 
@@ -845,10 +910,7 @@ class PySeq2SeqModel {
       Linear l;
       const std::string weight = name + ".weight";
       if (dec_formats.contains(weight)) {
-        l.quantized = true;
-        l.quant = quant_view(dec_store_->arrays(), weight,
-                             parse_quant_format(dec_formats[weight.c_str()].cast<std::string>()), out, in,
-                             dec_store_->kept());
+        bind_quantized(l, dec_store_->arrays(), weight, dec_formats[weight.c_str()], out, in, dec_store_->kept());
       } else {
         std::tie(l.weight, l.dtype) = dec_store_->get_matrix(weight, {out, in});
       }
@@ -1004,6 +1066,12 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error("ISA '" + name + "' is unknown or not supported by this CPU");
     }
   });
+  m.def("set_quant_gemv", [](const std::string& name) {
+    if (!kernels::set_quant_gemv(name.c_str())) {
+      throw py::value_error("unknown quantized GEMV variant '" + name + "' (rows, stream)");
+    }
+  }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream' (AMD's default) or 'rows'.");
+  m.def("get_quant_gemv", [] { return std::string(kernels::quant_gemv_name()); });
   m.def("set_num_threads", [](int n) {
     if (n <= 0) throw py::value_error("number of threads must be positive");
     set_num_threads(n);

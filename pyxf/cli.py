@@ -1,4 +1,4 @@
-"""The `pyxf` command: generate, chat, convert, info."""
+"""The `pyxf` command: generate, chat, serve, convert, info."""
 
 import argparse
 import json
@@ -56,7 +56,48 @@ def _parser():
         "convert", help="convert a checkpoint: pyxf convert SRC OUT [--dtype D] (see pyxf convert --help)"
     )
 
-    info = commands.add_parser("info", help="print build and CPU information as JSON")
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings)",
+        description="Serves models over the OpenAI API: decoders for /v1/chat/completions and /v1/completions, "
+        "encoders for /v1/embeddings. With no MODEL: SmolLM2-135M-Instruct and all-MiniLM-L6-v2. "
+        "Needs the serve extra: pip install 'pyxf[serve]'.",
+    )
+    serve.add_argument("models", nargs="*", metavar="NAME=DIR",
+                       help="a converted model directory served under the model id NAME (DIR alone: its name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: PYXF_API_KEY)")
+    serve.add_argument("--max-batch", type=int, help="most sequences in one engine step (default 64)")
+    serve.add_argument("--kv-cache-mb", type=float, help="KV cache budget per model in MiB (default 1024)")
+    serve.add_argument("--prefill-chunk", type=int, help="most prompt tokens per engine step (default 512)")
+    serve.add_argument("--max-queue", type=int, help="most waiting requests before answering 503 (default 1024)")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       help="do not reuse the KV blocks of earlier requests' shared prompt prefixes")
+    serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM (default 30)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = serve.add_argument_group(
+        "Ray Serve", "with --ray: replicas of the server behind Ray Serve's router (needs the ray extra: "
+        "pip install 'pyxf[ray]'); --threads is then per replica (default 1), each replica reserving as many CPUs")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray: replicas across the cluster's nodes")
+    ray.add_argument("--replicas", type=int, help="number of replicas (default 1); the most, with --min-replicas")
+    ray.add_argument("--min-replicas", type=int,
+                     help="autoscale between --min-replicas and --replicas on the ongoing requests per replica")
+    ray.add_argument("--target-ongoing-requests", type=float,
+                     help="autoscaling target of ongoing requests per replica (default 16)")
+    ray.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started "
+                     "for this server)")
+    serve.set_defaults(run=_serve)
+
+    info = commands.add_parser(
+        "info", help="print build and CPU information as JSON (with --model: how its weights are stored)"
+    )
+    info.add_argument(
+        "--model", metavar="DIR",
+        help="also describe this converted model: tensors and bytes per format, weight bytes per decode step",
+    )
     info.set_defaults(run=_info)
     return parser
 
@@ -161,5 +202,45 @@ def _drop_old_turns(model, history, max_new_tokens, context_length):
         print("pyxf: (conversation too long; forgot the oldest exchange)", file=sys.stderr)
 
 
+def _serve(args):
+    try:
+        from pyxf.server import serve
+    except ImportError as e:
+        raise ImportError(f"pyxf serve needs the serve extra ({e}); install it with: pip install 'pyxf[serve]'") from None
+    options = dict(
+        api_key=args.api_key, max_batch=args.max_batch, kv_cache_mb=args.kv_cache_mb,
+        prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
+        threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
+    )
+    if args.ray:
+        return _serve_on_ray(args, options)
+    given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
+                                      ("--target-ongoing-requests", args.target_ongoing_requests),
+                                      ("--ray-address", args.ray_address)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --ray")
+    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, **options)
+
+
+def _serve_on_ray(args, options):
+    try:
+        from pyxf.ray import serve_on_ray
+    except ImportError as e:
+        raise ImportError(f"pyxf serve --ray needs the ray extra ({e}); install it with: pip install 'pyxf[ray]'") from None
+    autoscaling = None
+    if args.min_replicas is not None or args.target_ongoing_requests is not None:
+        autoscaling = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1}
+        if args.target_ongoing_requests is not None:
+            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
+    options["threads"] = options["threads"] or 1
+    return serve_on_ray(args.models, address=args.ray_address, host=args.host, port=args.port,
+                        replicas=args.replicas or 1, autoscaling=autoscaling, **options)
+
+
 def _info(args):
-    print(json.dumps(pyxf.info(), indent=2))
+    info = pyxf.info()
+    if args.model:
+        from pyxf.model import describe_model
+
+        info["model"] = describe_model(args.model)
+    print(json.dumps(info, indent=2))

@@ -8,6 +8,7 @@ normalization and the classification heads (a few small matrices) run in numpy.
 
 import numpy as np
 
+from pyxf.model import as_token_array
 from pyxf.tensorfile import bf16_to_float32
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
@@ -16,7 +17,8 @@ OUTPUTS = ("sentence", "tokens")
 
 def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
            truncate=True, progress=False):
-    """Embeddings of `texts` (a list of str, or one str).
+    """Embeddings of `texts` (a list of str, or one str). An item may also be a list of token ids of
+    the model's vocabulary: the complete sequence, used as given (no [CLS]/[SEP] is added).
 
     output="sentence": float32 [N, H] (one str: [H]), each text's token states pooled with `pooling`
     ("mean" | "cls" | "max" | "mean_sqrt_len"; default: the model's sentence-transformers pooling,
@@ -92,13 +94,39 @@ def classify(model, texts, batch_size=32, max_length=None, truncate=True, progre
 
 
 def _check_texts(texts):
+    """A list of str and token-id lists (each a list, tuple or 1-D integer array)."""
     if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        if not isinstance(text, (str, list, tuple, np.ndarray)):
+            raise TypeError(f"texts[{i}] must be a str or a list of token ids, got {type(text).__name__}")
     return texts
+
+
+def _tokenize(model, texts, max_length):
+    """[(ids, type_ids)] per item: strings through the tokenizer (special tokens added, cut to
+    max_length if given), token-id lists as they are (cut to max_length if given)."""
+    strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    encoded = [None] * len(texts)
+    if strings:
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path} has no tokenizer; pass token ids instead of text")
+        for start in range(0, len(strings), TOKENIZE_CHUNK):  # in chunks: Ctrl-C is noticed between them
+            chunk = strings[start : start + TOKENIZE_CHUNK]
+            try:
+                tokenized = model.tokenizer.encode_for_encoder([texts[i] for i in chunk], max_length)
+            except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
+                if isinstance(e, (TypeError, ValueError)):
+                    raise
+                raise ValueError(f"tokenization failed: {e}") from None
+            for i, pair in zip(chunk, tokenized):
+                encoded[i] = pair
+    for i, text in enumerate(texts):
+        if encoded[i] is None:
+            ids = as_token_array(text, model.config["vocab_size"], f"texts[{i}]").tolist()[:max_length]
+            encoded[i] = (ids, [0] * len(ids))
+    return encoded
 
 
 def _check_int(value, name, low, high):
@@ -125,20 +153,10 @@ def _run(model, texts, batch_size, max_length, truncate, progress, reduce):
     batch_size = _check_int(batch_size, "batch_size", 1, 1 << 30)
     max_length = config.get("max_length", limit) if max_length is None else max_length
     max_length = _check_int(max_length, "max_length", 1, limit)
-    if model.tokenizer is None:
-        raise ValueError(f"{model.path} has no tokenizer; encoder models need one")
     if not texts:
         return []
 
-    encoded = []
-    for start in range(0, len(texts), TOKENIZE_CHUNK):  # in chunks: Ctrl-C is noticed between them
-        try:
-            encoded += model.tokenizer.encode_for_encoder(texts[start : start + TOKENIZE_CHUNK],
-                                                          max_length if truncate else None)
-        except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
-            if isinstance(e, (TypeError, ValueError)):
-                raise
-            raise ValueError(f"tokenization failed: {e}") from None
+    encoded = _tokenize(model, texts, max_length if truncate else None)
     lengths = np.array([len(ids) for ids, _ in encoded])
     if not truncate and (lengths > max_length).any():
         i = int(np.argmax(lengths > max_length))

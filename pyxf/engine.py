@@ -19,8 +19,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from pyxf.constraints import Constraint, grammar_for
 from pyxf.sampling import check_int, check_lengths, prompt_tokens, sampling_options, stop_conditions
 from pyxf.text import TextTracker, first_stop
+from pyxf.tools import plan as plan_tools, read_reply
 from pyxf.threads import core
 
 _FINISH = {1: "stop", 2: "length", 3: "cancelled", 4: "error"}
@@ -60,18 +62,20 @@ class Delta:
 
 @dataclass
 class Result:
-    text: str                               # the new text, cut before a stop string
+    text: str                               # the new text, cut before a stop string (with tools: the reply's content)
     token_ids: List[int]                    # new tokens, stop token excluded
-    finish_reason: str                      # "stop", "length" or "cancelled"
+    finish_reason: str                      # "stop", "length", "cancelled" or "tool_calls"
     usage: Usage
     logprobs: Optional[List[TokenLogprob]] = None
+    tool_calls: Optional[List[dict]] = None  # OpenAI's shape: {"id", "type": "function", "function": {"name", "arguments"}}
 
 
 class Request:
     """One submitted request: iterate it (or `async for` over stream_async()) for deltas as they
     come; result() waits for the end."""
 
-    def __init__(self, dispatcher, request_id, prompt_tokens, tokenizer, stop_strings, logprobs, text_deltas):
+    def __init__(self, dispatcher, request_id, prompt_tokens, tokenizer, stop_strings, logprobs, text_deltas,
+                 constraint=None, tool_plan=None):
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self._dispatcher = dispatcher
@@ -85,6 +89,9 @@ class Request:
         self._token_ids = []
         self._shown = ""                  # text delivered in deltas so far
         self._stopped_by_text = False     # a stop string ended it: further tokens are dropped
+        self._constraint = constraint     # pyxf.constraints.Constraint, or None
+        self._complete = False            # the constraint is complete: the request ends here
+        self._tool_plan = tool_plan       # pyxf.tools.ToolPlan: how to read tool calls from the reply
         self._items = queue.SimpleQueue()
         self._async = None                # (loop, asyncio.Queue) once stream_async() runs
         self._lock = threading.Lock()
@@ -146,9 +153,16 @@ class Request:
 
     # Called on the dispatcher thread.
     def _on_token(self, token, logprob, top):
-        if self._stopped_by_text:
+        if self._stopped_by_text or self._complete:
             return
         self._token_ids.append(token)
+        if self._constraint is not None:
+            # First, so the core has the next mask before the forward pass it overlaps ends.
+            if self._constraint.advance(token):
+                self._dispatcher.core.set_mask(self.id, len(self._token_ids), self._constraint.mask())
+            else:
+                self._complete = True
+                self.cancel()
         text = ""
         if self._tracker is not None:
             self._tracker.push(token)
@@ -165,7 +179,7 @@ class Request:
         self._put(Delta(text, [token], logprobs))
 
     def _on_finish(self, finish, prompt_tokens, cached_tokens, error):
-        reason = "stop" if self._stopped_by_text else _FINISH[finish]
+        reason = "stop" if self._stopped_by_text or self._complete else _FINISH[finish]
         text = ""
         if self._tokenizer is not None:
             text = self._tokenizer.decode(self._token_ids)
@@ -176,7 +190,12 @@ class Request:
         if reason == "error":
             self._error = error or "the engine failed"
         usage = Usage(prompt_tokens, len(self._token_ids), cached_tokens)
-        self._result = Result(text, list(self._token_ids), reason, usage, self._logprobs)
+        tool_calls = None
+        if self._tool_plan is not None:
+            text, tool_calls = read_reply(text, self._tool_plan)
+            if tool_calls and reason == "stop":
+                reason = "tool_calls"
+        self._result = Result(text, list(self._token_ids), reason, usage, self._logprobs, tool_calls)
         self._done.set()  # before the end marker: a consumer that saw the end finds the result
         self._put(_END)
 
@@ -258,6 +277,18 @@ class _Dispatcher:
                 return
 
 
+def _draft_tokens(speculative, num_draft_tokens):
+    """Tokens the core drafts a step: 0 without speculative decoding."""
+    if speculative is None:
+        return 0
+    if speculative != "prompt_lookup":
+        raise ValueError(f'speculative must be "prompt_lookup" (draft models are not supported yet), got {speculative!r}')
+    check_int("num_draft_tokens", num_draft_tokens)
+    if not 1 <= num_draft_tokens <= 32:
+        raise ValueError(f"num_draft_tokens must be in [1, 32], got {num_draft_tokens}")
+    return int(num_draft_tokens)
+
+
 def kv_cache_mb(model, lengths):
     """The kv_cache_mb that holds sequences of these lengths (tokens each) at once."""
     page_tokens = core().kv_page_tokens
@@ -288,22 +319,44 @@ class Engine:
 
     def submit(self, prompt=None, *, messages=None, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
-               stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True):
+               stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True, response_format=None,
+               regex=None, choice=None, grammar=None, tools=None, tool_choice=None, speculative=None,
+               num_draft_tokens=4):
         """Queues one request (see pyxf.generate for the options) and returns its Request.
         max_new_tokens None: up to the context length. logprobs k >= 0: each token's log-probability
-        and its k most likely alternatives. pyxf.EngineFull when max_queue requests are waiting."""
+        and its k most likely alternatives. Structured output (at most one): response_format
+        (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}),
+        regex, choice (a list of strings), grammar (Lark or GBNF). tools and tool_choice (with
+        messages): OpenAI function calling (pyxf.tools); the result's tool_calls hold the calls.
+        speculative="prompt_lookup": each step drafts up to num_draft_tokens tokens from earlier in
+        the sequence and verifies them in one forward pass (greedy output unchanged; sampled output
+        from the same distribution). pyxf.EngineFull when max_queue requests are waiting."""
         return self._submit(prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                             presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
-                            add_special_tokens, text_deltas=True)
+                            add_special_tokens, response_format, regex, choice, grammar, tools, tool_choice,
+                            speculative, num_draft_tokens, text_deltas=True)
 
     def _submit(self, prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
-                add_special_tokens, text_deltas):
+                add_special_tokens, response_format=None, regex=None, choice=None, grammar=None, tools=None,
+                tool_choice=None, speculative=None, num_draft_tokens=4, text_deltas=True):
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
         model._core_model  # noqa: B018 -- FileChangedError if the weight file was truncated
-        prompts, _ = prompt_tokens(model, prompt, messages, add_special_tokens)
+        constraint_args = dict(response_format=response_format, regex=regex, choice=choice, grammar=grammar)
+        tool_plan, template_tools = None, None
+        if tools is not None:
+            if messages is None:
+                raise ValueError("tools need messages (they go to the chat template)")
+            tool_plan = plan_tools(model.tokenizer, messages, tools, tool_choice)
+            if tool_plan.constraint and any(v is not None for v in constraint_args.values()):
+                raise ValueError("tool_choice constrains the reply; it cannot be combined with response_format, regex, choice or grammar")
+            messages, template_tools = tool_plan.messages, tool_plan.template_tools
+            constraint_args.update(tool_plan.constraint)
+        elif tool_choice is not None:
+            raise ValueError("tool_choice needs tools")
+        prompts, _ = prompt_tokens(model, prompt, messages, add_special_tokens, template_tools)
         if len(prompts) != 1:
             raise ValueError("submit() takes one prompt; submit each prompt of a batch on its own")
         ids = prompts[0]
@@ -319,16 +372,20 @@ class Engine:
         if stop_strings and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         check_lengths([ids], options["max_new_tokens"], self.context_length)
+        draft_tokens = _draft_tokens(speculative, num_draft_tokens)
+        grammar_source = grammar_for(**constraint_args)
+        constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 
         def make_request(request_id):
             return Request(self._dispatcher, request_id, len(ids), model.tokenizer, stop_strings, logprobs,
-                           text_deltas)
+                           text_deltas, constraint, tool_plan)
 
         o = options
         return self._dispatcher.submit(
             make_request, ids, o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"],
             o["repetition_penalty"], o["presence_penalty"], o["frequency_penalty"], o["logit_bias"], o["seed"],
-            stop_ids, -1 if logprobs is None else logprobs,
+            stop_ids, -1 if logprobs is None else logprobs, constraint.mask() if constraint is not None else None,
+            draft_tokens,
         )
 
     def stats(self):

@@ -25,6 +25,14 @@ def generate(
     stream=False,
     return_details=False,
     add_special_tokens=True,
+    response_format=None,
+    regex=None,
+    choice=None,
+    grammar=None,
+    tools=None,
+    tool_choice=None,
+    speculative=None,
+    num_draft_tokens=4,
     **seq2seq_options,
 ):
     """Continues one prompt or a batch of prompts; returns only the new part.
@@ -38,13 +46,25 @@ def generate(
     stream=True (one prompt): returns an iterator over pieces of the new text as they are produced.
     return_details=True: pyxf.Result objects (text, token_ids, finish_reason, usage, logprobs) in
     place of text or ids; logprobs=k adds each token's log-probability and k alternatives.
+    Structured output (at most one, for every prompt): response_format ({"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}), regex, choice (a list of
+    strings), grammar (Lark or GBNF); a result cut short by max_new_tokens has finish_reason
+    "length". tools and tool_choice (with messages): OpenAI function calling; the calls are in the
+    Result's tool_calls (return_details=True). speculative="prompt_lookup" (num_draft_tokens per
+    step): speculative decoding with drafts copied from earlier in the sequence; greedy output is
+    unchanged, sampled output keeps its distribution.
     """
     if getattr(model, "is_encoder_decoder", False):
         # Encoder-decoder models: the prompt is the source (pyxf.seq2seq.generate has the options).
         from pyxf.seq2seq import generate as seq2seq_generate
 
-        if messages is not None or stream or return_details or logprobs is not None:
-            raise ValueError("messages, stream, return_details and logprobs are not supported for encoder-decoder models")
+        unsupported = dict(messages=messages, stream=stream, return_details=return_details, logprobs=logprobs,
+                           speculative=speculative,
+                           response_format=response_format, regex=regex, choice=choice, grammar=grammar, tools=tools,
+                           tool_choice=tool_choice)
+        used = [name for name, value in unsupported.items() if value not in (None, False)]
+        if used:
+            raise ValueError(f"{', '.join(used)}: not supported for encoder-decoder models")
         return seq2seq_generate(
             model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, add_special_tokens=add_special_tokens,
@@ -55,7 +75,13 @@ def generate(
             f"generate() got unexpected keyword arguments {', '.join(sorted(seq2seq_options))} "
             "(beam search options are for encoder-decoder models)"
         )
-    prompts, output = prompt_tokens(model, prompt, messages, add_special_tokens)
+    if tools is not None:
+        # The tools change what the template renders: the engine renders the messages itself.
+        if messages is None or prompt is not None:
+            raise ValueError("tools need messages (and no prompt)")
+        prompts, output = [None], "text"
+    else:
+        prompts, output = prompt_tokens(model, prompt, messages, add_special_tokens)
     options = sampling_options(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                presence_penalty, frequency_penalty, logit_bias, seed)
     _, stop_strings = stop_conditions(model, stop, stop_token_ids)
@@ -66,21 +92,28 @@ def generate(
         raise ValueError("stream=True takes a single prompt, not a batch")
     if (stream or stop_strings) and model.tokenizer is None:
         raise ValueError("streaming text and stop strings need a tokenizer, and this model has none")
-    check_lengths(prompts, max_new_tokens, model.context_length)
+    if tools is None:
+        check_lengths(prompts, max_new_tokens, model.context_length)
 
-    engine = _engine_for(model, prompts, max_new_tokens)
+    lengths = [model.context_length] if tools is not None else [len(p) + max_new_tokens for p in prompts]
+    engine = _engine_for(model, lengths)
     submit = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=options["seed"], stop=stop,
         stop_token_ids=stop_token_ids, logprobs=logprobs, add_special_tokens=add_special_tokens,
+        response_format=response_format, regex=regex, choice=choice, grammar=grammar,
+        speculative=speculative, num_draft_tokens=num_draft_tokens,
     )
+    if tools is not None:
+        submit.update(tools=tools, tool_choice=tool_choice)
     if stream:
         return _stream_text(engine, prompts[0], submit)
     try:
         # Every prompt gets the same seed, as the core's batched loop always did: a prompt's output
         # does not depend on the others.
-        requests = [engine._submit(ids, None, text_deltas=False, **submit) for ids in prompts]
+        requests = [engine._submit(ids, None if ids is not None else messages, text_deltas=False, **submit)
+                    for ids in prompts]
         results = [r.result() for r in requests]
     finally:
         engine.close(timeout=0)
@@ -94,16 +127,16 @@ def generate(
     return texts[0] if output == "text" else texts
 
 
-def _engine_for(model, prompts, max_new_tokens):
-    """An engine that runs all prompts at once: KV pages for each prompt and its new tokens."""
-    return Engine(model, max_batch=len(prompts), kv_cache_mb=kv_cache_mb(model, [len(p) + max_new_tokens for p in prompts]),
-                  prefill_chunk=max(512, min(8192, sum(map(len, prompts)))), max_queue=len(prompts))
+def _engine_for(model, lengths):
+    """An engine that runs sequences of these lengths (prompt and new tokens) all at once."""
+    return Engine(model, max_batch=len(lengths), kv_cache_mb=kv_cache_mb(model, lengths),
+                  prefill_chunk=max(512, min(8192, sum(lengths))), max_queue=len(lengths))
 
 
 def _stream_text(engine, ids, submit):
     """New text as it is produced; closing the iterator early cancels the request."""
     try:
-        request = engine._submit(ids, None, text_deltas=True, **submit)
+        request = engine._submit(ids, None if ids is not None else messages, text_deltas=True, **submit)
         for delta in request:
             if delta.text:
                 yield delta.text

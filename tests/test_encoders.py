@@ -344,6 +344,27 @@ def test_token_ids_and_types_through_the_core(tiny, name):
 
 
 @needs_core
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_token_id_inputs_match_transformers(tiny, name):
+    """encode() also takes token-id lists: the whole sequence as given (special tokens included by
+    the caller), beside texts in one call, cut to max_length."""
+    t = tiny(name)
+    texts = texts_of_lengths(t.tokenizer, [5, 40, 12], seed=7)
+    ids = t.tokenizer(texts)["input_ids"]
+    got = t.model.encode([ids[0], texts[1], np.asarray(ids[2])], output="tokens")
+    for mine, ref in zip(got, t.hf_hidden(texts)):
+        assert mine.shape == ref.shape and max_abs_err(mine, ref) <= TOLERANCE
+    sentences = t.model.encode(ids)
+    assert max_abs_err(sentences, t.model.encode(texts)) <= TOLERANCE
+    (cut,) = t.model.encode([ids[1]], output="tokens", max_length=8)
+    assert cut.shape[0] == 8
+    with pytest.raises(ValueError, match=r"token id .* in texts\[0\] is outside the vocabulary"):
+        t.model.encode([[t.model.config["vocab_size"]]])
+    with pytest.raises(ValueError, match=r"texts\[0\] is empty"):
+        t.model.encode([[]])
+
+
+@needs_core
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len"])
 def test_sentence_pooling(tiny, pooling):
     t = tiny("bert")
@@ -382,7 +403,7 @@ def test_truncation_and_bad_input(tiny):
     # An empty text is its special tokens: <s></s>.
     (state,) = m.encode([""], output="tokens")
     assert state.shape == (2, 64) and max_abs_err(state, t.hf_hidden([""])[0]) <= TOLERANCE
-    with pytest.raises(TypeError, match=r"texts\[2\] must be a str, got int"):
+    with pytest.raises(TypeError, match=r"texts\[2\] must be a str or a list of token ids, got int"):
         m.encode(["a", "b", 3])
     with pytest.raises(TypeError, match="texts must be"):
         m.encode(12)

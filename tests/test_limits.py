@@ -155,7 +155,7 @@ def patched(path, marker: bytes, offset: int, value: bytes) -> Path:
 
 def test_gguf_base_file_converts(tmp_path):
     pytest.importorskip("gguf")
-    out = convert(gguf_with(tmp_path, quantized="Q8_0"), tmp_path / "out", progress=False, keep_quantized=True)
+    out = convert(gguf_with(tmp_path, quantized="Q8_0"), tmp_path / "out", progress=False)  # blocks kept
     assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "gguf"
 
 

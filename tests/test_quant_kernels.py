@@ -17,12 +17,21 @@ QTYPES = {
 }
 
 
-@pytest.fixture(params=_core.info()["isas"])
+# Every ISA; on AVX-512 both decode GEMVs (the CPU picks one: "stream" on AMD, "rows" elsewhere).
+KERNELS = [isa for isa in _core.info()["isas"] if isa != "avx512"] + (
+    ["avx512-rows", "avx512-stream"] if "avx512" in _core.info()["isas"] else [])
+
+
+@pytest.fixture(params=KERNELS)
 def isa(request):
-    before = _core.get_isa()
-    _core.set_isa(request.param)
-    yield request.param
+    before, gemv_before = _core.get_isa(), _core.get_quant_gemv()
+    name, _, gemv = request.param.partition("-")
+    _core.set_isa(name)
+    if gemv:
+        _core.set_quant_gemv(gemv)
+    yield name
     _core.set_isa(before)
+    _core.set_quant_gemv(gemv_before)
 
 
 def quantized_activations(x):
@@ -46,6 +55,28 @@ def test_block_formats_match_reference(isa, fmt, m, k, n):
     np.testing.assert_array_equal(_core.ops.dequantize(wq, fmt, k), w_deq)
     ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
     y = _core.ops.linear_quant(x, wq, fmt, bias=bias)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", sorted(QTYPES) + ["int8"])
+@pytest.mark.parametrize("m,k,n", [(2, 96, 9), (4, 160, 13), (5, 224, 8), (8, 576, 37), (15, 32, 6)])
+def test_decode_batches_match_reference(isa, fmt, m, k, n):
+    # Few rows (decode, batches below the GEMM's 16): the streaming kernels' tiles of 1-4 activation
+    # rows x 4 weight rows plus single leftover rows, steps of 2 or 4 blocks with partial last ones.
+    rng = np.random.default_rng(m * 31 + k + n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    if fmt == "int8":
+        scale = (np.abs(w).max(1) / 127).astype(np.float32)
+        wq = np.rint(w / scale[:, None]).astype(np.int8)
+        w_deq = wq * scale[:, None]
+        y = _core.ops.linear_quant(x, wq, "int8", scale, bias=bias)
+    else:
+        wq = gguf.quants.quantize(w, QTYPES[fmt])
+        w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
+        y = _core.ops.linear_quant(x, wq, fmt, bias=bias)
+    ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
@@ -99,6 +130,12 @@ def test_quantized_product_is_close_to_float(isa):
         assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < tol, fmt
 
 
+def test_quant_gemv_choice():
+    assert _core.info()["quant_gemv"] == _core.get_quant_gemv() in ("rows", "stream")
+    with pytest.raises(ValueError, match="unknown quantized GEMV variant"):
+        _core.set_quant_gemv("fast")
+
+
 def test_bad_quantized_shapes_raise():
     x = np.ones((2, 48), np.float32)  # 48 is not a multiple of the block size
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -138,3 +175,21 @@ def test_non_finite_and_tiny_activations(isa, fmt, m):
         ref = quantized_activations(expected_x[clean]).astype(np.float64) @ w_deq.T.astype(np.float64)
         assert np.isfinite(y[clean]).all()
         assert np.abs(y[clean] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_non_finite_activations_k_quants(isa, fmt, m):
+    """The same for the formats whose activations are quantized by quant_k.cc: an inf or NaN in a
+    row makes that row's outputs NaN; the other rows stay finite."""
+    from pyxf import quant
+
+    rng = np.random.default_rng(6)
+    k, n = 512, 16
+    data, _ = quant.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 300] = np.nan
+    x[-1, 5] = -np.inf
+    y = _core.ops.linear_quant(x, data, fmt)
+    assert np.isnan(y[0]).all() and np.isnan(y[-1]).all()
+    assert np.isfinite(y[1:-1]).all()

@@ -3,7 +3,6 @@ task), tiny random Marian and T5 models from transformers with sentencepiece voc
 here; logits parity, greedy/beam-search parity with transformers' generate, the attention kernel's
 relative position bias under every ISA, and argument checking."""
 
-import json
 import math
 import shutil
 import warnings
@@ -15,6 +14,7 @@ core = pytest.importorskip("pyxf._core", reason="pyxf._core is not built (bash t
 torch = pytest.importorskip("torch")
 
 import pyxf  # noqa: E402
+from helpers import build_marian, randomize, train_sentencepiece  # noqa: E402
 from pyxf.seq2seq import relative_position_buckets, sinusoidal_table  # noqa: E402
 
 LOGITS_ATOL = 1e-4
@@ -231,74 +231,13 @@ def test_trained_reversal_solved_like_torch(trained_reversal):
 # ---------------------------------------------------------------------------------------------
 # Marian and T5 from transformers, with sentencepiece models trained here
 
-TEXT = [
-    "the quick brown fox jumps over the lazy dog", "hello world how are you today",
-    "machine translation with transformers is fun", "ich bin ein berliner und du bist mein freund",
-    "das ist ein kleines haus am see", "we test beam search and greedy decoding",
-]
 SOURCES = ["hello world how are you", "the quick brown fox", "das ist ein kleines haus am see und der hund", "we"]
-
-
-def train_sentencepiece(directory, **special):
-    import sentencepiece
-
-    (directory / "text.txt").write_text("\n".join(TEXT * 20))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(directory / "text.txt"), model_prefix=str(directory / "spm"), vocab_size=60,
-        hard_vocab_limit=False, model_type="unigram", minloglevel=2, **special,
-    )
-    return directory / "spm.model"
-
-
-def randomize(model, linear_scale, embed_scale):
-    """Weights that give logits of a few units (transformers' std 0.02 gives near-zero ones)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_positions" in name:  # Marian's fixed sinusoids
-                continue
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-            elif "relative_attention_bias" in name:
-                p.copy_(torch.randn_like(p))
-            elif "embed" in name or "shared" in name:
-                p.copy_(embed_scale / math.sqrt(p.shape[1]) * torch.randn_like(p))
-            else:
-                p.copy_(linear_scale / math.sqrt(p.shape[1]) * torch.randn_like(p))
 
 
 @pytest.fixture(scope="module")
 def marian(tmp_path_factory):
-    import transformers
-
     root = tmp_path_factory.mktemp("marian")
-    sp_path = train_sentencepiece(root, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1)
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
-    vocab = {"</s>": 0, "<unk>": 1}
-    for i in range(sp.get_piece_size()):
-        vocab.setdefault(sp.id_to_piece(i), len(vocab))
-    vocab["<pad>"] = len(vocab)
-    V = len(vocab)
-    for name in ("source.spm", "target.spm"):
-        shutil.copyfile(sp_path, root / name)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Recommended: pip install sacremoses."
-        tokenizer = transformers.MarianTokenizer(str(root / "source.spm"), str(root / "target.spm"), str(root / "vocab.json"))
-    config = transformers.MarianConfig(
-        vocab_size=V, decoder_vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
-        pad_token_id=V - 1, eos_token_id=0, decoder_start_token_id=V - 1, forced_eos_token_id=0, scale_embedding=True,
-        activation_function="swish", dropout=0.0,
-    )
-    torch.manual_seed(0)
-    model = transformers.MarianMTModel(config).eval()
-    randomize(model, 1.5, 2.0)
-    with torch.no_grad():
-        model.final_logits_bias.copy_(0.1 * torch.randn_like(model.final_logits_bias))
-    model.save_pretrained(root / "hf")
-    tokenizer.save_pretrained(root / "hf")
+    model, tokenizer = build_marian(root / "hf")
     return model, tokenizer, pyxf.load(convert_quietly(root / "hf", root / "pyxf"))
 
 

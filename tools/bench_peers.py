@@ -28,7 +28,10 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()
 
 
 class Engine:
@@ -67,8 +70,6 @@ class PyxfEngine(Engine):
     label = "pyxf"
 
     def load(self):
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))  # run from a source checkout
         import pyxf
 
         self.pyxf = pyxf
@@ -358,7 +359,6 @@ ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, OnnxRuntimeEngine,
 
 # Quantized decoding: pyxf int8/q8_0/q4_0/q4_1, llama.cpp F32/Q8_0/Q4_0/Q4_1, CTranslate2 decoder
 # float32/int8 (tools/bench_quant.py).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quant  # noqa: E402
 
 ENGINES.update(bench_quant.engines(Engine, PyxfEngine))

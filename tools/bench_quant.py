@@ -1,6 +1,7 @@
-"""Quantized decoding in tools/bench.py: pyxf's int8/q8_0/q4_0/q4_1 models, llama.cpp (llama-cpp-python)
-on GGUF files of the same weights, CTranslate2's generator in float32 and int8, and the memory
-bandwidth roofline.
+"""Quantized decoding in tools/bench.py: pyxf's int8/q8_0/q4_0/q4_1/Q4_K_M models, llama.cpp
+(llama-cpp-python) on GGUF files of the same weights, CTranslate2's generator in float32 and int8, the
+memory bandwidth roofline, and the quality of the quantized files (perplexity, top-1 agreement with
+float32) in pyxf and in llama.cpp.
 
 Every engine starts from the same numbers: SmolLM2-135M-Instruct's Q4_1 GGUF, dequantized.
 
@@ -12,8 +13,11 @@ Every engine starts from the same numbers: SmolLM2-135M-Instruct's Q4_1 GGUF, de
                   same files are written with pyxf.quant, bit-exact with llama.cpp's reference
                   quantizers
     Q4_1          the original file
-    pyxf q8_0/q4_0/q4_1   those GGUF files converted with --keep-quantized: the same blocks
-    pyxf int8     --quantize int8 --quantize-embeddings (per-row int8, no GGUF equivalent)
+    Q4_K_M, Q5_K_M, Q6_K  llama.cpp's quantizer on the F32 file (SmolLM2's rows of 576 are not a
+                  multiple of 256: those tensors get llama.cpp's fallbacks Q5_0 / Q5_1 / Q8_0)
+    pyxf q8_0/q4_0/q4_1/q4_k_m   those GGUF files converted with no flags (`pyxf convert X.gguf OUT`):
+                  the same blocks
+    pyxf int8     --quantize int8 (per-row int8, the tied embedding/head included; no GGUF equivalent)
     CTranslate2   the HF model (transformers from the GGUF), TransformersConverter to float32 and int8
 
 Everything is made once and cached under <pyxf cache>/bench/quant. `engines(Engine, PyxfEngine)`
@@ -30,11 +34,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # pyxf from the source checkout, as tools/bench.py uses it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import which_pyxf  # noqa: E402
 
-PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1")
-GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1")
+which_pyxf.use_checkout_if_built()  # the pyxf tools/bench.py uses
+
+PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m")
+GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m")
+LLAMA_ONLY = ("q4_k_m", "q5_k_m", "q6_k")  # made by llama.cpp's quantizer only (no pyxf.quant fallback)
+QUALITY_FORMATS = ("q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
 CT2_TYPES = ("float32", "int8")
 
 
@@ -101,7 +109,8 @@ def llama_quantize(src, dst, fmt, threads):
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-                    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[fmt]
+                    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                    "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[fmt]
     partial = Path(str(dst) + ".partial")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {fmt} failed")
@@ -131,23 +140,28 @@ def prepare(gguf_path, cache, threads, want_ct2=True):
         _log("writing the F32 GGUF file")
         write_gguf(gguf_path, f32, "f32")
     files["gguf"]["f32"] = str(f32)
-    for fmt in ("q8_0", "q4_0"):
+    for fmt in ("q8_0", "q4_0", *LLAMA_ONLY):
         path = cache / f"smollm2-{fmt}.gguf"
         if not path.is_file():
             _log(f"making the {fmt} GGUF file")
             if not llama_quantize(f32, path, fmt, threads):
+                if fmt in LLAMA_ONLY:
+                    files["notes"].append(f"{fmt.upper()}: llama-cpp-python is not installed to make the file")
+                    continue
                 write_gguf(gguf_path, path, fmt)
         files["gguf"][fmt] = str(path)
     files["gguf_types"] = {fmt: tensor_types(p) for fmt, p in files["gguf"].items()}
 
     for fmt in PYXF_FORMATS:
         out = cache / f"pyxf-{fmt}"
+        if fmt != "int8" and fmt not in files["gguf"]:
+            continue
         if not (out / "config.json").is_file():
             _log(f"converting pyxf {fmt}")
             if fmt == "int8":
-                convert(gguf_path, out, quantize="int8", quantize_embeddings=True, progress=False)
+                convert(gguf_path, out, quantize="int8", progress=False)
             else:
-                convert(files["gguf"][fmt], out, keep_quantized=True, progress=False)
+                convert(files["gguf"][fmt], out, progress=False)  # no flags: the GGUF's blocks kept
         files["pyxf"][fmt] = str(out)
 
     if want_ct2:
@@ -249,6 +263,121 @@ def ct2_bytes_per_token(model_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# quality
+
+
+def quality_text_ids(tokenizer):
+    """The 1,025 tokens of English prose tests/test_quant_quality.py measures quality on."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_text", REPO / "tests" / "test_quant_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    return tokenizer.encode(module.TEXT)[: module.N_TOKENS]
+
+
+def _pyxf_logits(model_dir, ids, chunk=256):
+    import numpy as np
+
+    import pyxf
+
+    session = pyxf.load(model_dir).session(len(ids))
+    return np.concatenate([session.feed(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
+
+
+def _llama_logits(path, ids, threads):
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def _scores(logits, ids):
+    """(top-1 predictions, perplexity of ids[1:]) of logits [n, V] over ids [n]."""
+    import numpy as np
+
+    logits = logits[:-1].astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    nll = -log_probs[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return logits.argmax(axis=1), float(np.exp(nll.mean()))
+
+
+def quality(files, threads):
+    """Perplexity of the quality text and top-1 agreement with the F32 model, for pyxf and llama.cpp on
+    each GGUF file of QUALITY_FORMATS (pyxf: the file converted, its blocks kept). Returns
+    {"positions": n, "reference": {engine: F32 perplexity}, "rows": [{"format", "types", engine: {...}}]}."""
+    import pyxf
+
+    cache = Path(files["pyxf"]["q8_0"]).parent
+    f32_dir = _kept_dir(cache, "f32", files["gguf"]["f32"])
+    ids = quality_text_ids(pyxf.load(f32_dir).tokenizer)
+    engines = {"pyxf": lambda fmt, path: _pyxf_logits(_kept_dir(cache, fmt, path), ids)}
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines["llama.cpp"] = lambda fmt, path: _llama_logits(path, ids, threads)
+    except ImportError:
+        pass
+    reference = {engine: _scores(run("f32", files["gguf"]["f32"]), ids) for engine, run in engines.items()}
+    rows = []
+    for fmt in QUALITY_FORMATS:
+        if fmt not in files["gguf"]:
+            continue
+        row = {"format": fmt, "types": files.get("gguf_types", {}).get(fmt, {})}
+        for engine, run in engines.items():
+            top1, ppl = _scores(run(fmt, files["gguf"][fmt]), ids)
+            ref_top1, ref_ppl = reference[engine]
+            row[engine] = {"perplexity": ppl, "increase": ppl / ref_ppl - 1, "agreement": float((top1 == ref_top1).mean())}
+        rows.append(row)
+    return {"positions": len(ids) - 1, "reference": {e: r[1] for e, r in reference.items()}, "rows": rows}
+
+
+def _kept_dir(cache, fmt, path):
+    """The GGUF file converted for pyxf with its blocks kept (f32: plain floats), cached."""
+    from pyxf.convert import convert
+
+    out = cache / f"pyxf-{fmt}"
+    if not (out / "config.json").is_file():
+        convert(path, out, progress=False)  # no flags: the GGUF's blocks kept (F32: floats)
+    return out
+
+
+def quality_section(result):
+    """The report's table for quality()."""
+    if not result or not result.get("rows"):
+        return []
+    ref = result["reference"]
+    lines = [
+        "## Quality of the quantized files",
+        "",
+        f"The same GGUF files in pyxf (converted with no flags: every tensor as stored) and in llama.cpp: perplexity of "
+        f"{result['positions'] + 1:,} tokens of English prose (tests/test_quant_quality.py's text) and top-1 "
+        f"agreement with the engine's own float32 run of the F32 file over {result['positions']:,} positions. "
+        "Float32 perplexity: " + ", ".join(f"{e} {p:.3f}" for e, p in ref.items()) + ".",
+        "",
+        "| file | tensor types | pyxf perplexity | pyxf top-1 | llama.cpp perplexity | llama.cpp top-1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        cells = []
+        for engine in ("pyxf", "llama.cpp"):
+            r = row.get(engine)
+            cells += ([f"{r['perplexity']:.3f} ({r['increase']:+.2%})", f"{r['agreement']:.1%}"] if r else ["—", "—"])
+        types = ", ".join(f"{n} {k}" for k, n in sorted(row["types"].items()) if k != "F32")
+        lines.append(f"| {row['format'].upper()} | {types} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
 # engines
 
 
@@ -264,8 +393,10 @@ def engines(Engine, PyxfEngine):
             super().load()
 
         def weights(self):
+            from pyxf import quant
+
             q = self.model.config["quantization"]
-            kinds = sorted(set(q["tensors"].values()))
+            kinds = sorted({fmt for spec in q["tensors"].values() for fmt in quant.formats_of(spec)})
             return self.model.path / "model.safetensors", f"{'/'.join(kinds)} safetensors ({q['method']}), memory-mapped"
 
         def decode_bytes(self):
@@ -436,7 +567,7 @@ def report_section(engines, records, spec, labels, common_prefix):
             f"| {labels[e]} | {weights} | — | — | {rate(decode)} | — | {rate(get(r, 'prefill', 'tokens_per_s'))} | "
             f"{rate(get(r, 'batch8', 'tokens_per_s'))} | {agree} |"
         )
-    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1")] + [("pyxf", "llama.cpp-f32"),
+    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1", "q4_k_m")] + [("pyxf", "llama.cpp-f32"),
                                                                                    ("pyxf-int8", "ct2-int8"),
                                                                                    ("pyxf", "ct2-float32")]
     ratios = []
@@ -465,8 +596,8 @@ def method_lines(spec):
         "- **quantized engines** (tools/bench_quant.py): the weights are SmolLM2's Q4_1 GGUF dequantized; the F32 "
         "GGUF is those tensors written with the `gguf` package, Q8_0 and Q4_0 are llama.cpp's own quantizer "
         "(`llama_model_quantize`) applied to it, Q4_1 is the original file. Tensor types: " + described + ". "
-        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with `--keep-quantized` (the very same blocks); "
-        "pyxf int8 is `--quantize int8 --quantize-embeddings` (per-row scales). CTranslate2 runs the HF model "
+        "pyxf q8_0 / q4_0 / q4_1 are those GGUF files converted with no flags (`pyxf convert X.gguf OUT`: the very "
+        "same blocks); pyxf int8 is `--quantize int8` (per-row scales). CTranslate2 runs the HF model "
         "(written by transformers from the GGUF) converted by `TransformersConverter` with quantization float32 "
         "and int8, through `Generator.generate_batch` (greedy, min_length = max_length = the new tokens).",
         "- llama.cpp: llama-cpp-python's `Llama(n_threads, n_threads_batch, n_batch=512, logits_all=False)`, "

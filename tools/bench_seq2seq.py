@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+import which_pyxf  # noqa: E402
+
+which_pyxf.use_checkout_if_built()
 
 ENGINES = ("pyxf", "torch", "ctranslate2")
 LABELS = {"pyxf": "pyxf", "torch": "transformers (PyTorch)", "ctranslate2": "CTranslate2"}

@@ -27,7 +27,7 @@ bool has_avx512() {
   __builtin_cpu_init();
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2");
 }
 
 const Isa kIsas[] = {
@@ -60,6 +60,19 @@ bool init_default() {
 
 const bool g_initialized = init_default();
 
+const char* const kQuantGemvNames[] = {"rows", "stream"};
+
+QuantGemv default_quant_gemv() {
+  const char* forced = std::getenv("PYXF_QUANT_GEMV");
+  for (int i = 0; forced && i < 2; ++i) {
+    if (std::strcmp(forced, kQuantGemvNames[i]) == 0) return (QuantGemv)i;
+  }
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? QuantGemv::kStream : QuantGemv::kRows;
+}
+
+QuantGemv g_quant_gemv = default_quant_gemv();
+
 }  // namespace
 
 const KernelTable& active() {
@@ -77,12 +90,29 @@ int available_isas(const char** names, int max_names) {
 
 bool set_isa(const char* name) { return select(name); }
 
+QuantGemv quant_gemv() { return g_quant_gemv; }
+const char* quant_gemv_name() { return kQuantGemvNames[(int)g_quant_gemv]; }
+bool set_quant_gemv(const char* name) {
+  for (int i = 0; i < 2; ++i) {
+    if (std::strcmp(name, kQuantGemvNames[i]) == 0) {
+      g_quant_gemv = (QuantGemv)i;
+      return true;
+    }
+  }
+  return false;
+}
+
 int quant_row_bytes(QuantFormat f, long cols) {
-  const long blocks = cols / kQuantBlock;
+  const long blocks = cols / quant_block_cols(f);
   switch (f) {
     case QuantFormat::kQ8_0: return (int)(blocks * (2 + kQuantBlock));
     case QuantFormat::kQ4_0: return (int)(blocks * (2 + kQuantBlock / 2));
     case QuantFormat::kQ4_1: return (int)(blocks * (4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_0: return (int)(blocks * (2 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ5_1: return (int)(blocks * (4 + 4 + kQuantBlock / 2));
+    case QuantFormat::kQ4_K: return (int)(blocks * 144);
+    case QuantFormat::kQ5_K: return (int)(blocks * 176);
+    case QuantFormat::kQ6_K: return (int)(blocks * 210);
     case QuantFormat::kInt8:
     default: return (int)cols;
   }

@@ -10,14 +10,33 @@ enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 // How float weights are stored; 16-bit ones are widened in registers (half the bytes to read).
 enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Quantized weight formats. The block formats are those of GGUF (32 weights a block, fp16 scales),
-// so llama.cpp's tensors are used as they are stored:
+// Quantized weight formats. The block formats are those of GGUF (fp16 scales), so llama.cpp's
+// tensors are used as they are stored. Blocks of 32 weights:
 //   q8_0: {fp16 d; int8 q[32]}            w = d q
 //   q4_0: {fp16 d; uint8 qs[16]}          w = d (nibble - 8); byte j holds weights j (low), j+16 (high)
 //   q4_1: {fp16 d; fp16 m; uint8 qs[16]}  w = d nibble + m
-//   int8: int8 row [K] and one float scale per row (symmetric, per output channel)
-enum class QuantFormat : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
+//   q5_0: {fp16 d; uint32 qh; uint8 qs[16]}          w = d (q - 16), q = nibble | bit j of qh << 4
+//   q5_1: {fp16 d; fp16 m; uint32 qh; uint8 qs[16]}  w = d q + m
+// K-quants, super-blocks of 256 weights (layouts in quant_k.cc and docs/DESIGN.md):
+//   q4_k: {fp16 d, dmin; uint8 scales[12]; uint8 qs[128]}  8 sub-blocks of 32 with 6-bit scale and min:
+//         w = d sc q - dmin m
+//   q5_k: {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}  as q4_k with 5-bit q
+//   q6_k: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}  16 sub-blocks of 16: w = d sc (q - 32)
+// and int8: int8 row [K] and one float scale per row (symmetric, per output channel).
+enum class QuantFormat : int {
+  kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3, kQ5_0 = 4, kQ5_1 = 5, kQ4_K = 6, kQ5_K = 7, kQ6_K = 8,
+};
 constexpr int kQuantBlock = 32;
+constexpr int kQuantSuperBlock = 256;
+constexpr bool is_k_quant(QuantFormat f) {
+  return f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K || f == QuantFormat::kQ6_K;
+}
+// The formats whose kernels live in quant_k.cc (quant.cc routes them there).
+constexpr bool is_quant_k_format(QuantFormat f) {
+  return is_k_quant(f) || f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1;
+}
+// Weights per block: rows of a format hold a whole number of them.
+constexpr int quant_block_cols(QuantFormat f) { return is_k_quant(f) ? kQuantSuperBlock : kQuantBlock; }
 int quant_row_bytes(QuantFormat f, long cols);  // bytes of one stored row of `cols` weights
 
 // Rows from which linear runs the packed GEMM: below, the dot-product kernel (packing w per call
@@ -31,7 +50,7 @@ struct QuantWeight {
   const uint8_t* data;        // rows of quant_row_bytes(format, cols) bytes
   const float* row_scales;    // int8 only
   long rows;                  // N
-  long cols;                  // K, a multiple of kQuantBlock
+  long cols;                  // K, a multiple of quant_block_cols(format)
 };
 
 // Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
@@ -120,5 +139,18 @@ const KernelTable& active();
 int available_isas(const char** names, int max_names);
 // Switches the active table; false when the CPU cannot run `name` or it is unknown.
 bool set_isa(const char* name);
+
+// Kernel variants chosen by CPU model rather than instruction set; every variant is correct
+// everywhere, they differ in speed. The decode GEMV on quantized weights (AVX-512, fewer than
+// kQuantGemmRows rows):
+//   kStream  whole 512-bit steps of 2 or 4 blocks, fewest instructions per weight byte; chosen on
+//            AMD (Zen 4/5), where two hyper-threads share one core's vector units and the
+//            block-by-block loop could not keep up with memory;
+//   kRows    block by block with 256-bit dot products, as tuned on Intel Xeon; chosen elsewhere.
+// PYXF_QUANT_GEMV=stream|rows overrides the choice.
+enum class QuantGemv : int { kRows = 0, kStream = 1 };
+QuantGemv quant_gemv();
+const char* quant_gemv_name();
+bool set_quant_gemv(const char* name);  // false for an unknown name
 
 }  // namespace pyxf::kernels

@@ -13,6 +13,10 @@
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+// The 5-bit and K-quant formats (is_quant_k_format) run in quant_k.cc.
+void linear_quant_k(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate);
+void linear_quant_gated_k(const float* x, long M, const QuantWeight& w, Activation act, float* y);
+void dequantize_row_k(const QuantWeight& w, long row, float* out);
 
 namespace {
 
@@ -36,15 +40,9 @@ struct QuantRow {
 void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
   for (long b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
-    Vf amax = vzero(), nonfinite = vzero();  // x - x: 0, or NaN for an inf or NaN (max drops NaNs)
-    for (int i = 0; i < QK; i += kLanes) {
-      const Vf v = vload(xb + i);
-      amax = vmax(amax, vabs(v));
-      nonfinite = vadd(nonfinite, vsub(v, v));
-    }
-    const float m = vmaxr(amax);
+    bool finite;
+    const float m = vabsmax(xb, QK, &finite);
     const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
-    const bool finite = vsum(nonfinite) == 0.0f;  // false for NaN
     if (!finite || !(inv <= FLT_MAX)) {
       // An inf or NaN in the block: its products are NaN, as in float, not the integer garbage a
       // NaN converts to. Or values so small that 127 / max overflows: they count as zeros.
@@ -245,6 +243,300 @@ void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const fl
     }
   }
 }
+
+#if defined(PYXF_TARGET_avx512)
+// ---- Few rows on AVX-512 VNNI: the decode GEMV, streaming whole 512-bit steps ----
+// Decode reads every weight once, so its loop must cost fewer cycles per weight byte than memory
+// does, even with the core's vector units shared by two hyper-threads. A step covers G blocks of
+// one weight row in one register (G = 2 for 8-bit formats: 64 weight bytes; G = 4 for 4-bit ones:
+// 64 nibble bytes split into two registers), so one or two vpdpbusd and three float operations
+// serve G blocks. The activations are laid out once per call to match (StreamRows):
+//   x     the int8 activations in the order the step's weight bytes sit in their registers;
+//   init  per int32 lane, the value the lane's sum starts from, which makes unsigned-byte products
+//         exact signed ones: vpdpbusd multiplies unsigned bytes by signed ones, so 8-bit weights
+//         are fed as w + 128 (their sign bit flipped) and the lane starts at -128 * (sum of its
+//         four x); q4_0's nibbles are w + 8: the lane starts at -8 * (sum of its x);
+//   dx    per lane, the activation scale of the block the lane belongs to;
+//   s     (q4_1) per lane, dx * sum(q) of its block over the block's lane count (the offset m).
+// Lane l of a step's sum belongs to block l / 8 (8-bit) or l / 4 (4-bit), so the per-block weight
+// scales are broadcast into those lane groups, two (or four) fp16 values per step.
+
+constexpr int step_blocks(QuantFormat f) {
+  return f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 ? 4 : 2;
+}
+constexpr int step_x_bytes(QuantFormat f) { return step_blocks(f) * QK; }
+constexpr int data_offset(QuantFormat f) {
+  return f == QuantFormat::kInt8 ? 0 : f == QuantFormat::kQ4_1 ? 4 : 2;
+}
+// Prefetch distance of each weight row's stream: about what memory delivers in its latency
+// (8 KiB measured best on Zen 5 against 2-4 KiB and 16 KiB; farther ahead than the 4 rows of a tile,
+// which lie next to each other).
+constexpr int kStreamPrefetchBytes = 8192;
+
+struct StreamRows {
+  long steps;
+  long x_stride, lane_stride;  // per activation row: bytes of x; floats (ints) of dx, s, init
+  int8_t* x;
+  int32_t* init;
+  float* dx;
+  float* s;
+};
+
+// Quantizes M rows of activations and lays them out for format F (zero-padded to whole steps).
+template <QuantFormat F>
+StreamRows prepare_stream_rows(const float* x, long M, long K) {
+  constexpr int G = step_blocks(F), XB = step_x_bytes(F), lanes_per_block = 16 / G;
+  const long nblocks = K / QK;
+  StreamRows r;
+  r.steps = (nblocks + G - 1) / G;
+  r.x_stride = r.steps * XB;
+  r.lane_stride = r.steps * 16;
+  const long padded = r.steps * G;  // blocks, the absent ones zero
+  r.x = (int8_t*)aligned_alloc(64, (size_t)(M * r.x_stride + 63) / 64 * 64);
+  const size_t lane_floats = (size_t)(M * r.lane_stride * 3 + padded * 2 + 15) / 16 * 16;
+  float* lanes = (float*)aligned_alloc(64, sizeof(float) * lane_floats);
+  r.init = (int32_t*)lanes;
+  r.dx = lanes + M * r.lane_stride;
+  r.s = lanes + 2 * M * r.lane_stride;
+  float* qd = lanes + 3 * M * r.lane_stride;  // one row's block scales and scale * sum(q)
+  float* qs = qd + padded;
+  // lane -> its block within the step
+  const __m512i lane_block = _mm512_set_epi32(15 / lanes_per_block, 14 / lanes_per_block, 13 / lanes_per_block,
+                                              12 / lanes_per_block, 11 / lanes_per_block, 10 / lanes_per_block,
+                                              9 / lanes_per_block, 8 / lanes_per_block, 7 / lanes_per_block,
+                                              6 / lanes_per_block, 5 / lanes_per_block, 4 / lanes_per_block,
+                                              3 / lanes_per_block, 2 / lanes_per_block, 1 / lanes_per_block, 0);
+  // 4-bit steps: block g's first 16 activations go to quarter g of the first register, its last 16
+  // to quarter g of the second (the low and high nibbles of its quant bytes).
+  const __m512i first_halves = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
+  const __m512i second_halves = _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512 per_lane = _mm512_set1_ps(1.0f / lanes_per_block);
+  int8_t* scratch = G == 4 ? (int8_t*)aligned_alloc(64, (size_t)padded * QK) : nullptr;
+  for (long m = 0; m < M; ++m) {
+    int8_t* xs = r.x + m * r.x_stride;
+    int32_t* init = r.init + m * r.lane_stride;
+    float* dx = r.dx + m * r.lane_stride;
+    float* s = r.s + m * r.lane_stride;
+    // 8-bit formats keep the natural order: quantize straight into place.
+    int8_t* q = G == 2 ? xs : scratch;
+    memset(q + nblocks * QK, 0, (padded - nblocks) * QK);
+    for (long b = nblocks; b < padded; ++b) qd[b] = qs[b] = 0.0f;
+    quantize_row(x + m * K, K, q, qd, qs);
+    for (long t = 0; t < r.steps; ++t) {
+      __m512i sums;
+      if constexpr (G == 2) {
+        sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_load_si512(xs + t * XB));
+      } else {
+        const __m512i v0 = _mm512_loadu_si512(q + t * XB), v1 = _mm512_loadu_si512(q + t * XB + 64);
+        const __m512i lo = _mm512_permutex2var_epi64(v0, first_halves, v1);
+        const __m512i hi = _mm512_permutex2var_epi64(v0, second_halves, v1);
+        _mm512_store_si512(xs + t * XB, lo);
+        _mm512_store_si512(xs + t * XB + 64, hi);
+        sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo), ones, hi);
+      }
+      // init = -128 * sums (8-bit: w + 128), -8 * sums (q4_0: nibble = w + 8), 0 (q4_1)
+      const int shift = F == QuantFormat::kQ4_0 ? 3 : 7;
+      const __m512i start = F == QuantFormat::kQ4_1 ? _mm512_setzero_si512()
+                                                    : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, shift));
+      _mm512_store_si512(init + t * 16, start);
+      _mm512_store_ps(dx + t * 16, _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qd + t * G)));
+      const __m512 sl = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qs + t * G));
+      _mm512_store_ps(s + t * 16, _mm512_mul_ps(sl, per_lane));
+    }
+  }
+  free(scratch);
+  return r;
+}
+
+void free_stream_rows(StreamRows& r) {
+  free(r.init);
+  free(r.x);
+}
+
+// One weight row's step: its bytes as vpdpbusd's unsigned operand(s) and the per-lane block scales
+// d (and offsets m, q4_1). The quant arrays of the step's blocks are loaded apart and joined in a
+// register (two 32-byte halves, or four 16-byte quarters), and each block's fp16 scale is
+// broadcast into its lanes (on Zen 5 this beats picking both out of two 64-byte loads with
+// vpermt2w / vpermw). A row's last step may hold fewer (`live`) blocks: kPartial loads only those
+// (masked loads: nothing past the row is read) and zeros the rest.
+struct WeightStep {
+  __m512i u[2];
+  __m512 d, m;
+};
+
+template <bool kPartial>
+static inline __m256i load_half(const uint8_t* p, bool live) {
+  return kPartial ? _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p) : _mm256_loadu_si256((const __m256i*)p);
+}
+template <bool kPartial>
+static inline __m128i load_quarter(const uint8_t* p, bool live) {
+  return kPartial ? _mm_maskz_loadu_epi8(live ? 0xffff : 0, p) : _mm_loadu_si128((const __m128i*)p);
+}
+
+// 16 fp16 lanes in `groups` groups: group g holds the value at first + g * stride (g < live; the
+// others stay group 0's, harmless: their quants and activations are zero).
+static inline __m256i lane_groups_fp16(const uint8_t* first, int stride, int groups, int live) {
+  __m256i h = _mm256_set1_epi16((short)load_u16(first));
+  const int width = 16 / groups;
+  for (int g = 1; g < groups; ++g) {
+    const __mmask16 k = (__mmask16)(((1u << width) - 1) << (g * width));
+    if (g < live) h = _mm256_mask_set1_epi16(h, k, (short)load_u16(first + g * stride));
+  }
+  return h;
+}
+
+template <QuantFormat F, bool kPartial = false>
+static inline WeightStep load_step(const uint8_t* wb, int live = step_blocks(F)) {
+  constexpr int G = step_blocks(F), bb = block_bytes(F), off = data_offset(F);
+  WeightStep s;
+  if constexpr (F == QuantFormat::kInt8 && !kPartial) {  // 64 contiguous bytes
+    s.u[0] = _mm512_xor_si512(_mm512_loadu_si512(wb), _mm512_set1_epi8((char)0x80));
+  } else if constexpr (G == 2) {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half<kPartial>(wb + off, true)),
+                                         load_half<kPartial>(wb + bb + off, live > 1), 1);
+    s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
+    if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
+  } else {
+    __m128i q[4];
+    for (int g = 0; g < 4; ++g) q[g] = load_quarter<kPartial>(wb + g * bb + off, g < live);
+    const __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(q[0]), q[1], 1)),
+        _mm256_inserti128_si256(_mm256_castsi128_si256(q[2]), q[3], 1), 1);
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    s.u[0] = _mm512_and_si512(v, nibble);
+    s.u[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 4, live));
+    if constexpr (F == QuantFormat::kQ4_1) s.m = _mm512_cvtph_ps(lane_groups_fp16(wb + 2, bb, 4, live));
+  }
+  return s;
+}
+
+// One activation row's arrays (StreamRows), from the step they start at.
+struct StreamRow {
+  const int8_t* x;
+  const int32_t* init;
+  const float* dx;
+  const float* s;
+};
+
+// acc += one step of a weight row against an activation row.
+template <QuantFormat F>
+static inline void step_dot(const WeightStep& w, const StreamRow& r, long t, __m512& acc) {
+  const int8_t* x = r.x + t * step_x_bytes(F);
+  __m512i sum = _mm512_dpbusd_epi32(_mm512_load_si512(r.init + t * 16), w.u[0], _mm512_load_si512(x));
+  if constexpr (step_blocks(F) == 4) sum = _mm512_dpbusd_epi32(sum, w.u[1], _mm512_load_si512(x + 64));
+  const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_load_ps(r.dx + t * 16));
+  if constexpr (F == QuantFormat::kInt8) {
+    acc = _mm512_add_ps(acc, f);
+  } else {
+    acc = _mm512_fmadd_ps(f, w.d, acc);
+    if constexpr (F == QuantFormat::kQ4_1) acc = _mm512_fmadd_ps(w.m, _mm512_load_ps(r.s + t * 16), acc);
+  }
+}
+
+// The lane sums of four vectors: {sum a, sum b, sum c, sum d}.
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const auto half = [](__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// XR activation rows (from `row0`) x WR weight rows, all steps.
+template <QuantFormat F, int XR, int WR>
+void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_bytes, const float* row_scales,
+                 long nblocks, float* y, long ldy, const float* bias, bool accumulate) {
+  constexpr int G = step_blocks(F);
+  constexpr long step_bytes = (long)G * block_bytes(F);
+  StreamRow rows[XR];
+  for (int i = 0; i < XR; ++i) {
+    const long at = (row0 + i) * r.lane_stride;
+    rows[i] = {r.x + (row0 + i) * r.x_stride, r.init + at, r.dx + at, r.s + at};
+  }
+  __m512 acc[XR][WR];
+  for (int i = 0; i < XR; ++i)
+    for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const long full = nblocks / G;
+  for (long t = 0; t < full; ++t) {
+    WeightStep ws[WR];
+    for (int j = 0; j < WR; ++j) {
+      const uint8_t* wb = w + j * row_bytes + t * step_bytes;
+      _mm_prefetch((const char*)(wb + kStreamPrefetchBytes), _MM_HINT_T0);
+      ws[j] = load_step<F>(wb);
+    }
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], t, acc[i][j]);
+  }
+  if (full < r.steps) {
+    WeightStep ws[WR];
+    const int live = (int)(nblocks - full * G);
+    for (int j = 0; j < WR; ++j) ws[j] = load_step<F, true>(w + j * row_bytes + full * step_bytes, live);
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], full, acc[i][j]);
+  }
+  for (int i = 0; i < XR; ++i) {
+    float sums[WR];
+    if constexpr (WR == 4) {
+      _mm_storeu_ps(sums, hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    } else {
+      for (int j = 0; j < WR; ++j) sums[j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+    for (int j = 0; j < WR; ++j) {
+      float v = sums[j];
+      if constexpr (F == QuantFormat::kInt8) v *= row_scales[j];
+      if (bias) v += bias[j];
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + v : v;
+    }
+  }
+}
+
+// Weight rows per tile, and at most this many activation rows per tile: a decode batch of M rows
+// reads the weights ceil(M / 4) times.
+constexpr int kStreamWR = 4;
+constexpr int kStreamXR = 4;
+
+template <QuantFormat F, int WR>
+void stream_rows(const StreamRows& r, long M, const uint8_t* w, long row_bytes, const float* row_scales,
+                 long nblocks, float* y, long ldy, const float* bias, bool accumulate) {
+  for (long m = 0; m < M;) {
+    const int xr = (int)lmin(kStreamXR, M - m);
+    float* ym = y + m * ldy;
+    switch (xr) {
+      case 4: stream_tile<F, 4, WR>(r, m, w, row_bytes, row_scales, nblocks, ym, ldy, bias, accumulate); break;
+      case 3: stream_tile<F, 3, WR>(r, m, w, row_bytes, row_scales, nblocks, ym, ldy, bias, accumulate); break;
+      case 2: stream_tile<F, 2, WR>(r, m, w, row_bytes, row_scales, nblocks, ym, ldy, bias, accumulate); break;
+      default: stream_tile<F, 1, WR>(r, m, w, row_bytes, row_scales, nblocks, ym, ldy, bias, accumulate); break;
+    }
+    m += xr;
+  }
+}
+
+template <QuantFormat F>
+void linear_quant_stream(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate) {
+  const long K = w.cols, N = w.rows, nblocks = K / QK;
+  const long row_bytes = quant_row_bytes(F, K);
+  StreamRows r = prepare_stream_rows<F>(x, M, K);
+  const long tiles = (N + kStreamWR - 1) / kStreamWR;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+  for (long tile = 0; tile < tiles; ++tile) {
+    const long n = tile * kStreamWR;
+    const uint8_t* wn = w.data + n * row_bytes;
+    const float* sc = w.row_scales ? w.row_scales + n : nullptr;
+    const float* bn = bias ? bias + n : nullptr;
+    if (N - n >= kStreamWR) {
+      stream_rows<F, kStreamWR>(r, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate);
+    } else {  // the last rows, one at a time
+      for (long j = 0; j < N - n; ++j) {
+        stream_rows<F, 1>(r, M, wn + j * row_bytes, row_bytes, sc ? sc + j : nullptr, nblocks, y + n + j, N,
+                          bn ? bn + j : nullptr, accumulate);
+      }
+    }
+  }
+  free_stream_rows(r);
+}
+#endif
 
 #if defined(PYXF_TARGET_avx512)
 // ---- Many rows on AVX-512 VNNI: an int8 GEMM. ----
@@ -586,6 +878,10 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
+  if (is_quant_k_format(w.format)) {
+    linear_quant_k(x, M, w, bias, y, accumulate);
+    return;
+  }
   if (M >= kQuantGemmRows) {
 #if defined(PYXF_TARGET_avx512)
     linear_quant_vnni(x, M, w, bias, y, accumulate);
@@ -594,6 +890,18 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #endif
     return;
   }
+#if defined(PYXF_TARGET_avx512)
+  if (quant_gemv() == QuantGemv::kStream) {
+    switch (w.format) {
+      case QuantFormat::kQ8_0: linear_quant_stream<QuantFormat::kQ8_0>(x, M, w, bias, y, accumulate); break;
+      case QuantFormat::kQ4_0: linear_quant_stream<QuantFormat::kQ4_0>(x, M, w, bias, y, accumulate); break;
+      case QuantFormat::kQ4_1: linear_quant_stream<QuantFormat::kQ4_1>(x, M, w, bias, y, accumulate); break;
+      case QuantFormat::kInt8:
+      default: linear_quant_stream<QuantFormat::kInt8>(x, M, w, bias, y, accumulate); break;
+    }
+    return;
+  }
+#endif
   const long K = w.cols, nblocks = K / QK;
   int8_t* xq = (int8_t*)malloc(M * K + 64);
   float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
@@ -619,7 +927,11 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #if defined(PYXF_TARGET_avx512)
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
   if (M >= kQuantGemmRows) {
-    linear_quant_gated_vnni(x, M, w, act, y);
+    if (is_quant_k_format(w.format)) {
+      linear_quant_gated_k(x, M, w, act, y);
+    } else {
+      linear_quant_gated_vnni(x, M, w, act, y);
+    }
     return;
   }
   float* gu = (float*)malloc(sizeof(float) * M * w.rows + 64);
@@ -632,6 +944,10 @@ void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation
 #endif
 
 void dequantize_row(const QuantWeight& w, long row, float* out) {
+  if (is_quant_k_format(w.format)) {
+    dequantize_row_k(w, row, out);
+    return;
+  }
   const long row_bytes = quant_row_bytes(w.format, w.cols);
   const uint8_t* src = w.data + row * row_bytes;
   const int bb = block_bytes(w.format);

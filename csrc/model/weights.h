@@ -17,7 +17,10 @@ struct Linear {
   kernels::WeightType dtype = kernels::WeightType::kF32;
   const float* bias = nullptr;
   bool quantized = false;
-  kernels::QuantWeight quant{};
+  kernels::QuantWeight quant{};  // the matrix, when it is in one format
+  // A matrix stored in several formats (a Q4_K_M file's q, k rows in Q4_K and v rows in Q6_K):
+  // its consecutive row ranges, each in its own format; `quant` is then unused.
+  std::vector<kernels::QuantWeight> segments;
 };
 
 struct LayerWeights {

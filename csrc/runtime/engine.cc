@@ -34,6 +34,8 @@ struct Engine::Sequence {
   uint64_t prefix = 0;          // id of the prefix those pages end
   int cached_tokens = 0;
   int step_tokens = 0;          // tokens this step runs
+  std::vector<int32_t> drafts;  // speculative tokens this step verifies
+  std::vector<int32_t> step_input;
   bool running = false;         // in running_, else waiting
   bool done = false;
 };
@@ -41,6 +43,22 @@ struct Engine::Sequence {
 namespace {
 
 int pages_for(int positions) { return (positions + kPageTokens - 1) / kPageTokens; }
+
+// Prompt-lookup drafting: the tokens that followed the most recent earlier occurrence of the
+// sequence's last n tokens (n = 3, 2, 1: the longest match wins), at most `max_draft` of them.
+std::vector<int32_t> prompt_lookup(const std::vector<int32_t>& tokens, int max_draft) {
+  const int len = (int)tokens.size();
+  for (int n = std::min(3, len - 1); n >= 1; --n) {
+    const int32_t* tail = tokens.data() + len - n;
+    for (int j = len - n - 1; j >= 0; --j) {
+      if (std::equal(tail, tail + n, tokens.data() + j)) {
+        const int from = j + n, count = std::min(max_draft, len - from);
+        return std::vector<int32_t>(tokens.begin() + from, tokens.begin() + from + count);
+      }
+    }
+  }
+  return {};
+}
 
 int page_budget(const ModelConfig& c, size_t bytes) {
   const size_t page = KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
@@ -95,6 +113,7 @@ int64_t Engine::submit(Request request) {
                                 std::to_string(request.max_new_tokens) + " that is " + std::to_string(total) +
                                 " tokens, more than the context length " + std::to_string(options_.context_length));
   }
+  std::vector<uint32_t> first_mask = std::move(request.first_mask);
   auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, c.vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw std::logic_error("the engine is closed");
@@ -103,6 +122,7 @@ int64_t Engine::submit(Request request) {
   }
   seq->id = next_id_++;
   const int64_t id = seq->id;
+  if (seq->request.constrained) masks_[id] = {0, std::move(first_mask)};
   submitted_.push_back(std::move(seq));
   ++n_waiting_;
   work_.notify_one();
@@ -113,6 +133,29 @@ void Engine::cancel(int64_t id) {
   std::lock_guard<std::mutex> lock(mutex_);
   cancelled_.insert(id);
   work_.notify_one();
+  masks_cv_.notify_all();
+}
+
+void Engine::set_mask(int64_t id, int index, std::vector<uint32_t> mask) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  masks_[id] = {index, std::move(mask)};
+  masks_cv_.notify_all();
+}
+
+// The mask of the sequence's next token, once its caller has supplied it; false when the request
+// is cancelled (or the engine closes) first.
+bool Engine::wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    const auto it = masks_.find(s.id);
+    if (it != masks_.end() && it->second.index == s.generated) {
+      mask.swap(it->second.words);
+      masks_.erase(it);
+      return true;
+    }
+    if (cancelled_.count(s.id) || cancel_all_) return false;
+    masks_cv_.wait(lock);
+  }
 }
 
 std::vector<TokenEvent> Engine::poll(int timeout_ms) {
@@ -133,11 +176,13 @@ void Engine::close(bool cancel_running) {
   closing_ = true;
   cancel_all_ = cancel_all_ || cancel_running;
   work_.notify_one();
+  masks_cv_.notify_all();
 }
 
 EngineStats Engine::stats() const {
   return {n_running_, n_waiting_, pool_.num_pages(), pages_used_, pages_cached_, kPageTokens,
-          prefix_queried_, prefix_hits_, prompt_tokens_, generated_, finished_, steps_};
+          prefix_queried_, prefix_hits_, prompt_tokens_, generated_, finished_, steps_,
+          draft_proposed_, draft_accepted_};
 }
 
 void Engine::run() {
@@ -168,6 +213,13 @@ bool Engine::step() {
   rows.reserve(batch.size());
   for (Sequence* s : batch) {
     SeqBatch b{&s->cache, s->tokens.data() + s->cache.length(), s->step_tokens, false};
+    if (!s->drafts.empty()) {
+      // The last sampled token and its drafts, each with its logits.
+      s->step_input.assign(1, s->tokens.back());
+      s->step_input.insert(s->step_input.end(), s->drafts.begin(), s->drafts.end());
+      b.tokens = s->step_input.data();
+      b.all_logits = true;
+    }
     b.no_logits = s->step_tokens < s->pending();
     rows.push_back(b);
   }
@@ -184,11 +236,15 @@ bool Engine::step() {
   float* row = logits_.data();
   for (Sequence* s : batch) {
     if (s->done) continue;
-    publish_full_pages(*s);
-    if (s->pending() == 0) {
+    if (!s->drafts.empty()) {
+      const int rows_of_seq = s->step_tokens;
+      verify_drafts(*s, row, events);
+      row += (long)rows_of_seq * vocab;
+    } else if (s->pending() == 0) {
       sample(*s, row, events);
       row += vocab;
     }
+    if (!s->done) publish_full_pages(*s);
   }
   running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
                  running_.end());
@@ -237,7 +293,8 @@ void Engine::schedule(std::vector<Sequence*>& batch) {
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& s = *running_[i];
     const int pending = s.pending();
-    const int n = pending == 1 ? 1 : std::min(pending, budget);
+    if (pending == 1) propose_drafts(s);
+    const int n = pending == 1 ? 1 + (int)s.drafts.size() : std::min(pending, budget);
     if (n == 0) continue;
     bool preempted_self = false;
     while (!grow(s, s.cache.length() + n)) {
@@ -273,6 +330,17 @@ void Engine::schedule(std::vector<Sequence*>& batch) {
     waiting_.pop_front();
     --n_waiting_;
   }
+}
+
+void Engine::propose_drafts(Sequence& s) {
+  s.drafts.clear();
+  const int k = s.request.draft_tokens;
+  if (k <= 0 || s.request.constrained) return;
+  // No more drafts than tokens the sequence may still generate (less the one every step gives) or
+  // positions it has left.
+  const int room = std::min(s.request.max_new_tokens - s.generated, options_.context_length - s.cache.length()) - 1;
+  if (room <= 0) return;
+  s.drafts = prompt_lookup(s.tokens, std::min(k, room));
 }
 
 bool Engine::grow(Sequence& s, int positions) {
@@ -316,6 +384,7 @@ void Engine::preempt_pages(Sequence& s) {
   for (int page : s.cache.pages()) pages_.release(page);
   s.cache.pages().clear();
   s.cache.set_length(0);
+  s.drafts.clear();
   s.published = 0;
   s.prefix = 0;
 }
@@ -336,6 +405,10 @@ void Engine::preempt(Sequence& s) {
 void Engine::finish(Sequence& s, Finish why, std::vector<TokenEvent>& events, const std::string& error) {
   if (s.done) return;
   if (!s.running) --n_waiting_;
+  if (s.request.constrained) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    masks_.erase(s.id);
+  }
   preempt_pages(s);
   s.done = true;
   TokenEvent ev;
@@ -351,14 +424,55 @@ void Engine::finish(Sequence& s, Finish why, std::vector<TokenEvent>& events, co
 
 void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events) {
   StageTimer timer(Stage::kSample);
-  const int vocab = model_.config().vocab_size;
-  const int k = s.request.top_logprobs;
-  if (k >= 0) {
-    // Log-probabilities of the model's own distribution (before penalties and temperature).
-    logprob_row_.assign(logits, logits + vocab);
-    kernels::active().log_softmax(logprob_row_.data(), vocab);
+  prepare_logprobs(s, logits);
+  std::vector<uint32_t> mask;
+  if (s.request.constrained) {
+    if (!wait_for_mask(s, mask)) {
+      finish(s, Finish::kCancelled, events);
+      return;
+    }
+    if (std::all_of(mask.begin(), mask.end(), [](uint32_t w) { return w == 0; })) {
+      finish(s, Finish::kError, events, "the constraint allows no token here");
+      return;
+    }
   }
-  const int token = s.sampler.sample(logits);
+  accept_token(s, s.sampler.sample(logits, mask.empty() ? nullptr : mask.data(), (int)mask.size()), events);
+}
+
+// The rows of a step that ran the sequence's last token and its drafts: each row either confirms
+// the next draft (go on) or gives the token that replaces it (stop there); the row after the last
+// draft gives one more token. The cache keeps the positions of the confirmed tokens only.
+void Engine::verify_drafts(Sequence& s, float* rows, std::vector<TokenEvent>& events) {
+  StageTimer timer(Stage::kSample);
+  const int vocab = model_.config().vocab_size;
+  const int d = (int)s.drafts.size();
+  const int base = s.cache.length() - (1 + d);  // position of the last sampled token
+  int confirmed = 0;
+  draft_proposed_ += d;
+  for (int i = 0; i <= d && !s.done; ++i) {
+    float* row = rows + (long)i * vocab;
+    prepare_logprobs(s, row);
+    bool is_draft = false;
+    const int token = i < d ? s.sampler.verify(row, s.drafts[i], &is_draft) : s.sampler.sample(row);
+    accept_token(s, token, events);
+    if (!is_draft) break;
+    ++confirmed;
+  }
+  draft_accepted_ += confirmed;
+  if (!s.done) s.cache.set_length(base + 1 + confirmed);
+  s.drafts.clear();
+}
+
+void Engine::prepare_logprobs(const Sequence& s, const float* logits) {
+  if (s.request.top_logprobs < 0) return;
+  // Log-probabilities of the model's own distribution (before penalties and temperature).
+  const int vocab = model_.config().vocab_size;
+  logprob_row_.assign(logits, logits + vocab);
+  kernels::active().log_softmax(logprob_row_.data(), vocab);
+}
+
+// A sampled token: the end of the sequence (a stop token, its length), or one more token out.
+void Engine::accept_token(Sequence& s, int token, std::vector<TokenEvent>& events) {
   const auto& stops = s.request.stop_ids;
   if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
     finish(s, Finish::kStop, events);
@@ -367,7 +481,9 @@ void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events)
   TokenEvent ev;
   ev.request = s.id;
   ev.token = token;
+  const int k = s.request.top_logprobs;
   if (k >= 0) {
+    const int vocab = model_.config().vocab_size;
     ev.logprob = logprob_row_[token];
     std::vector<int32_t> order(vocab);
     std::iota(order.begin(), order.end(), 0);
@@ -385,6 +501,7 @@ void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events)
     finish(s, Finish::kLength, events);
   }
 }
+
 
 void Engine::emit(std::vector<TokenEvent>& events) {
   if (events.empty()) return;

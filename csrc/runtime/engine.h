@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -42,6 +43,11 @@ struct Request {
   uint64_t seed = 0;
   std::vector<int> stop_ids;
   int top_logprobs = -1;        // -1: no logprobs; k >= 0: the chosen token's and k alternatives
+  int draft_tokens = 0;         // speculative decoding by prompt lookup: tokens drafted a step (0: off)
+  // Structured output: the tokens allowed as the first new token (a bitmask, see Sampler::sample);
+  // the caller supplies the mask of each later token with set_mask once it has seen the previous one.
+  std::vector<uint32_t> first_mask;
+  bool constrained = false;
 };
 
 enum class Finish : int { kNone = 0, kStop = 1, kLength = 2, kCancelled = 3, kError = 4 };
@@ -64,6 +70,7 @@ struct EngineStats {
   int pages_total, pages_used, pages_cached, page_tokens;
   int64_t prefix_queried_tokens, prefix_hit_tokens;
   int64_t prompt_tokens, generated_tokens, finished, steps;
+  int64_t draft_proposed, draft_accepted;  // speculative tokens proposed and confirmed
 };
 
 class QueueFull : public std::runtime_error {
@@ -84,6 +91,10 @@ class Engine {
   int64_t submit(Request request);
   // Ends a request within one step (finish kCancelled); unknown or finished ids are ignored.
   void cancel(int64_t id);
+  // The allowed-token mask of a constrained request's new token number `index` (0-based). The
+  // engine waits for it when it samples that token, so callers compute it while the step's forward
+  // pass runs.
+  void set_mask(int64_t id, int index, std::vector<uint32_t> mask);
   // Events since the last poll, waiting up to timeout_ms for one. Empty on timeout, and for good
   // once the engine is closed and has nothing left to report (then drained() is true).
   std::vector<TokenEvent> poll(int timeout_ms);
@@ -110,6 +121,11 @@ class Engine {
   void emit(std::vector<TokenEvent>& events);
   void update_stats();
   void sample(Sequence& s, float* logits, std::vector<TokenEvent>& events);
+  void verify_drafts(Sequence& s, float* rows, std::vector<TokenEvent>& events);
+  void prepare_logprobs(const Sequence& s, const float* logits);
+  void accept_token(Sequence& s, int token, std::vector<TokenEvent>& events);
+  void propose_drafts(Sequence& s);
+  bool wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask);
 
   const Transformer& model_;
   EngineOptions options_;
@@ -126,6 +142,12 @@ class Engine {
   mutable std::mutex mutex_;
   std::condition_variable work_;      // wakes the engine thread
   std::condition_variable events_cv_; // wakes pollers
+  std::condition_variable masks_cv_;  // wakes the engine thread waiting for a mask
+  struct PendingMask {
+    int index;
+    std::vector<uint32_t> words;
+  };
+  std::unordered_map<int64_t, PendingMask> masks_;
   std::deque<std::unique_ptr<Sequence>> submitted_;
   std::unordered_set<int64_t> cancelled_;
   std::vector<TokenEvent> events_;
@@ -134,7 +156,7 @@ class Engine {
 
   std::atomic<int> n_running_{0}, n_waiting_{0}, pages_used_{0}, pages_cached_{0};
   std::atomic<int64_t> prefix_queried_{0}, prefix_hits_{0}, prompt_tokens_{0}, generated_{0}, finished_{0},
-      steps_{0};
+      steps_{0}, draft_proposed_{0}, draft_accepted_{0};
 
   std::thread thread_;
 };

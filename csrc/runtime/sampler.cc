@@ -21,18 +21,22 @@ void Sampler::observe_generated(int token) {
   ++generated_counts_[token];
 }
 
-int Sampler::sample(float* logits) {
+void Sampler::adjust(float* logits, const uint32_t* allowed, int words) const {
+  if (allowed) {
+    for (int t = 0; t < vocab_size_; ++t) {
+      const bool ok = t / 32 < words && (allowed[t / 32] >> (t % 32)) & 1u;
+      if (!ok) logits[t] = -INFINITY;
+    }
+  }
   for (const auto& [t, bias] : options_.logit_bias) logits[t] += bias;
   for (const auto& [t, count] : generated_counts_) {
     logits[t] -= options_.presence_penalty + options_.frequency_penalty * count;
   }
   const float penalty = options_.repetition_penalty;
   for (int t : seen_list_) logits[t] = logits[t] > 0 ? logits[t] / penalty : logits[t] * penalty;
+}
 
-  if (options_.temperature <= 0.0f) {
-    return (int)(std::max_element(logits, logits + vocab_size_) - logits);
-  }
-
+double Sampler::distribution(const float* logits) {
   candidates_.resize(vocab_size_);
   const float inv_t = 1.0f / options_.temperature;
   for (int i = 0; i < vocab_size_; ++i) candidates_[i] = {logits[i] * inv_t, i};
@@ -65,13 +69,53 @@ int Sampler::sample(float* logits) {
     total = 0.0;
     for (size_t i = 0; i < n; ++i) total += candidates_[i].first;
   }
+  candidates_.resize(n);
+  return total;
+}
+
+int Sampler::draw(double total, int excluded) {
   std::uniform_real_distribution<double> uniform(0.0, total);
   double u = uniform(rng_);
-  for (size_t i = 0; i < n; ++i) {
-    u -= candidates_[i].first;
-    if (u <= 0.0) return candidates_[i].second;
+  int last = -1;
+  for (const auto& [weight, token] : candidates_) {
+    if (token == excluded) continue;
+    last = token;
+    u -= weight;
+    if (u <= 0.0) return token;
   }
-  return candidates_[n - 1].second;
+  return last;
+}
+
+int Sampler::sample(float* logits, const uint32_t* allowed, int words) {
+  adjust(logits, allowed, words);
+  if (options_.temperature <= 0.0f) {
+    return (int)(std::max_element(logits, logits + vocab_size_) - logits);
+  }
+  return draw(distribution(logits), -1);
+}
+
+int Sampler::verify(float* logits, int draft, bool* accepted) {
+  adjust(logits, nullptr, 0);
+  if (options_.temperature <= 0.0f) {
+    const int token = (int)(std::max_element(logits, logits + vocab_size_) - logits);
+    *accepted = token == draft;
+    return token;
+  }
+  // The draft was proposed with certainty (q(draft) = 1): accept it with probability p(draft);
+  // otherwise draw from p without it, renormalized: (p - q)+ / |p - q|+. The result is
+  // distributed as p, whatever the draft.
+  const double total = distribution(logits);
+  double p_draft = 0.0;
+  for (const auto& [weight, token] : candidates_) {
+    if (token == draft) p_draft = weight / total;
+  }
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  if (uniform(rng_) < p_draft) {
+    *accepted = true;
+    return draft;
+  }
+  *accepted = false;
+  return draw(total * (1.0 - p_draft), draft);
 }
 
 }  // namespace pyxf

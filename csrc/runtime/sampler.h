@@ -1,4 +1,5 @@
-// Picks the next token from a row of logits: logit bias, presence and frequency penalties (OpenAI's,
+// Picks the next token from a row of logits: the allowed-token mask, logit bias, presence and
+// frequency penalties (OpenAI's,
 // over generated tokens), repetition penalty (Hugging Face's, over prompt and generated tokens),
 // temperature, top-k, top-p, in that order; temperature 0 is greedy.
 #pragma once
@@ -27,10 +28,24 @@ class Sampler {
   void observe(int token);
   // Remembers a generated token (presence and frequency penalties; implies observe).
   void observe_generated(int token);
-  // Modifies `logits` in place.
-  int sample(float* logits);
+  // Modifies `logits` in place. `allowed` (optional, structured output): a bitmask of `words` 32-bit
+  // words, bit t % 32 of word t / 32 set where token t may come next; every other token is excluded
+  // before anything else applies.
+  int sample(float* logits, const uint32_t* allowed = nullptr, int words = 0);
+  // Speculative decoding: the token at a position where `draft` was proposed. *accepted says
+  // whether it is the draft; either way the token is distributed as sample() would draw it (greedy:
+  // the argmax; sampling: the accept/reject rule of speculative sampling for a certain draft).
+  int verify(float* logits, int draft, bool* accepted);
 
  private:
+  // Mask, bias and penalties applied to the logits in place.
+  void adjust(float* logits, const uint32_t* allowed, int words) const;
+  // candidates_ = the tokens that survive temperature, top-k and top-p with their unnormalized
+  // probabilities; returns their sum.
+  double distribution(const float* logits);
+  // A candidate drawn in proportion to its weight (total: the weights' sum without `excluded`).
+  int draw(double total, int excluded);
+
   SamplingOptions options_;
   int vocab_size_;
   std::mt19937_64 rng_;

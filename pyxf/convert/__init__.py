@@ -3,7 +3,7 @@
     from pyxf.convert import convert
     convert("path/to/hf_model_or.gguf", "out_dir", dtype="float16")
 
-or from the shell: `pyxf convert SRC OUT [--dtype float16] [--quantize q4_1] [--keep-quantized]`.
+or from the shell: `pyxf convert SRC OUT [--dtype float16] [--quantize q4_1 | --dequantize]`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import quant
+from .. import quant, quant_mix
+from ..model import has_tied_head
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
 from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
 
@@ -169,45 +171,104 @@ def _progress(items, enabled: bool, total: int):
 _ROW_TRANSFORMS = (None, "unpermute_q", "unpermute_k")
 
 
-def _kept_format(p, ckpt: Checkpoint, shape: tuple) -> str | None:
-    """The block format in which `p` can be copied from a GGUF file without dequantizing: all its
-    sources stored in the same Q8_0/Q4_0/Q4_1 type, moved by whole rows; else None."""
+def _stored_format(p, ckpt: Checkpoint, shape: tuple):
+    """The spec in which `p` can be copied from a GGUF file as stored: all its sources in natively
+    run block types (gguf_import.KEPT_TYPES), moved by whole rows. A format name, or [[format,
+    rows], ...] when the sources differ (the q, k / v rows of a Q4_K_M file; not the embedding,
+    whose rows are looked up); else None."""
     if not quant.quantizable(p.target, shape, embeddings=True):
         return None
-    formats = {getattr(ckpt.tensors[s.name], "block_format", None) for s in p.sources}
-    if len(formats) != 1 or None in formats or any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
+    if any(s.transform not in _ROW_TRANSFORMS for s in p.sources):
         return None
-    return formats.pop()
+    parts = []
+    for s in p.sources:
+        tensor = ckpt.tensors[s.name]
+        fmt = getattr(tensor, "block_format", None)
+        if fmt is None:
+            return None
+        if parts and parts[-1][0] == fmt:
+            parts[-1][1] += tensor.shape[0]
+        else:
+            parts.append([fmt, tensor.shape[0]])
+    if len(parts) == 1:
+        return parts[0][0]
+    return None if p.target == "embed.weight" else parts
 
 
-def _quantization_plan(ckpt, plan, shapes, quantize, quantize_embeddings, keep_quantized):
-    """{target: format} for every tensor stored quantized, and the targets copied as GGUF blocks."""
-    formats, kept = {}, set()
+_UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+
+def _quantized_source_types(p, ckpt: Checkpoint) -> list[str]:
+    """The quantized GGUF types among `p`'s sources (empty for float sources and other checkpoints)."""
+    types = {getattr(ckpt.tensors[s.name], "ggml_type", "F32") for s in p.sources}
+    return sorted(t for t in types if t not in _UNQUANTIZED_TYPES)
+
+
+@dataclass
+class _FormatPlan:
+    formats: dict  # target -> pyxf format (or [[format, rows], ...]), for every tensor stored quantized
+    copied: set  # targets whose GGUF blocks are written as stored
+    dequantized: dict  # target -> its quantized GGUF source types, for tensors stored as floats
+
+
+def _plan_formats(ckpt, plan, shapes, quantize, quantize_embeddings, dequantize) -> _FormatPlan:
+    """Which format each tensor is stored in. --quantize F (a format or a mix): the tensors llama.cpp's
+    quantizer quantizes, in F's formats (quant_mix.tensor_spec), re-quantized from their float values
+    unless the source already holds exactly those blocks; no flags: every GGUF tensor in the block
+    format(s) it is stored in when the core runs them, else floats; dequantize: floats throughout."""
+    tied = has_tied_head(ckpt.config)
+    result = _FormatPlan({}, set(), {})
     for p in plan:
         shape = shapes[p.target]
-        fmt = _kept_format(p, ckpt, shape) if keep_quantized else None
+        stored = _stored_format(p, ckpt, shape)
+        if quantize is not None:
+            fmt = quant_mix.tensor_spec(p.target, shape, ckpt.config, quantize, tied, quantize_embeddings)
+        else:
+            fmt = None if dequantize else stored
         if fmt is not None:
-            formats[p.target] = fmt
-            kept.add(p.target)
-        elif quantize is not None and quant.quantizable(p.target, shape, quantize_embeddings):
-            formats[p.target] = quantize
-    return formats, kept
+            result.formats[p.target] = fmt
+            if fmt == stored:
+                result.copied.add(p.target)
+        elif not dequantize and _quantized_source_types(p, ckpt):
+            result.dequantized[p.target] = _quantized_source_types(p, ckpt)
+    return result
 
 
-def _weight_specs(target: str, dtype: str, shape: tuple, fmt: str | None) -> list[tuple]:
+def _dequantized_notice(src: Path, dequantized: dict, dtype: str) -> str:
+    """One line on the GGUF tensors stored as floats although their source was quantized."""
+    single = sorted({t[0] for t in dequantized.values() if len(t) == 1})
+    mixed = [name for name, t in dequantized.items() if len(t) > 1]
+    parts = []
+    if single:
+        parts.append(f"type(s) {', '.join(single)} have no pyxf kernel yet")
+    if mixed:
+        example = f"{mixed[0]}: {'+'.join(dequantized[mixed[0]])}"
+        parts.append(f"{len(mixed)} tensor(s) join parts of different types ({example})")
+    return f"{src.name}: {len(dequantized)} quantized tensor(s) stored as {dtype}: {'; '.join(parts)}"
+
+
+def _weight_specs(target: str, dtype: str, shape: tuple, fmt) -> list[tuple]:
     if fmt is None:
         return [(target, DTYPES[dtype], shape)]
-    specs = [(target, quant.stored_dtype(fmt), (shape[0], quant.row_bytes(fmt, shape[1])))]
+    specs = [(target, quant.stored_dtype(fmt), quant.stored_shape(fmt, shape))]
     if fmt == "int8":
         specs.append((quant.scale_name(target), "F32", (shape[0],)))
     return specs
 
 
-def _write_weights(
-    path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str, progress: bool, formats=None, kept=()
-) -> None:
-    formats = formats or {}
-    specs = [spec for p in plan for spec in _weight_specs(p.target, dtype, shapes[p.target], formats.get(p.target))]
+def _build_stored(p, load_raw, config, spec) -> np.ndarray:
+    """The GGUF blocks of a tensor copied as stored: [rows, row bytes], or one flat byte array of its
+    sources when they are in several formats."""
+    if isinstance(spec, str):
+        return build_tensor(p, load_raw, config)
+    return np.concatenate([build_tensor(type(p)(p.target, (s,)), load_raw, config).reshape(-1) for s in p.sources])
+
+
+def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str, progress: bool,
+                   formats: _FormatPlan) -> None:
+    specs = [
+        spec for p in plan for spec in _weight_specs(p.target, dtype, shapes[p.target], formats.formats.get(p.target))
+    ]
 
     def load(name):
         return ckpt.tensors[name].load()
@@ -217,10 +278,10 @@ def _write_weights(
 
     with SafetensorsWriter(path, specs, metadata={"format": "pt", "producer": "pyxf.convert"}) as writer:
         for p in _progress(plan, progress, len(plan)):
-            fmt = formats.get(p.target)
-            if p.target in kept:  # GGUF blocks, copied
-                array = build_tensor(p, load_raw, ckpt.config)
-                want = (shapes[p.target][0], quant.row_bytes(fmt, shapes[p.target][1]))
+            fmt = formats.formats.get(p.target)
+            if p.target in formats.copied:  # GGUF blocks, as stored
+                array = _build_stored(p, load_raw, ckpt.config, fmt)
+                want = quant.stored_shape(fmt, shapes[p.target])
                 if tuple(array.shape) != want:
                     raise ValueError(f"{p.target}: built {fmt} blocks of shape {array.shape}, expected {want}")
                 writer.write(p.target, array)
@@ -231,7 +292,7 @@ def _write_weights(
             if fmt is None:
                 writer.write(p.target, _cast(array, dtype, p.target))
                 continue
-            data, scales = quant.quantize(array, fmt)
+            data, scales = quant.quantize_as(array, fmt)
             writer.write(p.target, data)
             if scales is not None:
                 writer.write(quant.scale_name(p.target), scales)
@@ -258,30 +319,36 @@ def convert(
     progress: bool = True,
     config=None,
     quantize: str | None = None,
-    quantize_embeddings: bool = False,
-    keep_quantized: bool = False,
+    quantize_embeddings: bool = True,
+    dequantize: bool = False,
 ) -> Path:
     """Convert `src` (GGUF file, HF model directory, or state_dict file) into the pyxf model
     directory `out`; returns `out`. `config` (path or dict) is the HF config.json for a bare
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
     stored as floats.
 
-    quantize: int8 | q8_0 | q4_0 | q4_1 quantizes the layers' linear weights (qkv, attn.out,
-    gate_up/up, down) and an untied lm_head; with quantize_embeddings, embed.weight too (which
-    then also serves as a tied head). Rows whose length is not a multiple of 32 stay float.
-    keep_quantized (GGUF sources only): tensors stored as Q8_0/Q4_0/Q4_1 are copied as they are,
-    embeddings included; other types (F16, Q6_K, Q5_*, K-quants) are dequantized, then quantized
-    to `quantize` when given (and eligible), else stored as `dtype` floats."""
+    A GGUF file's tensors keep their quantization where the core runs it (Q8_0, Q4_0, Q4_1, Q5_0,
+    Q5_1, Q4_K, Q5_K, Q6_K: the blocks are copied as stored; a fused tensor whose sources differ keeps
+    each source's format); tensors of other quantized types are dequantized to `dtype` (with a
+    warning naming them). dequantize=True: every tensor as `dtype` floats.
+
+    quantize: a format (int8 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k) quantizes the
+    tensors llama.cpp's quantizer does (every linear weight, the token embedding and the head; the
+    head of a model of fewer than 8 bits at q6_k, see quant.planned_format), from their float values;
+    K-quants fall back as llama.cpp's do where rows are not a multiple of 256 (q4_k -> q5_0,
+    q5_k -> q5_1, q6_k -> q8_0). The mixes q4_k_m | q5_k_m choose per tensor as llama.cpp's Q4_K_M /
+    Q5_K_M (pyxf.quant_mix). quantize_embeddings=False keeps embed.weight (and so a tied head)
+    float. Rows whose length is not a multiple of 32 stay float."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
-        quant.check_format(quantize)
-    elif quantize_embeddings:
-        raise ValueError("quantize_embeddings needs a quantization format (quantize=...)")
+        quant_mix.check_method(quantize)
+        if dequantize:
+            raise ValueError("dequantize and quantize exclude each other")
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    if keep_quantized and src.exists() and not is_gguf(src):
-        raise ValueError(f"{src}: keep_quantized applies to GGUF files only (use quantize=... for other checkpoints)")
     ckpt = open_checkpoint(src, config)
+    if quantize is not None and ckpt.config.get("architecture") == "encoder-decoder":
+        raise ValueError(f"{src}: quantization is not supported for encoder-decoder models yet")
 
     try:
         plan, unused = plan_tensors(ckpt.table, list(ckpt.tensors), ckpt.config)
@@ -291,21 +358,22 @@ def convert(
         warnings.warn(f"{src}: {len(unused)} source tensors not used: {', '.join(unused[:10])}")
     shapes = {p.target: planned_shape(p, {n: t.shape for n, t in ckpt.tensors.items()}, ckpt.config) for p in plan}
     _check_shapes(shapes, ckpt.config, src)
-    formats, kept = _quantization_plan(ckpt, plan, shapes, quantize, quantize_embeddings, keep_quantized)
+    formats = _plan_formats(ckpt, plan, shapes, quantize, quantize_embeddings, dequantize)
+    if formats.dequantized:
+        warnings.warn(_dequantized_notice(src, formats.dequantized, dtype))
 
     out.mkdir(parents=True, exist_ok=True)
     config = dict(ckpt.config)
     config.update(ckpt.write_tokenizer(out))
     config["dtype"] = dtype
-    if formats:
-        method = "+".join((["gguf"] if kept else []) + ([quantize] if quantize in formats.values() else []))
-        config["quantization"] = {"method": method, "tensors": formats}
+    if formats.formats:
+        config["quantization"] = {"method": quantize or "gguf", "tensors": formats.formats}
     config["source"] = ckpt.source
     _check_written_config(config, src)
 
     partial = out / "model.safetensors.partial"
     try:
-        _write_weights(partial, ckpt, plan, shapes, dtype, progress, formats, kept)
+        _write_weights(partial, ckpt, plan, shapes, dtype, progress, formats)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -315,38 +383,52 @@ def convert(
     return out
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"pyxf convert: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    """`pyxf convert SRC OUT [--dtype D] [--quantize F [--quantize-embeddings]] [--keep-quantized]
+    """`pyxf convert SRC OUT [--dtype D] [--quantize F [--no-quantize-embeddings] | --dequantize]
     [--config CONFIG] [--quiet]`"""
     parser = argparse.ArgumentParser(prog="pyxf convert", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="GGUF file, Hugging Face model directory, or state_dict file")
     parser.add_argument("out", help="output directory")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
     parser.add_argument(
-        "--quantize", choices=quant.FORMATS,
-        help="quantize the layers' linear weights and an untied lm_head (int8: per-row scales; "
-        "q8_0/q4_0/q4_1: GGUF blocks of 32)",
+        "--dtype", default="float32", choices=sorted(DTYPES),
+        help="dtype of the tensors stored as floats (default float32)",
     )
     parser.add_argument(
-        "--quantize-embeddings", action="store_true",
-        help="with --quantize: embed.weight too (a tied head then runs quantized)",
+        "--quantize", choices=quant_mix.METHODS,
+        help="quantize the tensors llama.cpp's quantizer does: every linear weight, the token embedding and "
+        "the head (below 8 bits at q6_k); int8: per-row scales; q8_0/q4_0/q4_1/q5_0/q5_1: GGUF blocks of 32; "
+        "q4_k/q5_k/q6_k: K-quants; q4_k_m/q5_k_m: llama.cpp's mixes",
     )
     parser.add_argument(
-        "--keep-quantized", action="store_true",
-        help="GGUF: copy Q8_0/Q4_0/Q4_1 tensors as they are, without dequantizing (other types are "
-        "dequantized, then quantized to --quantize if given)",
+        "--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+        help="with --quantize: the token embedding (and a tied head) too (default: yes)",
     )
+    parser.add_argument(
+        "--dequantize", action="store_true",
+        help="GGUF: store every tensor as --dtype floats (default: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K "
+        "tensors are kept as stored)",
+    )
+    # Kept so that older command lines still run: keeping GGUF blocks is now the default.
+    parser.add_argument("--keep-quantized", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help="HF config.json for a bare state_dict file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.quantize_embeddings and not args.quantize:
-        parser.error("--quantize-embeddings needs --quantize")
+    if args.quantize_embeddings is not None and not args.quantize:
+        parser.error("--quantize-embeddings / --no-quantize-embeddings need --quantize")
+    if args.dequantize and (args.quantize or args.keep_quantized):
+        parser.error("--dequantize excludes --quantize and --keep-quantized")
     try:
-        out = convert(
-            args.src, args.out, dtype=args.dtype, progress=not args.quiet, config=args.config,
-            quantize=args.quantize, quantize_embeddings=args.quantize_embeddings,
-            keep_quantized=args.keep_quantized,
-        )
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, no source location
+            out = convert(
+                args.src, args.out, dtype=args.dtype, progress=not args.quiet, config=args.config,
+                quantize=args.quantize, quantize_embeddings=args.quantize_embeddings is not False,
+                dequantize=args.dequantize,
+            )
     except (ValueError, OSError, ImportError) as e:  # OSError: a read-only or full disk, a missing file
         print(f"pyxf convert: error: {e}", file=sys.stderr)
         return 1

