@@ -166,7 +166,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> tuple[str, tup
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _fail(path, "entry must be an object with dtype, shape and data_offsets", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", name)
