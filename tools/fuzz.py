@@ -18,6 +18,7 @@ report, a timeout or running out of memory) is written to build/fuzz/TARGET/ as 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -74,6 +75,12 @@ INTERRUPTED = 72  # libFuzzer's exit status after SIGINT / SIGTERM: a run stoppe
 
 
 def record(target: str, executions: int, seconds: float, status: int) -> dict:
+    with open(WORK / ".stats.lock", "w") as lock:  # runs of several targets finish at any time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _record(target, executions, seconds, status)
+
+
+def _record(target: str, executions: int, seconds: float, status: int) -> dict:
     stats = json.loads(STATS.read_text()) if STATS.is_file() else {}
     entry = stats.setdefault(target, {"executions": 0, "seconds": 0.0, "runs": 0, "findings": 0})
     entry["executions"] += executions
@@ -81,7 +88,9 @@ def record(target: str, executions: int, seconds: float, status: int) -> dict:
     entry["runs"] += 1
     entry["findings"] += status not in (0, INTERRUPTED)
     entry["corpus_files"], entry["corpus_bytes"] = corpus_stats(target)
-    STATS.write_text(json.dumps(stats, indent=2) + "\n")
+    partial = STATS.with_suffix(".partial")
+    partial.write_text(json.dumps(stats, indent=2) + "\n")
+    partial.replace(STATS)
     return entry
 
 
