@@ -592,6 +592,10 @@ def supported_architectures() -> list[str]:
 def family_for_hf_config(hf: dict) -> Family:
     """The family for an HF config.json dict, by "architectures" (or "model_type")."""
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"'architectures' must be a list of class names, got {str(architectures)[:80]}")
+    if not isinstance(hf.get("model_type", ""), (str, type(None))):
+        raise ValueError(f"'model_type' must be a string, got {str(hf['model_type'])[:80]}")
     for family in FAMILIES.values():
         if any(a in family.hf_architectures for a in architectures):
             return family
