@@ -29,6 +29,18 @@ namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
+// A call from a Python thread into the core's computation: the GIL is released for its duration,
+// and the thread adopts the process-wide thread count first. OpenMP keeps the count per calling
+// thread, so without this pyxf.set_num_threads in one thread would not reach work started from
+// another (a new thread runs with OpenMP's default, one thread per CPU).
+class CoreCall {
+ public:
+  CoreCall() { adopt_num_threads(); }
+
+ private:
+  py::gil_scoped_release release_;
+};
+
 template <typename T>
 T config_value(const py::dict& cfg, const char* key) {
   if (!cfg.contains(key)) throw py::key_error(std::string("config is missing '") + key + "'");
@@ -388,7 +400,7 @@ class PyModel {
     py::array_t<float> hidden({offsets.back(), (long)config_.hidden_size});
     float* out = hidden.mutable_data();
     {
-      py::gil_scoped_release release;
+      CoreCall call;
       std::lock_guard<std::mutex> lock(workspace_mutex_);
       model_.encode(seqs.data(), (int)seqs.size(), workspace_, out);
     }
@@ -438,31 +450,43 @@ class PySession {
     cache_ = std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, context_length);
   }
 
+  // Feeds from two threads at once run one after the other (the mutex covers the length check
+  // and the forward pass, so neither can write past the cache).
   py::array_t<float> feed(py::handle ids, bool all_logits) {
     std::vector<int32_t> tokens = model_->tokens(ids);
     if (tokens.empty()) throw py::value_error("feed() needs at least one token");
-    if (cache_->length() + (long)tokens.size() > cache_->capacity()) {
-      throw py::value_error("sequence of " + std::to_string(cache_->length() + tokens.size()) +
-                            " tokens exceeds the context length " + std::to_string(cache_->capacity()));
-    }
     SeqBatch batch{cache_.get(), tokens.data(), (int)tokens.size(), all_logits};
     const long rows = Transformer::logit_rows(&batch, 1);
     py::array_t<float> logits({rows, (long)model_->config().vocab_size});
     float* out = logits.mutable_data();
     {
-      py::gil_scoped_release release;
+      CoreCall call;
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cache_->length() + (long)tokens.size() > cache_->capacity()) {
+        throw py::value_error("sequence of " + std::to_string(cache_->length() + tokens.size()) +
+                              " tokens exceeds the context length " + std::to_string(cache_->capacity()));
+      }
       model_->model().forward(&batch, 1, workspace_, out);
     }
     return logits;
   }
 
-  int position() const { return cache_->length(); }
+  int position() {
+    CoreCall call;  // waits for a feed in another thread without holding the GIL
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cache_->length();
+  }
   int capacity() const { return cache_->capacity(); }
-  void reset() { cache_->set_length(0); }
+  void reset() {
+    CoreCall call;
+    std::lock_guard<std::mutex> lock(mutex_);
+    cache_->set_length(0);
+  }
 
  private:
   std::shared_ptr<PyModel> model_;
   std::unique_ptr<KVCache> cache_;
+  std::mutex mutex_;
   Workspace workspace_;
 };
 
@@ -569,7 +593,7 @@ py::dict info() {
   return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
                   "quant_gemv"_a = kernels::quant_gemv_name(), "num_threads"_a = num_threads(),
                   "compiler"_a = PYXF_COMPILER,
-                  "build_flags"_a = PYXF_BUILD_FLAGS);
+                  "build_flags"_a = PYXF_BUILD_FLAGS, "sanitize"_a = PYXF_SANITIZE);
 }
 
 
@@ -931,7 +955,7 @@ class PySeq2SeqModel {
     py::array_t<float> out({(long)target.size(), (long)c.vocab_size});
     float* data = out.mutable_data();
     {
-      py::gil_scoped_release release;
+      CoreCall call;
       Workspace ws;
       EncodedSources enc;
       model_->encode(sources, ws, enc);
@@ -998,7 +1022,7 @@ class PySeq2SeqModel {
     };
     std::vector<std::vector<Hypothesis>> out;
     {
-      py::gil_scoped_release release;
+      CoreCall call;
       out = seq2seq_generate(*model_, ids, o, interrupted);
     }
     py::list result;

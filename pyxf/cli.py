@@ -24,7 +24,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"pyxf: error: {e}", file=sys.stderr)
         return 1
 

@@ -112,14 +112,16 @@ def _tokenize(model, texts, max_length):
     if strings:
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer; pass token ids instead of text")
-        try:
-            tokenized = model.tokenizer.encode_for_encoder([texts[i] for i in strings], max_length)
-        except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
-            if isinstance(e, (TypeError, ValueError)):
-                raise
-            raise ValueError(f"tokenization failed: {e}") from None
-        for i, pair in zip(strings, tokenized):
-            encoded[i] = pair
+        for start in range(0, len(strings), TOKENIZE_CHUNK):  # in chunks: Ctrl-C is noticed between them
+            chunk = strings[start : start + TOKENIZE_CHUNK]
+            try:
+                tokenized = model.tokenizer.encode_for_encoder([texts[i] for i in chunk], max_length)
+            except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
+                if isinstance(e, (TypeError, ValueError)):
+                    raise
+                raise ValueError(f"tokenization failed: {e}") from None
+            for i, pair in zip(chunk, tokenized):
+                encoded[i] = pair
     for i, text in enumerate(texts):
         if encoded[i] is None:
             ids = as_token_array(text, model.config["vocab_size"], f"texts[{i}]").tolist()[:max_length]
@@ -137,6 +139,10 @@ def _check_int(value, name, low, high):
 
 def _max_sequence(config):
     return config["max_position_embeddings"] - config.get("position_offset", 0)
+
+
+# Texts tokenized per call into the tokenizers library (which runs without checking for signals).
+TOKENIZE_CHUNK = 256
 
 
 def _run(model, texts, batch_size, max_length, truncate, progress, reduce):

@@ -357,6 +357,7 @@ class Engine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
+        model._core_model  # noqa: B018 -- FileChangedError if the weight file was truncated
         constraint_args = dict(response_format=response_format, regex=regex, choice=choice, grammar=grammar)
         tool_plan, template_tools = None, None
         if tools is not None:

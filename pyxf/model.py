@@ -1,6 +1,7 @@
 """Loading a converted model directory (docs/DESIGN.md) and running it: logits and sessions."""
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,8 @@ POSITIVE_INT_FIELDS = (
     "intermediate_size", "max_position_embeddings",
 )
 BOOL_FIELDS = ("gated_ffn", "tie_word_embeddings")
+# The core holds sizes, positions and token ids in 32-bit ints.
+MAX_INT = 2**31 - 1
 # How each config dtype is stored in safetensors. numpy has no bfloat16: such tensors are read as
 # uint16 bit patterns, and the core widens half types at load.
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -68,7 +71,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    weights = check_weights(config, read_safetensors(weights_path))
+    weights_file = read_safetensors(weights_path)
+    weights = check_weights(config, weights_file)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
     tokenizer = Tokenizer.from_model_dir(path, config)
@@ -80,7 +84,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if config["position"] == "rope":
         core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
     core_model = core().Model(core_config, weights)
-    return Model(path, config, core_model, weights, tokenizer, context_length)
+    return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
 
 
 def read_config(model_dir):
@@ -94,8 +98,15 @@ def read_config(model_dir):
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {type(e).__name__}: {e}") from None
+    return check_config(config, config_path)
+
+
+def check_config(config, config_path="config.json"):
+    """Checks a pyxf config (config.json's dict) field by field, without work proportional to any
+    size it claims; returns it. ValueError names the field. The converter checks what it writes
+    with this too."""
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object")
 
@@ -123,6 +134,9 @@ def read_config(model_dir):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{config_path}: {field!r} must be a positive integer, got {value!r}")
+        if value > MAX_INT:
+            raise ValueError(f"{config_path}: {field!r} is {value}, more than pyxf supports ({MAX_INT})")
+    _check_derived_sizes(config, config_path)
     for field in BOOL_FIELDS:
         if not isinstance(config.get(field), bool):
             raise ValueError(f"{config_path}: {field!r} must be true or false, got {config.get(field)!r}")
@@ -140,9 +154,63 @@ def read_config(model_dir):
         from pyxf.seq2seq import check_seq2seq_config
 
         check_seq2seq_config(config, config_path)
+    _check_scalars(config, config_path)
     if config.get("quantization") is not None:
         _check_quantization(config, config_path)
     return config
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_scalars(config, config_path):
+    """The numbers, token ids and names besides the sizes."""
+
+    def fail(message):
+        raise ValueError(f"{config_path}: {message}")
+
+    if not _is_number(config.get("norm_eps")) or config["norm_eps"] < 0:
+        fail(f"'norm_eps' must be a non-negative number, got {config.get('norm_eps')!r}")
+    if config["position"] == "rope":
+        theta = config.get("rope_theta")
+        if theta is not None and (not _is_number(theta) or theta <= 0):
+            fail(f"'rope_theta' must be a positive number, got {theta!r}")
+        if not isinstance(config.get("rope_scaling") or {}, dict):
+            fail(f"'rope_scaling' must be null or an object, got {config.get('rope_scaling')!r}")
+    # Token ids are not required to be in the vocabulary here (some checkpoints name ids of tokens
+    # they lack): prompts are checked against it, and a stop id the model cannot produce never stops.
+    eos = config.get("eos_token_id")
+    ids = {"bos_token_id": [config.get("bos_token_id")], "pad_token_id": [config.get("pad_token_id")],
+           "eos_token_id": eos if isinstance(eos, list) else [eos]}
+    for field, values in ids.items():
+        for value in values:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT):
+                fail(f"{field!r} must be null or non-negative token ids, got {config.get(field)!r}")
+    tokenizer = config.get("tokenizer")
+    if tokenizer is not None and (not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer
+                                  or tokenizer in ("", ".", "..") or "\\" in tokenizer):
+        fail(f"'tokenizer' must be null or the name of a file in the model directory, got {tokenizer!r}")
+    if not isinstance(config.get("chat_template") or "", str):
+        fail(f"'chat_template' must be null or a string, got {type(config['chat_template']).__name__}")
+    if not isinstance(config.get("add_bos_token", False), bool):
+        fail(f"'add_bos_token' must be true or false, got {config['add_bos_token']!r}")
+
+
+def _check_derived_sizes(config, config_path):
+    """Sizes the core computes from the config's (products of heads and head size, the fused FFN
+    width, the rotated dimensions) fit its ints as well."""
+    D, I = config["head_dim"], config["intermediate_size"]
+    derived = {
+        "(num_heads + 2 num_kv_heads) * head_dim": (config["num_heads"] + 2 * config["num_kv_heads"]) * D,
+        "2 * intermediate_size": 2 * I,
+    }
+    for what, value in derived.items():
+        if value > MAX_INT:
+            raise ValueError(f"{config_path}: {what} is {value}, more than pyxf supports ({MAX_INT})")
+    factor = config.get("partial_rotary_factor", 1.0)
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1):
+        raise ValueError(f"{config_path}: 'partial_rotary_factor' must be a number in (0, 1], got {factor!r}")
 
 
 def _check_quantization(config, config_path):
@@ -151,14 +219,15 @@ def _check_quantization(config, config_path):
     q = config["quantization"]
     if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict):
         raise ValueError(f"{config_path}: 'quantization' must be an object with a 'tensors' map, got {q!r}")
-    expected = expected_tensors(config)
+    layout = tensor_layout(config)
     for name, spec in q["tensors"].items():
-        if name not in expected or not quant.quantizable(name, expected[name][0], embeddings=True):
+        entry = layout.lookup(name)
+        if entry is None or not quant.quantizable(name, entry[0], embeddings=True):
             raise ValueError(
                 f"{config_path}: {name} cannot be stored quantized (only embed.weight, lm_head.weight and "
                 f"the layers' linear weights with a multiple of {quant.BLOCK} columns can)"
             )
-        rows, cols = expected[name][0]
+        rows, cols = entry[0]
         if isinstance(spec, str) and spec not in quant.FORMATS:
             raise ValueError(
                 f"{config_path}: quantization of {name}: unknown format {spec!r}; known: {', '.join(quant.FORMATS)}"
@@ -181,10 +250,10 @@ def quantized_layout(config):
     """{name: (shape, safetensors dtype)} of the quantized tensors config.json declares, with the
     per-row scales of int8 ones (NAME_scale)."""
     formats = (config.get("quantization") or {}).get("tensors") or {}
-    expected = expected_tensors(config)
+    expected = tensor_layout(config)
     layout = {}
     for name, spec in formats.items():
-        shape = expected[name][0]
+        shape = expected.lookup(name)[0]
         layout[name] = (quant.stored_shape(spec, shape), quant.stored_dtype(spec))
         if spec == "int8":
             layout[quant.scale_name(name)] = ((shape[0],), "F32")
@@ -235,7 +304,7 @@ def weight_summary(config, weights):
     one_row = {"pos_embed.weight", "token_type_embed.weight"}
     if not has_tied_head(config):
         one_row.add("embed.weight")
-    expected = expected_tensors(config)
+    layout = tensor_layout(config)
     formats, decode_bytes = {}, 0
 
     def count(fmt, tensors, nbytes):
@@ -249,7 +318,7 @@ def weight_summary(config, weights):
         if isinstance(spec, str):
             count(spec, owner == name, array.nbytes)
         else:  # several formats: each segment's bytes under its format (the tensor counts in each)
-            rows, cols = expected[name][0]
+            rows, cols = layout.lookup(name)[0]
             for fmt, n in quant.segments(spec, rows):
                 count(fmt, 1, n * quant.row_bytes(fmt, cols))
         decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
@@ -320,12 +389,56 @@ def _check_encoder_config(config, config_path):
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
 
 
-def expected_tensors(config):
-    """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md)."""
-    if config.get("architecture") == "encoder-decoder":
-        from pyxf.seq2seq import seq2seq_expected_tensors
+class TensorLayout:
+    """The tensors a config describes: fixed ones, and stacks of layers that repeat one pattern.
 
-        return seq2seq_expected_tensors(config)
+    Kept in this form, not enumerated, so that the size of a config's claims can be checked against
+    the weight file before any work proportional to them: a 1 KB config.json with num_layers 2**31
+    must not make pyxf list 2**31 layers."""
+
+    def __init__(self, fixed, stacks):
+        self.fixed = fixed    # {name: (shape, required)}
+        self.stacks = stacks  # [(prefix, count, {suffix: (shape, required)})]: names "{prefix}{i}.{suffix}"
+
+    def required_count(self):
+        return sum(required for _, required in self.fixed.values()) + sum(
+            count * sum(required for _, required in layer.values()) for _, count, layer in self.stacks
+        )
+
+    def lookup(self, name):
+        """(shape, required) of one tensor name, or None when the config has no such tensor."""
+        if name in self.fixed:
+            return self.fixed[name]
+        for prefix, count, layer in self.stacks:
+            if name.startswith(prefix):
+                index, _, suffix = name[len(prefix):].partition(".")
+                if index.isdigit() and index == str(int(index)) and int(index) < count and suffix in layer:
+                    return layer[suffix]
+        return None
+
+    def enumerate(self, max_tensors):
+        """{name: (shape, required)} of every tensor; ValueError, before listing them, when the
+        config requires far more tensors than the `max_tensors` the weight file holds (up to twice
+        as many are listed, so that a file missing a few gets a message naming them)."""
+        required = self.required_count()
+        if required > 2 * max_tensors + 64:
+            raise ValueError(
+                f"the config describes {' and '.join(f'{count} layers {prefix}N' for prefix, count, _ in self.stacks)}, "
+                f"at least {required} tensors, but model.safetensors holds {max_tensors}"
+            )
+        tensors = dict(self.fixed)
+        for prefix, count, layer in self.stacks:
+            for i in range(count):
+                tensors.update({f"{prefix}{i}.{suffix}": entry for suffix, entry in layer.items()})
+        return tensors
+
+
+def tensor_layout(config):
+    """The TensorLayout of every tensor a model with `config` may have (DESIGN.md)."""
+    if config.get("architecture") == "encoder-decoder":
+        from pyxf.seq2seq import seq2seq_tensor_layout
+
+        return seq2seq_tensor_layout(config)
     H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
     Hq, Hkv, P = config["num_heads"], config["num_kv_heads"], config["max_position_embeddings"]
     qkv_rows = (Hq + 2 * Hkv) * D
@@ -351,25 +464,31 @@ def expected_tensors(config):
         tensors.update(linear("classifier.dense", H, H, required=head.get("kind") in ("roberta", "distilbert")))
         if head:
             tensors.update(linear("classifier", head["num_labels"], H))
-    for i in range(config["num_layers"]):
-        layer = f"layers.{i}"
-        tensors.update(norm(f"{layer}.attn_norm"))
-        tensors.update(linear(f"{layer}.attn.qkv", qkv_rows, H))
-        tensors.update(linear(f"{layer}.attn.out", H, Hq * D))
-        tensors.update(norm(f"{layer}.ffn_norm"))
-        tensors.update(linear(f"{layer}.ffn.{up_name}", up_rows, H))
-        tensors.update(linear(f"{layer}.ffn.down", H, I))
+    layer = {
+        **norm("attn_norm"),
+        **linear("attn.qkv", qkv_rows, H),
+        **linear("attn.out", H, Hq * D),
+        **norm("ffn_norm"),
+        **linear(f"ffn.{up_name}", up_rows, H),
+        **linear("ffn.down", H, I),
+    }
     if config["norm_position"] == "pre":
         tensors.update(norm("final_norm"))
     if not encoder:
         tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
-    return tensors
+    return TensorLayout(tensors, [("layers.", config["num_layers"], layer)])
+
+
+def expected_tensors(config, max_tensors):
+    """{name: (shape, required)} for every tensor a model with `config` may have (DESIGN.md);
+    ValueError when that is more than the `max_tensors` the weight file holds."""
+    return tensor_layout(config).enumerate(max_tensors)
 
 
 def check_weights(config, tensors):
     """Checks names, shapes, dtypes and layout of `tensors` (from read_safetensors) against the
     config; returns the arrays for the core (no copies)."""
-    expected = expected_tensors(config)
+    expected = expected_tensors(config, max_tensors=len(tensors))
     quantized = quantized_layout(config)
     expected.update({name: (shape, True) for name, (shape, _) in quantized.items()})
     missing = [name for name, (_, required) in expected.items() if required and name not in tensors]
@@ -448,10 +567,25 @@ def as_token_array(ids, vocab_size, what="ids"):
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
-class Model:
+class MappedModel:
+    """The core model behind a loaded model, reached through a check that the memory-mapped weight
+    file it points into is still whole (SafetensorsFile.check_intact: a file truncated under a
+    loaded model raises FileChangedError on the next call instead of killing the process)."""
+
+    _core = None
+    _weights_file = None
+
+    @property
+    def _core_model(self):
+        if self._weights_file is not None:
+            self._weights_file.check_intact()
+        return self._core
+
+
+class Model(MappedModel):
     """A loaded model: its config, tokenizer (None if the directory has none) and the core model."""
 
-    def __init__(self, path, config, core_model, weights, tokenizer, context_length):
+    def __init__(self, path, config, core_model, weights, tokenizer, context_length, weights_file=None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -459,8 +593,9 @@ class Model:
         self.context_length = context_length
         eos = config.get("eos_token_id")
         self.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._core_model = core_model
+        self._core = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
+        self._weights_file = weights_file
         self.is_encoder = config.get("architecture") == "encoder"
         head = config.get("classifier") or {}
         self.labels = list(head["id2label"]) if head.get("id2label") else None  # classifier label names
@@ -527,6 +662,12 @@ class Model:
         return generate(self, prompt, **kwargs)
 
 
+def kv_cache_bytes(model, context_length):
+    """Bytes of keys and values a sequence of context_length positions takes (whole pages)."""
+    pages = -(-context_length // core().kv_page_tokens)
+    return pages * core().Engine.page_bytes(model._core_model)
+
+
 class Session:
     """One sequence with its own KV cache: feed(ids) appends tokens and returns their logits."""
 
@@ -537,7 +678,13 @@ class Session:
             raise ValueError(f"context_length must be in [1, {model.context_length}], got {context_length}")
         self.model = model
         self.context_length = context_length
-        self._session = core().Session(model._core_model, context_length)
+        try:
+            self._session = core().Session(model._core_model, context_length)
+        except MemoryError:
+            raise MemoryError(
+                f"a KV cache of {context_length} positions needs {kv_cache_bytes(model, context_length) / 2**30:.1f} "
+                "GiB of address space, more than this machine grants; pass a smaller context_length"
+            ) from None
 
     @property
     def position(self):
@@ -547,6 +694,7 @@ class Session:
     def feed(self, ids, all_logits=True):
         """Appends tokens; returns float32 logits [len(ids), vocab] (or [1, vocab] for the last only)."""
         tokens = as_token_array(ids, self.model.vocab_size)
+        self.model._core_model  # noqa: B018 -- checks the weight file is intact
         if self.position + len(tokens) > self.context_length:
             raise ValueError(
                 f"feeding {len(tokens)} tokens at position {self.position} exceeds the session's "

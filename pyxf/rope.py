@@ -17,16 +17,38 @@ def rope_type(config):
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
+# The core rotates at most this many dimensions per head.
+MAX_ROTARY_DIM = 1024
+
+
 def rope_parameters(config):
-    """Returns (inv_freq float32 [rotary_dim // 2], attention_scaling float) for `config`."""
+    """Returns (inv_freq float32 [rotary_dim // 2], attention_scaling float) for `config`.
+    ValueError when rope_scaling lacks a field its type needs or holds one of the wrong kind."""
     scaling = config.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
     kind = rope_type(config)
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    try:
+        inv_freq, attention_scaling = _rope_parameters(config, scaling, kind)
+    except KeyError as e:
+        raise ValueError(f"rope_scaling of type {kind} lacks {e.args[0]!r}: {scaling!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"rope_scaling {scaling!r} (rope_theta {config.get('rope_theta')!r}) is malformed: "
+                         f"{type(e).__name__}: {e}") from None
+    if inv_freq.size == 0 or not np.isfinite(inv_freq).all() or not math.isfinite(attention_scaling):
+        raise ValueError(f"rope_scaling {scaling!r} and rope_theta {config.get('rope_theta')!r} give no finite "
+                         "rotation frequencies")
+    return inv_freq, attention_scaling
 
+
+def _rope_parameters(config, scaling, kind):
     base = float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     partial = config.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0
     dim = int(config["head_dim"] * partial)
+    if not 0 < dim <= MAX_ROTARY_DIM:
+        raise ValueError(f"{dim} rotary dimensions per head; pyxf supports 1 to {MAX_ROTARY_DIM}")
     max_positions = config["max_position_embeddings"]
     original_max_positions = scaling.get("original_max_position_embeddings") or max_positions
 

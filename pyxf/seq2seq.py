@@ -16,12 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
+from pyxf.model import MappedModel
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import check_num_threads, core
+from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
+# Tables made at load from config values alone (they are not in the weight file), so bounded here:
+# the sinusoidal position table [max_position_embeddings, hidden_size] ...
+MAX_SINUSOIDAL_ENTRIES = 2**28  # 1 GiB of float32
+# ... and T5's relative bias by distance [heads, 2 max_distance + 1] (T5 uses 128).
+MAX_RELATIVE_DISTANCE = 2**16
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
 
@@ -35,10 +42,12 @@ def check_seq2seq_config(config, config_path):
     def fail(message):
         raise ValueError(f"{config_path}: {message}")
 
-    def positive_int(field, default=None):
+    def positive_int(field, default=None, limit=2**31 - 1):
         value = config.get(field, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             fail(f"{field!r} must be a positive integer, got {value!r}")
+        if value > limit:
+            fail(f"{field!r} is {value}, more than pyxf supports ({limit})")
         return value
 
     positive_int("num_encoder_layers")
@@ -50,11 +59,16 @@ def check_seq2seq_config(config, config_path):
     position = config["position"]
     if position not in ("sinusoidal", "relative"):
         fail(f"encoder-decoder models need 'position' sinusoidal or relative, got {position!r}")
-    if position == "sinusoidal" and config.get("sinusoidal_layout", "interleaved") not in SINUSOIDAL_LAYOUTS:
-        fail(f"'sinusoidal_layout' must be one of {', '.join(SINUSOIDAL_LAYOUTS)}")
+    if position == "sinusoidal":
+        if config.get("sinusoidal_layout", "interleaved") not in SINUSOIDAL_LAYOUTS:
+            fail(f"'sinusoidal_layout' must be one of {', '.join(SINUSOIDAL_LAYOUTS)}")
+        entries = config["max_position_embeddings"] * config["hidden_size"]
+        if entries > MAX_SINUSOIDAL_ENTRIES:
+            fail(f"a sinusoidal table of max_position_embeddings x hidden_size = {entries} entries is made at "
+                 f"load; pyxf supports at most {MAX_SINUSOIDAL_ENTRIES}")
     if position == "relative":
         buckets = positive_int("relative_attention_num_buckets")
-        distance = positive_int("relative_attention_max_distance")
+        distance = positive_int("relative_attention_max_distance", limit=MAX_RELATIVE_DISTANCE)
         if buckets < 4 or distance < buckets // 2:
             fail("relative_attention_num_buckets must be >= 4 and max_distance >= num_buckets / 2")
     for field in ("embed_scale", "head_scale", "attention_scale"):
@@ -66,8 +80,10 @@ def check_seq2seq_config(config, config_path):
         fail(f"'decoder_start_token_id' must be a token id of the target vocabulary, got {start!r}")
 
 
-def seq2seq_expected_tensors(config):
-    """{name: (shape, required)} for an encoder-decoder model's model.safetensors."""
+def seq2seq_tensor_layout(config):
+    """The TensorLayout (pyxf.model) of an encoder-decoder model's model.safetensors."""
+    from pyxf.model import TensorLayout
+
     H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
     Hq, Hkv = config["num_heads"], config["num_kv_heads"]
     Vs = config.get("source_vocab_size", V)
@@ -81,30 +97,31 @@ def seq2seq_expected_tensors(config):
     def norm(name, required=True):
         return {f"{name}.weight": ((H,), required), f"{name}.bias": ((H,), required and layer_norm)}
 
+    def layer(cross):
+        tensors = {**norm("attn_norm"), **linear("attn.qkv", (Hq + 2 * Hkv) * D, H), **linear("attn.out", H, Hq * D)}
+        if cross:
+            tensors.update(norm("cross_norm"))
+            tensors.update(linear("cross_attn.q", Hq * D, H))
+            tensors.update(linear("cross_attn.kv", 2 * Hkv * D, H))
+            tensors.update(linear("cross_attn.out", H, Hq * D))
+        tensors.update(norm("ffn_norm"))
+        tensors.update(linear(f"ffn.{up_name}", up_rows, H))
+        tensors.update(linear("ffn.down", H, I))
+        return tensors
+
     tensors = {"embed.weight": ((V, H), True)}
     if not config.get("shared_embeddings", False):
         tensors["encoder.embed.weight"] = ((Vs, H), True)
-    for prefix, layers, cross in (("encoder.", config["num_encoder_layers"], False), ("", config["num_layers"], True)):
-        for i in range(layers):
-            p = f"{prefix}layers.{i}"
-            tensors.update(norm(f"{p}.attn_norm"))
-            tensors.update(linear(f"{p}.attn.qkv", (Hq + 2 * Hkv) * D, H))
-            tensors.update(linear(f"{p}.attn.out", H, Hq * D))
-            if cross:
-                tensors.update(norm(f"{p}.cross_norm"))
-                tensors.update(linear(f"{p}.cross_attn.q", Hq * D, H))
-                tensors.update(linear(f"{p}.cross_attn.kv", 2 * Hkv * D, H))
-                tensors.update(linear(f"{p}.cross_attn.out", H, Hq * D))
-            tensors.update(norm(f"{p}.ffn_norm"))
-            tensors.update(linear(f"{p}.ffn.{up_name}", up_rows, H))
-            tensors.update(linear(f"{p}.ffn.down", H, I))
+    for prefix in ("encoder.", ""):
         tensors.update(norm(f"{prefix}final_norm", required=pre))
         if not pre:  # an optional final norm (torch.nn.Transformer has one even when post-norm)
             tensors[f"{prefix}final_norm.bias"] = ((H,), False)
         if config["position"] == "relative":
             tensors[f"{prefix}rel_bias.weight"] = ((config["relative_attention_num_buckets"], Hq), True)
     tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
-    return tensors
+    stacks = [("encoder.layers.", config["num_encoder_layers"], layer(cross=False)),
+              ("layers.", config["num_layers"], layer(cross=True))]
+    return TensorLayout(tensors, stacks)
 
 
 def sinusoidal_table(num_positions, dim, layout="interleaved"):
@@ -173,8 +190,8 @@ def load_seq2seq(path, config, threads=None):
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    weights = check_weights(config, read_safetensors(weights_path))
-    arrays = dict(weights)
+    weights_file = read_safetensors(weights_path)
+    arrays = dict(check_weights(config, weights_file))
     core_config = dict(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
@@ -191,7 +208,7 @@ def load_seq2seq(path, config, threads=None):
         core_config["rel_pos_radius"] = md
     core_model = core().Seq2SeqModel(core_config, arrays)
     tokenizer = Seq2SeqTokenizer.from_model_dir(path, config)
-    return Seq2SeqModel(path, config, core_model, arrays, tokenizer)
+    return Seq2SeqModel(path, config, core_model, arrays, tokenizer, weights_file)
 
 
 def _bf16(table):
@@ -219,12 +236,12 @@ class Seq2SeqTokenizer:
         if name is None:
             return None
         if name == "marian":
-            return cls(_MarianBackend(model_dir), eos)
+            return cls(read_tokenizer_file(_MarianBackend, model_dir), eos)
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer file {name!r} named in config.json is missing in {model_dir}")
         if name.endswith(".json"):
-            return cls(_TokenizersBackend(model_dir / name), eos)
-        return cls(_SentencePieceBackend(model_dir / name, eos), eos)
+            return cls(read_tokenizer_file(_TokenizersBackend, model_dir / name), eos)
+        return cls(read_tokenizer_file(_SentencePieceBackend, model_dir / name, eos), eos)
 
     def encode(self, text, add_special_tokens=True):
         """Source ids of one text, the end token appended (add_special_tokens)."""
@@ -327,13 +344,13 @@ class _SentencePieceBackend:
 # the model
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(MappedModel):
     """A loaded encoder-decoder model: config, tokenizer (None without one) and the core model."""
 
     is_encoder = False
     is_encoder_decoder = True
 
-    def __init__(self, path, config, core_model, weights, tokenizer):
+    def __init__(self, path, config, core_model, weights, tokenizer, weights_file=None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -345,8 +362,9 @@ class Seq2SeqModel:
         self.max_source_length = config.get("max_source_length") or positions  # None: unbounded
         self.max_target_length = positions or 1 << 20
         self.context_length = self.max_target_length
-        self._core_model = core_model
+        self._core = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
+        self._weights_file = weights_file
 
     def __repr__(self):
         c = self.config

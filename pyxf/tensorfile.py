@@ -13,6 +13,8 @@ override ({"name": "BF16"}) for uint16 arrays (an `ml_dtypes.bfloat16` array als
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "DTYPES",
+    "FileChangedError",
     "FormatError",
     "SafetensorsFile",
     "SafetensorsWriter",
@@ -68,15 +71,36 @@ class FormatError(ValueError):
     """A safetensors file is malformed; the message names the file and, where known, the tensor."""
 
 
+class FileChangedError(OSError):
+    """A memory-mapped file was truncated after it was read: its arrays must not be touched."""
+
+
 class SafetensorsFile(dict):
     """name -> read-only array (memory-mapped), plus `dtypes` (name -> "F32", "BF16", ...),
     `metadata` (the "__metadata__" dict) and `path`."""
 
-    def __init__(self, path: Path, arrays: dict, dtypes: dict, metadata: dict):
+    def __init__(self, path: Path, arrays: dict, dtypes: dict, metadata: dict, mapping=None, size: int = 0):
         super().__init__(arrays)
         self.path = path
         self.dtypes = dtypes
         self.metadata = metadata
+        self._mapping = mapping  # the mmap the arrays view (None when the file holds no data)
+        self._size = size
+
+    def check_intact(self) -> None:
+        """FileChangedError if the file was truncated since it was mapped. Its arrays would then
+        point at pages the kernel can no longer back: touching one kills the process with SIGBUS,
+        which no library can catch safely, so callers check before work (one fstat). A file
+        replaced by renaming a new one over it is safe: the mapping keeps the old one."""
+        if self._mapping is None:
+            return
+        size = self._mapping.size()  # fstat of the mapped file itself, not of the path
+        if size < self._size:
+            raise FileChangedError(
+                f"{self.path} was truncated to {size} bytes after it was loaded ({self._size}); its tensors are "
+                "gone: load the model again (replace model files by renaming a new file over them, never "
+                "by writing into them)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +166,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> tuple[str, tup
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _fail(path, "entry must be an object with dtype, shape and data_offsets", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", name)
@@ -154,7 +178,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> tuple[str, tup
     ):
         raise _fail(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
     begin, end = offsets
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    expected = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: numpy's int64 product wraps
     if end - begin != expected:
         raise _fail(path, f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}", name)
     if end > data_size:
@@ -185,8 +209,12 @@ def read_safetensors(path) -> SafetensorsFile:
     entries = {name: _check_entry(path, name, entry, data_size) for name, entry in header.items()}
     _check_no_overlap(path, [(b, e, name) for name, (_, _, b, e) in entries.items()])
 
-    # np.memmap refuses empty files/regions, so only map when there is data.
-    buffer = np.memmap(path, dtype=np.uint8, mode="r") if file_size > data_start else None
+    # mmap refuses empty files, so only map when there is data. Read-only: the arrays are too.
+    mapping = buffer = None
+    if file_size > data_start:
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = np.frombuffer(mapping, dtype=np.uint8)
     arrays, dtypes = {}, {}
     for name, (dtype, shape, begin, end) in entries.items():
         if end == begin:
@@ -195,7 +223,7 @@ def read_safetensors(path) -> SafetensorsFile:
             raw = buffer[data_start + begin : data_start + end]
             arrays[name] = raw.view(DTYPES[dtype]).reshape(shape)
         dtypes[name] = dtype
-    return SafetensorsFile(path, arrays, dtypes, metadata)
+    return SafetensorsFile(path, arrays, dtypes, metadata, mapping, file_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ class Tokenizer:
         path = Path(path)
         config = config or {}
         if path.suffix == ".json":
-            backend = _HFTokenizersBackend(path)
+            backend = read_tokenizer_file(_HFTokenizersBackend, path)
         elif path.suffix == ".model":
-            backend = _SentencePieceBackend(path)
+            backend = read_tokenizer_file(_SentencePieceBackend, path)
         else:
             raise ValueError(f"unknown tokenizer file type: {path.name} (expected one of {', '.join(TOKENIZER_FILES)})")
         eos = config.get("eos_token_id")
@@ -89,15 +89,37 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this model has no chat template; pass a plain prompt instead of messages")
         _check_messages(messages)
-        if self._compiled_template is None:
-            self._compiled_template = _compile_chat_template(self.chat_template)
+        import jinja2
+
         special = {
             "bos_token": self.token_text(self.bos_token_id) if self.bos_token_id is not None else "",
             "eos_token": self.token_text(self.eos_token_ids[0]) if self.eos_token_ids else "",
         }
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
-        )
+        # The template comes with the model: what goes wrong inside it is the model file's fault,
+        # reported as jinja2's TemplateError (syntax, undefined names, raise_exception) or ValueError.
+        try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_chat_template(self.chat_template)
+            text = self._compiled_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs}
+            )
+        except jinja2.exceptions.TemplateError:
+            raise
+        except (ArithmeticError, AttributeError, IndexError, KeyError, LookupError, RecursionError, TypeError,
+                ValueError) as e:
+            raise ValueError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+        return text
+
+
+def read_tokenizer_file(backend, path, *args):
+    """backend(path, *args), with what the tokenizer libraries raise on a malformed file (tokenizers:
+    a bare Exception; sentencepiece: RuntimeError or OSError) as a ValueError naming the file."""
+    try:
+        return backend(path, *args)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- see above
+        raise ValueError(f"{path}: not a readable tokenizer file: {type(e).__name__}: {e}") from None
 
 
 def _check_messages(messages):

@@ -3,7 +3,8 @@
 Which `pyxf` the tests import: the source tree when its extension has been built in place
 (`bash tools/dev_build.sh` leaves pyxf/_core*.so there), or when no pyxf is installed at all;
 otherwise the installed package (CI installs it with `pip install .[test]` and the source tree
-then has no compiled extension).
+then has no compiled extension). PYXF_IMPORT_ROOT, when set, comes first (tools/sanitize.sh points
+it at a package directory holding a sanitized extension).
 """
 
 import importlib.util
@@ -22,6 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _use_source_tree():
+    import_root = os.environ.get("PYXF_IMPORT_ROOT")  # tools/sanitize.sh: a sanitized build's package
+    if import_root:
+        sys.path.insert(0, import_root)
+        return
     built_in_place = any((REPO_ROOT / "pyxf").glob("_core*"))
     if built_in_place or importlib.util.find_spec("pyxf") is None:
         root = str(REPO_ROOT)

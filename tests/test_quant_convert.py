@@ -385,8 +385,6 @@ def quantized_gguf(tmp_path_factory):
 
 
 def test_gguf_blocks_are_kept_by_default(quantized_gguf, tmp_path):
-    from pyxf.convert.gguf_import import _open_reader
-
     floats_dir = convert_quiet(quantized_gguf, tmp_path / "float", dequantize=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -407,7 +405,7 @@ def test_gguf_blocks_are_kept_by_default(quantized_gguf, tmp_path):
             "layers.1.ffn.gate_up.weight": "q4_0",
         },
     }
-    raw = {t.name: np.asarray(t.data) for t in _open_reader(quantized_gguf).tensors}
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(quantized_gguf).tensors}  # the reference reader
     np.testing.assert_array_equal(kept["embed.weight"], raw["token_embd.weight"])  # byte for byte
     np.testing.assert_array_equal(kept["layers.0.ffn.gate_up.weight"],
                                   np.concatenate([raw["blk.0.ffn_gate.weight"], raw["blk.0.ffn_up.weight"]]))
@@ -435,15 +433,13 @@ def gguf_dequantize(data, spec, shape):
 def test_gguf_quantize_requantizes_all_but_identical_blocks(quantized_gguf, tmp_path, fmt):
     """--quantize F on a GGUF file: every eligible tensor in F (the tied head at q8_0 for 4-bit F),
     from the dequantized values; tensors already stored in exactly that format are copied."""
-    from pyxf.convert.gguf_import import _open_reader
-
     _, floats = read_dir(convert_quiet(quantized_gguf, tmp_path / "float", dequantize=True))
     config, tensors = read_dir(convert_quiet(quantized_gguf, tmp_path / fmt, quantize=fmt))
     formats = config["quantization"]["tensors"]
     assert config["quantization"]["method"] == fmt
     linear = [f"layers.{i}.{k}.weight" for i in range(2) for k in ("attn.qkv", "attn.out", "ffn.gate_up", "ffn.down")]
     assert formats == {"embed.weight": "q8_0", **dict.fromkeys(linear, fmt)}
-    raw = {t.name: np.asarray(t.data) for t in _open_reader(quantized_gguf).tensors}
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(quantized_gguf).tensors}
     np.testing.assert_array_equal(tensors["embed.weight"], raw["token_embd.weight"])
     for name in linear:
         np.testing.assert_array_equal(tensors[name], gguf.quants.quantize(floats[name], QTYPES[fmt]), err_msg=name)

@@ -144,3 +144,52 @@ def test_bad_quantized_shapes_raise():
         _core.ops.linear_quant(np.ones((2, 64), np.float32), np.zeros((3, 10), np.uint8), "q8_0")
     with pytest.raises(ValueError, match="unknown quantization"):
         _core.ops.linear_quant(np.ones((2, 64), np.float32), np.zeros((3, 68), np.uint8), "q3_x")
+
+
+@pytest.mark.parametrize("fmt", sorted(QTYPES) + ["int8"])
+@pytest.mark.parametrize("m", [1, 20])  # the GEMV and (AVX-512) the VNNI GEMM
+def test_non_finite_and_tiny_activations(isa, fmt, m):
+    """A block of activations holding inf or NaN gives NaN outputs, as float math would (it was
+    converted to integers: undefined behaviour, garbage in practice); a block of values so small
+    that 127 / max overflows counts as zeros. Found by fuzzing model files under UBSan."""
+    rng = np.random.default_rng(5)
+    k, n = 96, 24
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if fmt == "int8":
+        scale = (np.abs(w).max(1) / 127).astype(np.float32)
+        wq, row_scales = np.rint(w / scale[:, None]).astype(np.int8), scale
+        w_deq = wq * scale[:, None]
+    else:
+        wq, row_scales = gguf.quants.quantize(w, QTYPES[fmt]), None
+        w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 3], x[-1, 70] = np.inf, np.nan        # rows 0 and m-1: blocks 0 and 2
+    x[m // 2, 32:64] = np.float32(1e-40)        # a block of denormals
+    y = _core.ops.linear_quant(x, wq, fmt, row_scales=row_scales)
+    assert np.isnan(y[0]).all() and np.isnan(y[-1]).all()
+    clean = np.ones(m, bool)
+    clean[[0, m - 1]] = False
+    expected_x = x.copy()
+    expected_x[m // 2, 32:64] = 0
+    if clean.any():
+        ref = quantized_activations(expected_x[clean]).astype(np.float64) @ w_deq.T.astype(np.float64)
+        assert np.isfinite(y[clean]).all()
+        assert np.abs(y[clean] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_non_finite_activations_k_quants(isa, fmt, m):
+    """The same for the formats whose activations are quantized by quant_k.cc: an inf or NaN in a
+    row makes that row's outputs NaN; the other rows stay finite."""
+    from pyxf import quant
+
+    rng = np.random.default_rng(6)
+    k, n = 512, 16
+    data, _ = quant.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 300] = np.nan
+    x[-1, 5] = -np.inf
+    y = _core.ops.linear_quant(x, data, fmt)
+    assert np.isnan(y[0]).all() and np.isnan(y[-1]).all()
+    assert np.isfinite(y[1:-1]).all()

@@ -73,9 +73,8 @@ def write_gguf(src, dst, fmt):
     import numpy as np
 
     from pyxf import quant
-    from pyxf.convert.gguf_import import _open_reader
 
-    reader = _open_reader(Path(src))
+    reader = gguf.GGUFReader(Path(src))  # gguf's reader: the field types are copied as they are
     arch = reader.fields["general.architecture"].contents()
     types = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
@@ -123,9 +122,9 @@ def tensor_types(path):
     """{GGML type name: tensor count} of a GGUF file."""
     from collections import Counter
 
-    from pyxf.convert.gguf_import import _open_reader
+    from pyxf.convert.gguf_file import read_gguf
 
-    return dict(Counter(t.tensor_type.name for t in _open_reader(Path(path)).tensors))
+    return dict(Counter(t.ggml_type.name for t in read_gguf(path).tensors))
 
 
 def prepare(gguf_path, cache, threads, want_ct2=True):
@@ -249,9 +248,9 @@ def pyxf_bytes_per_token(model_dir):
 
 
 def gguf_bytes_per_token(path):
-    from pyxf.convert.gguf_import import _open_reader
+    from pyxf.convert.gguf_file import read_gguf
 
-    tensors = {t.name: int(t.n_bytes) for t in _open_reader(Path(path)).tensors}
+    tensors = {t.name: t.data.nbytes for t in read_gguf(path).tensors}
     total = sum(tensors.values())
     if "output.weight" in tensors and "token_embd.weight" in tensors:
         total -= tensors["token_embd.weight"]  # one row, really

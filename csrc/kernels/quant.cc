@@ -1,8 +1,12 @@
 // Linear layers on quantized weights. Activations are quantized per block of 32 to int8 (scale
 // dx = max|x| / 127), so every block product is an integer dot product: VNNI (vpdpbusd) on
 // AVX-512, vpmaddubsw on AVX2, plain loops elsewhere; fp32 accumulation across blocks.
+#include <float.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <cstring>
+#include <limits>
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
@@ -36,10 +40,17 @@ struct QuantRow {
 void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
   for (long b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
-    Vf amax = vzero();
-    for (int i = 0; i < QK; i += kLanes) amax = vmax(amax, vabs(vload(xb + i)));
-    const float m = vmaxr(amax);
+    bool finite;
+    const float m = vabsmax(xb, QK, &finite);
     const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    if (!finite || !(inv <= FLT_MAX)) {
+      // An inf or NaN in the block: its products are NaN, as in float, not the integer garbage a
+      // NaN converts to. Or values so small that 127 / max overflows: they count as zeros.
+      std::memset(q + b * QK, 0, QK);
+      d[b] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
+      s[b] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     // Round to nearest even (the default mode, as nearbyintf); |x * inv| <= 127.
 #if defined(PYXF_TARGET_avx512)
     const __m512 vi = _mm512_set1_ps(inv);

@@ -24,8 +24,11 @@
 // the activations stored in the order in which the unpacked weights come out. Prefill on AVX-512
 // repacks 32 weight rows at a time into vpdpbusd panels (as quant.cc does for its formats); other ISAs
 // dequantize slices of the weights and run the float GEMM on the rounded activations.
+#include <float.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <limits>
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
@@ -247,11 +250,18 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
   for (long b = 0; b < K / block; ++b) {
     const float* xb = x + b * block;
     int8_t* qb = q + b * block;
-    Vf amax = vzero();
-    for (int i = 0; i < block; i += kLanes) amax = vmax(amax, vabs(vload(xb + i)));
-    const float m = vmaxr(amax);
+    bool finite;
+    const float m = vabsmax(xb, block, &finite);
     const float inv = m > 0.0f ? 127.0f / m : 0.0f;
     d[b] = m / 127.0f;
+    if (!finite || !(inv <= FLT_MAX)) {
+      // An inf or NaN in the block: its products are NaN, as in float, not the integer garbage a
+      // NaN converts to (undefined behaviour). Or values so small that 127 / max overflows: zeros.
+      memset(qb, 0, block);
+      memset(sum16 + b * (block / 16), 0, block / 16 * sizeof(int32_t));
+      if (!finite) d[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
 #if defined(PYXF_TARGET_avx512)
     const __m512 vi = _mm512_set1_ps(inv);
     for (int i = 0; i < block; i += 16) {

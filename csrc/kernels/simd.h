@@ -266,6 +266,19 @@ static inline Vf vtanh(Vf x) {
   return vcopysign(t, x);
 }
 
+// max |x| of n floats (a multiple of kLanes), for quantizing them by max / 127; *finite says whether
+// all are finite. max drops NaNs, so they are looked for apart: x - x is 0, or NaN for inf or NaN.
+static inline float vabsmax(const float* x, int n, bool* finite) {
+  Vf amax = vzero(), nonfinite = vzero();
+  for (int i = 0; i < n; i += kLanes) {
+    const Vf v = vload(x + i);
+    amax = vmax(amax, vabs(v));
+    nonfinite = vadd(nonfinite, vsub(v, v));
+  }
+  *finite = vsum(nonfinite) == 0.0f;  // false for NaN
+  return vmaxr(amax);
+}
+
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }

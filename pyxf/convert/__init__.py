@@ -298,6 +298,20 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
                 writer.write(quant.scale_name(p.target), scales)
 
 
+def _check_written_config(config: dict, src: Path) -> None:
+    """What pyxf.load will check, checked before anything is written: a checkpoint whose config the
+    loader would refuse (a size out of range, a malformed rope_scaling) fails here, naming it."""
+    from ..model import check_config
+    from ..rope import rope_parameters
+
+    check_config(config, f"{src} (converted config)")
+    if config["position"] == "rope":
+        try:
+            rope_parameters(config)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+
+
 def convert(
     src,
     out,
@@ -355,6 +369,7 @@ def convert(
     if formats.formats:
         config["quantization"] = {"method": quantize or "gguf", "tensors": formats.formats}
     config["source"] = ckpt.source
+    _check_written_config(config, src)
 
     partial = out / "model.safetensors.partial"
     try:
@@ -414,7 +429,7 @@ def main(argv=None) -> int:
                 quantize=args.quantize, quantize_embeddings=args.quantize_embeddings is not False,
                 dequantize=args.dequantize,
             )
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: a read-only or full disk, a missing file
         print(f"pyxf convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -405,12 +405,21 @@ def gpt2_config(hf: dict) -> dict:
     }
 
 
+# Labels named LABEL_i one by one when a config gives num_labels without id2label (as transformers
+# does): bounded, since the count is not backed by the weights yet at this point.
+MAX_LABELS = 1 << 16
+
+
 def _classifier(hf: dict, kind: str) -> dict | None:
     """The sequence-classification head of a *ForSequenceClassification checkpoint, else None."""
     if not any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         return None
     id2label = hf.get("id2label") or {}
-    num_labels = len(id2label) or int(hf.get("num_labels", 2))
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must map label ids to names, got {type(id2label).__name__}")
+    num_labels = len(id2label) or hf.get("num_labels", 2)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 0 < num_labels <= MAX_LABELS:
+        raise ValueError(f"num_labels must be an integer in [1, {MAX_LABELS}] (or id2label given), got {num_labels!r}")
     labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)]
     problem = hf.get("problem_type")
     if problem is None:  # transformers' default when training: one label is a regression
@@ -583,6 +592,10 @@ def supported_architectures() -> list[str]:
 def family_for_hf_config(hf: dict) -> Family:
     """The family for an HF config.json dict, by "architectures" (or "model_type")."""
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"'architectures' must be a list of class names, got {str(architectures)[:80]}")
+    if not isinstance(hf.get("model_type", ""), (str, type(None))):
+        raise ValueError(f"'model_type' must be a string, got {str(hf['model_type'])[:80]}")
     for family in FAMILIES.values():
         if any(a in family.hf_architectures for a in architectures):
             return family
@@ -611,6 +624,9 @@ def normalized_config(hf: dict) -> dict:
         config = family.hf_config(hf)
     except KeyError as e:
         raise ValueError(f"config lacks {e.args[0]!r}, needed for a {family.name} model") from None
+    except (TypeError, ArithmeticError, AttributeError, IndexError) as e:  # a value of the wrong kind
+        raise ValueError(f"config has a value pyxf cannot use for a {family.name} model: "
+                         f"{type(e).__name__}: {e}") from None
     return {"format": "pyxf", "format_version": 1, **config}
 
 
@@ -630,6 +646,28 @@ def _expand(r: Rule, i: int | None) -> Planned:
     return Planned(fmt(r.target), tuple(Source(fmt(s.name), s.transform) for s in r.sources), r.optional)
 
 
+def _required_sources(rules: tuple[Rule, ...]) -> int:
+    return len({s.name for r in rules if not r.optional for s in r.sources})
+
+
+def _check_layer_counts(table: TensorTable, layers, encoder_layers, available: int) -> None:
+    """The layer counts a config claims, against the tensors the checkpoint has, before any work
+    proportional to them (a config.json claiming 2**31 layers must not make us list them). Up to
+    twice the tensors present are accepted here, so that a checkpoint missing some gets a message
+    naming them."""
+    for what, count in (("num_layers", layers), ("num_encoder_layers", encoder_layers)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{what} must be a non-negative integer, got {count!r}")
+    needed = layers * _required_sources(table.layer_rules) + encoder_layers * _required_sources(
+        table.encoder_layer_rules
+    )
+    if needed > 2 * available + 64:  # up to twice as many are listed: missing ones are then named
+        raise ValueError(
+            f"the config describes {layers} layers" + (f" and {encoder_layers} encoder layers" if encoder_layers else "")
+            + f", at least {needed} source tensors, but the checkpoint has {available}"
+        )
+
+
 def plan_tensors(table: TensorTable, source_names, config: dict) -> tuple[list[Planned], list[str]]:
     """The pyxf tensors to build, in output order, and the source names nobody uses.
 
@@ -637,8 +675,10 @@ def plan_tensors(table: TensorTable, source_names, config: dict) -> tuple[list[P
     required source tensor (an optional rule whose sources are all absent is skipped).
     """
     available = set(source_names)
+    encoder_layers = config.get("num_encoder_layers", 0) if table.encoder_layer_rules else 0
+    _check_layer_counts(table, config["num_layers"], encoder_layers, len(available))
     rules = [_expand(r, None) for r in table.global_rules]
-    for i in range(config.get("num_encoder_layers", 0) if table.encoder_layer_rules else 0):
+    for i in range(encoder_layers):
         rules += [_expand(r, i) for r in table.encoder_layer_rules]
     for i in range(config["num_layers"]):
         rules += [_expand(r, i) for r in table.layer_rules]

@@ -19,41 +19,8 @@ from typing import Callable
 import numpy as np
 
 from .families import Checkpoint, SourceTensor, family_for_gguf
+from .gguf_file import read_gguf
 from .tokenizer_gguf import write_tokenizer
-
-
-def _reader_class():
-    import gguf
-
-    class Reader(gguf.GGUFReader):
-        """GGUFReader parsing from a plain-ndarray view of its memory map: numpy.memmap's
-        per-slice overhead makes parsing a 50k-token vocabulary take seconds. Still zero-copy."""
-
-        @property
-        def data(self):
-            return self._plain_data
-
-        @data.setter
-        def data(self, value):
-            self._plain_data = value.view(np.ndarray)
-
-    return Reader
-
-
-def _open_reader(path: Path):
-    try:
-        reader_class = _reader_class()
-    except ImportError:
-        raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from None
-    try:
-        return reader_class(path)
-    except Exception as e:  # the reader raises assorted errors on malformed files
-        raise ValueError(f"{path}: not a readable GGUF file: {e}") from e
-
-
-def read_metadata(reader) -> dict:
-    """All key/value fields as Python values (strings, numbers, lists)."""
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 # GGUF tensor types whose blocks the core runs as they are stored -> pyxf's format name. A type
@@ -78,16 +45,14 @@ class GGUFTensor(SourceTensor):
 def _dequantizer(tensor, path: Path):
     import gguf
 
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions innermost first
-    kind = tensor.tensor_type.name
+    shape = tuple(reversed(tensor.dims))  # ggml lists dimensions innermost first
+    kind = tensor.ggml_type.name
 
     def load() -> np.ndarray:
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            array = gguf.quants.dequantize(tensor.data, tensor.ggml_type)
         except NotImplementedError:
-            raise ValueError(
-                f"{path}: tensor {tensor.name!r}: cannot dequantize type {tensor.tensor_type.name}"
-            ) from None
+            raise ValueError(f"{path}: tensor {tensor.name!r}: cannot dequantize type {kind}") from None
         return np.asarray(array, dtype=np.float32).reshape(shape)
 
     def load_raw() -> np.ndarray:
@@ -167,8 +132,12 @@ def open_gguf(path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    reader = _open_reader(path)
-    meta = read_metadata(reader)
+    try:
+        import gguf  # noqa: F401 -- its tables and dequantizers
+    except ImportError:
+        raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from None
+    file = read_gguf(path)
+    meta = file.metadata
     arch = meta.get("general.architecture")
     if arch is None:
         raise ValueError(f"{path}: GGUF metadata lacks general.architecture")
@@ -176,7 +145,7 @@ def open_gguf(path) -> Checkpoint:
         family, table = family_for_gguf(arch)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    tensors = {t.name: _dequantizer(t, path) for t in reader.tensors}
+    tensors = {t.name: _dequantizer(t, path) for t in file.tensors}
     try:
         config = gguf_config(meta, family.name, tensors.keys())
     except ValueError as e:

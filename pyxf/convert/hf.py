@@ -136,11 +136,14 @@ def _strip_prefixes(tensors: dict[str, SourceTensor], prefixes: tuple[str, ...])
 # config and tokenizer
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, kind: type = dict):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: invalid JSON: {type(e).__name__}: {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: must hold a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
+    return value
 
 
 def _optional_json(path: Path) -> dict:
@@ -340,7 +343,7 @@ def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
     (sentence_bert_config.json's max_seq_length, else the tokenizer's model_max_length), capped by the
     learned positions."""
     modules_path = files_dir / "modules.json"
-    modules = _read_json(modules_path) if modules_path.is_file() else None
+    modules = _read_json(modules_path, list) if modules_path.is_file() else None
     pooling_dirs, normalize = [], False
     if isinstance(modules, list):
         for module in modules:

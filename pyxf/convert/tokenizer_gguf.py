@@ -62,6 +62,12 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+# Deriving merges tries every split of a token: quadratic in its length, so a file with a few
+# megabyte-long "tokens" would take hours. Real vocabularies' longest tokens are far shorter
+# (sentencepiece's default limit is 16; byte-level BPE runs of spaces reach a few dozen).
+MAX_MERGED_TOKEN_LENGTH = 256
+
+
 def derive_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary: every split of a token into two vocabulary tokens.
 
@@ -71,8 +77,16 @@ def derive_merges(vocab: dict[str, int], scores: dict[str, float] | None = None)
     """
     by_score = scores is not None
     priority = scores if by_score else vocab
+    long_tokens = [token for token in priority if len(token) > MAX_MERGED_TOKEN_LENGTH]
+    if long_tokens:
+        warnings.warn(
+            f"{len(long_tokens)} tokens longer than {MAX_MERGED_TOKEN_LENGTH} characters get no merges "
+            f"(e.g. one of {len(long_tokens[0])}); BPE will not produce them"
+        )
     merges = []
     for token, score in priority.items():
+        if len(token) > MAX_MERGED_TOKEN_LENGTH:
+            continue
         pairs = [
             (token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab
         ]
@@ -161,13 +175,50 @@ def _add_special_tokens(tokenizer: Tokenizer, vocab: dict[str, int], meta: dict)
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
 
 
+# The tokenizer metadata pyxf reads, and the kind of value each must hold.
+_METADATA_KINDS = {
+    "tokenizer.ggml.tokens": (list, str), "tokenizer.ggml.merges": (list, str), "tokenizer.ggml.scores": (list, float),
+    "tokenizer.ggml.token_type": (list, int), "tokenizer.ggml.model": (str, None), "tokenizer.ggml.pre": (str, None),
+    "tokenizer.ggml.bos_token_id": (int, None), "tokenizer.ggml.eos_token_id": (int, None),
+    "tokenizer.ggml.eot_token_id": (int, None), "tokenizer.ggml.unknown_token_id": (int, None),
+    "tokenizer.ggml.padding_token_id": (int, None), "tokenizer.ggml.add_bos_token": (bool, None),
+    "tokenizer.ggml.add_space_prefix": (bool, None), "tokenizer.chat_template": (str, None),
+}
+
+
+def check_tokenizer_metadata(meta: dict) -> None:
+    """ValueError unless every tokenizer key pyxf reads holds the kind of value it should (a file
+    could say anything: token ids as strings, merges as numbers)."""
+    for key, (kind, item) in _METADATA_KINDS.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if ok and item is not None:
+            allowed = (int, float) if item is float else item
+            ok = all(isinstance(v, allowed) and not isinstance(v, bool) for v in value)
+        if not ok or (kind is int and value < 0):
+            raise ValueError(f"GGUF metadata {key} must be {_describe(kind, item)}, got {str(value)[:80]}")
+
+
+def _describe(kind, item) -> str:
+    names = {list: "a list", str: "a string", int: "a non-negative integer", bool: "true or false"}
+    return names[kind] + (f" of {'numbers' if item is float else item.__name__ + 's'}" if item else "")
+
+
 def build_tokenizer(meta: dict) -> Tokenizer:
     """A `tokenizers.Tokenizer` from GGUF metadata (a dict of `tokenizer.*` keys)."""
+    check_tokenizer_metadata(meta)
     kind = meta.get("tokenizer.ggml.model")
     if kind not in _BUILDERS:
         raise ValueError(f"cannot build a tokenizer for tokenizer.ggml.model {kind!r}; supported: {sorted(_BUILDERS)}")
-    tokenizer, vocab = _BUILDERS[kind](meta)
-    _add_special_tokens(tokenizer, vocab, meta)
+    try:
+        tokenizer, vocab = _BUILDERS[kind](meta)
+        _add_special_tokens(tokenizer, vocab, meta)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions
+        raise ValueError(f"GGUF tokenizer metadata does not make a tokenizer: {e}") from None
     return tokenizer
 
 
@@ -189,6 +240,7 @@ def tokenizer_config(meta: dict) -> dict:
 
 def write_tokenizer(meta: dict, out_dir) -> dict:
     """Write tokenizer.json into out_dir; returns the config.json fields for the tokenizer."""
+    check_tokenizer_metadata(meta)
     if not meta.get("tokenizer.ggml.tokens"):
         warnings.warn("the GGUF file has no tokenizer (tokenizer.ggml.tokens); none written")
         return {"tokenizer": None, **tokenizer_config(meta)}
