@@ -495,17 +495,20 @@ class PySession {
 class PyEngine {
  public:
   PyEngine(std::shared_ptr<PyModel> model, int max_batch, double kv_cache_mb, int prefill_chunk, int max_queue,
-           int context_length, bool prefix_cache)
+           int context_length, bool prefix_cache, std::shared_ptr<PyModel> draft)
       : model_(std::move(model)),
-        engine_(model_->model(), EngineOptions{max_batch, (size_t)(kv_cache_mb * (1 << 20)), prefill_chunk,
-                                               max_queue, context_length, prefix_cache}) {}
+        draft_(std::move(draft)),
+        engine_(model_->model(), draft_ ? &draft_->model() : nullptr,
+                EngineOptions{max_batch, (size_t)(kv_cache_mb * (1 << 20)), prefill_chunk, max_queue, context_length,
+                              prefix_cache}) {}
 
   int64_t submit(py::handle prompt, int max_new_tokens, float temperature, int top_k, float top_p,
                  float repetition_penalty, float presence_penalty, float frequency_penalty,
                  std::vector<std::pair<int, float>> logit_bias, uint64_t seed, std::vector<int> stop_ids,
-                 int top_logprobs, py::object first_mask, int draft_tokens) {
+                 int top_logprobs, py::object first_mask, int draft_tokens, bool draft_model) {
     Request r;
     r.draft_tokens = draft_tokens;
+    r.draft_model = draft_model;
     if (!first_mask.is_none()) {
       r.constrained = true;
       r.first_mask = mask_words(first_mask.cast<py::bytes>());
@@ -558,17 +561,20 @@ class PyEngine {
 
  private:
   std::shared_ptr<PyModel> model_;
+  std::shared_ptr<PyModel> draft_;  // or null
   Engine engine_;
 };
 
 void bind_engine(py::module_& m) {
   py::register_exception<QueueFull>(m, "QueueFull", PyExc_RuntimeError);
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<std::shared_ptr<PyModel>, int, double, int, int, int, bool>(), "model"_a, "max_batch"_a,
-           "kv_cache_mb"_a, "prefill_chunk"_a, "max_queue"_a, "context_length"_a, "prefix_cache"_a)
+      .def(py::init<std::shared_ptr<PyModel>, int, double, int, int, int, bool, std::shared_ptr<PyModel>>(), "model"_a,
+           "max_batch"_a, "kv_cache_mb"_a, "prefill_chunk"_a, "max_queue"_a, "context_length"_a, "prefix_cache"_a,
+           "draft"_a = nullptr)
       .def("submit", &PyEngine::submit, "prompt"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a,
            "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "logit_bias"_a, "seed"_a,
-           "stop_ids"_a, "top_logprobs"_a, "first_mask"_a = py::none(), "draft_tokens"_a = 0)
+           "stop_ids"_a, "top_logprobs"_a, "first_mask"_a = py::none(), "draft_tokens"_a = 0,
+           "draft_model"_a = false)
       .def("cancel", [](PyEngine& e, int64_t id) { e.engine().cancel(id); }, "request"_a)
       .def("set_mask", [](PyEngine& e, int64_t id, int index, const py::bytes& mask) {
         e.engine().set_mask(id, index, PyEngine::mask_words(mask));

@@ -1,7 +1,7 @@
 """pyxf.generate: prompts in, new text or tokens out. Decoders run on pyxf.Engine (submit all, wait
 for all); encoder-decoder models on their own beam-search loop (pyxf.seq2seq)."""
 
-from pyxf.engine import Engine, kv_cache_mb
+from pyxf.engine import Engine, is_draft_model_argument, kv_cache_mb
 from pyxf.sampling import check_lengths, prompt_tokens, sampling_options, stop_conditions
 
 
@@ -51,7 +51,8 @@ def generate(
     strings), grammar (Lark or GBNF); a result cut short by max_new_tokens has finish_reason
     "length". tools and tool_choice (with messages): OpenAI function calling; the calls are in the
     Result's tool_calls (return_details=True). speculative="prompt_lookup" (num_draft_tokens per
-    step): speculative decoding with drafts copied from earlier in the sequence; greedy output is
+    step): speculative decoding with drafts copied from earlier in the sequence; speculative=<a
+    smaller pyxf decoder with the same tokenizer>: drafts from that draft model. Greedy output is
     unchanged, sampled output keeps its distribution.
     """
     if getattr(model, "is_encoder_decoder", False):
@@ -96,7 +97,8 @@ def generate(
         check_lengths(prompts, max_new_tokens, model.context_length)
 
     lengths = [model.context_length] if tools is not None else [len(p) + max_new_tokens for p in prompts]
-    engine = _engine_for(model, lengths)
+    draft_model = speculative if is_draft_model_argument(speculative) else None
+    engine = _engine_for(model, lengths, draft_model)
     submit = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -127,10 +129,10 @@ def generate(
     return texts[0] if output == "text" else texts
 
 
-def _engine_for(model, lengths):
+def _engine_for(model, lengths, draft_model=None):
     """An engine that runs sequences of these lengths (prompt and new tokens) all at once."""
-    return Engine(model, max_batch=len(lengths), kv_cache_mb=kv_cache_mb(model, lengths),
-                  prefill_chunk=max(512, min(8192, sum(lengths))), max_queue=len(lengths))
+    return Engine(model, max_batch=len(lengths), kv_cache_mb=kv_cache_mb(model, lengths, draft_model),
+                  prefill_chunk=max(512, min(8192, sum(lengths))), max_queue=len(lengths), draft_model=draft_model)
 
 
 def _stream_text(engine, ids, submit):
