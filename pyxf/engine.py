@@ -300,16 +300,21 @@ def check_draft_model(model, draft_model):
                          "a draft model needs the model's tokenizer")
 
 
+# tokenizer -> the tokenizers found equal to it (a comparison reads every token: ~0.1 s for 49k).
+_equal_tokenizers = weakref.WeakKeyDictionary()
+
+
 def _first_different_token(a, b):
     """Where two tokenizers disagree (a description), or None; tokenizers missing on either side
     cannot be compared."""
-    if a is None or b is None:
+    if a is None or b is None or a is b or b in _equal_tokenizers.get(a, ()):
         return None
     if a.vocab_size != b.vocab_size:
         return f"{a.vocab_size} tokens against {b.vocab_size}"
     for token_id in range(a.vocab_size):
         if a.token_text(token_id) != b.token_text(token_id):
             return f"token {token_id} is {a.token_text(token_id)!r} against {b.token_text(token_id)!r}"
+    _equal_tokenizers.setdefault(a, weakref.WeakSet()).add(b)
     return None
 
 

@@ -1,7 +1,7 @@
 """pyxf.generate: prompts in, new text or tokens out. Decoders run on pyxf.Engine (submit all, wait
 for all); encoder-decoder models on their own beam-search loop (pyxf.seq2seq)."""
 
-from pyxf.engine import Engine, is_draft_model_argument, kv_cache_mb
+from pyxf.engine import Engine, check_draft_model, is_draft_model_argument, kv_cache_mb
 from pyxf.sampling import check_lengths, prompt_tokens, sampling_options, stop_conditions
 
 
@@ -98,6 +98,8 @@ def generate(
 
     lengths = [model.context_length] if tools is not None else [len(p) + max_new_tokens for p in prompts]
     draft_model = speculative if is_draft_model_argument(speculative) else None
+    if draft_model is not None:
+        check_draft_model(model, draft_model)  # before its KV pages are sized
     engine = _engine_for(model, lengths, draft_model)
     submit = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
