@@ -74,6 +74,9 @@ def _parser():
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not reuse the KV blocks of earlier requests' shared prompt prefixes")
     serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--draft-model", metavar="DIR",
+                       help="speculative decoding: a smaller decoder with the served decoders' tokenizer drafts "
+                            "tokens for every chat and completions request")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM (default 30)")
@@ -213,13 +216,16 @@ def _serve(args):
         threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
     )
     if args.ray:
+        if args.draft_model is not None:
+            raise ValueError("--draft-model: not with --ray")
         return _serve_on_ray(args, options)
     given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
                                       ("--target-ongoing-requests", args.target_ongoing_requests),
                                       ("--ray-address", args.ray_address)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --ray")
-    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, **options)
+    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, draft_model=args.draft_model,
+                 **options)
 
 
 def _serve_on_ray(args, options):
