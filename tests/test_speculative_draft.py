@@ -40,9 +40,11 @@ def test_greedy_with_a_draft_model_matches_transformers(models):
     import pyxf
 
     hf, px, draft = models
-    prompts = [helpers.random_ids(px.vocab_size, n, seed) for seed, n in enumerate((5, 40, 70, 130))]
-    with pyxf.Engine(px, max_batch=4, draft_model=draft) as engine:
-        requests = [engine.submit(p, max_new_tokens=40, num_draft_tokens=4) for p in prompts]
+    prompts = [helpers.random_ids(px.vocab_size, n, seed) for seed, n in enumerate((5, 40, 70, 130, 90))]
+    with pyxf.Engine(px, max_batch=5, draft_model=draft) as engine:
+        requests = [engine.submit(p, max_new_tokens=40, num_draft_tokens=4) for p in prompts[:4]]
+        # In the same batch, a request drafting by prompt lookup: the draft model only follows it.
+        requests.append(engine.submit(prompts[4], max_new_tokens=40, speculative="prompt_lookup"))
         results = [r.result(timeout=120) for r in requests]
         stats = engine.stats()
     for p, r in zip(prompts, results):
