@@ -39,8 +39,12 @@ MAX_INT = 2**31 - 1
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True):
-    """Loads a converted model directory; with no path, the default model (downloaded on first use).
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, revision=None):
+    """Loads a model; with no path, the default model (downloaded on first use).
+
+    path: a converted model directory; a GGUF file or a Hugging Face hub id ("org/name", at `revision`:
+    a branch, tag or commit; default "main"), converted on first use into pyxf's cache and loaded from
+    there afterwards (pyxf.sources).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
@@ -53,6 +57,10 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
         from pyxf.hub import default_model_path
 
         path = default_model_path()
+    else:
+        from pyxf.sources import model_directory
+
+        path = model_directory(path, revision)
     path = Path(path)
     config = read_config(path)
     if config.get("architecture") == "encoder-decoder":
