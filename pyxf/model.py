@@ -18,6 +18,7 @@ KNOWN_FAMILIES = ("llama", "gpt2", "bert", "roberta", "distilbert", "transformer
 SUPPORTED_ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+SCORE_ACTIVATIONS = ("sigmoid", "identity")  # a cross-encoder's, for rank() (pyxf.encoding)
 
 # Allowed values of the config's enumerated fields.
 CONFIG_CHOICES = {
@@ -395,6 +396,9 @@ def _check_encoder_config(config, config_path):
             fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
         if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
+        if head.get("score_activation", "sigmoid") not in SCORE_ACTIVATIONS:
+            fail(f"'classifier.score_activation' must be one of {', '.join(SCORE_ACTIVATIONS)}, "
+                 f"got {head.get('score_activation')!r}")
 
 
 class TensorLayout:
@@ -639,6 +643,16 @@ class Model(MappedModel):
         self._require_encoder("classify")
         return classify(self, texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
                         progress=progress, return_logits=return_logits)
+
+    def rank(self, query, documents, top_k=None, return_documents=False, batch_size=32, max_length=None,
+             truncate=True, progress=False):
+        """Cross-encoder reranking, as sentence-transformers' CrossEncoder.rank: [{"corpus_id", "score"
+        (, "text")}] best first. See pyxf.encoding.rank."""
+        from pyxf.encoding import rank
+
+        self._require_encoder("rank")
+        return rank(self, query, documents, top_k=top_k, return_documents=return_documents, batch_size=batch_size,
+                    max_length=max_length, truncate=truncate, progress=progress)
 
     def _require_encoder(self, what):
         if not self.is_encoder:

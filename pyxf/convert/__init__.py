@@ -22,6 +22,7 @@ from .. import quant, quant_mix
 from ..model import has_tied_head
 from ..sources import checkpoint_path
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
+from .cross_encoder import with_score_activation
 from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
 
 __all__ = ["DTYPES", "convert", "expected_shape", "main"]
@@ -368,6 +369,8 @@ def convert(
 
     out.mkdir(parents=True, exist_ok=True)
     config = dict(ckpt.config)
+    if config.get("classifier") and src.is_dir():  # a cross-encoder's score activation, for rank()
+        config["classifier"] = with_score_activation(config["classifier"], src)
     config.update(ckpt.write_tokenizer(out))
     config["dtype"] = dtype
     if formats.formats:
