@@ -102,7 +102,7 @@ def rank(model, query, documents, top_k=None, return_documents=False, batch_size
     the document with return_documents=True), highest score first, the first `top_k` (default all).
     Scores are the (query, document) pair logits through the model's score activation: sigmoid
     (CrossEncoder's default for one-label models) unless the checkpoint's sentence-transformers
-    settings name Identity."""
+    settings name Identity or Tanh (config classifier.score_activation)."""
     head = model.config.get("classifier")
     if not head or head.get("num_labels") != 1:
         labels = head.get("num_labels") if head else 0
@@ -132,6 +132,8 @@ def rank(model, query, documents, top_k=None, return_documents=False, batch_size
 def _activate(logits, activation):
     if activation == "identity":
         return logits
+    if activation == "tanh":
+        return np.tanh(logits)
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 

@@ -18,7 +18,7 @@ KNOWN_FAMILIES = ("llama", "gpt2", "bert", "roberta", "distilbert", "transformer
 SUPPORTED_ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
-SCORE_ACTIVATIONS = ("sigmoid", "identity")  # a cross-encoder's, for rank() (pyxf.encoding)
+SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
 
 # Allowed values of the config's enumerated fields.
 CONFIG_CHOICES = {
@@ -57,6 +57,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if path is None:
         from pyxf.hub import default_model_path
 
+        if revision is not None:
+            raise ValueError("revision= needs a hub id (pyxf.load('org/name', revision=...))")
         path = default_model_path()
     else:
         from pyxf.sources import model_directory

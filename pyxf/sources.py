@@ -22,7 +22,7 @@ _HUB_ID_MAX = 96
 
 # The files of a checkpoint that the converter reads: config, weights, tokenizer, sentence-transformers
 # modules. Torch weights are fetched only for repos without safetensors ones.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*/config.json"]
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 TORCH_WEIGHTS = ["pytorch_model*.bin"]
 
 # The bytes of a GGUF file hashed into its cache key: its header, metadata and tensor index (or

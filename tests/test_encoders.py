@@ -495,12 +495,14 @@ IDENTITY = "torch.nn.modules.linear.Identity"
 
 @needs_core
 @pytest.mark.parametrize("name, activation", [("bert_rerank", None), ("roberta_rerank", None),
-                                              ("bert_rerank", "config.json"), ("roberta_rerank", "CrossEncoder")])
+                                              ("bert_rerank", "config.json"), ("roberta_rerank", "CrossEncoder"),
+                                              ("bert_rerank", "legacy-tanh")])
 def test_rank_matches_cross_encoder(name, activation, tmp_path):
     """A tiny reranker saved with save_pretrained and converted with `pyxf convert`: rank() gives
     CrossEncoder.rank's order and scores, classify() on pairs its logits. Scores go through sigmoid
-    (CrossEncoder's default for one label) unless the checkpoint names Identity: in config.json's
-    "sentence_transformers", or in the files CrossEncoder.save_pretrained writes. One document is longer
+    (CrossEncoder's default for one label) unless the checkpoint names another activation: in
+    config.json's "sentence_transformers" or older "sbert_ce_default_activation_function", or in the
+    files CrossEncoder.save_pretrained writes. One document is longer
     than the 128 tokens the tokenizer allows, so the pair is truncated (the longer text first)."""
     pytest.importorskip("sentence_transformers")
     import torch
@@ -515,12 +517,16 @@ def test_rank_matches_cross_encoder(name, activation, tmp_path):
         config = json.loads((hf_dir / "config.json").read_text())
         config["sentence_transformers"] = {"activation_fn": IDENTITY}
         (hf_dir / "config.json").write_text(json.dumps(config))
+    elif activation == "legacy-tanh":  # before sentence-transformers 4
+        config = json.loads((hf_dir / "config.json").read_text())
+        config["sbert_ce_default_activation_function"] = "torch.nn.modules.activation.Tanh"
+        (hf_dir / "config.json").write_text(json.dumps(config))
     elif activation == "CrossEncoder":
         saved = tmp_path / "saved"
         CrossEncoder(str(hf_dir), device="cpu", activation_fn=torch.nn.Identity()).save_pretrained(str(saved))
         hf_dir = saved
     assert main(["convert", str(hf_dir), str(out), "--quiet"]) == 0
-    assert model_score_activation(out) == (None if activation is None else "identity")
+    assert model_score_activation(out) == {None: None, "legacy-tanh": "tanh"}.get(activation, "identity")
     model = pyxf.load(out)
     reference = CrossEncoder(str(hf_dir), device="cpu")
     assert reference.max_seq_length == model.config["max_length"] == 128

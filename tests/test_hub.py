@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from helpers import build_hf_model, child_process_options, hf_logits, max_abs_err, random_ids
+from helpers import (
+    build_hf_model,
+    child_process_options,
+    hf_logits,
+    max_abs_err,
+    random_ids,
+)
 
 HAS_CORE = importlib.util.find_spec("pyxf._core") is not None
 needs_core = pytest.mark.skipif(not HAS_CORE, reason="pyxf._core is not built (bash tools/dev_build.sh)")
@@ -71,7 +77,7 @@ def run_pyxf(script, hub_cache, pyxf_cache, *args, check=True):
     options["env"].update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), PYXF_CACHE=str(pyxf_cache))
     options["env"].pop("HF_HOME", None)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                            capture_output=True, text=True, timeout=600, **options)
+                            check=False, capture_output=True, text=True, timeout=600, **options)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -293,3 +299,48 @@ def test_gguf_file_converts_once_into_the_cache(tmp_path):
     tiny_files.write_gguf(gguf, seed=6)
     third, third_dir, converted = load("third.npy")
     assert converted and third_dir != first_dir and max_abs_err(third, first) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's reranking example, as written
+
+
+def readme_block(containing):
+    """The README's python code block that contains `containing`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+@needs_core
+def test_readme_reranking_example_runs(tmp_path):
+    """The example loads cross-encoder/ms-marco-MiniLM-L6-v2 by its hub id. Its weights cannot be
+    fetched here, so the hub cache holds a tiny random BERT reranker under that id (with the
+    ms-marco checkpoints' Identity activation): the example's code runs as written, offline,
+    against it, and prints what CrossEncoder.rank gives on the same snapshot."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import CrossEncoder
+    from test_encoders import build_hf
+
+    repo_id = "cross-encoder/ms-marco-MiniLM-L6-v2"
+    source = tmp_path / "reranker"
+    build_hf("bert_rerank", source)
+    config = json.loads((source / "config.json").read_text())
+    config["sbert_ce_default_activation_function"] = "torch.nn.modules.linear.Identity"
+    (source / "config.json").write_text(json.dumps(config))
+    snapshot = add_snapshot(tmp_path / "hub-cache", repo_id, _commit("reranker"), source, refs=["main"])
+
+    example = readme_block(".rank(")
+    assert f'pyxf.load("{repo_id}")' in example
+    # Run as written; then the example's own query and documents are printed for the reference.
+    script = example + "\nimport json\nprint(json.dumps([query, documents]))\n"
+    *lines, inputs = run_pyxf(script, tmp_path / "hub-cache", tmp_path / "pyxf-cache").stdout.splitlines()
+    query, documents = json.loads(inputs)
+    reference = CrossEncoder(str(snapshot), device="cpu")
+    hits = reference.rank(query, documents, top_k=2, return_documents=True)
+    assert lines[:2] == [f'{h["corpus_id"]} {round(h["score"], 3)} {h["text"]}' for h in hits]
+    printed = "".join(lines[2:])  # classify's [2, 1] logits, as numpy prints them
+    logits = [float(x) for x in re.findall(r"-?\d+\.\d*(?:e[-+]\d+)?", printed)]
+    assert printed.startswith("[[") and printed.endswith("]]")
+    assert max_abs_err(logits, reference.predict([(query, documents[0]), (query, documents[2])])) < 1e-6

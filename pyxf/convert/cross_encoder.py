@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 # The class names (torch.nn) of the activations rank() applies, and pyxf's names for them.
-ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
+ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh"}
 
 
 def with_score_activation(classifier: dict, files_dir: Path) -> dict:
