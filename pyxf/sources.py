@@ -77,7 +77,7 @@ def _existing_path(name, revision):
         return None
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"a model must be a path or a hub id (str), got {type(name).__name__}")
-    raise FileNotFoundError(f"{str(name)!r} is neither an existing path nor a Hugging Face hub id (org/name)")
+    raise FileNotFoundError(f"{str(name)!r} does not exist, and is not a Hugging Face hub id (org/name) either")
 
 
 # ---------------------------------------------------------------------------------------------

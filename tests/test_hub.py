@@ -211,7 +211,7 @@ def test_clear_errors(hub, tmp_path):
     assert errors[1][0] == "FileNotFoundError" and "'v9'" in errors[1][1]
     assert errors[2][0] == "ValueError" and "no checkpoint" in errors[2][1] and "README.md" in errors[2][1]
     for kind, message in errors[3:]:
-        assert kind == "FileNotFoundError" and "neither an existing path nor a Hugging Face hub id" in message
+        assert kind == "FileNotFoundError" and "does not exist, and is not a Hugging Face hub id" in message
 
     # The CLI: one line, exit status 1.
     result = run_pyxf("import sys, pyxf.cli; sys.exit(pyxf.cli.main(sys.argv[1:]))", cache, tmp_path / "pyxf-cache",
