@@ -20,10 +20,11 @@ from pathlib import Path
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HUB_ID_MAX = 96
 
-# The files of a checkpoint that the converter reads: config, weights, tokenizer, sentence-transformers
-# modules. Torch weights are fetched only for repos without safetensors ones.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
-TORCH_WEIGHTS = ["pytorch_model*.bin"]
+# The files of a checkpoint that the converter reads: configs (model, generation, tokenizer,
+# sentence-transformers modules), weights, tokenizers (tokenizer.json, sentencepiece *.model and
+# Marian's *.spm, vocab.txt / merges.txt). Torch weights are fetched only for repos without safetensors.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.spm", "*.txt"]
+TORCH_WEIGHTS = ["pytorch_model*.bin", "model.pt"]
 
 # The bytes of a GGUF file hashed into its cache key: its header, metadata and tensor index (or
 # the first part of them), which name every tensor, shape, type and offset.
