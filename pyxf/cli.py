@@ -107,9 +107,11 @@ def _parser():
 
 def _add_model_options(parser):
     parser.add_argument(
-        "--model", metavar="DIR",
-        help="converted model directory (default: SmolLM2-135M-Instruct, downloaded on first use)",
+        "--model", metavar="MODEL",
+        help="converted model directory, GGUF file or Hugging Face hub id (org/name; converted once into the "
+        "cache) (default: SmolLM2-135M-Instruct, downloaded on first use)",
     )
+    parser.add_argument("--revision", help="with a hub id: the branch, tag or commit (default: main)")
     parser.add_argument(
         "--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)"
     )
@@ -126,7 +128,7 @@ def _add_sampling_options(parser):
 
 
 def _load(args):
-    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads)
+    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads, revision=args.revision)
 
 
 def _sampling(args):

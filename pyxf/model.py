@@ -18,6 +18,7 @@ KNOWN_FAMILIES = ("llama", "gpt2", "bert", "roberta", "distilbert", "transformer
 SUPPORTED_ARCHITECTURES = ("decoder", "encoder", "encoder-decoder")
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
 
 # Allowed values of the config's enumerated fields.
 CONFIG_CHOICES = {
@@ -39,8 +40,12 @@ MAX_INT = 2**31 - 1
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True):
-    """Loads a converted model directory; with no path, the default model (downloaded on first use).
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, revision=None):
+    """Loads a model; with no path, the default model (downloaded on first use).
+
+    path: a converted model directory; a GGUF file or a Hugging Face hub id ("org/name", at `revision`:
+    a branch, tag or commit; default "main"), converted on first use into pyxf's cache and loaded from
+    there afterwards (pyxf.sources).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
     default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
@@ -52,7 +57,13 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if path is None:
         from pyxf.hub import default_model_path
 
+        if revision is not None:
+            raise ValueError("revision= needs a hub id (pyxf.load('org/name', revision=...))")
         path = default_model_path()
+    else:
+        from pyxf.sources import model_directory
+
+        path = model_directory(path, revision)
     path = Path(path)
     config = read_config(path)
     if config.get("architecture") == "encoder-decoder":
@@ -387,6 +398,9 @@ def _check_encoder_config(config, config_path):
             fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
         if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
+        if head.get("score_activation", "sigmoid") not in SCORE_ACTIVATIONS:
+            fail(f"'classifier.score_activation' must be one of {', '.join(SCORE_ACTIVATIONS)}, "
+                 f"got {head.get('score_activation')!r}")
 
 
 class TensorLayout:
@@ -631,6 +645,16 @@ class Model(MappedModel):
         self._require_encoder("classify")
         return classify(self, texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
                         progress=progress, return_logits=return_logits)
+
+    def rank(self, query, documents, top_k=None, return_documents=False, batch_size=32, max_length=None,
+             truncate=True, progress=False):
+        """Cross-encoder reranking, as sentence-transformers' CrossEncoder.rank: [{"corpus_id", "score"
+        (, "text")}] best first. See pyxf.encoding.rank."""
+        from pyxf.encoding import rank
+
+        self._require_encoder("rank")
+        return rank(self, query, documents, top_k=top_k, return_documents=return_documents, batch_size=batch_size,
+                    max_length=max_length, truncate=truncate, progress=progress)
 
     def _require_encoder(self, what):
         if not self.is_encoder:

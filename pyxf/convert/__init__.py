@@ -20,7 +20,9 @@ import numpy as np
 
 from .. import quant, quant_mix
 from ..model import has_tied_head
+from ..sources import checkpoint_path
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
+from .cross_encoder import with_score_activation
 from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
 
 __all__ = ["DTYPES", "convert", "expected_shape", "main"]
@@ -321,8 +323,10 @@ def convert(
     quantize: str | None = None,
     quantize_embeddings: bool = True,
     dequantize: bool = False,
+    revision: str | None = None,
 ) -> Path:
-    """Convert `src` (GGUF file, HF model directory, or state_dict file) into the pyxf model
+    """Convert `src` (GGUF file, HF model directory, state_dict file, or a Hugging Face hub id
+    "org/name" at `revision`, resolved with huggingface_hub: pyxf.sources) into the pyxf model
     directory `out`; returns `out`. `config` (path or dict) is the HF config.json for a bare
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
     stored as floats.
@@ -345,7 +349,8 @@ def convert(
         quant_mix.check_method(quantize)
         if dequantize:
             raise ValueError("dequantize and quantize exclude each other")
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src, origin = checkpoint_path(src, revision)
+    out = Path(out).expanduser()
     ckpt = open_checkpoint(src, config)
     if quantize is not None and ckpt.config.get("architecture") == "encoder-decoder":
         raise ValueError(f"{src}: quantization is not supported for encoder-decoder models yet")
@@ -364,11 +369,13 @@ def convert(
 
     out.mkdir(parents=True, exist_ok=True)
     config = dict(ckpt.config)
+    if config.get("classifier") and src.is_dir():  # a cross-encoder's score activation, for rank()
+        config["classifier"] = with_score_activation(config["classifier"], src)
     config.update(ckpt.write_tokenizer(out))
     config["dtype"] = dtype
     if formats.formats:
         config["quantization"] = {"method": quantize or "gguf", "tensors": formats.formats}
-    config["source"] = ckpt.source
+    config["source"] = ckpt.source if origin is None else {"format": ckpt.source["format"], **origin}
     _check_written_config(config, src)
 
     partial = out / "model.safetensors.partial"
@@ -391,7 +398,7 @@ def main(argv=None) -> int:
     """`pyxf convert SRC OUT [--dtype D] [--quantize F [--no-quantize-embeddings] | --dequantize]
     [--config CONFIG] [--quiet]`"""
     parser = argparse.ArgumentParser(prog="pyxf convert", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="GGUF file, Hugging Face model directory, or state_dict file")
+    parser.add_argument("src", help="GGUF file, Hugging Face model directory or hub id (org/name), or state_dict file")
     parser.add_argument("out", help="output directory")
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES),
@@ -414,6 +421,7 @@ def main(argv=None) -> int:
     )
     # Kept so that older command lines still run: keeping GGUF blocks is now the default.
     parser.add_argument("--keep-quantized", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--revision", help="hub id: the branch, tag or commit to convert (default: main)")
     parser.add_argument("--config", help="HF config.json for a bare state_dict file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -427,7 +435,7 @@ def main(argv=None) -> int:
             out = convert(
                 args.src, args.out, dtype=args.dtype, progress=not args.quiet, config=args.config,
                 quantize=args.quantize, quantize_embeddings=args.quantize_embeddings is not False,
-                dequantize=args.dequantize,
+                dequantize=args.dequantize, revision=args.revision,
             )
     except (ValueError, OSError, ImportError) as e:  # OSError: a read-only or full disk, a missing file
         print(f"pyxf convert: error: {e}", file=sys.stderr)
