@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quant, quant_mix
+from .. import quant, quant_mix, spec
 from ..model import has_tied_head
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
-from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
+from .plan import build_tensor, plan_tensors, planned_shape
+from .schema import Checkpoint
 
 __all__ = ["DTYPES", "convert", "expected_shape", "main"]
 
@@ -96,41 +97,22 @@ def open_checkpoint(src: Path, config=None) -> Checkpoint:
 
 
 def expected_shape(name: str, cfg: dict) -> tuple | None:
-    """The shape DESIGN.md prescribes for a pyxf tensor, or None for names it does not list."""
-    H, V, D, I = cfg["hidden_size"], cfg["vocab_size"], cfg["head_dim"], cfg["intermediate_size"]
-    qkv = (cfg["num_heads"] + 2 * cfg["num_kv_heads"]) * D
-    parts = name.split(".")
-    key = ".".join(parts[2:]) if parts[0] == "layers" else name
-    return {
-        "embed.weight": (V, H),
-        "pos_embed.weight": (cfg["max_position_embeddings"], H),
-        "final_norm.weight": (H,),
-        "final_norm.bias": (H,),
-        "lm_head.weight": (V, H),
-        "lm_head.bias": (V,),
-        "attn_norm.weight": (H,),
-        "attn_norm.bias": (H,),
-        "ffn_norm.weight": (H,),
-        "ffn_norm.bias": (H,),
-        "attn.qkv.weight": (qkv, H),
-        "attn.qkv.bias": (qkv,),
-        "attn.out.weight": (H, cfg["num_heads"] * D),
-        "attn.out.bias": (H,),
-        "ffn.gate_up.weight": (2 * I, H),
-        "ffn.gate_up.bias": (2 * I,),
-        "ffn.up.weight": (I, H),
-        "ffn.up.bias": (I,),
-        "ffn.down.weight": (H, I),
-        "ffn.down.bias": (H,),
-    }.get(key)
+    """The shape the model spec (pyxf.spec) prescribes for a pyxf tensor, or None for names it does
+    not list for this config."""
+    entry = spec.tensor_layout(cfg).lookup(name)
+    return None if entry is None else entry[0]
 
 
 def _check_shapes(shapes: dict[str, tuple], cfg: dict, src: Path) -> None:
-    wrong = [
-        f"{name} {list(shape)} (expected {list(expected_shape(name, cfg))})"
-        for name, shape in shapes.items()
-        if expected_shape(name, cfg) not in (None, tuple(shape))
-    ]
+    try:
+        layout = spec.tensor_layout(cfg)
+    except (KeyError, TypeError, ValueError):
+        return  # a malformed config: the check of the written config names the field
+    wrong = []
+    for name, shape in shapes.items():
+        entry = layout.lookup(name)
+        if entry is not None and entry[0] != tuple(shape):
+            wrong.append(f"{name} {list(shape)} (expected {list(entry[0])})")
     if wrong:
         raise ValueError(f"{src}: tensor shapes disagree with the config: {'; '.join(wrong)}")
 
@@ -301,7 +283,7 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
 def _check_written_config(config: dict, src: Path) -> None:
     """What pyxf.load will check, checked before anything is written: a checkpoint whose config the
     loader would refuse (a size out of range, a malformed rope_scaling) fails here, naming it."""
-    from ..model import check_config
+    from ..config import check_config
     from ..rope import rope_parameters
 
     check_config(config, f"{src} (converted config)")

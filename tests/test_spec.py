@@ -1,0 +1,100 @@
+"""The model specs (pyxf/spec) against the C++ core: for every family, the tensors the core binds
+(names, shapes, required or optional; recorded by its WeightBinder) are exactly the core tensors
+the spec lists; and the spec's layout drives the loader, the converter and the quantizer."""
+
+import numpy as np
+import pytest
+
+import pyxf
+from pyxf import quant, quant_mix, spec
+from pyxf.convert import expected_shape
+
+from tiny_files import write_pyxf_encoder, write_pyxf_model, write_pyxf_seq2seq
+
+# One config per family and per variant that changes which tensors exist.
+DECODERS = {
+    "llama tied": dict(),
+    "llama untied": dict(tie_word_embeddings=False),
+    "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
+    "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
+}
+ENCODERS = {
+    "bert": dict(family="bert", type_vocab_size=2, pooler=True,
+                 classifier={"kind": "bert", "num_labels": 3, "id2label": ["a", "b", "c"]}),
+    "roberta": dict(family="roberta", position_offset=2,
+                    classifier={"kind": "roberta", "num_labels": 2, "id2label": ["x", "y"]}),
+    "distilbert": dict(family="distilbert"),
+}
+SEQ2SEQ = {
+    "transformer": dict(),
+    "marian": dict(family="marian", shared_embeddings=False, source_vocab_size=40, sinusoidal_layout="concat",
+                   tie_word_embeddings=True, max_position_embeddings=64),
+    "t5": dict(family="t5", norm="rmsnorm", norm_position="pre", position="relative", gated_ffn=True,
+               activation="gelu_tanh", relative_attention_num_buckets=8, relative_attention_max_distance=20,
+               max_position_embeddings=64, tie_word_embeddings=False, num_encoder_layers=2),
+}
+WRITERS = [(write_pyxf_model, DECODERS), (write_pyxf_encoder, ENCODERS), (write_pyxf_seq2seq, SEQ2SEQ)]
+CASES = [(writer, name, overrides) for writer, cases in WRITERS for name, overrides in cases.items()]
+
+
+def _spec_core_tensors(config):
+    listed = spec.core_layout(config).enumerate(max_tensors=10_000)
+    return {(name, tuple(shape), required) for name, (shape, required) in listed.items()}
+
+
+@pytest.mark.parametrize("writer,name,overrides", CASES, ids=[c[1] for c in CASES])
+def test_core_binds_what_the_spec_lists(tmp_path, writer, name, overrides):
+    model = pyxf.load(writer(tmp_path / "m", **overrides))
+    bound = {(n, tuple(shape), required) for n, shape, required in model._core_model.bound_tensors()}
+    assert bound == _spec_core_tensors(model.config)
+
+
+@pytest.mark.parametrize("writer,name,overrides", CASES, ids=[c[1] for c in CASES])
+def test_the_weight_file_holds_the_spec_tensors(tmp_path, writer, name, overrides):
+    """The stored layout is the core's tensors without the tables made at load, plus the heads
+    Python applies: what tiny_files writes from it loads, and nothing else is accepted."""
+    model = pyxf.load(writer(tmp_path / "m", **overrides))
+    stored = spec.tensor_layout(model.config).enumerate(max_tensors=10_000)
+    core = spec.core_layout(model.config).enumerate(max_tensors=10_000)
+    made_at_load = set(core) - set(stored)
+    python_only = {n for n, entry in stored.items() if entry.tensor.reader == spec.PYTHON}
+    assert all(not core[n].tensor.stored for n in made_at_load)
+    assert set(stored) == (set(core) - made_at_load) | python_only
+    for n, (shape, _) in stored.items():
+        assert expected_shape(n, model.config) == shape
+
+
+def test_every_family_has_a_spec_and_a_case():
+    assert set(spec.FAMILIES) == {o.get("family", "llama") for o in DECODERS.values()} | {
+        o["family"] for o in ENCODERS.values()} | {o.get("family", "transformer") for o in SEQ2SEQ.values()}
+
+
+def test_quantizable_tensors_come_from_the_spec(tmp_path):
+    config = pyxf.load(write_pyxf_model(tmp_path / "m", tie_word_embeddings=False)).config
+    layout = spec.tensor_layout(config).enumerate(max_tensors=10_000)
+    marked = {n for n, entry in layout.items() if entry.tensor.quantizable}
+    assert marked == {n for n, (shape, _) in layout.items() if quant.quantizable(n, (shape[0], 32), embeddings=True)}
+    assert "lm_head.weight" in marked and "embed.weight" in marked and "layers.0.attn_norm.weight" not in marked
+    # The mixes read the fused q, k, v rows from the spec: v rows (Hkv * D = 8) get q6_k in layer 0.
+    qkv = layout["layers.0.attn.qkv.weight"]
+    assert qkv.parts == (("q", 16), ("k", 8), ("v", 8))
+    shape = (32, 256)
+    assert quant_mix.tensor_spec("layers.0.attn.qkv.weight", shape, config, "q4_k_m", False) == [
+        ["q4_k", 24], ["q6_k", 8]]
+
+
+def test_core_refuses_a_tensor_of_the_wrong_shape(tmp_path):
+    """The core's binder checks each view it takes (a caller of pyxf._core that skipped the loader)."""
+    from pyxf.rope import rope_parameters
+    from pyxf.threads import core
+
+    model = pyxf.load(write_pyxf_model(tmp_path / "m"))
+    config = dict(model.config)
+    config["rope_inv_freq"], config["rope_attention_scaling"] = rope_parameters(config)
+    weights = dict(model._weights)
+    weights["layers.0.attn.out.weight"] = np.zeros((3, 3), np.float16)
+    with pytest.raises(ValueError, match=r"tensor 'layers.0.attn.out.weight' has shape \[3, 3\], expected \[16, 16\]"):
+        core().Model(config, weights)
+    del weights["layers.0.attn.out.weight"]
+    with pytest.raises(ValueError, match="missing tensor 'layers.0.attn.out.weight'"):
+        core().Model(config, weights)
