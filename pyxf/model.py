@@ -5,15 +5,13 @@ import warnings
 from pathlib import Path
 
 
-from pyxf import quant, quant_mix
+from pyxf import quant, quant_mix, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
-from pyxf.config import check_config, read_config  # noqa: F401 -- pyxf.model's API since 0.1
+from pyxf.config import read_config
 from pyxf.rope import rope_parameters
-from pyxf.spec import TensorLayout, tensor_layout  # noqa: F401
-from pyxf.weights import (  # noqa: F401
-    SAFETENSORS_DTYPES, check_weights, expected_tensors, has_tied_head, quantized_layout,
-)
+from pyxf.spec import tensor_layout
+from pyxf.weights import check_weights, has_tied_head
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
 from pyxf.tokenizer import Tokenizer
@@ -58,15 +56,15 @@ def quantize_weights(config, weights, method, embeddings=True):
         )
     weights, formats, tied = dict(weights), {}, has_tied_head(config)
     for name, array in list(weights.items()):
-        spec = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
-        if spec is None:
+        fmt = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
+        if fmt is None:
             continue
         floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize_as(floats, spec)
+        data, scales = quant.quantize_as(floats, fmt)
         weights[name] = data
         if scales is not None:
             weights[quant.scale_name(name)] = scales
-        formats[name] = spec
+        formats[name] = fmt
     config = dict(config)
     config["quantization"] = {"method": method, "tensors": formats}
     return config, weights
@@ -81,10 +79,11 @@ def weight_summary(config, weights):
     models."""
     quantized = (config.get("quantization") or {}).get("tensors") or {}
     scale_of = {quant.scale_name(name): name for name, fmt in quantized.items() if fmt == "int8"}
-    one_row = {"pos_embed.weight", "token_type_embed.weight"}
-    if not has_tied_head(config):
-        one_row.add("embed.weight")
     layout = tensor_layout(config)
+    # Tables whose rows are looked up count one row, unless the table is also the (tied) head.
+    tied = has_tied_head(config)
+    one_row = {name for name, entry in layout.fixed.items()
+               if entry.tensor.lookup and not (tied and entry.tensor.quantizable == spec.EMBEDDING)}
     formats, decode_bytes = {}, 0
 
     def count(fmt, tensors, nbytes):
@@ -94,12 +93,12 @@ def weight_summary(config, weights):
 
     for name, array in weights.items():
         owner = scale_of.get(name, name)
-        spec = quantized.get(owner, config["dtype"])
-        if isinstance(spec, str):
-            count(spec, owner == name, array.nbytes)
+        stored_as = quantized.get(owner, config["dtype"])
+        if isinstance(stored_as, str):
+            count(stored_as, owner == name, array.nbytes)
         else:  # several formats: each segment's bytes under its format (the tensor counts in each)
             rows, cols = layout.lookup(name)[0]
-            for fmt, n in quant.segments(spec, rows):
+            for fmt, n in quant.segments(stored_as, rows):
                 count(fmt, 1, n * quant.row_bytes(fmt, cols))
         decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
     if config.get("architecture", "decoder") != "decoder":

@@ -1,7 +1,7 @@
 """model.safetensors checked against the model spec (pyxf.spec): names, shapes, dtypes, and the
 quantized tensors config.json declares."""
 
-from pyxf import quant, spec
+from pyxf import quant
 from pyxf.spec import tensor_layout
 
 # How each config dtype is stored in safetensors. numpy has no bfloat16: such tensors are read as
@@ -15,10 +15,10 @@ def quantized_layout(config):
     formats = (config.get("quantization") or {}).get("tensors") or {}
     expected = tensor_layout(config)
     layout = {}
-    for name, spec in formats.items():
+    for name, stored_as in formats.items():
         shape = expected.lookup(name)[0]
-        layout[name] = (quant.stored_shape(spec, shape), quant.stored_dtype(spec))
-        if spec == "int8":
+        layout[name] = (quant.stored_shape(stored_as, shape), quant.stored_dtype(stored_as))
+        if stored_as == "int8":
             layout[quant.scale_name(name)] = ((shape[0],), "F32")
     return layout
 

@@ -60,7 +60,7 @@ def pyxf_config(**overrides) -> dict:
 def pyxf_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights for every required tensor of a config (float16), biases of LayerNorms
     included."""
-    from pyxf.model import tensor_layout
+    from pyxf.spec import tensor_layout
 
     rng = np.random.default_rng(seed)
     layout = tensor_layout(config)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import quant, quant_mix, spec
-from ..model import has_tied_head
+from ..weights import has_tied_head
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
 from .plan import build_tensor, plan_tensors, planned_shape
 from .schema import Checkpoint
@@ -29,48 +29,9 @@ __all__ = ["DTYPES", "convert", "expected_shape", "main"]
 # pyxf dtype -> safetensors dtype name
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-# config.json key order, as docs/DESIGN.md lists them
-_CONFIG_KEYS = [
-    "format",
-    "format_version",
-    "family",
-    "architecture",
-    "causal",
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "norm",
-    "norm_eps",
-    "norm_position",
-    "activation",
-    "gated_ffn",
-    "position",
-    "position_offset",
-    "type_vocab_size",
-    "rope_theta",
-    "rope_scaling",
-    "rope_interleaved",
-    "partial_rotary_factor",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "chat_template",
-    "tokenizer",
-    "add_bos_token",
-    "max_length",
-    "pooler",
-    "pooling",
-    "classifier",
-    "dtype",
-    "quantization",
-    "source",
-]
+# config.json's first keys; then its architecture's fields in the order the spec declares them.
+_FIRST_KEYS = ("format", "format_version", "family", "architecture")
+_LAST_KEYS = ("quantization", "source")
 
 
 def is_gguf(path: Path) -> bool:
@@ -134,9 +95,10 @@ def _cast(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
 
 
 def _ordered_config(config: dict) -> dict:
-    ordered = {key: config[key] for key in _CONFIG_KEYS if key in config}
-    ordered.update({k: v for k, v in config.items() if k not in ordered})
-    return ordered
+    """config.json's keys in a stable order: the spec's fields of its architecture, then the rest."""
+    fields = [f.name for f in spec.architecture(config).fields]
+    keys = [*_FIRST_KEYS, *fields, *(k for k in config if k not in fields and k not in _LAST_KEYS), *_LAST_KEYS]
+    return {key: config[key] for key in dict.fromkeys(keys) if key in config}
 
 
 def _progress(items, enabled: bool, total: int):
@@ -249,7 +211,7 @@ def _build_stored(p, load_raw, config, spec) -> np.ndarray:
 def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str, progress: bool,
                    formats: _FormatPlan) -> None:
     specs = [
-        spec for p in plan for spec in _weight_specs(p.target, dtype, shapes[p.target], formats.formats.get(p.target))
+        entry for p in plan for entry in _weight_specs(p.target, dtype, shapes[p.target], formats.formats.get(p.target))
     ]
 
     def load(name):

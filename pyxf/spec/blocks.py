@@ -86,7 +86,7 @@ def block(cross=False):
 
 def token_embedding(name="embed.weight", rows="V", when=None):
     """A token embedding: rows are looked up (dequantized row by row when quantized)."""
-    return Tensor(name, (rows, "H"), quantizable=EMBEDDING, when=when)
+    return Tensor(name, (rows, "H"), quantizable=EMBEDDING, when=when, lookup=True)
 
 
 def pre_norm(config):

@@ -19,7 +19,7 @@ DECODER = Architecture(
     dims=stack_dims,
     tensors=(
         token_embedding(),
-        Tensor("pos_embed.weight", ("P", "H"), when=_learned),
+        Tensor("pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
         *norm("final_norm", when=pre_norm),
         # Untied: the head's own weight. Tied: embed.weight is the head (a bias may still come).
         Tensor("lm_head.weight", ("V", "H"), when=_untied, quantizable=True),

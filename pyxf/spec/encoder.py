@@ -63,8 +63,8 @@ ENCODER = Architecture(
     dims=encoder_dims,
     tensors=(
         token_embedding(),
-        Tensor("pos_embed.weight", ("P", "H")),
-        Tensor("token_type_embed.weight", ("T", "H"), when=_types),
+        Tensor("pos_embed.weight", ("P", "H"), lookup=True),
+        Tensor("token_type_embed.weight", ("T", "H"), when=_types, lookup=True),
         *norm("embed_norm", required=False),
         *norm("final_norm", when=pre_norm),
         # Heads, applied in numpy to the first token's last hidden state.

@@ -30,10 +30,10 @@ class Tensor:
     """One tensor: `name` (inside a stack, the suffix after the layer index), `shape` (dimension
     names or ints)."""
 
-    __slots__ = ("name", "shape", "required", "when", "quantizable", "reader", "stored", "parts")
+    __slots__ = ("name", "shape", "required", "when", "quantizable", "reader", "stored", "parts", "lookup")
 
     def __init__(self, name, shape, *, required=True, when=None, quantizable=False, reader=CORE, stored=True,
-                 parts=()):
+                 parts=(), lookup=False):
         self.name = name
         self.shape = tuple(shape)
         self.required = required  # bool, or config -> bool
@@ -42,6 +42,7 @@ class Tensor:
         self.reader = reader  # CORE or PYTHON
         self.stored = stored  # False: made at load from the config and other tensors, not in the file
         self.parts = tuple(parts)  # fused matrices: ((part, rows dimension), ...) in row order (q, k, v)
+        self.lookup = lookup  # a table whose rows are looked up (embeddings): a step reads one row
 
     def exists(self, config):
         return self.when is None or bool(self.when(config))
