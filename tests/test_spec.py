@@ -98,3 +98,44 @@ def test_core_refuses_a_tensor_of_the_wrong_shape(tmp_path):
     del weights["layers.0.attn.out.weight"]
     with pytest.raises(ValueError, match="missing tensor 'layers.0.attn.out.weight'"):
         core().Model(config, weights)
+
+
+def _pyxf_imports(path):
+    """The pyxf modules a source file imports (absolute names; relative ones resolved)."""
+    import ast
+
+    package = ".".join(path.relative_to(PYXF_ROOT.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
+            module = ".".join(filter(None, [base, node.module]))
+            names.update([module] if node.module else [])
+            names.update(f"{module}.{a.name}" for a in node.names)  # `from pyxf import seq2seq`
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n == "pyxf" or n.startswith("pyxf.")}
+
+
+PYXF_ROOT = __import__("pathlib").Path(pyxf.__file__).parent
+
+
+def test_import_structure_has_no_circles():
+    """The schemas import nothing of pyxf, declarations only their schema (and the shared tokenizer
+    writers), and decoder code never names the encoder-decoder module."""
+    assert {"pyxf.spec", "pyxf.checks"} <= _pyxf_imports(PYXF_ROOT / "model.py")  # the walk sees imports
+    assert _pyxf_imports(PYXF_ROOT / "spec" / "schema.py") == set()
+    assert _pyxf_imports(PYXF_ROOT / "convert" / "schema.py") == set()
+    for name in ("blocks", "decoder", "encoder", "encoder_decoder"):
+        imported = {n.rsplit(".", 1)[0] if n.count(".") > 2 else n for n in _pyxf_imports(PYXF_ROOT / "spec" / f"{name}.py")}
+        assert imported <= {"pyxf.spec.schema", "pyxf.spec.blocks"}
+    for path in (PYXF_ROOT / "convert" / "families").glob("[!_]*.py"):
+        assert {n.rsplit(".", 1)[0] if n.count(".") > 2 else n for n in _pyxf_imports(path)} <= {
+            "pyxf.convert.schema", "pyxf.convert.tokenizer_files"}, path
+    assert _pyxf_imports(PYXF_ROOT / "convert" / "tokenizer_files.py") == set()
+    assert _pyxf_imports(PYXF_ROOT / "checks.py") == set()
+    for name in ("model", "generation", "engine", "sampling"):
+        assert "pyxf.seq2seq" not in _pyxf_imports(PYXF_ROOT / f"{name}.py"), name
+    assert not {"pyxf.model", "pyxf.generation"} & _pyxf_imports(PYXF_ROOT / "seq2seq.py")
