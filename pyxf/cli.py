@@ -1,8 +1,9 @@
 """The `pyxf` command: generate, chat, translate, embed, serve, convert, info.
 
 Every model kind goes through the same entry points: `generate` continues a decoder's prompt or
-translates an encoder-decoder's source (both through the model's generate()), `translate` reads
-sources from the arguments, a file or stdin, `embed` writes an encoder's embeddings as JSON lines.
+translates an encoder-decoder's source (both through the model's generate()), `chat` keeps a
+decoder's conversation or answers each line of an encoder-decoder, `translate` reads sources from
+the arguments, a file or stdin, `embed` writes an encoder's embeddings as JSON lines.
 An error is one line on stderr naming the problem (PYXF_DEBUG=1 shows the traceback instead)."""
 
 import argparse
@@ -252,9 +253,10 @@ def _chat(args):
     model = _load(args)
     if getattr(model, "is_encoder", False):
         raise ValueError(f"{model.path} is an encoder: it has no chat; use `pyxf embed`")
+    if model.is_encoder_decoder and model.tokenizer is not None:
+        return _chat_without_history(model, args)
     if model.tokenizer is None or not model.tokenizer.chat_template:
-        other = "`pyxf translate` or `pyxf generate`" if model.is_encoder_decoder else "`pyxf generate`"
-        raise ValueError(f"{model.path} has no chat template; use {other} instead")
+        raise ValueError(f"{model.path} has no chat template; use `pyxf generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     # One engine for the conversation: each turn's prompt starts with the previous turns, whose KV
@@ -285,6 +287,23 @@ def _chat(args):
         history.append({"role": "assistant", "content": request.result().text})
     engine.close()
     return 0
+
+
+def _chat_without_history(model, args):
+    """An encoder-decoder model in the chat loop: each line is a source and gets its output (a
+    translation model keeps no conversation)."""
+    if args.system:
+        raise ValueError(f"{model.path} is an encoder-decoder model: it takes no system message")
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() == "exit":
+            return 0
+        if line.strip():
+            _print_stream(pyxf.generate(model, line, stream=True, **_sampling(args)))
 
 
 def _drop_old_turns(model, history, max_new_tokens, context_length):

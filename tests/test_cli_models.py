@@ -102,9 +102,18 @@ def test_translate_command_reads_a_file_and_arguments(marian, capsys, tmp_path):
     assert code == 0 and out.splitlines() == expected
 
 
+def test_chat_command_on_an_encoder_decoder_answers_each_line(marian, capsys, monkeypatch):
+    model, tokenizer, path = marian
+    code, out, err = run(capsys, "chat", "--model", str(path), "--max-new-tokens", "20",
+                         stdin="\n".join(SOURCES[:2]) + "\nexit\n", monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert out.splitlines() == hf_translate(model, tokenizer, SOURCES[:2], beams=1, max_new_tokens=20)
+
+
 def test_commands_a_model_kind_lacks_fail_in_one_line(marian, capsys, tmp_path):
     _, _, path = marian
-    assert_one_line_error(*run(capsys, "chat", "--model", str(path))[::2], "has no chat template; use `pyxf translate`")
+    assert_one_line_error(*run(capsys, "chat", "--model", str(path), "--system", "be brief")[::2],
+                          "takes no system message")
     assert_one_line_error(*run(capsys, "generate", "--model", str(path), "x", "--chat")[::2], "has no chat template")
     assert_one_line_error(*run(capsys, "embed", "--model", str(path), "x")[::2], "pyxf embed needs an encoder")
     decoder = write_pyxf_model(tmp_path / "decoder")
