@@ -21,9 +21,9 @@ DECODERS = {
 ENCODERS = {
     "bert": dict(family="bert", type_vocab_size=2, pooler=True,
                  classifier={"kind": "bert", "num_labels": 3, "id2label": ["a", "b", "c"]}),
-    "roberta": dict(family="roberta", position_offset=2,
+    "roberta": dict(family="roberta", position_offset=2, type_vocab_size=1,
                     classifier={"kind": "roberta", "num_labels": 2, "id2label": ["x", "y"]}),
-    "distilbert": dict(family="distilbert"),
+    "distilbert": dict(family="distilbert", classifier={"kind": "distilbert", "num_labels": 2, "id2label": ["x", "y"]}),
 }
 SEQ2SEQ = {
     "transformer": dict(),
@@ -62,6 +62,25 @@ def test_the_weight_file_holds_the_spec_tensors(tmp_path, writer, name, override
     assert set(stored) == (set(core) - made_at_load) | python_only
     for n, (shape, _) in stored.items():
         assert expected_shape(n, model.config) == shape
+
+
+@pytest.mark.parametrize("writer,name,overrides", CASES, ids=[c[1] for c in CASES])
+def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overrides):
+    """Every pyxf tensor a family's source tables (HF and GGUF) can write is one the spec lists
+    for that family's config."""
+    from pyxf.convert.families import FAMILIES
+
+    config = pyxf.load(writer(tmp_path / "m", **overrides)).config
+    family = FAMILIES[config["family"]]
+    tables = [family.hf_tables(config) if family.hf_tables else family.hf, *family.gguf.values()]
+    layout = spec.tensor_layout(config)
+    for table in tables:
+        rules = [*table.global_rules, *table.layer_rules, *table.encoder_layer_rules]
+        if table.lm_head is not None and not config["tie_word_embeddings"]:
+            rules.append(table.lm_head)
+        for rule in rules:
+            target = rule.target.format(i=0)
+            assert layout.lookup(target) is not None, (config["family"], target)
 
 
 def test_every_family_has_a_spec_and_a_case():
