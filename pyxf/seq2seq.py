@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pyxf.checks import MappedModel, as_token_array, check_int, check_number
+from pyxf.engine import Result, Usage
 from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
@@ -28,7 +29,7 @@ __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoi
 # Options of decoders' generate() that encoder-decoder models do not have, with their defaults
 # (a default value is accepted, so that one call can serve both kinds).
 DECODER_ONLY_OPTIONS = {
-    "return_details": False, "logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
     "logit_bias": None, "stop_token_ids": None, "response_format": None, "regex": None, "choice": None,
     "grammar": None, "tools": None, "tool_choice": None, "speculative": None, "num_draft_tokens": 4,
 }
@@ -306,7 +307,7 @@ class Seq2SeqModel(MappedModel):
         pyxf.seq2seq.generate's (beam search, sampling, lengths). stream=True (one text source)
         returns an iterator over the text: beam search settles the text only at its end, so it
         comes as one piece. Decoder features (messages, logprobs, structured output, tools,
-        speculative decoding, return_details) are refused by name."""
+        speculative decoding) are refused by name."""
         used = [name for name, default in DECODER_ONLY_OPTIONS.items() if options.pop(name, default) != default]
         if messages is not None:
             used.insert(0, "messages (an encoder-decoder model has no chat template: pass the source text)")
@@ -370,14 +371,16 @@ def _sources(model, source, add_special_tokens, truncate):
 def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_length=0, beam_size=1,
              num_hypotheses=1, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, truncate=False, return_scores=False,
-             add_special_tokens=True):
+             return_details=False, add_special_tokens=True):
     """Target text (or ids) for one source or a batch of sources of an encoder-decoder model.
 
     source: str -> str; list[str] -> list[str]; list[int] -> list[int]; list[list[int]] -> list[list[int]]
     (ids are source token ids, end token included as the model expects; output ids exclude the end
     token). num_hypotheses > 1 makes each output a list of that many hypotheses, best first;
     return_scores=True makes each hypothesis a (output, score) pair (beam: the length-normalized
-    sum of log-probabilities, else the sum of log-probabilities).
+    sum of log-probabilities, else the sum of log-probabilities). return_details=True makes each
+    hypothesis a pyxf.Result (text, token_ids, finish_reason "stop" or "length", usage), as
+    decoders' generate gives.
 
     max_length (or max_new_tokens): most target tokens per hypothesis, the end token included
     (default 128, at most the model's target positions); min_length: the end token is blocked
@@ -413,6 +416,8 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be positive (1 disables it), got {repetition_penalty}")
+    if return_scores and return_details:
+        raise ValueError("pass return_scores or return_details, not both")
     if early_stopping not in EARLY_STOPPING:
         raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if seed is None:
@@ -442,9 +447,19 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         tokens = [int(t) for t in tokens]
         return model.tokenizer.decode(tokens) if form in ("text", "texts") else tokens
 
+    def details(source_ids, tokens):
+        tokens = [int(t) for t in tokens]
+        text = model.tokenizer.decode(tokens) if model.tokenizer is not None else ""
+        # The end token is not in `tokens`; a forced one (Marian) takes the last place when the length runs out.
+        finish = "length" if len(tokens) >= max_length - (forced is not None) else "stop"
+        return Result(text=text, token_ids=tokens, finish_reason=finish, usage=Usage(len(source_ids), len(tokens)))
+
     per_source = []
-    for hyps in results:
-        outs = [(output(tokens), float(score)) if return_scores else output(tokens) for tokens, score in hyps]
+    for source_ids, hyps in zip(sources, results):
+        if return_details:
+            outs = [details(source_ids, tokens) for tokens, _ in hyps]
+        else:
+            outs = [(output(tokens), float(score)) if return_scores else output(tokens) for tokens, score in hyps]
         per_source.append(outs if num_hypotheses > 1 else outs[0])
     return per_source[0] if form in ("text", "ids") else per_source
 

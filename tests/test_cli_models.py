@@ -75,6 +75,14 @@ def test_python_generate_and_stream_on_an_encoder_decoder(marian):
     assert "".join(pieces) == expected[1]
     # Options both kinds accept at their defaults pass; decoder-only features are named.
     assert pyxf.generate(px, SOURCES[1], max_new_tokens=20, logprobs=None, return_details=False) == expected[1]
+    result = pyxf.generate(px, SOURCES[1], max_new_tokens=20, return_details=True)
+    assert isinstance(result, pyxf.Result) and result.text == expected[1]
+    assert px.tokenizer.decode(result.token_ids) == expected[1]
+    assert result.usage.prompt_tokens == len(tokenizer(SOURCES[1]).input_ids)
+    assert result.usage.completion_tokens == len(result.token_ids)
+    assert result.finish_reason == ("length" if len(result.token_ids) >= 19 else "stop")  # 20 with the end token
+    cut = pyxf.generate(px, SOURCES[1], max_new_tokens=3, return_details=True)
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 2  # Marian forces the end token 3rd
     with pytest.raises(ValueError, match="messages .*not supported for encoder-decoder models"):
         pyxf.generate(px, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="logprobs, regex: not supported"):
