@@ -117,6 +117,13 @@ def test_core_refuses_a_tensor_of_the_wrong_shape(tmp_path):
     del weights["layers.0.attn.out.weight"]
     with pytest.raises(ValueError, match="missing tensor 'layers.0.attn.out.weight'"):
         core().Model(config, weights)
+    weights = dict(model._weights)
+    config["tensor_formats"] = {"layers.0.attn_norm.weight": "q8_0"}  # a vector is never quantized
+    with pytest.raises(ValueError, match="tensor 'layers.0.attn_norm.weight' cannot be stored quantized"):
+        core().Model(config, weights)
+    config["tensor_formats"] = {"layers.0.ffn.down.weight": "q8_0"}  # float data declared as blocks
+    with pytest.raises(ValueError, match="must be a C-contiguous 1-byte array of shape"):
+        core().Model(config, weights)
 
 
 def _pyxf_imports(path):

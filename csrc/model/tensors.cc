@@ -100,7 +100,8 @@ kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, 
   return q;
 }
 
-const TensorView* WeightBinder::take(const std::string& name, const std::vector<long>& shape, bool required) {
+const TensorView* WeightBinder::take(const std::string& name, const std::vector<long>& shape, bool required,
+                                     bool quantized) {
   requests_.push_back({name, shape, required});
   auto it = set_.tensors.find(name);
   if (it == set_.tensors.end()) {
@@ -108,7 +109,8 @@ const TensorView* WeightBinder::take(const std::string& name, const std::vector<
     return nullptr;
   }
   const TensorView& t = it->second;
-  if (set_.formats.count(name)) return &t;  // quantized: its stored shape is checked by quant_matrix
+  if (quantized) return &t;  // its stored layout is checked against `shape` by quant_matrix / quantized()
+  if (set_.formats.count(name)) throw invalid_argument("tensor '" + name + "' cannot be stored quantized");
   if (t.shape != shape) {
     throw invalid_argument("tensor '" + name + "' has shape " + shape_text(t.shape) + ", expected " +
                            shape_text(shape));
@@ -149,7 +151,7 @@ Linear WeightBinder::linear(const std::string& name, long out, long in) {
 // A quantized linear weight as config.json's "tensors" entry describes it: one format (the array
 // is [out, row bytes]), or [format, rows] segments (the array is their bytes, one after another).
 Linear WeightBinder::quantized(const std::string& name, long out, long in) {
-  const TensorView& t = *take(name, {out, in}, true);
+  const TensorView& t = *take(name, {out, in}, true, true);
   const std::vector<QuantSegment>& spec = set_.formats.at(name);
   Linear l;
   l.quantized = true;

@@ -65,7 +65,10 @@ class WeightBinder {
   const std::vector<TensorRequest>& requests() const { return requests_; }
 
  private:
-  const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required);
+  // The named view after checking its shape (quantized: its layout is checked by the caller);
+  // null when optional and absent. Records the request.
+  const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required,
+                         bool quantized = false);
   Linear quantized(const std::string& name, long out, long in);
 
   const TensorSet& set_;
