@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from pyxf.engine import Delta, Engine, EngineFull, Request, Result, TokenLogprob, Usage
 from pyxf.generation import generate
-from pyxf.model import Model, Session, load
+from pyxf.loading import load
+from pyxf.model import Model, Session
 from pyxf.seq2seq import Seq2SeqModel, translate
 from pyxf.tokenizer import Tokenizer
 from pyxf import hub  # noqa: F401 (pyxf.hub.default_gguf_path() and the other cached models, after `import pyxf`)

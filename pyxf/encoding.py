@@ -8,7 +8,7 @@ normalization and the classification heads (a few small matrices) run in numpy.
 
 import numpy as np
 
-from pyxf.model import as_token_array
+from pyxf.checks import as_token_array
 from pyxf.tensorfile import bf16_to_float32
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")

@@ -154,7 +154,7 @@ def _is_pyxf_model(directory):
 def _conversion_key(source, options):
     """The identity of a conversion: its source, its options and the pyxf that made it."""
     from pyxf import __version__
-    from pyxf.model import FORMAT_VERSION
+    from pyxf.config import FORMAT_VERSION
 
     return {"source": source, "options": options, "pyxf_version": __version__, "format_version": FORMAT_VERSION}
 

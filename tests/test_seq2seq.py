@@ -398,8 +398,10 @@ def test_bad_input(marian, reference_pair):
 
 
 def test_decoder_only_generate_rejects_beam_options(tmp_path):
-    class Decoder:
-        is_encoder_decoder = False
+    from tiny_files import write_pyxf_model
 
+    decoder = pyxf.load(write_pyxf_model(tmp_path / "decoder"))
     with pytest.raises(TypeError, match="beam_size"):
-        pyxf.generate(Decoder(), [1, 2], beam_size=4)
+        pyxf.generate(decoder, [1, 2], beam_size=4)
+    with pytest.raises(TypeError, match="needs a loaded pyxf model"):
+        pyxf.generate(object(), [1, 2])

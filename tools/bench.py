@@ -180,7 +180,7 @@ def report_args(argv):
 
 def resolve_model(args):
     from pyxf import hub
-    from pyxf.model import read_config
+    from pyxf.config import read_config
 
     # The float32 engines' model: the default model's weights dequantized (pyxf convert --dequantize).
     model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.float32_model_path()
@@ -668,7 +668,7 @@ def main(argv=None):
                     batch_prompts=batch, prefill_ids=prefill)
     if "encode" in args.workloads:
         from pyxf import hub
-        from pyxf.model import read_config
+        from pyxf.config import read_config
         from pyxf.tokenizer import Tokenizer
 
         cache = hub.cache_dir() / "bench"

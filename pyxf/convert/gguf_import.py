@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from .families import Checkpoint, SourceTensor, family_for_gguf
+from .families import family_for_gguf
+from .schema import Checkpoint, SourceTensor
 from .gguf_file import read_gguf
 from .tokenizer_gguf import write_tokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyxf
 from pyxf.engine import Engine
-from pyxf.model import read_config
+from pyxf.config import read_config
 from pyxf.server import errors
 
 GENERATE = "generate"  # /v1/chat/completions and /v1/completions
