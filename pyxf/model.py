@@ -9,7 +9,7 @@ import numpy as np
 
 from pyxf import quant, quant_mix
 from pyxf.rope import rope_parameters
-from pyxf.tensorfile import bf16_to_float32, read_safetensors
+from pyxf.tensorfile import bf16_to_float32, float32_to_bf16, read_safetensors
 from pyxf.threads import check_num_threads, core
 from pyxf.tokenizer import Tokenizer
 
@@ -39,7 +39,7 @@ MAX_INT = 2**31 - 1
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True):
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, dtype=None):
     """Loads a converted model directory; with no path, the default model (downloaded on first use).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
@@ -47,8 +47,12 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or one
     of llama.cpp's mixes ("q4_k_m", "q5_k_m") quantizes a float model's weights in memory at load, the
     tensors `pyxf convert --quantize` would (pyxf.quant_mix; quantize_embeddings=False: embed.weight
-    stays float).
+    stays float). dtype: "bfloat16" | "float16" | "float32" stores the model's float tensors in that
+    type in memory (cast at load; None: as the file has them). bfloat16 halves float32's bytes and,
+    on CPUs with AVX512_BF16, multiplies on vdpbf16ps (`pyxf convert --dtype bfloat16` stores it so).
     """
+    if dtype is not None and dtype not in CONFIG_CHOICES["dtype"]:
+        raise ValueError(f"dtype must be one of {', '.join(CONFIG_CHOICES['dtype'])} or None, got {dtype!r}")
     if path is None:
         from pyxf.hub import default_model_path
 
@@ -60,7 +64,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
 
         if quantize is not None:
             raise ValueError("quantize= is not supported for encoder-decoder models yet")
-        return load_seq2seq(path, config, threads=threads)
+        return load_seq2seq(path, config, threads=threads, dtype=dtype)
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
         context_length = config["max_position_embeddings"] - config.get("position_offset", 0)
     else:
@@ -75,6 +79,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     weights = check_weights(config, weights_file)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
+    if dtype is not None:
+        config, weights = cast_weights(config, weights, dtype)
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = dict(config)
@@ -290,6 +296,31 @@ def quantize_weights(config, weights, method, embeddings=True):
     config = dict(config)
     config["quantization"] = {"method": method, "tensors": formats}
     return config, weights
+
+
+def cast_weights(config, weights, dtype):
+    """The model's float tensors in `dtype` (float32 | float16 | bfloat16), made in memory; quantized
+    tensors and their scales stay as they are. Returns the config (its "dtype" updated) and the new
+    {name: array}."""
+    if dtype == config["dtype"]:
+        return config, weights
+    quantized = quantized_layout(config)
+    cast = {}
+    for name, array in weights.items():
+        if name in quantized:
+            cast[name] = array
+            continue
+        floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else np.asarray(array, dtype=np.float32)
+        if dtype == "bfloat16":
+            cast[name] = float32_to_bf16(floats)
+        elif dtype == "float16":
+            with np.errstate(over="ignore"):
+                cast[name] = floats.astype(np.float16)
+            if not np.isfinite(cast[name]).all() and np.isfinite(floats).all():
+                raise ValueError(f"tensor {name} has values beyond float16's range; use dtype='bfloat16'")
+        else:
+            cast[name] = np.ascontiguousarray(floats)
+    return {**config, "dtype": dtype}, cast
 
 
 def weight_summary(config, weights):

@@ -180,9 +180,9 @@ def _as_float32(array, dtype):
     return np.asarray(array, dtype=np.float32)
 
 
-def load_seq2seq(path, config, threads=None):
-    """An encoder-decoder model directory (called by pyxf.load)."""
-    from pyxf.model import check_weights
+def load_seq2seq(path, config, threads=None, dtype=None):
+    """An encoder-decoder model directory (called by pyxf.load); dtype: as pyxf.load's."""
+    from pyxf.model import cast_weights, check_weights
 
     path = Path(path)
     if threads is not None:
@@ -192,6 +192,8 @@ def load_seq2seq(path, config, threads=None):
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     arrays = dict(check_weights(config, weights_file))
+    if dtype is not None:
+        config, arrays = cast_weights(config, arrays, dtype)
     core_config = dict(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
