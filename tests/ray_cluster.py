@@ -32,6 +32,10 @@ def local_cluster(nodes=2):
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
+    # Ray puts the driver's current directory on its workers' sys.path: from a source checkout with
+    # pyxf installed, workers would import the source tree, which has no compiled extension.
+    saved_cwd = os.getcwd()
+    os.chdir(package_root)
     cluster = None
     try:
         node = dict(num_cpus=NODE_CPUS, object_store_memory=OBJECT_STORE_BYTES)
@@ -45,6 +49,7 @@ def local_cluster(nodes=2):
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+        os.chdir(saved_cwd)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

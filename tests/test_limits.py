@@ -20,6 +20,7 @@ import pytest
 
 import pyxf
 import tiny_files
+from helpers import child_process_options
 from pyxf.convert import convert
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -272,18 +273,17 @@ def test_weight_file_truncated_under_a_loaded_model(tmp_path):
                          max_new_tokens=3) == expected
 
 
-def _child_env():
-    """The environment of a fresh interpreter that imports the pyxf under test and tests/tiny_files."""
-    paths = [str(Path(pyxf.__file__).parents[1]), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+def _child_options():
+    """A fresh interpreter that imports the pyxf under test and tests/tiny_files."""
+    return child_process_options(Path(__file__).parent)
 
 
 def _in_child(code, timeout=120):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", code], env=_child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          **_child_options())
 
 
 def test_convert_onto_a_full_disk_leaves_no_partial_model(tmp_path):
@@ -376,8 +376,8 @@ except KeyboardInterrupt:
 after()
 print("alive")
 """
-    child = subprocess.Popen([sys.executable, "-c", code], env=_child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, **_child_options())
     assert child.stdout.readline().strip() == "running", child.stderr.read()
     time.sleep(1.0)
     child.send_signal(signal.SIGINT)
