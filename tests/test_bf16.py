@@ -216,3 +216,38 @@ def test_load_dtype_is_checked(reversal):
 
     with pytest.raises(ValueError, match="dtype must be one of"):
         pyxf.load(reversal[0].path, dtype="int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# converting bfloat16 checkpoints
+
+
+@pytest.mark.parametrize("spec", ["llama_gqa_d80_llama3_bias", "gpt2_d32"])
+def test_bf16_checkpoint_converts_without_float32(tmp_path, monkeypatch, spec):
+    """A bfloat16 HF checkpoint converted to bfloat16: its bits are moved (q, k, v rows fused, GPT-2's
+    Conv1D transposed), never widened to float32, and the model computes what transformers computes
+    in float32 with those weights."""
+    import pyxf
+    import pyxf.convert.hf
+    from pyxf.convert import convert
+    from pyxf.tensorfile import read_safetensors
+
+    hf = helpers.build_hf_model(spec, seed=5)
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+
+    def no_widening(*args):
+        raise AssertionError("a bfloat16 tensor was widened to float32")
+
+    monkeypatch.setattr(pyxf.convert.hf, "bf16_to_float32", no_widening)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer
+        out = convert(tmp_path / "hf", tmp_path / "pyxf", dtype="bfloat16", progress=False)
+    monkeypatch.undo()
+    stored = read_safetensors(out / "model.safetensors")
+    assert set(stored.dtypes.values()) == {"BF16"}
+    px = pyxf.load(out)
+    reference = helpers.half_precision_reference(hf, "bfloat16")  # (float32 RoPE tables, as pyxf's)
+    ids = helpers.random_ids(px.vocab_size, 17, seed=3)
+    with isa_context(WIDENING_ISAS[-1]):
+        err = helpers.max_abs_err(px.logits(ids), helpers.hf_logits(reference, ids))
+    assert err <= helpers.LOGITS_ATOL

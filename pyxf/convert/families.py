@@ -572,6 +572,9 @@ FAMILIES: dict[str, Family] = {
 class SourceTensor:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]  # -> float32 array of `shape`
+    # -> its bfloat16 bits (uint16 array of `shape`) when stored in bfloat16, so that a bfloat16
+    # output is written without a float32 detour; None otherwise
+    load_bf16: Callable[[], np.ndarray] | None = None
 
 
 @dataclass
