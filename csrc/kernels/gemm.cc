@@ -119,12 +119,47 @@ using MicroTile = void (*)(const A* a, long lda, const P* panel, int kc, float* 
                            bool load_c, const float* bias);
 
 // ---- float panels: the weights widened to float once per call, FMAs on float activations ----
-//
+
+// The micro tiles of float panels: FMAs, one broadcast activation per row and depth.
+struct FloatTiles {
+  // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
+  template <int ROWS>
+  static void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, long ldc, int ncols,
+                         bool load_c, const float* bias) {
+    Vf acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
+    for (int k = 0; k < kc; ++k) {
+      const Vf b0 = vload(panel + k * NR);
+      const Vf b1 = vload(panel + k * NR + kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const Vf ar = vset1(a[r * lda + k]);
+        acc0[r] = vfma(ar, b0, acc0[r]);
+        acc1[r] = vfma(ar, b1, acc1[r]);
+      }
+    }
+    store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
+  }
+
+  template <int... R>
+  struct TileTable {
+    static constexpr MicroTile<float, float> fns[] = {nullptr, micro_tile<R>...};
+  };
+#if defined(PYXF_TARGET_avx512)
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+#elif defined(PYXF_TARGET_avx2)
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
+#else
+  using Tiles = TileTable<1, 2, 3, 4>;
+#endif
+};
+
 // Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
 // N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad
 // floats and panel p of it at p * kc * NR.
 template <typename W>
-struct FloatPanels {
+struct FloatPanels : FloatTiles {
   using Weight = W;
   using Packed = float;
   using Operand = float;  // what the micro tile reads of x
@@ -163,38 +198,6 @@ struct FloatPanels {
       }
     }
   }
-
-  // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
-  template <int ROWS>
-  static void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, long ldc, int ncols,
-                         bool load_c, const float* bias) {
-    Vf acc0[ROWS], acc1[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
-    for (int k = 0; k < kc; ++k) {
-      const Vf b0 = vload(panel + k * NR);
-      const Vf b1 = vload(panel + k * NR + kLanes);
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) {
-        const Vf ar = vset1(a[r * lda + k]);
-        acc0[r] = vfma(ar, b0, acc0[r]);
-        acc1[r] = vfma(ar, b1, acc1[r]);
-      }
-    }
-    store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
-  }
-
-  template <int... R>
-  struct TileTable {
-    static constexpr MicroTile<float, float> fns[] = {nullptr, micro_tile<R>...};
-  };
-#if defined(PYXF_TARGET_avx512)
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
-#elif defined(PYXF_TARGET_avx2)
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
-#else
-  using Tiles = TileTable<1, 2, 3, 4>;
-#endif
 
   // The activations as the micro tiles read them: x itself.
   struct Activations {
