@@ -442,6 +442,7 @@ void dot_tile(const float* x, long ldx, long K, const W* w, float* y, long ldy, 
 
 #if defined(PYXF_BF16_DOT)
 // The same on bf16 activations and bf16 weights: vdpbf16ps takes 32 depths a step.
+constexpr int kPrefetchRows = 8;
 template <int XR, int WR, typename W>
 void dot_tile(const uint16_t* x, long ldx, long K, const W* w, float* y, long ldy, const float* bias,
               bool accumulate) {
@@ -453,7 +454,11 @@ void dot_tile(const uint16_t* x, long ldx, long K, const W* w, float* y, long ld
   long k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[WR];
-    for (int j = 0; j < WR; ++j) wv[j] = as_bh(_mm512_loadu_si512(wb + j * K + k));
+    for (int j = 0; j < WR; ++j) {
+      // The next tiles' rows, ahead of the hardware prefetcher (rows of bf16 are short streams).
+      _mm_prefetch((const char*)(wb + (j + kPrefetchRows) * K + k), _MM_HINT_T0);
+      wv[j] = as_bh(_mm512_loadu_si512(wb + j * K + k));
+    }
     for (int i = 0; i < XR; ++i) {
       const __m512bh xv = as_bh(_mm512_loadu_si512(x + i * ldx + k));
       for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
