@@ -413,12 +413,13 @@ def child_process_options(*more_paths):
     """`cwd` and `env` for a child interpreter that must import the pyxf under test: started in the
     directory that holds that pyxf (a child's current directory comes first on sys.path, so a child
     started in a source checkout would otherwise import the source tree, which has no compiled
-    extension when pyxf is installed), with that directory and `more_paths` on PYTHONPATH."""
+    extension when pyxf is installed), with that directory and `more_paths` on PYTHONPATH. Not
+    resolved: the sanitizer builds' package directory links the sources of the checkout."""
     import os
 
     import pyxf
 
-    package_parent = str(Path(pyxf.__file__).resolve().parents[1])
+    package_parent = str(Path(pyxf.__file__).absolute().parents[1])
     env = dict(os.environ)
     paths = [package_parent, *map(str, more_paths), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))

@@ -19,7 +19,7 @@ OBJECT_STORE_BYTES = 100 * 1024**2
 @contextlib.contextmanager
 def local_cluster(nodes=2):
     """A Ray cluster of `nodes` nodes on 127.0.0.1, with this process connected to it as the driver."""
-    package_root = str(Path(pyxf.__file__).resolve().parents[1])
+    package_root = str(Path(pyxf.__file__).absolute().parents[1])
     tests_dir = str(Path(__file__).resolve().parent)
     env = {
         # Workers import the same pyxf as the tests (the source tree when built in place) and this module.
