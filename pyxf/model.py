@@ -11,13 +11,13 @@ from pyxf.generation import decoder_generate
 from pyxf.config import read_config
 from pyxf.rope import rope_parameters
 from pyxf.spec import tensor_layout
-from pyxf.weights import check_weights, has_tied_head
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
+from pyxf.weights import cast_weights, check_weights, has_tied_head
 from pyxf.tokenizer import Tokenizer
 
 
-def load_model(path, config, context_length=None, quantize=None, quantize_embeddings=True):
+def load_model(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None):
     """A decoder-only or encoder model directory whose config.json is read and checked (pyxf.load)."""
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
         context_length = config["max_position_embeddings"] - config.get("position_offset", 0)
@@ -31,6 +31,8 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     weights = check_weights(config, weights_file)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
+    if dtype is not None:
+        config, weights = cast_weights(config, weights, dtype)
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = dict(config)

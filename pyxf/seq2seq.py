@@ -21,7 +21,7 @@ from pyxf.engine import Result, Usage
 from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
-from pyxf.weights import check_weights
+from pyxf.weights import cast_weights, check_weights
 from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
@@ -92,9 +92,10 @@ def _as_float32(array, dtype):
     return np.asarray(array, dtype=np.float32)
 
 
-def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True):
+def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None):
     """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
-    context_length does not apply (sources and targets are bounded by the position scheme)."""
+    context_length does not apply (sources and targets are bounded by the position scheme); dtype: as
+    pyxf.load's."""
     if quantize is not None:
         raise ValueError("quantize= is not supported for encoder-decoder models yet")
     path = Path(path)
@@ -103,6 +104,8 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     arrays = dict(check_weights(config, weights_file))
+    if dtype is not None:
+        config, arrays = cast_weights(config, arrays, dtype)
     core_config = dict(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.

@@ -1,8 +1,11 @@
 """model.safetensors checked against the model spec (pyxf.spec): names, shapes, dtypes, and the
 quantized tensors config.json declares."""
 
+import numpy as np
+
 from pyxf import quant
 from pyxf.spec import tensor_layout
+from pyxf.tensorfile import bf16_to_float32, float32_to_bf16
 
 # How each config dtype is stored in safetensors. numpy has no bfloat16: such tensors are read as
 # uint16 bit patterns, and the core widens half types at load.
@@ -70,3 +73,28 @@ def check_weights(config, tensors):
 
 def _some(names, limit=8):
     return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def cast_weights(config, weights, dtype):
+    """The model's float tensors in `dtype` (float32 | float16 | bfloat16), made in memory; quantized
+    tensors and their scales stay as they are. Returns the config (its "dtype" updated) and the new
+    {name: array}."""
+    if dtype == config["dtype"]:
+        return config, weights
+    quantized = quantized_layout(config)
+    cast = {}
+    for name, array in weights.items():
+        if name in quantized:
+            cast[name] = array
+            continue
+        floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else np.asarray(array, dtype=np.float32)
+        if dtype == "bfloat16":
+            cast[name] = float32_to_bf16(floats)
+        elif dtype == "float16":
+            with np.errstate(over="ignore"):
+                cast[name] = floats.astype(np.float16)
+            if not np.isfinite(cast[name]).all() and np.isfinite(floats).all():
+                raise ValueError(f"tensor {name} has values beyond float16's range; use dtype='bfloat16'")
+        else:
+            cast[name] = np.ascontiguousarray(floats)
+    return {**config, "dtype": dtype}, cast

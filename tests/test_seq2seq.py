@@ -185,8 +185,8 @@ def reversal_batch(n, generator):
     return src, tgt
 
 
-@pytest.fixture(scope="module")
-def trained_reversal(tmp_path_factory):
+def train_reversal_model():
+    """A small torch.nn.Transformer trained to reverse digit strings (a few seconds)."""
     from pyxf.torch_models import TransformerSeq2Seq
 
     torch.manual_seed(0)
@@ -201,7 +201,12 @@ def trained_reversal(tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_reversal(tmp_path_factory):
+    model = train_reversal_model()
     root = tmp_path_factory.mktemp("reversal")
     model.save_pretrained(root / "torch")
     return model, pyxf.load(convert_quietly(root / "torch", root / "pyxf"))

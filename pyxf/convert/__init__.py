@@ -222,6 +222,12 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
     def load_raw(name):
         return ckpt.tensors[name].load_raw()
 
+    def load_bf16(name):
+        return ckpt.tensors[name].load_bf16()
+
+    def stored_bf16(p):  # every source in bfloat16: the bits are moved, never widened
+        return all(getattr(ckpt.tensors[s.name], "load_bf16", None) is not None for s in p.sources)
+
     with SafetensorsWriter(path, specs, metadata={"format": "pt", "producer": "pyxf.convert"}) as writer:
         for p in _progress(plan, progress, len(plan)):
             fmt = formats.formats.get(p.target)
@@ -231,6 +237,12 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
                 if tuple(array.shape) != want:
                     raise ValueError(f"{p.target}: built {fmt} blocks of shape {array.shape}, expected {want}")
                 writer.write(p.target, array)
+                continue
+            if fmt is None and dtype == "bfloat16" and stored_bf16(p):
+                array = build_tensor(p, load_bf16, ckpt.config)  # transforms only move values
+                if tuple(array.shape) != shapes[p.target]:
+                    raise ValueError(f"{p.target}: built shape {array.shape}, expected {shapes[p.target]}")
+                writer.write(p.target, np.ascontiguousarray(array))
                 continue
             array = build_tensor(p, load, ckpt.config)
             if tuple(array.shape) != shapes[p.target]:

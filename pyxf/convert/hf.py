@@ -37,7 +37,8 @@ def _to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
 def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
     file = read_safetensors(path)
     return {
-        name: SourceTensor(tuple(array.shape), lambda a=array, d=file.dtypes[name]: _to_float32(a, d))
+        name: SourceTensor(tuple(array.shape), lambda a=array, d=file.dtypes[name]: _to_float32(a, d),
+                           (lambda a=array: np.asarray(a)) if file.dtypes[name] == "BF16" else None)
         for name, array in file.items()
     }
 
@@ -70,13 +71,23 @@ def _torch_to_float32(tensor) -> np.ndarray:
 
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
-        return bf16_to_float32(tensor.contiguous().view(torch.int16).numpy().view(np.uint16))
+        return bf16_to_float32(_torch_bf16_bits(tensor))
     return tensor.to(torch.float32).numpy()
 
 
+def _torch_bf16_bits(tensor) -> np.ndarray:
+    import torch
+
+    return tensor.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
 def _torch_tensors(path: Path) -> dict[str, SourceTensor]:
+    import torch
+
     state = _torch_state_dict(path)
-    return {name: SourceTensor(tuple(t.shape), lambda t=t: _torch_to_float32(t)) for name, t in state.items()}
+    return {name: SourceTensor(tuple(t.shape), lambda t=t: _torch_to_float32(t),
+                               (lambda t=t: _torch_bf16_bits(t)) if t.dtype == torch.bfloat16 else None)
+            for name, t in state.items()}
 
 
 def _load_weight_files(files: list[Path]) -> dict[str, SourceTensor]:

@@ -80,6 +80,9 @@ class Family:
 class SourceTensor:
     shape: tuple[int, ...]
     load: Callable[[], object]  # -> float32 numpy array of `shape`
+    # -> its bfloat16 bits (uint16 array of `shape`) when stored in bfloat16, so that a bfloat16
+    # output is written without a float32 detour; None otherwise
+    load_bf16: Callable[[], object] | None = None
 
 
 @dataclass
