@@ -1,7 +1,7 @@
 """pyxf: fast CPU inference for transformer models.
 
     import pyxf
-    model = pyxf.load("path/to/converted-model")   # or pyxf.load() for the default model
+    model = pyxf.load("path/to/converted-model")   # or a GGUF file, a hub id "org/name"; pyxf.load(): the default model
     print(pyxf.generate(model, "The capital of France is", max_new_tokens=16))
 """
 
@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from pyxf.engine import Delta, Engine, EngineFull, Request, Result, TokenLogprob, Usage
 from pyxf.generation import generate
-from pyxf.model import Model, Session, load
+from pyxf.loading import load
+from pyxf.model import Model, Session
 from pyxf.seq2seq import Seq2SeqModel, translate
 from pyxf.tokenizer import Tokenizer
+from pyxf import hub  # noqa: F401 (pyxf.hub.default_gguf_path() and the other cached models, after `import pyxf`)
 from pyxf import threads as _threads
 
 __all__ = [

@@ -1,7 +1,14 @@
-"""The `pyxf` command: generate, chat, serve, convert, info."""
+"""The `pyxf` command: generate, chat, translate, embed, serve, convert, info.
+
+Every model kind goes through the same entry points: `generate` continues a decoder's prompt or
+translates an encoder-decoder's source (both through the model's generate()), `chat` keeps a
+decoder's conversation or answers each line of an encoder-decoder, `translate` reads sources from
+the arguments, a file or stdin, `embed` writes an encoder's embeddings as JSON lines.
+An error is one line on stderr naming the problem (PYXF_DEBUG=1 shows the traceback instead)."""
 
 import argparse
 import json
+import os
 import sys
 
 import pyxf
@@ -27,6 +34,11 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"pyxf: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 -- a bug: still one line, unless debugging
+        if os.environ.get("PYXF_DEBUG"):
+            raise
+        print(f"pyxf: error: {type(e).__name__}: {e} (PYXF_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
 
 
 def _parser():
@@ -51,6 +63,25 @@ def _parser():
     chat.add_argument("--system", help="system message starting the conversation")
     chat.set_defaults(run=_chat)
 
+    translate = commands.add_parser(
+        "translate", help="translate texts with an encoder-decoder model (arguments, --input FILE or stdin lines)")
+    translate.add_argument("texts", nargs="*", metavar="TEXT", help="texts to translate (default: lines of --input or stdin)")
+    _add_input_options(translate)
+    translate.add_argument("--beam-size", type=int, default=4, help="beam search width (default 4; 1: greedy)")
+    translate.add_argument("--max-length", type=int, help="most target tokens (default 128)")
+    translate.add_argument("--batch-size", type=int, default=16, help="sources translated together (default 16)")
+    translate.add_argument("--json", action="store_true", help='JSON lines {"source": ..., "translation": ...}')
+    translate.set_defaults(run=_translate)
+
+    embed = commands.add_parser(
+        "embed", help="sentence embeddings of an encoder as JSON lines (arguments, --input FILE or stdin lines)")
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: lines of --input or stdin)")
+    _add_input_options(embed, default_model="all-MiniLM-L6-v2, downloaded on first use")
+    embed.add_argument("--batch-size", type=int, default=32, help="texts encoded together (default 32)")
+    embed.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                       help="do not L2-normalize (default: as the model's sentence-transformers config says)")
+    embed.set_defaults(run=_embed)
+
     # Listed for --help only: main() hands `pyxf convert ...` to the converter before parsing.
     commands.add_parser(
         "convert", help="convert a checkpoint: pyxf convert SRC OUT [--dtype D] (see pyxf convert --help)"
@@ -74,6 +105,9 @@ def _parser():
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not reuse the KV blocks of earlier requests' shared prompt prefixes")
     serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--draft-model", metavar="DIR",
+                       help="speculative decoding: a smaller decoder with the served decoders' tokenizer drafts "
+                            "tokens for every chat and completions request")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM (default 30)")
@@ -104,13 +138,45 @@ def _parser():
 
 def _add_model_options(parser):
     parser.add_argument(
-        "--model", metavar="DIR",
-        help="converted model directory (default: SmolLM2-135M-Instruct, downloaded on first use)",
+        "--model", metavar="MODEL",
+        help="converted model directory, GGUF file or Hugging Face hub id (org/name; converted once into the "
+        "cache) (default: SmolLM2-135M-Instruct, downloaded on first use)",
     )
+    parser.add_argument("--revision", help="with a hub id: the branch, tag or commit (default: main)")
     parser.add_argument(
         "--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)"
     )
     parser.add_argument("--context-length", type=int, help="longest sequence to allow (default: the model's)")
+
+
+def _add_input_options(parser, default_model=None):
+    parser.add_argument("--model", metavar="DIR", required=default_model is None,
+                        help="converted model directory" + (f" (default: {default_model})" if default_model else ""))
+    parser.add_argument("--input", metavar="FILE", help="read one text per line from FILE ('-': stdin)")
+    parser.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+
+
+def _texts(args):
+    """The texts of the arguments, else the non-empty lines of --input or stdin."""
+    if args.texts and args.input:
+        raise ValueError("give texts as arguments or with --input, not both")
+    if args.texts:
+        return list(args.texts)
+    if args.input and args.input != "-":
+        with open(args.input, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    else:
+        lines = sys.stdin.read().splitlines()
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ValueError("no texts: give them as arguments, with --input FILE, or on stdin")
+    return texts
+
+
+def _batches(items, size):
+    if size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {size}")
+    return (items[i:i + size] for i in range(0, len(items), size))
 
 
 def _add_sampling_options(parser):
@@ -123,7 +189,7 @@ def _add_sampling_options(parser):
 
 
 def _load(args):
-    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads)
+    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads, revision=args.revision)
 
 
 def _sampling(args):
@@ -148,13 +214,52 @@ def _generate(args):
     model = _load(args)
     if model.tokenizer is None:
         raise ValueError(f"{model.path} has no tokenizer, so it cannot take a text prompt")
-    use_chat = bool(model.tokenizer.chat_template) if args.chat is None else args.chat
+    template = model.tokenizer.chat_template
+    if args.chat and not template:
+        raise ValueError(f"{model.path} has no chat template; drop --chat")
+    use_chat = bool(template) if args.chat is None else args.chat
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if use_chat else {"prompt": args.prompt}
-    _print_stream(pyxf.generate(model, **prompt, stop=args.stop, stream=True, **_sampling(args)))
+    if args.stop:
+        prompt["stop"] = args.stop
+    _print_stream(pyxf.generate(model, **prompt, stream=True, **_sampling(args)))
+
+
+def _translate(args):
+    texts = _texts(args)
+    model = pyxf.load(args.model, threads=args.threads)
+    if not model.is_encoder_decoder:
+        raise ValueError(f"{model.path} is a {model.config['family']} model; pyxf translate needs an encoder-decoder "
+                         "model (Marian, T5, ...)")
+    for batch in _batches(texts, args.batch_size):
+        outputs = pyxf.translate(model, batch, beam_size=args.beam_size, max_length=args.max_length)
+        for source, output in zip(batch, outputs):
+            print(json.dumps({"source": source, "translation": output}, ensure_ascii=False) if args.json else output)
+        sys.stdout.flush()
+
+
+def _embed(args):
+    texts = _texts(args)
+    if args.model is None:
+        from pyxf.hub import minilm_model_path
+
+        args.model = minilm_model_path()
+    model = pyxf.load(args.model, threads=args.threads)
+    if not model.is_encoder:
+        raise ValueError(f"{model.path} is a {model.config['family']} model; pyxf embed needs an encoder "
+                         "(BERT, RoBERTa, DistilBERT, sentence-transformers)")
+    for batch in _batches(texts, args.batch_size):
+        vectors = model.encode(batch, normalize=args.normalize)
+        for text, vector in zip(batch, vectors):
+            print(json.dumps({"text": text, "embedding": [float(v) for v in vector]}, ensure_ascii=False))
+        sys.stdout.flush()
 
 
 def _chat(args):
     model = _load(args)
+    if getattr(model, "is_encoder", False):
+        raise ValueError(f"{model.path} is an encoder: it has no chat; use `pyxf embed`")
+    if model.is_encoder_decoder and model.tokenizer is not None:
+        return _chat_without_history(model, args)
     if model.tokenizer is None or not model.tokenizer.chat_template:
         raise ValueError(f"{model.path} has no chat template; use `pyxf generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -189,6 +294,23 @@ def _chat(args):
     return 0
 
 
+def _chat_without_history(model, args):
+    """An encoder-decoder model in the chat loop: each line is a source and gets its output (a
+    translation model keeps no conversation)."""
+    if args.system:
+        raise ValueError(f"{model.path} is an encoder-decoder model: it takes no system message")
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() == "exit":
+            return 0
+        if line.strip():
+            _print_stream(pyxf.generate(model, line, stream=True, **_sampling(args)))
+
+
 def _drop_old_turns(model, history, max_new_tokens, context_length):
     """Forgets the oldest exchanges (keeping a system message) until the prompt fits the context."""
     def prompt_length():
@@ -213,13 +335,16 @@ def _serve(args):
         threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
     )
     if args.ray:
+        if args.draft_model is not None:
+            raise ValueError("--draft-model: not with --ray")
         return _serve_on_ray(args, options)
     given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
                                       ("--target-ongoing-requests", args.target_ongoing_requests),
                                       ("--ray-address", args.ray_address)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --ray")
-    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, **options)
+    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, draft_model=args.draft_model,
+                 **options)
 
 
 def _serve_on_ray(args, options):

@@ -8,7 +8,7 @@ normalization and the classification heads (a few small matrices) run in numpy.
 
 import numpy as np
 
-from pyxf.model import as_token_array
+from pyxf.checks import as_token_array
 from pyxf.tensorfile import bf16_to_float32
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
@@ -62,15 +62,19 @@ def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="se
 
 
 def classify(model, texts, batch_size=32, max_length=None, truncate=True, progress=False, return_logits=False):
-    """Sequence classification: float32 [N, num_labels] (one str: [num_labels]) probabilities,
-    softmax over the labels (sigmoid for multi-label models; raw scores for regression models), or
-    the logits with return_logits=True. Label names: model.labels."""
+    """Sequence classification: float32 [N, num_labels] (one str or pair: [num_labels]) probabilities,
+    softmax over the labels (sigmoid for multi-label models; raw scores for regression models, which
+    one-label cross-encoders are), or the logits with return_logits=True. Label names: model.labels.
+
+    An item is a text, a text pair (a tuple or list of two str: a (query, document) pair for a
+    cross-encoder, tokenized as transformers tokenizes pairs: [CLS] a [SEP] b [SEP] with token types
+    0 and 1; truncation cuts the longer of the two first) or token ids. A tuple (a, b) alone is one pair."""
     head = model.config.get("classifier")
     if not head:
         raise ValueError(
             "this model has no classification head (convert a *ForSequenceClassification checkpoint to get one)"
         )
-    single = isinstance(texts, str)
+    single = isinstance(texts, str) or (isinstance(texts, tuple) and _is_pair(texts))
     texts = [texts] if single else _check_texts(texts)
     weights = _head_weights(model)
 
@@ -90,24 +94,75 @@ def classify(model, texts, batch_size=32, max_length=None, truncate=True, progre
     return scores[0] if single else scores
 
 
+def rank(model, query, documents, top_k=None, return_documents=False, batch_size=32, max_length=None,
+         truncate=True, progress=False):
+    """Ranks `documents` (a list of str) by their relevance to `query` (a str) with a cross-encoder (a
+    sequence classifier with one label, e.g. a BERT or RoBERTa reranker), as sentence-transformers'
+    CrossEncoder.rank does: a list of {"corpus_id": index in documents, "score": float} (and "text":
+    the document with return_documents=True), highest score first, the first `top_k` (default all).
+    Scores are the (query, document) pair logits through the model's score activation: sigmoid
+    (CrossEncoder's default for one-label models) unless the checkpoint's sentence-transformers
+    settings name Identity or Tanh (config classifier.score_activation)."""
+    head = model.config.get("classifier")
+    if not head or head.get("num_labels") != 1:
+        labels = head.get("num_labels") if head else 0
+        raise ValueError(f"rank() needs a cross-encoder: a classification head with one label (this model has {labels}); "
+                         "use classify() with text pairs instead")
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    if isinstance(documents, (str, bytes, dict)) or not hasattr(documents, "__iter__"):
+        raise TypeError(f"documents must be a list of str, got {type(documents).__name__}")
+    documents = list(documents)
+    for i, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise TypeError(f"documents[{i}] must be a str, got {type(document).__name__}")
+    if top_k is not None:
+        top_k = _check_int(top_k, "top_k", 0, 1 << 62)
+    logits = classify(model, [(query, d) for d in documents], batch_size=batch_size, max_length=max_length,
+                      truncate=truncate, progress=progress, return_logits=True)[:, 0]
+    scores = _activate(logits, head.get("score_activation", "sigmoid"))
+    results = [{"corpus_id": i, "score": float(score)} for i, score in enumerate(scores)]
+    if return_documents:
+        for result in results:
+            result["text"] = documents[result["corpus_id"]]
+    results.sort(key=lambda result: result["score"], reverse=True)  # stable: ties keep document order
+    return results[:top_k]
+
+
+def _activate(logits, activation):
+    if activation == "identity":
+        return logits
+    if activation == "tanh":
+        return np.tanh(logits)
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_pair(item):
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+
+def _is_text(item):
+    return isinstance(item, str) or _is_pair(item)
+
+
 def _check_texts(texts):
-    """A list of str and token-id lists (each a list, tuple or 1-D integer array)."""
+    """A list of str, text pairs (two str) and token-id lists (each a list, tuple or 1-D integer array)."""
     if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, (str, list, tuple, np.ndarray)):
-            raise TypeError(f"texts[{i}] must be a str or a list of token ids, got {type(text).__name__}")
+            raise TypeError(f"texts[{i}] must be a str, a pair of str or a list of token ids, got {type(text).__name__}")
     return texts
 
 
 def _tokenize(model, texts, max_length):
-    """[(ids, type_ids)] per item: strings through the tokenizer (special tokens added, cut to
-    max_length if given), token-id lists as they are (cut to max_length if given)."""
-    strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    """[(ids, type_ids)] per item: strings and string pairs through the tokenizer (special tokens
+    added, cut to max_length if given), token-id lists as they are (cut to max_length if given)."""
+    strings = [i for i, text in enumerate(texts) if _is_text(text)]
     encoded = [None] * len(texts)
     if strings:
         if model.tokenizer is None:
@@ -115,7 +170,7 @@ def _tokenize(model, texts, max_length):
         for start in range(0, len(strings), TOKENIZE_CHUNK):  # in chunks: Ctrl-C is noticed between them
             chunk = strings[start : start + TOKENIZE_CHUNK]
             try:
-                tokenized = model.tokenizer.encode_for_encoder([texts[i] for i in chunk], max_length)
+                tokenized = model.tokenizer.encode_for_encoder([_as_input(texts[i]) for i in chunk], max_length)
             except Exception as e:  # the tokenizers library's own errors (e.g. max_length below its special tokens)
                 if isinstance(e, (TypeError, ValueError)):
                     raise
@@ -127,6 +182,11 @@ def _tokenize(model, texts, max_length):
             ids = as_token_array(text, model.config["vocab_size"], f"texts[{i}]").tolist()[:max_length]
             encoded[i] = (ids, [0] * len(ids))
     return encoded
+
+
+def _as_input(text):
+    """A text or a pair as the tokenizers library takes it (a pair as a tuple)."""
+    return text if isinstance(text, str) else tuple(text)
 
 
 def _check_int(value, name, low, high):

@@ -1,11 +1,23 @@
-"""pyxf.generate: prompts in, new text or tokens out. Decoders run on pyxf.Engine (submit all, wait
-for all); encoder-decoder models on their own beam-search loop (pyxf.seq2seq)."""
+"""pyxf.generate: prompts in, new text or tokens out. Every model that generates text has its own
+generate() (one interface: prompt or batch in, text or ids out, stream=True for pieces of text);
+pyxf.generate(model, ...) calls it. This module also holds the decoders' implementation, which runs
+on pyxf.Engine (submit all, wait for all)."""
 
-from pyxf.engine import Engine, kv_cache_mb
+from pyxf.engine import Engine, check_draft_model, is_draft_model_argument, kv_cache_mb
 from pyxf.sampling import check_lengths, prompt_tokens, sampling_options, stop_conditions
 
 
-def generate(
+def generate(model, prompt=None, **options):
+    """Continues one prompt or a batch of prompts with `model`'s own generate(); returns only the
+    new part. Decoders: see decoder_generate (sampling, chat messages, streaming, structured output,
+    tools); encoder-decoders: the prompt is the source (pyxf.seq2seq.generate: beam search options)."""
+    method = getattr(model, "generate", None)
+    if not callable(method):
+        raise TypeError(f"generate() needs a loaded pyxf model, got {type(model).__name__}")
+    return method(prompt, **options)
+
+
+def decoder_generate(
     model,
     prompt=None,
     *,
@@ -33,7 +45,6 @@ def generate(
     tool_choice=None,
     speculative=None,
     num_draft_tokens=4,
-    **seq2seq_options,
 ):
     """Continues one prompt or a batch of prompts; returns only the new part.
 
@@ -51,30 +62,10 @@ def generate(
     strings), grammar (Lark or GBNF); a result cut short by max_new_tokens has finish_reason
     "length". tools and tool_choice (with messages): OpenAI function calling; the calls are in the
     Result's tool_calls (return_details=True). speculative="prompt_lookup" (num_draft_tokens per
-    step): speculative decoding with drafts copied from earlier in the sequence; greedy output is
+    step): speculative decoding with drafts copied from earlier in the sequence; speculative=<a
+    smaller pyxf decoder with the same tokenizer>: drafts from that draft model. Greedy output is
     unchanged, sampled output keeps its distribution.
     """
-    if getattr(model, "is_encoder_decoder", False):
-        # Encoder-decoder models: the prompt is the source (pyxf.seq2seq.generate has the options).
-        from pyxf.seq2seq import generate as seq2seq_generate
-
-        unsupported = dict(messages=messages, stream=stream, return_details=return_details, logprobs=logprobs,
-                           speculative=speculative,
-                           response_format=response_format, regex=regex, choice=choice, grammar=grammar, tools=tools,
-                           tool_choice=tool_choice)
-        used = [name for name, value in unsupported.items() if value not in (None, False)]
-        if used:
-            raise ValueError(f"{', '.join(used)}: not supported for encoder-decoder models")
-        return seq2seq_generate(
-            model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop, add_special_tokens=add_special_tokens,
-            **seq2seq_options,
-        )
-    if seq2seq_options:
-        raise TypeError(
-            f"generate() got unexpected keyword arguments {', '.join(sorted(seq2seq_options))} "
-            "(beam search options are for encoder-decoder models)"
-        )
     if tools is not None:
         # The tools change what the template renders: the engine renders the messages itself.
         if messages is None or prompt is not None:
@@ -96,7 +87,10 @@ def generate(
         check_lengths(prompts, max_new_tokens, model.context_length)
 
     lengths = [model.context_length] if tools is not None else [len(p) + max_new_tokens for p in prompts]
-    engine = _engine_for(model, lengths)
+    draft_model = speculative if is_draft_model_argument(speculative) else None
+    if draft_model is not None:
+        check_draft_model(model, draft_model)  # before its KV pages are sized
+    engine = _engine_for(model, lengths, draft_model)
     submit = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -108,7 +102,7 @@ def generate(
     if tools is not None:
         submit.update(tools=tools, tool_choice=tool_choice)
     if stream:
-        return _stream_text(engine, prompts[0], submit)
+        return _stream_text(engine, prompts[0], messages, submit)
     try:
         # Every prompt gets the same seed, as the core's batched loop always did: a prompt's output
         # does not depend on the others.
@@ -127,13 +121,13 @@ def generate(
     return texts[0] if output == "text" else texts
 
 
-def _engine_for(model, lengths):
+def _engine_for(model, lengths, draft_model=None):
     """An engine that runs sequences of these lengths (prompt and new tokens) all at once."""
-    return Engine(model, max_batch=len(lengths), kv_cache_mb=kv_cache_mb(model, lengths),
-                  prefill_chunk=max(512, min(8192, sum(lengths))), max_queue=len(lengths))
+    return Engine(model, max_batch=len(lengths), kv_cache_mb=kv_cache_mb(model, lengths, draft_model),
+                  prefill_chunk=max(512, min(8192, sum(lengths))), max_queue=len(lengths), draft_model=draft_model)
 
 
-def _stream_text(engine, ids, submit):
+def _stream_text(engine, ids, messages, submit):
     """New text as it is produced; closing the iterator early cancels the request."""
     try:
         request = engine._submit(ids, None if ids is not None else messages, text_deltas=True, **submit)

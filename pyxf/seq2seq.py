@@ -16,112 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
-from pyxf.model import MappedModel
+from pyxf.checks import MappedModel, as_token_array, check_int, check_number
+from pyxf.engine import Result, Usage
+from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
-from pyxf.threads import check_num_threads, core
+from pyxf.threads import core
+from pyxf.weights import cast_weights, check_weights
 from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
 
-SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
-# Tables made at load from config values alone (they are not in the weight file), so bounded here:
-# the sinusoidal position table [max_position_embeddings, hidden_size] ...
-MAX_SINUSOIDAL_ENTRIES = 2**28  # 1 GiB of float32
-# ... and T5's relative bias by distance [heads, 2 max_distance + 1] (T5 uses 128).
-MAX_RELATIVE_DISTANCE = 2**16
+# Options of decoders' generate() that encoder-decoder models do not have, with their defaults
+# (a default value is accepted, so that one call can serve both kinds).
+DECODER_ONLY_OPTIONS = {
+    "logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "logit_bias": None, "stop_token_ids": None, "response_format": None, "regex": None, "choice": None,
+    "grammar": None, "tools": None, "tool_choice": None, "speculative": None, "num_draft_tokens": 4,
+}
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}
-
-
-# ---------------------------------------------------------------------------------------------
-# config and tensors (docs/DESIGN.md)
-
-
-def check_seq2seq_config(config, config_path):
-    """The encoder-decoder keys of config.json."""
-
-    def fail(message):
-        raise ValueError(f"{config_path}: {message}")
-
-    def positive_int(field, default=None, limit=2**31 - 1):
-        value = config.get(field, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            fail(f"{field!r} must be a positive integer, got {value!r}")
-        if value > limit:
-            fail(f"{field!r} is {value}, more than pyxf supports ({limit})")
-        return value
-
-    positive_int("num_encoder_layers")
-    positive_int("source_vocab_size", config["vocab_size"])
-    if not isinstance(config.get("shared_embeddings", False), bool):
-        fail(f"'shared_embeddings' must be true or false, got {config.get('shared_embeddings')!r}")
-    if config.get("shared_embeddings") and config.get("source_vocab_size", config["vocab_size"]) != config["vocab_size"]:
-        fail("shared embeddings need source_vocab_size == vocab_size")
-    position = config["position"]
-    if position not in ("sinusoidal", "relative"):
-        fail(f"encoder-decoder models need 'position' sinusoidal or relative, got {position!r}")
-    if position == "sinusoidal":
-        if config.get("sinusoidal_layout", "interleaved") not in SINUSOIDAL_LAYOUTS:
-            fail(f"'sinusoidal_layout' must be one of {', '.join(SINUSOIDAL_LAYOUTS)}")
-        entries = config["max_position_embeddings"] * config["hidden_size"]
-        if entries > MAX_SINUSOIDAL_ENTRIES:
-            fail(f"a sinusoidal table of max_position_embeddings x hidden_size = {entries} entries is made at "
-                 f"load; pyxf supports at most {MAX_SINUSOIDAL_ENTRIES}")
-    if position == "relative":
-        buckets = positive_int("relative_attention_num_buckets")
-        distance = positive_int("relative_attention_max_distance", limit=MAX_RELATIVE_DISTANCE)
-        if buckets < 4 or distance < buckets // 2:
-            fail("relative_attention_num_buckets must be >= 4 and max_distance >= num_buckets / 2")
-    for field in ("embed_scale", "head_scale", "attention_scale"):
-        value = config.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            fail(f"{field!r} must be a positive number or null, got {value!r}")
-    start = config.get("decoder_start_token_id")
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < config["vocab_size"]:
-        fail(f"'decoder_start_token_id' must be a token id of the target vocabulary, got {start!r}")
-
-
-def seq2seq_tensor_layout(config):
-    """The TensorLayout (pyxf.model) of an encoder-decoder model's model.safetensors."""
-    from pyxf.model import TensorLayout
-
-    H, V, D, I = config["hidden_size"], config["vocab_size"], config["head_dim"], config["intermediate_size"]
-    Hq, Hkv = config["num_heads"], config["num_kv_heads"]
-    Vs = config.get("source_vocab_size", V)
-    layer_norm = config["norm"] == "layernorm"
-    pre = config["norm_position"] == "pre"
-    up_name, up_rows = ("gate_up", 2 * I) if config["gated_ffn"] else ("up", I)
-
-    def linear(name, rows, cols, required=True):
-        return {f"{name}.weight": ((rows, cols), required), f"{name}.bias": ((rows,), False)}
-
-    def norm(name, required=True):
-        return {f"{name}.weight": ((H,), required), f"{name}.bias": ((H,), required and layer_norm)}
-
-    def layer(cross):
-        tensors = {**norm("attn_norm"), **linear("attn.qkv", (Hq + 2 * Hkv) * D, H), **linear("attn.out", H, Hq * D)}
-        if cross:
-            tensors.update(norm("cross_norm"))
-            tensors.update(linear("cross_attn.q", Hq * D, H))
-            tensors.update(linear("cross_attn.kv", 2 * Hkv * D, H))
-            tensors.update(linear("cross_attn.out", H, Hq * D))
-        tensors.update(norm("ffn_norm"))
-        tensors.update(linear(f"ffn.{up_name}", up_rows, H))
-        tensors.update(linear("ffn.down", H, I))
-        return tensors
-
-    tensors = {"embed.weight": ((V, H), True)}
-    if not config.get("shared_embeddings", False):
-        tensors["encoder.embed.weight"] = ((Vs, H), True)
-    for prefix in ("encoder.", ""):
-        tensors.update(norm(f"{prefix}final_norm", required=pre))
-        if not pre:  # an optional final norm (torch.nn.Transformer has one even when post-norm)
-            tensors[f"{prefix}final_norm.bias"] = ((H,), False)
-        if config["position"] == "relative":
-            tensors[f"{prefix}rel_bias.weight"] = ((config["relative_attention_num_buckets"], Hq), True)
-    tensors.update(linear("lm_head", V, H, required=not config["tie_word_embeddings"]))
-    stacks = [("encoder.layers.", config["num_encoder_layers"], layer(cross=False)),
-              ("layers.", config["num_layers"], layer(cross=True))]
-    return TensorLayout(tensors, stacks)
 
 
 def sinusoidal_table(num_positions, dim, layout="interleaved"):
@@ -180,18 +92,20 @@ def _as_float32(array, dtype):
     return np.asarray(array, dtype=np.float32)
 
 
-def load_seq2seq(path, config, threads=None):
-    """An encoder-decoder model directory (called by pyxf.load)."""
-    from pyxf.model import check_weights
-
+def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None):
+    """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
+    context_length does not apply (sources and targets are bounded by the position scheme); dtype: as
+    pyxf.load's."""
+    if quantize is not None:
+        raise ValueError("quantize= is not supported for encoder-decoder models yet")
     path = Path(path)
-    if threads is not None:
-        core().set_num_threads(check_num_threads(threads))
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     arrays = dict(check_weights(config, weights_file))
+    if dtype is not None:
+        config, arrays = cast_weights(config, arrays, dtype)
     core_config = dict(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
@@ -223,6 +137,8 @@ def _bf16(table):
 
 class Seq2SeqTokenizer:
     """Source text -> ids (with the end token the model was trained with), target ids -> text."""
+
+    chat_template = None  # source text goes in as it is
 
     def __init__(self, backend, eos_token_id):
         self._backend = backend
@@ -376,8 +292,6 @@ class Seq2SeqModel(MappedModel):
     def logits(self, source_ids, decoder_ids):
         """Logits of every decoder position for one source: float32 [len(decoder_ids), vocab].
         decoder_ids normally start with the decoder start token (self.decoder_start_token_id)."""
-        from pyxf.model import as_token_array
-
         source = as_token_array(source_ids, self.source_vocab_size, "source_ids")
         target = as_token_array(decoder_ids, self.vocab_size, "decoder_ids")
         self._check_source_length(len(source), "source_ids")
@@ -390,9 +304,25 @@ class Seq2SeqModel(MappedModel):
                 "(pass truncate=True to cut it)"
             )
 
-    def generate(self, source=None, **kwargs):
-        """Same as pyxf.generate(self, source, **kwargs)."""
-        return generate(self, source, **kwargs)
+    def generate(self, source=None, *, messages=None, stream=False, **options):
+        """Target text (or ids) for a source or a batch of sources: the interface of every model's
+        generate() (pyxf.generate), the prompt being the source; the options are
+        pyxf.seq2seq.generate's (beam search, sampling, lengths). stream=True (one text source)
+        returns an iterator over the text: beam search settles the text only at its end, so it
+        comes as one piece. Decoder features (messages, logprobs, structured output, tools,
+        speculative decoding) are refused by name."""
+        used = [name for name, default in DECODER_ONLY_OPTIONS.items() if options.pop(name, default) != default]
+        if messages is not None:
+            used.insert(0, "messages (an encoder-decoder model has no chat template: pass the source text)")
+        if used:
+            raise ValueError(f"{', '.join(used)}: not supported for encoder-decoder models")
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
+        if stream:
+            if not isinstance(source, str):
+                raise ValueError("stream=True takes a single text source")
+            return iter([generate(self, source, **options)])
+        return generate(self, source, **options)
 
     def translate(self, texts, **kwargs):
         """Same as pyxf.translate(self, texts, **kwargs)."""
@@ -403,26 +333,8 @@ class Seq2SeqModel(MappedModel):
 # generation
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
 def _sources(model, source, add_special_tokens, truncate):
     """(list of source id lists, output form: text | texts | ids | batch_ids)."""
-    from pyxf.model import as_token_array
-
     def check(ids, what):
         if model.max_source_length is not None and len(ids) > model.max_source_length:
             if not truncate:
@@ -462,14 +374,16 @@ def _sources(model, source, add_special_tokens, truncate):
 def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_length=0, beam_size=1,
              num_hypotheses=1, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, truncate=False, return_scores=False,
-             add_special_tokens=True):
+             return_details=False, add_special_tokens=True):
     """Target text (or ids) for one source or a batch of sources of an encoder-decoder model.
 
     source: str -> str; list[str] -> list[str]; list[int] -> list[int]; list[list[int]] -> list[list[int]]
     (ids are source token ids, end token included as the model expects; output ids exclude the end
     token). num_hypotheses > 1 makes each output a list of that many hypotheses, best first;
     return_scores=True makes each hypothesis a (output, score) pair (beam: the length-normalized
-    sum of log-probabilities, else the sum of log-probabilities).
+    sum of log-probabilities, else the sum of log-probabilities). return_details=True makes each
+    hypothesis a pyxf.Result (text, token_ids, finish_reason "stop" or "length", usage), as
+    decoders' generate gives.
 
     max_length (or max_new_tokens): most target tokens per hypothesis, the end token included
     (default 128, at most the model's target positions); min_length: the end token is blocked
@@ -483,20 +397,20 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
     max_length = max_length if max_length is not None else max_new_tokens
     if max_length is None:
         max_length = min(128, model.max_target_length)
-    max_length = _check_int("max_length", max_length, 1)
+    max_length = check_int("max_length", max_length, 1)
     if max_length > model.max_target_length:
         raise ValueError(f"max_length {max_length} exceeds the model's {model.max_target_length} target positions")
-    min_length = _check_int("min_length", min_length, 0)
-    beam_size = _check_int("beam_size", beam_size, 1)
-    num_hypotheses = _check_int("num_hypotheses", num_hypotheses, 1)
+    min_length = check_int("min_length", min_length, 0)
+    beam_size = check_int("beam_size", beam_size, 1)
+    num_hypotheses = check_int("num_hypotheses", num_hypotheses, 1)
     if num_hypotheses > beam_size:
         raise ValueError(f"num_hypotheses ({num_hypotheses}) must not exceed beam_size ({beam_size})")
-    no_repeat_ngram_size = _check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-    top_k = _check_int("top_k", top_k, 0)
-    length_penalty = _check_number("length_penalty", length_penalty)
-    temperature = _check_number("temperature", temperature)
-    top_p = _check_number("top_p", top_p)
-    repetition_penalty = _check_number("repetition_penalty", repetition_penalty)
+    no_repeat_ngram_size = check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    top_k = check_int("top_k", top_k, 0)
+    length_penalty = check_number("length_penalty", length_penalty)
+    temperature = check_number("temperature", temperature)
+    top_p = check_number("top_p", top_p)
+    repetition_penalty = check_number("repetition_penalty", repetition_penalty)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if temperature > 0 and beam_size > 1:
@@ -505,11 +419,13 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be positive (1 disables it), got {repetition_penalty}")
+    if return_scores and return_details:
+        raise ValueError("pass return_scores or return_details, not both")
     if early_stopping not in EARLY_STOPPING:
         raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if seed is None:
         seed = secrets.randbits(63)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     eos = list(model.eos_token_ids)
     for item in [] if stop is None else [stop] if isinstance(stop, (int, np.integer)) else list(stop):
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
@@ -534,9 +450,19 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         tokens = [int(t) for t in tokens]
         return model.tokenizer.decode(tokens) if form in ("text", "texts") else tokens
 
+    def details(source_ids, tokens):
+        tokens = [int(t) for t in tokens]
+        text = model.tokenizer.decode(tokens) if model.tokenizer is not None else ""
+        # The end token is not in `tokens`; a forced one (Marian) takes the last place when the length runs out.
+        finish = "length" if len(tokens) >= max_length - (forced is not None) else "stop"
+        return Result(text=text, token_ids=tokens, finish_reason=finish, usage=Usage(len(source_ids), len(tokens)))
+
     per_source = []
-    for hyps in results:
-        outs = [(output(tokens), float(score)) if return_scores else output(tokens) for tokens, score in hyps]
+    for source_ids, hyps in zip(sources, results):
+        if return_details:
+            outs = [details(source_ids, tokens) for tokens, _ in hyps]
+        else:
+            outs = [(output(tokens), float(score)) if return_scores else output(tokens) for tokens, score in hyps]
         per_source.append(outs if num_hypotheses > 1 else outs[0])
     return per_source[0] if form in ("text", "ids") else per_source
 

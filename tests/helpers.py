@@ -139,10 +139,26 @@ class TinyModelCache:
     def __call__(self, spec_name, dtype="float32"):
         """(transformers model, pyxf model directory converted to `dtype`)."""
         if spec_name not in self._hf:
-            model = build_hf_model(spec_name, seed=sum(map(ord, spec_name)))
-            hf_dir = self.root / f"{spec_name}-hf"
-            model.save_pretrained(hf_dir)
-            self._hf[spec_name] = (model, hf_dir)
+            self._save(spec_name, build_hf_model(spec_name, seed=sum(map(ord, spec_name))))
+        return self._convert(spec_name, dtype)
+
+    def draft(self, spec_name, dtype="float32"):
+        """A draft model for speculative decoding with spec_name's model: its first layer alone, with
+        its embeddings, final norm and LM head (a 1-layer model over the same vocabulary whose
+        guesses agree with the 2-layer model's often, but not always). (transformers model, pyxf
+        model directory)."""
+        name = f"{spec_name}-draft"
+        if name not in self._hf:
+            target, _ = self(spec_name)
+            self._save(name, first_layers(target, 1))
+        return self._convert(name, dtype)
+
+    def _save(self, name, model):
+        hf_dir = self.root / f"{name}-hf"
+        model.save_pretrained(hf_dir)
+        self._hf[name] = (model, hf_dir)
+
+    def _convert(self, spec_name, dtype):
         model, hf_dir = self._hf[spec_name]
         key = (spec_name, dtype)
         if key not in self._converted:
@@ -153,6 +169,20 @@ class TinyModelCache:
                 out = convert(hf_dir, self.root / f"{spec_name}-pyxf-{dtype}", dtype=dtype, progress=False)
             self._converted[key] = Path(out)
         return model, self._converted[key]
+
+
+def first_layers(model, num_layers):
+    """A copy of a transformers decoder with only its first num_layers layers (the same weights)."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if hasattr(config, "n_layer"):
+        config.n_layer = num_layers
+    shallow = type(model)._from_config(config, attn_implementation="eager").float().eval()
+    missing, _ = shallow.load_state_dict(model.state_dict(), strict=False)
+    assert not missing, missing
+    return shallow
 
 
 def random_ids(vocab_size, n, seed):

@@ -224,7 +224,8 @@ def test_load_bad_weights(model_dir, tmp_path, edit, message):
 def test_load_optional_bias_accepted(model_dir, tmp_path):
     copy = _copy_model(model_dir, tmp_path)
     _edit_weights(copy, lambda t: t.__setitem__("layers.0.attn.qkv.bias", np.zeros(128, np.float32)))
-    from pyxf.model import check_weights, read_config
+    from pyxf.config import read_config
+    from pyxf.weights import check_weights
 
     weights = check_weights(read_config(copy), read_safetensors(copy / "model.safetensors"))
     assert "layers.0.attn.qkv.bias" in weights

@@ -57,6 +57,15 @@ SPECS = {
         dim=48, n_heads=2, hidden_dim=80, max_position_embeddings=160, num_labels=4,
         problem_type="multi_label_classification",
     ), "wordpiece"),
+    # Cross-encoders (rerankers): one label; BERT with two token types (query 0, document 1), head dim 20.
+    "bert_rerank": ("BertForSequenceClassification", "BertConfig", dict(
+        hidden_size=60, num_attention_heads=3, intermediate_size=90, type_vocab_size=2,
+        max_position_embeddings=160, num_labels=1,
+    ), "wordpiece"),
+    "roberta_rerank": ("RobertaForSequenceClassification", "RobertaConfig", dict(
+        hidden_size=64, num_attention_heads=2, intermediate_size=96, type_vocab_size=1,
+        max_position_embeddings=162, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=1,
+    ), "bpe"),
 }
 
 
@@ -78,8 +87,9 @@ def _wordpiece_tokenizer():
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     tokenizer.decoder = decoders.WordPiece()
+    # BERT's tokenizer gives token type ids (a pair's second text is type 1), as BertTokenizerFast does.
     return tokenizer, dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                           mask_token="[MASK]")
+                           mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def _bpe_tokenizer():
@@ -403,7 +413,7 @@ def test_truncation_and_bad_input(tiny):
     # An empty text is its special tokens: <s></s>.
     (state,) = m.encode([""], output="tokens")
     assert state.shape == (2, 64) and max_abs_err(state, t.hf_hidden([""])[0]) <= TOLERANCE
-    with pytest.raises(TypeError, match=r"texts\[2\] must be a str or a list of token ids, got int"):
+    with pytest.raises(TypeError, match=r"texts\[2\] must be a str, a pair of str or a list of token ids, got int"):
         m.encode(["a", "b", 3])
     with pytest.raises(TypeError, match="texts must be"):
         m.encode(12)
@@ -474,3 +484,87 @@ def test_sequence_classification_matches_transformers(tiny, name):
     assert t.model.labels == [t.hf.config.id2label[i] for i in range(t.hf.config.num_labels)]
     assert t.model.classify(texts[2]).shape == (t.hf.config.num_labels,)
     assert t.model.classify([]).shape == (0, t.hf.config.num_labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-encoders: text pairs and rank(), against sentence-transformers' CrossEncoder
+
+
+IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+@needs_core
+@pytest.mark.parametrize("name, activation", [("bert_rerank", None), ("roberta_rerank", None),
+                                              ("bert_rerank", "config.json"), ("roberta_rerank", "CrossEncoder"),
+                                              ("bert_rerank", "legacy-tanh")])
+def test_rank_matches_cross_encoder(name, activation, tmp_path):
+    """A tiny reranker saved with save_pretrained and converted with `pyxf convert`: rank() gives
+    CrossEncoder.rank's order and scores, classify() on pairs its logits. Scores go through sigmoid
+    (CrossEncoder's default for one label) unless the checkpoint names another activation: in
+    config.json's "sentence_transformers" or older "sbert_ce_default_activation_function", or in the
+    files CrossEncoder.save_pretrained writes. One document is longer
+    than the 128 tokens the tokenizer allows, so the pair is truncated (the longer text first)."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    import pyxf
+    from pyxf.cli import main
+
+    hf_dir, out = tmp_path / "hf", tmp_path / "pyxf"
+    _, tokenizer = build_hf(name, hf_dir)
+    if activation == "config.json":
+        config = json.loads((hf_dir / "config.json").read_text())
+        config["sentence_transformers"] = {"activation_fn": IDENTITY}
+        (hf_dir / "config.json").write_text(json.dumps(config))
+    elif activation == "legacy-tanh":  # before sentence-transformers 4
+        config = json.loads((hf_dir / "config.json").read_text())
+        config["sbert_ce_default_activation_function"] = "torch.nn.modules.activation.Tanh"
+        (hf_dir / "config.json").write_text(json.dumps(config))
+    elif activation == "CrossEncoder":
+        saved = tmp_path / "saved"
+        CrossEncoder(str(hf_dir), device="cpu", activation_fn=torch.nn.Identity()).save_pretrained(str(saved))
+        hf_dir = saved
+    assert main(["convert", str(hf_dir), str(out), "--quiet"]) == 0
+    assert model_score_activation(out) == {None: None, "legacy-tanh": "tanh"}.get(activation, "identity")
+    model = pyxf.load(out)
+    reference = CrossEncoder(str(hf_dir), device="cpu")
+    assert reference.max_seq_length == model.config["max_length"] == 128
+
+    query = texts_of_lengths(tokenizer, [9], seed=10)[0]
+    documents = texts_of_lengths(tokenizer, [5, 40, 200, 3, 17, 60, 90, 25], seed=11)
+    expected = reference.rank(query, documents, return_documents=True)
+    got = model.rank(query, documents, return_documents=True)
+    assert [r["corpus_id"] for r in got] == [r["corpus_id"] for r in expected]
+    assert all(set(r) == {"corpus_id", "score", "text"} and isinstance(r["score"], float) for r in got)
+    assert max_abs_err([r["score"] for r in got], [r["score"] for r in expected]) <= TOLERANCE
+    assert [r["text"] for r in got] == [documents[r["corpus_id"]] for r in expected]
+    scores = sorted((r["score"] for r in got), reverse=True)
+    assert min(a - b for a, b in zip(scores, scores[1:])) > 2 * TOLERANCE  # an order the tolerance cannot flip
+    assert model.rank(query, documents, top_k=3) == [{"corpus_id": r["corpus_id"], "score": r["score"]} for r in got[:3]]
+
+    pairs = [(query, d) for d in documents]
+    logits = reference.predict(pairs, activation_fn=torch.nn.Identity())
+    assert max_abs_err(model.classify(pairs, batch_size=3, return_logits=True)[:, 0], logits) <= TOLERANCE
+    assert max_abs_err(model.classify([list(pairs[1])]), [logits[1:2]]) <= TOLERANCE  # a list of two str: a pair too
+    assert model.classify(pairs[0]).shape == (1,)  # one tuple: one pair
+
+
+def model_score_activation(model_dir):
+    return json.loads((model_dir / "config.json").read_text())["classifier"].get("score_activation")
+
+
+@needs_core
+def test_rank_rejects_bad_input(tiny):
+    with pytest.raises(ValueError, match="one label"):
+        tiny("bert_cls").model.rank("query", ["document"])
+    model = tiny("bert_rerank").model
+    assert model.rank("query", []) == []
+    with pytest.raises(TypeError, match="query must be a str"):
+        model.rank(["query"], ["document"])
+    with pytest.raises(TypeError, match="documents must be a list of str"):
+        model.rank("query", "document")
+    with pytest.raises(TypeError, match=r"documents\[1\] must be a str"):
+        model.rank("query", ["document", 3])
+    with pytest.raises(ValueError, match="top_k"):
+        model.rank("query", ["document"], top_k=-1)

@@ -1,6 +1,12 @@
-"""16-bit weights (float16, bfloat16) stay 16-bit in memory and are widened in registers."""
+"""16-bit weights (float16, bfloat16) stay 16-bit in memory. float16 is widened in registers on every
+ISA; bfloat16 is widened on generic / avx2 / avx512 and multiplied by vdpbf16ps on avx512_bf16, which
+rounds the activations to bfloat16 (fp32 sums)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from pyxf import _core
 
@@ -15,23 +21,71 @@ def isa(request):
 
 def bf16_bits(w):
     """Round-to-nearest-even float32 -> bfloat16 bit patterns, and their float32 values."""
-    bits = w.view(np.uint32)
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return rounded, (rounded.astype(np.uint32) << 16).view(np.float32)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 77, 33), (16, 100, 70), (64, 576, 200)])
+def bf16_activations(isa, x):
+    """The activations a bfloat16 GEMM multiplies on this ISA, as float64."""
+    return (bf16_bits(x)[1] if isa == "avx512_bf16" else x).astype(np.float64)
+
+
+def assert_close(y, ref, rtol=1e-5):
+    """fp32 sums of exact products: the error is a few ulp of the largest partial sum."""
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert np.abs(y - ref).max() <= rtol * max(1.0, np.abs(ref).max())
+
+
+# dot products (M < 160) and the packed GEMM (M >= 160); odd K (a zero depth pads the last bf16
+# pair), K past one 32-wide vdpbf16ps step and past one packed depth block, N past one panel.
+SHAPES = [(1, 7, 5), (3, 77, 33), (16, 100, 70), (64, 576, 200), (1, 1537, 9),
+          (160, 7, 7), (161, 33, 577), (200, 577, 70), (300, 576, 100)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
 def test_half_linear_matches_float64(isa, m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)
     bias = rng.standard_normal(n, dtype=np.float32)
     w16 = w.astype(np.float16)
+    y16 = _core.ops.linear(x, w16, bias)
+    assert_close(y16, x.astype(np.float64) @ w16.astype(np.float64).T + bias)
     wb, wb_values = bf16_bits(w)
-    for stored, values in [(w16, w16.astype(np.float64)), (wb, wb_values.astype(np.float64))]:
-        ref = x.astype(np.float64) @ values.T + bias
-        y = _core.ops.linear(x, stored, bias)
-        assert np.abs(y - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    yb = _core.ops.linear(x, wb, bias)
+    assert_close(yb, bf16_activations(isa, x) @ wb_values.astype(np.float64).T + bias)
+
+
+@pytest.mark.parametrize("m,k,inter", [(5, 64, 48), (160, 96, 64), (300, 577, 96)])
+def test_bf16_linear_gated_matches_torch(isa, m, k, inter):
+    """The gated FFN projection on bf16 weights (fused into the packed GEMM from 160 rows)."""
+    rng = np.random.default_rng(m + k + inter)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    wb, wb_values = bf16_bits(rng.standard_normal((2 * inter, k), dtype=np.float32))
+    gu = F.linear(torch.from_numpy(bf16_activations(isa, x)), torch.from_numpy(wb_values).double())
+    ref = (F.silu(gu[:, :inter]) * gu[:, inter:]).numpy()
+    assert_close(_core.ops.linear_gated(x, wb, "silu"), ref)
+
+
+def test_bf16_gemm_tracks_torch_bfloat16(isa):
+    """Against torch's own bfloat16 matmul (bf16 inputs, fp32 accumulation, bf16 result): pyxf keeps
+    the fp32 result, so the gap is torch's final rounding, at most half a bf16 ulp (2^-9 relative)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((200, 576), dtype=np.float32)
+    wb, wb_values = bf16_bits(rng.standard_normal((96, 576), dtype=np.float32) * 0.05)
+    xt = torch.from_numpy(bf16_activations(isa, x).astype(np.float32)).bfloat16()
+    ref = (xt @ torch.from_numpy(wb_values).bfloat16().T).float().numpy()
+    y = _core.ops.linear(x, wb, None)
+    assert np.abs(y - ref).max() <= 2.0**-8 * np.abs(ref).max()
+
+
+def test_avx512_bf16_listed_when_the_cpu_has_it():
+    """The bf16 table is offered exactly where avx512 is and the CPU has AVX512_BF16 (Linux flags)."""
+    isas = _core.info()["isas"]
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:
+        assert ("avx512_bf16" in isas) == ("avx512" in isas and "avx512_bf16" in flags)
 
 
 def test_half_weights_rejected_when_unsupported():

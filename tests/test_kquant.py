@@ -240,7 +240,7 @@ def test_k_quant_fallbacks_and_segments():
 
 
 def expected_specs(config, method):
-    from pyxf.model import expected_tensors
+    from pyxf.weights import expected_tensors
 
     shapes = {n: s for n, (s, _) in expected_tensors(config, max_tensors=10_000).items() if len(s) == 2}
     if config["tie_word_embeddings"]:

@@ -185,8 +185,8 @@ def reversal_batch(n, generator):
     return src, tgt
 
 
-@pytest.fixture(scope="module")
-def trained_reversal(tmp_path_factory):
+def train_reversal_model():
+    """A small torch.nn.Transformer trained to reverse digit strings (a few seconds)."""
     from pyxf.torch_models import TransformerSeq2Seq
 
     torch.manual_seed(0)
@@ -201,7 +201,12 @@ def trained_reversal(tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_reversal(tmp_path_factory):
+    model = train_reversal_model()
     root = tmp_path_factory.mktemp("reversal")
     model.save_pretrained(root / "torch")
     return model, pyxf.load(convert_quietly(root / "torch", root / "pyxf"))
@@ -398,8 +403,10 @@ def test_bad_input(marian, reference_pair):
 
 
 def test_decoder_only_generate_rejects_beam_options(tmp_path):
-    class Decoder:
-        is_encoder_decoder = False
+    from tiny_files import write_pyxf_model
 
+    decoder = pyxf.load(write_pyxf_model(tmp_path / "decoder"))
     with pytest.raises(TypeError, match="beam_size"):
-        pyxf.generate(Decoder(), [1, 2], beam_size=4)
+        pyxf.generate(decoder, [1, 2], beam_size=4)
+    with pytest.raises(TypeError, match="needs a loaded pyxf model"):
+        pyxf.generate(object(), [1, 2])

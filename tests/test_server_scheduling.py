@@ -151,3 +151,33 @@ def _wait(condition, timeout=30.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_draft_model_speculates_and_keeps_the_greedy_text(model, tmp_path):
+    """`--draft-model`: the 4-bit copy of the model drafts for the float32 model; concurrent greedy
+    requests (batched together) get exactly the text plain decoding gives."""
+    server = Server([f"{CHAT}={hub.float32_model_path()}", "--draft-model", hub.default_model_path()],
+                    log_path=tmp_path / "server.log")
+    try:
+        topics = ["the sea", "Rome", "owls"]
+        requests = [[{"role": "user", "content": f"One sentence about {topic}."}] for topic in topics]
+
+        async def run_all():
+            client = server.async_openai()
+            return await asyncio.gather(*(
+                client.chat.completions.create(model=CHAT, messages=m, max_tokens=24, temperature=0) for m in requests
+            ))
+
+        replies = asyncio.run(run_all())
+        stats = server.stats(CHAT)
+    finally:
+        server.stop()
+    for messages, reply in zip(requests, replies):
+        assert reply.choices[0].message.content == pyxf.generate(model, messages=messages, max_new_tokens=24)
+    assert stats["draft_tokens_accepted_total"] > 0
+
+
+def test_a_draft_model_that_cannot_draft_is_a_startup_error(tmp_path):
+    with pytest.raises(RuntimeError, match="pyxf: error: the draft model must be a decoder"):
+        Server([f"{CHAT}={hub.default_model_path()}", "--draft-model", hub.minilm_model_path()],
+               log_path=tmp_path / "server.log")

@@ -60,7 +60,7 @@ def pyxf_config(**overrides) -> dict:
 def pyxf_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights for every required tensor of a config (float16), biases of LayerNorms
     included."""
-    from pyxf.model import tensor_layout
+    from pyxf.spec import tensor_layout
 
     rng = np.random.default_rng(seed)
     layout = tensor_layout(config)
@@ -79,22 +79,22 @@ def write_pyxf_model(out, seed: int = 0, **overrides) -> Path:
 
 def write_pyxf_encoder(out, seed: int = 0, **overrides) -> Path:
     """A loadable BERT-style encoder directory (post-norm, learned positions, mean pooling)."""
-    config = pyxf_config(family="roberta", architecture="encoder", causal=False, norm="layernorm",
+    config = pyxf_config(**{**dict(family="roberta", architecture="encoder", causal=False, norm="layernorm",
                          norm_position="post", activation="gelu", gated_ffn=False, position="learned",
                          position_offset=0, type_vocab_size=0, max_position_embeddings=128, max_length=128,
                          pooler=False, pooling={"mode": "mean", "normalize": True}, classifier=None,
-                         tie_word_embeddings=False, chat_template=None, **overrides)
+                         tie_word_embeddings=False, chat_template=None), **overrides})
     return _write_model(out, config, seed, tokenizer_json(encoder=True))
 
 
 def write_pyxf_seq2seq(out, seed: int = 0, **overrides) -> Path:
     """A loadable encoder-decoder directory (the original Transformer's layout, sinusoidal
     positions, shared embeddings, no tokenizer: token ids in and out)."""
-    config = pyxf_config(family="transformer", architecture="encoder-decoder", num_encoder_layers=1,
+    config = pyxf_config(**{**dict(family="transformer", architecture="encoder-decoder", num_encoder_layers=1,
                          norm="layernorm", norm_position="post", activation="relu", gated_ffn=False,
                          position="sinusoidal", sinusoidal_layout="interleaved", max_position_embeddings=1 << 18,
                          shared_embeddings=True, decoder_start_token_id=0, embed_scale=4.0, tokenizer=None,
-                         chat_template=None, **overrides)
+                         chat_template=None), **overrides})
     return _write_model(out, config, seed, None)
 
 

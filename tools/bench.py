@@ -69,7 +69,8 @@ import bench_quant  # noqa: E402
 
 WORKLOADS = ("decode", "prefill", "batch8", "memory", "encode", "translate", "quality", "serve")
 DECODER_WORKLOADS = ("decode", "prefill", "batch8", "memory")
-DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_quant.QUANT_ENGINE_NAMES)
+DEFAULT_ENGINES = ("pyxf", "torch", "onnxruntime", "ctranslate2", *bench_peers.REDUCED_ENCODERS,
+                   *bench_quant.QUANT_ENGINE_NAMES)
 ENCODE = {"sentences": 512, "min_words": 40, "max_words": 120, "batch": 32, "max_length": 128}
 REFERENCE = "pyxf"
 PEER_FOR_RATIO = "torch"
@@ -180,7 +181,7 @@ def report_args(argv):
 
 def resolve_model(args):
     from pyxf import hub
-    from pyxf.model import read_config
+    from pyxf.config import read_config
 
     # The float32 engines' model: the default model's weights dequantized (pyxf convert --dequantize).
     model_dir = Path(args.model_dir).expanduser() if args.model_dir else hub.float32_model_path()
@@ -414,7 +415,8 @@ def results_table(engines, records, spec):
     engines = [e for e in engines if e not in bench_quant.QUANT_ENGINE_NAMES]  # their own table (report)
     labels = [bench_peers.ENGINES[e].label for e in engines]
     # pyxf / peer columns for the float peers; the quantized engines are compared in the roofline table
-    peers = [e for e in engines if e != REFERENCE and REFERENCE in engines and e not in bench_quant.QUANT_ENGINE_NAMES]
+    peers = [e for e in engines if e != REFERENCE and REFERENCE in engines and e not in bench_quant.QUANT_ENGINE_NAMES
+             and e not in bench_peers.REDUCED_ENCODERS]
     head = ["workload", *labels] + [f"pyxf / {bench_peers.ENGINES[p].label}" for p in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for workload, label, get, fmt, _ in ROWS:
@@ -668,7 +670,7 @@ def main(argv=None):
                     batch_prompts=batch, prefill_ids=prefill)
     if "encode" in args.workloads:
         from pyxf import hub
-        from pyxf.model import read_config
+        from pyxf.config import read_config
         from pyxf.tokenizer import Tokenizer
 
         cache = hub.cache_dir() / "bench"

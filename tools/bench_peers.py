@@ -323,11 +323,42 @@ class OnnxRuntimeEngine(_TokenizedEncoder):
         return self.path, "float32 ONNX, exported from the HF model"
 
 
+class PyxfReducedEncoder(PyxfEngine):
+    """pyxf's encoder in bfloat16 or int8, made at load from the float32 model (pyxf.load options)."""
+
+    workloads = ("encode",)
+    options = {}
+
+    def load(self):
+        import pyxf
+
+        self.pyxf = pyxf
+        pyxf.set_num_threads(self.threads)
+        self.encoder = pyxf.load(self.spec["encode_model_dir"], **self.options)
+
+    def weights(self):
+        return self.encoder.path / "model.safetensors", f"float32 safetensors, {self.options} at load"
+
+
+class PyxfEncoderBf16(PyxfReducedEncoder):
+    name = "pyxf-encode-bf16"
+    label = "pyxf bf16"
+    options = {"dtype": "bfloat16"}
+
+
+class PyxfEncoderInt8(PyxfReducedEncoder):
+    name = "pyxf-encode-int8"
+    label = "pyxf int8"
+    options = {"quantize": "int8"}
+
+
 class CTranslate2Engine(_TokenizedEncoder):
-    """CTranslate2's Encoder on the HF model converted by its TransformersConverter (cached), float32."""
+    """CTranslate2's Encoder on the HF model converted by its TransformersConverter (cached), in
+    float32 (and, as subclasses, its int8 / int8_float32 / bfloat16 compute types)."""
 
     name = "ctranslate2"
     label = "CTranslate2"
+    compute = "float32"
 
     def load(self):
         import ctranslate2  # (ImportError: not installed)
@@ -338,7 +369,7 @@ class CTranslate2Engine(_TokenizedEncoder):
         if not (out / "model.bin").is_file():
             ctranslate2.converters.TransformersConverter(self.spec["encode_hf_dir"]).convert(str(out), force=True)
         self.path = out / "model.bin"
-        self.encoder = ctranslate2.Encoder(str(out), device="cpu", compute_type="float32",
+        self.encoder = ctranslate2.Encoder(str(out), device="cpu", compute_type=self.compute,
                                            intra_threads=self.threads, inter_threads=1)
 
     def run_batch(self, batch, lengths):
@@ -348,14 +379,23 @@ class CTranslate2Engine(_TokenizedEncoder):
         return np.asarray(output.last_hidden_state)
 
     def versions(self):
-        return {"ctranslate2": self.ct2.__version__, "compute_type": "float32", "threads": self.threads}
+        return {"ctranslate2": self.ct2.__version__, "compute_type": self.compute, "threads": self.threads}
 
     def weights(self):
-        return self.path, "float32 CTranslate2 model, converted from the HF model"
+        return self.path, f"float32 CTranslate2 model, converted from the HF model, computing in {self.compute}"
+
+
+CT2_ENCODER_TYPES = ("int8", "int8_float32", "bfloat16")
+CT2_ENCODERS = [type(f"CTranslate2Engine_{c}", (CTranslate2Engine,),
+                     {"name": f"ctranslate2-{c}", "label": f"CTranslate2 {c}", "compute": c})
+                for c in CT2_ENCODER_TYPES]
 
 
 # Peers still to come (CTranslate2, llama.cpp, ONNX Runtime) register here.
-ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, OnnxRuntimeEngine, CTranslate2Engine)}
+ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, OnnxRuntimeEngine, CTranslate2Engine,
+                                     PyxfEncoderBf16, PyxfEncoderInt8, *CT2_ENCODERS)}
+# Encode-only variants of pyxf and CTranslate2 in reduced precision (the encode workload's extra columns).
+REDUCED_ENCODERS = (PyxfEncoderBf16.name, PyxfEncoderInt8.name, *(cls.name for cls in CT2_ENCODERS))
 
 # Quantized decoding: pyxf int8/q8_0/q4_0/q4_1, llama.cpp F32/Q8_0/Q4_0/Q4_1, CTranslate2 decoder
 # float32/int8 (tools/bench_quant.py).

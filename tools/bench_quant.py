@@ -39,9 +39,10 @@ import which_pyxf  # noqa: E402
 
 which_pyxf.use_checkout_if_built()  # the pyxf tools/bench.py uses
 
-PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m")
-GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m")
-LLAMA_ONLY = ("q4_k_m", "q5_k_m", "q6_k")  # made by llama.cpp's quantizer only (no pyxf.quant fallback)
+PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
+GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
+# made by llama.cpp's quantizer only (no pyxf.quant fallback)
+LLAMA_ONLY = ("q4_k_m", "q5_k_m", "q6_k", "bf16")
 QUALITY_FORMATS = ("q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
 CT2_TYPES = ("float32", "int8")
 
@@ -110,7 +111,8 @@ def llama_quantize(src, dst, fmt, threads):
     params.nthread = threads
     params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
                     "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-                    "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[fmt]
+                    "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+                    "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[fmt]
     partial = Path(str(dst) + ".partial")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {fmt} failed")
@@ -154,12 +156,14 @@ def prepare(gguf_path, cache, threads, want_ct2=True):
 
     for fmt in PYXF_FORMATS:
         out = cache / f"pyxf-{fmt}"
-        if fmt != "int8" and fmt not in files["gguf"]:
+        if fmt not in ("int8", "bf16") and fmt not in files["gguf"]:
             continue
         if not (out / "config.json").is_file():
             _log(f"converting pyxf {fmt}")
             if fmt == "int8":
                 convert(gguf_path, out, quantize="int8", progress=False)
+            elif fmt == "bf16":  # the F32 file's numbers rounded to bfloat16, as llama.cpp's BF16 file
+                convert(gguf_path, out, dequantize=True, dtype="bfloat16", progress=False)
             else:
                 convert(files["gguf"][fmt], out, progress=False)  # no flags: the GGUF's blocks kept
         files["pyxf"][fmt] = str(out)
@@ -395,7 +399,9 @@ def engines(Engine, PyxfEngine):
         def weights(self):
             from pyxf import quant
 
-            q = self.model.config["quantization"]
+            q = self.model.config.get("quantization")
+            if not q:
+                return self.model.path / "model.safetensors", f"{self.model.config['dtype']} safetensors, memory-mapped"
             kinds = sorted({fmt for spec in q["tensors"].values() for fmt in quant.formats_of(spec)})
             return self.model.path / "model.safetensors", f"{'/'.join(kinds)} safetensors ({q['method']}), memory-mapped"
 

@@ -239,7 +239,7 @@ def measure_level(server, prompts, clients, args, never_stop):
 def measure_serving(args, logdir):
     from ray import serve
 
-    from pyxf.model import read_config
+    from pyxf.config import read_config
     from pyxf.tokenizer import Tokenizer
 
     files = bench_serve.prepare_weights(args.threads)

@@ -433,7 +433,7 @@ def main(argv=None):
     # SIGTERM ends the run like Ctrl-C: the servers it started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import pyxf
-    from pyxf.model import read_config
+    from pyxf.config import read_config
     from pyxf.tokenizer import Tokenizer
 
     started = datetime.datetime.now(datetime.timezone.utc)

@@ -8,6 +8,7 @@ namespace pyxf::kernels {
 namespace generic { void fill_table(KernelTable* t); }
 namespace avx2 { void fill_table(KernelTable* t); }
 namespace avx512 { void fill_table(KernelTable* t); }
+namespace avx512bf16 { void fill_table(KernelTable* t); }
 
 namespace {
 
@@ -29,11 +30,17 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2");
 }
+// AVX512_BF16 (vdpbf16ps): Intel from Cooper Lake / Sapphire Rapids, AMD from Zen 4.
+bool has_avx512_bf16() {
+  __builtin_cpu_init();
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 
 const Isa kIsas[] = {
     {"generic", generic::fill_table, always},
     {"avx2", avx2::fill_table, has_avx2},
     {"avx512", avx512::fill_table, has_avx512},
+    {"avx512_bf16", avx512bf16::fill_table, has_avx512_bf16},
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 

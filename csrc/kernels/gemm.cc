@@ -1,13 +1,28 @@
 // y = x w^T (+ bias): a packed, cache-blocked GEMM for many rows (prefill, encoding) and a
 // streaming dot-product kernel for few rows (decode), where reading w once is all that matters.
+//
+// Compiled once per ISA, and once more as the `avx512_bf16` table (PYXF_BF16_DOT): there bfloat16
+// weights are multiplied by vdpbf16ps (pairs of bf16 products summed into fp32 lanes) with the
+// activations rounded to bf16, instead of being widened to float and multiplied by FMAs.
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
 
-namespace pyxf::kernels::PYXF_TARGET_NS {
+#if defined(PYXF_BF16_DOT)
+namespace pyxf::kernels::avx512 {
+void fill_table(KernelTable* t);
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+}  // namespace pyxf::kernels::avx512
+#endif
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+#if defined(PYXF_BF16_DOT)
+using avx512::gated_activation_row;  // this table adds GEMMs only; the rest is avx512's
+#else
+void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+#endif
 
 namespace {
 
@@ -31,81 +46,47 @@ inline int block_depth(long K) {
   return (int)((K + blocks - 1) / blocks);
 }
 
-// Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
-// N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad floats and
-// panel p of it at p * kc * NR.
 inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
 
-// Packs w (all of it) into `dst`; one pass over w, done once per call and shared by every thread.
-template <typename W>
-void pack_weights(const W* w, long K, long N, float* dst) {
-  const long n_pad = padded_cols(N), panels = n_pad / NR, depth = block_depth(K), k_blocks = (K + depth - 1) / depth;
-#pragma omp for schedule(static) collapse(2)
-  for (long kb = 0; kb < k_blocks; ++kb) {
-    for (long p = 0; p < panels; ++p) {
-      const long k0 = kb * depth;
-      const int kc = (int)lmin(depth, K - k0);
-      float* panel = dst + kb * depth * n_pad + p * kc * NR;
-      if constexpr (sizeof(W) == sizeof(float)) {
-        if ((p + 1) * NR <= N) {  // a whole panel of float columns: transposed by gathers
-          const float* src = w + p * NR * K + k0;
-          for (int k = 0; k < kc; ++k) {
-            for (int h = 0; h < NR; h += kLanes) vstore(panel + k * NR + h, vgather(src + h * K + k, K));
-          }
-          continue;
-        }
+// Scratch memory of the calling thread, one buffer per slot, kept between calls up to
+// kKeptScratchBytes (every layer's packed weights of the models we run fit); a larger request (a
+// vocabulary-sized head over many rows) gets its own allocation, freed with the Scratch.
+constexpr long kKeptScratchBytes = 16L << 20;
+enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kNumScratchSlots = 2 };
+
+class Scratch {
+ public:
+  Scratch(ScratchSlot slot, long bytes) : bytes_(bytes) {
+    static thread_local void* kept[kNumScratchSlots] = {};
+    static thread_local long capacity[kNumScratchSlots] = {};
+    if (bytes > kKeptScratchBytes) {
+      data_ = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    } else {
+      if (bytes > capacity[slot]) {
+        free(kept[slot]);
+        capacity[slot] = bytes;
+        kept[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
       }
-      for (int j = 0; j < NR; ++j) {
-        const long col = p * NR + j;
-        if (col < N) {
-          const W* src = w + col * K + k0;
-          for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
-        } else {
-          for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
-        }
-      }
+      data_ = kept[slot];
     }
   }
-}
-
-// Scratch for the packed weights of the calling thread's GEMMs: kept between calls up to
-// kKeptPackingFloats (every layer's weights of the models we run fit); a larger request (a
-// vocabulary-sized head over many rows) gets its own allocation, freed by release_packing_buffer.
-constexpr long kKeptPackingFloats = 4L << 20;  // 16 MiB
-
-float* packing_buffer(long floats) {
-  static thread_local float* buffer = nullptr;
-  static thread_local long capacity = 0;
-  if (floats > kKeptPackingFloats) return (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
-  if (floats > capacity) {
-    free(buffer);
-    capacity = floats;
-    buffer = (float*)aligned_alloc(64, (sizeof(float) * capacity + 63) / 64 * 64);
+  ~Scratch() {
+    if (bytes_ > kKeptScratchBytes) free(data_);
   }
-  return buffer;
-}
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
 
-void release_packing_buffer(float* buffer, long floats) {
-  if (floats > kKeptPackingFloats) free(buffer);
-}
+ private:
+  void* data_;
+  long bytes_;
+};
 
-// c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
+// Writes a finished register tile: c[ROWS][ncols] (+)= acc + bias (bias may be null).
 template <int ROWS>
-void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, long ldc,
-                int ncols, bool load_c, const float* bias) {
-  Vf acc0[ROWS], acc1[ROWS];
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
-  for (int k = 0; k < kc; ++k) {
-    const Vf b0 = vload(panel + k * NR);
-    const Vf b1 = vload(panel + k * NR + kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      const Vf ar = vset1(a[r * lda + k]);
-      acc0[r] = vfma(ar, b0, acc0[r]);
-      acc1[r] = vfma(ar, b1, acc1[r]);
-    }
-  }
+inline void store_tile(const Vf* acc0, const Vf* acc1, float* c, long ldc, int ncols, bool load_c,
+                       const float* bias) {
   if (ncols == NR) {
     const Vf bias0 = bias ? vload(bias) : vzero();
     const Vf bias1 = bias ? vload(bias + kLanes) : vzero();
@@ -133,47 +114,244 @@ void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, 
   }
 }
 
-using MicroTile = void (*)(const float*, long, const float*, int, float*, long, int, bool,
-                           const float*);
+template <typename A, typename P>
+using MicroTile = void (*)(const A* a, long lda, const P* panel, int kc, float* c, long ldc, int ncols,
+                           bool load_c, const float* bias);
 
-template <int... R>
-struct TileTable {
-  static constexpr MicroTile fns[] = {nullptr, micro_tile<R>...};
-};
+// ---- float panels: the weights widened to float once per call, FMAs on float activations ----
+
+// The micro tiles of float panels: FMAs, one broadcast activation per row and depth.
+struct FloatTiles {
+  // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR], then + bias when given.
+  template <int ROWS>
+  static void micro_tile(const float* a, long lda, const float* panel, int kc, float* c, long ldc, int ncols,
+                         bool load_c, const float* bias) {
+    Vf acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
+    for (int k = 0; k < kc; ++k) {
+      const Vf b0 = vload(panel + k * NR);
+      const Vf b1 = vload(panel + k * NR + kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const Vf ar = vset1(a[r * lda + k]);
+        acc0[r] = vfma(ar, b0, acc0[r]);
+        acc1[r] = vfma(ar, b1, acc1[r]);
+      }
+    }
+    store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
+  }
+
+  template <int... R>
+  struct TileTable {
+    static constexpr MicroTile<float, float> fns[] = {nullptr, micro_tile<R>...};
+  };
 #if defined(PYXF_TARGET_avx512)
-using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
 #elif defined(PYXF_TARGET_avx2)
-using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
 #else
-using Tiles = TileTable<1, 2, 3, 4>;
+  using Tiles = TileTable<1, 2, 3, 4>;
 #endif
+};
 
-// One depth block of one chunk: `panels` packed panels (kc x NR each, in L1 in turn) against the
-// row tiles of x rows [m_begin, m_end) (in L2). Column p NR + j of row m goes to
+// Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
+// N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad
+// floats and panel p of it at p * kc * NR.
+template <typename W>
+struct FloatPanels : FloatTiles {
+  using Weight = W;
+  using Packed = float;
+  using Operand = float;  // what the micro tile reads of x
+
+  static int depth(long K) { return block_depth(K); }
+  static int stored_depth(int kc) { return kc; }
+  static long packed_elements(long K, long N) { return padded_cols(N) * K; }
+
+  // Packs w (all of it) into `dst`; one pass over w, shared by every thread (an omp for).
+  static void pack(const W* w, long K, long N, float* dst) {
+    const long n_pad = padded_cols(N), panels = n_pad / NR, dep = depth(K), k_blocks = (K + dep - 1) / dep;
+#pragma omp for schedule(static) collapse(2)
+    for (long kb = 0; kb < k_blocks; ++kb) {
+      for (long p = 0; p < panels; ++p) {
+        const long k0 = kb * dep;
+        const int kc = (int)lmin(dep, K - k0);
+        float* panel = dst + kb * dep * n_pad + p * kc * NR;
+        if constexpr (sizeof(W) == sizeof(float)) {
+          if ((p + 1) * NR <= N) {  // a whole panel of float columns: transposed by gathers
+            const float* src = w + p * NR * K + k0;
+            for (int k = 0; k < kc; ++k) {
+              for (int h = 0; h < NR; h += kLanes) vstore(panel + k * NR + h, vgather(src + h * K + k, K));
+            }
+            continue;
+          }
+        }
+        for (int j = 0; j < NR; ++j) {
+          const long col = p * NR + j;
+          if (col < N) {
+            const W* src = w + col * K + k0;
+            for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
+          } else {
+            for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
+          }
+        }
+      }
+    }
+  }
+
+  // The activations as the micro tiles read them: x itself.
+  struct Activations {
+    Activations(const float* x, long, long K) : data(x), ld(K) {}
+    const float* data;
+    long ld;
+  };
+};
+
+#if defined(PYXF_BF16_DOT)
+// ---- bf16 pair panels for vdpbf16ps ----
+//
+// vdpbf16ps multiplies pairs: lane i of the accumulator gains a[2i] b[2i] + a[2i+1] b[2i+1] (bf16
+// products, fp32 sums). A packed panel holds its NR columns by pairs of depths, [kc / 2][NR][2]
+// bf16, so one 512-bit load is 16 columns x 2 depths; the activations are rounded to bf16 once per
+// call, rows of even length (a zero past an odd K), and a row's pair at depth k is one 32-bit
+// broadcast. Depth blocks are even (the last one is padded with a zero depth when K is odd), so block
+// kb starts at kb * depth * n_pad elements and panel p of it at p * stored_depth(kc) * NR.
+inline long round_up_even(long n) { return (n + 1) & ~1L; }
+
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// dst[m][0, ld) = bf16(x[m][0, K)), round to nearest even, zeros past K (ld >= K).
+void round_rows_to_bf16(const float* x, long M, long K, long ld, uint16_t* dst) {
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+  for (long m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    uint16_t* out = dst + m * ld;
+    long k = 0;
+    for (; k + 16 <= K; k += 16) _mm256_storeu_si256((__m256i*)(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+    if (k < K) {
+      const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + k));
+      _mm256_mask_storeu_epi16(out + k, mask, (__m256i)v);
+    }
+    for (k = K; k < ld; ++k) out[k] = 0;
+  }
+}
+
+struct Bf16PairPanels {
+  using Weight = bf16;
+  using Packed = uint16_t;
+  using Operand = uint16_t;
+
+  static int depth(long K) { return (int)round_up_even(block_depth(K)); }
+  static int stored_depth(int kc) { return (int)round_up_even(kc); }
+  static long packed_elements(long K, long N) { return padded_cols(N) * round_up_even(K); }
+
+  static void pack(const bf16* w, long K, long N, uint16_t* dst) {
+    const long n_pad = padded_cols(N), panels = n_pad / NR, dep = depth(K), k_blocks = (K + dep - 1) / dep;
+    const uint16_t* bits = &w->bits;
+#pragma omp for schedule(static) collapse(2)
+    for (long kb = 0; kb < k_blocks; ++kb) {
+      for (long p = 0; p < panels; ++p) {
+        const long k0 = kb * dep;
+        const int kc = (int)lmin(dep, K - k0), pairs = stored_depth(kc) / 2;
+        uint16_t* panel = dst + kb * dep * n_pad + p * stored_depth(kc) * NR;
+        if ((p + 1) * NR <= N && K % 2 == 0) {
+          // Whole panel, even rows: a pair of depths is one 32-bit element of a row, so the panel is
+          // the transpose of 32-bit elements, made by gathers.
+          const float* src = (const float*)(bits + p * NR * K + k0);
+          float* out = (float*)panel;
+          for (int q = 0; q < pairs; ++q) {
+            for (int h = 0; h < NR; h += kLanes) vstore(out + q * NR + h, vgather(src + h * (K / 2) + q, K / 2));
+          }
+          continue;
+        }
+        for (int j = 0; j < NR; ++j) {
+          const long col = p * NR + j;
+          for (int k = 0; k < 2 * pairs; ++k) {
+            panel[((k / 2) * NR + j) * 2 + k % 2] = col < N && k < kc ? bits[col * K + k0 + k] : 0;
+          }
+        }
+      }
+    }
+  }
+
+  // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR] on bf16 pairs (kc even), then + bias.
+  template <int ROWS>
+  static void micro_tile(const uint16_t* a, long lda, const uint16_t* panel, int kc, float* c, long ldc,
+                         int ncols, bool load_c, const float* bias) {
+    Vf acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
+    for (int q = 0; q < kc / 2; ++q) {
+      const __m512bh b0 = as_bh(_mm512_loadu_si512(panel + q * 2 * NR));
+      const __m512bh b1 = as_bh(_mm512_loadu_si512(panel + q * 2 * NR + 2 * kLanes));
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t pair;
+        memcpy(&pair, a + r * lda + 2 * q, 4);
+        const __m512bh ar = as_bh(_mm512_set1_epi32(pair));
+        acc0[r].v = _mm512_dpbf16_ps(acc0[r].v, ar, b0);
+        acc1[r].v = _mm512_dpbf16_ps(acc1[r].v, ar, b1);
+      }
+    }
+    store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
+  }
+
+  template <int... R>
+  struct TileTable {
+    static constexpr MicroTile<uint16_t, uint16_t> fns[] = {nullptr, micro_tile<R>...};
+  };
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+
+  // The activations rounded to bf16, rows of even length, in the calling thread's scratch.
+  struct Activations {
+    Activations(const float* x, long M, long K)
+        : ld(round_up_even(K)), scratch(kRoundedActivations, sizeof(uint16_t) * M * ld) {
+      round_rows_to_bf16(x, M, K, ld, scratch.as<uint16_t>());
+      data = scratch.as<uint16_t>();
+    }
+    long ld;
+    Scratch scratch;
+    const uint16_t* data;
+  };
+};
+#endif  // PYXF_BF16_DOT
+
+// One depth block of one chunk: `panels` packed panels (L1 in turn) against the row tiles of
+// activation rows [m_begin, m_end) (in L2). Column p NR + j of row m goes to
 // c[(m - m_begin) * ldc + p NR + j]; bias (first depth block only) is indexed alike.
-void chunk_block(const float* x, long K, long k0, int kc, const float* block, int nc, long m_begin, long m_end,
-                 float* c, long ldc, bool load_c, const float* bias) {
-  const int panels = (nc + NR - 1) / NR;
+template <class P>
+void chunk_block(const typename P::Operand* a, long lda, long k0, int kc, const typename P::Packed* block, int nc,
+                 long m_begin, long m_end, float* c, long ldc, bool load_c, const float* bias) {
+  const int panels = (nc + NR - 1) / NR, stored = P::stored_depth(kc);
   for (int p = 0; p < panels; ++p) {
     for (long m0 = m_begin; m0 < m_end; m0 += MR) {
       const int rows = (int)lmin(MR, m_end - m0);
-      Tiles::fns[rows](x + m0 * K + k0, K, block + (long)p * kc * NR, kc, c + (m0 - m_begin) * ldc + p * NR, ldc,
-                       imin(NR, nc - p * NR), load_c, bias ? bias + p * NR : nullptr);
+      P::Tiles::fns[rows](a + m0 * lda + k0, lda, block + (long)p * stored * NR, stored, c + (m0 - m_begin) * ldc + p * NR,
+                          ldc, imin(NR, nc - p * NR), load_c, bias ? bias + p * NR : nullptr);
     }
   }
 }
 
-template <typename W>
-void linear_packed(const float* x, long M, long K, const W* w, long N, const float* bias,
+// Where the panels of columns [n0, ...) of depth block k0 start in the packed weights.
+template <class P>
+inline long block_offset(long k0, long n0, int kc, long n_pad) {
+  return k0 * n_pad + n0 * P::stored_depth(kc);
+}
+
+template <class P>
+void linear_packed(const float* x, long M, long K, const typename P::Weight* w, long N, const float* bias,
                    float* y, long ldy, bool accumulate) {
   const long n_pad = padded_cols(N);
-  float* packed = packing_buffer(n_pad * K);
+  const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, N));
+  typename P::Packed* packed = packing.template as<typename P::Packed>();
+  const typename P::Activations a(x, M, K);
   const long n_chunks = (N + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
-  const int depth = block_depth(K);
+  const int depth = P::depth(K);
 #pragma omp parallel
   {
-    pack_weights(w, K, N, packed);  // ends with the omp for's barrier
+    P::pack(w, K, N, packed);  // ends with the omp for's barrier
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (long ci = 0; ci < n_chunks; ++ci) {
       for (long mb = 0; mb < m_blocks; ++mb) {
@@ -182,29 +360,30 @@ void linear_packed(const float* x, long M, long K, const W* w, long N, const flo
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           const bool first = k0 == 0;
-          // panel n0 / NR of depth block k0 / depth
-          chunk_block(x, K, k0, kc, packed + k0 * n_pad + n0 * kc, nc, m_begin, m_end, y + m_begin * ldy + n0, ldy,
-                      !first || accumulate, first && bias ? bias + n0 : nullptr);
+          chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, n0, kc, n_pad), nc, m_begin, m_end,
+                         y + m_begin * ldy + n0, ldy, !first || accumulate, first && bias ? bias + n0 : nullptr);
         }
       }
     }
   }
-  release_packing_buffer(packed, n_pad * K);
 }
 
 // y[M, I] = act(x gate^T) * (x up^T), w = [gate; up] with I % NR == 0: a work item computes the
 // gate and up columns of one chunk into an L2 scratch tile and applies the activation there, so
 // the 2 I-wide product never goes to memory.
-template <typename W>
-void linear_packed_gated(const float* x, long M, long K, const W* w, long I, Activation act, float* y) {
+template <class P>
+void linear_packed_gated(const float* x, long M, long K, const typename P::Weight* w, long I, Activation act,
+                         float* y) {
   const long N = 2 * I, n_pad = padded_cols(N);
-  float* packed = packing_buffer(n_pad * K);
+  const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, N));
+  typename P::Packed* packed = packing.template as<typename P::Packed>();
+  const typename P::Activations a(x, M, K);
   const long n_chunks = (I + NC - 1) / NC;
   const long m_blocks = (M + MC - 1) / MC;
-  const int depth = block_depth(K);
+  const int depth = P::depth(K);
 #pragma omp parallel
   {
-    pack_weights(w, K, N, packed);  // ends with the omp for's barrier
+    P::pack(w, K, N, packed);  // ends with the omp for's barrier
     float* scratch = (float*)aligned_alloc(64, sizeof(float) * MC * 2 * NC);  // [MC][gate NC | up NC]
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (long ci = 0; ci < n_chunks; ++ci) {
@@ -214,8 +393,8 @@ void linear_packed_gated(const float* x, long M, long K, const W* w, long I, Act
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
-            chunk_block(x, K, k0, kc, packed + k0 * n_pad + (half * I + n0) * kc, nc, m_begin, m_end,
-                        scratch + half * NC, 2 * NC, k0 != 0, nullptr);
+            chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, half * I + n0, kc, n_pad), nc,
+                           m_begin, m_end, scratch + half * NC, 2 * NC, k0 != 0, nullptr);
           }
         }
         for (long m = m_begin; m < m_end; ++m) {
@@ -226,12 +405,11 @@ void linear_packed_gated(const float* x, long M, long K, const W* w, long I, Act
     }
     free(scratch);
   }
-  release_packing_buffer(packed, n_pad * K);
 }
 
-// Dot products of up to 4 rows of x with 4 rows of w: 16 independent accumulators.
+// Dot products of up to 4 rows of x (row stride ldx) with WR rows of w: 16 independent accumulators.
 template <int XR, int WR, typename W>
-void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const float* bias,
+void dot_tile(const float* x, long ldx, long K, const W* w, float* y, long ldy, const float* bias,
               bool accumulate) {
   Vf acc[XR][WR];
   for (int i = 0; i < XR; ++i)
@@ -241,7 +419,7 @@ void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const floa
     Vf wv[WR];
     for (int j = 0; j < WR; ++j) wv[j] = vload(w + j * K + k);
     for (int i = 0; i < XR; ++i) {
-      const Vf xv = vload(x + i * K + k);
+      const Vf xv = vload(x + i * ldx + k);
       for (int j = 0; j < WR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
     }
   }
@@ -250,7 +428,7 @@ void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const floa
     Vf wv[WR];
     for (int j = 0; j < WR; ++j) wv[j] = vload_n(w + j * K + k, rest);
     for (int i = 0; i < XR; ++i) {
-      const Vf xv = vload_n(x + i * K + k, rest);
+      const Vf xv = vload_n(x + i * ldx + k, rest);
       for (int j = 0; j < WR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
     }
   }
@@ -262,21 +440,64 @@ void dot_tile(const float* x, long K, const W* w, float* y, long ldy, const floa
   }
 }
 
-template <int WR, typename W>
-void dot_rows(const float* x, long M, long K, const W* w, float* y, long ldy,
+#if defined(PYXF_BF16_DOT)
+// The same on bf16 activations and bf16 weights: vdpbf16ps takes 32 depths a step.
+constexpr int kPrefetchRows = 8;
+template <int XR, int WR, typename W>
+void dot_tile(const uint16_t* x, long ldx, long K, const W* w, float* y, long ldy, const float* bias,
+              bool accumulate) {
+  static_assert(sizeof(W) == 2, "bf16 weights");
+  const uint16_t* wb = &w->bits;
+  __m512 acc[XR][WR];
+  for (int i = 0; i < XR; ++i)
+    for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_setzero_ps();
+  long k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[WR];
+    for (int j = 0; j < WR; ++j) {
+      // The next tiles' rows, ahead of the hardware prefetcher (rows of bf16 are short streams).
+      _mm_prefetch((const char*)(wb + (j + kPrefetchRows) * K + k), _MM_HINT_T0);
+      wv[j] = as_bh(_mm512_loadu_si512(wb + j * K + k));
+    }
+    for (int i = 0; i < XR; ++i) {
+      const __m512bh xv = as_bh(_mm512_loadu_si512(x + i * ldx + k));
+      for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh wv[WR];
+    for (int j = 0; j < WR; ++j) wv[j] = as_bh(_mm512_maskz_loadu_epi16(mask, wb + j * K + k));
+    for (int i = 0; i < XR; ++i) {
+      const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(mask, x + i * ldx + k));
+      for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < XR; ++i) {
+    for (int j = 0; j < WR; ++j) {
+      float v = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + v : v;
+    }
+  }
+}
+#endif
+
+template <int WR, typename A, typename W>
+void dot_rows(const A* x, long ldx, long M, long K, const W* w, float* y, long ldy,
               const float* bias, bool accumulate) {
   long m = 0;
-  for (; m + 4 <= M; m += 4) dot_tile<4, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate);
+  for (; m + 4 <= M; m += 4) dot_tile<4, WR, W>(x + m * ldx, ldx, K, w, y + m * ldy, ldy, bias, accumulate);
   switch (M - m) {
-    case 3: dot_tile<3, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
-    case 2: dot_tile<2, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
-    case 1: dot_tile<1, WR, W>(x + m * K, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 3: dot_tile<3, WR, W>(x + m * ldx, ldx, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 2: dot_tile<2, WR, W>(x + m * ldx, ldx, K, w, y + m * ldy, ldy, bias, accumulate); break;
+    case 1: dot_tile<1, WR, W>(x + m * ldx, ldx, K, w, y + m * ldy, ldy, bias, accumulate); break;
     default: break;
   }
 }
 
-template <typename W>
-void linear_small_m(const float* x, long M, long K, const W* w, long N, const float* bias,
+// x: the activations as the policy's micro tiles read them (row stride ldx).
+template <typename A, typename W>
+void linear_small_m(const A* x, long ldx, long M, long K, const W* w, long N, const float* bias,
                     float* y, long ldy, bool accumulate) {
   const long blocks = (N + 3) / 4;
 #pragma omp parallel for schedule(static) if (N * K > 32768)
@@ -285,13 +506,25 @@ void linear_small_m(const float* x, long M, long K, const W* w, long N, const fl
     const W* wb = w + n * K;
     const float* bb = bias ? bias + n : nullptr;
     switch (lmin(4, N - n)) {
-      case 4: dot_rows<4, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      case 3: dot_rows<3, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      case 2: dot_rows<2, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
-      default: dot_rows<1, W>(x, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 4: dot_rows<4>(x, ldx, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 3: dot_rows<3>(x, ldx, M, K, wb, y + n, ldy, bb, accumulate); break;
+      case 2: dot_rows<2>(x, ldx, M, K, wb, y + n, ldy, bb, accumulate); break;
+      default: dot_rows<1>(x, ldx, M, K, wb, y + n, ldy, bb, accumulate); break;
     }
   }
 }
+
+// How weights of type W are multiplied: widened to float, except bf16 where vdpbf16ps runs.
+template <typename W>
+struct PanelsFor {
+  using type = FloatPanels<W>;
+};
+#if defined(PYXF_BF16_DOT)
+template <>
+struct PanelsFor<bf16> {
+  using type = Bf16PairPanels;
+};
+#endif
 
 }  // namespace
 
@@ -299,15 +532,17 @@ void linear_small_m(const float* x, long M, long K, const W* w, long N, const fl
 template <typename W>
 void linear_strided(const float* x, long M, long K, const W* w, long N, const float* bias, float* y,
                     long ldy, bool accumulate) {
+  using P = typename PanelsFor<W>::type;
   if (K <= 0) {  // an empty sum: y is the bias
     for (long m = 0; m < M; ++m)
       for (long n = 0; n < N; ++n) y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
     return;
   }
   if (M < kFloatGemmRows) {
-    linear_small_m(x, M, K, w, N, bias, y, ldy, accumulate);
+    const typename P::Activations a(x, M, K);
+    linear_small_m(a.data, a.ld, M, K, w, N, bias, y, ldy, accumulate);
   } else {
-    linear_packed(x, M, K, w, N, bias, y, ldy, accumulate);
+    linear_packed<P>(x, M, K, w, N, bias, y, ldy, accumulate);
   }
 }
 template void linear_strided<float>(const float*, long, long, const float*, long, const float*,
@@ -331,12 +566,18 @@ void linear(const float* x, long M, long K, const void* w, WeightType wt, long N
 
 void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
                   float* y) {
-  if (M >= kFloatGemmRows && I % NR == 0) {
+  if (M >= kFloatGemmRows && I % NR == 0 && K > 0) {
     switch (wt) {
-      case WeightType::kBF16: linear_packed_gated(x, M, K, static_cast<const bf16*>(w), I, act, y); return;
-      case WeightType::kF16: linear_packed_gated(x, M, K, static_cast<const f16*>(w), I, act, y); return;
+      case WeightType::kBF16:
+        linear_packed_gated<PanelsFor<bf16>::type>(x, M, K, static_cast<const bf16*>(w), I, act, y);
+        return;
+      case WeightType::kF16:
+        linear_packed_gated<PanelsFor<f16>::type>(x, M, K, static_cast<const f16*>(w), I, act, y);
+        return;
       case WeightType::kF32:
-      default: linear_packed_gated(x, M, K, static_cast<const float*>(w), I, act, y); return;
+      default:
+        linear_packed_gated<PanelsFor<float>::type>(x, M, K, static_cast<const float*>(w), I, act, y);
+        return;
     }
   }
   float* gu = (float*)malloc(sizeof(float) * M * 2 * I + 64);
@@ -363,5 +604,15 @@ void load_row(const void* w, WeightType wt, long row, long n, float* out) {
       break;
   }
 }
+
+#if defined(PYXF_BF16_DOT)
+// The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps).
+void fill_table(KernelTable* t) {
+  avx512::fill_table(t);
+  t->name = "avx512_bf16";
+  t->linear = linear;
+  t->linear_gated = linear_gated;
+}
+#endif
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS

@@ -1,6 +1,9 @@
-// The normalized description of a model, filled from pyxf's config.json by the bindings.
+// The normalized description of a model, and what config.json's keys mean to the core: defaults,
+// enumerations, and the values derived from them (the configs of an encoder-decoder's two stacks).
+// The bindings only hand over the keys (ConfigValues); the meaning is here.
 #pragma once
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -39,6 +42,8 @@ struct ModelConfig {
   float attn_scale = 0.0f;       // attention score scale; 0: 1/sqrt(head_dim) (T5: 1)
   int rel_pos_radius = 0;        // relative position bias table radius (T5), with ModelWeights::rel_pos_bias
   float head_scale = 1.0f;       // the LM head's input is multiplied by this (tied T5: hidden^-0.5)
+  bool has_embed_norm = false;   // encoders: a norm of the summed embeddings (embed_norm.*) may be present
+  bool optional_final_norm = false;  // encoder-decoder stacks: a final norm may follow post-norm blocks
 
   // Longest sequence the position scheme can address.
   int max_sequence() const {
@@ -50,5 +55,33 @@ struct ModelConfig {
   int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
   int ffn_width() const { return gated_ffn ? 2 * intermediate_size : intermediate_size; }
 };
+
+// config.json's values as the bindings read them; every accessor throws std::invalid_argument
+// naming the key when it is missing or of the wrong type. has(): present and not null.
+class ConfigValues {
+ public:
+  virtual ~ConfigValues() = default;
+  virtual bool has(const std::string& key) const = 0;
+  virtual long integer(const std::string& key) const = 0;
+  virtual double number(const std::string& key) const = 0;
+  virtual bool boolean(const std::string& key) const = 0;
+  virtual std::string text(const std::string& key) const = 0;
+  virtual std::vector<float> floats(const std::string& key) const = 0;
+};
+
+// "silu" | "gelu" | "gelu_tanh" | "relu"; std::invalid_argument otherwise.
+kernels::Activation activation_from_name(const std::string& name);
+
+// A decoder-only or encoder model (config.json "architecture" decoder | encoder). Besides
+// config.json's keys the core reads "rope_inv_freq" and "rope_attention_scaling" (made in Python
+// from rope_theta / rope_scaling) for RoPE models.
+ModelConfig model_config(const ConfigValues& values);
+
+// An encoder-decoder model's two stacks: sinusoidal positions arrive as tables and become learned
+// ones, T5's relative positions arrive as bias tables by distance (radius "rel_pos_radius").
+struct Seq2SeqConfig {
+  ModelConfig encoder, decoder;
+};
+Seq2SeqConfig seq2seq_config(const ConfigValues& values);
 
 }  // namespace pyxf

@@ -10,18 +10,25 @@
 namespace pyxf {
 
 struct Engine::Sequence {
-  Sequence(int64_t id, Request r, const KVPool* pool, int vocab_size)
+  Sequence(int64_t id, Request r, const KVPool* pool, const KVPool* draft_pool, int vocab_size)
       : id(id),
         request(std::move(r)),
         tokens(request.prompt),
         prompt_len((int)request.prompt.size()),
         cache(pool),
+        draft_cache(draft_pool),
         sampler(request.sampling, request.seed, vocab_size) {
     for (int32_t t : tokens) sampler.observe(t);
   }
 
   // Tokens whose keys and values are not in the cache yet: the prompt's rest, or the last sampled one.
   int pending() const { return (int)tokens.size() - cache.length(); }
+  // Leading positions both models hold (the draft model's cache, when the engine has one, may lag
+  // the target's by the tokens of the last step).
+  int computed(bool with_draft) const {
+    return with_draft ? std::min(cache.length(), draft_cache.length()) : cache.length();
+  }
+  bool drafts_with_model() const { return draft_slots > 0 && request.draft_model; }
 
   int64_t id;
   Request request;
@@ -29,12 +36,15 @@ struct Engine::Sequence {
   int prompt_len;
   int generated = 0;
   KVCache cache;                // cache.length(): tokens computed
+  KVCache draft_cache;          // the draft model's (engines with one): the same page table, its own pool
   Sampler sampler;
   int published = 0;            // leading pages offered to (or found in) the prefix cache
   uint64_t prefix = 0;          // id of the prefix those pages end
   int cached_tokens = 0;
   int step_tokens = 0;          // tokens this step runs
+  int draft_slots = 0;          // positions reserved this step for drafts
   std::vector<int32_t> drafts;  // speculative tokens this step verifies
+  std::vector<float> draft_probs;  // [drafts][vocab]: the distributions the draft model drew them from
   std::vector<int32_t> step_input;
   bool running = false;         // in running_, else waiting
   bool done = false;
@@ -60,21 +70,40 @@ std::vector<int32_t> prompt_lookup(const std::vector<int32_t>& tokens, int max_d
   return {};
 }
 
-int page_budget(const ModelConfig& c, size_t bytes) {
-  const size_t page = KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
-  return (int)std::min<size_t>(bytes / page, 1 << 24);
+size_t page_bytes(const Transformer* model) {
+  if (!model) return 0;
+  const ModelConfig& c = model->config();
+  return KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
+}
+
+// Pages of the budget: a page numbers the target's and the draft model's positions together.
+int page_budget(const Transformer& model, const Transformer* draft, size_t bytes) {
+  return (int)std::min<size_t>(bytes / (page_bytes(&model) + page_bytes(draft)), 1 << 24);
+}
+
+std::unique_ptr<KVPool> draft_pool(const Transformer* draft, int num_pages) {
+  if (!draft) return nullptr;
+  const ModelConfig& c = draft->config();
+  return std::make_unique<KVPool>(c.num_layers, c.num_kv_heads, c.head_dim, num_pages);
 }
 
 }  // namespace
 
-Engine::Engine(const Transformer& model, const EngineOptions& options)
+Engine::Engine(const Transformer& model, const Transformer* draft, const EngineOptions& options)
     : model_(model),
+      draft_(draft),
       options_(options),
       pool_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
-            page_budget(model.config(), options.kv_cache_bytes)),
+            page_budget(model, draft, options.kv_cache_bytes)),
+      draft_pool_(draft_pool(draft, pool_.num_pages())),
       pages_(pool_.num_pages()) {
   const ModelConfig& c = model.config();
   if (!c.has_lm_head) throw std::invalid_argument("the engine needs a decoder model (one with an LM head)");
+  if (draft && !draft->config().has_lm_head) throw std::invalid_argument("the draft model must be a decoder");
+  if (draft && draft->config().vocab_size != c.vocab_size) {
+    throw std::invalid_argument("the draft model's vocabulary (" + std::to_string(draft->config().vocab_size) +
+                                " tokens) differs from the model's (" + std::to_string(c.vocab_size) + ")");
+  }
   if (options_.max_batch <= 0) throw std::invalid_argument("max_batch must be positive");
   if (options_.prefill_chunk <= 0) throw std::invalid_argument("prefill_chunk must be positive");
   if (options_.max_queue < 0) throw std::invalid_argument("max_queue must be >= 0");
@@ -83,6 +112,7 @@ Engine::Engine(const Transformer& model, const EngineOptions& options)
   if (options_.context_length <= 0 || options_.context_length > c.max_sequence()) {
     options_.context_length = c.max_sequence();
   }
+  if (draft) options_.context_length = std::min(options_.context_length, draft->config().max_sequence());
   options_.context_length = std::min(options_.context_length, pool_.num_pages() * kPageTokens);
   thread_ = std::thread([this] { run(); });
 }
@@ -106,6 +136,7 @@ int64_t Engine::submit(Request request) {
     if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("logit_bias token " + std::to_string(t) + " is outside the vocabulary");
   }
   if (request.max_new_tokens <= 0) throw std::invalid_argument("max_new_tokens must be positive");
+  if (request.draft_model && !draft_) throw std::invalid_argument("this engine has no draft model");
   if (request.top_logprobs > c.vocab_size) throw std::invalid_argument("top_logprobs exceeds the vocabulary");
   const long total = n + request.max_new_tokens;
   if (total > options_.context_length) {
@@ -114,7 +145,7 @@ int64_t Engine::submit(Request request) {
                                 " tokens, more than the context length " + std::to_string(options_.context_length));
   }
   std::vector<uint32_t> first_mask = std::move(request.first_mask);
-  auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, c.vocab_size);
+  auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, draft_pool_.get(), c.vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw std::logic_error("the engine is closed");
   if (n_waiting_ >= options_.max_queue) {
@@ -202,13 +233,31 @@ void Engine::run() {
   }
 }
 
-// One scheduler step: new requests and cancellations in, one forward pass, tokens out.
+// One scheduler step: new requests and cancellations in, the draft model's passes (engines with
+// one), one forward pass of the target, tokens out.
 bool Engine::step() {
   take_requests();
   std::vector<Sequence*> batch;
   schedule(batch);
   if (batch.empty()) return false;
 
+  std::vector<TokenEvent> events;
+  adopt_num_threads();
+  if (draft_) run_draft_model(batch, events);
+  forward_target(batch, events);
+  running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+                 running_.end());
+  ++steps_;
+  update_stats();
+  emit(events);
+  return true;
+}
+
+// The target's forward pass over the step's sequences (those not finished already), then each
+// sequence's new token, or the verification of its drafts.
+void Engine::forward_target(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events) {
+  batch.erase(std::remove_if(batch.begin(), batch.end(), [](Sequence* s) { return s->done; }), batch.end());
+  if (batch.empty()) return;
   std::vector<SeqBatch> rows;
   rows.reserve(batch.size());
   for (Sequence* s : batch) {
@@ -225,9 +274,6 @@ bool Engine::step() {
   }
   const int vocab = model_.config().vocab_size;
   logits_.resize((size_t)Transformer::logit_rows(rows.data(), (int)rows.size()) * vocab);
-
-  std::vector<TokenEvent> events;
-  adopt_num_threads();
   try {
     model_.forward(rows.data(), (int)rows.size(), ws_, logits_.data());
   } catch (const std::exception& e) {
@@ -246,12 +292,60 @@ bool Engine::step() {
     }
     if (!s->done) publish_full_pages(*s);
   }
-  running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
-                 running_.end());
-  ++steps_;
-  update_stats();
-  emit(events);
-  return true;
+}
+
+// The draft model's part of a step. Every sequence of the step first brings the draft model's cache
+// up to what the target computes this step (its prompt chunk, or its last tokens), so that the
+// pages the prefix cache keeps hold both models' positions; in the same pass the sequences that
+// draft with the model get their first draft, and then one more per pass (each pass is one batched
+// forward of the draft model) until they have their draft_slots or drafted a stop token.
+void Engine::run_draft_model(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events) {
+  const int vocab = model_.config().vocab_size;
+  std::vector<SeqBatch> rows;
+  std::vector<Sequence*> drafting;
+  for (Sequence* s : batch) {
+    s->draft_cache.pages() = s->cache.pages();  // the same page numbers, in the draft model's pool
+    const int from = s->draft_cache.length();
+    const int to = std::min((int)s->tokens.size(), s->cache.length() + s->step_tokens);
+    SeqBatch b{&s->draft_cache, s->tokens.data() + from, to - from, false};
+    b.no_logits = !s->drafts_with_model();
+    rows.push_back(b);
+    if (s->drafts_with_model()) {
+      drafting.push_back(s);
+      s->drafts.reserve(s->draft_slots);  // rows point at their last element
+      s->draft_probs.resize(s->request.sampling.temperature > 0.0f ? (size_t)s->draft_slots * vocab : 0);
+    }
+  }
+  for (;;) {
+    try {
+      draft_logits_.resize((size_t)Transformer::logit_rows(rows.data(), (int)rows.size()) * vocab);
+      draft_->forward(rows.data(), (int)rows.size(), draft_ws_, draft_logits_.data());
+    } catch (const std::exception& e) {
+      for (Sequence* s : batch) finish(*s, Finish::kError, events, std::string("the draft model: ") + e.what());
+      return;
+    }
+    // Each drafting sequence's row of logits gives its next draft.
+    rows.clear();
+    std::vector<Sequence*> going;
+    for (size_t i = 0; i < drafting.size(); ++i) {
+      Sequence& s = *drafting[i];
+      const int n = (int)s.drafts.size();
+      float* probs = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + (size_t)n * vocab;
+      const int token = s.sampler.draft(draft_logits_.data() + i * (size_t)vocab, probs);
+      s.drafts.push_back(token);
+      const auto& stops = s.request.stop_ids;
+      const bool stop = std::find(stops.begin(), stops.end(), token) != stops.end();
+      if (stop || n + 1 == s.draft_slots) continue;
+      going.push_back(&s);
+      rows.push_back(SeqBatch{&s.draft_cache, &s.drafts.back(), 1, false});
+    }
+    drafting.swap(going);
+    if (drafting.empty()) break;
+  }
+  // The target runs the last token and the drafts it got.
+  for (Sequence* s : batch) {
+    if (s->drafts_with_model()) s->step_tokens = 1 + (int)s->drafts.size();
+  }
 }
 
 void Engine::update_stats() {
@@ -293,8 +387,8 @@ void Engine::schedule(std::vector<Sequence*>& batch) {
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& s = *running_[i];
     const int pending = s.pending();
-    if (pending == 1) propose_drafts(s);
-    const int n = pending == 1 ? 1 + (int)s.drafts.size() : std::min(pending, budget);
+    propose_drafts(s);
+    const int n = pending == 1 ? 1 + s.draft_slots : std::min(pending, budget);
     if (n == 0) continue;
     bool preempted_self = false;
     while (!grow(s, s.cache.length() + n)) {
@@ -332,15 +426,24 @@ void Engine::schedule(std::vector<Sequence*>& batch) {
   }
 }
 
+// The draft slots of a decoding sequence's step: prompt lookup's drafts, or the number the draft
+// model is to draw (run_draft_model).
 void Engine::propose_drafts(Sequence& s) {
   s.drafts.clear();
+  s.draft_probs.clear();
+  s.draft_slots = 0;
   const int k = s.request.draft_tokens;
-  if (k <= 0 || s.request.constrained) return;
+  if (k <= 0 || s.request.constrained || s.pending() != 1) return;
   // No more drafts than tokens the sequence may still generate (less the one every step gives) or
   // positions it has left.
   const int room = std::min(s.request.max_new_tokens - s.generated, options_.context_length - s.cache.length()) - 1;
   if (room <= 0) return;
-  s.drafts = prompt_lookup(s.tokens, std::min(k, room));
+  if (s.request.draft_model) {
+    s.draft_slots = std::min(k, room);
+  } else {
+    s.drafts = prompt_lookup(s.tokens, std::min(k, room));
+    s.draft_slots = (int)s.drafts.size();
+  }
 }
 
 bool Engine::grow(Sequence& s, int positions) {
@@ -368,11 +471,13 @@ void Engine::match_prefix(Sequence& s) {
   s.published = matched;
   s.prefix = prefix;
   s.cache.set_length(matched * kPageTokens);
+  s.draft_cache.set_length(matched * kPageTokens);  // published pages hold the draft model's positions too
 }
 
 void Engine::publish_full_pages(Sequence& s) {
   if (!options_.prefix_cache) return;
-  while (s.prefix != PageManager::kUncacheable && (s.published + 1) * kPageTokens <= s.cache.length()) {
+  const int computed = s.computed(draft_ != nullptr);
+  while (s.prefix != PageManager::kUncacheable && (s.published + 1) * kPageTokens <= computed) {
     s.prefix = pages_.publish(s.cache.pages()[s.published], s.prefix, s.tokens.data() + (long)s.published * kPageTokens);
     ++s.published;
   }
@@ -384,7 +489,10 @@ void Engine::preempt_pages(Sequence& s) {
   for (int page : s.cache.pages()) pages_.release(page);
   s.cache.pages().clear();
   s.cache.set_length(0);
+  s.draft_cache.pages().clear();
+  s.draft_cache.set_length(0);
   s.drafts.clear();
+  s.draft_slots = 0;
   s.published = 0;
   s.prefix = 0;
 }
@@ -441,7 +549,7 @@ void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events)
 
 // The rows of a step that ran the sequence's last token and its drafts: each row either confirms
 // the next draft (go on) or gives the token that replaces it (stop there); the row after the last
-// draft gives one more token. The cache keeps the positions of the confirmed tokens only.
+// draft gives one more token. Both caches keep the positions of the confirmed tokens only.
 void Engine::verify_drafts(Sequence& s, float* rows, std::vector<TokenEvent>& events) {
   StageTimer timer(Stage::kSample);
   const int vocab = model_.config().vocab_size;
@@ -453,14 +561,19 @@ void Engine::verify_drafts(Sequence& s, float* rows, std::vector<TokenEvent>& ev
     float* row = rows + (long)i * vocab;
     prepare_logprobs(s, row);
     bool is_draft = false;
-    const int token = i < d ? s.sampler.verify(row, s.drafts[i], &is_draft) : s.sampler.sample(row);
+    const float* q = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + (size_t)i * vocab;
+    const int token = i < d ? s.sampler.verify(row, s.drafts[i], q, &is_draft) : s.sampler.sample(row);
     accept_token(s, token, events);
     if (!is_draft) break;
     ++confirmed;
   }
   draft_accepted_ += confirmed;
-  if (!s.done) s.cache.set_length(base + 1 + confirmed);
+  if (!s.done) {
+    s.cache.set_length(base + 1 + confirmed);
+    s.draft_cache.set_length(std::min(s.draft_cache.length(), s.cache.length()));
+  }
   s.drafts.clear();
+  s.draft_slots = 0;
 }
 
 void Engine::prepare_logprobs(const Sequence& s, const float* logits) {

@@ -4,6 +4,12 @@
 // not stall everyone's next token). KV memory is one pool of pages under a byte budget; full pages
 // are kept in a prefix cache for later requests that start with the same tokens.
 //
+// Speculative decoding: a request drafts up to draft_tokens tokens a step, by prompt lookup or
+// with the engine's draft model (a smaller decoder over the same vocabulary), and the step's one
+// forward pass of the target verifies them all. The draft model's keys and values live in a second
+// pool with the same page numbering: page i of a sequence holds the target's and the draft's
+// positions alike, so one page manager (budget, prefix cache, preemption) serves both.
+//
 // The scheduler runs on the engine's own thread, without Python. Callers submit requests, cancel
 // them, and poll one queue of token events.
 #pragma once
@@ -43,7 +49,8 @@ struct Request {
   uint64_t seed = 0;
   std::vector<int> stop_ids;
   int top_logprobs = -1;        // -1: no logprobs; k >= 0: the chosen token's and k alternatives
-  int draft_tokens = 0;         // speculative decoding by prompt lookup: tokens drafted a step (0: off)
+  int draft_tokens = 0;         // speculative decoding: tokens drafted a step (0: off)
+  bool draft_model = false;     // drafts come from the engine's draft model, else from prompt lookup
   // Structured output: the tokens allowed as the first new token (a bitmask, see Sampler::sample);
   // the caller supplies the mask of each later token with set_mask once it has seen the previous one.
   std::vector<uint32_t> first_mask;
@@ -80,7 +87,8 @@ class QueueFull : public std::runtime_error {
 
 class Engine {
  public:
-  Engine(const Transformer& model, const EngineOptions& options);
+  // `draft` (optional): the draft model, with model's vocabulary; both outlive the engine.
+  Engine(const Transformer& model, const Transformer* draft, const EngineOptions& options);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -125,18 +133,22 @@ class Engine {
   void prepare_logprobs(const Sequence& s, const float* logits);
   void accept_token(Sequence& s, int token, std::vector<TokenEvent>& events);
   void propose_drafts(Sequence& s);
+  void run_draft_model(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events);
+  void forward_target(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events);
   bool wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask);
 
   const Transformer& model_;
+  const Transformer* draft_;            // the draft model, or nullptr
   EngineOptions options_;
   KVPool pool_;
+  std::unique_ptr<KVPool> draft_pool_;  // the draft model's pages, numbered as pool_'s
   PageManager pages_;
 
   // Scheduler state, touched only by the engine thread.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in order of admission
-  Workspace ws_;
-  std::vector<float> logits_, logprob_row_;
+  Workspace ws_, draft_ws_;
+  std::vector<float> logits_, draft_logits_, logprob_row_;
 
   // Shared with callers, under mutex_.
   mutable std::mutex mutex_;

@@ -73,12 +73,12 @@ double Sampler::distribution(const float* logits) {
   return total;
 }
 
-int Sampler::draw(double total, int excluded) {
+int Sampler::draw(double total) {
   std::uniform_real_distribution<double> uniform(0.0, total);
   double u = uniform(rng_);
   int last = -1;
   for (const auto& [weight, token] : candidates_) {
-    if (token == excluded) continue;
+    if (weight <= 0.0f) continue;
     last = token;
     u -= weight;
     if (u <= 0.0) return token;
@@ -86,36 +86,57 @@ int Sampler::draw(double total, int excluded) {
   return last;
 }
 
-int Sampler::sample(float* logits, const uint32_t* allowed, int words) {
-  adjust(logits, allowed, words);
+int Sampler::pick(const float* logits, float* probs) {
   if (options_.temperature <= 0.0f) {
     return (int)(std::max_element(logits, logits + vocab_size_) - logits);
   }
-  return draw(distribution(logits), -1);
+  const double total = distribution(logits);
+  const int token = draw(total);
+  if (probs) {
+    std::fill(probs, probs + vocab_size_, 0.0f);
+    for (const auto& [weight, t] : candidates_) probs[t] = (float)(weight / total);
+  }
+  return token;
 }
 
-int Sampler::verify(float* logits, int draft, bool* accepted) {
+int Sampler::sample(float* logits, const uint32_t* allowed, int words) {
+  adjust(logits, allowed, words);
+  return pick(logits, nullptr);
+}
+
+int Sampler::draft(float* logits, float* probs) {
+  adjust(logits, nullptr, 0);
+  return pick(logits, probs);
+}
+
+int Sampler::verify(float* logits, int draft, const float* draft_probs, bool* accepted) {
   adjust(logits, nullptr, 0);
   if (options_.temperature <= 0.0f) {
     const int token = (int)(std::max_element(logits, logits + vocab_size_) - logits);
     *accepted = token == draft;
     return token;
   }
-  // The draft was proposed with certainty (q(draft) = 1): accept it with probability p(draft);
-  // otherwise draw from p without it, renormalized: (p - q)+ / |p - q|+. The result is
-  // distributed as p, whatever the draft.
+  // q(t): the draft's distribution; a certain draft is all its mass on one token.
+  auto q = [&](int t) { return draft_probs ? (double)draft_probs[t] : t == draft ? 1.0 : 0.0; };
   const double total = distribution(logits);
   double p_draft = 0.0;
   for (const auto& [weight, token] : candidates_) {
     if (token == draft) p_draft = weight / total;
   }
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
-  if (uniform(rng_) < p_draft) {
-    *accepted = true;
-    return draft;
+  const double q_draft = q(draft);
+  *accepted = true;
+  if (q_draft > 0.0 && uniform(rng_) * q_draft < p_draft) return draft;
+  // Rejected: a draw from the residual max(0, p - q). It is empty only when p == q (up to
+  // rounding), where rejection has probability 0: the draft stands.
+  double residual = 0.0;
+  for (auto& [weight, token] : candidates_) {
+    weight = (float)std::max(0.0, weight / total - q(token));
+    residual += weight;
   }
+  if (residual <= 0.0) return draft;
   *accepted = false;
-  return draw(total * (1.0 - p_draft), draft);
+  return draw(residual);
 }
 
 }  // namespace pyxf

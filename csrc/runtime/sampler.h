@@ -32,10 +32,17 @@ class Sampler {
   // words, bit t % 32 of word t / 32 set where token t may come next; every other token is excluded
   // before anything else applies.
   int sample(float* logits, const uint32_t* allowed = nullptr, int words = 0);
-  // Speculative decoding: the token at a position where `draft` was proposed. *accepted says
-  // whether it is the draft; either way the token is distributed as sample() would draw it (greedy:
-  // the argmax; sampling: the accept/reject rule of speculative sampling for a certain draft).
-  int verify(float* logits, int draft, bool* accepted);
+  // Speculative decoding, the drafter's side: a token drawn from a draft model's logits as
+  // sample() would draw it (without a mask), modifying them in place. When `probs` is given
+  // (vocab_size floats) and sampling is on, it receives the distribution the token came from, which
+  // verify() needs.
+  int draft(float* logits, float* probs);
+  // Speculative decoding, the target's side: the token at a position where `draft` was proposed.
+  // *accepted says whether it is the draft; either way the token is distributed as sample() would
+  // draw it (greedy: the argmax; sampling: speculative sampling's rule: accept with probability
+  // min(1, p(draft) / q(draft)), else draw from max(0, p - q), renormalized). `draft_probs` is q,
+  // the distribution the draft was drawn from; nullptr: the draft was certain (prompt lookup).
+  int verify(float* logits, int draft, const float* draft_probs, bool* accepted);
 
  private:
   // Mask, bias and penalties applied to the logits in place.
@@ -43,8 +50,11 @@ class Sampler {
   // candidates_ = the tokens that survive temperature, top-k and top-p with their unnormalized
   // probabilities; returns their sum.
   double distribution(const float* logits);
-  // A candidate drawn in proportion to its weight (total: the weights' sum without `excluded`).
-  int draw(double total, int excluded);
+  // A candidate drawn in proportion to its weight (total: the weights' sum); never one of weight 0.
+  int draw(double total);
+  // The token of adjusted logits: the argmax (greedy) or a draw; `probs` (optional, sampling
+  // only) receives the distribution drawn from.
+  int pick(const float* logits, float* probs);
 
   SamplingOptions options_;
   int vocab_size_;

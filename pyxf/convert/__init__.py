@@ -18,58 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quant, quant_mix
-from ..model import has_tied_head
+from .. import quant, quant_mix, spec
+from ..sources import checkpoint_path
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
-from .families import Checkpoint, build_tensor, plan_tensors, planned_shape
+from ..weights import has_tied_head
+from .cross_encoder import with_score_activation
+from .plan import build_tensor, plan_tensors, planned_shape
+from .schema import Checkpoint
 
 __all__ = ["DTYPES", "convert", "expected_shape", "main"]
 
 # pyxf dtype -> safetensors dtype name
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-# config.json key order, as docs/DESIGN.md lists them
-_CONFIG_KEYS = [
-    "format",
-    "format_version",
-    "family",
-    "architecture",
-    "causal",
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "norm",
-    "norm_eps",
-    "norm_position",
-    "activation",
-    "gated_ffn",
-    "position",
-    "position_offset",
-    "type_vocab_size",
-    "rope_theta",
-    "rope_scaling",
-    "rope_interleaved",
-    "partial_rotary_factor",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "chat_template",
-    "tokenizer",
-    "add_bos_token",
-    "max_length",
-    "pooler",
-    "pooling",
-    "classifier",
-    "dtype",
-    "quantization",
-    "source",
-]
+# config.json's first keys; then its architecture's fields in the order the spec declares them.
+_FIRST_KEYS = ("format", "format_version", "family", "architecture")
+_LAST_KEYS = ("quantization", "source")
 
 
 def is_gguf(path: Path) -> bool:
@@ -96,41 +60,22 @@ def open_checkpoint(src: Path, config=None) -> Checkpoint:
 
 
 def expected_shape(name: str, cfg: dict) -> tuple | None:
-    """The shape DESIGN.md prescribes for a pyxf tensor, or None for names it does not list."""
-    H, V, D, I = cfg["hidden_size"], cfg["vocab_size"], cfg["head_dim"], cfg["intermediate_size"]
-    qkv = (cfg["num_heads"] + 2 * cfg["num_kv_heads"]) * D
-    parts = name.split(".")
-    key = ".".join(parts[2:]) if parts[0] == "layers" else name
-    return {
-        "embed.weight": (V, H),
-        "pos_embed.weight": (cfg["max_position_embeddings"], H),
-        "final_norm.weight": (H,),
-        "final_norm.bias": (H,),
-        "lm_head.weight": (V, H),
-        "lm_head.bias": (V,),
-        "attn_norm.weight": (H,),
-        "attn_norm.bias": (H,),
-        "ffn_norm.weight": (H,),
-        "ffn_norm.bias": (H,),
-        "attn.qkv.weight": (qkv, H),
-        "attn.qkv.bias": (qkv,),
-        "attn.out.weight": (H, cfg["num_heads"] * D),
-        "attn.out.bias": (H,),
-        "ffn.gate_up.weight": (2 * I, H),
-        "ffn.gate_up.bias": (2 * I,),
-        "ffn.up.weight": (I, H),
-        "ffn.up.bias": (I,),
-        "ffn.down.weight": (H, I),
-        "ffn.down.bias": (H,),
-    }.get(key)
+    """The shape the model spec (pyxf.spec) prescribes for a pyxf tensor, or None for names it does
+    not list for this config."""
+    entry = spec.tensor_layout(cfg).lookup(name)
+    return None if entry is None else entry[0]
 
 
 def _check_shapes(shapes: dict[str, tuple], cfg: dict, src: Path) -> None:
-    wrong = [
-        f"{name} {list(shape)} (expected {list(expected_shape(name, cfg))})"
-        for name, shape in shapes.items()
-        if expected_shape(name, cfg) not in (None, tuple(shape))
-    ]
+    try:
+        layout = spec.tensor_layout(cfg)
+    except (KeyError, TypeError, ValueError):
+        return  # a malformed config: the check of the written config names the field
+    wrong = []
+    for name, shape in shapes.items():
+        entry = layout.lookup(name)
+        if entry is not None and entry[0] != tuple(shape):
+            wrong.append(f"{name} {list(shape)} (expected {list(entry[0])})")
     if wrong:
         raise ValueError(f"{src}: tensor shapes disagree with the config: {'; '.join(wrong)}")
 
@@ -152,9 +97,10 @@ def _cast(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
 
 
 def _ordered_config(config: dict) -> dict:
-    ordered = {key: config[key] for key in _CONFIG_KEYS if key in config}
-    ordered.update({k: v for k, v in config.items() if k not in ordered})
-    return ordered
+    """config.json's keys in a stable order: the spec's fields of its architecture, then the rest."""
+    fields = [f.name for f in spec.architecture(config).fields]
+    keys = [*_FIRST_KEYS, *fields, *(k for k in config if k not in fields and k not in _LAST_KEYS), *_LAST_KEYS]
+    return {key: config[key] for key in dict.fromkeys(keys) if key in config}
 
 
 def _progress(items, enabled: bool, total: int):
@@ -267,7 +213,7 @@ def _build_stored(p, load_raw, config, spec) -> np.ndarray:
 def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str, progress: bool,
                    formats: _FormatPlan) -> None:
     specs = [
-        spec for p in plan for spec in _weight_specs(p.target, dtype, shapes[p.target], formats.formats.get(p.target))
+        entry for p in plan for entry in _weight_specs(p.target, dtype, shapes[p.target], formats.formats.get(p.target))
     ]
 
     def load(name):
@@ -275,6 +221,12 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
 
     def load_raw(name):
         return ckpt.tensors[name].load_raw()
+
+    def load_bf16(name):
+        return ckpt.tensors[name].load_bf16()
+
+    def stored_bf16(p):  # every source in bfloat16: the bits are moved, never widened
+        return all(getattr(ckpt.tensors[s.name], "load_bf16", None) is not None for s in p.sources)
 
     with SafetensorsWriter(path, specs, metadata={"format": "pt", "producer": "pyxf.convert"}) as writer:
         for p in _progress(plan, progress, len(plan)):
@@ -285,6 +237,12 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
                 if tuple(array.shape) != want:
                     raise ValueError(f"{p.target}: built {fmt} blocks of shape {array.shape}, expected {want}")
                 writer.write(p.target, array)
+                continue
+            if fmt is None and dtype == "bfloat16" and stored_bf16(p):
+                array = build_tensor(p, load_bf16, ckpt.config)  # transforms only move values
+                if tuple(array.shape) != shapes[p.target]:
+                    raise ValueError(f"{p.target}: built shape {array.shape}, expected {shapes[p.target]}")
+                writer.write(p.target, np.ascontiguousarray(array))
                 continue
             array = build_tensor(p, load, ckpt.config)
             if tuple(array.shape) != shapes[p.target]:
@@ -301,7 +259,7 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
 def _check_written_config(config: dict, src: Path) -> None:
     """What pyxf.load will check, checked before anything is written: a checkpoint whose config the
     loader would refuse (a size out of range, a malformed rope_scaling) fails here, naming it."""
-    from ..model import check_config
+    from ..config import check_config
     from ..rope import rope_parameters
 
     check_config(config, f"{src} (converted config)")
@@ -321,8 +279,10 @@ def convert(
     quantize: str | None = None,
     quantize_embeddings: bool = True,
     dequantize: bool = False,
+    revision: str | None = None,
 ) -> Path:
-    """Convert `src` (GGUF file, HF model directory, or state_dict file) into the pyxf model
+    """Convert `src` (GGUF file, HF model directory, state_dict file, or a Hugging Face hub id
+    "org/name" at `revision`, resolved with huggingface_hub: pyxf.sources) into the pyxf model
     directory `out`; returns `out`. `config` (path or dict) is the HF config.json for a bare
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
     stored as floats.
@@ -345,7 +305,8 @@ def convert(
         quant_mix.check_method(quantize)
         if dequantize:
             raise ValueError("dequantize and quantize exclude each other")
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src, origin = checkpoint_path(src, revision)
+    out = Path(out).expanduser()
     ckpt = open_checkpoint(src, config)
     if quantize is not None and ckpt.config.get("architecture") == "encoder-decoder":
         raise ValueError(f"{src}: quantization is not supported for encoder-decoder models yet")
@@ -364,11 +325,13 @@ def convert(
 
     out.mkdir(parents=True, exist_ok=True)
     config = dict(ckpt.config)
+    if config.get("classifier") and src.is_dir():  # a cross-encoder's score activation, for rank()
+        config["classifier"] = with_score_activation(config["classifier"], src)
     config.update(ckpt.write_tokenizer(out))
     config["dtype"] = dtype
     if formats.formats:
         config["quantization"] = {"method": quantize or "gguf", "tensors": formats.formats}
-    config["source"] = ckpt.source
+    config["source"] = ckpt.source if origin is None else {"format": ckpt.source["format"], **origin}
     _check_written_config(config, src)
 
     partial = out / "model.safetensors.partial"
@@ -391,7 +354,7 @@ def main(argv=None) -> int:
     """`pyxf convert SRC OUT [--dtype D] [--quantize F [--no-quantize-embeddings] | --dequantize]
     [--config CONFIG] [--quiet]`"""
     parser = argparse.ArgumentParser(prog="pyxf convert", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="GGUF file, Hugging Face model directory, or state_dict file")
+    parser.add_argument("src", help="GGUF file, Hugging Face model directory or hub id (org/name), or state_dict file")
     parser.add_argument("out", help="output directory")
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES),
@@ -414,6 +377,7 @@ def main(argv=None) -> int:
     )
     # Kept so that older command lines still run: keeping GGUF blocks is now the default.
     parser.add_argument("--keep-quantized", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--revision", help="hub id: the branch, tag or commit to convert (default: main)")
     parser.add_argument("--config", help="HF config.json for a bare state_dict file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -427,7 +391,7 @@ def main(argv=None) -> int:
             out = convert(
                 args.src, args.out, dtype=args.dtype, progress=not args.quiet, config=args.config,
                 quantize=args.quantize, quantize_embeddings=args.quantize_embeddings is not False,
-                dequantize=args.dequantize,
+                dequantize=args.dequantize, revision=args.revision,
             )
     except (ValueError, OSError, ImportError) as e:  # OSError: a read-only or full disk, a missing file
         print(f"pyxf convert: error: {e}", file=sys.stderr)

@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from .families import Checkpoint, SourceTensor, family_for_gguf
+from .families import family_for_gguf
+from .schema import Checkpoint, SourceTensor
 from .gguf_file import read_gguf
 from .tokenizer_gguf import write_tokenizer
 
@@ -58,7 +59,7 @@ def _dequantizer(tensor, path: Path):
     def load_raw() -> np.ndarray:
         return np.asarray(tensor.data, dtype=np.uint8).reshape(shape[0], -1)
 
-    return GGUFTensor(shape, load, kind, load_raw if kind in KEPT_TYPES else None)
+    return GGUFTensor(shape, load, ggml_type=kind, load_raw=load_raw if kind in KEPT_TYPES else None)
 
 
 def _rope_scaling(meta: dict, arch: str, tensor_names) -> dict | None:

@@ -4,24 +4,22 @@ Weights: `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` (+ inde
 `pytorch_model.bin` / `*.pt` / `*.pth`, the latter loaded only with
 `torch.load(..., weights_only=True)` (never unpickling arbitrary objects).
 
-Tokenizer and BOS handling: `tokenizer.json` / `tokenizer.model` are copied. pyxf's config.json
-`add_bos_token` is the single switch for prepending BOS, so a tokenizer.json whose post-processor
-prepends BOS (Llama's TemplateProcessing "<s> $A") gets that BOS removed and `add_bos_token`
-set instead. If BOS is added some other way we cannot edit, the file is kept as is and
-`add_bos_token` is false, so BOS is never doubled.
+The family (pyxf/convert/families/) gives the tensor table, the config mapping and the hooks:
+settling the config from the tensors present, reading files beside the checkpoint, and writing the
+tokenizer (pyxf/convert/tokenizer_files.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..tensorfile import bf16_to_float32, read_safetensors
-from .families import Checkpoint, SourceTensor, family_for_hf_config, normalized_config
+from .families import family_for_hf_config, normalized_config
+from .schema import Checkpoint, SourceTensor
+from .tokenizer_files import read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -39,7 +37,8 @@ def _to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
 def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
     file = read_safetensors(path)
     return {
-        name: SourceTensor(tuple(array.shape), lambda a=array, d=file.dtypes[name]: _to_float32(a, d))
+        name: SourceTensor(tuple(array.shape), lambda a=array, d=file.dtypes[name]: _to_float32(a, d),
+                           (lambda a=array: np.asarray(a)) if file.dtypes[name] == "BF16" else None)
         for name, array in file.items()
     }
 
@@ -72,13 +71,23 @@ def _torch_to_float32(tensor) -> np.ndarray:
 
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
-        return bf16_to_float32(tensor.contiguous().view(torch.int16).numpy().view(np.uint16))
+        return bf16_to_float32(_torch_bf16_bits(tensor))
     return tensor.to(torch.float32).numpy()
 
 
+def _torch_bf16_bits(tensor) -> np.ndarray:
+    import torch
+
+    return tensor.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
 def _torch_tensors(path: Path) -> dict[str, SourceTensor]:
+    import torch
+
     state = _torch_state_dict(path)
-    return {name: SourceTensor(tuple(t.shape), lambda t=t: _torch_to_float32(t)) for name, t in state.items()}
+    return {name: SourceTensor(tuple(t.shape), lambda t=t: _torch_to_float32(t),
+                               (lambda t=t: _torch_bf16_bits(t)) if t.dtype == torch.bfloat16 else None)
+            for name, t in state.items()}
 
 
 def _load_weight_files(files: list[Path]) -> dict[str, SourceTensor]:
@@ -133,247 +142,6 @@ def _strip_prefixes(tensors: dict[str, SourceTensor], prefixes: tuple[str, ...])
 
 
 # ---------------------------------------------------------------------------------------------
-# config and tokenizer
-
-
-def _read_json(path: Path, kind: type = dict):
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: invalid JSON: {type(e).__name__}: {e}") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{path}: must hold a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
-    return value
-
-
-def _optional_json(path: Path) -> dict:
-    return _read_json(path) if path.is_file() else {}
-
-
-def _chat_template(files_dir: Path, tokenizer_config: dict) -> str | None:
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    if template is None and (files_dir / "chat_template.jinja").is_file():
-        template = (files_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    if template is None and (files_dir / "chat_template.json").is_file():
-        template = _read_json(files_dir / "chat_template.json").get("chat_template")
-    return template
-
-
-def _special_ids(hf_config: dict, generation_config: dict) -> dict:
-    """bos/eos/pad ids; generation_config.json wins (it often lists several eos ids)."""
-    ids = {}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = generation_config.get(key)
-        ids[key] = value if value is not None else hf_config.get(key)
-    eos = ids["eos_token_id"]
-    ids["eos_token_id"] = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-    return ids
-
-
-def _bos_token_text(tokenizer: dict, tokenizer_config: dict, bos_id) -> str | None:
-    if bos_id is not None:
-        for added in tokenizer.get("added_tokens", []):
-            if added.get("id") == bos_id:
-                return added["content"]
-    bos = tokenizer_config.get("bos_token")
-    return bos.get("content") if isinstance(bos, dict) else bos
-
-
-def _strip_bos_from_template(processor: dict, bos: str) -> bool:
-    """Remove BOS from a TemplateProcessing (also inside a Sequence); True if it was there."""
-    if processor.get("type") == "Sequence":
-        stripped = [_strip_bos_from_template(p, bos) for p in processor.get("processors", [])]  # all, no short cut
-        return any(stripped)
-    if processor.get("type") != "TemplateProcessing":
-        return False
-
-    def is_bos(piece):
-        return "SpecialToken" in piece and piece["SpecialToken"]["id"] == bos
-
-    found = any(is_bos(p) for p in processor["single"])
-    for key in ("single", "pair"):
-        processor[key] = [p for p in processor[key] if not is_bos(p)]
-    processor.get("special_tokens", {}).pop(bos, None)
-    return found
-
-
-def _adds_bos_otherwise(processor: dict | None) -> bool:
-    """Post-processors that always add a start token we do not rewrite (BERT/RoBERTa style)."""
-    if not processor:
-        return False
-    if processor.get("type") == "Sequence":
-        return any(_adds_bos_otherwise(p) for p in processor.get("processors", []))
-    return processor.get("type") in ("BertProcessing", "RobertaProcessing")
-
-
-def _write_tokenizer_json(src: Path, out_dir: Path, tokenizer_config: dict, bos_id) -> bool:
-    """Copy tokenizer.json with BOS taken out of its post-processor; returns add_bos_token."""
-    tokenizer = _read_json(src)
-    bos = _bos_token_text(tokenizer, tokenizer_config, bos_id)
-    processor = tokenizer.get("post_processor")
-    template_adds_bos = bool(processor and bos and _strip_bos_from_template(processor, bos))
-    if _adds_bos_otherwise(processor):
-        add_bos = False  # the tokenizer adds it; adding it again would double it
-    elif "add_bos_token" in tokenizer_config:  # transformers rebuilds the template from this flag
-        add_bos = bool(tokenizer_config["add_bos_token"])
-    else:
-        add_bos = template_adds_bos
-    text = json.dumps(tokenizer, ensure_ascii=False)
-    from tokenizers import Tokenizer
-
-    Tokenizer.from_str(text)  # still a valid tokenizer after the edit
-    (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
-    return add_bos
-
-
-def _tokenizer_json_from_bpe_files(vocab: Path, merges: Path, out_dir: Path) -> None:
-    """GPT-2 style repos that ship only vocab.json + merges.txt."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-
-
-def _write_encoder_tokenizer(files_dir: Path, out_dir: Path, tokenizer_config: dict) -> str | None:
-    """Encoders keep their tokenizer's post-processor ([CLS] ... [SEP], <s> ... </s>) as it is: pyxf
-    tokenizes with it, as transformers does. Without tokenizer.json, one is built from BERT's
-    vocab.txt or RoBERTa's vocab.json + merges.txt; returns the file name, or None."""
-    from tokenizers import Tokenizer, processors
-
-    out = out_dir / "tokenizer.json"
-    if (files_dir / "tokenizer.json").is_file():
-        Tokenizer.from_file(str(files_dir / "tokenizer.json"))  # fails early on a broken file
-        shutil.copyfile(files_dir / "tokenizer.json", out)
-    elif (files_dir / "vocab.txt").is_file():
-        from tokenizers.implementations import BertWordPieceTokenizer
-
-        tokenizer = BertWordPieceTokenizer(
-            str(files_dir / "vocab.txt"), lowercase=bool(tokenizer_config.get("do_lower_case", True)),
-            strip_accents=tokenizer_config.get("strip_accents"),
-            handle_chinese_chars=bool(tokenizer_config.get("tokenize_chinese_chars", True)),
-        )
-        tokenizer.save(str(out))
-    elif (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():
-        _tokenizer_json_from_bpe_files(files_dir / "vocab.json", files_dir / "merges.txt", out_dir)
-        tokenizer = Tokenizer.from_file(str(out))
-        bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
-        if bos is None or eos is None:
-            raise ValueError(f"{files_dir}: vocab.json has no <s> / </s> tokens for the RoBERTa post-processor")
-        tokenizer.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos), trim_offsets=True)
-        tokenizer.save(str(out))
-    else:
-        return None
-    return "tokenizer.json"
-
-
-def write_hf_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, encoder: bool = False) -> dict:
-    """Copy the tokenizer files into out_dir; returns the config.json tokenizer fields."""
-    tokenizer_config = _optional_json(files_dir / "tokenizer_config.json")
-    fields = _special_ids(hf_config, _optional_json(files_dir / "generation_config.json"))
-    fields["chat_template"] = _chat_template(files_dir, tokenizer_config)
-    fields["tokenizer"] = None
-    fields["add_bos_token"] = bool(tokenizer_config.get("add_bos_token", False))
-
-    if encoder:
-        fields["add_bos_token"] = False
-        fields["tokenizer"] = _write_encoder_tokenizer(files_dir, out_dir, tokenizer_config)
-        if fields["tokenizer"] is None:
-            warnings.warn(f"{files_dir}: no tokenizer.json, vocab.txt or vocab.json+merges.txt; none copied")
-        elif (files_dir / "tokenizer_config.json").is_file():
-            shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
-        return fields
-    if (files_dir / "tokenizer.model").is_file():
-        shutil.copyfile(files_dir / "tokenizer.model", out_dir / "tokenizer.model")
-        fields["tokenizer"] = "tokenizer.model"
-        # sentencepiece adds nothing itself; Llama's slow tokenizer prepends BOS by default
-        fields["add_bos_token"] = bool(tokenizer_config.get("add_bos_token", True))
-    if (files_dir / "tokenizer.json").is_file():
-        fields["add_bos_token"] = _write_tokenizer_json(
-            files_dir / "tokenizer.json", out_dir, tokenizer_config, fields["bos_token_id"]
-        )
-        fields["tokenizer"] = "tokenizer.json"
-    elif fields["tokenizer"] is None and (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():
-        _tokenizer_json_from_bpe_files(files_dir / "vocab.json", files_dir / "merges.txt", out_dir)
-        fields["tokenizer"] = "tokenizer.json"
-    if fields["tokenizer"] is None:
-        warnings.warn(f"{files_dir}: no tokenizer.json, tokenizer.model or vocab.json+merges.txt; none copied")
-    elif (files_dir / "tokenizer_config.json").is_file():
-        shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
-    return fields
-
-
-# ---------------------------------------------------------------------------------------------
-# encoders: sentence-transformers pooling and the tokenization length
-
-# sentence-transformers Pooling config flag -> pyxf pooling mode
-_POOLING_FLAGS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
-
-
-def _pooling_mode(pooling_config: dict, path: Path) -> str | None:
-    if isinstance(pooling_config.get("pooling_mode"), str):  # newer sentence-transformers
-        modes = [{"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(m, m)
-                 for m in pooling_config["pooling_mode"].split("-")]
-    else:
-        modes = [mode for flag, mode in _POOLING_FLAGS.items() if pooling_config.get(flag)]
-    if len(modes) == 1 and modes[0] in _POOLING_MODES:
-        return modes[0]
-    warnings.warn(
-        f"{path}: pooling {'+'.join(modes) or 'none'} is not supported ({', '.join(_POOLING_MODES)}, one at a "
-        "time); the converted model has no default pooling and embeddings will differ from sentence-transformers'"
-    )
-    return None
-
-
-def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
-    """config.json `pooling` ({"mode", "normalize"} or None) from a sentence-transformers checkpoint
-    (modules.json, 1_Pooling/config.json), and `max_length`: the tokenization length
-    (sentence_bert_config.json's max_seq_length, else the tokenizer's model_max_length), capped by the
-    learned positions."""
-    modules_path = files_dir / "modules.json"
-    modules = _read_json(modules_path, list) if modules_path.is_file() else None
-    pooling_dirs, normalize = [], False
-    if isinstance(modules, list):
-        for module in modules:
-            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-            if kind == "Pooling":
-                pooling_dirs.append(files_dir / module.get("path", ""))
-            elif kind == "Normalize":
-                normalize = True
-            elif kind != "Transformer":
-                warnings.warn(f"{modules_path}: sentence-transformers module {module.get('type')} is not supported "
-                              "and is left out; embeddings will differ from sentence-transformers'")
-    elif (files_dir / "1_Pooling" / "config.json").is_file():
-        pooling_dirs.append(files_dir / "1_Pooling")
-    pooling = None
-    if pooling_dirs:
-        mode = _pooling_mode(_optional_json(pooling_dirs[0] / "config.json"), pooling_dirs[0] / "config.json")
-        pooling = None if mode is None else {"mode": mode, "normalize": normalize}
-
-    max_positions = config["max_position_embeddings"] - config.get("position_offset", 0)
-    st_config = _optional_json(files_dir / "sentence_bert_config.json")
-    model_max = _optional_json(files_dir / "tokenizer_config.json").get("model_max_length")
-    max_length = st_config.get("max_seq_length")
-    if not isinstance(max_length, int) and isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        max_length = model_max
-    if not isinstance(max_length, int) or max_length <= 0:
-        max_length = max_positions
-    return {"pooling": pooling, "max_length": min(max_length, max_positions)}
-
-
-# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -390,7 +158,7 @@ def open_hf(src, config=None) -> Checkpoint:
         config_path = Path(config) if config is not None else files_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: config.json not found (needed to convert {src})")
-        hf_config, config_source = _read_json(config_path), config_path
+        hf_config, config_source = read_json(config_path), config_path
 
     try:  # before touching the weights: unknown architectures fail fast
         family = family_for_hf_config(hf_config)
@@ -399,24 +167,17 @@ def open_hf(src, config=None) -> Checkpoint:
         raise ValueError(f"{config_source}: {e}") from None
     weight_files = find_weight_files(src) if src.is_dir() else [src]
     tensors = _strip_prefixes(_load_weight_files(weight_files), family.hf.strip_prefixes)
-    encoder = normalized.get("architecture") == "encoder"
     try:
         if family.finalize is not None:
             normalized = family.finalize(normalized, set(tensors))
-        if encoder:
-            normalized.update(sentence_transformers_fields(files_dir, normalized))
+        if family.read_files is not None:
+            normalized.update(family.read_files(files_dir, normalized))
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     kind = "safetensors" if all(f.suffix == ".safetensors" for f in weight_files) else "torch"
-    if normalized.get("architecture") == "encoder-decoder":
-        from .seq2seq_families import write_seq2seq_tokenizer
 
-        def write_tokenizer(out_dir):
-            return write_seq2seq_tokenizer(files_dir, Path(out_dir), hf_config, normalized)
-    else:
-
-        def write_tokenizer(out_dir):
-            return write_hf_tokenizer(files_dir, Path(out_dir), hf_config, encoder=encoder)
+    def write_tokenizer(out_dir):
+        return family.write_tokenizer(files_dir, Path(out_dir), hf_config, normalized)
 
     return Checkpoint(
         config=normalized,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyxf
 from pyxf.engine import Engine
-from pyxf.model import read_config
+from pyxf.config import read_config
 from pyxf.server import errors
 
 GENERATE = "generate"  # /v1/chat/completions and /v1/completions
@@ -49,12 +49,16 @@ class ModelRegistry:
         self._models = {}
 
     @classmethod
-    def load(cls, specs, *, engine_options=None, threads=None):
-        """Loads each (name, directory); decoders get an Engine(model, **engine_options)."""
+    def load(cls, specs, *, engine_options=None, threads=None, draft_model=None):
+        """Loads each (name, directory); decoders get an Engine(model, **engine_options), drafting
+        with the decoder in the directory draft_model when it is given."""
         registry = cls()
+        engine_options = dict(engine_options or {})
+        if draft_model is not None:
+            engine_options["draft_model"] = pyxf.load(draft_model, threads=threads)
         try:
             for name, path in specs:
-                registry.add(name, path, engine_options or {}, threads)
+                registry.add(name, path, engine_options, threads)
         except BaseException:
             registry.close(timeout=0)
             raise

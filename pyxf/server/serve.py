@@ -16,14 +16,15 @@ from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, pars
 
 def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
           prefill_chunk=None, max_queue=None, prefix_cache=True, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-          shutdown_timeout=30.0, log_level="info"):
+          shutdown_timeout=30.0, log_level="info", draft_model=None):
     """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
-    Engine options left None take pyxf.Engine's defaults. Returns 0 after a graceful shutdown."""
+    Engine options left None take pyxf.Engine's defaults. draft_model (a directory): every decoder's
+    engine drafts with it (speculative decoding). Returns 0 after a graceful shutdown."""
     options = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                              max_queue=max_queue, prefix_cache=prefix_cache)
     api_key = resolve_api_key(api_key)
     sleep_idle_threads()
-    registry = ModelRegistry.load(model_specs(models), engine_options=options, threads=threads)
+    registry = ModelRegistry.load(model_specs(models), engine_options=options, threads=threads, draft_model=draft_model)
     app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
     announce_models(registry)
     announce_url(host, port, api_key)
@@ -64,7 +65,9 @@ def sleep_idle_threads():
 def announce_models(registry):
     for served in registry:
         use = "embeddings" if served.kind == EMBED else "chat, completions"
-        print(f"pyxf: serving {served.name} ({use}) from {served.model.path}", file=sys.stderr)
+        draft = getattr(served.engine, "draft_model", None)
+        drafting = f", drafting with {draft.path}" if draft is not None else ""
+        print(f"pyxf: serving {served.name} ({use}{drafting}) from {served.model.path}", file=sys.stderr)
 
 
 def announce_url(host, port, api_key):

@@ -12,11 +12,9 @@ the same names under `encoder.`. `encoder.embed.weight` is absent when the embed
 from __future__ import annotations
 
 import math
-import shutil
-import warnings
-from pathlib import Path
 
-from .families import Family, TensorTable, _activation, rule
+from ..schema import Family, TensorTable, activation, rule
+from ..tokenizer_files import eos_list, write_seq2seq_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # shared pieces
@@ -54,11 +52,6 @@ def _seq2seq_config(**fields) -> dict:
     return base
 
 
-def _eos_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
 
 # ---------------------------------------------------------------------------------------------
 # the original Transformer: pyxf.torch_models.TransformerSeq2Seq (torch.nn.Transformer inside)
@@ -85,7 +78,7 @@ def transformer_config(hf: dict) -> dict:
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
         norm_position="pre" if hf.get("norm_first") else "post",
-        activation=_activation(hf.get("activation", "relu")),
+        activation=activation(hf.get("activation", "relu")),
         gated_ffn=False,
         position="sinusoidal",
         sinusoidal_layout="interleaved",
@@ -93,7 +86,7 @@ def transformer_config(hf: dict) -> dict:
         embed_scale=math.sqrt(d),
         tie_word_embeddings=bool(hf.get("tie_output", False)),
         bos_token_id=hf.get("bos_id"),
-        eos_token_id=_eos_list(hf.get("eos_id")),
+        eos_token_id=eos_list(hf.get("eos_id")),
         pad_token_id=hf.get("pad_id"),
         decoder_start_token_id=hf.get("bos_id"),
     )
@@ -176,7 +169,7 @@ def marian_config(hf: dict) -> dict:
         norm="layernorm",
         norm_eps=1e-5,  # nn.LayerNorm's default, which Marian uses
         norm_position="post",
-        activation=_activation(hf.get("activation_function", "swish")),
+        activation=activation(hf.get("activation_function", "swish")),
         gated_ffn=False,
         position="sinusoidal",
         sinusoidal_layout="concat",  # Marian: sin in the first half of the vector, cos in the second
@@ -184,7 +177,7 @@ def marian_config(hf: dict) -> dict:
         embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=_eos_list(hf.get("eos_token_id")),
+        eos_token_id=eos_list(hf.get("eos_token_id")),
         pad_token_id=pad,
         decoder_start_token_id=hf.get("decoder_start_token_id", pad),
         forced_eos_token_id=hf.get("forced_eos_token_id"),
@@ -260,7 +253,7 @@ def t5_config(hf: dict) -> dict:
         norm="rmsnorm",  # T5LayerNorm: no mean subtraction, no bias
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
         norm_position="pre",
-        activation=_activation(act),
+        activation=activation(act),
         gated_ffn=gated,
         position="relative",
         relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
@@ -271,7 +264,7 @@ def t5_config(hf: dict) -> dict:
         head_scale=d**-0.5 if scale_outputs else 1.0,
         tie_word_embeddings=True,  # settled by _t5_finalize from the tensors present
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=_eos_list(hf.get("eos_token_id", 1)),
+        eos_token_id=eos_list(hf.get("eos_token_id", 1)),
         pad_token_id=pad,
         decoder_start_token_id=pad if start is None else start,
     )
@@ -329,88 +322,34 @@ def _t5_finalize(config: dict, source_names: set) -> dict:
     return dict(config, tie_word_embeddings="lm_head.weight" not in source_names)
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenizers and generation settings
 
-MARIAN_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json")
+TRANSFORMER = Family(
+    name="transformer",
+    hf_architectures=("TransformerSeq2Seq",),
+    hf_model_types=("pyxf-transformer",),
+    hf=_transformer_table({}),
+    hf_config=transformer_config,
+    hf_tables=_transformer_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)
 
+MARIAN = Family(
+    name="marian",
+    hf_architectures=("MarianMTModel",),
+    hf_model_types=("marian",),
+    hf=_marian_table({}),
+    hf_config=marian_config,
+    hf_tables=_marian_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)
 
-def write_seq2seq_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, config: dict) -> dict:
-    """Copies the tokenizer files; returns config.json fields: special ids, generation settings
-    from generation_config.json, and `tokenizer` ("marian", "tokenizer.json", a sentencepiece
-    file name, or None)."""
-    from .hf import _optional_json
-
-    generation = _optional_json(files_dir / "generation_config.json")
-    fields = {}
-    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id"):
-        if generation.get(key) is not None:
-            fields[key] = generation[key]
-    if generation.get("eos_token_id") is not None:
-        fields["eos_token_id"] = _eos_list(generation["eos_token_id"])
-    bad = generation.get("bad_words_ids") or []
-    suppress = [int(w[0]) for w in bad if isinstance(w, list) and len(w) == 1]
-    if len(suppress) != len(bad):
-        warnings.warn("bad_words_ids of more than one token are not supported; only single tokens are suppressed")
-    suppress += [int(t) for t in generation.get("suppress_tokens") or []]
-    fields["suppress_token_ids"] = sorted(set(suppress))
-    fields["renormalize_logits"] = bool(generation.get("renormalize_logits", False))
-
-    tokenizer = None
-    if (files_dir / "source.spm").is_file() and (files_dir / "vocab.json").is_file():
-        for name in MARIAN_FILES:
-            if (files_dir / name).is_file():
-                shutil.copyfile(files_dir / name, out_dir / name)
-        if not (files_dir / "target.spm").is_file():
-            shutil.copyfile(files_dir / "source.spm", out_dir / "target.spm")
-        tokenizer = "marian"
-    elif (files_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        Tokenizer.from_file(str(files_dir / "tokenizer.json"))  # fails early on a broken file
-        shutil.copyfile(files_dir / "tokenizer.json", out_dir / "tokenizer.json")
-        tokenizer = "tokenizer.json"
-    else:
-        for name in ("spiece.model", "tokenizer.model", "sentencepiece.model"):
-            if (files_dir / name).is_file():
-                shutil.copyfile(files_dir / name, out_dir / name)
-                tokenizer = name
-                break
-    if tokenizer is None:
-        warnings.warn(f"{files_dir}: no tokenizer files found (Marian's source.spm/vocab.json, tokenizer.json, "
-                      "or a sentencepiece model); the converted model takes token ids only")
-    elif (files_dir / "tokenizer_config.json").is_file():
-        shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
-    fields["tokenizer"] = tokenizer
-    return fields
-
-
-SEQ2SEQ_FAMILIES: dict[str, Family] = {
-    "transformer": Family(
-        name="transformer",
-        hf_architectures=("TransformerSeq2Seq",),
-        hf_model_types=("pyxf-transformer",),
-        hf=_transformer_table({}),
-        hf_config=transformer_config,
-        hf_tables=_transformer_table,
-    ),
-    "marian": Family(
-        name="marian",
-        hf_architectures=("MarianMTModel",),
-        hf_model_types=("marian",),
-        hf=_marian_table({}),
-        hf_config=marian_config,
-        hf_tables=_marian_table,
-    ),
-    "t5": Family(
-        name="t5",
-        hf_architectures=("T5ForConditionalGeneration",),
-        hf_model_types=("t5",),
-        hf=_t5_table({"gated_ffn": False}),
-        hf_config=t5_config,
-        finalize=_t5_finalize,
-        hf_tables=_t5_table,
-    ),
-}
-
-__all__ = ["SEQ2SEQ_FAMILIES", "write_seq2seq_tokenizer"]
+T5 = Family(
+    name="t5",
+    hf_architectures=("T5ForConditionalGeneration",),
+    hf_model_types=("t5",),
+    hf=_t5_table({"gated_ffn": False}),
+    hf_config=t5_config,
+    finalize=_t5_finalize,
+    hf_tables=_t5_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)

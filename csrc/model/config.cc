@@ -1,0 +1,138 @@
+// config.json's meaning to the core (docs/DESIGN.md): which keys, their defaults and allowed values,
+// and what is derived from them.
+#include "model/config.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace pyxf {
+namespace {
+
+using std::invalid_argument;
+
+// A key with a default: the value when present and not null.
+long integer_or(const ConfigValues& v, const std::string& key, long fallback) {
+  return v.has(key) ? v.integer(key) : fallback;
+}
+double number_or(const ConfigValues& v, const std::string& key, double fallback) {
+  return v.has(key) ? v.number(key) : fallback;
+}
+bool boolean_or(const ConfigValues& v, const std::string& key, bool fallback) {
+  return v.has(key) ? v.boolean(key) : fallback;
+}
+std::string text_or(const ConfigValues& v, const std::string& key, const std::string& fallback) {
+  return v.has(key) ? v.text(key) : fallback;
+}
+
+// A size the core holds in an int.
+int size(long value, const std::string& key) {
+  if (value <= 0 || value > (1L << 31) - 1) throw invalid_argument("config '" + key + "' must be a positive int");
+  return (int)value;
+}
+
+}  // namespace
+
+kernels::Activation activation_from_name(const std::string& name) {
+  if (name == "silu") return kernels::Activation::kSilu;
+  if (name == "gelu") return kernels::Activation::kGelu;
+  if (name == "gelu_tanh") return kernels::Activation::kGeluTanh;
+  if (name == "relu") return kernels::Activation::kRelu;
+  throw invalid_argument("unknown activation '" + name + "' (silu, gelu, gelu_tanh, relu)");
+}
+
+namespace {
+
+PositionKind position_kind(const std::string& name) {
+  if (name == "rope") return PositionKind::kRope;
+  if (name == "learned") return PositionKind::kLearned;
+  if (name == "none") return PositionKind::kNone;
+  throw invalid_argument("unknown position scheme '" + name + "'");
+}
+
+// What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.
+ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
+  ModelConfig c;
+  c.family = v.text("family");
+  c.vocab_size = size(v.integer("vocab_size"), "vocab_size");
+  c.hidden_size = size(v.integer("hidden_size"), "hidden_size");
+  c.num_layers = size(v.integer("num_layers"), "num_layers");
+  c.num_heads = size(v.integer("num_heads"), "num_heads");
+  c.num_kv_heads = size(integer_or(v, "num_kv_heads", c.num_heads), "num_kv_heads");
+  c.head_dim = size(integer_or(v, "head_dim", c.hidden_size / c.num_heads), "head_dim");
+  c.intermediate_size = size(v.integer("intermediate_size"), "intermediate_size");
+  c.max_positions = size(v.integer("max_position_embeddings"), "max_position_embeddings");
+  if (c.num_heads % c.num_kv_heads != 0) throw invalid_argument("num_heads must be a multiple of num_kv_heads");
+  const std::string norm = v.text("norm");
+  if (norm != "rmsnorm" && norm != "layernorm") throw invalid_argument("unknown norm '" + norm + "'");
+  c.norm = norm == "rmsnorm" ? NormKind::kRms : NormKind::kLayer;
+  c.norm_eps = (float)v.number("norm_eps");
+  const std::string placement = text_or(v, "norm_position", "pre");
+  if (placement != "pre" && placement != "post") throw invalid_argument("unknown norm_position '" + placement + "'");
+  c.post_norm = placement == "post";
+  c.activation = activation_from_name(v.text("activation"));
+  c.gated_ffn = v.boolean("gated_ffn");
+  c.position = position;
+  c.tied_embeddings = boolean_or(v, "tie_word_embeddings", false);
+  if (c.position == PositionKind::kRope) {
+    c.rope_interleaved = boolean_or(v, "rope_interleaved", false);
+    c.rope_inv_freq = v.floats("rope_inv_freq");
+    c.rope_dim = 2 * (int)c.rope_inv_freq.size();
+    c.rope_attention_scaling = (float)number_or(v, "rope_attention_scaling", 1.0);
+    if (c.rope_dim == 0 || c.rope_dim > c.head_dim || c.rope_dim > 1024) {
+      throw invalid_argument("rope_inv_freq must have between 1 and head_dim/2 entries");
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+ModelConfig model_config(const ConfigValues& v) {
+  const std::string architecture = text_or(v, "architecture", "decoder");
+  if (architecture != "decoder" && architecture != "encoder") {
+    throw invalid_argument("architecture '" + architecture + "' is not a decoder or an encoder");
+  }
+  ModelConfig c = stack_config(v, position_kind(v.text("position")));
+  const bool encoder = architecture == "encoder";
+  c.has_lm_head = !encoder;
+  c.causal = boolean_or(v, "causal", !encoder);
+  c.has_embed_norm = encoder;
+  c.position_offset = (int)integer_or(v, "position_offset", 0);
+  c.type_vocab_size = encoder ? (int)integer_or(v, "type_vocab_size", 0) : 0;
+  if (c.position_offset < 0 || c.type_vocab_size < 0) {
+    throw invalid_argument("position_offset and type_vocab_size must be >= 0");
+  }
+  if (c.position == PositionKind::kLearned && c.position_offset >= c.max_positions) {
+    throw invalid_argument("position_offset must be below max_position_embeddings");
+  }
+  return c;
+}
+
+Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
+  const std::string position = v.text("position");
+  PositionKind stack_position;
+  if (position == "sinusoidal") stack_position = PositionKind::kLearned;  // a table made at load
+  else if (position == "relative") stack_position = PositionKind::kNone;  // a bias in attention
+  else throw invalid_argument("unknown position scheme '" + position + "' for an encoder-decoder model");
+  const float embed_scale = (float)number_or(v, "embed_scale", 1.0);
+  const float attn_scale = (float)number_or(v, "attention_scale", 0.0);
+  const long radius = position == "relative" ? v.integer("rel_pos_radius") : 0;
+  if (!(embed_scale > 0) || attn_scale < 0 || radius < 0 || radius > (1L << 20)) {
+    throw invalid_argument("embed_scale must be positive, attention_scale and rel_pos_radius non-negative");
+  }
+  Seq2SeqConfig s{stack_config(v, stack_position), stack_config(v, stack_position)};
+  s.encoder.num_layers = size(v.integer("num_encoder_layers"), "num_encoder_layers");
+  s.encoder.vocab_size = size(integer_or(v, "source_vocab_size", s.decoder.vocab_size), "source_vocab_size");
+  s.encoder.causal = false;
+  s.encoder.has_lm_head = false;
+  s.decoder.head_scale = (float)number_or(v, "head_scale", 1.0);
+  for (ModelConfig* c : {&s.encoder, &s.decoder}) {
+    c->embed_scale = embed_scale;
+    c->attn_scale = attn_scale;
+    c->rel_pos_radius = (int)radius;
+    c->optional_final_norm = c->post_norm;
+  }
+  return s;
+}
+
+}  // namespace pyxf

@@ -1,0 +1,193 @@
+#include "model/tensors.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace pyxf {
+namespace {
+
+using std::invalid_argument;
+
+std::string shape_text(const std::vector<long>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+float bf16_to_float(uint16_t v) {
+  const uint32_t bits = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+kernels::WeightType weight_type(const std::string& name, DType d) {
+  switch (d) {
+    case DType::kF32: return kernels::WeightType::kF32;
+    case DType::kF16: return kernels::WeightType::kF16;
+    case DType::kBF16: return kernels::WeightType::kBF16;
+    default: throw invalid_argument("tensor '" + name + "' is not a float tensor");
+  }
+}
+
+long elements(const std::vector<long>& shape) {
+  long n = 1;
+  for (long d : shape) n *= d;
+  return n;
+}
+
+}  // namespace
+
+kernels::QuantFormat quant_format(const std::string& name) {
+  using F = kernels::QuantFormat;
+  static const std::map<std::string, F> formats = {
+      {"q8_0", F::kQ8_0}, {"q4_0", F::kQ4_0}, {"q4_1", F::kQ4_1}, {"q5_0", F::kQ5_0}, {"q5_1", F::kQ5_1},
+      {"q4_k", F::kQ4_K}, {"q5_k", F::kQ5_K}, {"q6_k", F::kQ6_K}, {"int8", F::kInt8}};
+  auto it = formats.find(name);
+  if (it == formats.end()) {
+    throw invalid_argument("unknown quantization format '" + name +
+                           "' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, int8)");
+  }
+  return it->second;
+}
+
+kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
+                                  kernels::QuantFormat f, long out, long in) {
+  const int block = kernels::quant_block_cols(f);
+  if (in <= 0 || in % block != 0) {
+    throw invalid_argument("tensor '" + name + "': quantized rows need a multiple of " + std::to_string(block) +
+                           " columns, got " + std::to_string(in));
+  }
+  const long row_bytes = kernels::quant_row_bytes(f, in);
+  const bool bytes = w.dtype == DType::kU8 || w.dtype == DType::kI8;
+  if (!bytes || w.shape.size() != 2 || w.shape[0] != out || w.shape[1] != row_bytes) {
+    throw invalid_argument("tensor '" + name + "' must be a C-contiguous 1-byte array of shape [" +
+                           std::to_string(out) + ", " + std::to_string(row_bytes) + "]");
+  }
+  kernels::QuantWeight q{f, static_cast<const uint8_t*>(w.data), nullptr, out, in};
+  if (f == kernels::QuantFormat::kInt8) {
+    const std::string scale_name = name + "_scale";
+    if (scales == nullptr) throw invalid_argument("missing tensor '" + scale_name + "'");
+    if (scales->dtype != DType::kF32 || scales->shape.size() != 1 || scales->shape[0] != out) {
+      throw invalid_argument("tensor '" + scale_name + "' must be float32 [" + std::to_string(out) + "]");
+    }
+    q.row_scales = static_cast<const float*>(scales->data);
+  }
+  return q;
+}
+
+const TensorView* WeightBinder::take(const std::string& name, const std::vector<long>& shape, bool required,
+                                     bool quantized) {
+  requests_.push_back({name, shape, required});
+  auto it = set_.tensors.find(name);
+  if (it == set_.tensors.end()) {
+    if (required) throw invalid_argument("missing tensor '" + name + "'");
+    return nullptr;
+  }
+  const TensorView& t = it->second;
+  if (quantized) return &t;  // its stored layout is checked against `shape` by quant_matrix / quantized()
+  if (set_.formats.count(name)) throw invalid_argument("tensor '" + name + "' cannot be stored quantized");
+  if (t.shape != shape) {
+    throw invalid_argument("tensor '" + name + "' has shape " + shape_text(t.shape) + ", expected " +
+                           shape_text(shape));
+  }
+  return &t;
+}
+
+const float* WeightBinder::floats(const std::string& name, const std::vector<long>& shape, bool required) {
+  const TensorView* t = take(name, shape, required);
+  if (t == nullptr) return nullptr;
+  if (t->dtype == DType::kF32) return static_cast<const float*>(t->data);
+  if (t->dtype != DType::kF16 && t->dtype != DType::kBF16) {
+    throw invalid_argument("tensor '" + name + "' is not a float tensor");
+  }
+  const long n = elements(t->shape);
+  auto buf = std::make_unique<float[]>(n);
+  const uint16_t* src = static_cast<const uint16_t*>(t->data);
+  for (long i = 0; i < n; ++i) buf[i] = t->dtype == DType::kBF16 ? bf16_to_float(src[i]) : half_to_float(src[i]);
+  owned_.push_back(std::move(buf));
+  return owned_.back().get();
+}
+
+Linear WeightBinder::matrix(const std::string& name, long out, long in) {
+  if (set_.formats.count(name)) return quantized(name, out, in);
+  const TensorView* t = take(name, {out, in}, true);
+  Linear l;
+  l.weight = t->data;
+  l.dtype = weight_type(name, t->dtype);
+  return l;
+}
+
+Linear WeightBinder::linear(const std::string& name, long out, long in) {
+  Linear l = matrix(name + ".weight", out, in);
+  l.bias = floats(name + ".bias", {out}, false);
+  return l;
+}
+
+// A quantized linear weight as config.json's "tensors" entry describes it: one format (the array
+// is [out, row bytes]), or [format, rows] segments (the array is their bytes, one after another).
+Linear WeightBinder::quantized(const std::string& name, long out, long in) {
+  const TensorView& t = *take(name, {out, in}, true, true);
+  const std::vector<QuantSegment>& spec = set_.formats.at(name);
+  Linear l;
+  l.quantized = true;
+  if (spec.size() == 1 && spec[0].rows < 0) {
+    auto scales = set_.tensors.find(name + "_scale");
+    l.quant = quant_matrix(name, t, scales == set_.tensors.end() ? nullptr : &scales->second,
+                           quant_format(spec[0].format), out, in);
+    return l;
+  }
+  if (t.dtype != DType::kU8 || t.shape.size() != 1) {
+    throw invalid_argument("tensor '" + name + "' (several formats) must be a C-contiguous 1-D byte array");
+  }
+  const uint8_t* data = static_cast<const uint8_t*>(t.data);
+  long rows = 0, offset = 0;
+  for (const QuantSegment& s : spec) {
+    const kernels::QuantFormat f = quant_format(s.format);
+    if (f == kernels::QuantFormat::kInt8 || s.rows <= 0 || in <= 0 || in % kernels::quant_block_cols(f) != 0) {
+      throw invalid_argument("tensor '" + name + "': bad segment (a block format whose blocks fit the " +
+                             std::to_string(in) + " columns, and a positive row count)");
+    }
+    const long bytes = s.rows * kernels::quant_row_bytes(f, in);
+    if (offset + bytes > t.shape[0]) throw invalid_argument("tensor '" + name + "' is shorter than its segments");
+    l.segments.push_back({f, data + offset, nullptr, s.rows, in});
+    rows += s.rows;
+    offset += bytes;
+  }
+  if (rows != out || offset != t.shape[0]) {
+    throw invalid_argument("tensor '" + name + "': its segments cover " + std::to_string(rows) + " rows and " +
+                           std::to_string(offset) + " bytes, expected " + std::to_string(out) + " rows and " +
+                           std::to_string(t.shape[0]) + " bytes");
+  }
+  return l;
+}
+
+Norm WeightBinder::norm(const std::string& name, long hidden, bool weight_required, bool bias_required) {
+  return Norm{floats(name + ".weight", {hidden}, weight_required), floats(name + ".bias", {hidden}, bias_required)};
+}
+
+}  // namespace pyxf

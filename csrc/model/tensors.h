@@ -1,0 +1,79 @@
+// A model's tensors as the bindings hand them over (named views of arrays the caller keeps alive,
+// and config.json's quantization formats), and the binder that turns them into the weight views
+// of model/weights.h: it checks each tensor's presence, shape and element type as it is taken,
+// widens 16-bit vectors once, and records every request so that tests can compare what the core
+// binds with the model spec (pyxf/spec).
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "model/weights.h"
+
+namespace pyxf {
+
+enum class DType { kF32, kF16, kBF16, kU8, kI8 };
+
+struct TensorView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  std::vector<long> shape;
+};
+
+// A quantized tensor's storage: one format for all rows (rows == -1), or consecutive row ranges.
+struct QuantSegment {
+  std::string format;
+  long rows = -1;
+};
+
+struct TensorSet {
+  std::map<std::string, TensorView> tensors;
+  std::map<std::string, std::vector<QuantSegment>> formats;  // quantized tensors only
+};
+
+// One tensor the model asked for: its name, expected shape ([out, in] for a quantized matrix) and
+// whether it must be present.
+struct TensorRequest {
+  std::string name;
+  std::vector<long> shape;
+  bool required;
+};
+
+kernels::QuantFormat quant_format(const std::string& name);  // std::invalid_argument if unknown
+
+// A quantized matrix [out, in] stored as `w` (row bytes of blocks, or int8 with float `scales`).
+kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
+                                  kernels::QuantFormat f, long out, long in);
+
+class WeightBinder {
+ public:
+  explicit WeightBinder(const TensorSet& set) : set_(set) {}
+
+  // A float vector or table, widened to float32 once when stored in 16 bits; null when optional
+  // and absent.
+  const float* floats(const std::string& name, const std::vector<long>& shape, bool required = true);
+  // A weight matrix [out, in]: float, 16-bit (widened in the kernels' registers), or quantized as
+  // `formats` says.
+  Linear matrix(const std::string& name, long out, long in);
+  // `name.weight` (a matrix) and an optional `name.bias` [out].
+  Linear linear(const std::string& name, long out, long in);
+  // `name.weight` and `name.bias` [hidden]; the bias is required for LayerNorm.
+  Norm norm(const std::string& name, long hidden, bool weight_required, bool bias_required);
+
+  const std::vector<TensorRequest>& requests() const { return requests_; }
+
+ private:
+  // The named view after checking its shape (quantized: its layout is checked by the caller);
+  // null when optional and absent. Records the request.
+  const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required,
+                         bool quantized = false);
+  Linear quantized(const std::string& name, long out, long in);
+
+  const TensorSet& set_;
+  std::vector<TensorRequest> requests_;
+  std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
+};
+
+}  // namespace pyxf

@@ -1,0 +1,126 @@
+"""Llama-style decoders: Llama, Mistral, Qwen2 (HF checkpoints), and llama.cpp's llama / qwen2 GGUF files."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
+from ..tokenizer_files import write_decoder_tokenizer
+
+_LLAMA_HF = TensorTable(
+    global_rules=(
+        rule("embed.weight", "embed_tokens.weight"),
+        rule("final_norm.weight", "norm.weight"),
+    ),
+    layer_rules=(
+        rule("layers.{i}.attn_norm.weight", "layers.{i}.input_layernorm.weight"),
+        rule(
+            "layers.{i}.attn.qkv.weight",
+            "layers.{i}.self_attn.q_proj.weight",
+            "layers.{i}.self_attn.k_proj.weight",
+            "layers.{i}.self_attn.v_proj.weight",
+        ),
+        rule(
+            "layers.{i}.attn.qkv.bias",
+            "layers.{i}.self_attn.q_proj.bias",
+            "layers.{i}.self_attn.k_proj.bias",
+            "layers.{i}.self_attn.v_proj.bias",
+            optional=True,
+        ),
+        rule("layers.{i}.attn.out.weight", "layers.{i}.self_attn.o_proj.weight"),
+        rule("layers.{i}.attn.out.bias", "layers.{i}.self_attn.o_proj.bias", optional=True),
+        rule("layers.{i}.ffn_norm.weight", "layers.{i}.post_attention_layernorm.weight"),
+        rule("layers.{i}.ffn.gate_up.weight", "layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+        rule(
+            "layers.{i}.ffn.gate_up.bias",
+            "layers.{i}.mlp.gate_proj.bias",
+            "layers.{i}.mlp.up_proj.bias",
+            optional=True,
+        ),
+        rule("layers.{i}.ffn.down.weight", "layers.{i}.mlp.down_proj.weight"),
+        rule("layers.{i}.ffn.down.bias", "layers.{i}.mlp.down_proj.bias", optional=True),
+    ),
+    lm_head=rule("lm_head.weight", "lm_head.weight"),
+    strip_prefixes=("model.",),
+    ignore_suffixes=("rotary_emb.inv_freq",),
+)
+
+
+def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable:
+    """llama.cpp's names; llama permutes Q/K rows for its pairwise RoPE, qwen2 (NEOX RoPE) does not."""
+    return TensorTable(
+        global_rules=(
+            rule("embed.weight", "token_embd.weight"),
+            rule("final_norm.weight", "output_norm.weight"),
+        ),
+        layer_rules=(
+            rule("layers.{i}.attn_norm.weight", "blk.{i}.attn_norm.weight"),
+            rule(
+                "layers.{i}.attn.qkv.weight",
+                ("blk.{i}.attn_q.weight", q_transform),
+                ("blk.{i}.attn_k.weight", k_transform),
+                "blk.{i}.attn_v.weight",
+            ),
+            rule(
+                "layers.{i}.attn.qkv.bias",
+                ("blk.{i}.attn_q.bias", q_transform),
+                ("blk.{i}.attn_k.bias", k_transform),
+                "blk.{i}.attn_v.bias",
+                optional=True,
+            ),
+            rule("layers.{i}.attn.out.weight", "blk.{i}.attn_output.weight"),
+            rule("layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight"),
+            rule("layers.{i}.ffn.gate_up.weight", "blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+            rule("layers.{i}.ffn.down.weight", "blk.{i}.ffn_down.weight"),
+        ),
+        lm_head=rule("lm_head.weight", "output.weight"),
+        ignore_suffixes=("rope_freqs.weight",),
+    )
+
+
+
+def llama_config(hf: dict) -> dict:
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    theta, scaling, partial = rope_fields(hf)
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
+        warnings.warn(f"sliding-window attention ({window}) is not supported; the full context is attended")
+    return {
+        "family": "llama",
+        "architecture": "decoder",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hidden // heads,
+        "intermediate_size": hf["intermediate_size"],
+        "norm": "rmsnorm",
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "norm_position": "pre",
+        "activation": activation(hf.get("hidden_act", "silu")),
+        "gated_ffn": True,
+        "position": "rope",
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rope_interleaved": False,
+        "partial_rotary_factor": partial,
+        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **common_config(hf),
+    }
+
+
+
+FAMILY = Family(
+    name="llama",
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    hf_model_types=("llama", "mistral", "qwen2"),
+    hf=_LLAMA_HF,
+    hf_config=llama_config,
+    gguf={
+        "llama": _llama_gguf("unpermute_q", "unpermute_k"),
+        "qwen2": _llama_gguf(None, None),
+    },
+    write_tokenizer=write_decoder_tokenizer,
+)

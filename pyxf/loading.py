@@ -1,0 +1,55 @@
+"""pyxf.load: a converted model directory -> the model object of its architecture."""
+
+from pathlib import Path
+
+from pyxf.config import read_config
+from pyxf.model import load_model
+from pyxf.seq2seq import load_seq2seq
+from pyxf.threads import check_num_threads, core
+from pyxf.weights import SAFETENSORS_DTYPES
+
+DTYPES = tuple(SAFETENSORS_DTYPES)  # what dtype= may ask for
+
+# config.json "architecture" -> (path, config, context_length, quantize, quantize_embeddings, dtype) -> model
+LOADERS = {"decoder": load_model, "encoder": load_model, "encoder-decoder": load_seq2seq}
+
+
+def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, revision=None,
+         dtype=None):
+    """Loads a model; with no path, the default model (downloaded on first use).
+
+    path: a converted model directory; a GGUF file or a Hugging Face hub id ("org/name", at `revision`:
+    a branch, tag or commit; default "main"), converted on first use into pyxf's cache and loaded from
+    there afterwards (pyxf.sources).
+
+    context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
+    default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
+    quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or one
+    of llama.cpp's mixes ("q4_k_m", "q5_k_m") quantizes a float model's weights in memory at load, the
+    tensors `pyxf convert --quantize` would (pyxf.quant_mix; quantize_embeddings=False: embed.weight
+    stays float). dtype: "bfloat16" | "float16" | "float32" stores the model's float tensors in that
+    type in memory (cast at load; None: as the file has them). bfloat16 halves float32's bytes and,
+    on CPUs with AVX512_BF16, multiplies on vdpbf16ps (`pyxf convert --dtype bfloat16` stores it so).
+
+    Every model it returns has generate() (decoders and encoder-decoders: text out) or encode()
+    (encoders: embeddings out); see pyxf.Model and pyxf.Seq2SeqModel.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    if path is None:
+        from pyxf.hub import default_model_path
+
+        if revision is not None:
+            raise ValueError("revision= needs a hub id (pyxf.load('org/name', revision=...))")
+        path = default_model_path()
+    else:
+        from pyxf.sources import model_directory
+
+        path = model_directory(path, revision)
+    path = Path(path)
+    config = read_config(path)
+    if threads is not None:
+        core().set_num_threads(check_num_threads(threads))
+    loader = LOADERS[config.get("architecture", "decoder")]
+    return loader(path, config, context_length=context_length, quantize=quantize,
+                  quantize_embeddings=quantize_embeddings, dtype=dtype)

@@ -1,0 +1,30 @@
+"""Decoder-only language models: Llama / Mistral / Qwen2 / SmolLM2 (family llama) and GPT-2."""
+
+from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+from .schema import Architecture, Stack, Tensor, norm
+
+
+def _learned(config):
+    return config["position"] == "learned"
+
+
+def _untied(config):
+    return not config["tie_word_embeddings"]
+
+
+DECODER = Architecture(
+    "decoder",
+    families=("llama", "gpt2"),
+    fields=STACK_FIELDS,
+    dims=stack_dims,
+    tensors=(
+        token_embedding(),
+        Tensor("pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
+        *norm("final_norm", when=pre_norm),
+        # Untied: the head's own weight. Tied: embed.weight is the head (a bias may still come).
+        Tensor("lm_head.weight", ("V", "H"), when=_untied, quantizable=True),
+        Tensor("lm_head.bias", ("V",), required=False),
+    ),
+    stacks=(Stack("layers.", "num_layers", block()),),
+    doc="causal self-attention with a KV cache, an LM head",
+)

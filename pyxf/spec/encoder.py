@@ -1,0 +1,84 @@
+"""Encoders: BERT, RoBERTa (also XLM-R) and DistilBERT. Complete sequences, non-causal attention,
+the last hidden state out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the
+head tensors are read by Python, not the core."""
+
+from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
+
+CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+FIELDS = STACK_FIELDS + (
+    Field("causal", "bool", default=False),
+    Field("position_offset", "count", default=0, doc="learned positions start here (RoBERTa: 2)"),
+    Field("type_vocab_size", "count", default=0, doc="token type rows; 0: none"),
+    Field("max_length", "size", default=None, doc="default tokenization length"),
+    Field("pooler", "bool", default=False, doc="BERT's tanh pooler is present"),
+    Field("pooling", "object", default=None, doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize}}"),
+    Field("classifier", "object", default=None, doc="{kind, num_labels, id2label, problem_type, score_activation}"),
+)
+
+
+def encoder_dims(config):
+    head = config.get("classifier") or {}
+    return {**stack_dims(config), "T": config.get("type_vocab_size", 0), "L": head.get("num_labels", 0)}
+
+
+def _head_kind(config):
+    return (config.get("classifier") or {}).get("kind")
+
+
+def _types(config):
+    return config.get("type_vocab_size", 0) > 0
+
+
+def _check(config, fail):
+    if config["position"] != "learned" or config.get("position_offset", 0) >= config["max_position_embeddings"]:
+        fail("encoders need learned positions, with position_offset below max_position_embeddings")
+    pooling = config.get("pooling")
+    if pooling is not None:
+        if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:
+            fail(f"'pooling' must be null or hold a mode ({', '.join(POOLING_MODES)}) and normalize, got {pooling!r}")
+        if not isinstance(pooling.get("normalize", False), bool):
+            fail(f"'pooling.normalize' must be true or false, got {pooling.get('normalize')!r}")
+    head = config.get("classifier")
+    if head is not None:
+        if not isinstance(head, dict) or head.get("kind") not in CLASSIFIER_KINDS:
+            fail(f"'classifier.kind' must be one of {', '.join(CLASSIFIER_KINDS)}, got {head!r}")
+        n = head.get("num_labels")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            fail(f"'classifier.num_labels' must be a positive integer, got {n!r}")
+        labels = head.get("id2label")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != n):
+            fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
+        if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
+            fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
+        if head.get("score_activation", "sigmoid") not in SCORE_ACTIVATIONS:
+            fail(f"'classifier.score_activation' must be one of {', '.join(SCORE_ACTIVATIONS)}, "
+                 f"got {head.get('score_activation')!r}")
+
+
+ENCODER = Architecture(
+    "encoder",
+    families=("bert", "roberta", "distilbert"),
+    fields=FIELDS,
+    dims=encoder_dims,
+    tensors=(
+        token_embedding(),
+        Tensor("pos_embed.weight", ("P", "H"), lookup=True),
+        Tensor("token_type_embed.weight", ("T", "H"), when=_types, lookup=True),
+        *norm("embed_norm", required=False),
+        *norm("final_norm", when=pre_norm),
+        # Heads, applied in numpy to the first token's last hidden state.
+        *linear("pooler.dense", "H", "H", quantizable=False, reader=PYTHON,
+                required=lambda c: bool(c.get("pooler")) or _head_kind(c) == "bert"),
+        *linear("classifier.dense", "H", "H", quantizable=False, reader=PYTHON,
+                required=lambda c: _head_kind(c) in ("roberta", "distilbert")),
+        *linear("classifier", "L", "H", quantizable=False, reader=PYTHON, when=lambda c: bool(c.get("classifier"))),
+    ),
+    stacks=(Stack("layers.", "num_layers", block()),),
+    check=_check,
+    doc="non-causal self-attention over complete sequences; ends at the last hidden state",
+)
