@@ -51,6 +51,15 @@ LLAMA_SPECS = {
     )),
 }
 
+# Mistral with a sliding window shorter than its 512 positions: pyxf limits the context to the window,
+# where full attention and windowed attention agree (not in LLAMA_SPECS: its tests run past 16 tokens).
+WINDOW_SPECS = {
+    "mistral_window16": ("MistralForCausalLM", "MistralConfig", dict(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, tie_word_embeddings=False, sliding_window=16,
+    )),
+}
+
 GPT2_SPECS = {
     # head_dim 32, tanh GELU (gelu_new), tied head.
     "gpt2_d32": ("GPT2LMHeadModel", "GPT2Config", dict(
@@ -68,7 +77,7 @@ GPT2_SPECS = {
     )),
 }
 
-SPECS = {**LLAMA_SPECS, **GPT2_SPECS}
+SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **GPT2_SPECS}
 
 
 def _config(spec_name):

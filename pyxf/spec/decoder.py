@@ -1,7 +1,7 @@
 """Decoder-only language models: Llama / Mistral / Qwen2 / SmolLM2 (family llama) and GPT-2."""
 
 from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
-from .schema import Architecture, Stack, Tensor, norm
+from .schema import Architecture, Field, Stack, Tensor, norm
 
 
 def _learned(config):
@@ -15,7 +15,13 @@ def _untied(config):
 DECODER = Architecture(
     "decoder",
     families=("llama", "gpt2"),
-    fields=STACK_FIELDS,
+    fields=(
+        *STACK_FIELDS,
+        # Mistral-style local attention: each position sees the last W positions. pyxf has no
+        # windowed attention yet; a sequence of at most W tokens attends to all of them either way,
+        # so pyxf.load limits the context to W (asking for more is an error) and the window is honoured.
+        Field("sliding_window", "size", default=None, doc="W: attention sees the last W positions"),
+    ),
     dims=stack_dims,
     tensors=(
         token_embedding(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
 from ..tokenizer_files import write_decoder_tokenizer
@@ -83,9 +82,10 @@ def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
     window = hf.get("sliding_window")
-    if window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
-        warnings.warn(f"sliding-window attention ({window}) is not supported; the full context is attended")
+    if not (window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0)):
+        window = None  # absent, switched off, or as long as the context: full attention
     return {
+        "sliding_window": window,
         "family": "llama",
         "architecture": "decoder",
         "vocab_size": hf["vocab_size"],
