@@ -23,9 +23,13 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 // and the thread adopts the process-wide thread count first. OpenMP keeps the count per calling
 // thread, so without this pyxf.set_num_threads in one thread would not reach work started from
 // another (a new thread runs with OpenMP's default, one thread per CPU).
+// When the call ends, the thread's OpenMP workers end too (runtime/threads.h says why).
 class CoreCall {
  public:
   CoreCall() { adopt_num_threads(); }
+  ~CoreCall() { release_thread_pool(); }
+  CoreCall(const CoreCall&) = delete;
+  CoreCall& operator=(const CoreCall&) = delete;
 
  private:
   py::gil_scoped_release release_;

@@ -8,6 +8,7 @@
 
 #include "bindings/common.h"
 #include "kernels/kernels.h"
+#include "runtime/threads.h"
 
 namespace pyxf {
 
@@ -55,6 +56,10 @@ void bind_ops(py::module_& ops) {
     throw py::type_error("w must be float32, float16 or uint16 (bfloat16 bits)");
   };
   // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T).
+  ops.def("team_size", [] {  // a parallel region's size, started as every call into the core starts
+    CoreCall call;
+    return parallel_team_size();
+  });
   ops.def("linear_gated", [=](FloatArray x, py::array w, const std::string& activation) {
     const kernels::WeightType wt = float_weight(x, w);
     const kernels::Activation act = activation_from_name(activation);
