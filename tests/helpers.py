@@ -45,6 +45,11 @@ LLAMA_SPECS = {
         head_dim=24, tie_word_embeddings=False, hidden_act="relu",
     )),
     # Qwen2: q/k/v biases, head_dim 128, MQA, tied head, large theta.
+    # Qwen3: per-head q/k RMSNorm before RoPE, head_dim 48 (not a multiple of 32) != hidden / heads, GQA.
+    "qwen3_d48_qknorm": ("Qwen3ForCausalLM", "Qwen3Config", dict(
+        vocab_size=448, hidden_size=96, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=48, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,
+    )),
     "qwen2_d128_tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(
         vocab_size=640, hidden_size=256, intermediate_size=320, num_attention_heads=2, num_key_value_heads=1,
         head_dim=128, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,

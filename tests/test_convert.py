@@ -662,3 +662,63 @@ def test_smollm2_weights_match_transformers(smollm2, smollm2_gguf):
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_gguf):
     assert_same_encoding(smollm2, smollm2_gguf, TEXTS)
+
+
+def test_qwen3_gguf_runs_like_transformers(tmp_path):
+    """A Qwen3 GGUF as llama.cpp lays it out (arch qwen3: no Q/K permutation, per-head
+    blk.N.attn_q_norm / attn_k_norm, key_length for head_dim): converted, its logits equal
+    transformers' Qwen3ForCausalLM on the same weights."""
+    gguf = pytest.importorskip("gguf")
+    import pyxf
+
+    tokens, scores, types = spm_vocabulary()
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_hidden_layers=2,
+        intermediate_size=96, vocab_size=len(tokens), tie_word_embeddings=True, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=128,
+    )
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so that a missing q/k norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    hf = hf_state(model)
+    path = tmp_path / "qwen3.gguf"
+    w = gguf.GGUFWriter(path, arch="qwen3")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_key_length(24)
+    w.add_value_length(24)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1000000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", hf["model.norm.weight"])
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(2):
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", hf[f"model.layers.{i}.{theirs}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    px = pyxf.load(convert(path, tmp_path / "out", progress=False))
+    assert px.config["qk_norm"] is True and px.config["head_dim"] == 24
+    ids = [1, 5, 9, 13, 40, 41, 7, 3, 22]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(px.logits(ids), expected, atol=1e-4, rtol=0)

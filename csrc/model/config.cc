@@ -71,6 +71,7 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   c.post_norm = placement == "post";
   c.activation = activation_from_name(v.text("activation"));
   c.gated_ffn = v.boolean("gated_ffn");
+  c.qk_norm = boolean_or(v, "qk_norm", false);
   c.position = position;
   c.tied_embeddings = boolean_or(v, "tie_word_embeddings", false);
   if (c.position == PositionKind::kRope) {

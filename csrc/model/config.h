@@ -28,6 +28,7 @@ struct ModelConfig {
   bool post_norm = false;        // BERT-style: norm after the residual add
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
+  bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3)
   PositionKind position = PositionKind::kRope;
   bool rope_interleaved = false;
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)

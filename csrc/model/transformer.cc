@@ -164,6 +164,15 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
     StageTimer timer(Stage::kQkv);
     apply_linear(L.qkv, in, rows, H, qkv_dim, ws.qkv.data(), false);
   }
+  if (c.qk_norm) {
+    StageTimer timer(Stage::kNorm);
+    // Each token's q heads, then its k heads, are adjacent rows of head_dim in its qkv row.
+    for (long r = 0; r < rows; ++r) {
+      float* q = ws.qkv.data() + r * qkv_dim;
+      K.rmsnorm(q, L.q_norm.weight, c.norm_eps, c.num_heads, D, q);
+      K.rmsnorm(q + c.q_dim(), L.k_norm.weight, c.norm_eps, c.num_kv_heads, D, q + c.q_dim());
+    }
+  }
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.

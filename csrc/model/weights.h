@@ -27,6 +27,7 @@ struct LayerWeights {
   Norm attn_norm;
   Linear qkv;
   Linear attn_out;
+  Norm q_norm, k_norm;  // per head, over head_dim (qk_norm)
   Norm ffn_norm;
   Linear ffn_up;    // gate_up when the FFN is gated
   Linear ffn_down;

@@ -86,7 +86,7 @@ def _single_value(value, key: str) -> int:
 
 def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
     """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later).
-    Covers the llama-like architectures (llama, qwen2); another family would add its own."""
+    Covers the llama-like architectures (llama, qwen2, qwen3); another family would add its own."""
     arch = meta["general.architecture"]
 
     def get(key, default=None):
@@ -118,6 +118,7 @@ def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
         "norm_position": "pre",
         "activation": "silu",
         "gated_ffn": True,
+        "qk_norm": arch == "qwen3",  # per-head q/k RMSNorm (blk.N.attn_q_norm / attn_k_norm)
         "position": "rope",
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(meta, arch, tensor_names),

@@ -60,6 +60,10 @@ def _gated(config):
     return config["gated_ffn"]
 
 
+def _qk_norm(config):
+    return bool(config.get("qk_norm"))
+
+
 def _not_gated(config):
     return not config["gated_ffn"]
 
@@ -70,6 +74,9 @@ def block(cross=False):
         *norm("attn_norm"),
         *linear("attn.qkv", "QKV", "H", parts=(("q", "Q"), ("k", "KVD"), ("v", "KVD"))),
         *linear("attn.out", "H", "Q"),
+        # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE.
+        Tensor("attn.q_norm.weight", ("D",), when=_qk_norm),
+        Tensor("attn.k_norm.weight", ("D",), when=_qk_norm),
     ]
     if cross:
         tensors += [*norm("cross_norm"), *linear("cross_attn.q", "Q", "H"),

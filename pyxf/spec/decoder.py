@@ -21,6 +21,7 @@ DECODER = Architecture(
         # windowed attention yet; a sequence of at most W tokens attends to all of them either way,
         # so pyxf.load limits the context to W (asking for more is an error) and the window is honoured.
         Field("sliding_window", "size", default=None, doc="W: attention sees the last W positions"),
+        Field("qk_norm", "bool", default=False, doc="RMSNorm over each head of q and of k before RoPE (Qwen3)"),
     ),
     dims=stack_dims,
     tensors=(

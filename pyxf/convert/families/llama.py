@@ -1,6 +1,8 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2 (HF checkpoints), and llama.cpp's llama / qwen2 GGUF files."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (HF checkpoints), and llama.cpp's llama / qwen2 / qwen3 GGUF files."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 
 from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
@@ -43,6 +45,26 @@ _LLAMA_HF = TensorTable(
     strip_prefixes=("model.",),
     ignore_suffixes=("rotary_emb.inv_freq",),
 )
+
+
+# Qwen3's per-head q/k norms, beside the Llama tables' rules.
+_QK_NORM_HF = (
+    rule("layers.{i}.attn.q_norm.weight", "layers.{i}.self_attn.q_norm.weight"),
+    rule("layers.{i}.attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight"),
+)
+_QK_NORM_GGUF = (
+    rule("layers.{i}.attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    rule("layers.{i}.attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+)
+_QWEN3_HF = replace(_LLAMA_HF, layer_rules=_LLAMA_HF.layer_rules + _QK_NORM_HF)
+
+
+def _hf_tables(config: dict) -> TensorTable:
+    return _QWEN3_HF if config.get("qk_norm") else _LLAMA_HF
+
+
+def _with_qk_norm(table: TensorTable) -> TensorTable:
+    return replace(table, layer_rules=table.layer_rules + _QK_NORM_GGUF)
 
 
 def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable:
@@ -100,6 +122,7 @@ def llama_config(hf: dict) -> dict:
         "norm_position": "pre",
         "activation": activation(hf.get("hidden_act", "silu")),
         "gated_ffn": True,
+        "qk_norm": hf.get("model_type") == "qwen3",
         "position": "rope",
         "rope_theta": theta,
         "rope_scaling": scaling,
@@ -114,13 +137,15 @@ def llama_config(hf: dict) -> dict:
 
 FAMILY = Family(
     name="llama",
-    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-    hf_model_types=("llama", "mistral", "qwen2"),
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"),
+    hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
     hf=_LLAMA_HF,
+    hf_tables=_hf_tables,
     hf_config=llama_config,
     gguf={
         "llama": _llama_gguf("unpermute_q", "unpermute_k"),
         "qwen2": _llama_gguf(None, None),
+        "qwen3": _with_qk_norm(_llama_gguf(None, None)),
     },
     write_tokenizer=write_decoder_tokenizer,
 )
