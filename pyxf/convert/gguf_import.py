@@ -95,11 +95,17 @@ def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}")
         return value
 
-    hidden = int(get("embedding_length"))
-    heads = _single_value(get("attention.head_count"), "attention.head_count")
-    kv_heads = _single_value(get("attention.head_count_kv", heads), "attention.head_count_kv")
-    head_dim = int(get("attention.key_length", hidden // heads))
-    rope_dims = int(get("rope.dimension_count", head_dim))
+    def size(key, value):  # sizes are divided by and allocated with: a positive integer or an error
+        value = _single_value(value, key)
+        if value <= 0:
+            raise ValueError(f"GGUF metadata {arch}.{key} must be a positive integer, got {value}")
+        return value
+
+    hidden = size("embedding_length", get("embedding_length"))
+    heads = size("attention.head_count", get("attention.head_count"))
+    kv_heads = size("attention.head_count_kv", get("attention.head_count_kv", heads))
+    head_dim = size("attention.key_length", get("attention.key_length", hidden // heads))
+    rope_dims = size("rope.dimension_count", get("rope.dimension_count", head_dim))
     tokens = meta.get("tokenizer.ggml.tokens")
     return {
         "format": "pyxf",
