@@ -50,9 +50,10 @@ def check_config(config, config_path="config.json"):
             f"{config_path} has format_version {config.get('format_version')!r}; this pyxf reads version "
             f"{FORMAT_VERSION} (re-convert the model with this version of pyxf)"
         )
-    if config.get("family") not in spec.FAMILIES:
+    family, architecture = config.get("family"), config.get("architecture", "decoder")
+    if not isinstance(family, str) or family not in spec.FAMILIES:
         fail(f"unknown model family {config.get('family')!r}; known: {', '.join(spec.FAMILIES)}")
-    if config.get("architecture", "decoder") not in spec.ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in spec.ARCHITECTURES:
         fail(f"architecture {config.get('architecture')!r} is not supported; "
              f"supported: {', '.join(spec.ARCHITECTURES)}")
     arch = spec.architecture(config)
