@@ -471,6 +471,26 @@ def spm_vocabulary():
     return tokens, scores + [0.0], types
 
 
+def _tiny_gguf_writer(gguf, path, arch, vocabulary):
+    """A GGUFWriter with the tiny test models' shape (2 layers, hidden 64, FFN 96, 4 heads, 2 KV heads,
+    128 positions) and a sentencepiece vocabulary (tokens, scores, types; BOS 1, EOS 2)."""
+    tokens, scores, types = vocabulary
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    return w
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """A 2-layer llama GGUF written like llama.cpp does (permuted Q/K; Q8_0 and F16 tensors)."""
@@ -488,22 +508,10 @@ def tiny_gguf(tmp_path_factory):
     )
     hf = hf_state(transformers.LlamaForCausalLM(config))
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    w = gguf.GGUFWriter(path, arch="llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
+    w = _tiny_gguf_writer(gguf, path, "llama", (tokens, scores, types))
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(20000.0)
     w.add_rope_dimension_count(16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_chat_template("{{ bos_token }}")
     q8 = gguf.GGMLQuantizationType.Q8_0
@@ -685,23 +693,11 @@ def test_qwen3_gguf_runs_like_transformers(tmp_path):
                 p.copy_(1.0 + 0.5 * torch.randn_like(p))
     hf = hf_state(model)
     path = tmp_path / "qwen3.gguf"
-    w = gguf.GGUFWriter(path, arch="qwen3")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
+    w = _tiny_gguf_writer(gguf, path, "qwen3", (tokens, scores, types))
     w.add_key_length(24)
     w.add_value_length(24)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1000000.0)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", hf["model.norm.weight"])
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
