@@ -388,8 +388,9 @@ def test_rope_interleaved_matches_transformers_gptj(isa):
 # attention
 
 
-def attention_reference(q, k, v, n_heads, n_kv_heads, causal, scale):
-    """float64: query i sits at position n_keys - n_new + i; head h reads kv head h // group."""
+def attention_reference(q, k, v, n_heads, n_kv_heads, causal, scale, window=0, softcap=0.0):
+    """float64: query i sits at position n_keys - n_new + i; head h reads kv head h // group; with a
+    window, key j is visible to position p only if |p - j| < window; softcap as Gemma 2."""
     t, tk = q.shape[0], k.shape[0]
     d = q.shape[1] // n_heads
     group = n_heads // n_kv_heads
@@ -397,12 +398,17 @@ def attention_reference(q, k, v, n_heads, n_kv_heads, causal, scale):
     k64 = k.astype(np.float64).reshape(tk, n_kv_heads, d)
     v64 = v.astype(np.float64).reshape(tk, n_kv_heads, d)
     out = np.empty((t, n_heads, d))
-    visible = np.arange(tk)[None, :] <= (tk - t + np.arange(t))[:, None]
+    pos = (tk - t + np.arange(t))[:, None]
+    keys = np.arange(tk)[None, :]
+    visible = keys <= pos if causal else np.ones((t, tk), bool)
+    if window:
+        visible &= np.abs(pos - keys) < window
     for h in range(n_heads):
         g = h // group
         s = q64[:, h] @ k64[:, g].T * scale
-        if causal:
-            s = np.where(visible, s, -np.inf)
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        s = np.where(visible, s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         out[:, h] = (p / p.sum(-1, keepdims=True)) @ v64[:, g]
     return out.reshape(t, n_heads * d)
@@ -433,17 +439,45 @@ ATTENTION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["rows", "paged"])
 @pytest.mark.parametrize("t,tk,heads,kv_heads,head_dim,causal", ATTENTION_CASES)
-def test_attention(isa, t, tk, heads, kv_heads, head_dim, causal):
+def test_attention(isa, t, tk, heads, kv_heads, head_dim, causal, paged):
+    """Keys as rows (encoders, cross-attention) and in a paged KV cache (transposed pages, out of
+    order); decode shapes split their keys across threads and merge the partial softmaxes."""
     rng = rng_for("attention", t, tk, heads, kv_heads, head_dim, causal)
     q = randn(rng, t, heads * head_dim, scale=2.0)  # sharp enough that the softmax matters
     k = randn(rng, tk, kv_heads * head_dim)
     v = randn(rng, tk, kv_heads * head_dim)
     scale = head_dim**-0.5
     ref = attention_reference(q, k, v, heads, kv_heads, causal, scale)
-    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale)
+    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=paged)
     assert_close(y, ref, what="attention")
-    assert_matches_generic(isa, ops.attention, q, k, v, heads, kv_heads, causal=causal, scale=scale)
+    assert_matches_generic(isa, ops.attention, q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=paged)
+
+
+WINDOW_CASES = [
+    # (queries, keys, heads, kv_heads, head_dim, causal, window, softcap)
+    (1, 700, 4, 1, 64, True, 512, 0.0),     # decode past a Gemma-style window: early blocks skipped
+    (1, 300, 9, 3, 64, True, 100, 0.0),     # window edge inside a block
+    (150, 150, 4, 2, 32, True, 40, 0.0),    # prefill: each row's window starts elsewhere
+    (20, 200, 4, 4, 48, True, 64, 0.0),     # a chunk after a cached past
+    (130, 130, 3, 3, 40, False, 33, 0.0),   # bidirectional local attention (ModernBERT)
+    (70, 70, 8, 2, 64, True, 0, 5.0),       # soft-capping (Gemma 2)
+    (1, 400, 8, 4, 80, True, 128, 2.0),     # both, decode
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["rows", "paged"])
+@pytest.mark.parametrize("t,tk,heads,kv_heads,head_dim,causal,window,softcap", WINDOW_CASES)
+def test_attention_window_and_softcap(isa, t, tk, heads, kv_heads, head_dim, causal, window, softcap, paged):
+    rng = rng_for("attention-window", t, tk, heads, kv_heads, head_dim, causal, window)
+    q = randn(rng, t, heads * head_dim, scale=3.0)
+    k, v = randn(rng, tk, kv_heads * head_dim), randn(rng, tk, kv_heads * head_dim)
+    scale = head_dim**-0.5
+    ref = attention_reference(q, k, v, heads, kv_heads, causal, scale, window, softcap)
+    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, window=window, softcap=softcap,
+                      paged=paged)
+    assert_close(y, ref, what="attention")
 
 
 def test_attention_large_scores(isa):

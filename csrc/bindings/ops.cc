@@ -2,12 +2,15 @@
 // table. Nothing in pyxf's Python package calls them; tests compare them with numpy and torch.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "bindings/common.h"
 #include "kernels/kernels.h"
+#include "runtime/kv_cache.h"
 #include "runtime/threads.h"
 
 namespace pyxf {
@@ -192,8 +195,10 @@ void bind_ops(py::module_& ops) {
     return y;
   }, "x"_a, "pos"_a, "inv_freq"_a, "head_dim"_a, "interleaved"_a = false, "scaling"_a = 1.0f);
   // q: [n_new, n_heads * head_dim]; k, v: [n_keys, n_kv_heads * head_dim] (token-major, as torch).
+  // paged: keys and values go through a KV cache whose pages are in reverse order (what decoding
+  // reads); otherwise they are rows [kv_head][position][head_dim] (encoders, cross-attention).
   ops.def("attention", [=](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
-                           bool causal, float scale, py::object pos_bias) {
+                           bool causal, float scale, py::object pos_bias, int window, float softcap, bool paged) {
     check_2d(q, "q");
     check_2d(k, "k");
     check_2d(v, "v");
@@ -205,18 +210,34 @@ void bind_ops(py::module_& ops) {
       throw py::value_error("k and v must be [n_keys, n_kv_heads * head_dim]");
     }
     if (n_keys < n_new) throw py::value_error("need at least as many keys as queries");
-    // Rearrange to the cache layout [kv_head][position][head_dim].
-    std::vector<float> kc(k.size()), vc(v.size());
-    for (long t = 0; t < n_keys; ++t)
-      for (int g = 0; g < n_kv_heads; ++g)
-        for (int d = 0; d < D; ++d) {
-          kc[((long)g * n_keys + t) * D + d] = k.data()[t * n_kv_heads * D + g * D + d];
-          vc[((long)g * n_keys + t) * D + d] = v.data()[t * n_kv_heads * D + g * D + d];
-        }
+    if (window < 0 || softcap < 0.0f) throw py::value_error("window and softcap must be >= 0");
     py::array_t<float> out({n_new, (long)q.shape(1)});
-    kernels::AttentionSeq seq{q.data(), out.mutable_data(), kc.data(), vc.data(), n_keys * D, D,
+    kernels::AttentionSeq seq{q.data(), out.mutable_data(), nullptr, nullptr, n_keys * D, D,
                               (int)n_new, (int)(n_keys - n_new), (int)n_keys};
+    std::vector<float> kc, vc;
+    std::unique_ptr<KVCache> cache;
+    if (paged) {
+      cache = std::make_unique<KVCache>(1, n_kv_heads, D, (int)std::max(n_keys, 1L));
+      std::reverse(cache->pages().begin(), cache->pages().end());
+      for (long t = 0; t < n_keys; ++t)
+        for (int g = 0; g < n_kv_heads; ++g)
+          cache->store(0, g, (int)t, k.data() + (t * n_kv_heads + g) * D, v.data() + (t * n_kv_heads + g) * D);
+      cache->describe(0, seq);
+    } else {  // the row layout [kv_head][position][head_dim]
+      kc.resize(k.size());
+      vc.resize(v.size());
+      for (long t = 0; t < n_keys; ++t)
+        for (int g = 0; g < n_kv_heads; ++g)
+          for (int d = 0; d < D; ++d) {
+            kc[((long)g * n_keys + t) * D + d] = k.data()[t * n_kv_heads * D + g * D + d];
+            vc[((long)g * n_keys + t) * D + d] = v.data()[t * n_kv_heads * D + g * D + d];
+          }
+      seq.k = kc.data();
+      seq.v = vc.data();
+    }
     kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
+    shape.window = window;
+    shape.softcap = softcap;
     FloatArray bias;  // [n_heads, 2 R + 1]: bias by relative position key - query, clamped to [-R, R]
     if (!pos_bias.is_none()) {
       bias = pos_bias.cast<FloatArray>();
@@ -228,7 +249,8 @@ void bind_ops(py::module_& ops) {
     }
     kernels::active().attention(&seq, 1, shape);
     return out;
-  }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a, "pos_bias"_a = py::none());
+  }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a, "pos_bias"_a = py::none(),
+     "window"_a = 0, "softcap"_a = 0.0f, "paged"_a = false);
 }
 
 

@@ -1,9 +1,16 @@
 // Tiled attention with an online softmax (flash-attention style): keys and values are read in
-// blocks, scores never exist for a whole row. One work item is (sequence, kv head, query block):
-// the query heads that share a kv head are processed together, so K/V are never repeated (GQA/MQA).
+// blocks, scores never exist for a whole row. One work item is (sequence, kv head, query block, key
+// range): the query heads that share a kv head are processed together, so K/V are never repeated
+// (GQA/MQA); when there are too few items to occupy every thread (decode), long key ranges are
+// split across items and their partial softmaxes merged (flash-decoding). Scores are computed
+// against key blocks transposed to [head_dim][kBlockKeys], so each query element multiplies a
+// vector of keys; a paged KV cache stores keys that way, other keys are transposed here.
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -24,11 +31,32 @@ const float* key_block(const float* base, const AttentionSeq& s, int g, int j0) 
   return base + (long)g * s.kv_head_stride + (long)j0 * s.kv_pos_stride;
 }
 
+// The keys [begin, end) that the query at position `qpos` sees.
+struct KeyRange {
+  int begin;
+  int end;
+};
+
+KeyRange visible_keys(const AttentionSeq& s, const AttentionShape& sh, int qpos) {
+  KeyRange r{0, sh.causal ? qpos + 1 : s.n_keys};
+  if (sh.window > 0) {
+    r.begin = imax(0, qpos - sh.window + 1);
+    if (!sh.causal) r.end = imin(r.end, qpos + sh.window);
+  }
+  return r;
+}
+
+// Query rows (the query heads of one kv head, for a block of tokens) against a range of keys. An
+// item with a partial slot leaves its unnormalized output and softmax statistics there for a merge
+// (a long key range split across items: flash-decoding); one without writes the output.
 struct WorkItem {
   int seq;
   int kv_head;
   int q_begin;
   int q_count;
+  int key_begin;  // a multiple of kBlockKeys
+  int key_end;
+  long partial;   // slot in the partial results, or -1
 };
 
 struct Scratch {
@@ -39,7 +67,8 @@ struct Scratch {
   float* row_max;  // [kMaxRows]
   float* row_sum;  // [kMaxRows]
   float* corr;     // [kMaxRows], this block's rescaling of each row's running output
-  int* visible;    // [kMaxRows], keys of this block each row sees
+  int* first;      // [kMaxRows], the first key of this block each row sees
+  int* end;        // [kMaxRows], one past the last
 };
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -119,16 +148,17 @@ void pv_rows(const float* p, const float* corr, const float* v, long v_stride, i
   }
 }
 
-// Online softmax of one row's block of scores: p = exp(s - new max) on the first `visible`
-// keys (exactly 0 past them, whatever s holds there); returns the factor that rescales the row's
-// running output.
-float softmax_block(float* s, int visible, float& row_max, float& row_sum) {
+// Online softmax of one row's block of scores: p = exp(s - new max) on the keys [first, end) of
+// the block (exactly 0 outside them, whatever s holds there); returns the factor that rescales the
+// row's running output.
+float softmax_block(float* s, int first, int end, float& row_max, float& row_sum) {
   const Vf zero = vzero();
-  if (visible <= 0) {
+  if (end <= first) {
     for (int c = 0; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
     return 1.0f;
   }
-  const int nv = (visible + kLanes - 1) / kLanes, tail = visible - (nv - 1) * kLanes;
+  for (int j = 0; j < first; ++j) s[j] = -INFINITY;
+  const int nv = (end + kLanes - 1) / kLanes, tail = end - (nv - 1) * kLanes;
   const Vf ninf = vset1(-INFINITY);
   Vf vmx = vselect_n(vload(s + (nv - 1) * kLanes), ninf, tail);
   for (int c = 0; c < nv - 1; ++c) vmx = vmax(vmx, vload(s + c * kLanes));
@@ -141,12 +171,20 @@ float softmax_block(float* s, int visible, float& row_max, float& row_sum) {
   for (int c = 0; c < nv; ++c) {
     Vf e = vexp(vsub(vload(s + c * kLanes), m));
     if (c == nv - 1) e = vselect_n(e, zero, tail);
+    const int hidden = first - c * kLanes;  // leading lanes before `first`
+    if (hidden > 0) e = vselect_n(zero, e, imin(hidden, kLanes));
     vstore(s + c * kLanes, e);
     vsum_p = vadd(vsum_p, e);
   }
   for (int c = nv; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
   row_sum = row_sum * correction + vsum(vsum_p);
   return correction;
+}
+
+// s[j] = cap * tanh(s[j] / cap) for j < n (rounded up to whole vectors).
+void softcap_scores(float* s, int n, float cap) {
+  const Vf c = vset1(cap), inv = vset1(1.0f / cap);
+  for (int j = 0; j < n; j += kLanes) vstore(s + j, vmul(c, vtanh(vmul(vload(s + j), inv))));
 }
 
 // score[j] += bias[clamp(rel0 + j, -R, R) + R] for j < n: the relative position bias of one row
@@ -192,10 +230,20 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
-// shared_kt: this item's kv head's keys already transposed block by block ([block][D][kBlockKeys]),
-// or null to transpose each block here.
+// The block of transposed keys [D][kBlockKeys] starting at key j0: straight from a cache that
+// stores keys transposed, from the sequence's shared transposes, or transposed here into sc.kt.
+const float* transposed_keys(const WorkItem& item, const AttentionSeq& s, int D, const float* shared_kt, int j0,
+                             int bk, Scratch& sc) {
+  if (s.keys_transposed) return key_block(s.k, s, item.kv_head, j0);
+  if (shared_kt) return shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
+  transpose_key_block(key_block(s.k, s, item.kv_head, j0), s.kv_pos_stride, bk, D, sc.kt);
+  return sc.kt;
+}
+
+// One work item. shared_kt: this item's kv head's keys already transposed block by block
+// ([block][D][kBlockKeys]), or null.
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
-              Scratch& sc) {
+              Scratch& sc, float* partial) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
   const int rows = group * item.q_count;
@@ -212,47 +260,49 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     sc.row_sum[r] = 0.0f;
   }
 
-  const int last_pos = s.n_past + item.q_begin + item.q_count - 1;
-  const int n_keys = sh.causal ? last_pos + 1 : s.n_keys;
-  for (int j0 = 0; j0 < n_keys; j0 += kBlockKeys) {
-    const int bk = imin(kBlockKeys, n_keys - j0);
-    const float* kt = sc.kt;
-    if (shared_kt) {
-      kt = shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
-    } else {
-      transpose_key_block(key_block(s.k, s, item.kv_head, j0), s.kv_pos_stride, bk, D, sc.kt);
-    }
+  for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
+    const int bk = imin(kBlockKeys, item.key_end - j0);
+    const float* kt = transposed_keys(item, s, D, shared_kt, j0, bk, sc);
     for (int r = 0; r < rows; ++r) {
-      const int qpos = s.n_past + item.q_begin + r / group;
-      sc.visible[r] = sh.causal ? imax(0, imin(bk, qpos - j0 + 1)) : bk;
+      const KeyRange keys = visible_keys(s, sh, s.n_past + item.q_begin + r / group);
+      sc.first[r] = imax(0, keys.begin - j0);
+      sc.end[r] = imax(0, imin(bk, keys.end - j0));
     }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row (later rows see more keys)
-      for (int i = 0; i < n; ++i) keys = imax(keys, sc.visible[r + i]);
+      for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
       if (keys == 0) continue;  // softmax_block zeroes these rows
       kScoresRows[n]((keys + kLanes - 1) / kLanes, sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
       const int qpos = s.n_past + item.q_begin + r / group;
-      const int visible = sc.visible[r];
       float* score = sc.p + (long)r * kBlockKeys;
-      if (sh.pos_bias && visible > 0) {
-        const int R = sh.pos_bias_radius, h = item.kv_head * group + r % group;
-        add_position_bias(score, visible, j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
+      if (sc.end[r] > sc.first[r]) {
+        if (sh.softcap > 0.0f) softcap_scores(score, sc.end[r], sh.softcap);
+        if (sh.pos_bias) {
+          const int R = sh.pos_bias_radius, h = item.kv_head * group + r % group;
+          add_position_bias(score, sc.end[r], j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
+        }
       }
-      sc.corr[r] = softmax_block(score, visible, sc.row_max[r], sc.row_sum[r]);
+      sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum[r]);
     }
     const float* vblock = key_block(s.v, s, item.kv_head, j0);
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
-      int keys = 0;  // the tile's widest row; probabilities past a row's own visible keys are 0
-      for (int i = 0; i < n; ++i) keys = imax(keys, sc.visible[r + i]);
+      int keys = 0;  // the tile's widest row; probabilities outside a row's own keys are 0
+      for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
       kPvRows[n](sc.p + (long)r * kBlockKeys, sc.corr + r, vblock, s.kv_pos_stride, keys, D,
                  sc.o + (long)r * dp, dp);
     }
   }
 
+  if (partial) {  // [rows][dp] output, then row_max, then row_sum
+    memcpy(partial, sc.o, sizeof(float) * rows * dp);
+    memcpy(partial + (long)rows * dp, sc.row_max, sizeof(float) * rows);
+    memcpy(partial + (long)rows * (dp + 1), sc.row_sum, sizeof(float) * rows);
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const int t = item.q_begin + r / group, h = item.kv_head * group + r % group;
     float* dst = s.out + (long)t * sh.out_row_stride + (long)h * D;
@@ -262,41 +312,112 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   }
 }
 
+// The output of the items [first, first + count) that split one item's keys: softmaxes over
+// disjoint key ranges combine by rescaling each to the common maximum.
+void merge_partials(const WorkItem* items, int count, const AttentionSeq& s, const AttentionShape& sh,
+                    const float* partials, long slot_floats) {
+  const int D = sh.head_dim, dp = padded(D);
+  const int group = sh.n_heads / sh.n_kv_heads;
+  const int rows = group * items[0].q_count;
+  for (int r = 0; r < rows; ++r) {
+    float m = -INFINITY;
+    for (int i = 0; i < count; ++i) {
+      const float mi = partials[items[i].partial * slot_floats + (long)rows * dp + r];
+      m = mi > m ? mi : m;
+    }
+    const int t = items[0].q_begin + r / group, h = items[0].kv_head * group + r % group;
+    float* dst = s.out + (long)t * sh.out_row_stride + (long)h * D;
+    for (int d = 0; d < D; ++d) dst[d] = 0.0f;
+    if (m == -INFINITY) continue;  // no visible key at all
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) {
+      const float* slot = partials + items[i].partial * slot_floats;
+      const float w = expf(slot[(long)rows * dp + r] - m);
+      sum += w * slot[(long)rows * (dp + 1) + r];
+      const float* o = slot + (long)r * dp;
+      for (int d = 0; d < D; ++d) dst[d] += w * o[d];
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int d = 0; d < D; ++d) dst[d] *= inv;
+  }
+}
+
+// Work items in the order they are handed out; items that split one query block's keys are
+// adjacent, and `merges` lists each such run (first item, count).
+struct Plan {
+  std::vector<WorkItem> items;
+  std::vector<std::pair<int, int>> merges;
+  long n_partials = 0;
+};
+
+// Few items (decode: one query block per kv head and sequence) leave threads idle, so each item's
+// keys are split into runs of whole blocks until there are about kItemsPerThread items per thread.
+constexpr int kItemsPerThread = 4;
+
+Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, int q_block, int threads) {
+  std::vector<WorkItem> whole;
+  for (int s = 0; s < n_seqs; ++s) {
+    const AttentionSeq& a = seqs[s];
+    for (int q0 = 0; q0 < a.n_new; q0 += q_block) {
+      const int count = imin(q_block, a.n_new - q0);
+      const int begin = visible_keys(a, sh, a.n_past + q0).begin / kBlockKeys * kBlockKeys;
+      const int end = visible_keys(a, sh, a.n_past + q0 + count - 1).end;
+      for (int g = 0; g < sh.n_kv_heads; ++g) whole.push_back({s, g, q0, count, begin, imax(begin, end), -1});
+    }
+  }
+  Plan plan;
+  const long target = (long)kItemsPerThread * threads;
+  const int splits = whole.empty() || whole.size() >= (size_t)target ? 1 : (int)((target + whole.size() - 1) / whole.size());
+  for (const WorkItem& w : whole) {
+    const int blocks = (w.key_end - w.key_begin + kBlockKeys - 1) / kBlockKeys;
+    const int parts = imin(splits, blocks);
+    if (parts <= 1) {
+      plan.items.push_back(w);
+      continue;
+    }
+    const int per = (blocks + parts - 1) / parts;
+    plan.merges.push_back({(int)plan.items.size(), 0});
+    for (int b = 0; b < blocks; b += per) {
+      WorkItem part = w;
+      part.key_begin = w.key_begin + b * kBlockKeys;
+      part.key_end = imin(w.key_end, part.key_begin + per * kBlockKeys);
+      part.partial = plan.n_partials++;
+      plan.items.push_back(part);
+      ++plan.merges.back().second;
+    }
+  }
+  return plan;
+}
+
 }  // namespace
 
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int group = sh.n_heads / sh.n_kv_heads;
   const int q_block = group >= kMaxRows ? 1 : kMaxRows / group;
-  const int D = sh.head_dim;
+  const int D = sh.head_dim, dp = padded(D);
   const long block_floats = (long)D * kBlockKeys;
-  // A sequence with several query blocks per kv head transposes its keys once, up front, for all
-  // of them (prefill); one block per kv head (decode) transposes inside the item, in L1.
-  long n_items = 0, shared_blocks = 0;
+  const int max_rows = group * q_block;
+  const Plan plan = plan_items(seqs, n_seqs, sh, q_block, omp_get_max_threads());
+  const long n_items = (long)plan.items.size();
+
+  // A sequence with several query blocks per kv head whose keys are stored as rows has them
+  // transposed once, up front, for all of its blocks (prefill); one block per kv head (decode)
+  // transposes inside the item, in L1.
+  long shared_blocks = 0;
   std::vector<long> kt_offset(n_seqs, -1);
-  for (int s = 0; s < n_seqs; ++s) {
-    const AttentionSeq& a = seqs[s];
-    const long q_blocks = (a.n_new + q_block - 1) / q_block;
-    n_items += sh.n_kv_heads * q_blocks;
-    if (q_blocks > 1) {
-      kt_offset[s] = shared_blocks;
-      const int keys = sh.causal ? a.n_past + a.n_new : a.n_keys;
-      shared_blocks += (long)sh.n_kv_heads * ((keys + kBlockKeys - 1) / kBlockKeys);
-    }
-  }
-  std::vector<WorkItem> items;
-  items.reserve(n_items);
-  for (int s = 0; s < n_seqs; ++s) {
-    for (int q0 = 0; q0 < seqs[s].n_new; q0 += q_block) {
-      for (int g = 0; g < sh.n_kv_heads; ++g) items.push_back({s, g, q0, imin(q_block, seqs[s].n_new - q0)});
-    }
-  }
-  float* shared_kt = shared_blocks ? (float*)aligned_alloc(64, sizeof(float) * shared_blocks * block_floats) : nullptr;
   auto blocks_of = [&](int s) {
     const int keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
     return (keys + kBlockKeys - 1) / kBlockKeys;
   };
-  const int dp = padded(D);
-  const int max_rows = group * q_block;
+  for (int s = 0; s < n_seqs; ++s) {
+    if (seqs[s].keys_transposed || seqs[s].n_new <= q_block) continue;
+    kt_offset[s] = shared_blocks;
+    shared_blocks += (long)sh.n_kv_heads * blocks_of(s);
+  }
+  float* shared_kt = shared_blocks ? (float*)aligned_alloc(64, sizeof(float) * shared_blocks * block_floats) : nullptr;
+  const long slot_floats = (long)max_rows * (dp + 2);
+  std::vector<float> partials(plan.n_partials * slot_floats);
+
 #pragma omp parallel if (n_items > 1)
   {
     if (shared_kt) {
@@ -316,7 +437,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
         }
       }
     }
-    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + 4L * max_rows;
+    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + 5L * max_rows;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
@@ -326,16 +447,24 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     sc.row_max = sc.p + (long)max_rows * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
     sc.corr = sc.row_sum + max_rows;
-    sc.visible = (int*)(sc.corr + max_rows);
+    sc.first = (int*)(sc.corr + max_rows);
+    sc.end = sc.first + max_rows;
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < n_items; ++i) {
-      const WorkItem& it = items[i];
+      const WorkItem& it = plan.items[i];
       const float* kt = kt_offset[it.seq] < 0
                             ? nullptr
                             : shared_kt + (kt_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) * block_floats;
-      run_item(it, seqs[it.seq], sh, kt, sc);
+      run_item(it, seqs[it.seq], sh, kt, sc, it.partial < 0 ? nullptr : partials.data() + it.partial * slot_floats);
     }
     free(mem);
+    if (!plan.merges.empty()) {
+#pragma omp for schedule(static)
+      for (long m = 0; m < (long)plan.merges.size(); ++m) {
+        const WorkItem* first = &plan.items[plan.merges[m].first];
+        merge_partials(first, plan.merges[m].second, seqs[first->seq], sh, partials.data(), slot_floats);
+      }
+    }
   }
   free(shared_kt);
 }

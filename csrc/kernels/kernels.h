@@ -62,6 +62,9 @@ constexpr int kKVPageTokens = 64;
 // [kv_head][position][head_dim], or the qkv rows themselves when nothing is cached (encoders).
 // With `pages` (a paged cache), key j of kv head g is at
 //   k + pages[j / kKVPageTokens] * page_stride + g * kv_head_stride + (j % kKVPageTokens) * kv_pos_stride.
+// With `keys_transposed` (a paged cache only), each page holds kv head g's keys transposed, as
+// [head_dim][kKVPageTokens] at k + pages[b] * page_stride + g * kv_head_stride: key j's element d is
+// at offset d * kKVPageTokens + j % kKVPageTokens; values keep the row layout above.
 // Query i sits at position n_past + i and, when causal, sees keys 0 .. n_past + i.
 struct AttentionSeq {
   const float* q;       // [n_new][q_row_stride], head h at column h * head_dim
@@ -75,6 +78,7 @@ struct AttentionSeq {
   int n_keys;           // keys visible to a non-causal query
   const int32_t* pages = nullptr;  // page of each kKVPageTokens keys, or null: keys are contiguous
   long page_stride = 0;            // floats from one page to the next
+  bool keys_transposed = false;    // pages hold keys as [head_dim][kKVPageTokens] (see above)
 };
 
 struct AttentionShape {
@@ -90,6 +94,12 @@ struct AttentionShape {
   // pos_bias_radius. Null: no bias.
   const float* pos_bias = nullptr;
   int pos_bias_radius = 0;
+  // Sliding window: when > 0, key j is visible to the query at position i only if |i - j| < window
+  // (on top of causality). 0: every key.
+  int window = 0;
+  // Soft-capping (Gemma 2): when > 0, each scaled score s becomes softcap * tanh(s / softcap) before
+  // the position bias and the softmax. 0: none.
+  float softcap = 0.0f;
 };
 
 struct KernelTable {

@@ -136,10 +136,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     const int past = cache.length();
     for (int i = 0; i < seqs[s].n_new; ++i) {
       const float* src = &ws.qkv[(row + i) * qkv_dim + c.q_dim()];
-      for (int g = 0; g < c.num_kv_heads; ++g) {
-        std::memcpy(cache.key_at(layer, g, past + i), src + g * D, D * sizeof(float));
-        std::memcpy(cache.value_at(layer, g, past + i), src + c.kv_dim() + g * D, D * sizeof(float));
-      }
+      for (int g = 0; g < c.num_kv_heads; ++g) cache.store(layer, g, past + i, src + g * D, src + c.kv_dim() + g * D);
     }
     cache.describe(layer, a);
     a.n_past = past;

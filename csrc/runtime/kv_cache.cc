@@ -53,18 +53,25 @@ void KVCache::describe(int layer, kernels::AttentionSeq& a) const {
   a.page_stride = pool_->page_stride();
   a.kv_head_stride = pool_->head_stride();
   a.kv_pos_stride = pool_->head_dim();
+  a.keys_transposed = true;
+}
+
+void KVCache::store(int layer, int g, int pos, const float* key, const float* value) {
+  const int D = head_dim(), slot = pos % kPageTokens;
+  float* kt = block(pool_->keys(layer), g, pos) + slot;
+  for (int d = 0; d < D; ++d) kt[(long)d * kPageTokens] = key[d];
+  std::memcpy(block(pool_->values(layer), g, pos) + (long)slot * D, value, D * sizeof(float));
 }
 
 void KVCache::copy_from(const KVCache& src) {
   const int n = src.length();
-  const size_t row = (size_t)head_dim() * sizeof(float);
+  const size_t page = (size_t)pool_->head_stride() * sizeof(float);
   for (int l = 0; l < pool_->num_layers(); ++l) {
     for (int g = 0; g < pool_->num_kv_heads(); ++g) {
-      // Runs of positions within one page are contiguous.
+      // Whole page blocks: positions past the length are never read.
       for (int p0 = 0; p0 < n; p0 += kPageTokens) {
-        const int count = std::min(kPageTokens, n - p0);
-        std::memcpy(key_at(l, g, p0), src.key_at(l, g, p0), count * row);
-        std::memcpy(value_at(l, g, p0), src.value_at(l, g, p0), count * row);
+        std::memcpy(block(pool_->keys(l), g, p0), src.block(src.pool_->keys(l), g, p0), page);
+        std::memcpy(block(pool_->values(l), g, p0), src.block(src.pool_->values(l), g, p0), page);
       }
     }
   }

@@ -2,8 +2,9 @@
 // KVCache is one sequence's view: its page table and length. A cache either owns a private pool
 // sized to a fixed capacity (sessions, beam search) or borrows pages from a shared pool that a
 // block manager hands out (the serving engine).
-// Layout per layer: keys [page][kv_head][kKVPageTokens][head_dim], values alike, so a page of one
-// head's keys is contiguous and a sequence's pages need not be.
+// Layout per layer: keys [page][kv_head][head_dim][kKVPageTokens] (transposed, so that attention
+// multiplies each query element by a vector of keys), values [page][kv_head][kKVPageTokens][head_dim];
+// a page of one head's keys or values is contiguous and a sequence's pages need not be.
 #pragma once
 #include <algorithm>
 #include <climits>
@@ -61,18 +62,17 @@ class KVCache {
   int length() const { return length_; }
   void set_length(int n) { length_ = n; }
 
-  // Where position `pos` of kv head g of `layer` keeps its key (value_at alike).
-  float* key_at(int layer, int g, int pos) const { return at(pool_->keys(layer), g, pos); }
-  float* value_at(int layer, int g, int pos) const { return at(pool_->values(layer), g, pos); }
+  // Writes the key and value of position `pos` of kv head g of `layer` (head_dim floats each).
+  void store(int layer, int g, int pos, const float* key, const float* value);
   // Points `a` (an attention problem) at this cache's keys and values of `layer`.
   void describe(int layer, kernels::AttentionSeq& a) const;
   // Copies the first `length` positions of `src` (same shape) and takes its length.
   void copy_from(const KVCache& src);
 
  private:
-  float* at(float* base, int g, int pos) const {
-    return base + (long)pages_[pos / kPageTokens] * pool_->page_stride() + (long)g * pool_->head_stride() +
-           (long)(pos % kPageTokens) * pool_->head_dim();
+  // The page block of kv head g that holds position `pos`: kKVPageTokens positions of it.
+  float* block(float* base, int g, int pos) const {
+    return base + (long)pages_[pos / kPageTokens] * pool_->page_stride() + (long)g * pool_->head_stride();
   }
 
   std::unique_ptr<KVPool> owned_;
