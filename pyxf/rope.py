@@ -26,8 +26,12 @@ def longrope_original_context(config):
     beyond), or None when the model does not use LongRoPE."""
     if rope_type(config) != "longrope":
         return None
-    scaling = config.get("rope_scaling") or {}
-    return scaling.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    original = config["rope_scaling"].get("original_max_position_embeddings")
+    if original is None:
+        return config["max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ValueError(f"rope_scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
+    return original
 
 
 def rope_parameters(config, context_length=None):

@@ -173,7 +173,7 @@ def test_phi3_configs_as_published():
     assert rope_parameters(phi4_mini, 4096)[0].shape == (48,)  # 96 of 128 dimensions rotate
 
 
-def write_phi3_gguf(path, hf):
+def write_phi3_gguf(path, hf, original_context=True):
     """A phi3 GGUF as llama.cpp's converter writes one (Phi3MiniModel): the fused attn_qkv and ffn_up
     (gate rows, then up rows) as they are, the LongRoPE factors as rope_factors_short / long tensors
     with the original context and the attention factor in the metadata, rope.dimension_count the
@@ -187,7 +187,8 @@ def write_phi3_gguf(path, hf):
     w = gguf.GGUFWriter(path, arch="phi3")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
-    w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+    if original_context:
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(heads)
@@ -237,3 +238,28 @@ def test_phi3_gguf_runs_like_transformers(tiny_models, tmp_path):
     long = pyxf.load(out, context_length=512)
     ids = helpers.random_ids(short.vocab_size, 200, seed=200)
     assert helpers.max_abs_err(long.logits(ids), helpers.hf_logits(hf, ids)) <= helpers.LOGITS_ATOL
+
+    # Factors without the context they switch at cannot be honoured: an error, not a guess.
+    write_phi3_gguf(tmp_path / "no-original.gguf", hf, original_context=False)
+    with pytest.raises(ValueError, match="original_context_length"):
+        convert(tmp_path / "no-original.gguf", tmp_path / "out2", progress=False)
+
+
+def test_malformed_longrope_is_a_value_error(tiny_models, tmp_path):
+    """A converted config.json whose LongRoPE fields are wrong: ValueError naming them at load."""
+    helpers.require_core()
+    import json
+    import shutil
+
+    import pyxf
+
+    _, model_dir = tiny_models("phi3_longrope_partial_mqa")
+    for change, match in ((dict(original_max_position_embeddings="4k"), "original_max_position_embeddings"),
+                          (dict(long_factor=[1.0, 2.0]), "long_factor must list 15 numbers")):
+        broken = tmp_path / f"broken{len(change)}{match[:4]}"
+        shutil.copytree(model_dir, broken)
+        config = json.loads((broken / "config.json").read_text())
+        config["rope_scaling"].update(change)
+        (broken / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=match):
+            pyxf.load(broken)

@@ -95,7 +95,7 @@ def test_converted_as_a_causal_encoder(embedding_model):
     c = model.config
     assert model.is_encoder and c["family"] == "llama" and c["architecture"] == "encoder"
     assert c["causal"] is True and c["position"] == "rope" and c["qk_norm"] is True
-    assert c["pooling"] == {"mode": "lasttoken", "normalize": True, "include_prompt": True}
+    assert c["pooling"] == {"mode": "lasttoken", "normalize": True}
     assert c["prompts"] == {"query": QUERY_PROMPT, "document": ""} and c["default_prompt_name"] is None
     assert c["max_length"] == 128
     # The tokenizer appends <|endoftext|> as sentence-transformers' does: that token's state is pooled.

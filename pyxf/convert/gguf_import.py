@@ -72,14 +72,18 @@ def _longrope_scaling(meta: dict, arch: str, tensors) -> dict:
     missing = [name for name in _LONGROPE_TENSORS.values() if name not in tensors]
     if missing:
         raise ValueError(f"LongRoPE factors need both rope_factors_short and rope_factors_long; {missing[0]} is missing")
-    original = meta.get(f"{arch}.rope.scaling.original_context_length")
-    if original is None:
-        raise ValueError(f"LongRoPE factors without {arch}.rope.scaling.original_context_length")
-    scaling = {"rope_type": "longrope", "original_max_position_embeddings": int(original)}
-    for key, name in _LONGROPE_TENSORS.items():
-        scaling[key] = [float(f) for f in np.ravel(tensors[name].load())]
-    attention_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
+    key = f"{arch}.rope.scaling.original_context_length"
+    original = meta.get(key)
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ValueError(f"LongRoPE factors need {key} as a positive integer, got {original!r}")
+    scaling = {"rope_type": "longrope", "original_max_position_embeddings": original}
+    for factors, name in _LONGROPE_TENSORS.items():
+        scaling[factors] = [float(f) for f in np.ravel(tensors[name].load())]
+    key = f"{arch}.rope.scaling.attn_factor"
+    attention_factor = meta.get(key)
     if attention_factor is not None:
+        if isinstance(attention_factor, bool) or not isinstance(attention_factor, (int, float)):
+            raise ValueError(f"{key} must be a number, got {str(attention_factor)[:80]}")
         scaling["attention_factor"] = float(attention_factor)
     return scaling
 

@@ -252,7 +252,7 @@ def _prompts(files_dir: Path) -> dict:
 
 
 def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
-    """config.json `pooling` ({"mode", "normalize", "include_prompt"} or None) from a
+    """config.json `pooling` ({"mode", "normalize"[, "include_prompt": false]} or None) from a
     sentence-transformers checkpoint (modules.json, 1_Pooling/config.json), its `prompts` and
     `default_prompt_name`, and `max_length`: the tokenization length (sentence_bert_config.json's
     max_seq_length, else the tokenizer's model_max_length), capped by the positions."""
@@ -276,9 +276,9 @@ def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
         pooling_config = optional_json(pooling_dirs[0] / "config.json")
         mode = _pooling_mode(pooling_config, pooling_dirs[0] / "config.json")
         if mode is not None:
-            # include_prompt false: a prompt's tokens are left out of the pooled ones (INSTRUCTOR-style)
-            pooling = {"mode": mode, "normalize": normalize,
-                       "include_prompt": bool(pooling_config.get("include_prompt", True))}
+            pooling = {"mode": mode, "normalize": normalize}
+            if pooling_config.get("include_prompt", True) is False:  # a prompt's tokens are not pooled
+                pooling["include_prompt"] = False
 
     max_positions = config["max_position_embeddings"] - config.get("position_offset", 0)
     st_config = optional_json(files_dir / "sentence_bert_config.json")
