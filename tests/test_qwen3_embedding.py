@@ -110,8 +110,12 @@ def test_embeddings_match_sentence_transformers(embedding_model, padding_side):
     import pyxf
 
     st, path = embedding_model
+    model = pyxf.load(path)
     expected = st_encode(st, TEXTS, padding_side)
-    assert_same_embeddings(pyxf.load(path).encode(TEXTS), expected)
+    batched = model.encode(TEXTS)
+    assert_same_embeddings(batched, expected)
+    one_at_a_time = np.stack([model.encode(text) for text in TEXTS])
+    assert helpers.max_abs_err(batched, one_at_a_time) <= 1e-6
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
