@@ -63,6 +63,11 @@ WINDOW_SPECS = {
         vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, tie_word_embeddings=False, sliding_window=16,
     )),
+    # Phi-3-mini-4k's window (2047 of 4096 positions) in small.
+    "phi3_window16": ("Phi3ForCausalLM", "Phi3Config", dict(
+        vocab_size=288, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=4,
+        tie_word_embeddings=False, sliding_window=16,
+    )),
 }
 
 # Phi-3: qkv_proj and gate_up_proj stored fused; head_dim = hidden / heads. The LongRoPE specs switch

@@ -194,14 +194,15 @@ def write_phi3_gguf(path, hf, original_context=True):
     w.add_head_count(heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(int(c.partial_rotary_factor * hidden) // heads)
+    w.add_rope_dimension_count(int(scaling.get("partial_rotary_factor", 1.0) * hidden) // heads)
     w.add_rope_freq_base(scaling["rope_theta"])
-    w.add_sliding_window(0)  # Phi-4's: none
+    w.add_sliding_window(c.sliding_window or 0)  # 0: none (Phi-4's)
     w.add_vocab_size(c.vocab_size)
-    scale = c.max_position_embeddings / c.original_max_position_embeddings
-    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
-    w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
-    w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+    if scaling["rope_type"] == "longrope":
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
     w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not c.tie_word_embeddings:
@@ -263,3 +264,25 @@ def test_malformed_longrope_is_a_value_error(tiny_models, tmp_path):
         (broken / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=match):
             pyxf.load(broken)
+
+
+def test_sliding_window_limits_the_context(tiny_models, tmp_path):
+    """Phi-3-mini-4k's sliding window, in small (16 of 512 positions), from the HF checkpoint and from
+    its GGUF: the context is the window, where transformers' windowed attention and pyxf's full
+    attention agree; more is refused."""
+    helpers.require_core()
+    import pyxf
+    from pyxf.convert import convert
+
+    hf, model_dir = tiny_models("phi3_window16")
+    write_phi3_gguf(tmp_path / "window.gguf", hf)
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        from_gguf = convert(tmp_path / "window.gguf", tmp_path / "out", progress=False)
+    ids = helpers.random_ids(hf.config.vocab_size, 16, seed=16)
+    expected = helpers.hf_logits(hf, ids)
+    for path in (model_dir, from_gguf):
+        model = pyxf.load(path)
+        assert model.config["sliding_window"] == 16 and model.context_length == 16
+        assert helpers.max_abs_err(model.logits(ids), expected) <= helpers.LOGITS_ATOL
+        with pytest.raises(ValueError, match="sliding attention window of 16"):
+            pyxf.load(path, context_length=17)
