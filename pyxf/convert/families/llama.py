@@ -140,7 +140,6 @@ def llama_config(hf: dict) -> dict:
     }
 
 
-
 def _embedding_model(files_dir, config: dict) -> dict:
     """A Qwen3 checkpoint saved as a sentence-transformers model (modules.json: Transformer, Pooling,
     Normalize; Qwen3-Embedding) is an embedding model: an encoder that keeps the decoder's causal
@@ -152,9 +151,9 @@ def _embedding_model(files_dir, config: dict) -> dict:
     if config["sliding_window"]:
         raise ValueError(f"an embedding model with a sliding attention window ({config['sliding_window']}) is not "
                          "supported: encoders run whole sequences with full attention")
-    encoder = {**config, "architecture": "encoder", "causal": True, "tie_word_embeddings": False}
+    # No LM head: the stack ends at the (final-normed) last hidden state.
     return {"architecture": "encoder", "causal": True, "tie_word_embeddings": False,
-            **sentence_transformers_fields(files_dir, encoder)}
+            **sentence_transformers_fields(files_dir, config)}
 
 
 def _write_tokenizer(files_dir, out_dir, hf_config: dict, config: dict) -> dict:
