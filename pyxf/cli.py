@@ -80,6 +80,10 @@ def _parser():
     embed.add_argument("--batch-size", type=int, default=32, help="texts encoded together (default 32)")
     embed.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
                        help="do not L2-normalize (default: as the model's sentence-transformers config says)")
+    prompt = embed.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", metavar="NAME",
+                        help="put the model's sentence-transformers prompt NAME (e.g. query) before each text")
+    prompt.add_argument("--prompt", metavar="TEXT", help="put TEXT before each text")
     embed.set_defaults(run=_embed)
 
     # Listed for --help only: main() hands `pyxf convert ...` to the converter before parsing.
@@ -246,9 +250,9 @@ def _embed(args):
     model = pyxf.load(args.model, threads=args.threads)
     if not model.is_encoder:
         raise ValueError(f"{model.path} is a {model.config['family']} model; pyxf embed needs an encoder "
-                         "(BERT, RoBERTa, DistilBERT, sentence-transformers)")
+                         "(BERT, RoBERTa, DistilBERT, a sentence-transformers model such as Qwen3-Embedding)")
     for batch in _batches(texts, args.batch_size):
-        vectors = model.encode(batch, normalize=args.normalize)
+        vectors = model.encode(batch, normalize=args.normalize, prompt_name=args.prompt_name, prompt=args.prompt)
         for text, vector in zip(batch, vectors):
             print(json.dumps({"text": text, "embedding": [float(v) for v in vector]}, ensure_ascii=False))
         sys.stdout.flush()

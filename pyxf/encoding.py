@@ -1,4 +1,5 @@
-"""Encoders (BERT, RoBERTa, DistilBERT): batched sentence embeddings, token states, classification.
+"""Encoders (BERT, RoBERTa, DistilBERT; decoders used as encoders, Qwen3-Embedding): batched sentence
+embeddings, token states, classification.
 
 Texts are tokenized with the tokenizer's post-processor ([CLS] ... [SEP], token type ids), as
 transformers does, sorted by length and run `batch_size` at a time through `_core.Model.encode`,
@@ -11,18 +12,23 @@ import numpy as np
 from pyxf.checks import as_token_array
 from pyxf.tensorfile import bf16_to_float32
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 OUTPUTS = ("sentence", "tokens")
+# The poolings whose result a prompt's tokens enter unless excluded (sentence-transformers masks them).
+MASKED_POOLING = ("mean", "max", "mean_sqrt_len")
 
 
 def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
-           truncate=True, progress=False):
+           truncate=True, progress=False, prompt_name=None, prompt=None):
     """Embeddings of `texts` (a list of str, or one str). An item may also be a list of token ids of
     the model's vocabulary: the complete sequence, used as given (no [CLS]/[SEP] is added).
 
     output="sentence": float32 [N, H] (one str: [H]), each text's token states pooled with `pooling`
-    ("mean" | "cls" | "max" | "mean_sqrt_len"; default: the model's sentence-transformers pooling,
-    else "mean") and L2-normalized if `normalize` (default: the model's, else False).
+    ("mean" | "cls" | "max" | "mean_sqrt_len" | "lasttoken"; default: the model's sentence-transformers
+    pooling, else "mean") and L2-normalized if `normalize` (default: the model's, else False).
+    prompt_name: one of the model's sentence-transformers prompts (model.config["prompts"], e.g.
+    "query"), or prompt: a text, put before every text as sentence-transformers does (default: the
+    model's default_prompt_name, if any).
     output="tokens": a list of float32 [T_i, H], the last hidden state of every token of each text
     (special tokens included); pooling and normalize do not apply.
     max_length: tokens per text, special tokens included (default: the model's max_length, from
@@ -46,6 +52,12 @@ def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="se
 
     single = isinstance(texts, str)
     texts = [texts] if single else _check_texts(texts)
+    prefix = _prompt_text(config, prompt_name, prompt)
+    if prefix:
+        if output == "sentence" and pooling in MASKED_POOLING and not default_pooling.get("include_prompt", True):
+            raise ValueError("this model pools without its prompt's tokens (sentence-transformers' include_prompt="
+                             "False), which pyxf does not support; encode without a prompt")
+        texts = _with_prompt(texts, prefix)
     hidden_size = config["hidden_size"]
     if output == "tokens":
         result = _run(model, texts, batch_size, max_length, truncate, progress, _token_states)
@@ -59,6 +71,33 @@ def encode(model, texts, batch_size=32, pooling=None, normalize=None, output="se
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         embeddings /= np.maximum(norms, 1e-12)
     return embeddings[0] if single else embeddings
+
+
+def _prompt_text(config, prompt_name, prompt):
+    """The text to put before each text: `prompt`, the model's prompt named `prompt_name`, or its
+    default prompt; "" for none."""
+    if prompt is not None and prompt_name is not None:
+        raise ValueError("pass prompt or prompt_name, not both")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return prompt
+    prompts = config.get("prompts") or {}
+    name = config.get("default_prompt_name") if prompt_name is None else prompt_name
+    if name is None:
+        return ""
+    if name not in prompts:
+        known = ", ".join(map(repr, prompts)) or "none"
+        raise ValueError(f"prompt_name {name!r} is not one of this model's prompts ({known})")
+    return prompts[name]
+
+
+def _with_prompt(texts, prefix):
+    """The texts with the prompt before each, as sentence-transformers does (token ids and text pairs
+    cannot take one)."""
+    if not all(isinstance(text, str) for text in texts):
+        raise ValueError("a prompt applies to texts (str), not to token ids or text pairs")
+    return [prefix + text for text in texts]
 
 
 def classify(model, texts, batch_size=32, max_length=None, truncate=True, progress=False, return_logits=False):
@@ -275,6 +314,8 @@ def _pool(hidden, offsets, mode):
     lengths = np.diff(np.asarray(offsets)).astype(np.float32)[:, None]
     if mode == "cls":
         return hidden[starts]
+    if mode == "lasttoken":  # sequences are packed without padding: each one's last row
+        return hidden[np.asarray(offsets[1:]) - 1]
     if mode == "max":
         return np.maximum.reduceat(hidden, starts, axis=0)
     sums = np.add.reduceat(hidden, starts, axis=0)

@@ -23,7 +23,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     there afterwards (pyxf.sources).
 
     context_length: the longest sequence (prompt + generated tokens) the model will be asked to handle;
-    default max_position_embeddings. threads: sets the process-wide thread count (pyxf.set_num_threads).
+    default max_position_embeddings (a sliding window's length, or a LongRoPE model's pretraining
+    context: a longer context_length gives it its long-context factors; docs/DESIGN.md). threads: sets the process-wide thread count (pyxf.set_num_threads).
     quantize: a format ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k") or one
     of llama.cpp's mixes ("q4_k_m", "q5_k_m") quantizes a float model's weights in memory at load, the
     tensors `pyxf convert --quantize` would (pyxf.quant_mix; quantize_embeddings=False: embed.weight

@@ -9,7 +9,7 @@ from pyxf import quant, quant_mix, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
-from pyxf.rope import rope_parameters
+from pyxf.rope import longrope_original_context, rope_parameters
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
@@ -40,7 +40,7 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     if formats:
         core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
-        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
+        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config, context_length)
     core_model = core().Model(core_config, weights)
     return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
 
@@ -135,11 +135,20 @@ def describe_weights(summary):
     return text
 
 
+def _default_context_length(config):
+    """The positions a model is loaded for unless asked otherwise: all of them, except where pyxf
+    matches the checkpoint's reference only up to fewer: a sliding window (pyxf has no windowed
+    attention yet) and LongRoPE (short factors up to the pretraining context; a longer
+    context_length picks the long factors: docs/DESIGN.md, "LongRoPE")."""
+    limits = (config["max_position_embeddings"], config.get("sliding_window"), longrope_original_context(config))
+    return min(limit for limit in limits if limit)
+
+
 def _check_context_length(config, context_length):
     max_positions = config["max_position_embeddings"]
     window = config.get("sliding_window")
     if context_length is None:
-        return min(max_positions, window) if window else max_positions
+        return _default_context_length(config)
     if isinstance(context_length, bool) or not isinstance(context_length, int):
         raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
     if context_length <= 0:
@@ -196,14 +205,15 @@ class Model(MappedModel):
         return weight_summary(self.config, self._weights)
 
     def encode(self, texts, batch_size=32, pooling=None, normalize=None, output="sentence", max_length=None,
-               truncate=True, progress=False):
-        """Encoders: sentence embeddings float32 [N, H] (or token states, output="tokens"); see
-        pyxf.encoding.encode."""
+               truncate=True, progress=False, prompt_name=None, prompt=None):
+        """Encoders: sentence embeddings float32 [N, H] (or token states, output="tokens"), optionally
+        with a sentence-transformers prompt (prompt_name="query"); see pyxf.encoding.encode."""
         from pyxf.encoding import encode
 
         self._require_encoder("encode")
         return encode(self, texts, batch_size=batch_size, pooling=pooling, normalize=normalize, output=output,
-                      max_length=max_length, truncate=truncate, progress=progress)
+                      max_length=max_length, truncate=truncate, progress=progress, prompt_name=prompt_name,
+                      prompt=prompt)
 
     def classify(self, texts, batch_size=32, max_length=None, truncate=True, progress=False, return_logits=False):
         """Sequence classifiers: float32 [N, num_labels] probabilities (labels: self.labels); see
@@ -226,7 +236,8 @@ class Model(MappedModel):
 
     def _require_encoder(self, what):
         if not self.is_encoder:
-            raise ValueError(f"{what}() needs an encoder model (BERT, RoBERTa, DistilBERT); this is a {self.config['family']} decoder")
+            raise ValueError(f"{what}() needs an encoder model (BERT, RoBERTa, DistilBERT, an embedding model such as "
+                             f"Qwen3-Embedding); this is a {self.config['family']} decoder")
 
     def _require_decoder(self, what):
         if self.is_encoder:

@@ -21,8 +21,23 @@ def rope_type(config):
 MAX_ROTARY_DIM = 1024
 
 
-def rope_parameters(config):
-    """Returns (inv_freq float32 [rotary_dim // 2], attention_scaling float) for `config`.
+def longrope_original_context(config):
+    """The pretraining context of a LongRoPE model (its short factors hold up to it, the long ones
+    beyond), or None when the model does not use LongRoPE."""
+    if rope_type(config) != "longrope":
+        return None
+    original = config["rope_scaling"].get("original_max_position_embeddings")
+    if original is None:
+        return config["max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ValueError(f"rope_scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
+    return original
+
+
+def rope_parameters(config, context_length=None):
+    """Returns (inv_freq float32 [rotary_dim // 2], attention_scaling float) for `config`, for
+    sequences of up to `context_length` positions (None: the model's pretraining context), which
+    only LongRoPE reads: its long factors serve a context beyond original_max_position_embeddings.
     ValueError when rope_scaling lacks a field its type needs or holds one of the wrong kind."""
     scaling = config.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
@@ -31,7 +46,7 @@ def rope_parameters(config):
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     try:
-        inv_freq, attention_scaling = _rope_parameters(config, scaling, kind)
+        inv_freq, attention_scaling = _rope_parameters(config, scaling, kind, context_length)
     except KeyError as e:
         raise ValueError(f"rope_scaling of type {kind} lacks {e.args[0]!r}: {scaling!r}") from None
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
@@ -43,7 +58,7 @@ def rope_parameters(config):
     return inv_freq, attention_scaling
 
 
-def _rope_parameters(config, scaling, kind):
+def _rope_parameters(config, scaling, kind, context_length):
     base = float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     partial = config.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0
     dim = int(config["head_dim"] * partial)
@@ -55,7 +70,8 @@ def _rope_parameters(config, scaling, kind):
     # float32 like transformers (exponent and reciprocal in float32, the power rounded from float64):
     # an ulp of difference here grows into a visible angle error over thousands of positions.
     exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    inv_freq = np.float32(1.0) / (base ** exponents.astype(np.float64)).astype(np.float32)
+    powers = (base ** exponents.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / powers
     attention_scaling = 1.0
 
     if kind == "linear":
@@ -69,7 +85,8 @@ def _rope_parameters(config, scaling, kind):
     elif kind == "yarn":
         inv_freq, attention_scaling = _yarn(inv_freq, base, dim, scaling, max_positions, original_max_positions)
     elif kind == "longrope":
-        inv_freq, attention_scaling = _longrope(inv_freq, scaling, max_positions, original_max_positions)
+        long_context = context_length is not None and context_length > original_max_positions
+        inv_freq, attention_scaling = _longrope(powers, scaling, max_positions, original_max_positions, long_context)
     return np.ascontiguousarray(inv_freq, dtype=np.float32), float(attention_scaling)
 
 
@@ -125,14 +142,23 @@ def _yarn(inv_freq, base, dim, scaling, max_positions, original_max_positions):
     return inv_freq, attention_scaling
 
 
-def _longrope(inv_freq, scaling, max_positions, original_max_positions):
+def _longrope(powers, scaling, max_positions, original_max_positions, long_context):
+    """LongRoPE (Phi-3): each frequency divided by its own factor, the short factors for sequences
+    within original_max_position_embeddings, the long ones beyond; cos and sin scaled by the
+    attention factor either way. transformers picks the factors per forward pass by the longest
+    position in it; pyxf's tables are fixed at load, so the context the model is loaded for picks
+    them (as llama.cpp's n_ctx does): docs/DESIGN.md, "LongRoPE"."""
     factor = scaling.get("factor")
     if factor is None:
         factor = max_positions / original_max_positions
     attention_scaling = scaling.get("attention_factor")
     if attention_scaling is None:
         attention_scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max_positions))
-    # HF switches to long_factor only while a sequence is longer than original_max_position_embeddings;
-    # frequencies are fixed at load here, so the short factors (exact for such lengths) are used.
-    short_factor = np.asarray(scaling["short_factor"], dtype=np.float64)
-    return inv_freq / short_factor, attention_scaling
+    factors = {}
+    for key in ("short_factor", "long_factor"):  # both checked, whichever this context uses
+        factors[key] = np.asarray(scaling[key], dtype=np.float32)
+        if factors[key].shape != powers.shape:
+            raise ValueError(f"{key} must list {powers.size} numbers (one per rotated pair), got {factors[key].size}")
+    chosen = factors["long_factor" if long_context else "short_factor"]
+    # As transformers: 1 / (factor * base ** (2i / dim)), in float32.
+    return np.float32(1.0) / (chosen * powers), attention_scaling

@@ -63,6 +63,42 @@ WINDOW_SPECS = {
         vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, tie_word_embeddings=False, sliding_window=16,
     )),
+    # Phi-3-mini-4k's window (2047 of 4096 positions) in small.
+    "phi3_window16": ("Phi3ForCausalLM", "Phi3Config", dict(
+        vocab_size=288, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=4,
+        tie_word_embeddings=False, sliding_window=16,
+    )),
+}
+
+# Phi-3: qkv_proj and gate_up_proj stored fused; head_dim = hidden / heads. The LongRoPE specs switch
+# factors at original_max_position_embeddings 128 (of 512 positions: attention factor
+# sqrt(1 + ln 4 / ln 128)); their per-pair factors grow as Phi-3's do. Phi-4-mini's partial rotary
+# (0.75 of a head of 40: 15 factors) with MQA; the other with the config's own attention_factor.
+def _longrope(pairs, attention_factor=None):
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(pairs)],
+               "long_factor": [1.0 + 0.6 * i for i in range(pairs)]}
+    if attention_factor is not None:
+        scaling["attention_factor"] = attention_factor
+    return scaling
+
+
+PHI3_SPECS = {
+    # GQA 4:2, head_dim 24, untied head, no RoPE scaling (Phi-3-mini-4k, Phi-4).
+    "phi3_d24_gqa": ("Phi3ForCausalLM", "Phi3Config", dict(
+        vocab_size=352, hidden_size=96, intermediate_size=136, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )),
+    # Phi-4-mini's shape in small: partial rotary 0.75, LongRoPE, MQA, tied head.
+    "phi3_longrope_partial_mqa": ("Phi3ForCausalLM", "Phi3Config", dict(
+        vocab_size=320, hidden_size=80, intermediate_size=120, num_attention_heads=2, num_key_value_heads=1,
+        tie_word_embeddings=True, partial_rotary_factor=0.75, original_max_position_embeddings=128,
+        rope_scaling=_longrope(15), rope_theta=250000.0,
+    )),
+    # Phi-3.5-mini's shape in small: full rotary, LongRoPE with an explicit attention factor, MHA.
+    "phi3_longrope_d32_attention_factor": ("Phi3ForCausalLM", "Phi3Config", dict(
+        vocab_size=300, hidden_size=128, intermediate_size=104, num_attention_heads=4, num_key_value_heads=4,
+        tie_word_embeddings=False, original_max_position_embeddings=128, rope_scaling=_longrope(16, 1.3),
+    )),
 }
 
 GPT2_SPECS = {
@@ -82,7 +118,7 @@ GPT2_SPECS = {
     )),
 }
 
-SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **GPT2_SPECS}
+SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **PHI3_SPECS, **GPT2_SPECS}
 
 
 def _config(spec_name):

@@ -16,6 +16,8 @@ DECODERS = {
     "llama tied": dict(),
     "llama untied": dict(tie_word_embeddings=False),
     "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
+    "llama qk_norm": dict(qk_norm=True),
+    "phi3": dict(family="phi3", partial_rotary_factor=0.75),
     "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
 }
 ENCODERS = {
@@ -24,6 +26,10 @@ ENCODERS = {
     "roberta": dict(family="roberta", position_offset=2, type_vocab_size=1,
                     classifier={"kind": "roberta", "num_labels": 2, "id2label": ["x", "y"]}),
     "distilbert": dict(family="distilbert", classifier={"kind": "distilbert", "num_labels": 2, "id2label": ["x", "y"]}),
+    # A decoder used as an encoder (Qwen3-Embedding): causal, RoPE, q/k norms, last-token pooling.
+    "qwen3 embedding": dict(family="llama", causal=True, norm="rmsnorm", norm_position="pre", activation="silu",
+                            gated_ffn=True, position="rope", qk_norm=True, pooling={"mode": "lasttoken", "normalize": True},
+                            prompts={"query": "Instruct: find\nQuery:"}),
 }
 SEQ2SEQ = {
     "transformer": dict(),
@@ -72,7 +78,9 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
 
     config = pyxf.load(writer(tmp_path / "m", **overrides)).config
     family = FAMILIES[config["family"]]
-    tables = [family.hf_tables(config) if family.hf_tables else family.hf, *family.gguf.values()]
+    tables = [family.hf_tables(config) if family.hf_tables else family.hf]
+    if config.get("architecture", "decoder") == "decoder":  # GGUF files hold decoders
+        tables += family.gguf.values()
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
     # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
     layouts = [spec.tensor_layout(config)]

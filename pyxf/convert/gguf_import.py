@@ -62,9 +62,37 @@ def _dequantizer(tensor, path: Path):
     return GGUFTensor(shape, load, ggml_type=kind, load_raw=load_raw if kind in KEPT_TYPES else None)
 
 
-def _rope_scaling(meta: dict, arch: str, tensor_names) -> dict | None:
-    if "rope_freqs.weight" in tensor_names:
+# llama.cpp's LongRoPE (phi3): the per-frequency factors as tensors, the rest as metadata.
+_LONGROPE_TENSORS = {"short_factor": "rope_factors_short.weight", "long_factor": "rope_factors_long.weight"}
+
+
+def _longrope_scaling(meta: dict, arch: str, tensors) -> dict:
+    """HF's longrope rope_scaling from llama.cpp's rope_factors_short / rope_factors_long tensors,
+    {arch}.rope.scaling.attn_factor and {arch}.rope.scaling.original_context_length."""
+    missing = [name for name in _LONGROPE_TENSORS.values() if name not in tensors]
+    if missing:
+        raise ValueError(f"LongRoPE factors need both rope_factors_short and rope_factors_long; {missing[0]} is missing")
+    key = f"{arch}.rope.scaling.original_context_length"
+    original = meta.get(key)
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ValueError(f"LongRoPE factors need {key} as a positive integer, got {original!r}")
+    scaling = {"rope_type": "longrope", "original_max_position_embeddings": original}
+    for factors, name in _LONGROPE_TENSORS.items():
+        scaling[factors] = [float(f) for f in np.ravel(tensors[name].load())]
+    key = f"{arch}.rope.scaling.attn_factor"
+    attention_factor = meta.get(key)
+    if attention_factor is not None:
+        if isinstance(attention_factor, bool) or not isinstance(attention_factor, (int, float)):
+            raise ValueError(f"{key} must be a number, got {str(attention_factor)[:80]}")
+        scaling["attention_factor"] = float(attention_factor)
+    return scaling
+
+
+def _rope_scaling(meta: dict, arch: str, tensors) -> dict | None:
+    if "rope_freqs.weight" in tensors:
         raise ValueError("per-frequency RoPE factors (rope_freqs.weight, e.g. Llama 3.1) are not supported yet")
+    if any(name in tensors for name in _LONGROPE_TENSORS.values()):
+        return _longrope_scaling(meta, arch, tensors)
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
@@ -84,9 +112,20 @@ def _single_value(value, key: str) -> int:
     return int(value)
 
 
-def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
-    """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later).
-    Covers the llama-like architectures (llama, qwen2, qwen3); another family would add its own."""
+def _sliding_window(meta: dict, arch: str, context_length: int) -> int | None:
+    """{arch}.attention.sliding_window when shorter than the context (0, absent or longer: none), as
+    the converter reads an HF config's sliding_window."""
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window is None:
+        return None
+    window = _single_value(window, "attention.sliding_window")
+    return window if 0 < window < context_length else None
+
+
+def gguf_config(meta: dict, family_name: str, tensors) -> dict:
+    """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later); `tensors`
+    maps the file's tensor names to SourceTensors (LongRoPE factors are read from them).
+    Covers the llama-like architectures (llama, qwen2, qwen3, phi3); another family would add its own."""
     arch = meta["general.architecture"]
 
     def get(key, default=None):
@@ -106,6 +145,7 @@ def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
     kv_heads = size("attention.head_count_kv", get("attention.head_count_kv", heads))
     head_dim = size("attention.key_length", get("attention.key_length", hidden // heads))
     rope_dims = size("rope.dimension_count", get("rope.dimension_count", head_dim))
+    context_length = int(get("context_length", 2048))
     tokens = meta.get("tokenizer.ggml.tokens")
     return {
         "format": "pyxf",
@@ -127,11 +167,12 @@ def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
         "qk_norm": arch == "qwen3",  # per-head q/k RMSNorm (blk.N.attn_q_norm / attn_k_norm)
         "position": "rope",
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch, tensor_names),
+        "rope_scaling": _rope_scaling(meta, arch, tensors),
         "rope_interleaved": False,  # the importer restores rotate-half order
         "partial_rotary_factor": rope_dims / head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "max_position_embeddings": context_length,
+        "sliding_window": _sliding_window(meta, arch, context_length),
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
 
 
@@ -155,7 +196,7 @@ def open_gguf(path) -> Checkpoint:
         raise ValueError(f"{path}: {e}") from None
     tensors = {t.name: _dequantizer(t, path) for t in file.tensors}
     try:
-        config = gguf_config(meta, family.name, tensors.keys())
+        config = gguf_config(meta, family.name, tensors)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}

@@ -150,6 +150,15 @@ def rope_fields(hf: dict) -> tuple[float, dict | None, float]:
     return float(theta), (dict(scaling) if scaling else None), float(partial)
 
 
+def sliding_window(hf: dict) -> int | None:
+    """The attention window W of a checkpoint that attends to the last W positions only, or None
+    when it is absent, switched off (`use_sliding_window`) or as long as the context: full attention."""
+    window = hf.get("sliding_window")
+    if not (window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0)):
+        return None
+    return window
+
+
 def common_config(hf: dict) -> dict:
     return {
         "bos_token_id": hf.get("bos_token_id"),

@@ -200,7 +200,7 @@ _POOLING_FLAGS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
+_POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 
 
 def _pooling_mode(pooling_config: dict, path: Path) -> str | None:
@@ -218,30 +218,67 @@ def _pooling_mode(pooling_config: dict, path: Path) -> str | None:
     return None
 
 
-def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
-    """config.json `pooling` ({"mode", "normalize"} or None) from a sentence-transformers checkpoint
-    (modules.json, 1_Pooling/config.json), and `max_length`: the tokenization length
-    (sentence_bert_config.json's max_seq_length, else the tokenizer's model_max_length), capped by the
-    learned positions."""
+def _modules(files_dir: Path) -> list | None:
+    """sentence-transformers' modules.json (its list of modules), or None."""
     modules_path = files_dir / "modules.json"
-    modules = read_json(modules_path, list) if modules_path.is_file() else None
+    return read_json(modules_path, list) if modules_path.is_file() else None
+
+
+def _module_kind(module) -> str:
+    return str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
+
+
+def is_sentence_transformers_model(files_dir) -> bool:
+    """Whether a checkpoint directory is a sentence-transformers model: modules.json lists a Pooling
+    module (a decoder saved so is an embedding model, e.g. Qwen3-Embedding)."""
+    modules = _modules(Path(files_dir))
+    return isinstance(modules, list) and any(_module_kind(m) == "Pooling" for m in modules)
+
+
+def _prompts(files_dir: Path) -> dict:
+    """`prompts` ({name: text} or None) and `default_prompt_name` from config_sentence_transformers.json:
+    the texts sentence-transformers puts before a text when asked for a prompt by name."""
+    path = files_dir / "config_sentence_transformers.json"
+    settings = optional_json(path)
+    prompts = settings.get("prompts") or None
+    if prompts is not None and not (
+        isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+    ):
+        raise ValueError(f"{path}: 'prompts' must map prompt names to texts")
+    default = settings.get("default_prompt_name")
+    if default is not None and default not in (prompts or {}):
+        raise ValueError(f"{path}: default_prompt_name {default!r} is not one of the prompts")
+    return {"prompts": prompts, "default_prompt_name": default}
+
+
+def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
+    """config.json `pooling` ({"mode", "normalize"[, "include_prompt": false]} or None) from a
+    sentence-transformers checkpoint (modules.json, 1_Pooling/config.json), its `prompts` and
+    `default_prompt_name`, and `max_length`: the tokenization length (sentence_bert_config.json's
+    max_seq_length, else the tokenizer's model_max_length), capped by the positions."""
+    modules_path = files_dir / "modules.json"
+    modules = _modules(files_dir)
     pooling_dirs, normalize = [], False
     if isinstance(modules, list):
         for module in modules:
-            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            kind = _module_kind(module)
             if kind == "Pooling":
                 pooling_dirs.append(files_dir / module.get("path", ""))
             elif kind == "Normalize":
                 normalize = True
             elif kind != "Transformer":
-                warnings.warn(f"{modules_path}: sentence-transformers module {module.get('type')} is not supported "
+                warnings.warn(f"{modules_path}: sentence-transformers module {kind or str(module)[:80]} is not supported "
                               "and is left out; embeddings will differ from sentence-transformers'")
     elif (files_dir / "1_Pooling" / "config.json").is_file():
         pooling_dirs.append(files_dir / "1_Pooling")
     pooling = None
     if pooling_dirs:
-        mode = _pooling_mode(optional_json(pooling_dirs[0] / "config.json"), pooling_dirs[0] / "config.json")
-        pooling = None if mode is None else {"mode": mode, "normalize": normalize}
+        pooling_config = optional_json(pooling_dirs[0] / "config.json")
+        mode = _pooling_mode(pooling_config, pooling_dirs[0] / "config.json")
+        if mode is not None:
+            pooling = {"mode": mode, "normalize": normalize}
+            if pooling_config.get("include_prompt", True) is False:  # a prompt's tokens are not pooled
+                pooling["include_prompt"] = False
 
     max_positions = config["max_position_embeddings"] - config.get("position_offset", 0)
     st_config = optional_json(files_dir / "sentence_bert_config.json")
@@ -251,7 +288,7 @@ def sentence_transformers_fields(files_dir: Path, config: dict) -> dict:
         max_length = model_max
     if not isinstance(max_length, int) or max_length <= 0:
         max_length = max_positions
-    return {"pooling": pooling, "max_length": min(max_length, max_positions)}
+    return {"pooling": pooling, "max_length": min(max_length, max_positions), **_prompts(files_dir)}
 
 
 

@@ -1,4 +1,5 @@
-"""Decoder-only language models: Llama / Mistral / Qwen2 / SmolLM2 (family llama) and GPT-2."""
+"""Decoder-only language models: Llama / Mistral / Qwen2 / Qwen3 / SmolLM2 (family llama), Phi-3 / Phi-4
+(family phi3: the llama block, its projections stored fused as pyxf stores them) and GPT-2."""
 
 from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
 from .schema import Architecture, Field, Stack, Tensor, norm
@@ -14,7 +15,7 @@ def _untied(config):
 
 DECODER = Architecture(
     "decoder",
-    families=("llama", "gpt2"),
+    families=("llama", "phi3", "gpt2"),
     fields=(
         *STACK_FIELDS,
         # Mistral-style local attention: each position sees the last W positions. pyxf has no

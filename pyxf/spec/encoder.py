@@ -1,6 +1,7 @@
-"""Encoders: BERT, RoBERTa (also XLM-R) and DistilBERT. Complete sequences, non-causal attention,
-the last hidden state out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the
-head tensors are read by Python, not the core."""
+"""Encoders: BERT, RoBERTa (also XLM-R) and DistilBERT, and decoders used as encoders (Qwen3-Embedding:
+family llama, causal attention, RoPE, last-token pooling). Complete sequences, the last hidden state
+out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the head tensors are read by
+Python, not the core."""
 
 from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
@@ -8,15 +9,20 @@ from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
+POSITIONS = ("learned", "rope")
 
 FIELDS = STACK_FIELDS + (
-    Field("causal", "bool", default=False),
+    Field("causal", "bool", default=False, doc="each token sees those before it only (decoders as encoders)"),
+    Field("qk_norm", "bool", default=False, doc="RMSNorm over each head of q and of k before RoPE (Qwen3)"),
     Field("position_offset", "count", default=0, doc="learned positions start here (RoBERTa: 2)"),
     Field("type_vocab_size", "count", default=0, doc="token type rows; 0: none"),
     Field("max_length", "size", default=None, doc="default tokenization length"),
     Field("pooler", "bool", default=False, doc="BERT's tanh pooler is present"),
-    Field("pooling", "object", default=None, doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize}}"),
+    Field("pooling", "object", default=None,
+          doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize, include_prompt (default true)}}"),
+    Field("prompts", "object", default=None, doc="sentence-transformers' prompts: {name: text put before a text}"),
+    Field("default_prompt_name", "text", default=None, doc="the prompt used when none is asked for"),
     Field("classifier", "object", default=None, doc="{kind, num_labels, id2label, problem_type, score_activation}"),
 )
 
@@ -34,15 +40,21 @@ def _types(config):
     return config.get("type_vocab_size", 0) > 0
 
 
+def _learned(config):
+    return config["position"] == "learned"
+
+
 def _check(config, fail):
-    if config["position"] != "learned" or config.get("position_offset", 0) >= config["max_position_embeddings"]:
-        fail("encoders need learned positions, with position_offset below max_position_embeddings")
+    if config["position"] not in POSITIONS or config.get("position_offset", 0) >= config["max_position_embeddings"]:
+        fail("encoders need learned positions (with position_offset below max_position_embeddings) or RoPE")
     pooling = config.get("pooling")
     if pooling is not None:
         if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:
             fail(f"'pooling' must be null or hold a mode ({', '.join(POOLING_MODES)}) and normalize, got {pooling!r}")
-        if not isinstance(pooling.get("normalize", False), bool):
-            fail(f"'pooling.normalize' must be true or false, got {pooling.get('normalize')!r}")
+        for flag in ("normalize", "include_prompt"):
+            if not isinstance(pooling.get(flag, False), bool):
+                fail(f"'pooling.{flag}' must be true or false, got {pooling.get(flag)!r}")
+    _check_prompts(config, fail)
     head = config.get("classifier")
     if head is not None:
         if not isinstance(head, dict) or head.get("kind") not in CLASSIFIER_KINDS:
@@ -60,14 +72,23 @@ def _check(config, fail):
                  f"got {head.get('score_activation')!r}")
 
 
+def _check_prompts(config, fail):
+    prompts = config.get("prompts") or {}
+    if not all(isinstance(name, str) and isinstance(text, str) for name, text in prompts.items()):
+        fail(f"'prompts' must map prompt names to texts, got {str(prompts)[:80]}")
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        fail(f"'default_prompt_name' {default!r} is not one of the prompts ({', '.join(prompts) or 'none'})")
+
+
 ENCODER = Architecture(
     "encoder",
-    families=("bert", "roberta", "distilbert"),
+    families=("bert", "roberta", "distilbert", "llama"),
     fields=FIELDS,
     dims=encoder_dims,
     tensors=(
         token_embedding(),
-        Tensor("pos_embed.weight", ("P", "H"), lookup=True),
+        Tensor("pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
         Tensor("token_type_embed.weight", ("T", "H"), when=_types, lookup=True),
         *norm("embed_norm", required=False),
         *norm("final_norm", when=pre_norm),
@@ -80,5 +101,6 @@ ENCODER = Architecture(
     ),
     stacks=(Stack("layers.", "num_layers", block()),),
     check=_check,
-    doc="non-causal self-attention over complete sequences; ends at the last hidden state",
+    doc="self-attention over complete sequences (non-causal, or causal for decoders used as encoders); "
+        "ends at the last hidden state",
 )

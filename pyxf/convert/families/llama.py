@@ -1,12 +1,15 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (HF checkpoints), and llama.cpp's llama / qwen2 / qwen3 GGUF files."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (HF checkpoints), and llama.cpp's llama / qwen2 / qwen3 GGUF
+files; a Qwen3 checkpoint saved as a sentence-transformers model (Qwen3-Embedding) becomes a causal encoder."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 
-from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
-from ..tokenizer_files import write_decoder_tokenizer
+from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window
+from ..tokenizer_files import (
+    is_sentence_transformers_model, sentence_transformers_fields, write_decoder_tokenizer, write_encoder_tokenizer,
+)
 
 _LLAMA_HF = TensorTable(
     global_rules=(
@@ -59,7 +62,13 @@ _QK_NORM_GGUF = (
 _QWEN3_HF = replace(_LLAMA_HF, layer_rules=_LLAMA_HF.layer_rules + _QK_NORM_HF)
 
 
+# An embedding model ends at the last hidden state: a head saved beside it is not part of it.
+_QWEN3_EMBEDDING_HF = replace(_QWEN3_HF, lm_head=None, ignore_suffixes=_QWEN3_HF.ignore_suffixes + ("lm_head.weight",))
+
+
 def _hf_tables(config: dict) -> TensorTable:
+    if config["architecture"] == "encoder":
+        return _QWEN3_EMBEDDING_HF
     return _QWEN3_HF if config.get("qk_norm") else _LLAMA_HF
 
 
@@ -103,11 +112,8 @@ def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable
 def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
-    window = hf.get("sliding_window")
-    if not (window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0)):
-        window = None  # absent, switched off, or as long as the context: full attention
     return {
-        "sliding_window": window,
+        "sliding_window": sliding_window(hf),
         "family": "llama",
         "architecture": "decoder",
         "vocab_size": hf["vocab_size"],
@@ -134,10 +140,31 @@ def llama_config(hf: dict) -> dict:
     }
 
 
+def _embedding_model(files_dir, config: dict) -> dict:
+    """A Qwen3 checkpoint saved as a sentence-transformers model (modules.json: Transformer, Pooling,
+    Normalize; Qwen3-Embedding) is an embedding model: an encoder that keeps the decoder's causal
+    attention and RoPE, with sentence-transformers' pooling (last token), normalization and prompts."""
+    if not is_sentence_transformers_model(files_dir):
+        return {}
+    if not config["qk_norm"]:
+        raise ValueError("sentence-transformers models of this family are supported for Qwen3 (Qwen3-Embedding) only")
+    if config["sliding_window"]:
+        raise ValueError(f"an embedding model with a sliding attention window ({config['sliding_window']}) is not "
+                         "supported: encoders run whole sequences with full attention")
+    # No LM head: the stack ends at the (final-normed) last hidden state.
+    return {"architecture": "encoder", "causal": True, "tie_word_embeddings": False,
+            **sentence_transformers_fields(files_dir, config)}
+
+
+def _write_tokenizer(files_dir, out_dir, hf_config: dict, config: dict) -> dict:
+    """An embedding model tokenizes as sentence-transformers does: with the tokenizer's post-processor."""
+    writer = write_encoder_tokenizer if config["architecture"] == "encoder" else write_decoder_tokenizer
+    return writer(files_dir, out_dir, hf_config, config)
+
 
 FAMILY = Family(
     name="llama",
-    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"),
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3Model"),
     hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
     hf=_LLAMA_HF,
     hf_tables=_hf_tables,
@@ -147,5 +174,6 @@ FAMILY = Family(
         "qwen2": _llama_gguf(None, None),
         "qwen3": _with_qk_norm(_llama_gguf(None, None)),
     },
-    write_tokenizer=write_decoder_tokenizer,
+    read_files=_embedding_model,
+    write_tokenizer=_write_tokenizer,
 )
