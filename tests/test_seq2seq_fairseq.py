@@ -1,0 +1,232 @@
+"""BART, mBART and M2M100 (NLLB's architecture) against transformers: tiny random checkpoints of odd
+sizes (head dims 15, 18 and 12), teacher-forced logits, greedy and beam-search tokens and scores,
+batched equal to single; the language-token mechanics (source language token, target language
+forced as the first token) against transformers' tokenizer and generate(forced_bos_token_id=...)."""
+
+import string
+import warnings
+
+import numpy as np
+import pytest
+
+core = pytest.importorskip("pyxf._core", reason="pyxf._core is not built (bash tools/dev_build.sh)")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import pyxf  # noqa: E402
+from helpers import randomize  # noqa: E402
+from pyxf.seq2seq import sinusoidal_table  # noqa: E402
+
+LOGITS_ATOL = 1e-4
+BOS, PAD, EOS = 0, 1, 2
+LANGUAGES = ["eng_Latn", "fra_Latn", "deu_Latn"]
+
+# family -> (model class, config class, config kwargs): encoder and decoder depths differ, head
+# dims are not multiples of 16, and each family keeps its own defaults (norms, activation, scale).
+SPECS = {
+    "bart": ("BartForConditionalGeneration", "BartConfig", dict(
+        d_model=60, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=88, decoder_ffn_dim=88,
+        encoder_layers=2, decoder_layers=3, max_position_embeddings=64, activation_function="gelu",
+        scale_embedding=False)),
+    "mbart": ("MBartForConditionalGeneration", "MBartConfig", dict(
+        d_model=54, encoder_attention_heads=3, decoder_attention_heads=3, encoder_ffn_dim=70, decoder_ffn_dim=70,
+        encoder_layers=3, decoder_layers=2, max_position_embeddings=64, activation_function="gelu",
+        scale_embedding=True)),
+    "m2m100": ("M2M100ForConditionalGeneration", "M2M100Config", dict(
+        d_model=60, encoder_attention_heads=5, decoder_attention_heads=5, encoder_ffn_dim=76, decoder_ffn_dim=76,
+        encoder_layers=2, decoder_layers=2, max_position_embeddings=64, activation_function="relu",
+        scale_embedding=True)),
+}
+
+
+def max_abs_err(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def convert_quietly(src, out):
+    from pyxf.convert import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(src, out, progress=False)
+
+
+def nllb_tokenizer():
+    """A character-level NLLB tokenizer (BPE over Metaspace pieces) with three language tokens."""
+    vocab = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": 3, "\u2581": 4}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab["\u2581" + c] = len(vocab)
+    merges = [("\u2581", c) for c in string.ascii_lowercase]
+    return transformers.NllbTokenizer(vocab=vocab, merges=merges, additional_special_tokens=LANGUAGES)
+
+
+def build(family, root, vocab_size=97, tokenizer=None):
+    """A tiny random checkpoint of `family` saved under root/hf (with `tokenizer`); (model, pyxf model)."""
+    model_class, config_class, kwargs = SPECS[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab_size, bos_token_id=BOS, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=EOS,
+        forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **kwargs)
+    torch.manual_seed(len(family))
+    model = getattr(transformers, model_class)(config).eval()
+    randomize(model, 1.5, 2.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_positions" in name:  # learned positions (BART, mBART)
+                p.copy_(0.5 * torch.randn_like(p))
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.copy_(0.3 * torch.randn_like(model.final_logits_bias))
+        # As nn.Embedding(padding_idx=...) makes it: pad is then never generated (logit 0), and
+        # M2M100's positions, which skip pad tokens, stay those of a sequence without them.
+        model.get_input_embeddings().weight[PAD].zero_()
+    model.save_pretrained(root / "hf")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(root / "hf")
+    return model, pyxf.load(convert_quietly(root / "hf", root / "pyxf"))
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def pair(request, tmp_path_factory):
+    return request.param, *build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def random_ids(rng, n, vocab_size):
+    return rng.integers(EOS + 2, vocab_size, n).tolist()  # no bos, pad or eos inside
+
+
+def test_config(pair):
+    family, model, px = pair
+    c = px.config
+    assert c["family"] == family and c["position_offset"] == 2
+    assert c["position"] == ("sinusoidal" if family == "m2m100" else "learned")
+    assert c["norm_position"] == ("post" if family == "bart" else "pre")
+    assert c["embed_norm"] == (family != "m2m100")
+    assert c["languages"] is None and c["decoder_start_token_id"] == EOS
+    assert px.max_source_length == px.max_target_length == 64  # max_position_embeddings, after the offset
+
+
+def test_logits_match_transformers(pair):
+    _, model, px = pair
+    rng = np.random.default_rng(0)
+    for src_len, tgt_len in ((1, 1), (6, 9), (33, 20), (64, 64)):
+        src = random_ids(rng, src_len - 1, px.vocab_size) + [EOS]
+        dec = [EOS] + random_ids(rng, tgt_len - 1, px.vocab_size)
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([dec])).logits[0].numpy()
+        got = px.logits(src, dec)
+        assert got.shape == ref.shape and max_abs_err(got, ref) <= LOGITS_ATOL, (src_len, tgt_len)
+
+
+def cut_at_eos(tokens):
+    return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
+
+
+def reference_generate(model, src, beams, max_new_tokens, no_repeat_ngram_size=0, **kwargs):
+    """transformers' generate for one source: (tokens after the start token, before the end token, score)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([src]), num_beams=beams, max_new_tokens=max_new_tokens,
+                             do_sample=False, length_penalty=1.0, early_stopping=False,
+                             no_repeat_ngram_size=no_repeat_ngram_size, output_scores=True,
+                             return_dict_in_generate=True, **kwargs)
+    score = float(out.sequences_scores[0]) if beams > 1 else None
+    return cut_at_eos(out.sequences[0].tolist()[1:]), score
+
+
+# Random models tend to repeat one token; banning repeated tokens (n-grams of 1) makes every step
+# choose among fresh ones, so that the hypotheses take many different paths.
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("ngram", [0, 1])
+def test_generation_matches_transformers(pair, beams, ngram):
+    _, model, px = pair
+    rng = np.random.default_rng(beams)
+    sources = [random_ids(rng, n, px.vocab_size) + [EOS] for n in (2, 7, 15, 30)]
+    expected = [reference_generate(model, src, beams, 12, no_repeat_ngram_size=ngram) for src in sources]
+    options = dict(beam_size=beams, max_length=12, no_repeat_ngram_size=ngram)
+    got = pyxf.translate(px, sources, return_scores=True, **options)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    if beams > 1:
+        assert max_abs_err([s for _, s in got], [s for _, s in expected]) <= 1e-4
+    # a batch gives what each source gives alone
+    assert [pyxf.translate(px, [src], **options)[0] for src in sources] == [tokens for tokens, _ in got]
+
+
+def test_fairseq_sinusoids_match_m2m100():
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+
+    for dim in (60, 17):
+        expected = M2M100SinusoidalPositionalEmbedding.get_embedding(70, dim).numpy()
+        assert max_abs_err(sinusoidal_table(70, dim, "fairseq"), expected) <= 2e-5, dim
+    with pytest.raises(ValueError, match="at least 4"):
+        sinusoidal_table(10, 3, "fairseq")
+
+
+# ---------------------------------------------------------------------------------------------
+# language tokens: an M2M100 model with an NLLB tokenizer (NLLB's checkpoints are M2M100 models)
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory):
+    tokenizer = nllb_tokenizer()
+    model, px = build("m2m100", tmp_path_factory.mktemp("nllb"), len(tokenizer), tokenizer)
+    return model, tokenizer, px
+
+
+TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
+
+
+def test_language_tokens_are_read_from_the_tokenizer(nllb):
+    _, tokenizer, px = nllb
+    languages = px.config["languages"]
+    assert languages["tokens"] == {code: tokenizer.convert_tokens_to_ids(code) for code in LANGUAGES}
+    assert languages["source"] == "prefix" and languages["target"] == "forced_bos"
+    for code in (None, "fra_Latn", "deu_Latn"):
+        tokenizer.src_lang = code or "eng_Latn"
+        for text in TEXTS:
+            ids = px.tokenizer.encode(text) if code is None else pyxf.seq2seq.with_source_language(
+                px, px.tokenizer.encode(text, add_special_tokens=False), code)
+            assert ids == tokenizer(text).input_ids
+    tokenizer.src_lang = "eng_Latn"
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_translation_languages_match_transformers(nllb, beams):
+    model, tokenizer, px = nllb
+    for source_lang, target_lang in (("fra_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn"), (None, "fra_Latn")):
+        tokenizer.src_lang = source_lang or "eng_Latn"
+        forced = tokenizer.convert_tokens_to_ids(target_lang)
+        for text in TEXTS:
+            expected, score = reference_generate(model, tokenizer(text).input_ids, beams, 10, no_repeat_ngram_size=1,
+                                                 forced_bos_token_id=forced)
+            assert expected[0] == forced
+            options = dict(beam_size=beams, max_length=10, no_repeat_ngram_size=1, source_lang=source_lang,
+                           target_lang=target_lang)
+            result = px.translate(text, return_details=True, **options)
+            assert result.token_ids == expected, (source_lang, target_lang, text)
+            assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+            if beams > 1:  # the forced token counts in the length, as in transformers
+                assert abs(px.translate(text, return_scores=True, **options)[1] - score) <= 1e-4
+    tokenizer.src_lang = "eng_Latn"
+
+
+def test_language_errors(nllb, pair):
+    _, _, px = nllb
+    with pytest.raises(ValueError, match="unknown target_lang 'xx_Latn'.*fra_Latn"):
+        px.translate("hello", target_lang="xx_Latn")
+    with pytest.raises(ValueError, match="unknown source_lang"):
+        px.translate("hello", source_lang="french", target_lang="fra_Latn")
+    with pytest.raises(ValueError, match="source_lang applies to text"):
+        px.translate([4, 5, EOS], source_lang="fra_Latn")
+    _, _, plain = pair
+    with pytest.raises(ValueError, match="not multilingual"):
+        pyxf.translate(plain, [[4, 5, EOS]], target_lang="fra_Latn")
+
+
+def test_cli_target_lang(nllb, capsys):
+    from pyxf.cli import main
+
+    model, tokenizer, px = nllb
+    main(["translate", "--model", str(px.path), "--target-lang", "deu_Latn", "--beam-size", "1",
+          "--max-length", "8", TEXTS[0]])
+    expected, _ = reference_generate(model, tokenizer(TEXTS[0]).input_ids, 1, 8,
+                                     forced_bos_token_id=tokenizer.convert_tokens_to_ids("deu_Latn"))
+    assert capsys.readouterr().out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
