@@ -19,7 +19,6 @@ from pyxf.seq2seq import sinusoidal_table  # noqa: E402
 
 LOGITS_ATOL = 1e-4
 BOS, PAD, EOS = 0, 1, 2
-LANGUAGES = ["eng_Latn", "fra_Latn", "deu_Latn"]
 
 # family -> (model class, config class, config kwargs): encoder and decoder depths differ, head
 # dims are not multiples of 16, and each family keeps its own defaults (norms, activation, scale).
@@ -58,7 +57,14 @@ def nllb_tokenizer():
         vocab[c] = len(vocab)
         vocab["\u2581" + c] = len(vocab)
     merges = [("\u2581", c) for c in string.ascii_lowercase]
-    return transformers.NllbTokenizer(vocab=vocab, merges=merges, additional_special_tokens=LANGUAGES)
+    return transformers.NllbTokenizer(vocab=vocab, merges=merges, additional_special_tokens=["eng_Latn", "fra_Latn", "deu_Latn"])
+
+
+def mbart25_tokenizer():
+    """A character-level mBART-25 tokenizer (unigram over Metaspace pieces), its 25 language tokens."""
+    pieces = [(c, -3.0) for c in string.ascii_lowercase] + [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *pieces]
+    return transformers.MBartTokenizer(vocab=vocab)
 
 
 def build(family, root, vocab_size=97, tokenizer=None):
@@ -161,72 +167,83 @@ def test_fairseq_sinusoids_match_m2m100():
 
 
 # ---------------------------------------------------------------------------------------------
-# language tokens: an M2M100 model with an NLLB tokenizer (NLLB's checkpoints are M2M100 models)
+# language tokens, as transformers' tokenizers and generate() use them: an M2M100 model with an NLLB
+# tokenizer (NLLB's checkpoints are M2M100 models: the source language before the text, the target
+# forced as the first token) and an mBART model with mBART-25's tokenizer (the source language after
+# the end token, the target as the decoder start token)
 
-
-@pytest.fixture(scope="module")
-def nllb(tmp_path_factory):
-    tokenizer = nllb_tokenizer()
-    model, px = build("m2m100", tmp_path_factory.mktemp("nllb"), len(tokenizer), tokenizer)
-    return model, tokenizer, px
-
-
+MULTILINGUAL = {
+    # name: (family, tokenizer, (default, other, third) language codes, source slot, generate()'s argument)
+    "nllb": ("m2m100", nllb_tokenizer, ("eng_Latn", "fra_Latn", "deu_Latn"), "prefix", "forced_bos_token_id"),
+    "mbart25": ("mbart", mbart25_tokenizer, ("en_XX", "fr_XX", "de_DE"), "suffix", "decoder_start_token_id"),
+}
 TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
 
 
-def test_language_tokens_are_read_from_the_tokenizer(nllb):
-    _, tokenizer, px = nllb
+@pytest.fixture(scope="module", params=sorted(MULTILINGUAL))
+def multilingual(request, tmp_path_factory):
+    family, make_tokenizer, codes, slot, target_argument = MULTILINGUAL[request.param]
+    tokenizer = make_tokenizer()
+    model, px = build(family, tmp_path_factory.mktemp(request.param), len(tokenizer), tokenizer)
+    yield model, tokenizer, px, codes, slot, target_argument
+    tokenizer.src_lang = codes[0]
+
+
+def test_language_tokens_are_read_from_the_tokenizer(multilingual):
+    _, tokenizer, px, codes, slot, target_argument = multilingual
     languages = px.config["languages"]
-    assert languages["tokens"] == {code: tokenizer.convert_tokens_to_ids(code) for code in LANGUAGES}
-    assert languages["source"] == "prefix" and languages["target"] == "forced_bos"
-    for code in (None, "fra_Latn", "deu_Latn"):
-        tokenizer.src_lang = code or "eng_Latn"
+    assert {code: languages["tokens"][code] for code in codes} == \
+        {code: tokenizer.convert_tokens_to_ids(code) for code in codes}
+    assert languages["source"] == slot
+    assert languages["target"] == ("forced_bos" if target_argument == "forced_bos_token_id" else "decoder_start")
+    for code in (None, *codes[1:]):
+        tokenizer.src_lang = code or codes[0]
         for text in TEXTS:
             ids = px.tokenizer.encode(text) if code is None else pyxf.seq2seq.with_source_language(
                 px, px.tokenizer.encode(text, add_special_tokens=False), code)
             assert ids == tokenizer(text).input_ids
-    tokenizer.src_lang = "eng_Latn"
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_translation_languages_match_transformers(nllb, beams):
-    model, tokenizer, px = nllb
-    for source_lang, target_lang in (("fra_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn"), (None, "fra_Latn")):
-        tokenizer.src_lang = source_lang or "eng_Latn"
-        forced = tokenizer.convert_tokens_to_ids(target_lang)
+def test_translation_languages_match_transformers(multilingual, beams):
+    model, tokenizer, px, (first, second, third), _, target_argument = multilingual
+    for source_lang, target_lang in ((second, third), (third, first), (None, second)):
+        tokenizer.src_lang = source_lang or first
+        target = tokenizer.convert_tokens_to_ids(target_lang)
         for text in TEXTS:
             expected, score = reference_generate(model, tokenizer(text).input_ids, beams, 10, no_repeat_ngram_size=1,
-                                                 forced_bos_token_id=forced)
-            assert expected[0] == forced
+                                                 **{target_argument: target})
             options = dict(beam_size=beams, max_length=10, no_repeat_ngram_size=1, source_lang=source_lang,
                            target_lang=target_lang)
             result = px.translate(text, return_details=True, **options)
             assert result.token_ids == expected, (source_lang, target_lang, text)
+            if target_argument == "forced_bos_token_id":
+                assert expected[0] == target
             assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
-            if beams > 1:  # the forced token counts in the length, as in transformers
+            if beams > 1:  # a forced token counts in the length, as in transformers
                 assert abs(px.translate(text, return_scores=True, **options)[1] - score) <= 1e-4
-    tokenizer.src_lang = "eng_Latn"
 
 
-def test_language_errors(nllb, pair):
-    _, _, px = nllb
-    with pytest.raises(ValueError, match="unknown target_lang 'xx_Latn'.*fra_Latn"):
+def test_language_errors(multilingual, pair):
+    px, (first, second, _) = multilingual[2], multilingual[3]
+    with pytest.raises(ValueError, match=f"unknown target_lang 'xx_Latn'.*{second}"):
         px.translate("hello", target_lang="xx_Latn")
     with pytest.raises(ValueError, match="unknown source_lang"):
-        px.translate("hello", source_lang="french", target_lang="fra_Latn")
+        px.translate("hello", source_lang="french", target_lang=second)
     with pytest.raises(ValueError, match="source_lang applies to text"):
-        px.translate([4, 5, EOS], source_lang="fra_Latn")
+        px.translate([4, 5, EOS], source_lang=first)
     _, _, plain = pair
     with pytest.raises(ValueError, match="not multilingual"):
-        pyxf.translate(plain, [[4, 5, EOS]], target_lang="fra_Latn")
+        pyxf.translate(plain, [[4, 5, EOS]], target_lang=second)
 
 
-def test_cli_target_lang(nllb, capsys):
+def test_cli_target_lang(multilingual, capsys):
     from pyxf.cli import main
 
-    model, tokenizer, px = nllb
-    main(["translate", "--model", str(px.path), "--target-lang", "deu_Latn", "--beam-size", "1",
+    model, tokenizer, px, (first, second, third), _, target_argument = multilingual
+    main(["translate", "--model", str(px.path), "--source-lang", second, "--target-lang", third, "--beam-size", "1",
           "--max-length", "8", TEXTS[0]])
+    tokenizer.src_lang = second
     expected, _ = reference_generate(model, tokenizer(TEXTS[0]).input_ids, 1, 8,
-                                     forced_bos_token_id=tokenizer.convert_tokens_to_ids("deu_Latn"))
+                                     **{target_argument: tokenizer.convert_tokens_to_ids(third)})
     assert capsys.readouterr().out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
