@@ -11,6 +11,7 @@ run in the core without the GIL.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import secrets
@@ -170,6 +171,8 @@ class Seq2SeqTokenizer:
             return None
         if name == "marian":
             return cls(read_tokenizer_file(_MarianBackend, model_dir), eos)
+        if name == "m2m100":
+            return cls(read_tokenizer_file(_M2M100Backend, model_dir, config), eos)
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer file {name!r} named in config.json is missing in {model_dir}")
         if name.endswith(".json"):
@@ -238,6 +241,57 @@ class _MarianBackend:
                 run.append(t)
         out += sp.decode_pieces(run)
         return out.replace("\u2581", " ").strip()
+
+
+class _M2M100Backend:
+    """M2M100Tokenizer's behaviour: sentencepiece pieces (sentencepiece.bpe.model) mapped through
+    vocab.json (unknown pieces -> <unk>), language tokens "__xx__" after vocab.json's ids (config.json's
+    `languages`), the source language token before the text and </s> after it."""
+
+    def __init__(self, model_dir, config):
+        import sentencepiece
+
+        settings = {}
+        if (model_dir / "tokenizer_config.json").is_file():
+            settings = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+        def token(key, default):
+            value = settings.get(key, default)
+            return value.get("content", default) if isinstance(value, dict) else (value or default)
+
+        self.encoder = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        languages = config.get("languages") or {}
+        for code, token_id in (languages.get("tokens") or {}).items():
+            self.decoder[token_id] = f"__{code}__"
+        default = languages.get("default_source", "en")
+        if default not in (languages.get("tokens") or {}):
+            raise ValueError(f"the tokenizer's source language {default!r} has no language token")
+        self.source_id = languages["tokens"][default]
+        self.unk = token("unk_token", "<unk>")
+        self.unk_id = self.encoder[self.unk]
+        self.eos_id = self.encoder[token("eos_token", "</s>")]
+        names = (token(key, default) for key, default in
+                 (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>"), ("unk_token", "<unk>")))
+        self.special_ids = {self.encoder[t] for t in names if t in self.encoder} | set(languages["tokens"].values())
+        self.spm = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.bpe.model"))
+
+    def encode(self, text, add_special_tokens):
+        ids = [self.encoder.get(piece, self.unk_id) for piece in self.spm.encode(text, out_type=str)]
+        return [self.source_id, *ids, self.eos_id] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens):
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        # Runs of pieces through sentencepiece; special tokens written out as they are.
+        out, run = "", []
+        for i in ids:
+            if i in self.special_ids:
+                out += self.spm.decode_pieces(run) + self.decoder[i]
+                run = []
+            else:
+                run.append(self.decoder.get(i, self.unk))
+        return (out + self.spm.decode_pieces(run)).strip()
 
 
 class _TokenizersBackend:
@@ -412,8 +466,11 @@ def language_token(model, code, what):
     key = code[2:-2] if len(code) > 4 and code.startswith("__") and code.endswith("__") else code
     if key not in tokens:
         known = sorted(tokens)
+        by_lower = {k.lower(): k for k in known}
+        close = [by_lower[k] for k in difflib.get_close_matches(key.lower(), by_lower, n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         listed = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
-        raise ValueError(f"unknown {what} {code!r}; this model's languages: {listed}")
+        raise ValueError(f"unknown {what} {code!r}; {hint}this model's languages: {listed}")
     return tokens[key]
 
 

@@ -50,7 +50,7 @@ def convert_quietly(src, out):
         return convert(src, out, progress=False)
 
 
-def nllb_tokenizer():
+def nllb_tokenizer(directory):
     """A character-level NLLB tokenizer (BPE over Metaspace pieces) with three language tokens."""
     vocab = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": 3, "\u2581": 4}
     for c in string.ascii_lowercase:
@@ -60,11 +60,28 @@ def nllb_tokenizer():
     return transformers.NllbTokenizer(vocab=vocab, merges=merges, additional_special_tokens=["eng_Latn", "fra_Latn", "deu_Latn"])
 
 
-def mbart25_tokenizer():
+def mbart25_tokenizer(directory):
     """A character-level mBART-25 tokenizer (unigram over Metaspace pieces), its 25 language tokens."""
     pieces = [(c, -3.0) for c in string.ascii_lowercase] + [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *pieces]
     return transformers.MBartTokenizer(vocab=vocab)
+
+
+def m2m100_tokenizer(directory):
+    """M2M100's tokenizer: sentencepiece pieces mapped through a vocab.json whose ids are not
+    sentencepiece's (fairseq's dictionary order), its 100 language tokens after them."""
+    import json
+
+    import sentencepiece
+    from helpers import train_sentencepiece
+
+    sp_path = train_sentencepiece(directory, unk_id=3, bos_id=0, eos_id=2, pad_id=1)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
+    vocab = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": 3}
+    for i in reversed(range(sp.get_piece_size())):
+        vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    return transformers.M2M100Tokenizer(vocab_file=str(directory / "vocab.json"), spm_file=str(sp_path))
 
 
 def build(family, root, vocab_size=97, tokenizer=None):
@@ -176,6 +193,7 @@ MULTILINGUAL = {
     # name: (family, tokenizer, (default, other, third) language codes, source slot, generate()'s argument)
     "nllb": ("m2m100", nllb_tokenizer, ("eng_Latn", "fra_Latn", "deu_Latn"), "prefix", "forced_bos_token_id"),
     "mbart25": ("mbart", mbart25_tokenizer, ("en_XX", "fr_XX", "de_DE"), "suffix", "decoder_start_token_id"),
+    "m2m100": ("m2m100", m2m100_tokenizer, ("en", "fr", "de"), "prefix", "forced_bos_token_id"),
 }
 TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
 
@@ -183,17 +201,35 @@ TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
 @pytest.fixture(scope="module", params=sorted(MULTILINGUAL))
 def multilingual(request, tmp_path_factory):
     family, make_tokenizer, codes, slot, target_argument = MULTILINGUAL[request.param]
-    tokenizer = make_tokenizer()
-    model, px = build(family, tmp_path_factory.mktemp(request.param), len(tokenizer), tokenizer)
+    root = tmp_path_factory.mktemp(request.param)
+    tokenizer = make_tokenizer(root)
+    # M2M100's language tokens (and 8 "made-up words") follow the tokenizer's vocabulary
+    vocab_size = len(tokenizer) if family != "m2m100" or request.param == "nllb" else tokenizer.vocab_size + 108
+    model, px = build(family, root, vocab_size, tokenizer)
     yield model, tokenizer, px, codes, slot, target_argument
     tokenizer.src_lang = codes[0]
+
+
+def language_id(tokenizer, code):
+    """transformers' id of a language code (M2M100: of its "__code__" token)."""
+    if isinstance(tokenizer, transformers.M2M100Tokenizer):
+        return tokenizer.get_lang_id(code)
+    return tokenizer.convert_tokens_to_ids(code)
+
+
+def decoded(tokenizer, ids):
+    """transformers' text of ids without their language tokens (transformers 5's M2M100Tokenizer
+    does not count them as special tokens, and writes them out)."""
+    return tokenizer.decode([i for i in ids if i != language_id(tokenizer, tokenizer.src_lang) and
+                             i not in getattr(tokenizer, "lang_code_to_id", {}).values()], skip_special_tokens=True)
 
 
 def test_language_tokens_are_read_from_the_tokenizer(multilingual):
     _, tokenizer, px, codes, slot, target_argument = multilingual
     languages = px.config["languages"]
-    assert {code: languages["tokens"][code] for code in codes} == \
-        {code: tokenizer.convert_tokens_to_ids(code) for code in codes}
+    assert {code: languages["tokens"][code] for code in codes} == {code: language_id(tokenizer, code) for code in codes}
+    if isinstance(tokenizer, transformers.M2M100Tokenizer):  # codes also as their tokens
+        assert pyxf.seq2seq.language_token(px, "__fr__", "target_lang") == language_id(tokenizer, "fr")
     assert languages["source"] == slot
     assert languages["target"] == ("forced_bos" if target_argument == "forced_bos_token_id" else "decoder_start")
     for code in (None, *codes[1:]):
@@ -209,7 +245,7 @@ def test_translation_languages_match_transformers(multilingual, beams):
     model, tokenizer, px, (first, second, third), _, target_argument = multilingual
     for source_lang, target_lang in ((second, third), (third, first), (None, second)):
         tokenizer.src_lang = source_lang or first
-        target = tokenizer.convert_tokens_to_ids(target_lang)
+        target = language_id(tokenizer, target_lang)
         for text in TEXTS:
             expected, score = reference_generate(model, tokenizer(text).input_ids, beams, 10, no_repeat_ngram_size=1,
                                                  **{target_argument: target})
@@ -219,15 +255,17 @@ def test_translation_languages_match_transformers(multilingual, beams):
             assert result.token_ids == expected, (source_lang, target_lang, text)
             if target_argument == "forced_bos_token_id":
                 assert expected[0] == target
-            assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert result.text == decoded(tokenizer, expected)
             if beams > 1:  # a forced token counts in the length, as in transformers
                 assert abs(px.translate(text, return_scores=True, **options)[1] - score) <= 1e-4
 
 
 def test_language_errors(multilingual, pair):
     px, (first, second, _) = multilingual[2], multilingual[3]
-    with pytest.raises(ValueError, match=f"unknown target_lang 'xx_Latn'.*{second}"):
-        px.translate("hello", target_lang="xx_Latn")
+    with pytest.raises(ValueError, match="unknown target_lang 'klingon'; this model's languages: "):
+        px.translate("hello", target_lang="klingon")
+    with pytest.raises(ValueError, match=f"did you mean '{second}'"):
+        px.translate("hello", target_lang=second.upper())
     with pytest.raises(ValueError, match="unknown source_lang"):
         px.translate("hello", source_lang="french", target_lang=second)
     with pytest.raises(ValueError, match="source_lang applies to text"):
@@ -245,5 +283,5 @@ def test_cli_target_lang(multilingual, capsys):
           "--max-length", "8", TEXTS[0]])
     tokenizer.src_lang = second
     expected, _ = reference_generate(model, tokenizer(TEXTS[0]).input_ids, 1, 8,
-                                     **{target_argument: tokenizer.convert_tokens_to_ids(third)})
-    assert capsys.readouterr().out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+                                     **{target_argument: language_id(tokenizer, third)})
+    assert capsys.readouterr().out == decoded(tokenizer, expected) + "\n"
