@@ -406,6 +406,15 @@ class Seq2SeqModel(MappedModel):
 # generation
 
 
+def _special_tail(model, ids):
+    """How many tokens at the end of a source are the special ones that truncation keeps: the end
+    token, and a source language token after it (mBART-25)."""
+    languages = (model.config.get("languages") or {})
+    if languages.get("source") == "suffix" and len(ids) > 1 and ids[-1] in languages["tokens"].values():
+        return 1 + (ids[-2] in model.eos_token_ids)
+    return int(ids[-1] in model.eos_token_ids)
+
+
 def _sources(model, source, add_special_tokens, truncate, source_language=None):
     """(list of source id lists, output form: text | texts | ids | batch_ids). source_language: the
     language token to put where the model's tokenizer puts it, instead of its default one."""
@@ -413,8 +422,8 @@ def _sources(model, source, add_special_tokens, truncate, source_language=None):
         if model.max_source_length is not None and len(ids) > model.max_source_length:
             if not truncate:
                 model._check_source_length(len(ids), what)
-            keep_eos = add_special_tokens and ids[-1] in model.eos_token_ids
-            ids = ids[: model.max_source_length - 1] + ids[-1:] if keep_eos else ids[: model.max_source_length]
+            tail = _special_tail(model, ids) if add_special_tokens else 0
+            ids = ids[: model.max_source_length - tail] + ids[len(ids) - tail:]
         return ids
 
     def encode(text, what):

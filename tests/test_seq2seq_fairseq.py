@@ -19,6 +19,7 @@ from pyxf.seq2seq import sinusoidal_table  # noqa: E402
 
 LOGITS_ATOL = 1e-4
 BOS, PAD, EOS = 0, 1, 2
+TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
 
 # family -> (model class, config class, config kwargs): encoder and decoder depths differ, head
 # dims are not multiples of 16, and each family keeps its own defaults (norms, activation, scale).
@@ -173,6 +174,34 @@ def test_generation_matches_transformers(pair, beams, ngram):
     assert [pyxf.translate(px, [src], **options)[0] for src in sources] == [tokens for tokens, _ in got]
 
 
+def test_bart_tokenizer_from_vocab_and_merges(tmp_path):
+    """A BART checkpoint with only vocab.json + merges.txt (byte-level BPE): the converter makes
+    the tokenizer.json, <s> ... </s> as BartTokenizer gives."""
+    import json
+
+    vocab = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": 3}
+    for c in string.ascii_lowercase + "\u0120.,":  # \u0120: byte-level BPE's space
+        vocab[c] = len(vocab)
+    for c in string.ascii_lowercase:
+        vocab["\u0120" + c] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "vocab.json").write_text(json.dumps(vocab))
+    (files / "merges.txt").write_text("#version: 0.2\n" + "".join(f"\u0120 {c}\n" for c in string.ascii_lowercase))
+    tokenizer = transformers.BartTokenizer.from_pretrained(str(files))
+    model, _ = build("bart", tmp_path, len(vocab))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "hf" / name).write_bytes((files / name).read_bytes())
+    px = pyxf.load(convert_quietly(tmp_path / "hf", tmp_path / "px"))
+    assert px.config["tokenizer"] == "tokenizer.json"
+    for text in TEXTS:
+        assert px.tokenizer.encode(text) == tokenizer(text).input_ids
+        expected, _ = reference_generate(model, tokenizer(text).input_ids, 1, 10, no_repeat_ngram_size=1)
+        assert px.translate(text, beam_size=1, max_length=10, no_repeat_ngram_size=1) == \
+            tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_fairseq_sinusoids_match_m2m100():
     from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
 
@@ -195,9 +224,6 @@ MULTILINGUAL = {
     "mbart25": ("mbart", mbart25_tokenizer, ("en_XX", "fr_XX", "de_DE"), "suffix", "decoder_start_token_id"),
     "m2m100": ("m2m100", m2m100_tokenizer, ("en", "fr", "de"), "prefix", "forced_bos_token_id"),
 }
-TEXTS = ["hello world", "the quick brown fox jumps", "ich bin ein berliner"]
-
-
 @pytest.fixture(scope="module", params=sorted(MULTILINGUAL))
 def multilingual(request, tmp_path_factory):
     family, make_tokenizer, codes, slot, target_argument = MULTILINGUAL[request.param]
@@ -258,6 +284,18 @@ def test_translation_languages_match_transformers(multilingual, beams):
             assert result.text == decoded(tokenizer, expected)
             if beams > 1:  # a forced token counts in the length, as in transformers
                 assert abs(px.translate(text, return_scores=True, **options)[1] - score) <= 1e-4
+
+
+def test_truncation_keeps_the_special_tokens(multilingual):
+    """truncate=True cuts the text and keeps the language and end tokens, as transformers' truncation."""
+    _, tokenizer, px, (_, second, third), _, _ = multilingual
+    tokenizer.src_lang = second
+    long_text = " ".join(["hello world"] * 20)
+    ids = tokenizer(long_text, truncation=True, max_length=px.max_source_length).input_ids
+    assert len(tokenizer(long_text).input_ids) > len(ids) == px.max_source_length
+    options = dict(beam_size=1, max_length=6, target_lang=third)
+    assert px.translate(long_text, truncate=True, source_lang=second, **options) == \
+        px.tokenizer.decode(px.translate(ids, **options))
 
 
 def test_language_errors(multilingual, pair):
