@@ -85,12 +85,14 @@ def m2m100_tokenizer(directory):
     return transformers.M2M100Tokenizer(vocab_file=str(directory / "vocab.json"), spm_file=str(sp_path))
 
 
-def build(family, root, vocab_size=97, tokenizer=None):
-    """A tiny random checkpoint of `family` saved under root/hf (with `tokenizer`); (model, pyxf model)."""
+def build(family, root, vocab_size=97, tokenizer=None, generation=None, **overrides):
+    """A tiny random checkpoint of `family` saved under root/hf (with `tokenizer` and the
+    generation config settings `generation`); (model, pyxf model)."""
     model_class, config_class, kwargs = SPECS[family]
-    config = getattr(transformers, config_class)(
-        vocab_size=vocab_size, bos_token_id=BOS, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=EOS,
-        forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **kwargs)
+    settings = dict(vocab_size=vocab_size, bos_token_id=BOS, pad_token_id=PAD, eos_token_id=EOS,
+                    decoder_start_token_id=EOS, forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0,
+                    activation_dropout=0.0)
+    config = getattr(transformers, config_class)(**{**settings, **kwargs, **overrides})
     torch.manual_seed(len(family))
     model = getattr(transformers, model_class)(config).eval()
     randomize(model, 1.5, 2.0)
@@ -103,6 +105,8 @@ def build(family, root, vocab_size=97, tokenizer=None):
         # As nn.Embedding(padding_idx=...) makes it: pad is then never generated (logit 0), and
         # M2M100's positions, which skip pad tokens, stay those of a sequence without them.
         model.get_input_embeddings().weight[PAD].zero_()
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
     model.save_pretrained(root / "hf")
     if tokenizer is not None:
         tokenizer.save_pretrained(root / "hf")
@@ -172,6 +176,24 @@ def test_generation_matches_transformers(pair, beams, ngram):
         assert max_abs_err([s for _, s in got], [s for _, s in expected]) <= 1e-4
     # a batch gives what each source gives alone
     assert [pyxf.translate(px, [src], **options)[0] for src in sources] == [tokens for tokens, _ in got]
+
+
+def test_generation_settings_of_the_checkpoint(tmp_path):
+    """bart-large-cnn's settings: a forced first token (bos) and a forced end token, applied as
+    transformers' generate applies them from the checkpoint's generation config."""
+    model, px = build("bart", tmp_path, generation=dict(forced_bos_token_id=BOS, forced_eos_token_id=EOS))
+    assert px.config["forced_bos_token_id"] == BOS and px.config["forced_eos_token_id"] == EOS
+    rng = np.random.default_rng(5)
+    for beams in (1, 3):
+        for n in (3, 11):
+            src = random_ids(rng, n, px.vocab_size) + [EOS]
+            expected, score = reference_generate(model, src, beams, 9, no_repeat_ngram_size=1)
+            assert expected[0] == BOS
+            tokens, got_score = pyxf.translate(px, src, beam_size=beams, max_length=9, no_repeat_ngram_size=1,
+                                               return_scores=True)
+            assert tokens == expected
+            if beams > 1:
+                assert abs(got_score - score) <= 1e-4
 
 
 def test_bart_tokenizer_from_vocab_and_merges(tmp_path):
