@@ -259,15 +259,14 @@ class _M2M100Backend:
             value = settings.get(key, default)
             return value.get("content", default) if isinstance(value, dict) else (value or default)
 
+        languages = config.get("languages") or {}
+        if languages.get("default_source") not in (languages.get("tokens") or {}):
+            raise ValueError("config.json's 'languages' must hold the M2M100 tokenizer's language tokens and "
+                             "its default source language ('default_source')")
+        self.source_id = languages["tokens"][languages["default_source"]]
         self.encoder = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
         self.decoder = {v: k for k, v in self.encoder.items()}
-        languages = config.get("languages") or {}
-        for code, token_id in (languages.get("tokens") or {}).items():
-            self.decoder[token_id] = f"__{code}__"
-        default = languages.get("default_source", "en")
-        if default not in (languages.get("tokens") or {}):
-            raise ValueError(f"the tokenizer's source language {default!r} has no language token")
-        self.source_id = languages["tokens"][default]
+        self.decoder.update({token_id: f"__{code}__" for code, token_id in languages["tokens"].items()})
         self.unk = token("unk_token", "<unk>")
         self.unk_id = self.encoder[self.unk]
         self.eos_id = self.encoder[token("eos_token", "</s>")]

@@ -255,6 +255,8 @@ def _fairseq_config(hf: dict, family: str, *, pre_norm: bool, learned: bool, sca
     start = hf.get("decoder_start_token_id")
     # transformers' generate starts the decoder with bos when the config names no start token.
     start = bos if start is None else start
+    if not learned and pad is None:
+        raise ValueError(f"{family} positions count from pad_token_id + 1: the config needs a pad_token_id")
     # M2M100 counts positions from pad_token_id + 1 (create_position_ids_from_input_ids).
     offset = FAIRSEQ_POSITION_OFFSET if learned else int(pad) + 1
     return _seq2seq_config(
