@@ -61,11 +61,20 @@ def nllb_tokenizer(directory):
     return transformers.NllbTokenizer(vocab=vocab, merges=merges, additional_special_tokens=["eng_Latn", "fra_Latn", "deu_Latn"])
 
 
-def mbart25_tokenizer(directory):
-    """A character-level mBART-25 tokenizer (unigram over Metaspace pieces), its 25 language tokens."""
+def unigram_pieces():
+    """A character-level unigram vocabulary over Metaspace pieces, fairseq's special tokens first."""
     pieces = [(c, -3.0) for c in string.ascii_lowercase] + [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
-    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *pieces]
-    return transformers.MBartTokenizer(vocab=vocab)
+    return [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *pieces]
+
+
+def mbart25_tokenizer(directory):
+    """mBART-25's tokenizer with its 25 language tokens."""
+    return transformers.MBartTokenizer(vocab=unigram_pieces())
+
+
+def mbart50_tokenizer(directory):
+    """mBART-50's tokenizer with its 52 language tokens."""
+    return transformers.MBart50Tokenizer(vocab=unigram_pieces())
 
 
 def m2m100_tokenizer(directory):
@@ -237,13 +246,15 @@ def test_fairseq_sinusoids_match_m2m100():
 # ---------------------------------------------------------------------------------------------
 # language tokens, as transformers' tokenizers and generate() use them: an M2M100 model with an NLLB
 # tokenizer (NLLB's checkpoints are M2M100 models: the source language before the text, the target
-# forced as the first token) and an mBART model with mBART-25's tokenizer (the source language after
-# the end token, the target as the decoder start token)
+# forced as the first token), an mBART model with mBART-25's tokenizer (the source language after
+# the end token, the target as the decoder start token) and with mBART-50's (as NLLB), and M2M100
+# with its own tokenizer (language tokens after vocab.json's ids)
 
 MULTILINGUAL = {
     # name: (family, tokenizer, (default, other, third) language codes, source slot, generate()'s argument)
     "nllb": ("m2m100", nllb_tokenizer, ("eng_Latn", "fra_Latn", "deu_Latn"), "prefix", "forced_bos_token_id"),
     "mbart25": ("mbart", mbart25_tokenizer, ("en_XX", "fr_XX", "de_DE"), "suffix", "decoder_start_token_id"),
+    "mbart50": ("mbart", mbart50_tokenizer, ("en_XX", "fr_XX", "de_DE"), "prefix", "forced_bos_token_id"),
     "m2m100": ("m2m100", m2m100_tokenizer, ("en", "fr", "de"), "prefix", "forced_bos_token_id"),
 }
 @pytest.fixture(scope="module", params=sorted(MULTILINGUAL))
