@@ -69,6 +69,8 @@ def _parser():
     _add_input_options(translate)
     translate.add_argument("--beam-size", type=int, default=4, help="beam search width (default 4; 1: greedy)")
     translate.add_argument("--max-length", type=int, help="most target tokens (default 128)")
+    translate.add_argument("--target-lang", help="target language of a multilingual model (fra_Latn, fr_XX, fr)")
+    translate.add_argument("--source-lang", help="source language of a multilingual model (default: its tokenizer's)")
     translate.add_argument("--batch-size", type=int, default=16, help="sources translated together (default 16)")
     translate.add_argument("--json", action="store_true", help='JSON lines {"source": ..., "translation": ...}')
     translate.set_defaults(run=_translate)
@@ -235,7 +237,8 @@ def _translate(args):
         raise ValueError(f"{model.path} is a {model.config['family']} model; pyxf translate needs an encoder-decoder "
                          "model (Marian, T5, ...)")
     for batch in _batches(texts, args.batch_size):
-        outputs = pyxf.translate(model, batch, beam_size=args.beam_size, max_length=args.max_length)
+        outputs = pyxf.translate(model, batch, beam_size=args.beam_size, max_length=args.max_length,
+                                 target_lang=args.target_lang, source_lang=args.source_lang)
         for source, output in zip(batch, outputs):
             print(json.dumps({"source": source, "translation": output}, ensure_ascii=False) if args.json else output)
         sys.stdout.flush()

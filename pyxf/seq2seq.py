@@ -1,14 +1,17 @@
-"""Encoder-decoder models (the original Transformer, Marian, T5): loading, source tokenizers, and
-generate / translate (greedy, sampling, beam search), which run in the core without the GIL.
+"""Encoder-decoder models (the original Transformer, Marian, T5, BART, mBART, M2M100 / NLLB): loading,
+source tokenizers, language tokens, and generate / translate (greedy, sampling, beam search), which
+run in the core without the GIL.
 
     m = pyxf.load("opus-mt-en-de-pyxf")
     pyxf.translate(m, ["Hello world", "How are you?"], beam_size=4)   # -> list of str
     pyxf.generate(m, "Hello world")                                  # greedy -> str
     m.logits(source_ids, decoder_ids)                                # float32 [len(decoder_ids), vocab]
+    nllb.translate("Hello world", source_lang="eng_Latn", target_lang="fra_Latn")
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import secrets
@@ -41,8 +44,12 @@ def sinusoidal_table(num_positions, dim, layout="interleaved"):
 
     interleaved (the Transformer paper, PyTorch tutorials): column 2i = sin(pos / 10000^(2i/dim)),
     column 2i+1 = cos(...). concat (Marian): the sines in the first half, the cosines in the second.
+    fairseq (M2M100, NLLB): half = dim // 2 frequencies 10000^(-i / (half - 1)), the sines in
+    columns [0, half), the cosines in [half, 2 half), a zero column when dim is odd.
     """
     pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    if layout == "fairseq":
+        return _fairseq_sinusoids(pos, dim)
     i = np.arange((dim + 1) // 2, dtype=np.float64)[None, :]
     angle = pos / np.power(10000.0, 2.0 * i / dim)
     table = np.zeros((num_positions, dim), dtype=np.float64)
@@ -55,6 +62,17 @@ def sinusoidal_table(num_positions, dim, layout="interleaved"):
         table[:, half:] = np.cos(angle[:, : dim - half])
     else:
         raise ValueError(f"unknown sinusoidal layout {layout!r} ({', '.join(SINUSOIDAL_LAYOUTS)})")
+    return table.astype(np.float32)
+
+
+def _fairseq_sinusoids(pos, dim):
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"the fairseq sinusoidal layout needs a hidden size of at least 4, got {dim}")
+    angle = pos * np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / (half - 1)))[None, :]
+    table = np.zeros((pos.shape[0], dim), dtype=np.float64)
+    table[:, :half] = np.sin(angle)
+    table[:, half : 2 * half] = np.cos(angle)
     return table.astype(np.float32)
 
 
@@ -114,7 +132,7 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
         if config["dtype"] != "float32":
             table = table.astype(np.float16) if config["dtype"] == "float16" else _bf16(table)
         arrays["pos_embed.weight"] = arrays["encoder.pos_embed.weight"] = table
-    else:
+    elif config["position"] == "relative":
         nb, md = config["relative_attention_num_buckets"], config["relative_attention_max_distance"]
         for prefix, bidirectional in (("encoder.", True), ("", False)):
             weight = _as_float32(arrays[f"{prefix}rel_bias.weight"], config["dtype"])
@@ -153,6 +171,8 @@ class Seq2SeqTokenizer:
             return None
         if name == "marian":
             return cls(read_tokenizer_file(_MarianBackend, model_dir), eos)
+        if name == "m2m100":
+            return cls(read_tokenizer_file(_M2M100Backend, model_dir, config), eos)
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer file {name!r} named in config.json is missing in {model_dir}")
         if name.endswith(".json"):
@@ -223,6 +243,56 @@ class _MarianBackend:
         return out.replace("\u2581", " ").strip()
 
 
+class _M2M100Backend:
+    """M2M100Tokenizer's behaviour: sentencepiece pieces (sentencepiece.bpe.model) mapped through
+    vocab.json (unknown pieces -> <unk>), language tokens "__xx__" after vocab.json's ids (config.json's
+    `languages`), the source language token before the text and </s> after it."""
+
+    def __init__(self, model_dir, config):
+        import sentencepiece
+
+        settings = {}
+        if (model_dir / "tokenizer_config.json").is_file():
+            settings = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+        def token(key, default):
+            value = settings.get(key, default)
+            return value.get("content", default) if isinstance(value, dict) else (value or default)
+
+        languages = config.get("languages") or {}
+        if languages.get("default_source") not in (languages.get("tokens") or {}):
+            raise ValueError("config.json's 'languages' must hold the M2M100 tokenizer's language tokens and "
+                             "its default source language ('default_source')")
+        self.source_id = languages["tokens"][languages["default_source"]]
+        self.encoder = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        self.decoder.update({token_id: f"__{code}__" for code, token_id in languages["tokens"].items()})
+        self.unk = token("unk_token", "<unk>")
+        self.unk_id = self.encoder[self.unk]
+        self.eos_id = self.encoder[token("eos_token", "</s>")]
+        names = (token(key, default) for key, default in
+                 (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>"), ("unk_token", "<unk>")))
+        self.special_ids = {self.encoder[t] for t in names if t in self.encoder} | set(languages["tokens"].values())
+        self.spm = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "sentencepiece.bpe.model"))
+
+    def encode(self, text, add_special_tokens):
+        ids = [self.encoder.get(piece, self.unk_id) for piece in self.spm.encode(text, out_type=str)]
+        return [self.source_id, *ids, self.eos_id] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens):
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        # Runs of pieces through sentencepiece; special tokens written out as they are.
+        out, run = "", []
+        for i in ids:
+            if i in self.special_ids:
+                out += self.spm.decode_pieces(run) + self.decoder[i]
+                run = []
+            else:
+                run.append(self.decoder.get(i, self.unk))
+        return (out + self.spm.decode_pieces(run)).strip()
+
+
 class _TokenizersBackend:
     def __init__(self, path):
         from tokenizers import Tokenizer
@@ -274,7 +344,9 @@ class Seq2SeqModel(MappedModel):
         self.source_vocab_size = config.get("source_vocab_size", self.vocab_size)
         self.eos_token_ids = list(config.get("eos_token_id") or [])
         self.decoder_start_token_id = config["decoder_start_token_id"]
-        positions = config["max_position_embeddings"] if config["position"] == "sinusoidal" else None
+        positions = None  # T5's relative positions: unbounded
+        if config["position"] in ("sinusoidal", "learned"):
+            positions = config["max_position_embeddings"] - config.get("position_offset", 0)
         self.max_source_length = config.get("max_source_length") or positions  # None: unbounded
         self.max_target_length = positions or 1 << 20
         self.context_length = self.max_target_length
@@ -333,14 +405,24 @@ class Seq2SeqModel(MappedModel):
 # generation
 
 
-def _sources(model, source, add_special_tokens, truncate):
-    """(list of source id lists, output form: text | texts | ids | batch_ids)."""
+def _special_tail(model, ids):
+    """How many tokens at the end of a source are the special ones that truncation keeps: the end
+    token, and a source language token after it (mBART-25)."""
+    languages = (model.config.get("languages") or {})
+    if languages.get("source") == "suffix" and len(ids) > 1 and ids[-1] in languages["tokens"].values():
+        return 1 + (ids[-2] in model.eos_token_ids)
+    return int(ids[-1] in model.eos_token_ids)
+
+
+def _sources(model, source, add_special_tokens, truncate, source_language=None):
+    """(list of source id lists, output form: text | texts | ids | batch_ids). source_language: the
+    language token to put where the model's tokenizer puts it, instead of its default one."""
     def check(ids, what):
         if model.max_source_length is not None and len(ids) > model.max_source_length:
             if not truncate:
                 model._check_source_length(len(ids), what)
-            keep_eos = add_special_tokens and ids[-1] in model.eos_token_ids
-            ids = ids[: model.max_source_length - 1] + ids[-1:] if keep_eos else ids[: model.max_source_length]
+            tail = _special_tail(model, ids) if add_special_tokens else 0
+            ids = ids[: model.max_source_length - tail] + ids[len(ids) - tail:]
         return ids
 
     def encode(text, what):
@@ -348,7 +430,10 @@ def _sources(model, source, add_special_tokens, truncate):
             raise ValueError(f"{model.path} has no tokenizer; pass token ids instead of text")
         if not text:
             raise ValueError(f"{what} is empty")
-        ids = model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if source_language is None:
+            ids = model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        else:
+            ids = with_source_language(model, model.tokenizer.encode(text, add_special_tokens=False), source_language)
         if not ids:
             raise ValueError(f"{what} encodes to no tokens")
         return check(ids, what)
@@ -365,16 +450,67 @@ def _sources(model, source, add_special_tokens, truncate):
         raise ValueError("source is empty")
     if all(isinstance(s, str) for s in source):
         return [encode(s, f"source {i}") for i, s in enumerate(source)], "texts"
+    if source_language is not None:
+        raise ValueError("source_lang applies to text sources (token ids already hold their language token)")
     if all(isinstance(s, (list, tuple, np.ndarray)) for s in source):
         return [check(as_token_array(s, model.source_vocab_size, f"source {i}").tolist(), f"source {i}")
                 for i, s in enumerate(source)], "batch_ids"
     return [check(as_token_array(source, model.source_vocab_size, "source").tolist(), "source")], "ids"
 
 
+# ---------------------------------------------------------------------------------------------
+# language tokens (mBART, M2M100, NLLB)
+
+
+def language_token(model, code, what):
+    """The token id of a language code of a multilingual model: its tokenizer's language token
+    ("fra_Latn" for NLLB, "fr_XX" for mBART; "fr" or "__fr__" for M2M100)."""
+    if not isinstance(code, str):
+        raise TypeError(f"{what} must be a language code (str), got {type(code).__name__}")
+    languages = model.config.get("languages")
+    if not languages:
+        raise ValueError(f"{what}={code!r}: this model is not multilingual (its tokenizer has no language tokens)")
+    tokens = languages["tokens"]
+    key = code[2:-2] if len(code) > 4 and code.startswith("__") and code.endswith("__") else code
+    if key not in tokens:
+        known = sorted(tokens)
+        by_lower = {k.lower(): k for k in known}
+        close = [by_lower[k] for k in difflib.get_close_matches(key.lower(), by_lower, n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        listed = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
+        raise ValueError(f"unknown {what} {code!r}; {hint}this model's languages: {listed}")
+    return tokens[key]
+
+
+def with_source_language(model, ids, code):
+    """Source ids of a text (without special tokens) with the end token and the language token of
+    `code`, where the model's tokenizer puts it: before the text (mBART-50, M2M100, NLLB) or after
+    the end token (mBART-25)."""
+    language = language_token(model, code, "source_lang")
+    eos = model.tokenizer.eos_token_id
+    ends = [eos] if eos is not None else []
+    if model.config["languages"]["source"] == "prefix":
+        return [language, *ids, *ends]
+    return [*ids, *ends, language]
+
+
+def _target_language(model, code):
+    """(decoder start id, forced first token id or -1) for a target language code (None: the
+    model's own settings)."""
+    forced = model.config.get("forced_bos_token_id")
+    start, forced = model.decoder_start_token_id, -1 if forced is None else forced
+    if code is None:
+        return start, forced
+    token = language_token(model, code, "target_lang")
+    if model.config["languages"]["target"] == "decoder_start":
+        return token, forced
+    return start, token
+
+
 def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_length=0, beam_size=1,
              num_hypotheses=1, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, truncate=False, return_scores=False,
-             return_details=False, add_special_tokens=True):
+             return_details=False, add_special_tokens=True, target_lang=None, source_lang=None):
     """Target text (or ids) for one source or a batch of sources of an encoder-decoder model.
 
     source: str -> str; list[str] -> list[str]; list[int] -> list[int]; list[list[int]] -> list[list[int]]
@@ -391,6 +527,11 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
     top_p, seed); beam_size > 1 is beam search with length_penalty, early_stopping (False, True or
     "never", as transformers), num_hypotheses. no_repeat_ngram_size and repetition_penalty apply to
     both. stop: extra end token ids. truncate: cut overlong sources instead of raising.
+
+    target_lang / source_lang (multilingual models: mBART, M2M100, NLLB): language codes as the
+    model's tokenizer names them ("fra_Latn", "fr_XX", "fr"). The target language is forced as the
+    first generated token (mBART-25: the decoder start token); the source language token takes the
+    place of the tokenizer's default one in text sources.
     """
     if max_new_tokens is not None and max_length is not None and max_new_tokens != max_length:
         raise ValueError("pass max_length or max_new_tokens, not both")
@@ -433,7 +574,10 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         if not 0 <= item < model.vocab_size:
             raise ValueError(f"stop token id {item} is outside the vocabulary [0, {model.vocab_size})")
         eos.append(int(item))
-    sources, form = _sources(model, source, add_special_tokens, truncate)
+    if source_lang is not None and not add_special_tokens:
+        raise ValueError("source_lang adds the language and end tokens: it needs add_special_tokens=True")
+    decoder_start, forced_bos = _target_language(model, target_lang)
+    sources, form = _sources(model, source, add_special_tokens, truncate, source_lang)
 
     config = model.config
     forced = config.get("forced_eos_token_id")
@@ -442,8 +586,9 @@ def generate(model, source=None, *, max_new_tokens=None, max_length=None, min_le
         early_stopping=EARLY_STOPPING[early_stopping], no_repeat_ngram_size=no_repeat_ngram_size,
         max_length=max_length, min_length=min_length, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, eos_ids=list(dict.fromkeys(eos)),
-        suppress_ids=list(config.get("suppress_token_ids") or []), forced_eos_id=-1 if forced is None else forced,
-        renormalize=bool(config.get("renormalize_logits", False)), decoder_start_id=model.decoder_start_token_id,
+        suppress_ids=list(config.get("suppress_token_ids") or []), forced_bos_id=forced_bos,
+        forced_eos_id=-1 if forced is None else forced, renormalize=bool(config.get("renormalize_logits", False)),
+        decoder_start_id=decoder_start,
     )
 
     def output(tokens):
@@ -471,5 +616,6 @@ def translate(model, texts, *, beam_size=4, **kwargs):
     """Translations of a text or a list of texts (or token id lists): beam search by default
     (beam_size=4); other options as pyxf.generate."""
     if not getattr(model, "is_encoder_decoder", False):
-        raise ValueError("translate() needs an encoder-decoder model (Marian, T5, the original Transformer)")
+        raise ValueError("translate() needs an encoder-decoder model (Marian, T5, BART, mBART, M2M100, NLLB, "
+                         "the original Transformer)")
     return generate(model, texts, beam_size=beam_size, **kwargs)

@@ -38,6 +38,12 @@ SEQ2SEQ = {
     "t5": dict(family="t5", norm="rmsnorm", norm_position="pre", position="relative", gated_ffn=True,
                activation="gelu_tanh", relative_attention_num_buckets=8, relative_attention_max_distance=20,
                max_position_embeddings=64, tie_word_embeddings=False, num_encoder_layers=2),
+    "bart": dict(family="bart", position="learned", position_offset=2, embed_norm=True, activation="gelu",
+                 max_position_embeddings=66, num_encoder_layers=2),
+    "mbart": dict(family="mbart", position="learned", position_offset=2, embed_norm=True, norm_position="pre",
+                  activation="gelu", max_position_embeddings=66, tie_word_embeddings=False),
+    "m2m100": dict(family="m2m100", sinusoidal_layout="fairseq", position_offset=2, norm_position="pre",
+                   max_position_embeddings=66),
 }
 WRITERS = [(write_pyxf_model, DECODERS), (write_pyxf_encoder, ENCODERS), (write_pyxf_seq2seq, SEQ2SEQ)]
 CASES = [(writer, name, overrides) for writer, cases in WRITERS for name, overrides in cases.items()]

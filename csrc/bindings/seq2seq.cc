@@ -75,7 +75,8 @@ class PySeq2SeqModel {
   py::list generate(py::sequence sources, int beam_size, int num_hypotheses, float length_penalty,
                     int early_stopping, int no_repeat_ngram_size, int max_length, int min_length, float temperature,
                     int top_k, float top_p, float repetition_penalty, uint64_t seed, std::vector<int> eos_ids,
-                    std::vector<int> suppress_ids, int forced_eos_id, bool renormalize, int decoder_start_id) {
+                    std::vector<int> suppress_ids, int forced_bos_id, int forced_eos_id, bool renormalize,
+                    int decoder_start_id) {
     const ModelConfig& c = decoder_config();
     if (beam_size < 1) throw py::value_error("beam_size must be >= 1");
     if (num_hypotheses < 1 || num_hypotheses > beam_size) throw py::value_error("num_hypotheses must be in [1, beam_size]");
@@ -98,6 +99,7 @@ class PySeq2SeqModel {
     };
     for (int id : eos_ids) check_id(id, "end token");
     for (int id : suppress_ids) check_id(id, "suppressed token");
+    if (forced_bos_id >= 0) check_id(forced_bos_id, "forced first token");
     if (forced_eos_id >= 0) check_id(forced_eos_id, "forced end token");
     check_id(decoder_start_id, "decoder start token");
 
@@ -115,6 +117,7 @@ class PySeq2SeqModel {
     o.seed = seed;
     o.eos_ids = std::move(eos_ids);
     o.suppress_ids = std::move(suppress_ids);
+    o.forced_bos_id = forced_bos_id;
     o.forced_eos_id = forced_eos_id;
     o.renormalize = renormalize;
     o.decoder_start_id = decoder_start_id;
@@ -159,7 +162,7 @@ void bind_seq2seq(py::module_& m) {
            "length_penalty"_a = 1.0f, "early_stopping"_a = 0, "no_repeat_ngram_size"_a = 0, "max_length"_a = 256,
            "min_length"_a = 0, "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f,
            "repetition_penalty"_a = 1.0f, "seed"_a = 0, "eos_ids"_a = std::vector<int>(),
-           "suppress_ids"_a = std::vector<int>(), "forced_eos_id"_a = -1, "renormalize"_a = false,
+           "suppress_ids"_a = std::vector<int>(), "forced_bos_id"_a = -1, "forced_eos_id"_a = -1, "renormalize"_a = false,
            "decoder_start_id"_a = 0)
       .def_property_readonly("vocab_size", [](const PySeq2SeqModel& m) { return m.decoder_config().vocab_size; })
       .def_property_readonly("source_vocab_size", [](const PySeq2SeqModel& m) { return m.encoder_config().vocab_size; });

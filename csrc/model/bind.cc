@@ -15,7 +15,10 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
   }
   if (c.position == PositionKind::kLearned) m.pos_embed = w.floats(prefix + "pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.floats(prefix + "token_type_embed.weight", {c.type_vocab_size, H});
-  if (c.has_embed_norm) m.embed_norm = w.norm(prefix + "embed_norm", H, false, false);
+  if (c.embed_norm != Presence::kAbsent) {
+    const bool required = c.embed_norm == Presence::kRequired;
+    m.embed_norm = w.norm(prefix + "embed_norm", H, required, required && layer_norm);
+  }
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = prefix + "layers." + std::to_string(i) + ".";
     LayerWeights L;

@@ -97,7 +97,7 @@ ModelConfig model_config(const ConfigValues& v) {
   const bool encoder = architecture == "encoder";
   c.has_lm_head = !encoder;
   c.causal = boolean_or(v, "causal", !encoder);
-  c.has_embed_norm = encoder;
+  c.embed_norm = encoder ? Presence::kOptional : Presence::kAbsent;
   c.position_offset = (int)integer_or(v, "position_offset", 0);
   c.type_vocab_size = encoder ? (int)integer_or(v, "type_vocab_size", 0) : 0;
   if (c.position_offset < 0 || c.type_vocab_size < 0) {
@@ -112,7 +112,8 @@ ModelConfig model_config(const ConfigValues& v) {
 Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   const std::string position = v.text("position");
   PositionKind stack_position;
-  if (position == "sinusoidal") stack_position = PositionKind::kLearned;  // a table made at load
+  // Learned positions read their stored tables; sinusoidal ones a table made at load.
+  if (position == "sinusoidal" || position == "learned") stack_position = PositionKind::kLearned;
   else if (position == "relative") stack_position = PositionKind::kNone;  // a bias in attention
   else throw invalid_argument("unknown position scheme '" + position + "' for an encoder-decoder model");
   const float embed_scale = (float)number_or(v, "embed_scale", 1.0);
@@ -121,7 +122,12 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   if (!(embed_scale > 0) || attn_scale < 0 || radius < 0 || radius > (1L << 20)) {
     throw invalid_argument("embed_scale must be positive, attention_scale and rel_pos_radius non-negative");
   }
+  const long offset = integer_or(v, "position_offset", 0);
   Seq2SeqConfig s{stack_config(v, stack_position), stack_config(v, stack_position)};
+  if (offset < 0 || (stack_position == PositionKind::kLearned && offset >= s.decoder.max_positions)) {
+    throw invalid_argument("position_offset must be >= 0 and below max_position_embeddings");
+  }
+  const Presence embed_norm = boolean_or(v, "embed_norm", false) ? Presence::kRequired : Presence::kAbsent;
   s.encoder.num_layers = size(v.integer("num_encoder_layers"), "num_encoder_layers");
   s.encoder.vocab_size = size(integer_or(v, "source_vocab_size", s.decoder.vocab_size), "source_vocab_size");
   s.encoder.causal = false;
@@ -131,6 +137,8 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
     c->embed_scale = embed_scale;
     c->attn_scale = attn_scale;
     c->rel_pos_radius = (int)radius;
+    c->position_offset = (int)offset;
+    c->embed_norm = embed_norm;
     c->optional_final_norm = c->post_norm;
   }
   return s;

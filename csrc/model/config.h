@@ -12,6 +12,7 @@ namespace pyxf {
 
 enum class NormKind { kRms, kLayer };
 enum class PositionKind { kRope, kLearned, kNone };
+enum class Presence { kAbsent, kOptional, kRequired };
 
 struct ModelConfig {
   std::string family;
@@ -43,7 +44,8 @@ struct ModelConfig {
   float attn_scale = 0.0f;       // attention score scale; 0: 1/sqrt(head_dim) (T5: 1)
   int rel_pos_radius = 0;        // relative position bias table radius (T5), with ModelWeights::rel_pos_bias
   float head_scale = 1.0f;       // the LM head's input is multiplied by this (tied T5: hidden^-0.5)
-  bool has_embed_norm = false;   // encoders: a norm of the summed embeddings (embed_norm.*) may be present
+  // A norm of the summed embeddings (embed_norm.*): encoders may have one, BART and mBART have one.
+  Presence embed_norm = Presence::kAbsent;
   bool optional_final_norm = false;  // encoder-decoder stacks: a final norm may follow post-norm blocks
 
   // Longest sequence the position scheme can address.
@@ -79,7 +81,8 @@ kernels::Activation activation_from_name(const std::string& name);
 ModelConfig model_config(const ConfigValues& values);
 
 // An encoder-decoder model's two stacks: sinusoidal positions arrive as tables and become learned
-// ones, T5's relative positions arrive as bias tables by distance (radius "rel_pos_radius").
+// ones, T5's relative positions arrive as bias tables by distance (radius "rel_pos_radius"). Learned
+// and sinusoidal tables start at "position_offset" (BART, mBART, M2M100: 2).
 struct Seq2SeqConfig {
   ModelConfig encoder, decoder;
 };

@@ -30,6 +30,12 @@ void ban_repeated_ngrams(float* row, const std::vector<int>& history, int n) {
   }
 }
 
+// Leaves `token` as the only choice, with log-probability 0 (transformers' forced BOS / EOS).
+void force_token(float* row, int vocab, int token) {
+  std::fill(row, row + vocab, -INFINITY);
+  row[token] = 0.0f;
+}
+
 // The logits processors that do not depend on the decoding mode, on a row of logits or
 // log-probabilities; `step` tokens have been generated so far.
 void process_row(float* row, int vocab, const std::vector<int>& history, int step, const Seq2SeqOptions& o) {
@@ -38,10 +44,8 @@ void process_row(float* row, int vocab, const std::vector<int>& history, int ste
     for (int e : o.eos_ids) row[e] = -INFINITY;
   }
   for (int t : o.suppress_ids) row[t] = -INFINITY;
-  if (o.forced_eos_id >= 0 && step == o.max_length - 1) {
-    std::fill(row, row + vocab, -INFINITY);
-    row[o.forced_eos_id] = 0.0f;
-  }
+  if (o.forced_bos_id >= 0 && step == 0) force_token(row, vocab, o.forced_bos_id);
+  if (o.forced_eos_id >= 0 && step == o.max_length - 1) force_token(row, vocab, o.forced_eos_id);
 }
 
 // Orders candidates best first; ties go to the lower flat index (beam * vocab + token).
@@ -356,6 +360,7 @@ std::vector<std::vector<Hypothesis>> seq2seq_generate(const Seq2SeqModel& model,
   };
   for (int id : options.eos_ids) check_id(id);
   for (int id : options.suppress_ids) check_id(id);
+  if (options.forced_bos_id >= 0) check_id(options.forced_bos_id);
   if (options.forced_eos_id >= 0) check_id(options.forced_eos_id);
   check_id(options.decoder_start_id);
 

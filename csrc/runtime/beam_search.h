@@ -36,6 +36,7 @@ struct Seq2SeqOptions {
   uint64_t seed = 0;
   std::vector<int> eos_ids;      // end a hypothesis; not returned
   std::vector<int> suppress_ids; // never generated (Marian's pad)
+  int forced_bos_id = -1;        // >= 0: forced as the first token (a target language: mBART-50, M2M100, NLLB)
   int forced_eos_id = -1;        // >= 0: forced as the max_length-th token
   bool renormalize = false;      // beam search: log-softmax again after the processors
   int decoder_start_id = 0;

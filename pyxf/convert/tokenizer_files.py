@@ -13,6 +13,7 @@ is never doubled.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -312,16 +313,17 @@ def eos_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+M2M100_SPM = "sentencepiece.bpe.model"  # M2M100Tokenizer's pieces, mapped to ids through vocab.json
 MARIAN_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json")
 
 
 def write_seq2seq_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, config: dict) -> dict:
     """Copies the tokenizer files; returns config.json fields: special ids, generation settings
-    from generation_config.json, and `tokenizer` ("marian", "tokenizer.json", a sentencepiece
-    file name, or None)."""
+    from generation_config.json, `tokenizer` ("marian", "m2m100", "tokenizer.json", a sentencepiece
+    file name, or None) and the language tokens of a multilingual tokenizer (`languages`)."""
     generation = optional_json(files_dir / "generation_config.json")
     fields = {}
-    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
         if generation.get(key) is not None:
             fields[key] = generation[key]
     if generation.get("eos_token_id") is not None:
@@ -348,6 +350,16 @@ def write_seq2seq_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, con
         Tokenizer.from_file(str(files_dir / "tokenizer.json"))  # fails early on a broken file
         shutil.copyfile(files_dir / "tokenizer.json", out_dir / "tokenizer.json")
         tokenizer = "tokenizer.json"
+        fields["languages"] = language_tokens(read_json(files_dir / "tokenizer.json"),
+                                              optional_json(files_dir / "tokenizer_config.json"))
+    elif (files_dir / M2M100_SPM).is_file() and (files_dir / "vocab.json").is_file():
+        for name in (M2M100_SPM, "vocab.json"):
+            shutil.copyfile(files_dir / name, out_dir / name)
+        tokenizer = "m2m100"
+        fields["languages"] = m2m100_languages(read_json(files_dir / "vocab.json"),
+                                               optional_json(files_dir / "tokenizer_config.json"))
+    elif (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():  # BART's byte-level BPE
+        tokenizer = _write_encoder_tokenizer(files_dir, out_dir, {})
     else:
         for name in ("spiece.model", "tokenizer.model", "sentencepiece.model"):
             if (files_dir / name).is_file():
@@ -361,3 +373,73 @@ def write_seq2seq_tokenizer(files_dir: Path, out_dir: Path, hf_config: dict, con
         shutil.copyfile(files_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json")
     fields["tokenizer"] = tokenizer
     return fields
+
+
+# A multilingual tokenizer's language tokens, by their shape: NLLB's "fra_Latn", mBART's "fr_XX",
+# M2M100's "__fr__" (whose language code is "fr").
+LANGUAGE_TOKEN = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|[a-z]{2}_[A-Z]{2}|__([a-z]{2,3})__)$")
+# Tokenizers that start the decoder with the target language instead of forcing it as the first
+# generated token (mBART-25: transformers' docs pass decoder_start_token_id=lang_code_to_id[...]).
+DECODER_START_LANGUAGE_TOKENIZERS = ("MBartTokenizer", "MBartTokenizerFast")
+
+
+def language_tokens(tokenizer: dict, tokenizer_config: dict) -> dict | None:
+    """config.json's `languages` for a tokenizer.json with language tokens (special added tokens
+    shaped like language codes), else None: {tokens: {code: id}, source: where the post-processor
+    puts the source language token (prefix | suffix), target: forced_bos | decoder_start}."""
+    tokens = {}
+    for added in tokenizer.get("added_tokens", []):
+        match = LANGUAGE_TOKEN.match(str(added.get("content", "")))
+        if added.get("special") and match:
+            tokens[match.group(1) or added["content"]] = int(added["id"])
+    if not tokens:
+        return None
+    return {
+        "tokens": tokens,
+        "source": _language_slot(tokenizer.get("post_processor"), set(tokens.values()),
+                                 {a["content"]: a["id"] for a in tokenizer.get("added_tokens", [])}),
+        "target": "decoder_start" if tokenizer_config.get("tokenizer_class") in DECODER_START_LANGUAGE_TOKENIZERS
+        else "forced_bos",
+    }
+
+
+def _language_slot(processor: dict | None, language_ids: set, ids: dict) -> str:
+    """Where a TemplateProcessing's single-text template has its language token: before the text
+    ("prefix": mBART-50, M2M100, NLLB) or after it ("suffix": mBART-25, NLLB's legacy behaviour)."""
+    processors = [processor] if processor else []
+    if processor and processor.get("type") == "Sequence":
+        processors = processor.get("processors", [])
+    for p in processors:
+        if p.get("type") != "TemplateProcessing":
+            continue
+        seen_text = False
+        for piece in p.get("single", []):
+            if "Sequence" in piece:
+                seen_text = True
+            elif ids.get(piece.get("SpecialToken", {}).get("id")) in language_ids:
+                return "suffix" if seen_text else "prefix"
+    return "prefix"
+
+
+# M2M100Tokenizer's language codes (fairseq's lists, by its `language_codes` setting): the token of
+# code c is "__c__", and its id follows vocab.json's: len(vocab.json) + the code's index.
+M2M100_LANGUAGE_CODES = {
+    "m2m100": (
+        "af am ar ast az ba be bg bn br bs ca ceb cs cy da de el en es et fa ff fi fr fy ga gd gl gu ha he hi hr ht "
+        "hu hy id ig ilo is it ja jv ka kk km kn ko lb lg ln lo lt lv mg mk ml mn mr ms my ne nl no ns oc or pa pl "
+        "ps pt ro ru sd si sk sl so sq sr ss su sv sw ta th tl tn tr uk ur uz vi wo xh yi yo zh zu"
+    ).split(),
+    "wmt21": "en ha is ja cs ru zh de".split(),
+}
+
+
+def m2m100_languages(vocab: dict, tokenizer_config: dict) -> dict:
+    """config.json's `languages` for M2M100Tokenizer: its language tokens follow vocab.json's ids;
+    the source language goes before the text, the target one is forced as the first token."""
+    kind = tokenizer_config.get("language_codes", "m2m100")
+    if kind not in M2M100_LANGUAGE_CODES:
+        raise ValueError(f"M2M100 tokenizer language_codes {kind!r} is not supported "
+                         f"({', '.join(M2M100_LANGUAGE_CODES)})")
+    codes = M2M100_LANGUAGE_CODES[kind]
+    return {"tokens": {code: len(vocab) + i for i, code in enumerate(codes)}, "source": "prefix",
+            "target": "forced_bos", "default_source": tokenizer_config.get("src_lang") or "en"}

@@ -11,7 +11,7 @@ from . import bert, gpt2, llama, phi3, seq2seq
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (llama.FAMILY, phi3.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, seq2seq.TRANSFORMER,
-              seq2seq.MARIAN, seq2seq.T5)
+              seq2seq.MARIAN, seq2seq.T5, seq2seq.BART, seq2seq.MBART, seq2seq.M2M100)
 }
 
 

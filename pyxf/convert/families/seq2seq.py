@@ -1,6 +1,8 @@
 """Encoder-decoder families: the original Transformer (pyxf.torch_models.TransformerSeq2Seq, a
 torch.nn.Transformer with embeddings, sinusoidal positions and an output projection), Marian
-(MarianMTModel) and T5 (T5ForConditionalGeneration). Same declarative tables as families.py; the
+(MarianMTModel), T5 (T5ForConditionalGeneration), and the fairseq-born BART
+(BartForConditionalGeneration), mBART (MBartForConditionalGeneration) and M2M100
+(M2M100ForConditionalGeneration, also NLLB's checkpoints). Same declarative tables as families.py; the
 encoder's per-layer rules are `encoder_layer_rules`, expanded over `num_encoder_layers`.
 
 pyxf names (docs/DESIGN.md): the decoder keeps the decoder-only names (`embed.weight`,
@@ -44,9 +46,11 @@ def _seq2seq_config(**fields) -> dict:
         "add_bos_token": False,
         "attention_scale": None,
         "head_scale": 1.0,
+        "forced_bos_token_id": None,
         "forced_eos_token_id": None,
         "suppress_token_ids": [],
         "renormalize_logits": False,
+        "languages": None,
     }
     base.update(fields)
     return base
@@ -226,6 +230,104 @@ def _marian_table(config: dict) -> TensorTable:
 
 
 # ---------------------------------------------------------------------------------------------
+# BART, mBART, M2M100 / NLLB: Marian's layer names, each with its own embeddings and norms
+#
+#                 positions (offset 2)          embedding norm   blocks     final norms  FFN
+#   BART          learned                       yes              post-norm  no           gelu
+#   mBART         learned                       yes              pre-norm   yes          gelu
+#   M2M100, NLLB  sinusoidal (fairseq layout)   no               pre-norm   yes          relu
+#
+# transformers builds these from the model class alone: the flags of fairseq-era configs
+# (normalize_before, add_final_layer_norm, normalize_embedding) are ignored there, and here.
+
+FAIRSEQ_POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's offset; M2M100's: pad_token_id + 1
+
+
+def _fairseq_config(hf: dict, family: str, *, pre_norm: bool, learned: bool, scale_default: bool) -> dict:
+    d = int(hf["d_model"])
+    heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
+    ffn, dec_ffn = int(hf["encoder_ffn_dim"]), int(hf["decoder_ffn_dim"])
+    if heads != dec_heads or ffn != dec_ffn:
+        raise ValueError(f"{family} models with different encoder/decoder head counts or FFN sizes are not supported")
+    if d % heads:
+        raise ValueError(f"d_model {d} is not a multiple of {heads} heads")
+    pad, bos = hf.get("pad_token_id"), hf.get("bos_token_id")
+    start = hf.get("decoder_start_token_id")
+    # transformers' generate starts the decoder with bos when the config names no start token.
+    start = bos if start is None else start
+    if not learned and pad is None:
+        raise ValueError(f"{family} positions count from pad_token_id + 1: the config needs a pad_token_id")
+    # M2M100 counts positions from pad_token_id + 1 (create_position_ids_from_input_ids).
+    offset = FAIRSEQ_POSITION_OFFSET if learned else int(pad) + 1
+    return _seq2seq_config(
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        source_vocab_size=int(hf["vocab_size"]),
+        shared_embeddings=True,
+        hidden_size=d,
+        num_layers=int(hf["decoder_layers"]),
+        num_encoder_layers=int(hf["encoder_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        intermediate_size=ffn,
+        norm="layernorm",
+        norm_eps=1e-5,  # nn.LayerNorm's default, which these models use
+        norm_position="pre" if pre_norm else "post",
+        activation=activation(hf.get("activation_function", "gelu")),
+        gated_ffn=False,
+        position="learned" if learned else "sinusoidal",
+        sinusoidal_layout="fairseq",
+        position_offset=offset,
+        # The position table's rows: max_position_embeddings positions after the offset.
+        max_position_embeddings=int(hf.get("max_position_embeddings", 1024)) + FAIRSEQ_POSITION_OFFSET,
+        embed_norm=learned,  # BART's and mBART's layernorm_embedding
+        embed_scale=math.sqrt(d) if hf.get("scale_embedding", scale_default) else 1.0,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=bos,
+        eos_token_id=eos_list(hf.get("eos_token_id")),
+        pad_token_id=pad,
+        decoder_start_token_id=start,
+        forced_bos_token_id=hf.get("forced_bos_token_id"),
+        forced_eos_token_id=hf.get("forced_eos_token_id"),
+    )
+
+
+def bart_config(hf: dict) -> dict:
+    return _fairseq_config(hf, "bart", pre_norm=False, learned=True, scale_default=False)
+
+
+def mbart_config(hf: dict) -> dict:
+    return _fairseq_config(hf, "mbart", pre_norm=True, learned=True, scale_default=False)
+
+
+def m2m100_config(hf: dict) -> dict:
+    return _fairseq_config(hf, "m2m100", pre_norm=True, learned=False, scale_default=True)
+
+
+def _fairseq_table(config: dict) -> TensorTable:
+    rules = [rule("embed.weight", "shared.weight"),
+             rule("lm_head.bias", ("final_logits_bias", "flatten"), optional=True)]
+    for source, target in (("encoder.", "encoder."), ("decoder.", "")):
+        if config.get("position") == "learned":
+            rules.append(rule(f"{target}pos_embed.weight", f"{source}embed_positions.weight"))
+        if config.get("embed_norm"):
+            rules += _norm(f"{target}embed_norm", f"{source}layernorm_embedding")
+        if config.get("norm_position") == "pre":
+            rules += _norm(f"{target}final_norm", f"{source}layer_norm")
+    return TensorTable(
+        global_rules=tuple(rules),
+        layer_rules=_bart_layer("decoder.layers.{i}", "layers.{i}", cross=True),
+        encoder_layer_rules=_bart_layer("encoder.layers.{i}", "encoder.layers.{i}", cross=False),
+        lm_head=rule("lm_head.weight", "lm_head.weight"),
+        strip_prefixes=("model.",),
+        # copies of the shared embeddings; M2M100's sinusoids (made at load) if a checkpoint has them
+        ignore_suffixes=("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "embed_positions.weights",
+                         "embed_positions._float_tensor"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # T5 (T5ForConditionalGeneration)
 
 
@@ -351,5 +453,35 @@ T5 = Family(
     hf_config=t5_config,
     finalize=_t5_finalize,
     hf_tables=_t5_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)
+
+BART = Family(
+    name="bart",
+    hf_architectures=("BartForConditionalGeneration",),
+    hf_model_types=("bart",),
+    hf=_fairseq_table({}),
+    hf_config=bart_config,
+    hf_tables=_fairseq_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)
+
+MBART = Family(
+    name="mbart",
+    hf_architectures=("MBartForConditionalGeneration",),
+    hf_model_types=("mbart",),
+    hf=_fairseq_table({}),
+    hf_config=mbart_config,
+    hf_tables=_fairseq_table,
+    write_tokenizer=write_seq2seq_tokenizer,
+)
+
+M2M100 = Family(
+    name="m2m100",
+    hf_architectures=("M2M100ForConditionalGeneration",),
+    hf_model_types=("m2m_100",),
+    hf=_fairseq_table({}),
+    hf_config=m2m100_config,
+    hf_tables=_fairseq_table,
     write_tokenizer=write_seq2seq_tokenizer,
 )
