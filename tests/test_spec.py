@@ -16,6 +16,9 @@ DECODERS = {
     "llama tied": dict(),
     "llama untied": dict(tie_word_embeddings=False),
     "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
+    "llama experts": dict(num_experts=3, num_experts_per_tok=2, norm_topk_prob=True, qk_norm=True),
+    "llama experts shared": dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=24,
+                                 qk_norm=True, qk_norm_span="projection", tie_word_embeddings=False),
     "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
 }
 ENCODERS = {
@@ -72,7 +75,10 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
 
     config = pyxf.load(writer(tmp_path / "m", **overrides)).config
     family = FAMILIES[config["family"]]
-    tables = [family.hf_tables(config) if family.hf_tables else family.hf, *family.gguf.values()]
+    gguf = family.gguf.values()
+    if family.gguf_tables:  # the tables of a GGUF file with this config (its experts)
+        gguf = [family.gguf_tables(config, table) for table in gguf]
+    tables = [family.hf_tables(config, set()) if family.hf_tables else family.hf, *gguf]
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
     # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
     layouts = [spec.tensor_layout(config)]

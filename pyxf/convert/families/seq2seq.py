@@ -117,7 +117,7 @@ def _transformer_layer(base: str, target: str, cross: bool) -> tuple:
     return tuple(rules)
 
 
-def _transformer_table(config: dict) -> TensorTable:
+def _transformer_table(config: dict, names=()) -> TensorTable:
     shared = config.get("shared_embeddings", False)
     global_rules = [
         rule("embed.weight", "tgt_embed.weight"),
@@ -206,7 +206,7 @@ def _bart_layer(base: str, target: str, cross: bool) -> tuple:
     return tuple(rules)
 
 
-def _marian_table(config: dict) -> TensorTable:
+def _marian_table(config: dict, names=()) -> TensorTable:
     shared = config.get("shared_embeddings", True)
     embeddings = (
         (rule("embed.weight", "shared.weight"),)
@@ -295,7 +295,7 @@ def _t5_layer(base: str, target: str, cross: bool, gated: bool) -> tuple:
     return tuple(rules)
 
 
-def _t5_table(config: dict) -> TensorTable:
+def _t5_table(config: dict, names=()) -> TensorTable:
     gated = config["gated_ffn"]
     bias = "layer.0.SelfAttention.relative_attention_bias.weight"
     return TensorTable(
