@@ -16,9 +16,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(h, rows * c.hidden_size);
   grow(qkv, rows * c.qkv_dim());
   grow(attn, rows * c.q_dim());
-  if (c.moe()) {
-    experts.reserve(c, rows);
-  } else {
+  if (!c.moe()) {  // expert_ffn sizes its own scratch
     grow(ffn, rows * c.ffn_width());
     grow(act, rows * c.intermediate_size);
   }
