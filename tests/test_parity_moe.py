@@ -179,6 +179,24 @@ def test_dense_layers_among_expert_layers_are_refused(tmp_path):
         convert_quiet(hf_dir, tmp_path / "out")
 
 
+def test_expert_counts_the_checkpoint_cannot_hold_are_refused(tiny_models, tmp_path):
+    """A config.json claiming 10**9 experts (or 2**31 layers with mlp_only_layers) is refused by
+    what the checkpoint holds, before any work in proportion to the claim; a count that is not an
+    integer is a ValueError too."""
+    import shutil
+
+    _, _ = tiny_models("qwen2moe_e6_shared")
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_models.root / "qwen2moe_e6_shared-hf", hf_dir)
+    original = json.loads((hf_dir / "config.json").read_text())
+    for edit, message in (({"num_experts": 10**9}, "1000000000 experts per layer"),
+                          ({"num_experts": "6"}, "number of experts"),
+                          ({"num_hidden_layers": 2**31, "mlp_only_layers": [5]}, "dense FFN")):
+        (hf_dir / "config.json").write_text(json.dumps({**original, **edit}))
+        with pytest.raises(ValueError, match=message):
+            convert_quiet(hf_dir, tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF files as llama.cpp's convert_hf_to_gguf writes them: Mixtral as arch llama with
 # llama.expert_count / expert_used_count and permuted Q/K rows; Qwen2-MoE as arch qwen2moe with the

@@ -78,7 +78,8 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
     gguf = family.gguf.values()
     if family.gguf_tables:  # the tables of a GGUF file with this config (its experts)
         gguf = [family.gguf_tables(config, table) for table in gguf]
-    tables = [family.hf_tables(config, set()) if family.hf_tables else family.hf, *gguf]
+    hf = [family.hf_tables(config, names) for names in _hf_source_names(config)] if family.hf_tables else [family.hf]
+    tables = [*hf, *gguf]
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
     # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
     layouts = [spec.tensor_layout(config)]
@@ -91,6 +92,17 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
         for rule in rules:
             target = rule.target.format(i=0)
             assert any(layout.lookup(target) is not None for layout in layouts), (config["family"], target)
+
+
+def _hf_source_names(config):
+    """Checkpoint tensor names that select each HF table of a config: a mixture of experts' per-expert
+    tensors in Qwen-MoE's and in Mixtral's names, and transformers v5's expert stacks."""
+    if not config.get("num_experts"):
+        return [set()]
+    experts = range(config["num_experts"])
+    qwen = {f"layers.0.mlp.experts.{e}.{p}.weight" for e in experts for p in ("gate_proj", "up_proj", "down_proj")}
+    mixtral = {f"layers.0.block_sparse_moe.experts.{e}.{p}.weight" for e in experts for p in ("w1", "w2", "w3")}
+    return [qwen, mixtral | {"layers.0.block_sparse_moe.gate.weight"}, {"layers.0.mlp.experts.gate_up_proj"}]
 
 
 def test_every_family_has_a_spec_and_a_case():

@@ -72,6 +72,10 @@ def _expert_rules_hf(config: dict, names) -> tuple:
     mlp.experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I] (a saved state_dict); plus Qwen2-MoE's
     shared expert."""
     experts = range(config["num_experts"])
+    if "layers.0.mlp.experts.gate_up_proj" not in names and len(experts) > len(names):
+        # each expert has tensors of its own: no work in proportion to a count the file cannot hold
+        raise ValueError(f"the config describes {len(experts)} experts per layer, but the checkpoint has "
+                         f"{len(names)} tensors")
     if "layers.0.block_sparse_moe.gate.weight" in names:  # Mixtral
         moe, gate, up, down = "layers.{i}.block_sparse_moe", "w1", "w3", "w2"
     else:
@@ -178,10 +182,10 @@ def _expert_config(hf: dict) -> dict:
     experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers v4 / v5 names
     if not experts:
         return {}
-    layers = hf["num_hidden_layers"]
-    dense = [i for i in range(layers) if not _sparse_layer(hf, i)]
-    if dense:
-        raise ValueError(f"layers {dense[:8]} have a dense FFN among expert layers (decoder_sparse_step "
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 0:
+        raise ValueError(f"the number of experts must be a non-negative integer, got {experts!r}")
+    if _has_dense_layers(hf):
+        raise ValueError(f"some layers have a dense FFN among expert layers (decoder_sparse_step "
                          f"{hf.get('decoder_sparse_step')}, mlp_only_layers {hf.get('mlp_only_layers')}): "
                          "pyxf runs models whose every layer has experts")
     if hf.get("clip_qkv") is not None:
@@ -197,11 +201,13 @@ def _expert_config(hf: dict) -> dict:
     return config
 
 
-def _sparse_layer(hf: dict, i: int) -> bool:
-    """Whether layer i has experts: Qwen-MoE's decoder_sparse_step and mlp_only_layers (every
-    layer in Mixtral and OLMoE)."""
-    step = hf.get("decoder_sparse_step") or 1
-    return i not in (hf.get("mlp_only_layers") or []) and (i + 1) % step == 0
+def _has_dense_layers(hf: dict) -> bool:
+    """Whether Qwen-MoE's decoder_sparse_step (layer i has experts when (i + 1) % step == 0: a step
+    above 1 leaves layer 0 dense) or mlp_only_layers make some layer dense (Mixtral and OLMoE have
+    experts in every layer). Without a loop over the layers a config claims."""
+    layers = hf["num_hidden_layers"]
+    dense = [i for i in hf.get("mlp_only_layers") or [] if isinstance(i, int) and 0 <= i < layers]
+    return bool(dense) or (hf.get("decoder_sparse_step") or 1) != 1
 
 
 # HF model types whose q and k are normalized before RoPE: over each head, or (OLMoE) over the
