@@ -145,6 +145,43 @@ def test_quantized_experts_run_close_to_float(tiny_models, tmp_path, fmt):
     assert len(pyxf.generate(converted, [ids[:5]], max_new_tokens=4)[0]) == 4
 
 
+def test_bfloat16_experts_compute_the_rounded_weights(tiny_models):
+    """Converted to bfloat16, the stacked experts (and the router, widened at load) compute what
+    transformers computes in float32 with its weights rounded to bfloat16 (the widening kernels)."""
+    helpers.require_core()
+    import pyxf
+    from pyxf import _core
+
+    hf, model_dir = tiny_models("qwen2moe_e6_shared", dtype="bfloat16")
+    px = pyxf.load(model_dir)
+    reference = helpers.half_precision_reference(hf, "bfloat16")
+    ids = helpers.random_ids(px.vocab_size, 33, seed=33)
+    widening = [isa for isa in _core.info()["isas"] if isa != "avx512_bf16"][-1]
+    before = _core.get_isa()
+    try:
+        _core.set_isa(widening)
+        err = helpers.max_abs_err(px.logits(ids), helpers.hf_logits(reference, ids))
+    finally:
+        _core.set_isa(before)
+    assert err <= helpers.LOGITS_ATOL
+    assert helpers.max_abs_err(helpers.hf_logits(hf, ids), helpers.hf_logits(reference, ids)) > 10 * err
+
+
+def test_k_quant_mixes_give_expert_down_stacks_more_bits(tiny_models):
+    """q4_k_m as llama.cpp's Q4_K_M: the down projections of experts (ffn_down_exps) and of the
+    shared expert get q6_k in the layers use_more_bits picks, like a dense ffn.down."""
+    from pyxf import quant_mix
+
+    config = {**json.loads((tiny_models("qwen2moe_e6_shared")[1] / "config.json").read_text()), "num_layers": 8}
+    shape = (6 * 256, 256)
+    picks = [quant_mix.tensor_spec(f"layers.{i}.ffn.experts.down.weight", shape, config, "q4_k_m", False)
+             for i in range(8)]
+    assert picks == ["q6_k" if quant_mix.more_bits(i, 8) else "q4_k" for i in range(8)]
+    assert "q4_k" in picks and "q6_k" in picks
+    assert quant_mix.tensor_spec("layers.0.ffn.shared.down.weight", (256, 256), config, "q4_k_m", False) == "q6_k"
+    assert quant_mix.tensor_spec("layers.0.ffn.experts.gate_up.weight", shape, config, "q4_k_m", False) == "q4_k"
+
+
 def test_expert_count_that_disagrees_with_the_weights_is_refused(tiny_models, tmp_path):
     helpers.require_core()
     import shutil
