@@ -202,6 +202,25 @@ def test_expert_count_that_disagrees_with_the_weights_is_refused(tiny_models, tm
         pyxf.load(copy)
 
 
+def test_router_weights_of_nan_do_not_crash(tiny_models, tmp_path):
+    """A router that gives NaN probabilities still picks k experts in range (NaN ranks last): the
+    logits are NaN, the core does not crash or read out of bounds."""
+    helpers.require_core()
+    import shutil
+
+    import pyxf
+    from pyxf.tensorfile import read_safetensors, write_safetensors
+
+    _, model_dir = tiny_models("mixtral_e5")
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    tensors = {name: np.array(array) for name, array in read_safetensors(model_dir / "model.safetensors").items()}
+    tensors["layers.0.ffn.router.weight"][:3] = np.nan
+    write_safetensors(copy / "model.safetensors", tensors)
+    logits = pyxf.load(copy).logits(helpers.random_ids(352, 20, seed=1))
+    assert logits.shape == (20, 352) and np.isnan(logits).all()
+
+
 def test_dense_layers_among_expert_layers_are_refused(tmp_path):
     """Qwen-MoE's mlp_only_layers / decoder_sparse_step make some layers dense: not supported, and
     said so rather than converted wrongly."""

@@ -35,8 +35,11 @@ void top_k(const float* p, int n, int count, bool normalize, int32_t* expert, fl
   thread_local std::vector<int32_t> order;
   order.resize(n);
   std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + count, order.end(),
-                    [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  // NaN ranks last, so that the order stays strict and weak whatever the weights hold.
+  auto rank = [p](int32_t i) { return std::isnan(p[i]) ? -INFINITY : p[i]; };
+  std::partial_sort(order.begin(), order.begin() + count, order.end(), [&rank](int32_t a, int32_t b) {
+    return rank(a) > rank(b) || (rank(a) == rank(b) && a < b);
+  });
   float sum = 0.0f;
   for (int j = 0; j < count; ++j) {
     expert[j] = order[j];
