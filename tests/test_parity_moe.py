@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import helpers
 from helpers import MOE_SPECS
-from test_convert import permute_like_llama_cpp, spm_vocabulary
+from test_convert import _tiny_gguf_writer, permute_like_llama_cpp, spm_vocabulary
 
 SPECS = sorted(MOE_SPECS)
 
@@ -286,13 +286,7 @@ def _moe_gguf(path, arch, expert_type=None):
                     else torch.randn_like(p) / p.shape[-1] ** 0.5)
     hf = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     experts = hf["model.layers.0.mlp.gate.weight"].shape[0]
-    w = gguf.GGUFWriter(path, arch=arch)
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
+    w = _tiny_gguf_writer(gguf, path, arch, (tokens, scores, types))  # the shape above, the vocabulary
     w.add_expert_count(experts)
     w.add_expert_used_count(2)
     if arch == "qwen2moe":
@@ -300,12 +294,6 @@ def _moe_gguf(path, arch, expert_type=None):
         w.add_expert_shared_feed_forward_length(48)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
 
     def add(name, array):
         if expert_type is None or array.ndim != 3:
