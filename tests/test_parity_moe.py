@@ -94,6 +94,19 @@ def test_converted_config_describes_the_model(pair):
     assert c.get("qk_norm_span", "head") == ("projection" if h.model_type == "olmoe" else "head")
 
 
+def test_decode_bytes_count_the_chosen_experts(pair):
+    """weight_summary's decode_bytes (the bandwidth roofline's denominator): a decode step of one
+    sequence reads k of the E experts of each stack."""
+    _, px = pair
+    c, weights = px.config, px._weights
+    stacks = sum(a.nbytes for n, a in weights.items() if ".ffn.experts." in n)
+    embed = weights["embed.weight"]
+    lookup = 0 if c["tie_word_embeddings"] else embed.nbytes - embed.nbytes // embed.shape[0]
+    total = sum(a.nbytes for a in weights.values())
+    expected = total - lookup - stacks + stacks * c["num_experts_per_tok"] // c["num_experts"]
+    assert px.weight_summary()["decode_bytes"] == expected < total
+
+
 def test_routing_is_not_trivial(pair):
     """The tiny models route tokens to every expert and their choice matters: dropping the
     router's renormalization or the shared expert, or picking other experts, would change the

@@ -130,8 +130,8 @@ def moe_ffn():
     llama.cpp keeps them: they choose and weigh the experts."""
     return (
         Tensor("ffn.router.weight", ("E", "H"), when=_moe),
-        Tensor("ffn.experts.gate_up.weight", ("EUP", "H"), when=_moe, quantizable=True),
-        Tensor("ffn.experts.down.weight", ("EH", "I"), when=_moe, quantizable=True),
+        Tensor("ffn.experts.gate_up.weight", ("EUP", "H"), when=_moe, quantizable=True, routed=True),
+        Tensor("ffn.experts.down.weight", ("EH", "I"), when=_moe, quantizable=True, routed=True),
         Tensor("ffn.shared.gate_up.weight", ("SUP", "H"), when=_shared_expert, quantizable=True,
                parts=(("gate", "IS"), ("up", "IS"))),
         Tensor("ffn.shared.down.weight", ("H", "IS"), when=_shared_expert, quantizable=True),
