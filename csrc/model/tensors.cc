@@ -187,12 +187,11 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
   return l;
 }
 
-Linear row_block(const Linear& w, long first, long count, long in) {
-  auto out_of_range = [&] {
-    return invalid_argument("rows " + std::to_string(first) + " .. " + std::to_string(first + count) +
-                            " are outside the matrix");
-  };
-  if (first < 0 || count <= 0) throw out_of_range();
+Linear row_block(const Linear& w, long rows, long in, long first, long count) {
+  if (first < 0 || count <= 0 || first + count > rows) {
+    throw invalid_argument("rows " + std::to_string(first) + " .. " + std::to_string(first + count) +
+                           " are outside the matrix of " + std::to_string(rows));
+  }
   Linear b;
   b.dtype = w.dtype;
   b.quantized = w.quantized;
@@ -203,7 +202,8 @@ Linear row_block(const Linear& w, long first, long count, long in) {
     return b;
   }
   // The segments (or the one matrix) that overlap the rows, each cut to them.
-  std::vector<kernels::QuantWeight> parts = w.segments.empty() ? std::vector<kernels::QuantWeight>{w.quant} : w.segments;
+  const std::vector<kernels::QuantWeight> parts =
+      w.segments.empty() ? std::vector<kernels::QuantWeight>{w.quant} : w.segments;
   long start = 0;
   for (const kernels::QuantWeight& s : parts) {
     const long lo = std::max(first, start), hi = std::min(first + count, start + s.rows);
@@ -216,7 +216,6 @@ Linear row_block(const Linear& w, long first, long count, long in) {
     }
     start += s.rows;
   }
-  if (first + count > start) throw out_of_range();
   if (b.segments.size() == 1) {  // one format: the plain quantized matrix
     b.quant = b.segments[0];
     b.segments.clear();
@@ -227,7 +226,7 @@ Linear row_block(const Linear& w, long first, long count, long in) {
 std::vector<Linear> WeightBinder::stacked(const std::string& name, long blocks, long out, long in) {
   const Linear all = matrix(name, blocks * out, in);
   std::vector<Linear> views;
-  for (long e = 0; e < blocks; ++e) views.push_back(row_block(all, e * out, out, in));
+  for (long e = 0; e < blocks; ++e) views.push_back(row_block(all, blocks * out, in, e * out, out));
   return views;
 }
 

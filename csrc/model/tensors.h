@@ -47,9 +47,9 @@ kernels::QuantFormat quant_format(const std::string& name);  // std::invalid_arg
 kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
                                   kernels::QuantFormat f, long out, long in);
 
-// Rows first .. first + count of a matrix with `in` columns, as a matrix of its own (a view: float,
-// 16-bit, quantized or segmented alike). std::invalid_argument when the rows are out of range.
-Linear row_block(const Linear& w, long first, long count, long in);
+// Rows first .. first + count of a [rows, in] matrix, as a matrix of its own (a view: float, 16-bit,
+// quantized or segmented alike). std::invalid_argument when they are not all within the matrix.
+Linear row_block(const Linear& w, long rows, long in, long first, long count);
 
 class WeightBinder {
  public:
