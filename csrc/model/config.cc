@@ -64,7 +64,9 @@ void read_experts(const ConfigValues& v, ModelConfig& c) {
   c.norm_topk_prob = boolean_or(v, "norm_topk_prob", false);
   const long shared = integer_or(v, "shared_expert_intermediate_size", 0);
   c.shared_expert_size = shared == 0 ? 0 : size(shared, "shared_expert_intermediate_size");
-  if (2L * c.shared_expert_size > (1L << 31) - 1) throw invalid_argument("shared_expert_intermediate_size is too large");
+  if (2L * c.shared_expert_size > (1L << 31) - 1) {
+    throw invalid_argument("shared_expert_intermediate_size is too large");
+  }
 }
 
 // What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.

@@ -103,7 +103,8 @@ def _expert_config(meta: dict, arch: str) -> dict:
         raise ValueError(f"GGUF metadata {arch}.expert_gating_func = {gating}: only softmax routing is supported")
     scale = meta.get(f"{arch}.expert_weights_scale")
     if scale not in (None, 1, 1.0):
-        raise ValueError(f"GGUF metadata {arch}.expert_weights_scale = {scale}: scaled expert weights are not supported")
+        raise ValueError(f"GGUF metadata {arch}.expert_weights_scale = {scale}: "
+                         "scaled expert weights are not supported")
     config = {
         "num_experts": _single_value(experts, "expert_count"),
         "num_experts_per_tok": _single_value(used, "expert_used_count"),
