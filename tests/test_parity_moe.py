@@ -269,7 +269,7 @@ def test_expert_counts_the_checkpoint_cannot_hold_are_refused(tiny_models, tmp_p
 # ---------------------------------------------------------------------------------------------
 # GGUF files as llama.cpp's convert_hf_to_gguf writes them: Mixtral as arch llama with
 # llama.expert_count / expert_used_count and permuted Q/K rows; Qwen2-MoE as arch qwen2moe with the
-# experts' and the shared expert's widths; the router blk.N.ffn_gate_inp, the experts as 3-D stacks
+# experts' and the shared expert's widths; Qwen3-MoE as arch qwen3moe with per-head q/k norms; the router blk.N.ffn_gate_inp, the experts as 3-D stacks
 # blk.N.ffn_{gate,up,down}_exps ([E, I, H], [E, H, I] in numpy order), Qwen2-MoE's shared expert
 # blk.N.ffn_{gate,up,down}_shexp and its gate blk.N.ffn_gate_inp_shexp ([H]).
 
@@ -287,10 +287,15 @@ def _moe_gguf(path, arch, expert_type=None):
     if arch == "llama":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **shape))
         width = 96
-    else:
+    elif arch == "qwen2moe":
         model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
             use_sliding_window=False, **shape))
+        width = 32
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=5, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16, use_sliding_window=False,
+            **shape))
         width = 32
     model.eval()
     with torch.no_grad():  # unit-scale activations (transformers' std 0.02 gives near-zero logits)
@@ -302,8 +307,9 @@ def _moe_gguf(path, arch, expert_type=None):
     w = _tiny_gguf_writer(gguf, path, arch, (tokens, scores, types))  # the shape above, the vocabulary
     w.add_expert_count(experts)
     w.add_expert_used_count(2)
-    if arch == "qwen2moe":
+    if arch != "llama":
         w.add_expert_feed_forward_length(width)
+    if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(48)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
@@ -329,6 +335,9 @@ def _moe_gguf(path, arch, expert_type=None):
         for x in "qkv":
             if p + f"self_attn.{x}_proj.bias" in hf:  # Qwen2-MoE's q, k, v biases
                 add(f"blk.{i}.attn_{x}.bias", hf[p + f"self_attn.{x}_proj.bias"])
+        if arch == "qwen3moe":  # per-head q/k norms
+            add(f"blk.{i}.attn_q_norm.weight", hf[p + "self_attn.q_norm.weight"])
+            add(f"blk.{i}.attn_k_norm.weight", hf[p + "self_attn.k_norm.weight"])
         add(f"blk.{i}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
         add(f"blk.{i}.attn_norm.weight", hf[p + "input_layernorm.weight"])
         add(f"blk.{i}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"])
@@ -347,7 +356,7 @@ def _moe_gguf(path, arch, expert_type=None):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe"])
 def test_moe_gguf_runs_like_transformers(tmp_path, arch):
     helpers.require_core()
     import pyxf
@@ -355,7 +364,7 @@ def test_moe_gguf_runs_like_transformers(tmp_path, arch):
     model = _moe_gguf(tmp_path / "moe.gguf", arch)
     px = pyxf.load(convert_quiet(tmp_path / "moe.gguf", tmp_path / "out"))
     c = px.config
-    expected = {"llama": (4, 2, True, 96, 0), "qwen2moe": (6, 2, False, 32, 48)}[arch]
+    expected = {"llama": (4, 2, True, 96, 0), "qwen2moe": (6, 2, False, 32, 48), "qwen3moe": (5, 2, True, 32, 0)}[arch]
     assert (c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"], c["intermediate_size"],
             c.get("shared_expert_intermediate_size", 0)) == expected
     np.testing.assert_allclose(px.logits(GGUF_IDS), helpers.hf_logits(model, GGUF_IDS), atol=helpers.LOGITS_ATOL,
