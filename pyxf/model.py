@@ -72,12 +72,23 @@ def quantize_weights(config, weights, method, embeddings=True):
     return config, weights
 
 
+def _decode_share(name, array, one_row, layout, config):
+    """The bytes of a stored array (a tensor, or an int8 tensor's scales) one decode step reads."""
+    if name in one_row:
+        return array.nbytes // array.shape[0]
+    entry = layout.lookup(name)
+    if entry is not None and entry.tensor.routed:
+        return array.nbytes * config["num_experts_per_tok"] // config["num_experts"]
+    return array.nbytes
+
+
 def weight_summary(config, weights):
     """How a model's weights are stored: {"formats": {format: {"tensors": n, "bytes": b}},
     "decode_bytes": b}. Formats are the quantized ones of config.json's "quantization" (an int8
     tensor's scales count with it) and config["dtype"] for every other tensor. decode_bytes: the
-    weight bytes one decode step reads (every tensor in full, except that an embedding which is not
-    also the head and learned positions contribute one row each); None for other than decoder-only
+    weight bytes one decode step of one sequence reads (every tensor in full, except that an
+    embedding which is not also the head and learned positions contribute one row each, and stacked
+    experts num_experts_per_tok / num_experts of their bytes); None for other than decoder-only
     models."""
     quantized = (config.get("quantization") or {}).get("tensors") or {}
     scale_of = {quant.scale_name(name): name for name, fmt in quantized.items() if fmt == "int8"}
@@ -102,7 +113,7 @@ def weight_summary(config, weights):
             rows, cols = layout.lookup(name)[0]
             for fmt, n in quant.segments(stored_as, rows):
                 count(fmt, 1, n * quant.row_bytes(fmt, cols))
-        decode_bytes += array.nbytes // array.shape[0] if owner in one_row else array.nbytes
+        decode_bytes += _decode_share(owner, array, one_row, layout, config)
     if config.get("architecture", "decoder") != "decoder":
         decode_bytes = None  # encoders run whole sequences; encoder-decoder steps read the decoder only
     ordered = dict(sorted(formats.items(), key=lambda item: -item[1]["bytes"]))

@@ -3,9 +3,9 @@ eligible tensor, or one of llama.cpp's K-quant mixes.
 
     q4_k_m, q5_k_m   llama.cpp's Q4_K_M / Q5_K_M: q4_k (q5_k) everywhere, except q6_k for the LM head
                      (a tied embedding serves as head), and for the v rows of attention and ffn.down
-                     in the first and last eighth of the layers and every third layer between
-                     (llama.cpp's use_more_bits). The token embedding is included, as with a
-                     plain format (quant.planned_format).
+                     (the experts' and the shared expert's too) in the first and last eighth of the
+                     layers and every third layer between (llama.cpp's use_more_bits). The token
+                     embedding is included, as with a plain format (quant.planned_format).
 
 Rows whose length is not a multiple of a K-quant's 256 get llama.cpp's fallback (q4_k -> q5_0,
 q5_k -> q5_1, q6_k -> q8_0), as in llama.cpp's files: SmolLM2's hidden size is 576.
@@ -52,7 +52,7 @@ def tensor_spec(name: str, shape, config: dict, method: str, tied_head: bool, em
     more = layer is not None and more_bits(int(layer.group(1)), config["num_layers"])
     if name == "lm_head.weight" or (name == "embed.weight" and tied_head):
         return quant.fit_format("q6_k", cols)
-    if name.endswith(".ffn.down.weight"):
+    if name.endswith((".ffn.down.weight", ".ffn.experts.down.weight", ".ffn.shared.down.weight")):
         return quant.fit_format("q6_k" if more else base, cols)
     parts = dict(spec.tensor_layout(config).lookup(name).parts)
     if "v" in parts:  # attention's v rows, the last part of a fused q, k, v

@@ -101,6 +101,35 @@ PHI3_SPECS = {
     )),
 }
 
+# Mixtures of experts (not in LLAMA_SPECS: their configs name the experts' width apart). Each has
+# 4-8 experts, top-2, GQA or MQA, head dims that are not a multiple of 16, odd widths.
+MOE_SPECS = {
+    # Mixtral: 5 experts, top-2 renormalized, GQA 4:2, head_dim 24, untied head.
+    "mixtral_e5": ("MixtralForCausalLM", "MixtralConfig", dict(
+        vocab_size=352, hidden_size=72, intermediate_size=88, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, num_local_experts=5, num_experts_per_tok=2, tie_word_embeddings=False,
+    )),
+    # Qwen2-MoE: 6 experts, top-2 not renormalized, the shared expert and its sigmoid gate, qkv
+    # biases, GQA 4:2 of head_dim 20, untied head.
+    "qwen2moe_e6_shared": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        vocab_size=320, hidden_size=80, intermediate_size=120, moe_intermediate_size=40,
+        shared_expert_intermediate_size=56, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False, use_sliding_window=False,
+    )),
+    # Qwen3-MoE: 8 experts, top-2 renormalized, per-head q/k norms, MQA with head_dim 40, tied head.
+    "qwen3moe_e8_qknorm": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=40, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        tie_word_embeddings=True, use_sliding_window=False,
+    )),
+    # OLMoE: 4 experts, top-2 not renormalized, q/k norms over the whole projections, GQA 4:2 of
+    # head_dim 24, untied head.
+    "olmoe_e4_projnorm": ("OlmoeForCausalLM", "OlmoeConfig", dict(
+        vocab_size=336, hidden_size=96, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False,
+    )),
+}
+
 GPT2_SPECS = {
     # head_dim 32, tanh GELU (gelu_new), tied head.
     "gpt2_d32": ("GPT2LMHeadModel", "GPT2Config", dict(
@@ -118,7 +147,7 @@ GPT2_SPECS = {
     )),
 }
 
-SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **PHI3_SPECS, **GPT2_SPECS}
+SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **PHI3_SPECS, **MOE_SPECS, **GPT2_SPECS}
 
 
 def _config(spec_name):

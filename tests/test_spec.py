@@ -18,6 +18,9 @@ DECODERS = {
     "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
     "llama qk_norm": dict(qk_norm=True),
     "phi3": dict(family="phi3", partial_rotary_factor=0.75),
+    "llama experts": dict(num_experts=3, num_experts_per_tok=2, norm_topk_prob=True, qk_norm=True),
+    "llama experts shared": dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=24,
+                                 qk_norm=True, qk_norm_span="projection", tie_word_embeddings=False),
     "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
 }
 ENCODERS = {
@@ -84,9 +87,11 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
 
     config = pyxf.load(writer(tmp_path / "m", **overrides)).config
     family = FAMILIES[config["family"]]
-    tables = [family.hf_tables(config) if family.hf_tables else family.hf]
-    if config.get("architecture", "decoder") == "decoder":  # GGUF files hold decoders
-        tables += family.gguf.values()
+    gguf = family.gguf.values() if config.get("architecture", "decoder") == "decoder" else []  # GGUF holds decoders
+    if family.gguf_tables:  # the tables of a GGUF file with this config (its experts)
+        gguf = [family.gguf_tables(config, table) for table in gguf]
+    hf = [family.hf_tables(config, names) for names in _hf_source_names(config)] if family.hf_tables else [family.hf]
+    tables = [*hf, *gguf]
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
     # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
     layouts = [spec.tensor_layout(config)]
@@ -99,6 +104,17 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
         for rule in rules:
             target = rule.target.format(i=0)
             assert any(layout.lookup(target) is not None for layout in layouts), (config["family"], target)
+
+
+def _hf_source_names(config):
+    """Checkpoint tensor names that select each HF table of a config: a mixture of experts' per-expert
+    tensors in Qwen-MoE's and in Mixtral's names, and transformers v5's expert stacks."""
+    if not config.get("num_experts"):
+        return [set()]
+    experts = range(config["num_experts"])
+    qwen = {f"layers.0.mlp.experts.{e}.{p}.weight" for e in experts for p in ("gate_proj", "up_proj", "down_proj")}
+    mixtral = {f"layers.0.block_sparse_moe.experts.{e}.{p}.weight" for e in experts for p in ("w1", "w2", "w3")}
+    return [qwen, mixtral | {"layers.0.block_sparse_moe.gate.weight"}, {"layers.0.mlp.experts.gate_up_proj"}]
 
 
 def test_every_family_has_a_spec_and_a_case():

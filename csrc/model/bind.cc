@@ -4,6 +4,26 @@
 
 namespace pyxf {
 
+namespace {
+
+// A mixture-of-experts FFN: the router, the stacked experts (a view of each expert's rows) and the
+// optional shared expert with its gate.
+ExpertWeights bind_experts(const ModelConfig& c, WeightBinder& w, const std::string& p) {
+  const long H = c.hidden_size, I = c.intermediate_size, E = c.num_experts, S = c.shared_expert_size;
+  ExpertWeights x;
+  x.router = w.floats(p + "router.weight", {E, H});
+  x.gate_up = w.stacked(p + "experts.gate_up.weight", E, 2 * I, H);
+  x.down = w.stacked(p + "experts.down.weight", E, H, I);
+  if (S > 0) {
+    x.shared_gate_up = w.matrix(p + "shared.gate_up.weight", 2 * S, H);
+    x.shared_down = w.matrix(p + "shared.down.weight", H, S);
+    x.shared_gate = w.floats(p + "shared_gate.weight", {1, H});
+  }
+  return x;
+}
+
+}  // namespace
+
 ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string& prefix,
                         const std::string& embed_name) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
@@ -25,13 +45,18 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
     L.attn_norm = w.norm(p + "attn_norm", H, true, layer_norm);
     L.qkv = w.linear(p + "attn.qkv", c.qkv_dim(), H);
     L.attn_out = w.linear(p + "attn.out", H, c.q_dim());
-    if (c.qk_norm) {  // RMSNorms over head_dim: a weight, no bias
-      L.q_norm.weight = w.floats(p + "attn.q_norm.weight", {c.head_dim}, true);
-      L.k_norm.weight = w.floats(p + "attn.k_norm.weight", {c.head_dim}, true);
+    if (c.qk_norm) {
+      // RMSNorms: a weight and no bias.
+      L.q_norm.weight = w.floats(p + "attn.q_norm.weight", {c.q_norm_width()});
+      L.k_norm.weight = w.floats(p + "attn.k_norm.weight", {c.k_norm_width()});
     }
     L.ffn_norm = w.norm(p + "ffn_norm", H, true, layer_norm);
-    L.ffn_up = w.linear(p + (c.gated_ffn ? "ffn.gate_up" : "ffn.up"), c.ffn_width(), H);
-    L.ffn_down = w.linear(p + "ffn.down", H, I);
+    if (c.moe()) {
+      L.experts = bind_experts(c, w, p + "ffn.");
+    } else {
+      L.ffn_up = w.linear(p + (c.gated_ffn ? "ffn.gate_up" : "ffn.up"), c.ffn_width(), H);
+      L.ffn_down = w.linear(p + "ffn.down", H, I);
+    }
     m.layers.push_back(L);
   }
   if (!c.post_norm) {

@@ -2,6 +2,7 @@
 // and what is derived from them.
 #include "model/config.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -49,6 +50,25 @@ PositionKind position_kind(const std::string& name) {
   throw invalid_argument("unknown position scheme '" + name + "'");
 }
 
+// The mixture-of-experts keys (absent: a dense FFN).
+void read_experts(const ConfigValues& v, ModelConfig& c) {
+  const long experts = integer_or(v, "num_experts", 0);
+  if (experts == 0) return;
+  c.num_experts = size(experts, "num_experts");
+  c.experts_per_token = size(integer_or(v, "num_experts_per_tok", 0), "num_experts_per_tok");
+  if (c.experts_per_token > c.num_experts) throw invalid_argument("num_experts_per_tok exceeds num_experts");
+  if (!c.gated_ffn) throw invalid_argument("experts are gated FFNs: num_experts needs gated_ffn");
+  if ((long)c.num_experts * 2 * std::max(c.intermediate_size, c.hidden_size) > (1L << 31) - 1) {
+    throw invalid_argument("num_experts: the stacked experts' rows exceed 2**31 - 1");
+  }
+  c.norm_topk_prob = boolean_or(v, "norm_topk_prob", false);
+  const long shared = integer_or(v, "shared_expert_intermediate_size", 0);
+  c.shared_expert_size = shared == 0 ? 0 : size(shared, "shared_expert_intermediate_size");
+  if (2L * c.shared_expert_size > (1L << 31) - 1) {
+    throw invalid_argument("shared_expert_intermediate_size is too large");
+  }
+}
+
 // What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.
 ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   ModelConfig c;
@@ -72,6 +92,10 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   c.activation = activation_from_name(v.text("activation"));
   c.gated_ffn = v.boolean("gated_ffn");
   c.qk_norm = boolean_or(v, "qk_norm", false);
+  const std::string qk_span = text_or(v, "qk_norm_span", "head");
+  if (qk_span != "head" && qk_span != "projection") throw invalid_argument("unknown qk_norm_span '" + qk_span + "'");
+  c.qk_norm_projection = qk_span == "projection";
+  read_experts(v, c);
   c.position = position;
   c.tied_embeddings = boolean_or(v, "tie_word_embeddings", false);
   if (c.position == PositionKind::kRope) {

@@ -29,7 +29,14 @@ struct ModelConfig {
   bool post_norm = false;        // BERT-style: norm after the residual add
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
-  bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3)
+  bool qk_norm = false;          // RMSNorm of q and of k before RoPE: over each head (Qwen3), or
+  bool qk_norm_projection = false;  // over the whole q and k projections (OLMoE)
+  // Mixture of experts (model/moe.h): num_experts gated FFNs of intermediate_size replace the
+  // dense FFN; each token runs the experts_per_token best by the router's softmax.
+  int num_experts = 0;           // 0: a dense FFN
+  int experts_per_token = 0;
+  bool norm_topk_prob = false;   // the chosen experts' weights are renormalized to sum to 1
+  int shared_expert_size = 0;    // the shared expert's width (Qwen2-MoE); 0: none
   PositionKind position = PositionKind::kRope;
   bool rope_interleaved = false;
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
@@ -57,6 +64,9 @@ struct ModelConfig {
   int kv_dim() const { return num_kv_heads * head_dim; }
   int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
   int ffn_width() const { return gated_ffn ? 2 * intermediate_size : intermediate_size; }
+  bool moe() const { return num_experts > 0; }
+  int q_norm_width() const { return qk_norm_projection ? q_dim() : head_dim; }
+  int k_norm_width() const { return qk_norm_projection ? kv_dim() : head_dim; }
 };
 
 // config.json's values as the bindings read them; every accessor throws std::invalid_argument

@@ -1,5 +1,6 @@
 #include "model/tensors.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -184,6 +185,49 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
                            std::to_string(t.shape[0]) + " bytes");
   }
   return l;
+}
+
+Linear row_block(const Linear& w, long rows, long in, long first, long count) {
+  if (first < 0 || count <= 0 || first + count > rows) {
+    throw invalid_argument("rows " + std::to_string(first) + " .. " + std::to_string(first + count) +
+                           " are outside the matrix of " + std::to_string(rows));
+  }
+  Linear b;
+  b.dtype = w.dtype;
+  b.quantized = w.quantized;
+  b.bias = w.bias ? w.bias + first : nullptr;
+  if (!w.quantized) {
+    const long element = w.dtype == kernels::WeightType::kF32 ? 4 : 2;
+    b.weight = static_cast<const uint8_t*>(w.weight) + first * in * element;
+    return b;
+  }
+  // The segments (or the one matrix) that overlap the rows, each cut to them.
+  const std::vector<kernels::QuantWeight> parts =
+      w.segments.empty() ? std::vector<kernels::QuantWeight>{w.quant} : w.segments;
+  long start = 0;
+  for (const kernels::QuantWeight& s : parts) {
+    const long lo = std::max(first, start), hi = std::min(first + count, start + s.rows);
+    if (lo < hi) {
+      kernels::QuantWeight cut = s;
+      cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
+      cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
+      cut.rows = hi - lo;
+      b.segments.push_back(cut);
+    }
+    start += s.rows;
+  }
+  if (b.segments.size() == 1) {  // one format: the plain quantized matrix
+    b.quant = b.segments[0];
+    b.segments.clear();
+  }
+  return b;
+}
+
+std::vector<Linear> WeightBinder::stacked(const std::string& name, long blocks, long out, long in) {
+  const Linear all = matrix(name, blocks * out, in);
+  std::vector<Linear> views;
+  for (long e = 0; e < blocks; ++e) views.push_back(row_block(all, blocks * out, in, e * out, out));
+  return views;
 }
 
 Norm WeightBinder::norm(const std::string& name, long hidden, bool weight_required, bool bias_required) {

@@ -47,6 +47,10 @@ kernels::QuantFormat quant_format(const std::string& name);  // std::invalid_arg
 kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
                                   kernels::QuantFormat f, long out, long in);
 
+// Rows first .. first + count of a [rows, in] matrix, as a matrix of its own (a view: float, 16-bit,
+// quantized or segmented alike). std::invalid_argument when they are not all within the matrix.
+Linear row_block(const Linear& w, long rows, long in, long first, long count);
+
 class WeightBinder {
  public:
   explicit WeightBinder(const TensorSet& set) : set_(set) {}
@@ -59,6 +63,9 @@ class WeightBinder {
   Linear matrix(const std::string& name, long out, long in);
   // `name.weight` (a matrix) and an optional `name.bias` [out].
   Linear linear(const std::string& name, long out, long in);
+  // `name` [blocks * out, in]: `blocks` matrices [out, in] stacked along the rows (experts), each
+  // a view of its rows.
+  std::vector<Linear> stacked(const std::string& name, long blocks, long out, long in);
   // `name.weight` and `name.bias` [hidden]; the bias is required for LayerNorm.
   Norm norm(const std::string& name, long hidden, bool weight_required, bool bias_required);
 

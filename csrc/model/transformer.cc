@@ -16,8 +16,10 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(h, rows * c.hidden_size);
   grow(qkv, rows * c.qkv_dim());
   grow(attn, rows * c.q_dim());
-  grow(ffn, rows * c.ffn_width());
-  grow(act, rows * c.intermediate_size);
+  if (!c.moe()) {  // expert_ffn sizes its own scratch
+    grow(ffn, rows * c.ffn_width());
+    grow(act, rows * c.intermediate_size);
+  }
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
   grow(rope_cs, rows * c.rope_dim);
@@ -163,11 +165,14 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   }
   if (c.qk_norm) {
     StageTimer timer(Stage::kNorm);
-    // Each token's q heads, then its k heads, are adjacent rows of head_dim in its qkv row.
+    // A token's q, then its k, are adjacent in its qkv row: normalized per head (rows of
+    // head_dim) or as a whole projection (one row).
+    const long qn = c.q_norm_width(), kn = c.k_norm_width();
     for (long r = 0; r < rows; ++r) {
       float* q = ws.qkv.data() + r * qkv_dim;
-      K.rmsnorm(q, L.q_norm.weight, c.norm_eps, c.num_heads, D, q);
-      K.rmsnorm(q + c.q_dim(), L.k_norm.weight, c.norm_eps, c.num_kv_heads, D, q + c.q_dim());
+      float* k = q + c.q_dim();
+      K.rmsnorm(q, L.q_norm.weight, c.norm_eps, c.q_dim() / qn, qn, q);
+      K.rmsnorm(k, L.k_norm.weight, c.norm_eps, c.kv_dim() / kn, kn, k);
     }
   }
   if (c.position == PositionKind::kRope) {
@@ -204,6 +209,32 @@ void Transformer::attention_shape(k::AttentionShape& shape) const {
   shape.pos_bias_radius = config_.rel_pos_radius;
 }
 
+void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long rows, long H, long I,
+               k::Activation act, float* ffn, float* hidden, float* y, bool accumulate) {
+  const k::KernelTable& K = k::active();
+  const bool fused = !gate_up.bias && gate_up.segments.empty() &&
+                     (gate_up.quantized ? K.linear_quant_gated && rows >= k::kQuantGemmRows
+                                        : rows >= k::kFloatGemmRows);
+  if (fused) {
+    // The activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
+    StageTimer timer(Stage::kFfnUp);
+    if (gate_up.quantized) {
+      K.linear_quant_gated(x, rows, gate_up.quant, act, hidden);
+    } else {
+      K.linear_gated(x, rows, H, gate_up.weight, gate_up.dtype, I, act, hidden);
+    }
+  } else {
+    {
+      StageTimer timer(Stage::kFfnUp);
+      apply_linear(gate_up, x, rows, H, 2 * I, ffn, false);
+    }
+    StageTimer timer(Stage::kActivation);
+    K.gated_activation(ffn, rows, I, act, hidden);
+  }
+  StageTimer timer(Stage::kFfnDown);
+  apply_linear(down, hidden, rows, I, H, y, accumulate);
+}
+
 void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   const ModelConfig& c = config_;
   const LayerWeights& L = weights_.layers[layer];
@@ -215,35 +246,21 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
-  const float* hidden = ws.ffn.data();
-  const bool fused = c.gated_ffn && !L.ffn_up.bias && L.ffn_up.segments.empty() &&
-                     (L.ffn_up.quantized ? K.linear_quant_gated && rows >= k::kQuantGemmRows
-                                         : rows >= k::kFloatGemmRows);
-  if (fused) {
-    // The activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
-    StageTimer timer(Stage::kFfnUp);
-    if (L.ffn_up.quantized) {
-      K.linear_quant_gated(in, rows, L.ffn_up.quant, c.activation, ws.act.data());
-    } else {
-      K.linear_gated(in, rows, H, L.ffn_up.weight, L.ffn_up.dtype, I, c.activation, ws.act.data());
-    }
-    hidden = ws.act.data();
+  if (c.moe()) {
+    expert_ffn(c, L.experts, in, rows, ws.experts, ws.x.data());
+  } else if (c.gated_ffn) {
+    gated_ffn(L.ffn_up, L.ffn_down, in, rows, H, I, c.activation, ws.ffn.data(), ws.act.data(), ws.x.data(), true);
   } else {
     {
       StageTimer timer(Stage::kFfnUp);
-      apply_linear(L.ffn_up, in, rows, H, c.ffn_width(), ws.ffn.data(), false);
+      apply_linear(L.ffn_up, in, rows, H, I, ws.ffn.data(), false);
     }
-    StageTimer timer(Stage::kActivation);
-    if (c.gated_ffn) {
-      K.gated_activation(ws.ffn.data(), rows, I, c.activation, ws.act.data());
-      hidden = ws.act.data();
-    } else {
+    {
+      StageTimer timer(Stage::kActivation);
       K.activation(ws.ffn.data(), rows * I, c.activation);
     }
-  }
-  {
     StageTimer timer(Stage::kFfnDown);
-    apply_linear(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
+    apply_linear(L.ffn_down, ws.ffn.data(), rows, I, H, ws.x.data(), true);
   }
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/moe.h"
 #include "model/weights.h"
 #include "runtime/kv_cache.h"
 
@@ -29,12 +30,19 @@ struct SeqBatch {
 // y (+)= x W^T + b on whichever kernel the weight's format needs.
 void apply_linear(const Linear& w, const float* x, long rows, long in, long out, float* y, bool accumulate);
 
+// y[rows, H] (+)= down(act(x gate^T) * (x up^T)) for gate_up = [gate; up] (2 I rows): a gated FFN
+// on whichever kernels the weights' formats need (the activation fused into the GEMM where one
+// runs). `ffn` and `hidden` are scratch of rows * 2 I and rows * I floats.
+void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long rows, long H, long I,
+               kernels::Activation act, float* ffn, float* hidden, float* y, bool accumulate);
+
 // Activations for one forward pass; grows to the largest batch seen and is reused.
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
   std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
+  ExpertScratch experts;  // mixture-of-experts FFNs
   void reserve(const ModelConfig& c, long rows);
 };
 

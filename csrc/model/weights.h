@@ -23,14 +23,27 @@ struct Linear {
   std::vector<kernels::QuantWeight> segments;
 };
 
+// A mixture-of-experts FFN (model/moe.h). Every expert is a view of its rows of the stacked
+// tensors (ffn.experts.gate_up: [gate; up] of expert e at rows e 2I .. (e+1) 2I; ffn.experts.down:
+// rows e H .. (e+1) H).
+struct ExpertWeights {
+  const float* router = nullptr;   // [num_experts, hidden]
+  std::vector<Linear> gate_up;     // per expert, [2 I, hidden]
+  std::vector<Linear> down;        // per expert, [hidden, I]
+  Linear shared_gate_up;           // the shared expert (Qwen2-MoE), when shared_expert_size > 0
+  Linear shared_down;
+  const float* shared_gate = nullptr;  // [hidden]: sigmoid(x . shared_gate) weighs the shared expert
+};
+
 struct LayerWeights {
   Norm attn_norm;
   Linear qkv;
   Linear attn_out;
-  Norm q_norm, k_norm;  // per head, over head_dim (qk_norm)
+  Norm q_norm, k_norm;  // over each head's head_dim, or the whole projection (qk_norm)
   Norm ffn_norm;
-  Linear ffn_up;    // gate_up when the FFN is gated
+  Linear ffn_up;    // gate_up when the FFN is gated (dense FFNs)
   Linear ffn_down;
+  ExpertWeights experts;  // mixture-of-experts FFNs
 };
 
 struct ModelWeights {

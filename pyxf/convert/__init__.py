@@ -130,7 +130,7 @@ def _stored_format(p, ckpt: Checkpoint, shape: tuple):
     for s in p.sources:
         tensor = ckpt.tensors[s.name]
         fmt = getattr(tensor, "block_format", None)
-        if fmt is None:
+        if fmt is None or (len(tensor.shape) == 3) != p.experts:
             return None
         if parts and parts[-1][0] == fmt:
             parts[-1][1] += tensor.shape[0]
@@ -138,7 +138,8 @@ def _stored_format(p, ckpt: Checkpoint, shape: tuple):
             parts.append([fmt, tensor.shape[0]])
     if len(parts) == 1:
         return parts[0][0]
-    return None if p.target == "embed.weight" else parts
+    # Expert stacks join their sources expert by expert: one format throughout, or floats.
+    return None if p.target == "embed.weight" or p.experts else parts
 
 
 _UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")

@@ -35,12 +35,13 @@ KEPT_TYPES = {
 @dataclass(frozen=True)
 class GGUFTensor(SourceTensor):
     ggml_type: str = "F32"  # GGMLQuantizationType name
-    load_raw: Callable[[], np.ndarray] | None = None  # raw blocks [rows, row_bytes] (KEPT_TYPES only)
+    # raw blocks [rows, row_bytes], or [experts, rows, row_bytes] for expert stacks (KEPT_TYPES only)
+    load_raw: Callable[[], np.ndarray] | None = None
 
     @property
     def block_format(self) -> str | None:
         """pyxf's name of this tensor's block format when its blocks can be kept, else None."""
-        return KEPT_TYPES.get(self.ggml_type) if len(self.shape) == 2 else None
+        return KEPT_TYPES.get(self.ggml_type) if len(self.shape) in (2, 3) else None
 
 
 def _dequantizer(tensor, path: Path):
@@ -57,7 +58,7 @@ def _dequantizer(tensor, path: Path):
         return np.asarray(array, dtype=np.float32).reshape(shape)
 
     def load_raw() -> np.ndarray:
-        return np.asarray(tensor.data, dtype=np.uint8).reshape(shape[0], -1)
+        return np.asarray(tensor.data, dtype=np.uint8).reshape(*shape[:-1], -1)
 
     return GGUFTensor(shape, load, ggml_type=kind, load_raw=load_raw if kind in KEPT_TYPES else None)
 
@@ -122,10 +123,45 @@ def _sliding_window(meta: dict, arch: str, context_length: int) -> int | None:
     return window if 0 < window < context_length else None
 
 
+# Whether llama.cpp renormalizes the chosen experts' weights, by architecture, for files without
+# `{arch}.expert_weights_norm`: Mixtral (llama) and Qwen3-MoE do, Qwen2-MoE does not.
+_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+
+
+def _expert_config(meta: dict, arch: str) -> dict:
+    """The mixture-of-experts fields of `{arch}.expert_*` metadata (none: a dense model)."""
+    experts = meta.get(f"{arch}.expert_count")
+    if not experts:
+        return {}
+    used = meta.get(f"{arch}.expert_used_count")
+    if used is None:
+        raise ValueError(f"GGUF metadata has {arch}.expert_count but lacks {arch}.expert_used_count")
+    gating = meta.get(f"{arch}.expert_gating_func")
+    if gating not in (None, 1):  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise ValueError(f"GGUF metadata {arch}.expert_gating_func = {gating}: only softmax routing is supported")
+    scale = meta.get(f"{arch}.expert_weights_scale")
+    if scale not in (None, 1, 1.0):
+        raise ValueError(f"GGUF metadata {arch}.expert_weights_scale = {scale}: "
+                         "scaled expert weights are not supported")
+    config = {
+        "num_experts": _single_value(experts, "expert_count"),
+        "num_experts_per_tok": _single_value(used, "expert_used_count"),
+        "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", _EXPERT_WEIGHTS_NORM.get(arch, True))),
+    }
+    width = meta.get(f"{arch}.expert_feed_forward_length")
+    if width is not None:  # Qwen-MoE: the experts' width, apart from the (unused) dense one
+        config["intermediate_size"] = _single_value(width, "expert_feed_forward_length")
+    shared = meta.get(f"{arch}.expert_shared_feed_forward_length")
+    if shared:
+        config["shared_expert_intermediate_size"] = _single_value(shared, "expert_shared_feed_forward_length")
+    return config
+
+
 def gguf_config(meta: dict, family_name: str, tensors) -> dict:
     """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later); `tensors`
     maps the file's tensor names to SourceTensors (LongRoPE factors are read from them).
-    Covers the llama-like architectures (llama, qwen2, qwen3, phi3); another family would add its own."""
+    Covers the llama-like architectures (llama, qwen2, qwen3, phi3, and with experts llama (Mixtral),
+    qwen2moe, qwen3moe); another family would add its own."""
     arch = meta["general.architecture"]
 
     def get(key, default=None):
@@ -159,12 +195,13 @@ def gguf_config(meta: dict, family_name: str, tensors) -> dict:
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
         "intermediate_size": _single_value(get("feed_forward_length"), "feed_forward_length"),
+        **_expert_config(meta, arch),
         "norm": "rmsnorm",
         "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "norm_position": "pre",
         "activation": "silu",
         "gated_ffn": True,
-        "qk_norm": arch == "qwen3",  # per-head q/k RMSNorm (blk.N.attn_q_norm / attn_k_norm)
+        "qk_norm": arch in ("qwen3", "qwen3moe"),  # per-head q/k RMSNorm (blk.N.attn_q_norm / attn_k_norm)
         "position": "rope",
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(meta, arch, tensors),
@@ -199,6 +236,8 @@ def open_gguf(path) -> Checkpoint:
         config = gguf_config(meta, family.name, tensors)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if family.gguf_tables is not None:
+        table = family.gguf_tables(config, table)
     tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     return Checkpoint(
         config=config,

@@ -181,7 +181,7 @@ def open_hf(src, config=None) -> Checkpoint:
 
     return Checkpoint(
         config=normalized,
-        table=family.hf_tables(normalized) if family.hf_tables is not None else family.hf,
+        table=family.hf_tables(normalized, set(tensors)) if family.hf_tables is not None else family.hf,
         tensors=tensors,
         write_tokenizer=write_tokenizer,
         source={"format": f"hf-{kind}", "path": src.name},

@@ -39,13 +39,16 @@ TRANSFORMS: dict[str, Transform] = {
     "rows_kv": Transform(lambda a, cfg: a[a.shape[0] // 3 :], lambda s, cfg: (s[0] - s[0] // 3, *s[1:])),
     # Marian's final_logits_bias [1, V] -> [V]
     "flatten": Transform(lambda a, cfg: a.reshape(-1), lambda s, cfg: (int(np.prod(s)),)),
+    # a vector as a matrix of one row (llama.cpp may store Qwen2-MoE's shared expert gate [H])
+    "one_row": Transform(lambda a, cfg: a.reshape(1, -1), lambda s, cfg: (1, int(np.prod(s)))),
 }
 
 
 
 def _expand(r: Rule, i: int | None) -> Planned:
     fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-    return Planned(fmt(r.target), tuple(Source(fmt(s.name), s.transform) for s in r.sources), r.optional)
+    return Planned(fmt(r.target), tuple(Source(fmt(s.name), s.transform) for s in r.sources), r.optional,
+                   r.experts)
 
 
 def _required_sources(rules: tuple[Rule, ...]) -> int:
@@ -110,6 +113,8 @@ def planned_shape(p: Planned, shapes: dict[str, tuple], config: dict) -> tuple:
     for s in p.sources:
         shape = tuple(shapes[s.name])
         parts.append(TRANSFORMS[s.transform].shape(shape, config) if s.transform else shape)
+    if p.experts:
+        return _expert_stack_shape(p, parts)
     if len(parts) == 1:
         return parts[0]
     if any(len(sh) != len(parts[0]) or sh[1:] != parts[0][1:] for sh in parts):
@@ -117,10 +122,22 @@ def planned_shape(p: Planned, shapes: dict[str, tuple], config: dict) -> tuple:
     return (sum(sh[0] for sh in parts), *parts[0][1:])
 
 
+def _expert_stack_shape(p: Planned, parts: list[tuple]) -> tuple:
+    """[E * rows, cols] of expert stacks [E, rows_k, cols] joined expert by expert."""
+    if any(len(sh) != 3 or sh[0] != parts[0][0] or sh[2] != parts[0][2] for sh in parts):
+        raise ValueError(f"cannot join the expert stacks {[s.name for s in p.sources]} with shapes {parts} "
+                         f"into {p.target} (each [experts, rows, columns], the same experts and columns)")
+    return (parts[0][0] * sum(sh[1] for sh in parts), parts[0][2])
+
+
 def build_tensor(p: Planned, load: Callable[[str], np.ndarray], config: dict) -> np.ndarray:
-    """Load, transform and concatenate the sources of one pyxf tensor (float32)."""
+    """Load, transform and concatenate the sources of one pyxf tensor (float32; or whatever `load`
+    gives: bfloat16 bits, GGUF block rows)."""
     parts = []
     for s in p.sources:
         array = load(s.name)
         parts.append(TRANSFORMS[s.transform].apply(array, config) if s.transform else array)
+    if p.experts:  # [E, rows_k, cols] each: expert e's rows of every source, then e + 1's
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return joined.reshape(-1, joined.shape[2])
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

@@ -30,12 +30,15 @@ class Rule:
     target: str
     sources: tuple[Source, ...]
     optional: bool = False  # e.g. biases: taken when (all of) the sources are present
+    # The sources are stacks of experts [E, rows, cols] (llama.cpp's *_exps): joined expert by
+    # expert (expert e's rows of every source, then e + 1's) into [E * rows, cols].
+    experts: bool = False
 
 
-def rule(target: str, *sources, optional: bool = False) -> Rule:
+def rule(target: str, *sources, optional: bool = False, experts: bool = False) -> Rule:
     """Shorthand: sources are names or (name, transform) pairs."""
     srcs = tuple(Source(*s) if isinstance(s, tuple) else Source(s) for s in sources)
-    return Rule(target, srcs, optional)
+    return Rule(target, srcs, optional, experts)
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,13 @@ class Family:
     # (normalized config, source tensor names) -> config: settles what depends on which optional
     # tensors a checkpoint has (an encoder's pooler), and checks that a declared head is there.
     finalize: Callable[[dict, set], dict] | None = None
-    # normalized config -> the table, for families whose tensor names depend on the config (shared
-    # or separate embeddings); `hf` then only gives the prefixes to strip.
-    hf_tables: Callable[[dict], TensorTable] | None = None
+    # (normalized config, the checkpoint's tensor names) -> the table, for families whose tensor
+    # names depend on the config (shared or separate embeddings) or on the checkpoint's lineage
+    # (Mixtral's experts beside Qwen-MoE's); `hf` then only gives the prefixes to strip.
+    hf_tables: Callable[[dict, set], TensorTable] | None = None
+    # (normalized config, general.architecture's table) -> the table of this GGUF file, for
+    # architectures whose tensors depend on the metadata (a llama file with experts: Mixtral).
+    gguf_tables: Callable[[dict, TensorTable], TensorTable] | None = None
     # (files_dir, out_dir, hf config, normalized config) -> config.json's tokenizer fields: copies or
     # writes the tokenizer files (pyxf/convert/tokenizer_files.py has the shared writers).
     write_tokenizer: Callable | None = None
@@ -106,6 +113,7 @@ class Planned:
     target: str
     sources: tuple[Source, ...]  # concrete names (no {i})
     optional: bool = False
+    experts: bool = False  # Rule.experts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,20 @@ def stack_dims(config):
         "KV": 2 * Hkv * D,  # fused k, v rows (cross-attention)
         "KVD": Hkv * D,  # the k (or v) rows
         "UP": 2 * I if config["gated_ffn"] else I,  # gate rows then up rows, when gated
+        **_moe_dims(config, H, D, I, Hq, Hkv),
+    }
+
+
+def _moe_dims(config, H, D, I, Hq, Hkv):
+    """Mixture-of-experts FFNs and q/k norms over whole projections (decoder fields; absent
+    elsewhere). Experts are stacked along the rows: expert e's [gate; up] rows are e*2I .. (e+1)*2I
+    of EUP, its down rows e*H .. (e+1)*H of EH."""
+    E, shared = config.get("num_experts") or 0, config.get("shared_expert_intermediate_size") or 0
+    projection = config.get("qk_norm_span") == "projection"
+    return {
+        "E": E, "EUP": E * 2 * I, "EH": E * H,
+        "IS": shared, "SUP": 2 * shared,  # the shared expert (Qwen2-MoE)
+        "QN": Hq * D if projection else D, "KN": Hkv * D if projection else D,  # q/k norm widths
     }
 
 
@@ -68,15 +82,32 @@ def _not_gated(config):
     return not config["gated_ffn"]
 
 
+def _moe(config):
+    return bool(config.get("num_experts"))
+
+
+def _dense_gated(config):
+    return config["gated_ffn"] and not _moe(config)
+
+
+def _dense_not_gated(config):
+    return not config["gated_ffn"] and not _moe(config)
+
+
+def _shared_expert(config):
+    return _moe(config) and bool(config.get("shared_expert_intermediate_size"))
+
+
 # One block: self-attention and FFN with their norms; `cross` adds cross-attention between them.
 def block(cross=False):
     tensors = [
         *norm("attn_norm"),
         *linear("attn.qkv", "QKV", "H", parts=(("q", "Q"), ("k", "KVD"), ("v", "KVD"))),
         *linear("attn.out", "H", "Q"),
-        # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE.
-        Tensor("attn.q_norm.weight", ("D",), when=_qk_norm),
-        Tensor("attn.k_norm.weight", ("D",), when=_qk_norm),
+        # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE; OLMoE: over the whole
+        # q and k projections (qk_norm_span "projection").
+        Tensor("attn.q_norm.weight", ("QN",), when=_qk_norm),
+        Tensor("attn.k_norm.weight", ("KN",), when=_qk_norm),
     ]
     if cross:
         tensors += [*norm("cross_norm"), *linear("cross_attn.q", "Q", "H"),
@@ -84,11 +115,28 @@ def block(cross=False):
                     *linear("cross_attn.out", "H", "Q")]
     tensors += [
         *norm("ffn_norm"),
-        *linear("ffn.gate_up", "UP", "H", when=_gated, parts=(("gate", "I"), ("up", "I"))),
-        *linear("ffn.up", "UP", "H", when=_not_gated),
-        *linear("ffn.down", "H", "I"),
+        *linear("ffn.gate_up", "UP", "H", when=_dense_gated, parts=(("gate", "I"), ("up", "I"))),
+        *linear("ffn.up", "UP", "H", when=_dense_not_gated),
+        *linear("ffn.down", "H", "I", when=lambda config: not _moe(config)),
+        *moe_ffn(),
     ]
     return tuple(tensors)
+
+
+def moe_ffn():
+    """A mixture-of-experts FFN (num_experts > 0) in place of the dense one: the router, every
+    expert's gated FFN stacked along the rows (expert e: gate rows, then up rows), and the optional
+    shared expert with its sigmoid gate (Qwen2-MoE). The router and the shared gate stay float, as
+    llama.cpp keeps them: they choose and weigh the experts."""
+    return (
+        Tensor("ffn.router.weight", ("E", "H"), when=_moe),
+        Tensor("ffn.experts.gate_up.weight", ("EUP", "H"), when=_moe, quantizable=True, routed=True),
+        Tensor("ffn.experts.down.weight", ("EH", "I"), when=_moe, quantizable=True, routed=True),
+        Tensor("ffn.shared.gate_up.weight", ("SUP", "H"), when=_shared_expert, quantizable=True,
+               parts=(("gate", "IS"), ("up", "IS"))),
+        Tensor("ffn.shared.down.weight", ("H", "IS"), when=_shared_expert, quantizable=True),
+        Tensor("ffn.shared_gate.weight", (1, "H"), when=_shared_expert),
+    )
 
 
 def token_embedding(name="embed.weight", rows="V", when=None):

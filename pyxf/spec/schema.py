@@ -30,10 +30,11 @@ class Tensor:
     """One tensor: `name` (inside a stack, the suffix after the layer index), `shape` (dimension
     names or ints)."""
 
-    __slots__ = ("name", "shape", "required", "when", "quantizable", "reader", "stored", "parts", "lookup")
+    __slots__ = ("name", "shape", "required", "when", "quantizable", "reader", "stored", "parts", "lookup",
+                 "routed")
 
     def __init__(self, name, shape, *, required=True, when=None, quantizable=False, reader=CORE, stored=True,
-                 parts=(), lookup=False):
+                 parts=(), lookup=False, routed=False):
         self.name = name
         self.shape = tuple(shape)
         self.required = required  # bool, or config -> bool
@@ -43,6 +44,8 @@ class Tensor:
         self.stored = stored  # False: made at load from the config and other tensors, not in the file
         self.parts = tuple(parts)  # fused matrices: ((part, rows dimension), ...) in row order (q, k, v)
         self.lookup = lookup  # a table whose rows are looked up (embeddings): a step reads one row
+        # experts stacked along the rows: a token reads num_experts_per_tok of the num_experts
+        self.routed = routed
 
     def exists(self, config):
         return self.when is None or bool(self.when(config))

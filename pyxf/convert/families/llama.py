@@ -1,5 +1,7 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (HF checkpoints), and llama.cpp's llama / qwen2 / qwen3 GGUF
-files; a Qwen3 checkpoint saved as a sentence-transformers model (Qwen3-Embedding) becomes a causal encoder."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE (HF checkpoints), and llama.cpp's llama (also Mixtral) / qwen2 / qwen3 / qwen2moe /
+qwen3moe GGUF files; a Qwen3 checkpoint saved as a sentence-transformers model (Qwen3-Embedding)
+becomes a causal encoder."""
 
 from __future__ import annotations
 
@@ -59,21 +61,91 @@ _QK_NORM_GGUF = (
     rule("layers.{i}.attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
     rule("layers.{i}.attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
 )
-_QWEN3_HF = replace(_LLAMA_HF, layer_rules=_LLAMA_HF.layer_rules + _QK_NORM_HF)
 
 
-# An embedding model ends at the last hidden state: a head saved beside it is not part of it.
-_QWEN3_EMBEDDING_HF = replace(_QWEN3_HF, lm_head=None, ignore_suffixes=_QWEN3_HF.ignore_suffixes + ("lm_head.weight",))
+# The dense FFN's rules, which a mixture of experts replaces.
+_DENSE_FFN = ("layers.{i}.ffn.gate_up.weight", "layers.{i}.ffn.gate_up.bias", "layers.{i}.ffn.down.weight",
+              "layers.{i}.ffn.down.bias")
 
 
-def _hf_tables(config: dict) -> TensorTable:
+def _expert_rules_hf(config: dict, names) -> tuple:
+    """The experts of an HF checkpoint, one source per expert (pyxf stacks them along the rows):
+    Mixtral's block_sparse_moe.experts.E.w1 / w3 / w2, or Qwen-MoE's and OLMoE's
+    mlp.experts.E.gate_proj / up_proj / down_proj; or transformers v5's in-memory stacks
+    mlp.experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I] (a saved state_dict); plus Qwen2-MoE's
+    shared expert."""
+    experts = range(config["num_experts"])
+    if "layers.0.mlp.experts.gate_up_proj" not in names and len(experts) > len(names):
+        # each expert has tensors of its own: no work in proportion to a count the file cannot hold
+        raise ValueError(f"the config describes {len(experts)} experts per layer, but the checkpoint has "
+                         f"{len(names)} tensors")
+    if "layers.0.block_sparse_moe.gate.weight" in names:  # Mixtral
+        moe, gate, up, down = "layers.{i}.block_sparse_moe", "w1", "w3", "w2"
+    else:
+        moe, gate, up, down = "layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"
+    if "layers.0.mlp.experts.gate_up_proj" in names:  # transformers v5's own stacks (a state_dict)
+        stacks = (
+            rule("layers.{i}.ffn.experts.gate_up.weight", f"{moe}.experts.gate_up_proj", experts=True),
+            rule("layers.{i}.ffn.experts.down.weight", f"{moe}.experts.down_proj", experts=True),
+        )
+    else:
+        stacks = (
+            rule("layers.{i}.ffn.experts.gate_up.weight",
+                 *(f"{moe}.experts.{e}.{proj}.weight" for e in experts for proj in (gate, up))),
+            rule("layers.{i}.ffn.experts.down.weight", *(f"{moe}.experts.{e}.{down}.weight" for e in experts)),
+        )
+    rules = (rule("layers.{i}.ffn.router.weight", f"{moe}.gate.weight"), *stacks)
+    if config.get("shared_expert_intermediate_size"):
+        rules += (
+            rule("layers.{i}.ffn.shared.gate_up.weight", f"{moe}.shared_expert.gate_proj.weight",
+                 f"{moe}.shared_expert.up_proj.weight"),
+            rule("layers.{i}.ffn.shared.down.weight", f"{moe}.shared_expert.down_proj.weight"),
+            rule("layers.{i}.ffn.shared_gate.weight", f"{moe}.shared_expert_gate.weight"),
+        )
+    return rules
+
+
+def _hf_tables(config: dict, names=()) -> TensorTable:
+    """Llama's table, with Qwen3's / OLMoE's q/k norms and the experts where the config has them; an
+    embedding model (Qwen3-Embedding) ends at the last hidden state: a head saved beside it is not part of it."""
+    layer_rules = _LLAMA_HF.layer_rules
+    if config.get("qk_norm"):
+        layer_rules += _QK_NORM_HF
+    if config.get("num_experts"):
+        layer_rules = tuple(r for r in layer_rules if r.target not in _DENSE_FFN) + _expert_rules_hf(config, names)
+    table = replace(_LLAMA_HF, layer_rules=layer_rules)
     if config["architecture"] == "encoder":
-        return _QWEN3_EMBEDDING_HF
-    return _QWEN3_HF if config.get("qk_norm") else _LLAMA_HF
+        table = replace(table, lm_head=None, ignore_suffixes=table.ignore_suffixes + ("lm_head.weight",))
+    return table
 
 
 def _with_qk_norm(table: TensorTable) -> TensorTable:
     return replace(table, layer_rules=table.layer_rules + _QK_NORM_GGUF)
+
+
+# llama.cpp's expert stacks [E, rows, cols] (ffn_*_exps) and Qwen2-MoE's shared expert (*_shexp).
+_EXPERTS_GGUF = (
+    rule("layers.{i}.ffn.router.weight", "blk.{i}.ffn_gate_inp.weight"),
+    rule("layers.{i}.ffn.experts.gate_up.weight", "blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight",
+         experts=True),
+    rule("layers.{i}.ffn.experts.down.weight", "blk.{i}.ffn_down_exps.weight", experts=True),
+)
+_SHARED_EXPERT_GGUF = (
+    rule("layers.{i}.ffn.shared.gate_up.weight", "blk.{i}.ffn_gate_shexp.weight", "blk.{i}.ffn_up_shexp.weight"),
+    rule("layers.{i}.ffn.shared.down.weight", "blk.{i}.ffn_down_shexp.weight"),
+    rule("layers.{i}.ffn.shared_gate.weight", ("blk.{i}.ffn_gate_inp_shexp.weight", "one_row")),
+)
+
+
+def _gguf_tables(config: dict, table: TensorTable) -> TensorTable:
+    """A GGUF architecture's table, its dense FFN replaced by the experts when the file has them
+    (`{arch}.expert_count`: Mixtral's llama files, qwen2moe, qwen3moe)."""
+    if not config.get("num_experts"):
+        return table
+    rules = tuple(r for r in table.layer_rules if r.target not in _DENSE_FFN) + _EXPERTS_GGUF
+    if config.get("shared_expert_intermediate_size"):
+        rules += _SHARED_EXPERT_GGUF
+    return replace(table, layer_rules=rules)
 
 
 def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable:
@@ -109,9 +181,51 @@ def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable
 
 
 
+def _expert_config(hf: dict) -> dict:
+    """The mixture-of-experts fields of an HF config: Mixtral (num_local_experts, always
+    renormalized), Qwen2-MoE / Qwen3-MoE (num_experts, or num_local_experts as transformers v5
+    saves Qwen3-MoE; moe_intermediate_size; Qwen2-MoE's shared expert), OLMoE (num_experts)."""
+    model_type = hf.get("model_type")
+    experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers v4 / v5 names
+    if not experts:
+        return {}
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 0:
+        raise ValueError(f"the number of experts must be a non-negative integer, got {experts!r}")
+    if _has_dense_layers(hf):
+        raise ValueError(f"some layers have a dense FFN among expert layers (decoder_sparse_step "
+                         f"{hf.get('decoder_sparse_step')}, mlp_only_layers {hf.get('mlp_only_layers')}): "
+                         "pyxf runs models whose every layer has experts")
+    if hf.get("clip_qkv") is not None:
+        raise ValueError(f"clip_qkv ({hf['clip_qkv']}) is not supported")
+    config = {
+        "num_experts": experts,
+        "num_experts_per_tok": hf["num_experts_per_tok"],
+        "norm_topk_prob": True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        "intermediate_size": hf.get("moe_intermediate_size") or hf["intermediate_size"],
+    }
+    if hf.get("shared_expert_intermediate_size"):
+        config["shared_expert_intermediate_size"] = hf["shared_expert_intermediate_size"]
+    return config
+
+
+def _has_dense_layers(hf: dict) -> bool:
+    """Whether Qwen-MoE's decoder_sparse_step (layer i has experts when (i + 1) % step == 0: a step
+    above 1 leaves layer 0 dense) or mlp_only_layers make some layer dense (Mixtral and OLMoE have
+    experts in every layer). Without a loop over the layers a config claims."""
+    layers = hf["num_hidden_layers"]
+    dense = [i for i in hf.get("mlp_only_layers") or [] if isinstance(i, int) and 0 <= i < layers]
+    return bool(dense) or (hf.get("decoder_sparse_step") or 1) != 1
+
+
+# HF model types whose q and k are normalized before RoPE: over each head, or (OLMoE) over the
+# whole projection.
+_QK_NORM_SPAN = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}
+
+
 def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
+    qk_norm_span = _QK_NORM_SPAN.get(hf.get("model_type"))
     return {
         "sliding_window": sliding_window(hf),
         "family": "llama",
@@ -128,7 +242,8 @@ def llama_config(hf: dict) -> dict:
         "norm_position": "pre",
         "activation": activation(hf.get("hidden_act", "silu")),
         "gated_ffn": True,
-        "qk_norm": hf.get("model_type") == "qwen3",
+        "qk_norm": qk_norm_span is not None,
+        **({"qk_norm_span": qk_norm_span} if qk_norm_span == "projection" else {}),
         "position": "rope",
         "rope_theta": theta,
         "rope_scaling": scaling,
@@ -136,6 +251,7 @@ def llama_config(hf: dict) -> dict:
         "partial_rotary_factor": partial,
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **_expert_config(hf),
         **common_config(hf),
     }
 
@@ -146,7 +262,7 @@ def _embedding_model(files_dir, config: dict) -> dict:
     attention and RoPE, with sentence-transformers' pooling (last token), normalization and prompts."""
     if not is_sentence_transformers_model(files_dir):
         return {}
-    if not config["qk_norm"]:
+    if not config["qk_norm"] or config.get("num_experts"):
         raise ValueError("sentence-transformers models of this family are supported for Qwen3 (Qwen3-Embedding) only")
     if config["sliding_window"]:
         raise ValueError(f"an embedding model with a sliding attention window ({config['sliding_window']}) is not "
@@ -164,8 +280,9 @@ def _write_tokenizer(files_dir, out_dir, hf_config: dict, config: dict) -> dict:
 
 FAMILY = Family(
     name="llama",
-    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3Model"),
-    hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3Model",
+                      "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"),
+    hf_model_types=("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
     hf=_LLAMA_HF,
     hf_tables=_hf_tables,
     hf_config=llama_config,
@@ -173,7 +290,10 @@ FAMILY = Family(
         "llama": _llama_gguf("unpermute_q", "unpermute_k"),
         "qwen2": _llama_gguf(None, None),
         "qwen3": _with_qk_norm(_llama_gguf(None, None)),
+        "qwen2moe": _llama_gguf(None, None),
+        "qwen3moe": _with_qk_norm(_llama_gguf(None, None)),
     },
     read_files=_embedding_model,
+    gguf_tables=_gguf_tables,
     write_tokenizer=_write_tokenizer,
 )

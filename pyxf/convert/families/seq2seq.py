@@ -121,7 +121,7 @@ def _transformer_layer(base: str, target: str, cross: bool) -> tuple:
     return tuple(rules)
 
 
-def _transformer_table(config: dict) -> TensorTable:
+def _transformer_table(config: dict, names=()) -> TensorTable:
     shared = config.get("shared_embeddings", False)
     global_rules = [
         rule("embed.weight", "tgt_embed.weight"),
@@ -210,7 +210,7 @@ def _bart_layer(base: str, target: str, cross: bool) -> tuple:
     return tuple(rules)
 
 
-def _marian_table(config: dict) -> TensorTable:
+def _marian_table(config: dict, names=()) -> TensorTable:
     shared = config.get("shared_embeddings", True)
     embeddings = (
         (rule("embed.weight", "shared.weight"),)
@@ -305,7 +305,7 @@ def m2m100_config(hf: dict) -> dict:
     return _fairseq_config(hf, "m2m100", pre_norm=True, learned=False, scale_default=True)
 
 
-def _fairseq_table(config: dict) -> TensorTable:
+def _fairseq_table(config: dict, names=()) -> TensorTable:
     rules = [rule("embed.weight", "shared.weight"),
              rule("lm_head.bias", ("final_logits_bias", "flatten"), optional=True)]
     for source, target in (("encoder.", "encoder."), ("decoder.", "")):
@@ -397,7 +397,7 @@ def _t5_layer(base: str, target: str, cross: bool, gated: bool) -> tuple:
     return tuple(rules)
 
 
-def _t5_table(config: dict) -> TensorTable:
+def _t5_table(config: dict, names=()) -> TensorTable:
     gated = config["gated_ffn"]
     bias = "layer.0.SelfAttention.relative_attention_bias.weight"
     return TensorTable(
