@@ -4,11 +4,13 @@ this module by the config's architecture), logits, sessions, generation, embeddi
 import warnings
 from pathlib import Path
 
+import numpy as np
 
 from pyxf import quant, quant_mix, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
+from pyxf.relative_position import relative_bias_table
 from pyxf.rope import rope_parameters
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
@@ -40,9 +42,36 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     if formats:
         core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
-        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
+        core_config.update(_rope_tables(config))
+    if config.get("relative_attention_num_buckets") is not None:
+        weights = _with_relative_table(config, weights)
+        core_config["rel_pos_radius"] = config["relative_attention_max_distance"]
     core_model = core().Model(core_config, weights)
     return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
+
+
+def _rope_tables(config):
+    """The core's RoPE values: the frequencies and cos/sin scale, and local layers' frequencies when
+    they have a RoPE base of their own (ModernBERT's local_rope_theta; the same scaling)."""
+    inv_freq, scaling = rope_parameters(config)
+    tables = {"rope_inv_freq": inv_freq, "rope_attention_scaling": scaling}
+    if config.get("local_rope_theta") is not None:
+        local_inv_freq, local_scaling = rope_parameters({**config, "rope_theta": config["local_rope_theta"]})
+        if local_scaling != scaling:
+            raise ValueError("local and global layers' RoPE scalings give different attention scales; "
+                             "pyxf supports one")
+        tables["local_rope_inv_freq"] = local_inv_freq
+    return tables
+
+
+def _with_relative_table(config, weights):
+    """An encoder's bias by relative position (MPNet): the bidirectional bucket table
+    `rel_bias.weight` expanded into the core's table by relative position, "rel_pos_table"."""
+    weight = weights["rel_bias.weight"]
+    weight = bf16_to_float32(weight) if config["dtype"] == "bfloat16" else np.asarray(weight, dtype=np.float32)
+    table = relative_bias_table(weight, True, config["relative_attention_num_buckets"],
+                                config["relative_attention_max_distance"])
+    return {**weights, "rel_pos_table": table}
 
 
 def quantize_weights(config, weights, method, embeddings=True):

@@ -24,6 +24,11 @@ ENCODERS = {
     "roberta": dict(family="roberta", position_offset=2, type_vocab_size=1,
                     classifier={"kind": "roberta", "num_labels": 2, "id2label": ["x", "y"]}),
     "distilbert": dict(family="distilbert", classifier={"kind": "distilbert", "num_labels": 2, "id2label": ["x", "y"]}),
+    "mpnet": dict(family="mpnet", position_offset=2, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, classifier={"kind": "roberta", "num_labels": 2}),
+    "modernbert": dict(family="modernbert", norm_position="pre", position="rope", gated_ffn=True, norm_bias=False,
+                       first_attn_norm=False, rope_theta=160000.0, local_rope_theta=10000.0,
+                       local_attention_window=5, global_attention_every=3),
 }
 SEQ2SEQ = {
     "transformer": dict(),
@@ -74,10 +79,12 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
     family = FAMILIES[config["family"]]
     tables = [family.hf_tables(config) if family.hf_tables else family.hf, *family.gguf.values()]
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
-    # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
+    # Qwen3's q/k norms, ModernBERT's table the norm biases of checkpoints that have them): a target
+    # must be in the spec of this config or of its variant.
     layouts = [spec.tensor_layout(config)]
-    if config["family"] == "llama":
-        layouts.append(spec.tensor_layout({**config, "qk_norm": True}))
+    variants = {"llama": {"qk_norm": True}, "modernbert": {"norm_bias": True}}
+    if config["family"] in variants:
+        layouts.append(spec.tensor_layout({**config, **variants[config["family"]]}))
     for table in tables:
         rules = [*table.global_rules, *table.layer_rules, *table.encoder_layer_rules]
         if table.lm_head is not None and not config["tie_word_embeddings"]:

@@ -49,6 +49,21 @@ PositionKind position_kind(const std::string& name) {
   throw invalid_argument("unknown position scheme '" + name + "'");
 }
 
+// Local and global layers: the window of local layers, which layers are global, and the RoPE
+// frequencies of local layers (as many as the global ones).
+void read_local_layers(const ConfigValues& v, ModelConfig& c) {
+  const long window = integer_or(v, "local_attention_window", 0);
+  if (window < 0 || window > (1L << 30)) throw invalid_argument("local_attention_window must be in [0, 2^30]");
+  c.local_window = (int)window;
+  c.global_every = size(integer_or(v, "global_attention_every", 1), "global_attention_every");
+  if (c.local_window > 0 && c.position == PositionKind::kRope && v.has("local_rope_inv_freq")) {
+    c.local_rope_inv_freq = v.floats("local_rope_inv_freq");
+    if (c.local_rope_inv_freq.size() != c.rope_inv_freq.size()) {
+      throw invalid_argument("local_rope_inv_freq must have as many entries as rope_inv_freq");
+    }
+  }
+}
+
 // What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.
 ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   ModelConfig c;
@@ -66,9 +81,12 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   if (norm != "rmsnorm" && norm != "layernorm") throw invalid_argument("unknown norm '" + norm + "'");
   c.norm = norm == "rmsnorm" ? NormKind::kRms : NormKind::kLayer;
   c.norm_eps = (float)v.number("norm_eps");
+  c.norm_bias = boolean_or(v, "norm_bias", true);
   const std::string placement = text_or(v, "norm_position", "pre");
   if (placement != "pre" && placement != "post") throw invalid_argument("unknown norm_position '" + placement + "'");
   c.post_norm = placement == "post";
+  c.first_attn_norm = boolean_or(v, "first_attn_norm", true);
+  if (c.post_norm && !c.first_attn_norm) throw invalid_argument("first_attn_norm false needs norm_position pre");
   c.activation = activation_from_name(v.text("activation"));
   c.gated_ffn = v.boolean("gated_ffn");
   c.qk_norm = boolean_or(v, "qk_norm", false);
@@ -83,7 +101,16 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
       throw invalid_argument("rope_inv_freq must have between 1 and head_dim/2 entries");
     }
   }
+  read_local_layers(v, c);
   return c;
+}
+
+// The radius of a relative position bias table ("rel_pos_radius", made in Python from the
+// checkpoint's buckets); 0: none.
+int relative_radius(const ConfigValues& v) {
+  const long radius = integer_or(v, "rel_pos_radius", 0);
+  if (radius < 0 || radius > (1L << 20)) throw invalid_argument("rel_pos_radius must be in [0, 2^20]");
+  return (int)radius;
 }
 
 }  // namespace
@@ -106,6 +133,7 @@ ModelConfig model_config(const ConfigValues& v) {
   if (c.position == PositionKind::kLearned && c.position_offset >= c.max_positions) {
     throw invalid_argument("position_offset must be below max_position_embeddings");
   }
+  c.rel_pos_radius = encoder ? relative_radius(v) : 0;
   return c;
 }
 

@@ -25,7 +25,9 @@ struct ModelConfig {
   int max_positions = 0;
   NormKind norm = NormKind::kRms;
   float norm_eps = 1e-5f;
+  bool norm_bias = true;         // LayerNorms have a bias (ModernBERT: none)
   bool post_norm = false;        // BERT-style: norm after the residual add
+  bool first_attn_norm = true;   // layer 0 normalizes attention's input (ModernBERT: no, the embedding norm did)
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
   bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3)
@@ -34,6 +36,12 @@ struct ModelConfig {
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
+  // Local and global layers (ModernBERT): layer i is global when i % global_every == 0; the others
+  // see keys within local_window (|i - j| < local_window) and rotate by local_rope_inv_freq when
+  // it is given. local_window 0: every layer is global.
+  int local_window = 0;
+  int global_every = 1;
+  std::vector<float> local_rope_inv_freq;
   bool tied_embeddings = false;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence
@@ -50,6 +58,10 @@ struct ModelConfig {
   int max_sequence() const {
     return position == PositionKind::kLearned ? max_positions - position_offset : 1 << 30;
   }
+
+  bool is_local(int layer) const { return local_window > 0 && layer % global_every != 0; }
+  // The RoPE frequencies a layer rotates by.
+  bool local_rope(int layer) const { return is_local(layer) && !local_rope_inv_freq.empty(); }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
@@ -75,7 +87,8 @@ kernels::Activation activation_from_name(const std::string& name);
 
 // A decoder-only or encoder model (config.json "architecture" decoder | encoder). Besides
 // config.json's keys the core reads "rope_inv_freq" and "rope_attention_scaling" (made in Python
-// from rope_theta / rope_scaling) for RoPE models.
+// from rope_theta / rope_scaling) for RoPE models, "local_rope_inv_freq" for local layers with a
+// RoPE base of their own, and "rel_pos_radius" for encoders with a relative position bias table.
 ModelConfig model_config(const ConfigValues& values);
 
 // An encoder-decoder model's two stacks: sinusoidal positions arrive as tables and become learned

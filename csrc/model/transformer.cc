@@ -21,6 +21,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
   grow(rope_cs, rows * c.rope_dim);
+  if (!c.local_rope_inv_freq.empty()) grow(local_rope_cs, rows * c.rope_dim);
 }
 
 Transformer::Transformer(ModelConfig config, ModelWeights weights)
@@ -105,6 +106,10 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     StageTimer rope_timer(Stage::kRope);
     K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
                  config_.rope_attention_scaling, ws.rope_cs.data());
+    if (!config_.local_rope_inv_freq.empty()) {
+      K.rope_table(ws.pos.data(), rows, config_.local_rope_inv_freq.data(), config_.rope_dim / 2,
+                   config_.rope_attention_scaling, ws.local_rope_cs.data());
+    }
   }
 }
 
@@ -156,7 +161,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   const long H = c.hidden_size, D = c.head_dim, qkv_dim = c.qkv_dim();
 
   const float* in = ws.x.data();
-  if (!c.post_norm) {
+  if (!c.post_norm && L.attn_norm.weight) {  // absent: layer 0 without first_attn_norm
     norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
@@ -176,8 +181,8 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, ws.rope_cs.data(),
-           c.rope_interleaved);
+    const float* cs = c.local_rope(layer) ? ws.local_rope_cs.data() : ws.rope_cs.data();
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, cs, c.rope_interleaved);
   }
 
   attention_views(layer, seqs, n, ws);

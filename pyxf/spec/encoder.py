@@ -1,8 +1,13 @@
-"""Encoders: BERT, RoBERTa (also XLM-R) and DistilBERT. Complete sequences, non-causal attention,
-the last hidden state out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the
-head tensors are read by Python, not the core."""
+"""Encoders: BERT, RoBERTa (also XLM-R), DistilBERT, MPNet and ModernBERT. Complete sequences,
+non-causal attention, the last hidden state out; pooling and classifier heads run in numpy
+(pyxf/encoding.py), so the head tensors are read by Python, not the core.
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+Positions are learned (BERT's family), learned plus a bias by relative position shared by all
+layers (MPNet), or RoPE (ModernBERT, whose local layers see a window of keys and may rotate by a
+RoPE base of their own)."""
+
+from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias, relative_dims,
+                     stack_dims, token_embedding)
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
 
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
@@ -18,12 +23,20 @@ FIELDS = STACK_FIELDS + (
     Field("pooler", "bool", default=False, doc="BERT's tanh pooler is present"),
     Field("pooling", "object", default=None, doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize}}"),
     Field("classifier", "object", default=None, doc="{kind, num_labels, id2label, problem_type, score_activation}"),
+    *RELATIVE_FIELDS,  # MPNet's bias by relative position (bidirectional buckets)
+    Field("norm_bias", "bool", default=True, doc="LayerNorms have a bias (ModernBERT: false)"),
+    Field("first_attn_norm", "bool", default=True, doc="false: layer 0 has no attention norm (pre-norm only)"),
+    Field("local_attention_window", "count", default=0,
+          doc="local layers see keys j with |i - j| < it; 0: every layer is global"),
+    Field("global_attention_every", "size", default=1, doc="layer i is global when i % it == 0"),
+    Field("local_rope_theta", "positive", default=None, doc="local layers' RoPE base; null: rope_theta"),
 )
 
 
 def encoder_dims(config):
     head = config.get("classifier") or {}
-    return {**stack_dims(config), "T": config.get("type_vocab_size", 0), "L": head.get("num_labels", 0)}
+    return {**stack_dims(config), **relative_dims(config), "T": config.get("type_vocab_size", 0),
+            "L": head.get("num_labels", 0)}
 
 
 def _head_kind(config):
@@ -34,9 +47,26 @@ def _types(config):
     return config.get("type_vocab_size", 0) > 0
 
 
+def _learned(config):
+    return config["position"] == "learned"
+
+
+def _relative(config):
+    return config.get("relative_attention_num_buckets") is not None
+
+
 def _check(config, fail):
-    if config["position"] != "learned" or config.get("position_offset", 0) >= config["max_position_embeddings"]:
-        fail("encoders need learned positions, with position_offset below max_position_embeddings")
+    position = config["position"]
+    if position not in ("learned", "rope"):
+        fail(f"encoders need learned or rope positions, got {position!r}")
+    if position == "learned" and config.get("position_offset", 0) >= config["max_position_embeddings"]:
+        fail("position_offset must be below max_position_embeddings")
+    if _relative(config) or config.get("relative_attention_max_distance") is not None:
+        check_relative(config, fail)
+    if config.get("first_attn_norm") is False and config["norm_position"] != "pre":
+        fail("'first_attn_norm' false needs norm_position pre")
+    if config.get("local_rope_theta") is not None and position != "rope":
+        fail("'local_rope_theta' needs rope positions")
     pooling = config.get("pooling")
     if pooling is not None:
         if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:
@@ -62,12 +92,13 @@ def _check(config, fail):
 
 ENCODER = Architecture(
     "encoder",
-    families=("bert", "roberta", "distilbert"),
+    families=("bert", "roberta", "distilbert", "mpnet", "modernbert"),
     fields=FIELDS,
     dims=encoder_dims,
     tensors=(
         token_embedding(),
-        Tensor("pos_embed.weight", ("P", "H"), lookup=True),
+        Tensor("pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
+        *relative_bias("", _relative),
         Tensor("token_type_embed.weight", ("T", "H"), when=_types, lookup=True),
         *norm("embed_norm", required=False),
         *norm("final_norm", when=pre_norm),

@@ -10,8 +10,8 @@ from . import bert, gpt2, llama, seq2seq
 
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (llama.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, seq2seq.TRANSFORMER,
-              seq2seq.MARIAN, seq2seq.T5)
+    for f in (llama.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, bert.MPNET, bert.MODERNBERT,
+              seq2seq.TRANSFORMER, seq2seq.MARIAN, seq2seq.T5)
 }
 
 
