@@ -79,6 +79,12 @@ SPECS = {
         hidden_size=60, num_attention_heads=5, intermediate_size=70, max_position_embeddings=162,
         pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=3,
     ), "bpe"),
+    # ModernBERT's head: mean pooling, dense, GELU, a norm without bias, the classifier.
+    "modernbert_cls": ("ModernBertForSequenceClassification", "ModernBertConfig", dict(
+        hidden_size=40, num_attention_heads=2, intermediate_size=36, num_hidden_layers=3,
+        global_attn_every_n_layers=2, local_attention=16, max_position_embeddings=160, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2, num_labels=3, classifier_pooling="mean",
+    ), "bpe"),
     "distilbert_cls": ("DistilBertForSequenceClassification", "DistilBertConfig", dict(
         dim=48, n_heads=2, hidden_dim=80, max_position_embeddings=160, num_labels=4,
         problem_type="multi_label_classification",
@@ -272,6 +278,8 @@ def test_encoder_configs(tiny):
     assert modern["norm_bias"] is False and modern["first_attn_norm"] is False
     assert modern["rope_theta"] == 5000.0 and modern["local_rope_theta"] == 300.0
     assert modern["local_attention_window"] == 12 and modern["global_attention_every"] == 3
+    head = json.loads((tiny("modernbert_cls").dir / "config.json").read_text())["classifier"]
+    assert (head["kind"], head["pooling"], head["activation"], head["num_labels"]) == ("modernbert", "mean", "gelu", 3)
 
     from pyxf.tensorfile import read_safetensors
 
@@ -549,14 +557,14 @@ def test_half_precision_encoder(tiny, tmp_path):
 
 
 @needs_core
-@pytest.mark.parametrize("name", ["bert_cls", "roberta_cls", "distilbert_cls", "mpnet_cls"])
+@pytest.mark.parametrize("name", ["bert_cls", "roberta_cls", "distilbert_cls", "mpnet_cls", "modernbert_cls"])
 def test_sequence_classification_matches_transformers(tiny, name):
     import torch
 
     t = tiny(name)
     texts = texts_of_lengths(t.tokenizer, [2, 30, 128, 7, 64, 12, 90], seed=8)
     batch = t.tokenizer(texts, padding=True, return_tensors="pt")
-    if name.startswith(("distilbert", "mpnet")):
+    if name.startswith(("distilbert", "mpnet", "modernbert")):
         batch.pop("token_type_ids", None)
     with torch.no_grad():
         logits = t.hf(**batch).logits.numpy()

@@ -28,7 +28,8 @@ ENCODERS = {
                   relative_attention_max_distance=128, classifier={"kind": "roberta", "num_labels": 2}),
     "modernbert": dict(family="modernbert", norm_position="pre", position="rope", gated_ffn=True, norm_bias=False,
                        first_attn_norm=False, rope_theta=160000.0, local_rope_theta=10000.0,
-                       local_attention_window=5, global_attention_every=3),
+                       local_attention_window=5, global_attention_every=3,
+                       classifier={"kind": "modernbert", "num_labels": 2, "pooling": "mean", "activation": "gelu"}),
 }
 SEQ2SEQ = {
     "transformer": dict(),

@@ -10,7 +10,10 @@ from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_n
                      stack_dims, token_embedding)
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
 
-CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
+CLASSIFIER_KINDS = ("bert", "roberta", "distilbert", "modernbert")
+# ModernBERT's head: the pooled state (first token or mean) -> dense -> activation -> norm -> classifier.
+CLASSIFIER_POOLINGS = ("cls", "mean")
+CLASSIFIER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
@@ -22,7 +25,8 @@ FIELDS = STACK_FIELDS + (
     Field("max_length", "size", default=None, doc="default tokenization length"),
     Field("pooler", "bool", default=False, doc="BERT's tanh pooler is present"),
     Field("pooling", "object", default=None, doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize}}"),
-    Field("classifier", "object", default=None, doc="{kind, num_labels, id2label, problem_type, score_activation}"),
+    Field("classifier", "object", default=None,
+          doc="{kind, num_labels, id2label, problem_type, score_activation; modernbert: pooling, activation}"),
     *RELATIVE_FIELDS,  # MPNet's bias by relative position (bidirectional buckets)
     Field("norm_bias", "bool", default=True, doc="LayerNorms have a bias (ModernBERT: false)"),
     Field("first_attn_norm", "bool", default=True, doc="false: layer 0 has no attention norm (pre-norm only)"),
@@ -85,6 +89,11 @@ def _check(config, fail):
             fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
         if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
+        if head.get("pooling", "cls") not in CLASSIFIER_POOLINGS:
+            fail(f"'classifier.pooling' must be one of {', '.join(CLASSIFIER_POOLINGS)}, got {head.get('pooling')!r}")
+        if head.get("activation", "gelu") not in CLASSIFIER_ACTIVATIONS:
+            fail(f"'classifier.activation' must be one of {', '.join(CLASSIFIER_ACTIVATIONS)}, "
+                 f"got {head.get('activation')!r}")
         if head.get("score_activation", "sigmoid") not in SCORE_ACTIVATIONS:
             fail(f"'classifier.score_activation' must be one of {', '.join(SCORE_ACTIVATIONS)}, "
                  f"got {head.get('score_activation')!r}")
@@ -106,7 +115,10 @@ ENCODER = Architecture(
         *linear("pooler.dense", "H", "H", quantizable=False, reader=PYTHON,
                 required=lambda c: bool(c.get("pooler")) or _head_kind(c) == "bert"),
         *linear("classifier.dense", "H", "H", quantizable=False, reader=PYTHON,
-                required=lambda c: _head_kind(c) in ("roberta", "distilbert")),
+                required=lambda c: _head_kind(c) in ("roberta", "distilbert", "modernbert")),
+        Tensor("classifier.norm.weight", ("H",), reader=PYTHON, when=lambda c: _head_kind(c) == "modernbert"),
+        Tensor("classifier.norm.bias", ("H",), reader=PYTHON,
+               when=lambda c: _head_kind(c) == "modernbert" and c.get("norm_bias", True) is not False),
         *linear("classifier", "L", "H", quantizable=False, reader=PYTHON, when=lambda c: bool(c.get("classifier"))),
     ),
     stacks=(Stack("layers.", "num_layers", block()),),

@@ -146,20 +146,37 @@ def _modernbert_layer_rules() -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+_MODERNBERT_GLOBAL_RULES = (
+    rule("embed.weight", "embeddings.tok_embeddings.weight"),
+    rule("embed_norm.weight", "embeddings.norm.weight"),
+    rule("embed_norm.bias", "embeddings.norm.bias", optional=True),
+    rule("final_norm.weight", "final_norm.weight"),
+    rule("final_norm.bias", "final_norm.bias", optional=True),
+)
 _MODERNBERT_HF = TensorTable(
-    global_rules=(
-        rule("embed.weight", "embeddings.tok_embeddings.weight"),
-        rule("embed_norm.weight", "embeddings.norm.weight"),
-        rule("embed_norm.bias", "embeddings.norm.bias", optional=True),
-        rule("final_norm.weight", "final_norm.weight"),
-        rule("final_norm.bias", "final_norm.bias", optional=True),
-    ),
+    global_rules=_MODERNBERT_GLOBAL_RULES,
     layer_rules=_modernbert_layer_rules(),
     strip_prefixes=("model.",),
     # ModernBertForMaskedLM's head: not converted (pyxf runs the encoder)
     ignore_suffixes=("head.dense.weight", "head.dense.bias", "head.norm.weight", "head.norm.bias",
                      "decoder.weight", "decoder.bias"),
 )
+# ModernBertForSequenceClassification: its head (dense, activation, norm) and the classifier.
+_MODERNBERT_CLASSIFIER_HF = TensorTable(
+    global_rules=(
+        *_MODERNBERT_GLOBAL_RULES,
+        *_linear_rules("classifier.dense", "head.dense"),
+        rule("classifier.norm.weight", "head.norm.weight"),
+        rule("classifier.norm.bias", "head.norm.bias", optional=True),
+        *_linear_rules("classifier", "classifier"),
+    ),
+    layer_rules=_modernbert_layer_rules(),
+    strip_prefixes=("model.",),
+)
+
+
+def _modernbert_tables(config: dict) -> TensorTable:
+    return _MODERNBERT_CLASSIFIER_HF if config.get("classifier") else _MODERNBERT_HF
 
 
 # Labels named LABEL_i one by one when a config gives num_labels without id2label (as transformers
@@ -319,6 +336,10 @@ def modernbert_config(hf: dict) -> dict:
     if isinstance(local_attention, bool) or not isinstance(local_attention, int) or local_attention < 0:
         raise ValueError(f"local_attention must be a non-negative integer, got {local_attention!r}")
     global_theta, local_theta = _modernbert_rope_thetas(hf)
+    classifier = _classifier(hf, "modernbert")
+    if classifier is not None:
+        classifier.update(pooling=hf.get("classifier_pooling", "cls"),
+                          activation=activation_name(hf.get("classifier_activation", "gelu")))
     return {
         "family": "modernbert",
         "architecture": "encoder",
@@ -352,7 +373,7 @@ def modernbert_config(hf: dict) -> dict:
         "type_vocab_size": 0,
         "tie_word_embeddings": False,
         "pooler": False,
-        "classifier": None,
+        "classifier": classifier,
         "pooling": None,  # sentence-transformers pooling, filled by the HF reader
         **common_config(hf),
     }
@@ -367,13 +388,14 @@ def _modernbert_finalize(config: dict, source_names: set) -> dict:
                if f"layers.{i}.attn_norm.weight" not in source_names]
     if missing:
         raise ValueError(f"the checkpoint lacks {', '.join(missing[:3])}")
-    return config
+    return _encoder_finalize(config, source_names)
 
 
 _HEAD_SOURCES = {  # classifier kind -> source tensors its head needs
     "bert": ("pooler.dense.weight", "classifier.weight"),
     "roberta": ("classifier.dense.weight", "classifier.out_proj.weight"),
     "distilbert": ("pre_classifier.weight", "classifier.weight"),
+    "modernbert": ("head.dense.weight", "head.norm.weight", "classifier.weight"),
 }
 
 
@@ -442,9 +464,10 @@ MPNET = Family(
 
 MODERNBERT = Family(
     name="modernbert",
-    hf_architectures=("ModernBertModel", "ModernBertForMaskedLM"),
+    hf_architectures=("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"),
     hf_model_types=("modernbert",),
     hf=_MODERNBERT_HF,
+    hf_tables=_modernbert_tables,
     hf_config=modernbert_config,
     finalize=_modernbert_finalize,
     write_tokenizer=write_encoder_tokenizer,
