@@ -24,10 +24,7 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
   }
   if (c.position == PositionKind::kLearned) m.pos_embed = w.floats(prefix + "pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.floats(prefix + "token_type_embed.weight", {c.type_vocab_size, H});
-  if (c.has_embed_norm) {
-    m.embed_norm = c.norm_bias ? w.norm(prefix + "embed_norm", H, false, false)
-                               : hidden_norm(c, w, prefix + "embed_norm", false);
-  }
+  if (c.has_embed_norm) m.embed_norm = hidden_norm(c, w, prefix + "embed_norm", false);
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = prefix + "layers." + std::to_string(i) + ".";
     LayerWeights L;

@@ -60,7 +60,7 @@ struct ModelConfig {
   }
 
   bool is_local(int layer) const { return local_window > 0 && layer % global_every != 0; }
-  // The RoPE frequencies a layer rotates by.
+  // Whether a layer rotates q and k by the local layers' own RoPE frequencies.
   bool local_rope(int layer) const { return is_local(layer) && !local_rope_inv_freq.empty(); }
 
   int q_dim() const { return num_heads * head_dim; }
