@@ -11,7 +11,7 @@ from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
 from pyxf.relative_position import relative_bias_table
-from pyxf.rope import rope_parameters
+from pyxf.rope import rope_tables
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
@@ -42,26 +42,12 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     if formats:
         core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
-        core_config.update(_rope_tables(config))
+        core_config.update(rope_tables(config))
     if config.get("relative_attention_num_buckets") is not None:
         weights = _with_relative_table(config, weights)
         core_config["rel_pos_radius"] = config["relative_attention_max_distance"]
     core_model = core().Model(core_config, weights)
     return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
-
-
-def _rope_tables(config):
-    """The core's RoPE values: the frequencies and cos/sin scale, and local layers' frequencies when
-    they have a RoPE base of their own (ModernBERT's local_rope_theta; the same scaling)."""
-    inv_freq, scaling = rope_parameters(config)
-    tables = {"rope_inv_freq": inv_freq, "rope_attention_scaling": scaling}
-    if config.get("local_rope_theta") is not None:
-        local_inv_freq, local_scaling = rope_parameters({**config, "rope_theta": config["local_rope_theta"]})
-        if local_scaling != scaling:
-            raise ValueError("local and global layers' RoPE scalings give different attention scales; "
-                             "pyxf supports one")
-        tables["local_rope_inv_freq"] = local_inv_freq
-    return tables
 
 
 def _with_relative_table(config, weights):

@@ -276,8 +276,8 @@ def test_encoder_configs(tiny):
     modern = json.loads((tiny("modernbert").dir / "config.json").read_text())
     assert modern["norm_position"] == "pre" and modern["position"] == "rope" and modern["gated_ffn"] is True
     assert modern["norm_bias"] is False and modern["first_attn_norm"] is False
-    assert modern["rope_theta"] == 5000.0 and modern["local_rope_theta"] == 300.0
-    assert modern["local_attention_window"] == 12 and modern["global_attention_every"] == 3
+    assert modern["rope_theta"] == 5000.0 and modern["rope_local_theta"] == 300.0
+    assert (modern["sliding_window"], modern["sliding_window_pattern"], modern["global_layer_phase"]) == (12, 3, 0)
     head = json.loads((tiny("modernbert_cls").dir / "config.json").read_text())["classifier"]
     assert (head["kind"], head["pooling"], head["activation"], head["num_labels"]) == ("modernbert", "mean", "gelu", 3)
 
@@ -385,10 +385,10 @@ def test_unsupported_mpnet_and_modernbert_configs_are_refused():
     modern = dict(architectures=["ModernBertModel"], vocab_size=50, hidden_size=16, num_hidden_layers=4,
                   num_attention_heads=2, intermediate_size=20, local_attention=8)
     config = normalized_config(modern)
-    assert (config["global_attention_every"], config["local_attention_window"]) == (3, 5)
-    assert (config["rope_theta"], config["local_rope_theta"]) == (160000.0, 10000.0)  # transformers' defaults
+    assert (config["sliding_window_pattern"], config["sliding_window"]) == (3, 5)
+    assert (config["rope_theta"], config["rope_local_theta"]) == (160000.0, 10000.0)  # transformers' defaults
     every_2 = ["full_attention", "sliding_attention"] * 2
-    assert normalized_config({**modern, "layer_types": every_2})["global_attention_every"] == 2
+    assert normalized_config({**modern, "layer_types": every_2})["sliding_window_pattern"] == 2
     with pytest.raises(ValueError, match="not global every n-th layer"):
         normalized_config({**modern, "layer_types": ["sliding_attention", "full_attention"] * 2})
     with pytest.raises(ValueError, match="RoPE scaling"):

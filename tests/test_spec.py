@@ -27,8 +27,8 @@ ENCODERS = {
     "mpnet": dict(family="mpnet", position_offset=2, relative_attention_num_buckets=32,
                   relative_attention_max_distance=128, classifier={"kind": "roberta", "num_labels": 2}),
     "modernbert": dict(family="modernbert", norm_position="pre", position="rope", gated_ffn=True, norm_bias=False,
-                       first_attn_norm=False, rope_theta=160000.0, local_rope_theta=10000.0,
-                       local_attention_window=5, global_attention_every=3,
+                       first_attn_norm=False, rope_theta=160000.0, rope_local_theta=10000.0,
+                       sliding_window=5, sliding_window_pattern=3, global_layer_phase=0,
                        classifier={"kind": "modernbert", "num_labels": 2, "pooling": "mean", "activation": "gelu"}),
 }
 SEQ2SEQ = {

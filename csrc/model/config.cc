@@ -49,18 +49,20 @@ PositionKind position_kind(const std::string& name) {
   throw invalid_argument("unknown position scheme '" + name + "'");
 }
 
-// Local and global layers: the window of local layers, which layers are global, and the RoPE
-// frequencies of local layers (as many as the global ones).
-void read_local_layers(const ConfigValues& v, ModelConfig& c) {
-  const long window = integer_or(v, "local_attention_window", 0);
-  if (window < 0 || window > (1L << 30)) throw invalid_argument("local_attention_window must be in [0, 2^30]");
-  c.local_window = (int)window;
-  c.global_every = size(integer_or(v, "global_attention_every", 1), "global_attention_every");
-  if (c.local_window > 0 && c.position == PositionKind::kRope && v.has("local_rope_inv_freq")) {
-    c.local_rope_inv_freq = v.floats("local_rope_inv_freq");
-    if (c.local_rope_inv_freq.size() != c.rope_inv_freq.size()) {
-      throw invalid_argument("local_rope_inv_freq must have as many entries as rope_inv_freq");
+// Which layers attend within a sliding window, and how far.
+void read_sliding_window(const ConfigValues& v, ModelConfig& c) {
+  c.sliding_window = v.has("sliding_window") ? size(v.integer("sliding_window"), "sliding_window") : 0;
+  c.sliding_window_pattern =
+      v.has("sliding_window_pattern") ? size(v.integer("sliding_window_pattern"), "sliding_window_pattern") : 0;
+  if (v.has("global_layer_phase")) {
+    const long phase = v.integer("global_layer_phase");
+    if (phase < 0 || phase >= c.sliding_window_pattern) {
+      throw invalid_argument("global_layer_phase must be in [0, sliding_window_pattern)");
     }
+    c.global_layer_phase = (int)phase;
+  }
+  if (c.has_local_rope() && c.sliding_window == 0) {
+    throw invalid_argument("rope_local_inv_freq needs a sliding_window (local layers)");
   }
 }
 
@@ -100,8 +102,14 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
     if (c.rope_dim == 0 || c.rope_dim > c.head_dim || c.rope_dim > 1024) {
       throw invalid_argument("rope_inv_freq must have between 1 and head_dim/2 entries");
     }
+    if (v.has("rope_local_inv_freq")) {
+      c.rope_local_inv_freq = v.floats("rope_local_inv_freq");
+      if (c.rope_local_inv_freq.size() != c.rope_inv_freq.size()) {
+        throw invalid_argument("rope_local_inv_freq must have as many entries as rope_inv_freq");
+      }
+    }
   }
-  read_local_layers(v, c);
+  read_sliding_window(v, c);
   return c;
 }
 

@@ -36,12 +36,15 @@ struct ModelConfig {
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
-  // Local and global layers (ModernBERT): layer i is global when i % global_every == 0; the others
-  // see keys within local_window (|i - j| < local_window) and rotate by local_rope_inv_freq when
-  // it is given. local_window 0: every layer is global.
-  int local_window = 0;
-  int global_every = 1;
-  std::vector<float> local_rope_inv_freq;
+  // Local layers' own RoPE frequencies (ModernBERT's local_rope_theta); empty: they use rope_inv_freq.
+  std::vector<float> rope_local_inv_freq;
+  // Sliding-window attention: a query at position p sees keys j with |p - j| < sliding_window (0:
+  // every key; causal stacks see only j <= p besides). With sliding_window_pattern N > 0 only the
+  // local layers are windowed: layer i is global when i % N == global_layer_phase (default N - 1,
+  // the last of every N; ModernBERT: 0, the first).
+  int sliding_window = 0;
+  int sliding_window_pattern = 0;
+  int global_layer_phase = -1;
   bool tied_embeddings = false;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence
@@ -59,9 +62,15 @@ struct ModelConfig {
     return position == PositionKind::kLearned ? max_positions - position_offset : 1 << 30;
   }
 
-  bool is_local(int layer) const { return local_window > 0 && layer % global_every != 0; }
-  // Whether a layer rotates q and k by the local layers' own RoPE frequencies.
-  bool local_rope(int layer) const { return is_local(layer) && !local_rope_inv_freq.empty(); }
+  // Whether layer `layer` attends within the sliding window (and rotates with the local RoPE table).
+  bool local_layer(int layer) const {
+    if (sliding_window == 0) return false;
+    if (sliding_window_pattern == 0) return true;
+    const int phase = global_layer_phase < 0 ? sliding_window_pattern - 1 : global_layer_phase;
+    return layer % sliding_window_pattern != phase;
+  }
+  int attention_window(int layer) const { return local_layer(layer) ? sliding_window : 0; }
+  bool has_local_rope() const { return !rope_local_inv_freq.empty(); }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
@@ -87,7 +96,7 @@ kernels::Activation activation_from_name(const std::string& name);
 
 // A decoder-only or encoder model (config.json "architecture" decoder | encoder). Besides
 // config.json's keys the core reads "rope_inv_freq" and "rope_attention_scaling" (made in Python
-// from rope_theta / rope_scaling) for RoPE models, "local_rope_inv_freq" for local layers with a
+// from rope_theta / rope_scaling) for RoPE models, "rope_local_inv_freq" for local layers with a
 // RoPE base of their own, and "rel_pos_radius" for encoders with a relative position bias table.
 ModelConfig model_config(const ConfigValues& values);
 

@@ -21,7 +21,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
   grow(rope_cs, rows * c.rope_dim);
-  if (!c.local_rope_inv_freq.empty()) grow(local_rope_cs, rows * c.rope_dim);
+  if (c.has_local_rope()) grow(rope_local_cs, rows * c.rope_dim);
 }
 
 Transformer::Transformer(ModelConfig config, ModelWeights weights)
@@ -106,9 +106,9 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     StageTimer rope_timer(Stage::kRope);
     K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
                  config_.rope_attention_scaling, ws.rope_cs.data());
-    if (!config_.local_rope_inv_freq.empty()) {
-      K.rope_table(ws.pos.data(), rows, config_.local_rope_inv_freq.data(), config_.rope_dim / 2,
-                   config_.rope_attention_scaling, ws.local_rope_cs.data());
+    if (config_.has_local_rope()) {  // local layers' frequencies are not scaled
+      K.rope_table(ws.pos.data(), rows, config_.rope_local_inv_freq.data(), config_.rope_dim / 2, 1.0f,
+                   ws.rope_local_cs.data());
     }
   }
 }
@@ -181,8 +181,9 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.
-    const float* cs = c.local_rope(layer) ? ws.local_rope_cs.data() : ws.rope_cs.data();
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, cs, c.rope_interleaved);
+    const float* table = c.has_local_rope() && c.local_layer(layer) ? ws.rope_local_cs.data() : ws.rope_cs.data();
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, table,
+           c.rope_interleaved);
   }
 
   attention_views(layer, seqs, n, ws);

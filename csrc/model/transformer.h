@@ -33,7 +33,7 @@ void apply_linear(const Linear& w, const float* x, long rows, long in, long out,
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
   std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
-  std::vector<float> local_rope_cs;  // the same for local layers' frequencies, when they have their own
+  std::vector<float> rope_local_cs;  // the same with the local layers' frequencies (has_local_rope)
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
   void reserve(const ModelConfig& c, long rows);

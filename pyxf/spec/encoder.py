@@ -30,10 +30,12 @@ FIELDS = STACK_FIELDS + (
     *RELATIVE_FIELDS,  # MPNet's bias by relative position (bidirectional buckets)
     Field("norm_bias", "bool", default=True, doc="LayerNorms have a bias (ModernBERT: false)"),
     Field("first_attn_norm", "bool", default=True, doc="false: layer 0 has no attention norm (pre-norm only)"),
-    Field("local_attention_window", "count", default=0,
-          doc="local layers see keys j with |i - j| < it; 0: every layer is global"),
-    Field("global_attention_every", "size", default=1, doc="layer i is global when i % it == 0"),
-    Field("local_rope_theta", "positive", default=None, doc="local layers' RoPE base; null: rope_theta"),
+    # Local attention (ModernBERT): a query at position i sees the keys j with |i - j| < W.
+    Field("sliding_window", "size", default=None, doc="W: local layers see keys within it; null: none"),
+    Field("sliding_window_pattern", "size", default=None,
+          doc="N: only some layers are local, layer i global when i % N == global_layer_phase; null: all"),
+    Field("global_layer_phase", "count", default=None, doc="in [0, N); null: N - 1 (ModernBERT: 0)"),
+    Field("rope_local_theta", "positive", default=None, doc="local layers' RoPE base, unscaled; null: rope_theta"),
 )
 
 
@@ -69,8 +71,14 @@ def _check(config, fail):
         check_relative(config, fail)
     if config.get("first_attn_norm") is False and config["norm_position"] != "pre":
         fail("'first_attn_norm' false needs norm_position pre")
-    if config.get("local_rope_theta") is not None and position != "rope":
-        fail("'local_rope_theta' needs rope positions")
+    for field in ("sliding_window_pattern", "global_layer_phase", "rope_local_theta"):
+        if config.get(field) is not None and config.get("sliding_window") is None:
+            fail(f"{field!r} describes local layers, but 'sliding_window' is null")
+    if config.get("rope_local_theta") is not None and position != "rope":
+        fail("'rope_local_theta' needs rope positions")
+    phase = config.get("global_layer_phase")
+    if phase is not None and not phase < (config.get("sliding_window_pattern") or 0):
+        fail(f"'global_layer_phase' must be below sliding_window_pattern, got {phase!r}")
     pooling = config.get("pooling")
     if pooling is not None:
         if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:

@@ -360,14 +360,15 @@ def modernbert_config(hf: dict) -> dict:
         "gated_ffn": True,
         "position": "rope",
         "rope_theta": global_theta,
-        "local_rope_theta": local_theta,
+        "rope_local_theta": local_theta,
         "rope_scaling": None,
         "rope_interleaved": False,
         "partial_rotary_factor": 1.0,
         # A local layer sees keys within local_attention / 2 on either side (transformers'
-        # sliding_window = local_attention // 2, inclusive).
-        "local_attention_window": local_attention // 2 + 1,
-        "global_attention_every": _modernbert_global_every(hf, layers),
+        # sliding_window = local_attention // 2, inclusive); every n-th layer from layer 0 is global.
+        "sliding_window": local_attention // 2 + 1,
+        "sliding_window_pattern": _modernbert_global_every(hf, layers),
+        "global_layer_phase": 0,
         "max_position_embeddings": hf.get("max_position_embeddings", 8192),
         "position_offset": 0,
         "type_vocab_size": 0,
