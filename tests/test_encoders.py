@@ -50,18 +50,19 @@ SPECS = {
         pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
     ), "bpe"),
     # Pre-norm with RoPE, 4 heads of 18, GeGLU, LayerNorms without biases, layer 0 without an
-    # attention norm; layers 0 and 3 global, the others local with a window of 2 * 11 + 1 keys
-    # (shorter than most test sequences) and a RoPE base of their own.
+    # attention norm; layers 0 and 3 global, the others local with a RoPE base of their own. The
+    # window (130 keys on either side) covers the test sequences: pyxf refuses longer ones until the
+    # attention kernel applies windows.
     "modernbert": ("ModernBertModel", "ModernBertConfig", dict(
         hidden_size=72, num_attention_heads=4, intermediate_size=50, num_hidden_layers=5,
-        global_attn_every_n_layers=3, local_attention=22, global_rope_theta=5000.0, local_rope_theta=300.0,
+        global_attn_every_n_layers=3, local_attention=260, global_rope_theta=5000.0, local_rope_theta=300.0,
         max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0,
         sep_token_id=2, norm_eps=1e-5, embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0,
     ), "bpe"),
-    # ModernBERT with every bias (norms, attention, MLP) and an odd window (local_attention 9: 4 on either side).
+    # ModernBERT with every bias (norms, attention, MLP) and an odd local_attention (131: 65 on either side).
     "modernbert_bias": ("ModernBertModel", "ModernBertConfig", dict(
         hidden_size=48, num_attention_heads=3, intermediate_size=40, num_hidden_layers=3,
-        global_attn_every_n_layers=2, local_attention=9, norm_bias=True, attention_bias=True, mlp_bias=True,
+        global_attn_every_n_layers=2, local_attention=261, norm_bias=True, attention_bias=True, mlp_bias=True,
         max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0,
         sep_token_id=2, hidden_activation="gelu_pytorch_tanh",
     ), "bpe"),
@@ -82,7 +83,7 @@ SPECS = {
     # ModernBERT's head: mean pooling, dense, GELU, a norm without bias, the classifier.
     "modernbert_cls": ("ModernBertForSequenceClassification", "ModernBertConfig", dict(
         hidden_size=40, num_attention_heads=2, intermediate_size=36, num_hidden_layers=3,
-        global_attn_every_n_layers=2, local_attention=16, max_position_embeddings=160, pad_token_id=1,
+        global_attn_every_n_layers=2, local_attention=260, max_position_embeddings=160, pad_token_id=1,
         bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2, num_labels=3, classifier_pooling="mean",
     ), "bpe"),
     "distilbert_cls": ("DistilBertForSequenceClassification", "DistilBertConfig", dict(
@@ -277,7 +278,7 @@ def test_encoder_configs(tiny):
     assert modern["norm_position"] == "pre" and modern["position"] == "rope" and modern["gated_ffn"] is True
     assert modern["norm_bias"] is False and modern["first_attn_norm"] is False
     assert modern["rope_theta"] == 5000.0 and modern["rope_local_theta"] == 300.0
-    assert (modern["sliding_window"], modern["sliding_window_pattern"], modern["global_layer_phase"]) == (12, 3, 0)
+    assert (modern["sliding_window"], modern["sliding_window_pattern"], modern["global_layer_phase"]) == (131, 3, 0)
     head = json.loads((tiny("modernbert_cls").dir / "config.json").read_text())["classifier"]
     assert (head["kind"], head["pooling"], head["activation"], head["num_labels"]) == ("modernbert", "mean", "gelu", 3)
 
@@ -371,6 +372,16 @@ def test_masked_lm_checkpoints_run_their_encoder(tiny, tmp_path, name, mlm_class
     base.name, base.hf, base.tokenizer = name, mlm, t.tokenizer
     for mine, ref in zip(model.encode(texts, output="tokens"), base.hf_hidden(texts)):
         assert mine.shape == ref.shape and max_abs_err(mine, ref) <= TOLERANCE
+
+
+@needs_core
+def test_sequences_longer_than_the_window_are_refused(tiny):
+    """Until the attention kernel applies windows, ModernBERT runs only sequences its window covers
+    (where windowed and full attention agree) and refuses longer ones, naming the window."""
+    model = tiny("modernbert").model
+    assert model.encode([[5] * 131], output="tokens", max_length=131)[0].shape == (131, 72)
+    with pytest.raises(ValueError, match="longer than the model's sliding attention window of 131 tokens"):
+        model.encode([[5] * 132], max_length=132)
 
 
 def test_unsupported_mpnet_and_modernbert_configs_are_refused():

@@ -266,6 +266,13 @@ long Transformer::run_layers(const SeqBatch* seqs, int n, Workspace& ws) const {
     if ((cache && length > cache->capacity()) || length > c.max_sequence()) {
       throw std::length_error("sequence exceeds its KV cache capacity or the model's positions");
     }
+    // The attention kernel does not apply windows yet: a sequence within the window attends to
+    // the same keys with or without it, a longer one would not and is refused.
+    if (c.sliding_window > 0 && length > c.sliding_window) {
+      throw std::length_error("a sequence of " + std::to_string(length) + " tokens is longer than the model's " +
+                              "sliding attention window of " + std::to_string(c.sliding_window) +
+                              " tokens, which pyxf does not apply yet");
+    }
     rows += seqs[s].n_new;
   }
   if (rows == 0) return 0;
