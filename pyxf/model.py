@@ -4,12 +4,14 @@ this module by the config's architecture), logits, sessions, generation, embeddi
 import warnings
 from pathlib import Path
 
+import numpy as np
 
 from pyxf import quant, quant_mix, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
-from pyxf.rope import longrope_original_context, rope_parameters
+from pyxf.relative_position import relative_bias_table
+from pyxf.rope import longrope_original_context, rope_tables
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
@@ -40,9 +42,22 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     if formats:
         core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
-        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config, context_length)
+        core_config.update(rope_tables(config, context_length))
+    if config.get("relative_attention_num_buckets") is not None:
+        weights = _with_relative_table(config, weights)
+        core_config["rel_pos_radius"] = config["relative_attention_max_distance"]
     core_model = core().Model(core_config, weights)
     return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
+
+
+def _with_relative_table(config, weights):
+    """An encoder's bias by relative position (MPNet): the bidirectional bucket table
+    `rel_bias.weight` expanded into the core's table by relative position, "rel_pos_table"."""
+    weight = weights["rel_bias.weight"]
+    weight = bf16_to_float32(weight) if config["dtype"] == "bfloat16" else np.asarray(weight, dtype=np.float32)
+    table = relative_bias_table(weight, True, config["relative_attention_num_buckets"],
+                                config["relative_attention_max_distance"])
+    return {**weights, "rel_pos_table": table}
 
 
 def quantize_weights(config, weights, method, embeddings=True):

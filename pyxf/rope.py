@@ -58,6 +58,18 @@ def rope_parameters(config, context_length=None):
     return inv_freq, attention_scaling
 
 
+def rope_tables(config, context_length=None):
+    """What the core reads for RoPE: every layer's frequencies and scale (for `context_length`, as
+    rope_parameters), and the local layers' own frequencies when they have a base of their own
+    (ModernBERT's rope_local_theta, unscaled)."""
+    inv_freq, scaling = rope_parameters(config, context_length)
+    tables = {"rope_inv_freq": inv_freq, "rope_attention_scaling": scaling}
+    if config.get("rope_local_theta") is not None:
+        local = {**config, "rope_theta": config["rope_local_theta"], "rope_scaling": None}
+        tables["rope_local_inv_freq"], _ = rope_parameters(local)
+    return tables
+
+
 def _rope_parameters(config, scaling, kind, context_length):
     base = float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     partial = config.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0

@@ -1,5 +1,5 @@
-"""Encoders (BERT, RoBERTa, DistilBERT): conversion, last hidden states, pooling and sequence
-classification against transformers, and the encode()/classify() API.
+"""Encoders (BERT, RoBERTa, DistilBERT, MPNet, ModernBERT): conversion, last hidden states, pooling
+and sequence classification against transformers, and the encode()/classify() API.
 
 Tiny random models are built with transformers (eager attention) beside tokenizers made on the spot
 (WordPiece for BERT/DistilBERT, byte-level BPE for RoBERTa), saved with save_pretrained and converted
@@ -43,6 +43,28 @@ SPECS = {
     "distilbert": ("DistilBertModel", "DistilBertConfig", dict(
         dim=64, n_heads=4, hidden_dim=90, max_position_embeddings=160, activation="relu",
     ), "wordpiece"),
+    # 3 heads of 20, positions offset by 2, relative position buckets (sequences of up to 130
+    # tokens reach the last bucket, at distance 128).
+    "mpnet": ("MPNetModel", "MPNetConfig", dict(
+        hidden_size=60, num_attention_heads=3, intermediate_size=88, max_position_embeddings=162,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+    ), "bpe"),
+    # Pre-norm with RoPE, 4 heads of 18, GeGLU, LayerNorms without biases, layer 0 without an
+    # attention norm; layers 0 and 3 global, the others local with a window of 2 * 11 + 1 keys
+    # (shorter than most test sequences) and a RoPE base of their own.
+    "modernbert": ("ModernBertModel", "ModernBertConfig", dict(
+        hidden_size=72, num_attention_heads=4, intermediate_size=50, num_hidden_layers=5,
+        global_attn_every_n_layers=3, local_attention=22, global_rope_theta=5000.0, local_rope_theta=300.0,
+        max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0,
+        sep_token_id=2, norm_eps=1e-5, embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0,
+    ), "bpe"),
+    # ModernBERT with every bias (norms, attention, MLP) and an odd window (local_attention 9: 4 on either side).
+    "modernbert_bias": ("ModernBertModel", "ModernBertConfig", dict(
+        hidden_size=48, num_attention_heads=3, intermediate_size=40, num_hidden_layers=3,
+        global_attn_every_n_layers=2, local_attention=9, norm_bias=True, attention_bias=True, mlp_bias=True,
+        max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0,
+        sep_token_id=2, hidden_activation="gelu_pytorch_tanh",
+    ), "bpe"),
     # Classifiers: BERT (pooler + linear), RoBERTa (dense + tanh + out_proj), DistilBERT
     # (pre_classifier + ReLU + classifier, multi-label).
     "bert_cls": ("BertForSequenceClassification", "BertConfig", dict(
@@ -52,6 +74,16 @@ SPECS = {
     "roberta_cls": ("RobertaForSequenceClassification", "RobertaConfig", dict(
         hidden_size=64, num_attention_heads=4, intermediate_size=96, type_vocab_size=1,
         max_position_embeddings=162, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2,
+    ), "bpe"),
+    "mpnet_cls": ("MPNetForSequenceClassification", "MPNetConfig", dict(
+        hidden_size=60, num_attention_heads=5, intermediate_size=70, max_position_embeddings=162,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=3,
+    ), "bpe"),
+    # ModernBERT's head: mean pooling, dense, GELU, a norm without bias, the classifier.
+    "modernbert_cls": ("ModernBertForSequenceClassification", "ModernBertConfig", dict(
+        hidden_size=40, num_attention_heads=2, intermediate_size=36, num_hidden_layers=3,
+        global_attn_every_n_layers=2, local_attention=16, max_position_embeddings=160, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2, num_labels=3, classifier_pooling="mean",
     ), "bpe"),
     "distilbert_cls": ("DistilBertForSequenceClassification", "DistilBertConfig", dict(
         dim=48, n_heads=2, hidden_dim=80, max_position_embeddings=160, num_labels=4,
@@ -136,7 +168,7 @@ def build_hf(name, out):
     dropout = ({"dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0} if config_class == "DistilBertConfig"
                else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
     config = getattr(transformers, config_class)(
-        vocab_size=tokenizer.get_vocab_size(), attn_implementation="eager", **layers, **dropout, **kwargs,
+        vocab_size=tokenizer.get_vocab_size(), attn_implementation="eager", **{**layers, **dropout, **kwargs},
     )
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).eval()
@@ -174,7 +206,7 @@ class Tiny:
 
         kwargs = dict(truncation=True, max_length=max_length) if max_length else {}
         batch = self.tokenizer(texts, padding=True, return_tensors="pt", **kwargs)
-        if "distilbert" in self.name:
+        if self.name.startswith(("distilbert", "mpnet", "modernbert")):  # models without token types
             batch.pop("token_type_ids", None)
         base = getattr(self.hf, self.hf.base_model_prefix, self.hf)
         with torch.no_grad():
@@ -238,8 +270,23 @@ def test_encoder_configs(tiny):
     assert json.loads((tiny("distilbert_cls").dir / "config.json").read_text())["classifier"]["problem_type"] == (
         "multi_label_classification")
 
+    mpnet = json.loads((tiny("mpnet").dir / "config.json").read_text())
+    assert mpnet["family"] == "mpnet" and mpnet["position_offset"] == 2 and mpnet["type_vocab_size"] == 0
+    assert mpnet["relative_attention_num_buckets"] == 32 and mpnet["relative_attention_max_distance"] == 128
+    modern = json.loads((tiny("modernbert").dir / "config.json").read_text())
+    assert modern["norm_position"] == "pre" and modern["position"] == "rope" and modern["gated_ffn"] is True
+    assert modern["norm_bias"] is False and modern["first_attn_norm"] is False
+    assert modern["rope_theta"] == 5000.0 and modern["rope_local_theta"] == 300.0
+    assert (modern["sliding_window"], modern["sliding_window_pattern"], modern["global_layer_phase"]) == (12, 3, 0)
+    head = json.loads((tiny("modernbert_cls").dir / "config.json").read_text())["classifier"]
+    assert (head["kind"], head["pooling"], head["activation"], head["num_labels"]) == ("modernbert", "mean", "gelu", 3)
+
     from pyxf.tensorfile import read_safetensors
 
+    names = set(read_safetensors(tiny("modernbert").dir / "model.safetensors"))
+    assert "layers.0.attn_norm.weight" not in names and "layers.1.attn_norm.weight" in names
+    assert not any(n.endswith(".bias") for n in names) and "rel_bias.weight" in read_safetensors(
+        tiny("mpnet").dir / "model.safetensors")
     names = set(read_safetensors(tiny("roberta_cls").dir / "model.safetensors"))
     assert {"classifier.dense.weight", "classifier.weight", "token_type_embed.weight", "embed_norm.bias"} <= names
     assert "layers.1.attn.qkv.weight" in names and not any("lm_head" in n for n in names)
@@ -298,12 +345,62 @@ def test_masked_lm_converts_and_missing_head_fails(tiny, tmp_path):
         convert(tmp_path / "headless", tmp_path / "headless-out", progress=False)
 
 
+@needs_core
+@pytest.mark.parametrize("name, mlm_class", [("mpnet", "MPNetForMaskedLM"), ("modernbert", "ModernBertForMaskedLM")])
+def test_masked_lm_checkpoints_run_their_encoder(tiny, tmp_path, name, mlm_class):
+    """A masked-LM checkpoint converts without its LM head (every other tensor used) and runs as
+    transformers' encoder inside it."""
+    import transformers
+
+    from pyxf.convert import convert
+    import pyxf
+
+    t = tiny(name)
+    config = type(t.hf.config).from_pretrained(t.hf_dir)
+    config.architectures = [mlm_class]
+    mlm = getattr(transformers, mlm_class)(config).eval()
+    _init_weights(mlm, seed=5)
+    mlm.save_pretrained(tmp_path / "mlm")
+    t.tokenizer.save_pretrained(tmp_path / "mlm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = convert(tmp_path / "mlm", tmp_path / "out", progress=False)
+    model = pyxf.load(out)
+    texts = texts_of_lengths(t.tokenizer, [3, 60, 25], seed=9)
+    base = Tiny.__new__(Tiny)
+    base.name, base.hf, base.tokenizer = name, mlm, t.tokenizer
+    for mine, ref in zip(model.encode(texts, output="tokens"), base.hf_hidden(texts)):
+        assert mine.shape == ref.shape and max_abs_err(mine, ref) <= TOLERANCE
+
+
+def test_unsupported_mpnet_and_modernbert_configs_are_refused():
+    from pyxf.convert.families import normalized_config
+
+    mpnet = dict(architectures=["MPNetModel"], vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                 num_attention_heads=2, intermediate_size=20)
+    assert normalized_config(mpnet)["relative_attention_num_buckets"] == 32
+    with pytest.raises(ValueError, match="uses 32 buckets"):
+        normalized_config({**mpnet, "relative_attention_num_buckets": 64})
+
+    modern = dict(architectures=["ModernBertModel"], vocab_size=50, hidden_size=16, num_hidden_layers=4,
+                  num_attention_heads=2, intermediate_size=20, local_attention=8)
+    config = normalized_config(modern)
+    assert (config["sliding_window_pattern"], config["sliding_window"]) == (3, 5)
+    assert (config["rope_theta"], config["rope_local_theta"]) == (160000.0, 10000.0)  # transformers' defaults
+    every_2 = ["full_attention", "sliding_attention"] * 2
+    assert normalized_config({**modern, "layer_types": every_2})["sliding_window_pattern"] == 2
+    with pytest.raises(ValueError, match="not global every n-th layer"):
+        normalized_config({**modern, "layer_types": ["sliding_attention", "full_attention"] * 2})
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        normalized_config({**modern, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}})
+
+
 # ---------------------------------------------------------------------------------------------
 # hidden states
 
 
 @needs_core
-@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "mpnet", "modernbert", "modernbert_bias"])
 @pytest.mark.parametrize("batch_size", [1, 3, 33])
 def test_last_hidden_state_matches_transformers(tiny, name, batch_size):
     t = tiny(name)
@@ -354,7 +451,7 @@ def test_token_ids_and_types_through_the_core(tiny, name):
 
 
 @needs_core
-@pytest.mark.parametrize("name", ["bert", "roberta"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "mpnet", "modernbert"])
 def test_token_id_inputs_match_transformers(tiny, name):
     """encode() also takes token-id lists: the whole sequence as given (special tokens included by
     the caller), beside texts in one call, cut to max_length."""
@@ -459,14 +556,14 @@ def test_half_precision_encoder(tiny, tmp_path):
 
 
 @needs_core
-@pytest.mark.parametrize("name", ["bert_cls", "roberta_cls", "distilbert_cls"])
+@pytest.mark.parametrize("name", ["bert_cls", "roberta_cls", "distilbert_cls", "mpnet_cls", "modernbert_cls"])
 def test_sequence_classification_matches_transformers(tiny, name):
     import torch
 
     t = tiny(name)
     texts = texts_of_lengths(t.tokenizer, [2, 30, 128, 7, 64, 12, 90], seed=8)
     batch = t.tokenizer(texts, padding=True, return_tensors="pt")
-    if "distilbert" in name:
+    if name.startswith(("distilbert", "mpnet", "modernbert")):
         batch.pop("token_type_ids", None)
     with torch.no_grad():
         logits = t.hf(**batch).logits.numpy()

@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 
 import pyxf  # noqa: E402
 from helpers import build_marian, randomize, train_sentencepiece  # noqa: E402
-from pyxf.seq2seq import relative_position_buckets, sinusoidal_table  # noqa: E402
+from pyxf.relative_position import relative_position_buckets  # noqa: E402
+from pyxf.seq2seq import sinusoidal_table  # noqa: E402
 
 LOGITS_ATOL = 1e-4
 ISAS = core.info()["isas"]

@@ -29,6 +29,12 @@ ENCODERS = {
     "roberta": dict(family="roberta", position_offset=2, type_vocab_size=1,
                     classifier={"kind": "roberta", "num_labels": 2, "id2label": ["x", "y"]}),
     "distilbert": dict(family="distilbert", classifier={"kind": "distilbert", "num_labels": 2, "id2label": ["x", "y"]}),
+    "mpnet": dict(family="mpnet", position_offset=2, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, classifier={"kind": "roberta", "num_labels": 2}),
+    "modernbert": dict(family="modernbert", norm_position="pre", position="rope", gated_ffn=True, norm_bias=False,
+                       first_attn_norm=False, rope_theta=160000.0, rope_local_theta=10000.0,
+                       sliding_window=5, sliding_window_pattern=3, global_layer_phase=0,
+                       classifier={"kind": "modernbert", "num_labels": 2, "pooling": "mean", "activation": "gelu"}),
     # A decoder used as an encoder (Qwen3-Embedding): causal, RoPE, q/k norms, last-token pooling.
     "qwen3 embedding": dict(family="llama", causal=True, norm="rmsnorm", norm_position="pre", activation="silu",
                             gated_ffn=True, position="rope", qk_norm=True, pooling={"mode": "lasttoken", "normalize": True},
@@ -93,10 +99,12 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
     hf = [family.hf_tables(config, names) for names in _hf_source_names(config)] if family.hf_tables else [family.hf]
     tables = [*hf, *gguf]
     # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
-    # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
+    # Qwen3's q/k norms, ModernBERT's table the norm biases of checkpoints that have them): a target
+    # must be in the spec of this config or of its variant.
     layouts = [spec.tensor_layout(config)]
-    if config["family"] == "llama":
-        layouts.append(spec.tensor_layout({**config, "qk_norm": True}))
+    variants = {"llama": {"qk_norm": True}, "modernbert": {"norm_bias": True}}
+    if config["family"] in variants:
+        layouts.append(spec.tensor_layout({**config, **variants[config["family"]]}))
     for table in tables:
         rules = [*table.global_rules, *table.layer_rules, *table.encoder_layer_rules]
         if table.lm_head is not None and not config["tie_word_embeddings"]:

@@ -3,8 +3,14 @@
 #include <stdexcept>
 
 namespace pyxf {
-
 namespace {
+
+// A norm over the hidden size: LayerNorm's bias is required unless the config has none
+// (norm_bias false: not requested at all), RMSNorm's optional.
+Norm hidden_norm(const ModelConfig& c, WeightBinder& w, const std::string& name, bool required) {
+  if (!c.norm_bias) return Norm{w.floats(name + ".weight", {c.hidden_size}, required), nullptr};
+  return w.norm(name, c.hidden_size, required, required && c.norm == NormKind::kLayer);
+}
 
 // A mixture-of-experts FFN: the router, the stacked experts (a view of each expert's rows) and the
 // optional shared expert with its gate.
@@ -27,7 +33,6 @@ ExpertWeights bind_experts(const ModelConfig& c, WeightBinder& w, const std::str
 ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string& prefix,
                         const std::string& embed_name) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
-  const bool layer_norm = c.norm == NormKind::kLayer;
   ModelWeights m;
   m.embed = w.matrix(embed_name, V, H);
   if (!m.embed.segments.empty()) {
@@ -36,13 +41,15 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
   if (c.position == PositionKind::kLearned) m.pos_embed = w.floats(prefix + "pos_embed.weight", {c.max_positions, H});
   if (c.type_vocab_size > 0) m.type_embed = w.floats(prefix + "token_type_embed.weight", {c.type_vocab_size, H});
   if (c.embed_norm != Presence::kAbsent) {
-    const bool required = c.embed_norm == Presence::kRequired;
-    m.embed_norm = w.norm(prefix + "embed_norm", H, required, required && layer_norm);
+    m.embed_norm = hidden_norm(c, w, prefix + "embed_norm", c.embed_norm == Presence::kRequired);
   }
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = prefix + "layers." + std::to_string(i) + ".";
     LayerWeights L;
-    L.attn_norm = w.norm(p + "attn_norm", H, true, layer_norm);
+    // Without first_attn_norm the tensor is optional in every layer (one pattern for the stack),
+    // and only layer 0 may lack it.
+    L.attn_norm = hidden_norm(c, w, p + "attn_norm", c.first_attn_norm);
+    if (i > 0 && !L.attn_norm.weight) throw std::invalid_argument("missing tensor '" + p + "attn_norm.weight'");
     L.qkv = w.linear(p + "attn.qkv", c.qkv_dim(), H);
     L.attn_out = w.linear(p + "attn.out", H, c.q_dim());
     if (c.qk_norm) {
@@ -50,7 +57,7 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
       L.q_norm.weight = w.floats(p + "attn.q_norm.weight", {c.q_norm_width()});
       L.k_norm.weight = w.floats(p + "attn.k_norm.weight", {c.k_norm_width()});
     }
-    L.ffn_norm = w.norm(p + "ffn_norm", H, true, layer_norm);
+    L.ffn_norm = hidden_norm(c, w, p + "ffn_norm", true);
     if (c.moe()) {
       L.experts = bind_experts(c, w, p + "ffn.");
     } else {
@@ -60,10 +67,10 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
     m.layers.push_back(L);
   }
   if (!c.post_norm) {
-    m.final_norm = w.norm(prefix + "final_norm", H, true, layer_norm);
+    m.final_norm = hidden_norm(c, w, prefix + "final_norm", true);
   } else if (c.optional_final_norm) {
     m.final_norm = w.norm(prefix + "final_norm", H, false, false);
-    if (layer_norm && m.final_norm.weight && !m.final_norm.bias) {
+    if (c.norm == NormKind::kLayer && m.final_norm.weight && !m.final_norm.bias) {
       throw std::invalid_argument("missing tensor '" + prefix + "final_norm.bias'");
     }
   }

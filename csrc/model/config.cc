@@ -69,6 +69,23 @@ void read_experts(const ConfigValues& v, ModelConfig& c) {
   }
 }
 
+// Which layers attend within a sliding window, and how far.
+void read_sliding_window(const ConfigValues& v, ModelConfig& c) {
+  c.sliding_window = v.has("sliding_window") ? size(v.integer("sliding_window"), "sliding_window") : 0;
+  c.sliding_window_pattern =
+      v.has("sliding_window_pattern") ? size(v.integer("sliding_window_pattern"), "sliding_window_pattern") : 0;
+  if (v.has("global_layer_phase")) {
+    const long phase = v.integer("global_layer_phase");
+    if (phase < 0 || phase >= c.sliding_window_pattern) {
+      throw invalid_argument("global_layer_phase must be in [0, sliding_window_pattern)");
+    }
+    c.global_layer_phase = (int)phase;
+  }
+  if (c.has_local_rope() && c.sliding_window == 0) {
+    throw invalid_argument("rope_local_inv_freq needs a sliding_window (local layers)");
+  }
+}
+
 // What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.
 ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   ModelConfig c;
@@ -86,9 +103,12 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   if (norm != "rmsnorm" && norm != "layernorm") throw invalid_argument("unknown norm '" + norm + "'");
   c.norm = norm == "rmsnorm" ? NormKind::kRms : NormKind::kLayer;
   c.norm_eps = (float)v.number("norm_eps");
+  c.norm_bias = boolean_or(v, "norm_bias", true);
   const std::string placement = text_or(v, "norm_position", "pre");
   if (placement != "pre" && placement != "post") throw invalid_argument("unknown norm_position '" + placement + "'");
   c.post_norm = placement == "post";
+  c.first_attn_norm = boolean_or(v, "first_attn_norm", true);
+  if (c.post_norm && !c.first_attn_norm) throw invalid_argument("first_attn_norm false needs norm_position pre");
   c.activation = activation_from_name(v.text("activation"));
   c.gated_ffn = v.boolean("gated_ffn");
   c.qk_norm = boolean_or(v, "qk_norm", false);
@@ -106,8 +126,23 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
     if (c.rope_dim == 0 || c.rope_dim > c.head_dim || c.rope_dim > 1024) {
       throw invalid_argument("rope_inv_freq must have between 1 and head_dim/2 entries");
     }
+    if (v.has("rope_local_inv_freq")) {
+      c.rope_local_inv_freq = v.floats("rope_local_inv_freq");
+      if (c.rope_local_inv_freq.size() != c.rope_inv_freq.size()) {
+        throw invalid_argument("rope_local_inv_freq must have as many entries as rope_inv_freq");
+      }
+    }
   }
+  read_sliding_window(v, c);
   return c;
+}
+
+// The radius of a relative position bias table ("rel_pos_radius", made in Python from the
+// checkpoint's buckets); 0: none.
+int relative_radius(const ConfigValues& v) {
+  const long radius = integer_or(v, "rel_pos_radius", 0);
+  if (radius < 0 || radius > (1L << 20)) throw invalid_argument("rel_pos_radius must be in [0, 2^20]");
+  return (int)radius;
 }
 
 }  // namespace
@@ -130,6 +165,7 @@ ModelConfig model_config(const ConfigValues& v) {
   if (c.position == PositionKind::kLearned && c.position_offset >= c.max_positions) {
     throw invalid_argument("position_offset must be below max_position_embeddings");
   }
+  c.rel_pos_radius = encoder ? relative_radius(v) : 0;
   return c;
 }
 

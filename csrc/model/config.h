@@ -26,7 +26,9 @@ struct ModelConfig {
   int max_positions = 0;
   NormKind norm = NormKind::kRms;
   float norm_eps = 1e-5f;
+  bool norm_bias = true;         // LayerNorms have a bias (ModernBERT: none)
   bool post_norm = false;        // BERT-style: norm after the residual add
+  bool first_attn_norm = true;   // layer 0 normalizes attention's input (ModernBERT: no, the embedding norm did)
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
   bool qk_norm = false;          // RMSNorm of q and of k before RoPE: over each head (Qwen3), or
@@ -42,6 +44,15 @@ struct ModelConfig {
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
+  // Local layers' own RoPE frequencies (ModernBERT's local_rope_theta); empty: they use rope_inv_freq.
+  std::vector<float> rope_local_inv_freq;
+  // Sliding-window attention: a query at position p sees keys j with |p - j| < sliding_window (0:
+  // every key; causal stacks see only j <= p besides). With sliding_window_pattern N > 0 only the
+  // local layers are windowed: layer i is global when i % N == global_layer_phase (default N - 1,
+  // the last of every N; ModernBERT: 0, the first).
+  int sliding_window = 0;
+  int sliding_window_pattern = 0;
+  int global_layer_phase = -1;
   bool tied_embeddings = false;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence
@@ -59,6 +70,16 @@ struct ModelConfig {
   int max_sequence() const {
     return position == PositionKind::kLearned ? max_positions - position_offset : 1 << 30;
   }
+
+  // Whether layer `layer` attends within the sliding window (and rotates with the local RoPE table).
+  bool local_layer(int layer) const {
+    if (sliding_window == 0) return false;
+    if (sliding_window_pattern == 0) return true;
+    const int phase = global_layer_phase < 0 ? sliding_window_pattern - 1 : global_layer_phase;
+    return layer % sliding_window_pattern != phase;
+  }
+  int attention_window(int layer) const { return local_layer(layer) ? sliding_window : 0; }
+  bool has_local_rope() const { return !rope_local_inv_freq.empty(); }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
@@ -87,7 +108,8 @@ kernels::Activation activation_from_name(const std::string& name);
 
 // A decoder-only or encoder model (config.json "architecture" decoder | encoder). Besides
 // config.json's keys the core reads "rope_inv_freq" and "rope_attention_scaling" (made in Python
-// from rope_theta / rope_scaling) for RoPE models.
+// from rope_theta / rope_scaling) for RoPE models, "rope_local_inv_freq" for local layers with a
+// RoPE base of their own, and "rel_pos_radius" for encoders with a relative position bias table.
 ModelConfig model_config(const ConfigValues& values);
 
 // An encoder-decoder model's two stacks: sinusoidal positions arrive as tables and become learned

@@ -23,6 +23,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
   grow(rope_cs, rows * c.rope_dim);
+  if (c.has_local_rope()) grow(rope_local_cs, rows * c.rope_dim);
 }
 
 Transformer::Transformer(ModelConfig config, ModelWeights weights)
@@ -107,6 +108,10 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     StageTimer rope_timer(Stage::kRope);
     K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
                  config_.rope_attention_scaling, ws.rope_cs.data());
+    if (config_.has_local_rope()) {  // local layers' frequencies are not scaled
+      K.rope_table(ws.pos.data(), rows, config_.rope_local_inv_freq.data(), config_.rope_dim / 2, 1.0f,
+                   ws.rope_local_cs.data());
+    }
   }
 }
 
@@ -155,7 +160,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   const long H = c.hidden_size, D = c.head_dim, qkv_dim = c.qkv_dim();
 
   const float* in = ws.x.data();
-  if (!c.post_norm) {
+  if (!c.post_norm && L.attn_norm.weight) {  // absent: layer 0 without first_attn_norm
     norm(L.attn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
@@ -178,7 +183,8 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, ws.rope_cs.data(),
+    const float* table = c.has_local_rope() && c.local_layer(layer) ? ws.rope_local_cs.data() : ws.rope_cs.data();
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, table,
            c.rope_interleaved);
   }
 
@@ -191,6 +197,7 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   shape.out_row_stride = c.q_dim();
   shape.causal = c.causal;
   attention_shape(shape);
+  shape.window = c.attention_window(layer);
   {
     StageTimer timer(Stage::kAttention);
     K.attention(ws.attn_seqs.data(), n, shape);

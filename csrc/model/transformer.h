@@ -40,6 +40,7 @@ void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long r
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
   std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
+  std::vector<float> rope_local_cs;  // the same with the local layers' frequencies (has_local_rope)
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
   ExpertScratch experts;  // mixture-of-experts FFNs

@@ -1,7 +1,7 @@
 """The pieces every architecture shares: the config fields of a transformer stack, its
 dimensions, and the tensors of one block (attention, FFN, their norms). Imports only the schema."""
 
-from .schema import EMBEDDING, Field, Tensor, linear, norm
+from .schema import EMBEDDING, PYTHON, Field, Tensor, linear, norm
 
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
@@ -96,12 +96,15 @@ def _dense_not_gated(config):
 
 def _shared_expert(config):
     return _moe(config) and bool(config.get("shared_expert_intermediate_size"))
+def _attn_norm_required(config):
+    # Without first_attn_norm (ModernBERT), layer 0 has none; the core requires it in the others.
+    return config.get("first_attn_norm", True) is not False
 
 
 # One block: self-attention and FFN with their norms; `cross` adds cross-attention between them.
 def block(cross=False):
     tensors = [
-        *norm("attn_norm"),
+        *norm("attn_norm", required=_attn_norm_required),
         *linear("attn.qkv", "QKV", "H", parts=(("q", "Q"), ("k", "KVD"), ("v", "KVD"))),
         *linear("attn.out", "H", "Q"),
         # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE; OLMoE: over the whole
@@ -146,3 +149,41 @@ def token_embedding(name="embed.weight", rows="V", when=None):
 
 def pre_norm(config):
     return config["norm_position"] == "pre"
+
+
+# A bias on attention scores by relative position (T5, MPNet): the checkpoint's table by bucket
+# `rel_bias.weight` [buckets, heads] (read by Python) becomes, at load, a table by relative position
+# -R .. R (R = relative_attention_max_distance: beyond it the bucket no longer changes), which the
+# core adds to the scores. The table is bounded since it is made from config values alone.
+MAX_RELATIVE_DISTANCE = 2**16
+
+RELATIVE_FIELDS = (
+    Field("relative_attention_num_buckets", "size", default=None),
+    Field("relative_attention_max_distance", "size", default=None),
+)
+
+
+def relative_dims(config):
+    return {"NB": config.get("relative_attention_num_buckets") or 0,
+            "R2": 2 * (config.get("relative_attention_max_distance") or 0) + 1}
+
+
+def relative_bias(prefix, when):
+    """The bucket table and the table by distance made from it at load."""
+    return (
+        Tensor(f"{prefix}rel_bias.weight", ("NB", "Hq"), when=when, reader=PYTHON),
+        Tensor(f"{prefix}rel_pos_table", ("Hq", "R2"), when=when, stored=False),
+    )
+
+
+def check_relative(config, fail):
+    """The bucket count and distance of a relative position bias."""
+    buckets = config.get("relative_attention_num_buckets")
+    distance = config.get("relative_attention_max_distance")
+    for field, value in (("relative_attention_num_buckets", buckets), ("relative_attention_max_distance", distance)):
+        if value is None:
+            fail(f"{field!r} must be a positive integer, got None")
+    if distance > MAX_RELATIVE_DISTANCE:
+        fail(f"'relative_attention_max_distance' is {distance}, more than pyxf supports ({MAX_RELATIVE_DISTANCE})")
+    if buckets < 4 or distance < buckets // 2:
+        fail("relative_attention_num_buckets must be >= 4 and max_distance >= num_buckets / 2")

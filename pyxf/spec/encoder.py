@@ -1,12 +1,20 @@
-"""Encoders: BERT, RoBERTa (also XLM-R) and DistilBERT, and decoders used as encoders (Qwen3-Embedding:
-family llama, causal attention, RoPE, last-token pooling). Complete sequences, the last hidden state
-out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the head tensors are read by
-Python, not the core."""
+"""Encoders: BERT, RoBERTa (also XLM-R), DistilBERT, MPNet and ModernBERT, and decoders used as encoders
+(Qwen3-Embedding: family llama, causal attention, RoPE, last-token pooling). Complete sequences, the
+last hidden state out; pooling and classifier heads run in numpy (pyxf/encoding.py), so the head
+tensors are read by Python, not the core.
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+Positions are learned (BERT's family), learned plus a bias by relative position shared by all
+layers (MPNet), or RoPE (ModernBERT, whose local layers see a window of keys and may rotate by a
+RoPE base of their own)."""
+
+from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias, relative_dims,
+                     stack_dims, token_embedding)
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
 
-CLASSIFIER_KINDS = ("bert", "roberta", "distilbert")
+CLASSIFIER_KINDS = ("bert", "roberta", "distilbert", "modernbert")
+# ModernBERT's head: the pooled state (first token or mean) -> dense -> activation -> norm -> classifier.
+CLASSIFIER_POOLINGS = ("cls", "mean")
+CLASSIFIER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 SCORE_ACTIVATIONS = ("sigmoid", "identity", "tanh")  # a cross-encoder's, for rank() (pyxf.encoding)
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
@@ -23,13 +31,24 @@ FIELDS = STACK_FIELDS + (
           doc=f"{{mode: {' | '.join(POOLING_MODES)}, normalize, include_prompt (default true)}}"),
     Field("prompts", "object", default=None, doc="sentence-transformers' prompts: {name: text put before a text}"),
     Field("default_prompt_name", "text", default=None, doc="the prompt used when none is asked for"),
-    Field("classifier", "object", default=None, doc="{kind, num_labels, id2label, problem_type, score_activation}"),
+    Field("classifier", "object", default=None,
+          doc="{kind, num_labels, id2label, problem_type, score_activation; modernbert: pooling, activation}"),
+    *RELATIVE_FIELDS,  # MPNet's bias by relative position (bidirectional buckets)
+    Field("norm_bias", "bool", default=True, doc="LayerNorms have a bias (ModernBERT: false)"),
+    Field("first_attn_norm", "bool", default=True, doc="false: layer 0 has no attention norm (pre-norm only)"),
+    # Local attention (ModernBERT): a query at position i sees the keys j with |i - j| < W.
+    Field("sliding_window", "size", default=None, doc="W: local layers see keys within it; null: none"),
+    Field("sliding_window_pattern", "size", default=None,
+          doc="N: only some layers are local, layer i global when i % N == global_layer_phase; null: all"),
+    Field("global_layer_phase", "count", default=None, doc="in [0, N); null: N - 1 (ModernBERT: 0)"),
+    Field("rope_local_theta", "positive", default=None, doc="local layers' RoPE base, unscaled; null: rope_theta"),
 )
 
 
 def encoder_dims(config):
     head = config.get("classifier") or {}
-    return {**stack_dims(config), "T": config.get("type_vocab_size", 0), "L": head.get("num_labels", 0)}
+    return {**stack_dims(config), **relative_dims(config), "T": config.get("type_vocab_size", 0),
+            "L": head.get("num_labels", 0)}
 
 
 def _head_kind(config):
@@ -44,9 +63,28 @@ def _learned(config):
     return config["position"] == "learned"
 
 
+def _relative(config):
+    return config.get("relative_attention_num_buckets") is not None
+
+
 def _check(config, fail):
-    if config["position"] not in POSITIONS or config.get("position_offset", 0) >= config["max_position_embeddings"]:
-        fail("encoders need learned positions (with position_offset below max_position_embeddings) or RoPE")
+    position = config["position"]
+    if position not in POSITIONS:
+        fail(f"encoders need learned or rope positions, got {position!r}")
+    if position == "learned" and config.get("position_offset", 0) >= config["max_position_embeddings"]:
+        fail("position_offset must be below max_position_embeddings")
+    if _relative(config) or config.get("relative_attention_max_distance") is not None:
+        check_relative(config, fail)
+    if config.get("first_attn_norm") is False and config["norm_position"] != "pre":
+        fail("'first_attn_norm' false needs norm_position pre")
+    for field in ("sliding_window_pattern", "global_layer_phase", "rope_local_theta"):
+        if config.get(field) is not None and config.get("sliding_window") is None:
+            fail(f"{field!r} describes local layers, but 'sliding_window' is null")
+    if config.get("rope_local_theta") is not None and position != "rope":
+        fail("'rope_local_theta' needs rope positions")
+    phase = config.get("global_layer_phase")
+    if phase is not None and not phase < (config.get("sliding_window_pattern") or 0):
+        fail(f"'global_layer_phase' must be below sliding_window_pattern, got {phase!r}")
     pooling = config.get("pooling")
     if pooling is not None:
         if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:
@@ -67,6 +105,11 @@ def _check(config, fail):
             fail(f"'classifier.id2label' must list {n} label names, got {labels!r}")
         if head.get("problem_type", "single_label_classification") not in PROBLEM_TYPES:
             fail(f"'classifier.problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got {head.get('problem_type')!r}")
+        if head.get("pooling", "cls") not in CLASSIFIER_POOLINGS:
+            fail(f"'classifier.pooling' must be one of {', '.join(CLASSIFIER_POOLINGS)}, got {head.get('pooling')!r}")
+        if head.get("activation", "gelu") not in CLASSIFIER_ACTIVATIONS:
+            fail(f"'classifier.activation' must be one of {', '.join(CLASSIFIER_ACTIVATIONS)}, "
+                 f"got {head.get('activation')!r}")
         if head.get("score_activation", "sigmoid") not in SCORE_ACTIVATIONS:
             fail(f"'classifier.score_activation' must be one of {', '.join(SCORE_ACTIVATIONS)}, "
                  f"got {head.get('score_activation')!r}")
@@ -83,12 +126,13 @@ def _check_prompts(config, fail):
 
 ENCODER = Architecture(
     "encoder",
-    families=("bert", "roberta", "distilbert", "llama"),
+    families=("bert", "roberta", "distilbert", "mpnet", "modernbert", "llama"),
     fields=FIELDS,
     dims=encoder_dims,
     tensors=(
         token_embedding(),
         Tensor("pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
+        *relative_bias("", _relative),
         Tensor("token_type_embed.weight", ("T", "H"), when=_types, lookup=True),
         *norm("embed_norm", required=False),
         *norm("final_norm", when=pre_norm),
@@ -96,7 +140,10 @@ ENCODER = Architecture(
         *linear("pooler.dense", "H", "H", quantizable=False, reader=PYTHON,
                 required=lambda c: bool(c.get("pooler")) or _head_kind(c) == "bert"),
         *linear("classifier.dense", "H", "H", quantizable=False, reader=PYTHON,
-                required=lambda c: _head_kind(c) in ("roberta", "distilbert")),
+                required=lambda c: _head_kind(c) in ("roberta", "distilbert", "modernbert")),
+        Tensor("classifier.norm.weight", ("H",), reader=PYTHON, when=lambda c: _head_kind(c) == "modernbert"),
+        Tensor("classifier.norm.bias", ("H",), reader=PYTHON,
+               when=lambda c: _head_kind(c) == "modernbert" and c.get("norm_bias", True) is not False),
         *linear("classifier", "L", "H", quantizable=False, reader=PYTHON, when=lambda c: bool(c.get("classifier"))),
     ),
     stacks=(Stack("layers.", "num_layers", block()),),

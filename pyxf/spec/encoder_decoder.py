@@ -4,8 +4,9 @@ names under `encoder.`. Positions: learned tables stored per stack (BART, mBART)
 load (not stored): sinusoidal ones for both stacks, or T5's bias by relative distance [Hq, 2R + 1]
 from each stack's `rel_bias.weight` buckets."""
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
-from .schema import PYTHON, Architecture, Field, Stack, Tensor, norm
+from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias, relative_dims,
+                     stack_dims, token_embedding)
+from .schema import Architecture, Field, Stack, Tensor, norm
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat", "fairseq")
 POSITIONS = ("sinusoidal", "learned", "relative")
@@ -17,8 +18,6 @@ LANGUAGE_TARGET_SLOTS = ("forced_bos", "decoder_start")
 # Tables made at load from config values alone (they are not in the weight file), so bounded:
 # the sinusoidal position table [max_position_embeddings, hidden_size] ...
 MAX_SINUSOIDAL_ENTRIES = 2**28  # 1 GiB of float32
-# ... and T5's relative bias by distance [heads, 2 max_distance + 1] (T5 uses 128).
-MAX_RELATIVE_DISTANCE = 2**16
 
 FIELDS = STACK_FIELDS + (
     Field("num_encoder_layers", "size"),
@@ -27,8 +26,7 @@ FIELDS = STACK_FIELDS + (
     Field("sinusoidal_layout", "choice", default="interleaved", choices=SINUSOIDAL_LAYOUTS),
     Field("position_offset", "count", default=0, doc="position tables start here (BART, mBART, M2M100: 2)"),
     Field("embed_norm", "bool", default=False, doc="a norm of the embeddings of each stack (BART, mBART)"),
-    Field("relative_attention_num_buckets", "size", default=None),
-    Field("relative_attention_max_distance", "size", default=None),
+    *RELATIVE_FIELDS,
     Field("embed_scale", "positive", default=None, doc="token embeddings are multiplied by it"),
     Field("attention_scale", "positive", default=None, doc="score scale; null: 1/sqrt(head_dim)"),
     Field("head_scale", "positive", default=None, doc="the LM head's input is multiplied by it"),
@@ -45,8 +43,7 @@ FIELDS = STACK_FIELDS + (
 def seq2seq_dims(config):
     dims = stack_dims(config)
     dims["Vs"] = config.get("source_vocab_size") or config["vocab_size"]
-    dims["NB"] = config.get("relative_attention_num_buckets") or 0
-    dims["R2"] = 2 * (config.get("relative_attention_max_distance") or 0) + 1
+    dims.update(relative_dims(config))
     return dims
 
 
@@ -76,8 +73,7 @@ def _stack_ends(prefix):
     return (
         *norm(f"{prefix}embed_norm", when=_embed_norm),
         *norm(f"{prefix}final_norm", required=pre_norm),
-        Tensor(f"{prefix}rel_bias.weight", ("NB", "Hq"), when=_relative, reader=PYTHON),
-        Tensor(f"{prefix}rel_pos_table", ("Hq", "R2"), when=_relative, stored=False),
+        *relative_bias(prefix, _relative),
         Tensor(f"{prefix}pos_embed.weight", ("P", "H"), when=_sinusoidal, stored=False),
         Tensor(f"{prefix}pos_embed.weight", ("P", "H"), when=_learned, lookup=True),
     )
@@ -97,15 +93,7 @@ def _check(config, fail):
             fail(f"a sinusoidal table of max_position_embeddings x hidden_size = {entries} entries is made at "
                  f"load; pyxf supports at most {MAX_SINUSOIDAL_ENTRIES}")
     if position == "relative":
-        buckets = config.get("relative_attention_num_buckets")
-        distance = config.get("relative_attention_max_distance")
-        for field, value in (("relative_attention_num_buckets", buckets), ("relative_attention_max_distance", distance)):
-            if value is None:
-                fail(f"{field!r} must be a positive integer, got None")
-        if distance > MAX_RELATIVE_DISTANCE:
-            fail(f"'relative_attention_max_distance' is {distance}, more than pyxf supports ({MAX_RELATIVE_DISTANCE})")
-        if buckets < 4 or distance < buckets // 2:
-            fail("relative_attention_num_buckets must be >= 4 and max_distance >= num_buckets / 2")
+        check_relative(config, fail)
     _check_languages(config.get("languages"), config["vocab_size"], fail)
     forced = config.get("forced_bos_token_id")
     if forced is not None and (isinstance(forced, bool) or not isinstance(forced, int)

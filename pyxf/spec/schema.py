@@ -71,14 +71,18 @@ def linear(name, rows, cols, *, required=True, when=None, quantizable=True, read
 
 
 def norm(name, *, required=True, when=None):
-    """A norm over the hidden size: weight, and a bias that LayerNorm requires and RMSNorm lacks."""
+    """A norm over the hidden size: weight, and a bias that LayerNorm requires and RMSNorm lacks;
+    no bias at all when the config says its norms have none (norm_bias false: ModernBERT)."""
 
     def bias_required(config):
         return bool(_resolve(required, config)) and config["norm"] == "layernorm"
 
+    def bias_exists(config):
+        return (when is None or bool(when(config))) and config.get("norm_bias", True) is not False
+
     return (
         Tensor(f"{name}.weight", ("H",), required=required, when=when),
-        Tensor(f"{name}.bias", ("H",), required=bias_required, when=when),
+        Tensor(f"{name}.bias", ("H",), required=bias_required, when=bias_exists),
     )
 
 

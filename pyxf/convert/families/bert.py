@@ -1,4 +1,5 @@
-"""Encoders: BERT, RoBERTa (also XLM-R), DistilBERT; sentence-transformers checkpoints of them."""
+"""Encoders: BERT, RoBERTa (also XLM-R), DistilBERT, MPNet, ModernBERT; sentence-transformers
+checkpoints of them."""
 
 from __future__ import annotations
 
@@ -97,7 +98,85 @@ _DISTILBERT_HF = TensorTable(
     ignore_suffixes=("embeddings.position_ids",),
 )
 
+# MPNet: BERT's post-norm layers (q, k, v, o named apart) and one table of relative position
+# buckets shared by all layers.
+_MPNET_HF = TensorTable(
+    global_rules=(
+        *_BERT_EMBEDDINGS,
+        rule("rel_bias.weight", "encoder.relative_attention_bias.weight"),
+        *_linear_rules("pooler.dense", "pooler.dense"),
+        *_linear_rules("classifier.dense", "classifier.dense"),
+        *_linear_rules("classifier", "classifier.out_proj"),
+    ),
+    layer_rules=_bert_layer_rules(
+        "encoder.layer.{i}",
+        {
+            "q": "attention.attn.q",
+            "k": "attention.attn.k",
+            "v": "attention.attn.v",
+            "attn.out": "attention.attn.o",
+            "attn_norm": "attention.LayerNorm",
+            "ffn.up": "intermediate.dense",
+            "ffn.down": "output.dense",
+            "ffn_norm": "output.LayerNorm",
+        },
+    ),
+    strip_prefixes=("mpnet.",),
+    # MPNetForMaskedLM's head: not converted (pyxf runs the encoder)
+    ignore_suffixes=(
+        "embeddings.position_ids", "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight",
+        "lm_head.layer_norm.bias", "lm_head.decoder.weight", "lm_head.decoder.bias", "lm_head.bias",
+    ),
+)
 
+
+def _modernbert_layer_rules() -> tuple[Rule, ...]:
+    """Pre-norm layers; q, k, v already fused (Wqkv), and Wi holds GeGLU's activated half, then the
+    other (pyxf's gate rows, then up rows). Biases when the config has them. Layer 0 has no
+    attention norm (its input is the embedding norm's output)."""
+    base = "layers.{i}"
+    rules = [rule("layers.{i}.attn_norm.weight", f"{base}.attn_norm.weight", optional=True),
+             rule("layers.{i}.attn_norm.bias", f"{base}.attn_norm.bias", optional=True)]
+    for target, source in (("attn.qkv", "attn.Wqkv"), ("attn.out", "attn.Wo"), ("ffn.gate_up", "mlp.Wi"),
+                           ("ffn.down", "mlp.Wo")):
+        rules.append(rule(f"layers.{{i}}.{target}.weight", f"{base}.{source}.weight"))
+        rules.append(rule(f"layers.{{i}}.{target}.bias", f"{base}.{source}.bias", optional=True))
+    rules.append(rule("layers.{i}.ffn_norm.weight", f"{base}.mlp_norm.weight"))
+    rules.append(rule("layers.{i}.ffn_norm.bias", f"{base}.mlp_norm.bias", optional=True))
+    return tuple(rules)
+
+
+_MODERNBERT_GLOBAL_RULES = (
+    rule("embed.weight", "embeddings.tok_embeddings.weight"),
+    rule("embed_norm.weight", "embeddings.norm.weight"),
+    rule("embed_norm.bias", "embeddings.norm.bias", optional=True),
+    rule("final_norm.weight", "final_norm.weight"),
+    rule("final_norm.bias", "final_norm.bias", optional=True),
+)
+_MODERNBERT_HF = TensorTable(
+    global_rules=_MODERNBERT_GLOBAL_RULES,
+    layer_rules=_modernbert_layer_rules(),
+    strip_prefixes=("model.",),
+    # ModernBertForMaskedLM's head: not converted (pyxf runs the encoder)
+    ignore_suffixes=("head.dense.weight", "head.dense.bias", "head.norm.weight", "head.norm.bias",
+                     "decoder.weight", "decoder.bias"),
+)
+# ModernBertForSequenceClassification: its head (dense, activation, norm) and the classifier.
+_MODERNBERT_CLASSIFIER_HF = TensorTable(
+    global_rules=(
+        *_MODERNBERT_GLOBAL_RULES,
+        *_linear_rules("classifier.dense", "head.dense"),
+        rule("classifier.norm.weight", "head.norm.weight"),
+        rule("classifier.norm.bias", "head.norm.bias", optional=True),
+        *_linear_rules("classifier", "classifier"),
+    ),
+    layer_rules=_modernbert_layer_rules(),
+    strip_prefixes=("model.",),
+)
+
+
+def _modernbert_tables(config: dict) -> TensorTable:
+    return _MODERNBERT_CLASSIFIER_HF if config.get("classifier") else _MODERNBERT_HF
 
 
 # Labels named LABEL_i one by one when a config gives num_labels without id2label (as transformers
@@ -192,10 +271,132 @@ def distilbert_config(hf: dict) -> dict:
     )
 
 
+# transformers' MPNet buckets relative positions into 32 buckets up to distance 128, whatever
+# relative_attention_num_buckets says (MPNetEncoder.compute_position_bias).
+MPNET_BUCKETS = 32
+MPNET_MAX_DISTANCE = 128
+
+
+def mpnet_config(hf: dict) -> dict:
+    buckets = hf.get("relative_attention_num_buckets", MPNET_BUCKETS)
+    if buckets != MPNET_BUCKETS:
+        raise ValueError(f"relative_attention_num_buckets is {buckets!r}; transformers' MPNet uses {MPNET_BUCKETS} "
+                         "buckets whatever the config says, so pyxf supports only that")
+    config = _encoder_config(
+        hf, "mpnet", hidden=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+        intermediate=hf["intermediate_size"], activation=hf.get("hidden_act", "gelu"),
+        eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=0,
+        # MPNet numbers positions from padding_idx + 1, padding_idx fixed at 1 in MPNetEmbeddings.
+        position_offset=2, classifier=_classifier(hf, "roberta"),
+    )
+    config.update(relative_attention_num_buckets=MPNET_BUCKETS, relative_attention_max_distance=MPNET_MAX_DISTANCE)
+    return config
+
+
+# ModernBERT's defaults (transformers' ModernBertConfig)
+MODERNBERT_GLOBAL_THETA = 160_000.0
+MODERNBERT_LOCAL_THETA = 10_000.0
+
+
+def _modernbert_global_every(hf: dict, layers: int) -> int:
+    """n such that layer i is global exactly when i % n == 0: from `layer_types` (transformers v5)
+    when given, which must follow that pattern, else global_attn_every_n_layers."""
+    types = hf.get("layer_types")
+    if types is None:
+        every = hf.get("global_attn_every_n_layers", 3)
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(f"global_attn_every_n_layers must be a positive integer, got {every!r}")
+        return every
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"layer_types must list full_attention or sliding_attention for each of the {layers} layers")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    every = full[1] if len(full) > 1 else layers
+    if not full or full[0] != 0 or full != list(range(0, layers, every)):
+        raise ValueError(f"layer_types {types} are not global every n-th layer from layer 0; pyxf supports only that")
+    return every
+
+
+def _modernbert_rope_thetas(hf: dict) -> tuple[float, float]:
+    """(global, local) RoPE bases, from rope_parameters (transformers v5) or global_rope_theta /
+    local_rope_theta; scaled RoPE is refused."""
+    params = hf.get("rope_parameters") or {}
+    full, sliding = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    for p in (full, sliding, hf.get("rope_scaling") or {}):
+        if p.get("rope_type", p.get("type", "default")) != "default":
+            raise ValueError(f"RoPE scaling {p!r} is not supported for ModernBERT")
+    return (float(full.get("rope_theta", hf.get("global_rope_theta", MODERNBERT_GLOBAL_THETA))),
+            float(sliding.get("rope_theta", hf.get("local_rope_theta", MODERNBERT_LOCAL_THETA))))
+
+
+def modernbert_config(hf: dict) -> dict:
+    hidden, heads, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not a multiple of the {heads} heads")
+    local_attention = hf.get("local_attention", 128)
+    if isinstance(local_attention, bool) or not isinstance(local_attention, int) or local_attention < 0:
+        raise ValueError(f"local_attention must be a non-negative integer, got {local_attention!r}")
+    global_theta, local_theta = _modernbert_rope_thetas(hf)
+    classifier = _classifier(hf, "modernbert")
+    if classifier is not None:
+        classifier.update(pooling=hf.get("classifier_pooling", "cls"),
+                          activation=activation_name(hf.get("classifier_activation", "gelu")))
+    return {
+        "family": "modernbert",
+        "architecture": "encoder",
+        "causal": False,
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "head_dim": hidden // heads,
+        "intermediate_size": hf["intermediate_size"],
+        "norm": "layernorm",
+        "norm_eps": float(hf.get("norm_eps", 1e-5)),
+        "norm_bias": bool(hf.get("norm_bias", False)),
+        "norm_position": "pre",
+        "first_attn_norm": False,
+        "activation": activation_name(hf.get("hidden_activation", "gelu")),
+        "gated_ffn": True,
+        "position": "rope",
+        "rope_theta": global_theta,
+        "rope_local_theta": local_theta,
+        "rope_scaling": None,
+        "rope_interleaved": False,
+        "partial_rotary_factor": 1.0,
+        # A local layer sees keys within local_attention / 2 on either side (transformers'
+        # sliding_window = local_attention // 2, inclusive); every n-th layer from layer 0 is global.
+        "sliding_window": local_attention // 2 + 1,
+        "sliding_window_pattern": _modernbert_global_every(hf, layers),
+        "global_layer_phase": 0,
+        "max_position_embeddings": hf.get("max_position_embeddings", 8192),
+        "position_offset": 0,
+        "type_vocab_size": 0,
+        "tie_word_embeddings": False,
+        "pooler": False,
+        "classifier": classifier,
+        "pooling": None,  # sentence-transformers pooling, filled by the HF reader
+        **common_config(hf),
+    }
+
+
+def _modernbert_finalize(config: dict, source_names: set) -> dict:
+    """transformers' ModernBERT has no attention norm in layer 0 (an Identity): a checkpoint with
+    one would be run differently, and every other layer must have one."""
+    if "layers.0.attn_norm.weight" in source_names:
+        raise ValueError("layers.0.attn_norm.weight is present, but ModernBERT's layer 0 has no attention norm")
+    missing = [f"layers.{i}.attn_norm.weight" for i in range(1, config["num_layers"])
+               if f"layers.{i}.attn_norm.weight" not in source_names]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {', '.join(missing[:3])}")
+    return _encoder_finalize(config, source_names)
+
+
 _HEAD_SOURCES = {  # classifier kind -> source tensors its head needs
     "bert": ("pooler.dense.weight", "classifier.weight"),
     "roberta": ("classifier.dense.weight", "classifier.out_proj.weight"),
     "distilbert": ("pre_classifier.weight", "classifier.weight"),
+    "modernbert": ("head.dense.weight", "head.norm.weight", "classifier.weight"),
 }
 
 
@@ -247,6 +448,29 @@ DISTILBERT = Family(
     hf=_DISTILBERT_HF,
     hf_config=distilbert_config,
     finalize=_encoder_finalize,
+    write_tokenizer=write_encoder_tokenizer,
+    read_files=_read_files,
+)
+
+MPNET = Family(
+    name="mpnet",
+    hf_architectures=("MPNetModel", "MPNetForMaskedLM", "MPNetForSequenceClassification"),
+    hf_model_types=("mpnet",),
+    hf=_MPNET_HF,
+    hf_config=mpnet_config,
+    finalize=_encoder_finalize,
+    write_tokenizer=write_encoder_tokenizer,
+    read_files=_read_files,
+)
+
+MODERNBERT = Family(
+    name="modernbert",
+    hf_architectures=("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"),
+    hf_model_types=("modernbert",),
+    hf=_MODERNBERT_HF,
+    hf_tables=_modernbert_tables,
+    hf_config=modernbert_config,
+    finalize=_modernbert_finalize,
     write_tokenizer=write_encoder_tokenizer,
     read_files=_read_files,
 )
