@@ -9,7 +9,7 @@ from pyxf import quant, quant_mix, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
-from pyxf.rope import rope_parameters
+from pyxf.rope import rope_tables
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
@@ -40,7 +40,7 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     if formats:
         core_config["tensor_formats"] = dict(formats)
     if config["position"] == "rope":
-        core_config["rope_inv_freq"], core_config["rope_attention_scaling"] = rope_parameters(config)
+        core_config.update(rope_tables(config))
     core_model = core().Model(core_config, weights)
     return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
 
@@ -137,19 +137,12 @@ def describe_weights(summary):
 
 def _check_context_length(config, context_length):
     max_positions = config["max_position_embeddings"]
-    window = config.get("sliding_window")
     if context_length is None:
-        return min(max_positions, window) if window else max_positions
+        return max_positions
     if isinstance(context_length, bool) or not isinstance(context_length, int):
         raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
     if context_length <= 0:
         raise ValueError(f"context_length must be positive, got {context_length}")
-    if window and context_length > window:
-        raise ValueError(
-            f"context_length {context_length} is longer than this model's sliding attention window of {window} "
-            f"tokens, which pyxf does not implement yet: within {window} tokens full attention is the same, "
-            f"so pass context_length <= {window}"
-        )
     if context_length > max_positions:
         if config["position"] == "learned":
             raise ValueError(f"context_length {context_length} exceeds this model's {max_positions} learned positions")

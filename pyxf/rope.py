@@ -43,6 +43,17 @@ def rope_parameters(config):
     return inv_freq, attention_scaling
 
 
+def rope_tables(config):
+    """What the core reads for RoPE: every layer's frequencies and scale, and the local layers' own
+    frequencies when they have a base of their own (Gemma 3's rope_local_theta, unscaled)."""
+    inv_freq, scaling = rope_parameters(config)
+    tables = {"rope_inv_freq": inv_freq, "rope_attention_scaling": scaling}
+    if config.get("rope_local_theta") is not None:
+        local = {**config, "rope_theta": config["rope_local_theta"], "rope_scaling": None}
+        tables["rope_local_inv_freq"], _ = rope_parameters(local)
+    return tables
+
+
 def _rope_parameters(config, scaling, kind):
     base = float(config.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     partial = config.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) or 1.0

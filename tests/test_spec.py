@@ -16,6 +16,14 @@ DECODERS = {
     "llama tied": dict(),
     "llama untied": dict(tie_word_embeddings=False),
     "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
+    "qwen3": dict(qk_norm=True),
+    # Gemma 2: sandwich norms (attn_post_norm, ffn_post_norm), soft caps, every 2nd layer global.
+    "gemma2": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", num_layers=3,
+                   embed_scale=4.0, attention_scale=0.25, attention_softcap=50.0, logit_softcap=30.0,
+                   sliding_window=4, sliding_window_pattern=2),
+    # Gemma 3: and per-head q/k norms, the local layers' own RoPE base.
+    "gemma3": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", qk_norm=True,
+                   sliding_window=4, sliding_window_pattern=6, rope_local_theta=10000.0, rope_theta=1e6),
     "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
 }
 ENCODERS = {
@@ -73,10 +81,10 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
     config = pyxf.load(writer(tmp_path / "m", **overrides)).config
     family = FAMILIES[config["family"]]
     tables = [family.hf_tables(config) if family.hf_tables else family.hf, *family.gguf.values()]
-    # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
-    # Qwen3's q/k norms): a target must be in the spec of this config or of its Qwen3 variant.
+    # The tables of one family cover its variants (the qwen3 and gemma3 GGUF tables name q/k norms):
+    # a target must be in the spec of this config or of its variant with q/k norms.
     layouts = [spec.tensor_layout(config)]
-    if config["family"] == "llama":
+    if config.get("architecture", "decoder") == "decoder":
         layouts.append(spec.tensor_layout({**config, "qk_norm": True}))
     for table in tables:
         rules = [*table.global_rules, *table.layer_rules, *table.encoder_layer_rules]

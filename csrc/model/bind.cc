@@ -22,13 +22,15 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
     L.attn_norm = w.norm(p + "attn_norm", H, true, layer_norm);
     L.qkv = w.linear(p + "attn.qkv", c.qkv_dim(), H);
     L.attn_out = w.linear(p + "attn.out", H, c.q_dim());
-    if (c.qk_norm) {
-      L.q_norm = w.norm(p + "attn.q_norm", c.head_dim, true, false);
-      L.k_norm = w.norm(p + "attn.k_norm", c.head_dim, true, false);
+    if (c.qk_norm) {  // RMSNorms over head_dim: a weight, no bias
+      L.q_norm.weight = w.floats(p + "attn.q_norm.weight", {c.head_dim});
+      L.k_norm.weight = w.floats(p + "attn.k_norm.weight", {c.head_dim});
     }
+    if (c.sandwich_norm) L.attn_post_norm = w.norm(p + "attn_post_norm", H, true, layer_norm);
     L.ffn_norm = w.norm(p + "ffn_norm", H, true, layer_norm);
     L.ffn_up = w.linear(p + (c.gated_ffn ? "ffn.gate_up" : "ffn.up"), c.ffn_width(), H);
     L.ffn_down = w.linear(p + "ffn.down", H, I);
+    if (c.sandwich_norm) L.ffn_post_norm = w.norm(p + "ffn_post_norm", H, true, layer_norm);
     m.layers.push_back(L);
   }
   if (!c.post_norm) {

@@ -49,6 +49,28 @@ PositionKind position_kind(const std::string& name) {
   throw invalid_argument("unknown position scheme '" + name + "'");
 }
 
+// Scales of the embeddings and of the attention scores, and the soft caps of scores and logits.
+void read_scales(const ConfigValues& v, ModelConfig& c) {
+  c.embed_scale = (float)number_or(v, "embed_scale", 1.0);
+  c.attn_scale = (float)number_or(v, "attention_scale", 0.0);
+  c.attn_softcap = (float)number_or(v, "attention_softcap", 0.0);
+  c.logit_softcap = (float)number_or(v, "logit_softcap", 0.0);
+  if (!(c.embed_scale > 0) || !(c.attn_scale >= 0) || !(c.attn_softcap >= 0) || !(c.logit_softcap >= 0)) {
+    throw invalid_argument("embed_scale must be positive; attention_scale, attention_softcap and logit_softcap "
+                           "non-negative");
+  }
+}
+
+// Which layers attend within a sliding window, and how far back.
+void read_sliding_window(const ConfigValues& v, ModelConfig& c) {
+  c.sliding_window = v.has("sliding_window") ? size(v.integer("sliding_window"), "sliding_window") : 0;
+  c.sliding_window_pattern =
+      v.has("sliding_window_pattern") ? size(v.integer("sliding_window_pattern"), "sliding_window_pattern") : 0;
+  if (c.has_local_rope() && c.sliding_window == 0) {
+    throw invalid_argument("rope_local_inv_freq needs a sliding_window (local layers)");
+  }
+}
+
 // What every stack has: sizes, norms, FFN, position scheme. `position` is the stack's own scheme.
 ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   ModelConfig c;
@@ -67,8 +89,11 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   c.norm = norm == "rmsnorm" ? NormKind::kRms : NormKind::kLayer;
   c.norm_eps = (float)v.number("norm_eps");
   const std::string placement = text_or(v, "norm_position", "pre");
-  if (placement != "pre" && placement != "post") throw invalid_argument("unknown norm_position '" + placement + "'");
+  if (placement != "pre" && placement != "post" && placement != "sandwich") {
+    throw invalid_argument("unknown norm_position '" + placement + "'");
+  }
   c.post_norm = placement == "post";
+  c.sandwich_norm = placement == "sandwich";
   c.activation = activation_from_name(v.text("activation"));
   c.gated_ffn = v.boolean("gated_ffn");
   c.qk_norm = boolean_or(v, "qk_norm", false);
@@ -82,7 +107,15 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
     if (c.rope_dim == 0 || c.rope_dim > c.head_dim || c.rope_dim > 1024) {
       throw invalid_argument("rope_inv_freq must have between 1 and head_dim/2 entries");
     }
+    if (v.has("rope_local_inv_freq")) {
+      c.rope_local_inv_freq = v.floats("rope_local_inv_freq");
+      if (c.rope_local_inv_freq.size() != c.rope_inv_freq.size()) {
+        throw invalid_argument("rope_local_inv_freq must have as many entries as rope_inv_freq");
+      }
+    }
   }
+  read_scales(v, c);
+  read_sliding_window(v, c);
   return c;
 }
 
@@ -115,12 +148,8 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   if (position == "sinusoidal") stack_position = PositionKind::kLearned;  // a table made at load
   else if (position == "relative") stack_position = PositionKind::kNone;  // a bias in attention
   else throw invalid_argument("unknown position scheme '" + position + "' for an encoder-decoder model");
-  const float embed_scale = (float)number_or(v, "embed_scale", 1.0);
-  const float attn_scale = (float)number_or(v, "attention_scale", 0.0);
   const long radius = position == "relative" ? v.integer("rel_pos_radius") : 0;
-  if (!(embed_scale > 0) || attn_scale < 0 || radius < 0 || radius > (1L << 20)) {
-    throw invalid_argument("embed_scale must be positive, attention_scale and rel_pos_radius non-negative");
-  }
+  if (radius < 0 || radius > (1L << 20)) throw invalid_argument("rel_pos_radius must be in [0, 2^20]");
   Seq2SeqConfig s{stack_config(v, stack_position), stack_config(v, stack_position)};
   s.encoder.num_layers = size(v.integer("num_encoder_layers"), "num_encoder_layers");
   s.encoder.vocab_size = size(integer_or(v, "source_vocab_size", s.decoder.vocab_size), "source_vocab_size");
@@ -128,8 +157,6 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   s.encoder.has_lm_head = false;
   s.decoder.head_scale = (float)number_or(v, "head_scale", 1.0);
   for (ModelConfig* c : {&s.encoder, &s.decoder}) {
-    c->embed_scale = embed_scale;
-    c->attn_scale = attn_scale;
     c->rel_pos_radius = (int)radius;
     c->optional_final_norm = c->post_norm;
   }

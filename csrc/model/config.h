@@ -26,6 +26,7 @@ struct ModelConfig {
   NormKind norm = NormKind::kRms;
   float norm_eps = 1e-5f;
   bool post_norm = false;        // BERT-style: norm after the residual add
+  bool sandwich_norm = false;    // Gemma 2/3: pre-norm blocks whose output is normed again before the add
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
   bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3)
@@ -34,6 +35,15 @@ struct ModelConfig {
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
+  // Local (windowed) layers' own RoPE frequencies (Gemma 3); empty: they use rope_inv_freq.
+  std::vector<float> rope_local_inv_freq;
+  // Sliding-window attention: a query at position p sees keys j with p - j < sliding_window (0:
+  // every key). With sliding_window_pattern N > 0 only the local layers are windowed: layer i is
+  // global when (i + 1) % N == 0 (Gemma 2: N = 2, Gemma 3: N = 6).
+  int sliding_window = 0;
+  int sliding_window_pattern = 0;
+  float attn_softcap = 0.0f;     // attention scores s become attn_softcap * tanh(s / attn_softcap); 0: none
+  float logit_softcap = 0.0f;    // the LM head's logits, likewise (Gemma 2)
   bool tied_embeddings = false;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence
@@ -50,6 +60,13 @@ struct ModelConfig {
   int max_sequence() const {
     return position == PositionKind::kLearned ? max_positions - position_offset : 1 << 30;
   }
+
+  // Whether layer `layer` attends within the sliding window (and rotates with the local RoPE table).
+  bool local_layer(int layer) const {
+    return sliding_window > 0 && (sliding_window_pattern == 0 || (layer + 1) % sliding_window_pattern != 0);
+  }
+  int attention_window(int layer) const { return local_layer(layer) ? sliding_window : 0; }
+  bool has_local_rope() const { return !rope_local_inv_freq.empty(); }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }

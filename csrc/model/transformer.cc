@@ -21,6 +21,7 @@ void Workspace::reserve(const ModelConfig& c, long rows) {
   grow(head_in, rows * c.hidden_size);
   grow(pos, rows);
   grow(rope_cs, rows * c.rope_dim);
+  if (c.has_local_rope()) grow(rope_local_cs, rows * c.rope_dim);
 }
 
 Transformer::Transformer(ModelConfig config, ModelWeights weights)
@@ -105,6 +106,10 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     StageTimer rope_timer(Stage::kRope);
     K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
                  config_.rope_attention_scaling, ws.rope_cs.data());
+    if (config_.has_local_rope()) {  // local layers' frequencies have no scaling (Gemma 3)
+      K.rope_table(ws.pos.data(), rows, config_.rope_local_inv_freq.data(), config_.rope_dim / 2, 1.0f,
+                   ws.rope_local_cs.data());
+    }
   }
 }
 
@@ -176,7 +181,8 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
   if (c.position == PositionKind::kRope) {
     StageTimer timer(Stage::kRope);
     // q and k heads are adjacent in a qkv row: one call rotates both.
-    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, ws.rope_cs.data(),
+    const float* table = c.has_local_rope() && c.local_layer(layer) ? ws.rope_local_cs.data() : ws.rope_cs.data();
+    K.rope(ws.qkv.data(), rows, qkv_dim, c.num_heads + c.num_kv_heads, (int)D, c.rope_dim, table,
            c.rope_interleaved);
   }
 
@@ -193,12 +199,25 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
     StageTimer timer(Stage::kAttention);
     K.attention(ws.attn_seqs.data(), n, shape);
   }
-  // x += attn W_o^T + b: the residual add is fused into the projection.
   {
     StageTimer timer(Stage::kAttnOut);
-    apply_linear(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
+    add_output(L.attn_out, L.attn_post_norm, ws.attn.data(), rows, c.q_dim(), ws);
   }
   if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
+}
+
+// x += post_norm(in W^T + b) with sandwich norms, else x += in W^T + b with the residual add fused
+// into the projection.
+void Transformer::add_output(const Linear& w, const Norm& post_norm, const float* in, long rows, long in_dim,
+                             Workspace& ws) const {
+  const long H = config_.hidden_size;
+  if (!config_.sandwich_norm) {
+    apply_linear(w, in, rows, in_dim, H, ws.x.data(), true);
+    return;
+  }
+  apply_linear(w, in, rows, in_dim, H, ws.h.data(), false);
+  norm(post_norm, ws.h.data(), rows, ws.h.data());
+  k::active().add(ws.x.data(), ws.h.data(), rows * H);
 }
 
 void Transformer::attention_shape(k::AttentionShape& shape) const {
@@ -246,7 +265,7 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
   }
   {
     StageTimer timer(Stage::kFfnDown);
-    apply_linear(L.ffn_down, hidden, rows, I, H, ws.x.data(), true);
+    add_output(L.ffn_down, L.ffn_post_norm, hidden, rows, I, ws);
   }
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
@@ -311,6 +330,7 @@ void Transformer::head(const SeqBatch* seqs, int n, Workspace& ws, float* logits
   }
   StageTimer timer(Stage::kHead);
   apply_linear(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
+  if (c.logit_softcap > 0.0f) k::active().softcap(logits, out_rows * c.vocab_size, c.logit_softcap);
 }
 
 }  // namespace pyxf

@@ -33,6 +33,7 @@ void apply_linear(const Linear& w, const float* x, long rows, long in, long out,
 struct Workspace {
   std::vector<float> x, h, qkv, attn, ffn, act, head_in;
   std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
+  std::vector<float> rope_local_cs;  // the same with the local layers' frequencies (has_local_rope)
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
   void reserve(const ModelConfig& c, long rows);
@@ -64,6 +65,8 @@ class Transformer {
  private:
   long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
   void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
+  void add_output(const Linear& w, const Norm& post_norm, const float* in, long rows, long in_dim,
+                  Workspace& ws) const;
 
   ModelConfig config_;
   ModelWeights weights_;

@@ -85,8 +85,8 @@ def _single_value(value, key: str) -> int:
 
 
 def gguf_config(meta: dict, family_name: str, tensor_names) -> dict:
-    """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later).
-    Covers the llama-like architectures (llama, qwen2, qwen3); another family would add its own."""
+    """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later): the
+    llama-like fields, which a family's `gguf_config` hook completes (Gemma's)."""
     arch = meta["general.architecture"]
 
     def get(key, default=None):
@@ -156,6 +156,8 @@ def open_gguf(path) -> Checkpoint:
     tensors = {t.name: _dequantizer(t, path) for t in file.tensors}
     try:
         config = gguf_config(meta, family.name, tensors.keys())
+        if family.gguf_config is not None:
+            config = family.gguf_config(config, meta)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}

@@ -70,6 +70,9 @@ class Family:
     # (files_dir, normalized config) -> config fields read from files beside the checkpoint
     # (sentence-transformers' pooling of an encoder).
     read_files: Callable | None = None
+    # (config, GGUF metadata) -> config: the family's own fields, on the config read from the
+    # llama-like `{arch}.*` keys every GGUF decoder has (pyxf/convert/gguf_import.py).
+    gguf_config: Callable[[dict, dict], dict] | None = None
 
 
 # ---------------------------------------------------------------------------------------------

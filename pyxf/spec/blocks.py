@@ -4,7 +4,7 @@ dimensions, and the tensors of one block (attention, FFN, their norms). Imports 
 from .schema import EMBEDDING, Field, Tensor, linear, norm
 
 NORMS = ("rmsnorm", "layernorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "none", "sinusoidal", "relative")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -23,7 +23,8 @@ STACK_FIELDS = (
     Field("gated_ffn", "bool", doc="down(act(gate(x)) * up(x))"),
     Field("tie_word_embeddings", "bool", doc="the head is embed.weight"),
     Field("norm", "choice", choices=NORMS),
-    Field("norm_position", "choice", choices=NORM_POSITIONS, doc="pre: x + f(norm(x)); post: norm(x + f(x))"),
+    Field("norm_position", "choice", choices=NORM_POSITIONS,
+          doc="pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + post_norm(f(norm(x)))"),
     Field("activation", "choice", choices=ACTIVATIONS),
     Field("position", "choice", choices=POSITIONS),
     Field("dtype", "choice", choices=DTYPES, doc="the float type of every tensor not quantized"),
@@ -38,6 +39,13 @@ STACK_FIELDS = (
     Field("tokenizer", "text", default=None, doc="a file name in the model directory"),
     Field("chat_template", "text", default=None),
     Field("add_bos_token", "bool", default=False),
+)
+
+
+# Scales a stack may apply (decoders and encoder-decoders).
+SCALE_FIELDS = (
+    Field("embed_scale", "positive", default=None, doc="token embeddings are multiplied by it"),
+    Field("attention_scale", "positive", default=None, doc="score scale; null: 1/sqrt(head_dim)"),
 )
 
 
@@ -64,6 +72,10 @@ def _qk_norm(config):
     return bool(config.get("qk_norm"))
 
 
+def _sandwich(config):
+    return config["norm_position"] == "sandwich"
+
+
 def _not_gated(config):
     return not config["gated_ffn"]
 
@@ -74,6 +86,8 @@ def block(cross=False):
         *norm("attn_norm"),
         *linear("attn.qkv", "QKV", "H", parts=(("q", "Q"), ("k", "KVD"), ("v", "KVD"))),
         *linear("attn.out", "H", "Q"),
+        # Gemma 2/3 (norm_position sandwich): the attention's output is normed before the residual add.
+        *norm("attn_post_norm", when=_sandwich),
         # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE.
         Tensor("attn.q_norm.weight", ("D",), when=_qk_norm),
         Tensor("attn.k_norm.weight", ("D",), when=_qk_norm),
@@ -87,6 +101,7 @@ def block(cross=False):
         *linear("ffn.gate_up", "UP", "H", when=_gated, parts=(("gate", "I"), ("up", "I"))),
         *linear("ffn.up", "UP", "H", when=_not_gated),
         *linear("ffn.down", "H", "I"),
+        *norm("ffn_post_norm", when=_sandwich),
     ]
     return tuple(tensors)
 
@@ -97,4 +112,5 @@ def token_embedding(name="embed.weight", rows="V", when=None):
 
 
 def pre_norm(config):
-    return config["norm_position"] == "pre"
+    """Whether blocks norm their input (pre and sandwich), so that the stack ends in a final norm."""
+    return config["norm_position"] in ("pre", "sandwich")

@@ -1,6 +1,7 @@
-"""Decoder-only language models: Llama / Mistral / Qwen2 / SmolLM2 (family llama) and GPT-2."""
+"""Decoder-only language models: Llama / Mistral / Qwen2 / Qwen3 / SmolLM2 (family llama), Gemma 2 / 3
+(family gemma) and GPT-2."""
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+from .blocks import SCALE_FIELDS, STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
 from .schema import Architecture, Field, Stack, Tensor, norm
 
 
@@ -12,16 +13,30 @@ def _untied(config):
     return not config["tie_word_embeddings"]
 
 
+def _check(config, fail):
+    local = ("sliding_window_pattern", "rope_local_theta")
+    for field in local:
+        if config.get(field) is not None and config.get("sliding_window") is None:
+            fail(f"{field!r} describes local layers, but 'sliding_window' is null")
+    if config.get("rope_local_theta") is not None and config["position"] != "rope":
+        fail("'rope_local_theta' needs position rope")
+
+
 DECODER = Architecture(
     "decoder",
-    families=("llama", "gpt2"),
+    families=("llama", "gemma", "gpt2"),
     fields=(
         *STACK_FIELDS,
-        # Mistral-style local attention: each position sees the last W positions. pyxf has no
-        # windowed attention yet; a sequence of at most W tokens attends to all of them either way,
-        # so pyxf.load limits the context to W (asking for more is an error) and the window is honoured.
+        *SCALE_FIELDS,
+        # Local attention: a query at position p sees the keys at p - W + 1 .. p.
         Field("sliding_window", "size", default=None, doc="W: attention sees the last W positions"),
+        Field("sliding_window_pattern", "size", default=None,
+              doc="N: only some layers are local, layer i global when (i + 1) % N == 0; null: all"),
+        Field("rope_local_theta", "positive", default=None,
+              doc="the local layers' RoPE base, unscaled (Gemma 3); null: rope_theta as every layer"),
         Field("qk_norm", "bool", default=False, doc="RMSNorm over each head of q and of k before RoPE (Qwen3)"),
+        Field("attention_softcap", "positive", default=None, doc="scores s -> c tanh(s / c) (Gemma 2)"),
+        Field("logit_softcap", "positive", default=None, doc="logits z -> c tanh(z / c) (Gemma 2)"),
     ),
     dims=stack_dims,
     tensors=(
@@ -33,5 +48,6 @@ DECODER = Architecture(
         Tensor("lm_head.bias", ("V",), required=False),
     ),
     stacks=(Stack("layers.", "num_layers", block()),),
+    check=_check,
     doc="causal self-attention with a KV cache, an LM head",
 )

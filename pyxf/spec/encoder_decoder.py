@@ -3,7 +3,7 @@ names and each layer adds cross-attention; the encoder has the same names under 
 Position tables are made at load (not stored): sinusoidal ones for both stacks, or T5's bias by
 relative distance [Hq, 2R + 1] from each stack's `rel_bias.weight` buckets."""
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+from .blocks import SCALE_FIELDS, STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, norm
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
@@ -13,15 +13,13 @@ MAX_SINUSOIDAL_ENTRIES = 2**28  # 1 GiB of float32
 # ... and T5's relative bias by distance [heads, 2 max_distance + 1] (T5 uses 128).
 MAX_RELATIVE_DISTANCE = 2**16
 
-FIELDS = STACK_FIELDS + (
+FIELDS = STACK_FIELDS + SCALE_FIELDS + (
     Field("num_encoder_layers", "size"),
     Field("source_vocab_size", "size", default=None, doc="encoder vocabulary (default vocab_size)"),
     Field("shared_embeddings", "bool", default=False, doc="the encoder reads embed.weight"),
     Field("sinusoidal_layout", "choice", default="interleaved", choices=SINUSOIDAL_LAYOUTS),
     Field("relative_attention_num_buckets", "size", default=None),
     Field("relative_attention_max_distance", "size", default=None),
-    Field("embed_scale", "positive", default=None, doc="token embeddings are multiplied by it"),
-    Field("attention_scale", "positive", default=None, doc="score scale; null: 1/sqrt(head_dim)"),
     Field("head_scale", "positive", default=None, doc="the LM head's input is multiplied by it"),
     Field("decoder_start_token_id", "ids"),
     Field("forced_eos_token_id", "ids", default=None),
@@ -64,6 +62,8 @@ def _stack_ends(prefix):
 def _check(config, fail):
     if config.get("shared_embeddings") and config.get("source_vocab_size", config["vocab_size"]) != config["vocab_size"]:
         fail("shared embeddings need source_vocab_size == vocab_size")
+    if config["norm_position"] == "sandwich":
+        fail("encoder-decoder models have no sandwich norms (norm_position pre or post)")
     position = config["position"]
     if position not in ("sinusoidal", "relative"):
         fail(f"encoder-decoder models need 'position' sinusoidal or relative, got {position!r}")

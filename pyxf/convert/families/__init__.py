@@ -6,11 +6,11 @@ family")."""
 from __future__ import annotations
 
 from ..schema import Family, TensorTable
-from . import bert, gpt2, llama, seq2seq
+from . import bert, gemma, gpt2, llama, seq2seq
 
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (llama.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, seq2seq.TRANSFORMER,
+    for f in (llama.FAMILY, gemma.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, seq2seq.TRANSFORMER,
               seq2seq.MARIAN, seq2seq.T5)
 }
 
