@@ -56,8 +56,7 @@ LLAMA_SPECS = {
     )),
 }
 
-# Mistral with a sliding window shorter than its 512 positions: pyxf limits the context to the window,
-# where full attention and windowed attention agree (not in LLAMA_SPECS: its tests run past 16 tokens).
+# Mistral with a sliding window shorter than its 512 positions and than the test sequences.
 WINDOW_SPECS = {
     "mistral_window16": ("MistralForCausalLM", "MistralConfig", dict(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
