@@ -171,3 +171,25 @@ def test_sliding_window_is_honoured(tiny_models):
     ids = [helpers.BOS] + helpers.random_ids(model.vocab_size, 59, seed=3)
     assert helpers.max_abs_err(model.logits(ids), helpers.hf_logits(hf, ids)) <= helpers.LOGITS_ATOL
     helpers.check_incremental_decode(hf, model, prompt_length=7, seed=3)
+
+
+@pytest.mark.parametrize("extra,window", [
+    ({}, None),  # Qwen2's use_sliding_window defaults to false
+    ({"use_sliding_window": True}, None),  # max_window_layers (28) >= the 4 layers: none windowed
+    ({"use_sliding_window": True, "max_window_layers": 0}, 64),  # every layer windowed
+    ({"use_sliding_window": True, "max_window_layers": 2}, ValueError),  # the upper half only
+])
+def test_qwen2_sliding_window_layers(extra, window):
+    """Which Qwen2 layers transformers windows (those from max_window_layers on, with
+    use_sliding_window) is what pyxf's config says, or the conversion is refused."""
+    from pyxf.convert.families import normalized_config
+
+    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=10, hidden_size=8,
+              num_attention_heads=2, num_hidden_layers=4, intermediate_size=8, max_position_embeddings=4096,
+              sliding_window=64, **extra)
+    if window is ValueError:
+        with pytest.raises(ValueError, match="one pattern"):
+            normalized_config(hf)
+    else:
+        config = normalized_config(hf)
+        assert (config["sliding_window"], config["sliding_window_pattern"]) == (window, None)

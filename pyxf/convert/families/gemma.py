@@ -11,7 +11,7 @@ its local layers' own RoPE base.
 
 from __future__ import annotations
 
-from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
+from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window_layers
 from ..tokenizer_files import write_decoder_tokenizer
 
 GEMMA2, GEMMA3 = "gemma2", "gemma3_text"  # HF model types
@@ -92,25 +92,6 @@ def _hf_tables(config: dict) -> TensorTable:
 # configs
 
 
-def _window_pattern(layer_types, num_layers: int) -> tuple[bool, int | None]:
-    """(any local layer, N) for HF's layer_types: N such that layer i is global exactly when
-    (i + 1) % N == 0, None when every layer is local. ValueError for other arrangements."""
-    kinds = {"sliding_attention": True, "full_attention": False}
-    if not isinstance(layer_types, list) or len(layer_types) != num_layers or any(t not in kinds for t in layer_types):
-        raise ValueError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
-                         f"{num_layers} layers, got {str(layer_types)[:120]}")
-    local = [kinds[t] for t in layer_types]
-    if not any(local):
-        return False, None
-    if all(local):
-        return True, None
-    pattern = local.index(False) + 1
-    if local != [(i + 1) % pattern != 0 for i in range(num_layers)]:
-        raise ValueError(f"layer_types {layer_types} do not repeat one pattern (local layers, then a global "
-                         "one); pyxf supports such patterns only")
-    return True, pattern
-
-
 def _layer_types(hf: dict, default_pattern: int) -> list[str]:
     """HF's layer_types, or the ones its config class derives from the sliding window pattern."""
     if hf.get("layer_types") is not None:
@@ -151,10 +132,10 @@ def gemma_config(hf: dict) -> dict:
         theta, scaling, partial, local_theta = _gemma3_rope(hf)
     else:
         (theta, scaling, partial), local_theta = rope_fields(hf), None
-    any_local, pattern = _window_pattern(_layer_types(hf, 6 if gemma3 else 2), layers)
-    window = hf.get("sliding_window", 4096) if any_local else None
+    layer_types = _layer_types(hf, 6 if gemma3 else 2)
+    window, pattern = sliding_window_layers(hf.get("sliding_window", 4096), layer_types, layers)
     if window is None:
-        pattern = local_theta = None  # every layer global
+        local_theta = None  # every layer global
     defaults = {"attn_logit_softcapping": None, "final_logit_softcapping": None} if gemma3 else {
         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}  # the config classes' defaults
     return {

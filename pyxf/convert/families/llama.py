@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 
-from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule
+from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window_layers
 from ..tokenizer_files import write_decoder_tokenizer
 
 _LLAMA_HF = TensorTable(
@@ -100,14 +100,28 @@ def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable
 
 
 
+def _layer_types(hf: dict) -> list[str]:
+    """HF's layer_types, or what its config class derives: Mistral windows every layer, Qwen2 / Qwen3
+    (with use_sliding_window) the layers from max_window_layers on."""
+    if hf.get("layer_types") is not None:
+        return hf["layer_types"]
+    layers = hf["num_hidden_layers"]
+    if hf.get("model_type") in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", 28) if hf.get("use_sliding_window", False) else layers
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    return ["sliding_attention"] * layers
+
+
 def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
     window = hf.get("sliding_window")
-    if not (window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0)):
-        window = None  # absent, switched off, or as long as the context: full attention
+    if window and window >= hf.get("max_position_embeddings", 0):
+        window = None  # as long as the context: full attention
+    window, pattern = sliding_window_layers(window, _layer_types(hf), hf["num_hidden_layers"])
     return {
         "sliding_window": window,
+        "sliding_window_pattern": pattern,
         "family": "llama",
         "architecture": "decoder",
         "vocab_size": hf["vocab_size"],
