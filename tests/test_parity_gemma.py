@@ -107,6 +107,31 @@ def test_soft_caps_and_windows_change_the_logits(tiny_models):
         assert helpers.max_abs_err(helpers.hf_logits(other, ids), base) > 1e-2, change
 
 
+def test_bfloat16_checkpoint_folds_the_norms(tiny_models, tmp_path):
+    """A bfloat16 checkpoint converted to bfloat16: the norm weights are 1 + w (computed in float32,
+    then rounded), not w's bits moved as they are (what other tensors of such a conversion get)."""
+    import copy
+
+    import torch
+
+    from pyxf.convert import convert
+    from pyxf.tensorfile import bf16_to_float32, float32_to_bf16, read_safetensors
+
+    hf, _ = tiny_models("gemma3_mqa_d56_untied")
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    hf_bf16.save_pretrained(tmp_path / "hf")
+    state = {k: v.float().numpy() for k, v in hf_bf16.state_dict().items()}
+    out = convert(tmp_path / "hf", tmp_path / "out", dtype="bfloat16", progress=False)
+    stored = read_safetensors(out / "model.safetensors")
+    for ours, theirs in [("final_norm.weight", "model.norm.weight"),
+                         ("layers.1.attn.k_norm.weight", "model.layers.1.self_attn.k_norm.weight"),
+                         ("layers.0.ffn_post_norm.weight", "model.layers.0.post_feedforward_layernorm.weight")]:
+        expected = bf16_to_float32(float32_to_bf16(state[theirs] + np.float32(1)))
+        np.testing.assert_array_equal(bf16_to_float32(np.asarray(stored[ours])), expected)
+    np.testing.assert_array_equal(bf16_to_float32(np.asarray(stored["layers.0.ffn.down.weight"])),
+                                  state["model.layers.0.mlp.down_proj.weight"])
+
+
 # ---------------------------------------------------------------------------------------------
 # configs as transformers v4 and v5 write them
 
