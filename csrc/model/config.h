@@ -29,7 +29,7 @@ struct ModelConfig {
   bool sandwich_norm = false;    // Gemma 2/3: pre-norm blocks whose output is normed again before the add
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
-  bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3)
+  bool qk_norm = false;          // RMSNorm over each head of q and of k before RoPE (Qwen3, Gemma 3)
   PositionKind position = PositionKind::kRope;
   bool rope_interleaved = false;
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
