@@ -188,7 +188,7 @@ def test_qwen2_sliding_window_layers(extra, window):
               num_attention_heads=2, num_hidden_layers=4, intermediate_size=8, max_position_embeddings=4096,
               sliding_window=64, **extra)
     if window is ValueError:
-        with pytest.raises(ValueError, match="one pattern"):
+        with pytest.raises(ValueError, match="max_window_layers"):
             normalized_config(hf)
     else:
         config = normalized_config(hf)

@@ -92,13 +92,16 @@ def _hf_tables(config: dict) -> TensorTable:
 # configs
 
 
-def _layer_types(hf: dict, default_pattern: int) -> list[str]:
-    """HF's layer_types, or the ones its config class derives from the sliding window pattern."""
+def _sliding_window(hf: dict, default_pattern: int) -> tuple[int | None, int | None]:
+    """(sliding_window, sliding_window_pattern) from HF's layer_types, or from the pattern its
+    config class derives them from (every Nth layer global)."""
+    window = hf.get("sliding_window", 4096)
     if hf.get("layer_types") is not None:
-        return hf["layer_types"]
+        return sliding_window_layers(window, hf["layer_types"], hf["num_hidden_layers"])
     pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or default_pattern
-    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-            for i in range(hf["num_hidden_layers"])]
+    if not window or pattern == 1:  # no window, or every layer global
+        return None, None
+    return window, pattern
 
 
 def _gemma3_rope(hf: dict) -> tuple[float, dict | None, float, float]:
@@ -132,8 +135,7 @@ def gemma_config(hf: dict) -> dict:
         theta, scaling, partial, local_theta = _gemma3_rope(hf)
     else:
         (theta, scaling, partial), local_theta = rope_fields(hf), None
-    layer_types = _layer_types(hf, 6 if gemma3 else 2)
-    window, pattern = sliding_window_layers(hf.get("sliding_window", 4096), layer_types, layers)
+    window, pattern = _sliding_window(hf, 6 if gemma3 else 2)
     if window is None:
         local_theta = None  # every layer global
     defaults = {"attn_logit_softcapping": None, "final_logit_softcapping": None} if gemma3 else {

@@ -100,25 +100,31 @@ def _llama_gguf(q_transform: str | None, k_transform: str | None) -> TensorTable
 
 
 
-def _layer_types(hf: dict) -> list[str]:
-    """HF's layer_types, or what its config class derives: Mistral windows every layer, Qwen2 / Qwen3
-    (with use_sliding_window) the layers from max_window_layers on."""
+def _sliding_window(hf: dict) -> tuple[int | None, int | None]:
+    """(sliding_window, sliding_window_pattern): from HF's layer_types when the config lists them,
+    else as the config classes derive them: Mistral windows every layer, Qwen2 / Qwen3 (with
+    use_sliding_window) the layers from max_window_layers on. Never a list as long as the claimed
+    layer count (a config may claim 2**31 layers; the converter refuses it later)."""
+    window = hf.get("sliding_window")
+    if window and window >= hf.get("max_position_embeddings", 0):
+        window = None  # as long as the context: full attention
     if hf.get("layer_types") is not None:
-        return hf["layer_types"]
-    layers = hf["num_hidden_layers"]
-    if hf.get("model_type") in ("qwen2", "qwen3"):
-        first = hf.get("max_window_layers", 28) if hf.get("use_sliding_window", False) else layers
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    return ["sliding_attention"] * layers
+        return sliding_window_layers(window, hf["layer_types"], hf["num_hidden_layers"])
+    if not window or hf.get("model_type") not in ("qwen2", "qwen3"):
+        return window or None, None
+    first = hf.get("max_window_layers", 28) if hf.get("use_sliding_window", False) else hf["num_hidden_layers"]
+    if first >= hf["num_hidden_layers"]:
+        return None, None
+    if first > 0:
+        raise ValueError(f"only the layers from max_window_layers ({first}) on use the sliding window; pyxf "
+                         "supports windows on every layer or on a repeating pattern of layers")
+    return window, None
 
 
 def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
-    window = hf.get("sliding_window")
-    if window and window >= hf.get("max_position_embeddings", 0):
-        window = None  # as long as the context: full attention
-    window, pattern = sliding_window_layers(window, _layer_types(hf), hf["num_hidden_layers"])
+    window, pattern = _sliding_window(hf)
     return {
         "sliding_window": window,
         "sliding_window_pattern": pattern,
