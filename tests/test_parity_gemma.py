@@ -89,22 +89,31 @@ def test_converted_config_describes_the_model(pair):
     assert c["tie_word_embeddings"] == h.tie_word_embeddings
 
 
-def test_soft_caps_and_windows_change_the_logits(tiny_models):
-    """The Gemma features the tests above exercise are not no-ops for these checkpoints: without
-    a soft cap, or with every layer global, transformers' logits move far beyond 1e-4."""
+_GLOBAL_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}
+
+
+@pytest.mark.parametrize("name,change", [
+    ("gemma2_gqa_d40_softcap", {"attn_logit_softcapping": None}),
+    ("gemma2_gqa_d40_softcap", {"final_logit_softcapping": None}),
+    ("gemma2_gqa_d40_softcap", {"layer_types": ["full_attention"] * 3}),
+    ("gemma3_mqa_d56_untied", {"layer_types": ["full_attention"] * 4}),
+    ("gemma3_mqa_d56_untied", {"rope_parameters": {"full_attention": _GLOBAL_ROPE,
+                                                   "sliding_attention": _GLOBAL_ROPE}}),
+])
+def test_gemma_features_change_the_logits(tiny_models, name, change):
+    """The features the tests above exercise are not no-ops for these checkpoints: without a soft
+    cap, with every layer global, or with the global RoPE on the local layers, transformers' logits
+    on 40 tokens move far beyond 1e-4."""
     import copy
 
-    hf, _ = tiny_models("gemma2_gqa_d40_softcap")
+    hf, _ = tiny_models(name)
     ids = helpers.random_ids(hf.config.vocab_size, 40, seed=4)
-    base = helpers.hf_logits(hf, ids)
-    for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
-                   {"layer_types": ["full_attention"] * hf.config.num_hidden_layers}):
-        config = copy.deepcopy(hf.config)
-        for key, value in change.items():
-            setattr(config, key, value)
-        other = type(hf)._from_config(config, attn_implementation="eager").float().eval()
-        other.load_state_dict(hf.state_dict())
-        assert helpers.max_abs_err(helpers.hf_logits(other, ids), base) > 1e-2, change
+    config = copy.deepcopy(hf.config)
+    for key, value in change.items():
+        setattr(config, key, value)
+    other = type(hf)._from_config(config, attn_implementation="eager").float().eval()
+    other.load_state_dict(hf.state_dict())
+    assert helpers.max_abs_err(helpers.hf_logits(other, ids), helpers.hf_logits(hf, ids)) > 1e-2
 
 
 def test_bfloat16_checkpoint_folds_the_norms(tiny_models, tmp_path):
