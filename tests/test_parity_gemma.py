@@ -201,6 +201,16 @@ def test_every_layer_global_has_no_window():
 # GGUF
 
 
+@pytest.mark.parametrize("key,value", [("attention.sliding_window", "512"), ("attention.sliding_window", 0.5),
+                                       ("attn_logit_softcapping", [50.0]), ("final_logit_softcapping", -1.0)])
+def test_gemma_gguf_metadata_of_the_wrong_kind_is_refused(key, value):
+    from pyxf.convert.families.gemma import gemma_gguf_config
+
+    config = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "head_dim": 16}
+    with pytest.raises(ValueError, match=f"gemma2.{key}"):
+        gemma_gguf_config(config, {"general.architecture": "gemma2", f"gemma2.{key}": value})
+
+
 def test_gemma2_gguf_runs_like_transformers(tmp_path):
     """A gemma2 GGUF as llama.cpp writes one (norm weights stored as 1 + w, no Q/K permutation,
     soft caps and the window in the metadata, every 2nd layer global): converted, its logits equal

@@ -188,18 +188,25 @@ def gemma_gguf_config(config: dict, meta: dict) -> dict:
     arch = meta["general.architecture"]
     gemma3 = arch == "gemma3"
 
-    def number(key, default=None):
+    def number(key, default=None, integer=False):
+        """A positive number (int or float) of the metadata, or the default when absent."""
         value = meta.get(f"{arch}.{key}", default)
-        return None if value is None else float(value)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (
+                integer and value != int(value)):
+            raise ValueError(f"GGUF metadata {arch}.{key} must be a positive {'integer' if integer else 'number'}, "
+                             f"got {str(value)[:40]}")
+        return int(value) if integer else float(value)
 
-    window = meta.get(f"{arch}.attention.sliding_window")
+    window = number("attention.sliding_window", integer=True)
     return {
         **config,
         "family": "gemma",
         "activation": "gelu_tanh",
         "norm_position": "sandwich",
         "qk_norm": gemma3,
-        "sliding_window": int(window) if window else None,
+        "sliding_window": window,
         "sliding_window_pattern": (6 if gemma3 else 2) if window else None,
         "rope_local_theta": 10_000.0 if gemma3 and window else None,
         "embed_scale": config["hidden_size"] ** 0.5,
