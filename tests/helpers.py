@@ -126,11 +126,13 @@ def _init_weights(model, seed):
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by 1 + w: their weights are centred on 0, the others' on 1.
+    norm_centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 is_norm_weight = name.endswith("weight") and ("norm" in name or ".ln_" in name)
-                p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=g)) if is_norm_weight
+                p.copy_((norm_centre + 0.2 * torch.randn(p.shape, generator=g)) if is_norm_weight
                         else 0.1 * torch.randn(p.shape, generator=g))
             elif "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
                 # Rows of norm ~2, so that a tied head gives logits of a few units.
