@@ -136,21 +136,13 @@ def describe_weights(summary):
 
 
 def _check_context_length(config, context_length):
-    _check_attention_features(config)
     max_positions = config["max_position_embeddings"]
-    window = config.get("sliding_window")
     if context_length is None:
-        return min(max_positions, window) if window else max_positions
+        return max_positions
     if isinstance(context_length, bool) or not isinstance(context_length, int):
         raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
     if context_length <= 0:
         raise ValueError(f"context_length must be positive, got {context_length}")
-    if window and context_length > window:
-        raise ValueError(
-            f"context_length {context_length} is longer than this model's sliding attention window of {window} "
-            f"tokens, which pyxf's attention does not implement yet: within {window} tokens full attention is "
-            f"the same, so pass context_length <= {window}"
-        )
     if context_length > max_positions:
         if config["position"] == "learned":
             raise ValueError(f"context_length {context_length} exceeds this model's {max_positions} learned positions")
@@ -160,13 +152,6 @@ def _check_context_length(config, context_length):
             stacklevel=3,
         )
     return context_length
-
-
-def _check_attention_features(config):
-    """Attention features the core's attention kernel does not run yet are errors, never ignored."""
-    if config.get("attention_softcap") is not None:
-        raise ValueError(f"this model soft-caps its attention scores (attention_softcap "
-                         f"{config['attention_softcap']}, Gemma 2), which pyxf's attention does not implement yet")
 
 
 class Model(MappedModel):

@@ -56,8 +56,7 @@ LLAMA_SPECS = {
     )),
 }
 
-# Mistral with a sliding window shorter than its 512 positions: pyxf limits the context to the window,
-# where full attention and windowed attention agree (not in LLAMA_SPECS: its tests run past 16 tokens).
+# Mistral with a sliding window shorter than its 512 positions and than the test sequences.
 WINDOW_SPECS = {
     "mistral_window16": ("MistralForCausalLM", "MistralConfig", dict(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -65,22 +64,21 @@ WINDOW_SPECS = {
     )),
 }
 
-# Gemma 2 / 3 (pyxf family gemma): a small final soft cap (Gemma 2), so that tanh bends the logits;
-# query_pre_attn_scalar != head_dim; head dims 40 and 56. The sliding windows are as long as the
-# positions: pyxf limits the context to the window until its attention kernel runs windows.
+# Gemma 2 / 3 (pyxf family gemma): sliding windows (8, 12) shorter than the test sequences, so that
+# the local layers' windows matter in prefill and decode; small soft caps (Gemma 2), so that tanh
+# bends the scores and logits; query_pre_attn_scalar != head_dim; head dims 40 and 56.
 GEMMA_SPECS = {
-    # GQA 4:2, hidden 72, 3 layers (local, global, local), tied head, final soft cap 6 (no attention
-    # soft cap: pyxf refuses it until its attention kernel runs it).
+    # GQA 4:2, hidden 72, 3 layers (local, global, local), tied head, soft caps 4 and 6.
     "gemma2_gqa_d40_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(
         vocab_size=352, hidden_size=72, intermediate_size=120, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=40, num_hidden_layers=3, sliding_window=512, query_pre_attn_scalar=32,
-        attn_logit_softcapping=None, final_logit_softcapping=6.0, tie_word_embeddings=True,
+        head_dim=40, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=32,
+        attn_logit_softcapping=4.0, final_logit_softcapping=6.0, tie_word_embeddings=True,
     )),
     # MQA, 4 layers (local, local, global, local), untied head, q/k norms, the local layers' own
     # RoPE base and linear RoPE scaling on the global one.
     "gemma3_mqa_d56_untied": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
         vocab_size=416, hidden_size=84, intermediate_size=136, num_attention_heads=3, num_key_value_heads=1,
-        head_dim=56, num_hidden_layers=4, sliding_window=512, query_pre_attn_scalar=64,
+        head_dim=56, num_hidden_layers=4, sliding_window=12, query_pre_attn_scalar=64,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},

@@ -1,10 +1,8 @@
 """Gemma 2 / Gemma 3 parity: tiny random Gemma2ForCausalLM / Gemma3ForCausalLM checkpoints
-(tests/helpers.py GEMMA_SPECS: Gemma 2's final soft cap, Gemma 3's q/k norms and two RoPE bases,
-sandwich norms, GQA and MQA, tied and untied heads) converted with pyxf.convert, against
-transformers (float32, eager attention) on the same token ids; a tiny gemma2 GGUF file as
-llama.cpp lays it out; the real Gemma 3 270M GGUF; the configs of both transformers versions'
-spellings. Sliding windows limit the context to the window (pyxf's attention has no windows yet)
-and attention soft-capping is refused.
+(tests/helpers.py GEMMA_SPECS: sliding windows shorter than the sequences, Gemma 2's soft caps,
+Gemma 3's q/k norms and two RoPE bases, GQA and MQA, tied and untied heads) converted with
+pyxf.convert, against transformers (float32, eager attention) on the same token ids; a tiny gemma2
+GGUF file as llama.cpp lays it out; and the configs of both transformers versions' spellings.
 """
 
 import numpy as np
@@ -47,12 +45,13 @@ def test_prefill_logits_match_transformers(pair, length):
 
 
 def test_long_prefill_logits_match_transformers(pair):
-    """500 positions: RoPE angles grow with the position (two tables for Gemma 3)."""
+    """500 positions: the local layers see 8 or 12 keys, the global ones all of them."""
     hf, px = pair
     helpers.check_prefill(hf, px, 500, seed=500 + spec_seed(pair))
 
 
 def test_incremental_decode_matches_transformers(pair):
+    """Decode steps past the window: the KV cache keeps every key, local layers see their window."""
     hf, px = pair
     helpers.check_incremental_decode(hf, px, prompt_length=7, seed=spec_seed(pair))
 
@@ -68,7 +67,7 @@ def test_greedy_matches_transformers_generate(pair):
 
 
 def test_batched_generate_equals_one_at_a_time(pair):
-    """The engine with several sequences of different lengths."""
+    """The engine with several sequences of different lengths (windows at different places)."""
     hf, px = pair
     helpers.check_batched_generate(hf, px, seed=spec_seed(pair))
 
@@ -94,14 +93,17 @@ _GLOBAL_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}
 
 
 @pytest.mark.parametrize("name,change", [
+    ("gemma2_gqa_d40_softcap", {"attn_logit_softcapping": None}),
     ("gemma2_gqa_d40_softcap", {"final_logit_softcapping": None}),
+    ("gemma2_gqa_d40_softcap", {"layer_types": ["full_attention"] * 3}),
+    ("gemma3_mqa_d56_untied", {"layer_types": ["full_attention"] * 4}),
     ("gemma3_mqa_d56_untied", {"rope_parameters": {"full_attention": _GLOBAL_ROPE,
                                                    "sliding_attention": _GLOBAL_ROPE}}),
 ])
 def test_gemma_features_change_the_logits(tiny_models, name, change):
-    """The features the tests above exercise are not no-ops for these checkpoints: without the
-    final soft cap, or with the global RoPE on the local layers, transformers' logits on 40 tokens
-    move far beyond 1e-4."""
+    """The features the tests above exercise are not no-ops for these checkpoints: without a soft
+    cap, with every layer global, or with the global RoPE on the local layers, transformers' logits
+    on 40 tokens move far beyond 1e-4."""
     import copy
 
     hf, _ = tiny_models(name)
@@ -211,12 +213,9 @@ def test_gemma_gguf_metadata_of_the_wrong_kind_is_refused(key, value):
 
 def test_gemma2_gguf_runs_like_transformers(tmp_path):
     """A gemma2 GGUF as llama.cpp writes one (norm weights stored as 1 + w, no Q/K permutation,
-    soft caps and the window in the metadata, every 2nd layer global): converted, its config says
-    so; pyxf refuses to run its attention soft cap; without that cap (on both sides) its logits equal
-    transformers' Gemma2ForCausalLM on the same weights."""
+    soft caps and the window in the metadata, every 2nd layer global): converted, its logits equal
+    transformers' Gemma2ForCausalLM on the same weights, past the window."""
     gguf = pytest.importorskip("gguf")
-    import json
-
     import torch
     import transformers
 
@@ -227,7 +226,7 @@ def test_gemma2_gguf_runs_like_transformers(tmp_path):
     tokens, scores, types = spm_vocabulary()
     config = transformers.Gemma2Config(
         vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, sliding_window=128, attn_logit_softcapping=None,
+        num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=5.0,
         final_logit_softcapping=7.0, max_position_embeddings=128, rms_norm_eps=1e-6,
     )
     torch.manual_seed(0)
@@ -245,7 +244,7 @@ def test_gemma2_gguf_runs_like_transformers(tmp_path):
     w.add_key_length(24)
     w.add_value_length(24)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_sliding_window(128)
+    w.add_sliding_window(6)
     w.add_attn_logit_softcapping(5.0)
     w.add_final_logit_softcapping(7.0)
     w.add_tokenizer_model("llama")
@@ -271,14 +270,10 @@ def test_gemma2_gguf_runs_like_transformers(tmp_path):
     w.write_tensors_to_file()
     w.close()
 
-    out = convert(path, tmp_path / "out", progress=False)
-    c = json.loads((out / "config.json").read_text())
-    assert (c["sliding_window"], c["sliding_window_pattern"]) == (128, 2)
+    px = pyxf.load(convert(path, tmp_path / "out", progress=False))
+    c = px.config
+    assert (c["sliding_window"], c["sliding_window_pattern"]) == (6, 2)
     assert (c["attention_softcap"], c["logit_softcap"]) == (5.0, 7.0)
-    with pytest.raises(ValueError, match="soft-caps its attention scores"):
-        pyxf.load(out)
-    (out / "config.json").write_text(json.dumps({**c, "attention_softcap": None}))
-    px = pyxf.load(out)
     ids = helpers.random_ids(len(tokens), 40, seed=2)
     expected = helpers.hf_logits(model, ids)
     assert helpers.max_abs_err(px.logits(ids), expected) <= helpers.LOGITS_ATOL

@@ -17,10 +17,9 @@ DECODERS = {
     "llama untied": dict(tie_word_embeddings=False),
     "llama mqa": dict(num_heads=4, num_kv_heads=1, head_dim=6),
     "qwen3": dict(qk_norm=True),
-    # Gemma 2: sandwich norms (attn_post_norm, ffn_post_norm), a final soft cap, every 2nd layer global
-    # (its attention soft cap changes no tensor, and pyxf.load refuses it for now).
+    # Gemma 2: sandwich norms (attn_post_norm, ffn_post_norm), soft caps, every 2nd layer global.
     "gemma2": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", num_layers=3,
-                   embed_scale=4.0, attention_scale=0.25, logit_softcap=30.0,
+                   embed_scale=4.0, attention_scale=0.25, attention_softcap=50.0, logit_softcap=30.0,
                    sliding_window=4, sliding_window_pattern=2),
     # Gemma 3: and per-head q/k norms, the local layers' own RoPE base.
     "gemma3": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", qk_norm=True,
