@@ -162,29 +162,21 @@ def describe_weights(summary):
 
 
 def _default_context_length(config):
-    """The positions a model is loaded for unless asked otherwise: all of them, except where pyxf
-    matches the checkpoint's reference only up to fewer: a sliding window (pyxf has no windowed
-    attention yet) and LongRoPE (short factors up to the pretraining context; a longer
-    context_length picks the long factors: docs/DESIGN.md, "LongRoPE")."""
-    limits = (config["max_position_embeddings"], config.get("sliding_window"), longrope_original_context(config))
+    """The positions a model is loaded for unless asked otherwise: all of them, except for LongRoPE,
+    where pyxf matches the checkpoint's reference up to the pretraining context (short factors; a
+    longer context_length picks the long factors: docs/DESIGN.md, "LongRoPE")."""
+    limits = (config["max_position_embeddings"], longrope_original_context(config))
     return min(limit for limit in limits if limit)
 
 
 def _check_context_length(config, context_length):
     max_positions = config["max_position_embeddings"]
-    window = config.get("sliding_window")
     if context_length is None:
         return _default_context_length(config)
     if isinstance(context_length, bool) or not isinstance(context_length, int):
         raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
     if context_length <= 0:
         raise ValueError(f"context_length must be positive, got {context_length}")
-    if window and context_length > window:
-        raise ValueError(
-            f"context_length {context_length} is longer than this model's sliding attention window of {window} "
-            f"tokens, which pyxf does not implement yet: within {window} tokens full attention is the same, "
-            f"so pass context_length <= {window}"
-        )
     if context_length > max_positions:
         if config["position"] == "learned":
             raise ValueError(f"context_length {context_length} exceeds this model's {max_positions} learned positions")

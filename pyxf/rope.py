@@ -61,7 +61,7 @@ def rope_parameters(config, context_length=None):
 def rope_tables(config, context_length=None):
     """What the core reads for RoPE: every layer's frequencies and scale (for `context_length`, as
     rope_parameters), and the local layers' own frequencies when they have a base of their own
-    (ModernBERT's rope_local_theta, unscaled)."""
+    (ModernBERT's and Gemma 3's rope_local_theta, unscaled)."""
     inv_freq, scaling = rope_parameters(config, context_length)
     tables = {"rope_inv_freq": inv_freq, "rope_attention_scaling": scaling}
     if config.get("rope_local_theta") is not None:

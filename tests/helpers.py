@@ -56,8 +56,7 @@ LLAMA_SPECS = {
     )),
 }
 
-# Mistral with a sliding window shorter than its 512 positions: pyxf limits the context to the window,
-# where full attention and windowed attention agree (not in LLAMA_SPECS: its tests run past 16 tokens).
+# Mistral with a sliding window shorter than its 512 positions and than the test sequences.
 WINDOW_SPECS = {
     "mistral_window16": ("MistralForCausalLM", "MistralConfig", dict(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -130,6 +129,28 @@ MOE_SPECS = {
     )),
 }
 
+# Gemma 2 / 3 (pyxf family gemma): sliding windows (8, 12) shorter than the test sequences, so that
+# the local layers' windows matter in prefill and decode; small soft caps (Gemma 2), so that tanh
+# bends the scores and logits; query_pre_attn_scalar != head_dim; head dims 40 and 56.
+GEMMA_SPECS = {
+    # GQA 4:2, hidden 72, 3 layers (local, global, local), tied head, soft caps 4 and 6.
+    "gemma2_gqa_d40_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        vocab_size=352, hidden_size=72, intermediate_size=120, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=40, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=32,
+        attn_logit_softcapping=4.0, final_logit_softcapping=6.0, tie_word_embeddings=True,
+    )),
+    # MQA, 4 layers (local, local, global, local), untied head, q/k norms, the local layers' own
+    # RoPE base and linear RoPE scaling on the global one.
+    "gemma3_mqa_d56_untied": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        vocab_size=416, hidden_size=84, intermediate_size=136, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=56, num_hidden_layers=4, sliding_window=12, query_pre_attn_scalar=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        tie_word_embeddings=False,
+    )),
+}
+
 GPT2_SPECS = {
     # head_dim 32, tanh GELU (gelu_new), tied head.
     "gpt2_d32": ("GPT2LMHeadModel", "GPT2Config", dict(
@@ -147,7 +168,7 @@ GPT2_SPECS = {
     )),
 }
 
-SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **PHI3_SPECS, **MOE_SPECS, **GPT2_SPECS}
+SPECS = {**LLAMA_SPECS, **WINDOW_SPECS, **PHI3_SPECS, **MOE_SPECS, **GEMMA_SPECS, **GPT2_SPECS}
 
 
 def _config(spec_name):
@@ -158,7 +179,7 @@ def _config(spec_name):
     if config_class == "GPT2Config":
         kwargs.update(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
-        kwargs.update(num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+        kwargs = dict(dict(num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6), **kwargs)
     return getattr(transformers, config_class)(**kwargs)
 
 
@@ -170,11 +191,13 @@ def _init_weights(model, seed):
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by 1 + w: their weights are centred on 0, the others' on 1.
+    norm_centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 is_norm_weight = name.endswith("weight") and ("norm" in name or ".ln_" in name)
-                p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=g)) if is_norm_weight
+                p.copy_((norm_centre + 0.2 * torch.randn(p.shape, generator=g)) if is_norm_weight
                         else 0.1 * torch.randn(p.shape, generator=g))
             elif "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
                 # Rows of norm ~2, so that a tied head gives logits of a few units.

@@ -6,7 +6,8 @@
   SmolLM2's rows of 576 are not a multiple of 256, so these files also hold llama.cpp's fallbacks
   (Q5_0, Q5_1, Q8_0) beside Q4_K, Q5_K and Q6_K.
 - Gemma 3 270M Q4_K_M as published (four pip packages holding the file's parts): real Q4_K, Q6_K,
-  Q5_0 and Q8_0 blocks of another model. pyxf does not run Gemma; its tensors test the kernels.
+  Q5_0 and Q8_0 blocks of another model; its tensors test the kernels, and tests/test_parity_gemma.py
+  runs it against transformers.
 
 Tests skip (saying why) when llama-cpp-python is missing or nothing can be downloaded.
 """

@@ -283,6 +283,21 @@ def test_activation(isa, kind):
     assert_matches_generic(isa, ops.activation, x, kind)
 
 
+@pytest.mark.parametrize("cap", [30.0, 50.0, 0.5])
+def test_softcap(isa, cap):
+    """Gemma's logit soft-capping, cap * tanh(x / cap), against torch in float64: small values
+    pass nearly unchanged, large ones approach +-cap; every tail length."""
+    rng = rng_for("softcap", cap)
+    for shape in [(1,), (15,), (3, 17), (2, 1000)]:
+        x = randn(rng, *shape, scale=2.0 * cap)
+        ref = (cap * torch.tanh(torch.from_numpy(x).double() / cap)).numpy()
+        y = ops.softcap(x, cap)
+        assert np.abs(y.astype(np.float64) - ref).max() <= 1e-6 * cap, shape
+    assert_matches_generic(isa, ops.softcap, randn(rng, 3, 77, scale=cap), cap)
+    with pytest.raises(ValueError, match="positive"):
+        ops.softcap(np.ones(3, np.float32), 0.0)
+
+
 @pytest.mark.parametrize("kind", sorted(TORCH_ACTIVATIONS))
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 33), (17, 100), (2, 1536)])
 def test_gated_activation(isa, kind, rows, n):

@@ -159,19 +159,37 @@ def test_logits_are_deterministic_across_threads(tiny_models):
     np.testing.assert_array_equal(np.argmax(one, -1), np.argmax(many, -1))
 
 
-def test_sliding_window_is_honoured_by_limiting_the_context(tiny_models):
-    """A Mistral checkpoint whose sliding window (16) is shorter than its positions: pyxf has no
-    windowed attention, so the loaded model's context is the window, where the two agree (logits
-    equal transformers', whose attention is windowed); asking for more is an error naming it."""
+def test_sliding_window_is_honoured(tiny_models):
+    """A Mistral checkpoint whose sliding window (16) is shorter than its positions: every layer
+    attends to the last 16 positions, in prefill and in decode, as transformers' does."""
     helpers.require_core()
     import pyxf
 
     hf, model_dir = tiny_models("mistral_window16")
     model = pyxf.load(model_dir)
-    assert model.context_length == 16
-    ids = [helpers.BOS] + helpers.random_ids(model.vocab_size, 15, seed=3)
-    assert helpers.max_abs_err(model.logits(ids), helpers.hf_logits(hf, ids)) < 1e-4
-    with pytest.raises(ValueError, match="sliding attention window of 16"):
-        pyxf.load(model_dir, context_length=17)
-    with pytest.raises(ValueError):
-        pyxf.generate(model, ids, max_new_tokens=2)  # 16 + 2 tokens would leave the window
+    assert model.context_length == 512
+    ids = [helpers.BOS] + helpers.random_ids(model.vocab_size, 59, seed=3)
+    assert helpers.max_abs_err(model.logits(ids), helpers.hf_logits(hf, ids)) <= helpers.LOGITS_ATOL
+    helpers.check_incremental_decode(hf, model, prompt_length=7, seed=3)
+
+
+@pytest.mark.parametrize("extra,window", [
+    ({}, None),  # Qwen2's use_sliding_window defaults to false
+    ({"use_sliding_window": True}, None),  # max_window_layers (28) >= the 4 layers: none windowed
+    ({"use_sliding_window": True, "max_window_layers": 0}, 64),  # every layer windowed
+    ({"use_sliding_window": True, "max_window_layers": 2}, ValueError),  # the upper half only
+])
+def test_qwen2_sliding_window_layers(extra, window):
+    """Which Qwen2 layers transformers windows (those from max_window_layers on, with
+    use_sliding_window) is what pyxf's config says, or the conversion is refused."""
+    from pyxf.convert.families import normalized_config
+
+    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=10, hidden_size=8,
+              num_attention_heads=2, num_hidden_layers=4, intermediate_size=8, max_position_embeddings=4096,
+              sliding_window=64, **extra)
+    if window is ValueError:
+        with pytest.raises(ValueError, match="max_window_layers"):
+            normalized_config(hf)
+    else:
+        config = normalized_config(hf)
+        assert (config["sliding_window"], config["sliding_window_pattern"]) == (window, None)

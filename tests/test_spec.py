@@ -21,6 +21,13 @@ DECODERS = {
     "llama experts": dict(num_experts=3, num_experts_per_tok=2, norm_topk_prob=True, qk_norm=True),
     "llama experts shared": dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=24,
                                  qk_norm=True, qk_norm_span="projection", tie_word_embeddings=False),
+    # Gemma 2: sandwich norms (attn_post_norm, ffn_post_norm), soft caps, every 2nd layer global.
+    "gemma2": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", num_layers=3,
+                   embed_scale=4.0, attention_scale=0.25, attention_softcap=50.0, logit_softcap=30.0,
+                   sliding_window=4, sliding_window_pattern=2),
+    # Gemma 3: and per-head q/k norms, the local layers' own RoPE base.
+    "gemma3": dict(family="gemma", norm_position="sandwich", activation="gelu_tanh", qk_norm=True,
+                   sliding_window=4, sliding_window_pattern=6, rope_local_theta=10000.0, rope_theta=1e6),
     "gpt2": dict(family="gpt2", norm="layernorm", activation="gelu_tanh", gated_ffn=False, position="learned"),
 }
 ENCODERS = {
@@ -98,11 +105,11 @@ def test_converter_tables_write_only_spec_tensors(tmp_path, writer, name, overri
         gguf = [family.gguf_tables(config, table) for table in gguf]
     hf = [family.hf_tables(config, names) for names in _hf_source_names(config)] if family.hf_tables else [family.hf]
     tables = [*hf, *gguf]
-    # The tables of one family cover its variants (the llama family's qwen3 GGUF table names
-    # Qwen3's q/k norms, ModernBERT's table the norm biases of checkpoints that have them): a target
+    # The tables of one family cover its variants (the qwen3 and gemma3 GGUF tables name q/k
+    # norms, ModernBERT's table the norm biases of checkpoints that have them): a target
     # must be in the spec of this config or of its variant.
     layouts = [spec.tensor_layout(config)]
-    variants = {"llama": {"qk_norm": True}, "modernbert": {"norm_bias": True}}
+    variants = {"llama": {"qk_norm": True}, "gemma": {"qk_norm": True}, "modernbert": {"norm_bias": True}}
     if config["family"] in variants:
         layouts.append(spec.tensor_layout({**config, **variants[config["family"]]}))
     for table in tables:

@@ -169,6 +169,13 @@ void bind_ops(py::module_& ops) {
     kernels::active().activation(y.mutable_data(), x.size(), activation_from_name(kind));
     return y;
   });
+  ops.def("softcap", [](FloatArray x, float cap) {
+    if (!(cap > 0.0f)) throw py::value_error("cap must be positive");
+    py::array_t<float> y(std::vector<ssize_t>(x.shape(), x.shape() + x.ndim()));
+    std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));
+    kernels::active().softcap(y.mutable_data(), x.size(), cap);
+    return y;
+  });
   ops.def("gated_activation", [=](FloatArray gu, const std::string& kind) {
     check_2d(gu, "gate_up");
     if (gu.shape(1) % 2) throw py::value_error("gate_up rows must have an even width");

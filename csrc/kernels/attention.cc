@@ -184,7 +184,7 @@ float softmax_block(float* s, int first, int end, float& row_max, float& row_sum
 // s[j] = cap * tanh(s[j] / cap) for j < n (rounded up to whole vectors).
 void softcap_scores(float* s, int n, float cap) {
   const Vf c = vset1(cap), inv = vset1(1.0f / cap);
-  for (int j = 0; j < n; j += kLanes) vstore(s + j, vmul(c, vtanh(vmul(vload(s + j), inv))));
+  for (int j = 0; j < n; j += kLanes) vstore(s + j, vsoftcap(vload(s + j), c, inv));
 }
 
 // score[j] += bias[clamp(rel0 + j, -R, R) + R] for j < n: the relative position bias of one row

@@ -109,6 +109,17 @@ void activation(float* x, long n, Activation act) {
   }
 }
 
+void softcap(float* x, long n, float cap) {
+  const Vf vcap = vset1(cap), inv = vset1(1.0f / cap);
+#pragma omp parallel for schedule(static) if (n > kParallelFloats)
+  for (long i = 0; i < n; i += kLanes) {
+    const int m = (int)lmin(kLanes, n - i);
+    const Vf v = m == kLanes ? vload(x + i) : vload_n(x + i, m);
+    const Vf capped = vsoftcap(v, vcap, inv);
+    if (m == kLanes) vstore(x + i, capped); else vstore_n(x + i, capped, m);
+  }
+}
+
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out) {
   for (long i = 0; i < n; i += kLanes) {
     const int m = (int)lmin(kLanes, n - i);
@@ -261,6 +272,7 @@ void fill_table(KernelTable* t) {
   t->layernorm = layernorm;
   t->add = add;
   t->activation = activation;
+  t->softcap = softcap;
   t->gated_activation = gated_activation;
   t->softmax = softmax;
   t->log_softmax = log_softmax;

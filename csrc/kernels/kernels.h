@@ -118,6 +118,8 @@ struct KernelTable {
                     float* y);
   void (*add)(float* y, const float* x, long n);  // y += x
   void (*activation)(float* x, long n, Activation act);
+  // x <- cap * tanh(x / cap): soft-capping of logits to (-cap, cap), cap > 0.
+  void (*softcap)(float* x, long n, float cap);
   // out[r][j] = act(gu[r][j]) * gu[r][n + j] for rows of width 2n (gate half, then up half).
   void (*gated_activation)(const float* gu, long rows, long n, Activation act, float* out);
   void (*softmax)(float* x, long rows, long n);

@@ -266,6 +266,9 @@ static inline Vf vtanh(Vf x) {
   return vcopysign(t, x);
 }
 
+// Soft-capping (Gemma 2): cap * tanh(x / cap), given cap and 1 / cap.
+static inline Vf vsoftcap(Vf x, Vf cap, Vf inv_cap) { return vmul(cap, vtanh(vmul(x, inv_cap))); }
+
 // max |x| of n floats (a multiple of kLanes), for quantizing them by max / 127; *finite says whether
 // all are finite. max drops NaNs, so they are looked for apart: x - x is 0, or NaN for inf or NaN.
 static inline float vabsmax(const float* x, int n, bool* finite) {

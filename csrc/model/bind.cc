@@ -57,6 +57,7 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
       L.q_norm.weight = w.floats(p + "attn.q_norm.weight", {c.q_norm_width()});
       L.k_norm.weight = w.floats(p + "attn.k_norm.weight", {c.k_norm_width()});
     }
+    if (c.sandwich_norm) L.attn_post_norm = hidden_norm(c, w, p + "attn_post_norm", true);
     L.ffn_norm = hidden_norm(c, w, p + "ffn_norm", true);
     if (c.moe()) {
       L.experts = bind_experts(c, w, p + "ffn.");
@@ -64,6 +65,7 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
       L.ffn_up = w.linear(p + (c.gated_ffn ? "ffn.gate_up" : "ffn.up"), c.ffn_width(), H);
       L.ffn_down = w.linear(p + "ffn.down", H, I);
     }
+    if (c.sandwich_norm) L.ffn_post_norm = hidden_norm(c, w, p + "ffn_post_norm", true);
     m.layers.push_back(L);
   }
   if (!c.post_norm) {

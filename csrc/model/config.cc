@@ -58,6 +58,7 @@ void read_experts(const ConfigValues& v, ModelConfig& c) {
   c.experts_per_token = size(integer_or(v, "num_experts_per_tok", 0), "num_experts_per_tok");
   if (c.experts_per_token > c.num_experts) throw invalid_argument("num_experts_per_tok exceeds num_experts");
   if (!c.gated_ffn) throw invalid_argument("experts are gated FFNs: num_experts needs gated_ffn");
+  if (c.sandwich_norm) throw invalid_argument("experts with sandwich norms are not supported");
   if ((long)c.num_experts * 2 * std::max(c.intermediate_size, c.hidden_size) > (1L << 31) - 1) {
     throw invalid_argument("num_experts: the stacked experts' rows exceed 2**31 - 1");
   }
@@ -66,6 +67,18 @@ void read_experts(const ConfigValues& v, ModelConfig& c) {
   c.shared_expert_size = shared == 0 ? 0 : size(shared, "shared_expert_intermediate_size");
   if (2L * c.shared_expert_size > (1L << 31) - 1) {
     throw invalid_argument("shared_expert_intermediate_size is too large");
+  }
+}
+
+// Scales of the embeddings and of the attention scores, and the soft caps of scores and logits.
+void read_scales(const ConfigValues& v, ModelConfig& c) {
+  c.embed_scale = (float)number_or(v, "embed_scale", 1.0);
+  c.attn_scale = (float)number_or(v, "attention_scale", 0.0);
+  c.attn_softcap = (float)number_or(v, "attention_softcap", 0.0);
+  c.logit_softcap = (float)number_or(v, "logit_softcap", 0.0);
+  if (!(c.embed_scale > 0) || !(c.attn_scale >= 0) || !(c.attn_softcap >= 0) || !(c.logit_softcap >= 0)) {
+    throw invalid_argument("embed_scale must be positive; attention_scale, attention_softcap and logit_softcap "
+                           "non-negative");
   }
 }
 
@@ -105,8 +118,11 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   c.norm_eps = (float)v.number("norm_eps");
   c.norm_bias = boolean_or(v, "norm_bias", true);
   const std::string placement = text_or(v, "norm_position", "pre");
-  if (placement != "pre" && placement != "post") throw invalid_argument("unknown norm_position '" + placement + "'");
+  if (placement != "pre" && placement != "post" && placement != "sandwich") {
+    throw invalid_argument("unknown norm_position '" + placement + "'");
+  }
   c.post_norm = placement == "post";
+  c.sandwich_norm = placement == "sandwich";
   c.first_attn_norm = boolean_or(v, "first_attn_norm", true);
   if (c.post_norm && !c.first_attn_norm) throw invalid_argument("first_attn_norm false needs norm_position pre");
   c.activation = activation_from_name(v.text("activation"));
@@ -133,6 +149,7 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
       }
     }
   }
+  read_scales(v, c);
   read_sliding_window(v, c);
   return c;
 }
@@ -176,12 +193,8 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   if (position == "sinusoidal" || position == "learned") stack_position = PositionKind::kLearned;
   else if (position == "relative") stack_position = PositionKind::kNone;  // a bias in attention
   else throw invalid_argument("unknown position scheme '" + position + "' for an encoder-decoder model");
-  const float embed_scale = (float)number_or(v, "embed_scale", 1.0);
-  const float attn_scale = (float)number_or(v, "attention_scale", 0.0);
   const long radius = position == "relative" ? v.integer("rel_pos_radius") : 0;
-  if (!(embed_scale > 0) || attn_scale < 0 || radius < 0 || radius > (1L << 20)) {
-    throw invalid_argument("embed_scale must be positive, attention_scale and rel_pos_radius non-negative");
-  }
+  if (radius < 0 || radius > (1L << 20)) throw invalid_argument("rel_pos_radius must be in [0, 2^20]");
   const long offset = integer_or(v, "position_offset", 0);
   Seq2SeqConfig s{stack_config(v, stack_position), stack_config(v, stack_position)};
   if (offset < 0 || (stack_position == PositionKind::kLearned && offset >= s.decoder.max_positions)) {
@@ -194,8 +207,6 @@ Seq2SeqConfig seq2seq_config(const ConfigValues& v) {
   s.encoder.has_lm_head = false;
   s.decoder.head_scale = (float)number_or(v, "head_scale", 1.0);
   for (ModelConfig* c : {&s.encoder, &s.decoder}) {
-    c->embed_scale = embed_scale;
-    c->attn_scale = attn_scale;
     c->rel_pos_radius = (int)radius;
     c->position_offset = (int)offset;
     c->embed_norm = embed_norm;

@@ -29,9 +29,10 @@ struct ModelConfig {
   bool norm_bias = true;         // LayerNorms have a bias (ModernBERT: none)
   bool post_norm = false;        // BERT-style: norm after the residual add
   bool first_attn_norm = true;   // layer 0 normalizes attention's input (ModernBERT: no, the embedding norm did)
+  bool sandwich_norm = false;    // Gemma 2/3: pre-norm blocks whose output is normed again before the add
   kernels::Activation activation = kernels::Activation::kSilu;
   bool gated_ffn = true;
-  bool qk_norm = false;          // RMSNorm of q and of k before RoPE: over each head (Qwen3), or
+  bool qk_norm = false;          // RMSNorm of q and of k before RoPE: over each head (Qwen3, Gemma 3), or
   bool qk_norm_projection = false;  // over the whole q and k projections (OLMoE)
   // Mixture of experts (model/moe.h): num_experts gated FFNs of intermediate_size replace the
   // dense FFN; each token runs the experts_per_token best by the router's softmax.
@@ -44,15 +45,18 @@ struct ModelConfig {
   int rope_dim = 0;              // rotated dimensions per head (partial rotary)
   std::vector<float> rope_inv_freq;
   float rope_attention_scaling = 1.0f;
-  // Local layers' own RoPE frequencies (ModernBERT's local_rope_theta); empty: they use rope_inv_freq.
+  // Local layers' own RoPE frequencies (ModernBERT's local_rope_theta, Gemma 3's local base); empty:
+  // they use rope_inv_freq.
   std::vector<float> rope_local_inv_freq;
   // Sliding-window attention: a query at position p sees keys j with |p - j| < sliding_window (0:
   // every key; causal stacks see only j <= p besides). With sliding_window_pattern N > 0 only the
   // local layers are windowed: layer i is global when i % N == global_layer_phase (default N - 1,
-  // the last of every N; ModernBERT: 0, the first).
+  // the last of every N as Gemma 2 / 3; ModernBERT: 0, the first).
   int sliding_window = 0;
   int sliding_window_pattern = 0;
   int global_layer_phase = -1;
+  float attn_softcap = 0.0f;     // attention scores s become attn_softcap * tanh(s / attn_softcap); 0: none
+  float logit_softcap = 0.0f;    // the LM head's logits, likewise (Gemma 2)
   bool tied_embeddings = false;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence

@@ -108,7 +108,7 @@ void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) c
     StageTimer rope_timer(Stage::kRope);
     K.rope_table(ws.pos.data(), rows, config_.rope_inv_freq.data(), config_.rope_dim / 2,
                  config_.rope_attention_scaling, ws.rope_cs.data());
-    if (config_.has_local_rope()) {  // local layers' frequencies are not scaled
+    if (config_.has_local_rope()) {  // local layers' frequencies are not scaled (ModernBERT, Gemma 3)
       K.rope_table(ws.pos.data(), rows, config_.rope_local_inv_freq.data(), config_.rope_dim / 2, 1.0f,
                    ws.rope_local_cs.data());
     }
@@ -202,18 +202,37 @@ void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Worksp
     StageTimer timer(Stage::kAttention);
     K.attention(ws.attn_seqs.data(), n, shape);
   }
-  // x += attn W_o^T + b: the residual add is fused into the projection.
   {
     StageTimer timer(Stage::kAttnOut);
-    apply_linear(L.attn_out, ws.attn.data(), rows, c.q_dim(), H, ws.x.data(), true);
+    add_output(L.attn_out, L.attn_post_norm, ws.attn.data(), rows, c.q_dim(), ws);
   }
   if (c.post_norm) norm(L.attn_norm, ws.x.data(), rows, ws.x.data());
+}
+
+// x += post_norm(in W^T + b) with sandwich norms, else x += in W^T + b with the residual add fused
+// into the projection.
+void Transformer::add_output(const Linear& w, const Norm& post_norm, const float* in, long rows, long in_dim,
+                             Workspace& ws) const {
+  const long H = config_.hidden_size;
+  if (!config_.sandwich_norm) {
+    apply_linear(w, in, rows, in_dim, H, ws.x.data(), true);
+    return;
+  }
+  apply_linear(w, in, rows, in_dim, H, ws.h.data(), false);
+  add_normed(post_norm, rows, ws);
+}
+
+// x += post_norm(h): a sandwich block's output joins the residual stream.
+void Transformer::add_normed(const Norm& post_norm, long rows, Workspace& ws) const {
+  norm(post_norm, ws.h.data(), rows, ws.h.data());
+  k::active().add(ws.x.data(), ws.h.data(), rows * config_.hidden_size);
 }
 
 void Transformer::attention_shape(k::AttentionShape& shape) const {
   shape.scale = config_.attn_scale > 0.0f ? config_.attn_scale : 1.0f / std::sqrt((float)config_.head_dim);
   shape.pos_bias = weights_.rel_pos_bias;
   shape.pos_bias_radius = config_.rel_pos_radius;
+  shape.softcap = config_.attn_softcap;
 }
 
 void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long rows, long H, long I,
@@ -253,10 +272,13 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
     norm(L.ffn_norm, ws.x.data(), rows, ws.h.data());
     in = ws.h.data();
   }
+  // The FFN's output is added to x; with sandwich norms it goes to h, is normed, then added.
+  float* out = c.sandwich_norm ? ws.h.data() : ws.x.data();
+  const bool accumulate = !c.sandwich_norm;
   if (c.moe()) {
     expert_ffn(c, L.experts, in, rows, ws.experts, ws.x.data());
   } else if (c.gated_ffn) {
-    gated_ffn(L.ffn_up, L.ffn_down, in, rows, H, I, c.activation, ws.ffn.data(), ws.act.data(), ws.x.data(), true);
+    gated_ffn(L.ffn_up, L.ffn_down, in, rows, H, I, c.activation, ws.ffn.data(), ws.act.data(), out, accumulate);
   } else {
     {
       StageTimer timer(Stage::kFfnUp);
@@ -267,8 +289,9 @@ void Transformer::ffn_block(int layer, Workspace& ws, long rows) const {
       K.activation(ws.ffn.data(), rows * I, c.activation);
     }
     StageTimer timer(Stage::kFfnDown);
-    apply_linear(L.ffn_down, ws.ffn.data(), rows, I, H, ws.x.data(), true);
+    apply_linear(L.ffn_down, ws.ffn.data(), rows, I, H, out, accumulate);
   }
+  if (c.sandwich_norm) add_normed(L.ffn_post_norm, rows, ws);
   if (c.post_norm) norm(L.ffn_norm, ws.x.data(), rows, ws.x.data());
 }
 
@@ -332,6 +355,7 @@ void Transformer::head(const SeqBatch* seqs, int n, Workspace& ws, float* logits
   }
   StageTimer timer(Stage::kHead);
   apply_linear(weights_.lm_head, ws.head_in.data(), out_rows, H, c.vocab_size, logits, false);
+  if (c.logit_softcap > 0.0f) k::active().softcap(logits, out_rows * c.vocab_size, c.logit_softcap);
 }
 
 }  // namespace pyxf

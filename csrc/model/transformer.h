@@ -67,12 +67,15 @@ class Transformer {
   void norm(const Norm& w, const float* x, long rows, float* y) const;
   // Final norm and LM head on the rows whose logits are wanted.
   void head(const SeqBatch* seqs, int n, Workspace& ws, float* logits) const;
-  // Scale and relative position bias of this stack's self-attention.
+  // Scale, soft cap and relative position bias of this stack's self-attention.
   void attention_shape(kernels::AttentionShape& shape) const;
 
  private:
   long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
   void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
+  void add_output(const Linear& w, const Norm& post_norm, const float* in, long rows, long in_dim,
+                  Workspace& ws) const;
+  void add_normed(const Norm& post_norm, long rows, Workspace& ws) const;
 
   ModelConfig config_;
   ModelWeights weights_;

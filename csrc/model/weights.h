@@ -40,9 +40,11 @@ struct LayerWeights {
   Linear qkv;
   Linear attn_out;
   Norm q_norm, k_norm;  // over each head's head_dim, or the whole projection (qk_norm)
+  Norm attn_post_norm;  // of the attention's output, before the residual add (sandwich_norm)
   Norm ffn_norm;
   Linear ffn_up;    // gate_up when the FFN is gated (dense FFNs)
   Linear ffn_down;
+  Norm ffn_post_norm;   // of the FFN's output, before the residual add (sandwich_norm)
   ExpertWeights experts;  // mixture-of-experts FFNs
 };
 

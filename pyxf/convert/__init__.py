@@ -23,7 +23,7 @@ from ..sources import checkpoint_path
 from ..tensorfile import SafetensorsWriter, float32_to_bf16
 from ..weights import has_tied_head
 from .cross_encoder import with_score_activation
-from .plan import build_tensor, plan_tensors, planned_shape
+from .plan import build_tensor, moves_only, plan_tensors, planned_shape
 from .schema import Checkpoint
 
 __all__ = ["DTYPES", "convert", "expected_shape", "main"]
@@ -226,8 +226,8 @@ def _write_weights(path: Path, ckpt: Checkpoint, plan, shapes: dict, dtype: str,
     def load_bf16(name):
         return ckpt.tensors[name].load_bf16()
 
-    def stored_bf16(p):  # every source in bfloat16: the bits are moved, never widened
-        return all(getattr(ckpt.tensors[s.name], "load_bf16", None) is not None for s in p.sources)
+    def stored_bf16(p):  # every source in bfloat16 and only moved: the bits are moved, never widened
+        return moves_only(p) and all(getattr(ckpt.tensors[s.name], "load_bf16", None) is not None for s in p.sources)
 
     with SafetensorsWriter(path, specs, metadata={"format": "pt", "producer": "pyxf.convert"}) as writer:
         for p in _progress(plan, progress, len(plan)):

@@ -159,9 +159,9 @@ def _expert_config(meta: dict, arch: str) -> dict:
 
 def gguf_config(meta: dict, family_name: str, tensors) -> dict:
     """pyxf's normalized config from `{arch}.*` metadata (tokenizer fields filled later); `tensors`
-    maps the file's tensor names to SourceTensors (LongRoPE factors are read from them).
-    Covers the llama-like architectures (llama, qwen2, qwen3, phi3, and with experts llama (Mixtral),
-    qwen2moe, qwen3moe); another family would add its own."""
+    maps the file's tensor names to SourceTensors (LongRoPE factors are read from them). The
+    llama-like fields (llama, qwen2, qwen3, phi3, and with experts llama (Mixtral), qwen2moe,
+    qwen3moe), which a family's `gguf_config` hook completes (Gemma's)."""
     arch = meta["general.architecture"]
 
     def get(key, default=None):
@@ -234,6 +234,8 @@ def open_gguf(path) -> Checkpoint:
     tensors = {t.name: _dequantizer(t, path) for t in file.tensors}
     try:
         config = gguf_config(meta, family.name, tensors)
+        if family.gguf_config is not None:
+            config = family.gguf_config(config, meta)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if family.gguf_tables is not None:

@@ -27,6 +27,9 @@ def _undo_gguf_rope_permutation(weight: np.ndarray, num_heads: int) -> np.ndarra
 class Transform:
     apply: Callable[[np.ndarray, dict], np.ndarray]
     shape: Callable[[tuple, dict], tuple]
+    # Whether it only moves values (so that it applies to bfloat16 bits as well); False: arithmetic
+    # on float32 values.
+    moves_only: bool = True
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -41,7 +44,15 @@ TRANSFORMS: dict[str, Transform] = {
     "flatten": Transform(lambda a, cfg: a.reshape(-1), lambda s, cfg: (int(np.prod(s)),)),
     # a vector as a matrix of one row (llama.cpp may store Qwen2-MoE's shared expert gate [H])
     "one_row": Transform(lambda a, cfg: a.reshape(1, -1), lambda s, cfg: (1, int(np.prod(s)))),
+    # Gemma's RMSNorm scales by (1 + w): folded into the stored weight, in float32 as transformers
+    # computes it (exact for a float32 output).
+    "plus_one": Transform(lambda a, cfg: a + np.float32(1.0), lambda s, cfg: s, moves_only=False),
 }
+
+
+def moves_only(p: Planned) -> bool:
+    """Whether building `p` only moves its sources' values (no arithmetic on them)."""
+    return all(s.transform is None or TRANSFORMS[s.transform].moves_only for s in p.sources)
 
 
 

@@ -77,6 +77,9 @@ class Family:
     # (files_dir, normalized config) -> config fields read from files beside the checkpoint
     # (sentence-transformers' pooling of an encoder).
     read_files: Callable | None = None
+    # (config, GGUF metadata) -> config: the family's own fields, on the config read from the
+    # llama-like `{arch}.*` keys every GGUF decoder has (pyxf/convert/gguf_import.py).
+    gguf_config: Callable[[dict, dict], dict] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +168,27 @@ def sliding_window(hf: dict) -> int | None:
     if not (window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0)):
         return None
     return window
+
+
+def sliding_window_layers(window, layer_types, num_layers: int) -> tuple[int | None, int | None]:
+    """(sliding_window, sliding_window_pattern) of pyxf's config from a window and HF's layer_types
+    ("sliding_attention" / "full_attention" per layer): (None, None) when no layer is local,
+    (W, None) when every layer is, (W, N) when layer i is global exactly when (i + 1) % N == 0.
+    ValueError for other arrangements, which pyxf cannot run."""
+    kinds = {"sliding_attention": True, "full_attention": False}
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers or any(t not in kinds for t in layer_types):
+        raise ValueError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                         f"{num_layers} layers, got {str(layer_types)[:120]}")
+    local = [kinds[t] for t in layer_types]
+    if not window or not any(local):
+        return None, None
+    if all(local):
+        return window, None
+    pattern = local.index(False) + 1
+    if local != [(i + 1) % pattern != 0 for i in range(len(local))]:
+        raise ValueError(f"layer_types {layer_types} do not repeat one pattern (local layers, then a global "
+                         "one); pyxf supports such patterns only")
+    return window, pattern
 
 
 def common_config(hf: dict) -> dict:

@@ -4,7 +4,7 @@ dimensions, and the tensors of one block (attention, FFN, their norms). Imports 
 from .schema import EMBEDDING, PYTHON, Field, Tensor, linear, norm
 
 NORMS = ("rmsnorm", "layernorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "none", "sinusoidal", "relative")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -23,7 +23,8 @@ STACK_FIELDS = (
     Field("gated_ffn", "bool", doc="down(act(gate(x)) * up(x))"),
     Field("tie_word_embeddings", "bool", doc="the head is embed.weight"),
     Field("norm", "choice", choices=NORMS),
-    Field("norm_position", "choice", choices=NORM_POSITIONS, doc="pre: x + f(norm(x)); post: norm(x + f(x))"),
+    Field("norm_position", "choice", choices=NORM_POSITIONS,
+          doc="pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + post_norm(f(norm(x)))"),
     Field("activation", "choice", choices=ACTIVATIONS),
     Field("position", "choice", choices=POSITIONS),
     Field("dtype", "choice", choices=DTYPES, doc="the float type of every tensor not quantized"),
@@ -39,6 +40,37 @@ STACK_FIELDS = (
     Field("chat_template", "text", default=None),
     Field("add_bos_token", "bool", default=False),
 )
+
+
+# Scales a stack may apply (decoders and encoder-decoders).
+SCALE_FIELDS = (
+    Field("embed_scale", "positive", default=None, doc="token embeddings are multiplied by it"),
+    Field("attention_scale", "positive", default=None, doc="score scale; null: 1/sqrt(head_dim)"),
+)
+
+
+# Local attention (Mistral, Gemma 2/3, ModernBERT): a query at position p sees the keys j with
+# |p - j| < W (causal stacks: p - W < j <= p), in every layer or only in the local ones.
+LOCAL_FIELDS = (
+    Field("sliding_window", "size", default=None, doc="W: local layers see keys within it; null: none"),
+    Field("sliding_window_pattern", "size", default=None,
+          doc="N: only some layers are local, layer i global when i % N == global_layer_phase; null: all"),
+    Field("global_layer_phase", "count", default=None, doc="in [0, N); null: N - 1 (Gemma; ModernBERT: 0)"),
+    Field("rope_local_theta", "positive", default=None,
+          doc="the local layers' RoPE base, unscaled (Gemma 3, ModernBERT); null: rope_theta as every layer"),
+)
+
+
+def check_local(config, fail):
+    """The local-attention fields describe local layers only together with a window."""
+    for field in ("sliding_window_pattern", "global_layer_phase", "rope_local_theta"):
+        if config.get(field) is not None and config.get("sliding_window") is None:
+            fail(f"{field!r} describes local layers, but 'sliding_window' is null")
+    if config.get("rope_local_theta") is not None and config["position"] != "rope":
+        fail("'rope_local_theta' needs rope positions")
+    phase = config.get("global_layer_phase")
+    if phase is not None and not phase < (config.get("sliding_window_pattern") or 0):
+        fail(f"'global_layer_phase' must be below sliding_window_pattern, got {phase!r}")
 
 
 def stack_dims(config):
@@ -78,6 +110,10 @@ def _qk_norm(config):
     return bool(config.get("qk_norm"))
 
 
+def _sandwich(config):
+    return config["norm_position"] == "sandwich"
+
+
 def _not_gated(config):
     return not config["gated_ffn"]
 
@@ -107,6 +143,8 @@ def block(cross=False):
         *norm("attn_norm", required=_attn_norm_required),
         *linear("attn.qkv", "QKV", "H", parts=(("q", "Q"), ("k", "KVD"), ("v", "KVD"))),
         *linear("attn.out", "H", "Q"),
+        # Gemma 2/3 (norm_position sandwich): the attention's output is normed before the residual add.
+        *norm("attn_post_norm", when=_sandwich),
         # Qwen3: an RMSNorm over each head's D of q and of k, before RoPE; OLMoE: over the whole
         # q and k projections (qk_norm_span "projection").
         Tensor("attn.q_norm.weight", ("QN",), when=_qk_norm),
@@ -122,6 +160,7 @@ def block(cross=False):
         *linear("ffn.up", "UP", "H", when=_dense_not_gated),
         *linear("ffn.down", "H", "I", when=lambda config: not _moe(config)),
         *moe_ffn(),
+        *norm("ffn_post_norm", when=_sandwich),
     ]
     return tuple(tensors)
 
@@ -148,7 +187,8 @@ def token_embedding(name="embed.weight", rows="V", when=None):
 
 
 def pre_norm(config):
-    return config["norm_position"] == "pre"
+    """Whether blocks norm their input (pre and sandwich), so that the stack ends in a final norm."""
+    return config["norm_position"] in ("pre", "sandwich")
 
 
 # A bias on attention scores by relative position (T5, MPNet): the checkpoint's table by bucket

@@ -1,8 +1,8 @@
 """Decoder-only language models: Llama / Mistral / Qwen2 / Qwen3 / SmolLM2 and the mixtures of experts
 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) (family llama), Phi-3 / Phi-4 (family phi3: the llama block,
-its projections stored fused as pyxf stores them) and GPT-2."""
+its projections stored fused as pyxf stores them), Gemma 2 / 3 (family gemma) and GPT-2."""
 
-from .blocks import STACK_FIELDS, block, pre_norm, stack_dims, token_embedding
+from .blocks import LOCAL_FIELDS, SCALE_FIELDS, STACK_FIELDS, block, check_local, pre_norm, stack_dims, token_embedding
 from .schema import Architecture, Field, Stack, Tensor, norm
 
 
@@ -26,17 +26,16 @@ def _check(config, fail):
         fail("2 * shared_expert_intermediate_size exceeds what pyxf supports (2**31 - 1)")
     if not experts and config.get("shared_expert_intermediate_size"):
         fail("a shared expert needs num_experts")
+    check_local(config, fail)
 
 
 DECODER = Architecture(
     "decoder",
-    families=("llama", "phi3", "gpt2"),
+    families=("llama", "phi3", "gemma", "gpt2"),
     fields=(
         *STACK_FIELDS,
-        # Mistral-style local attention: each position sees the last W positions. pyxf has no
-        # windowed attention yet; a sequence of at most W tokens attends to all of them either way,
-        # so pyxf.load limits the context to W (asking for more is an error) and the window is honoured.
-        Field("sliding_window", "size", default=None, doc="W: attention sees the last W positions"),
+        *SCALE_FIELDS,
+        *LOCAL_FIELDS,
         Field("qk_norm", "bool", default=False, doc="RMSNorm of q and of k before RoPE (Qwen3, OLMoE)"),
         Field("qk_norm_span", "choice", default="head", choices=("head", "projection"),
               doc="qk_norm over each head's D (Qwen3) or over the whole q and k projections (OLMoE)"),
@@ -49,6 +48,8 @@ DECODER = Architecture(
         Field("norm_topk_prob", "bool", default=False, doc="the k weights are renormalized to sum to 1"),
         Field("shared_expert_intermediate_size", "count", default=0,
               doc="the shared expert's width (Qwen2-MoE); 0: none"),
+        Field("attention_softcap", "positive", default=None, doc="scores s -> c tanh(s / c) (Gemma 2)"),
+        Field("logit_softcap", "positive", default=None, doc="logits z -> c tanh(z / c) (Gemma 2)"),
     ),
     dims=stack_dims,
     tensors=(

@@ -7,8 +7,8 @@ Positions are learned (BERT's family), learned plus a bias by relative position 
 layers (MPNet), or RoPE (ModernBERT, whose local layers see a window of keys and may rotate by a
 RoPE base of their own)."""
 
-from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias, relative_dims,
-                     stack_dims, token_embedding)
+from .blocks import (LOCAL_FIELDS, RELATIVE_FIELDS, STACK_FIELDS, block, check_local, check_relative, pre_norm,
+                     relative_bias, relative_dims, stack_dims, token_embedding)
 from .schema import PYTHON, Architecture, Field, Stack, Tensor, linear, norm
 
 CLASSIFIER_KINDS = ("bert", "roberta", "distilbert", "modernbert")
@@ -36,12 +36,7 @@ FIELDS = STACK_FIELDS + (
     *RELATIVE_FIELDS,  # MPNet's bias by relative position (bidirectional buckets)
     Field("norm_bias", "bool", default=True, doc="LayerNorms have a bias (ModernBERT: false)"),
     Field("first_attn_norm", "bool", default=True, doc="false: layer 0 has no attention norm (pre-norm only)"),
-    # Local attention (ModernBERT): a query at position i sees the keys j with |i - j| < W.
-    Field("sliding_window", "size", default=None, doc="W: local layers see keys within it; null: none"),
-    Field("sliding_window_pattern", "size", default=None,
-          doc="N: only some layers are local, layer i global when i % N == global_layer_phase; null: all"),
-    Field("global_layer_phase", "count", default=None, doc="in [0, N); null: N - 1 (ModernBERT: 0)"),
-    Field("rope_local_theta", "positive", default=None, doc="local layers' RoPE base, unscaled; null: rope_theta"),
+    *LOCAL_FIELDS,  # ModernBERT's local layers
 )
 
 
@@ -77,14 +72,7 @@ def _check(config, fail):
         check_relative(config, fail)
     if config.get("first_attn_norm") is False and config["norm_position"] != "pre":
         fail("'first_attn_norm' false needs norm_position pre")
-    for field in ("sliding_window_pattern", "global_layer_phase", "rope_local_theta"):
-        if config.get(field) is not None and config.get("sliding_window") is None:
-            fail(f"{field!r} describes local layers, but 'sliding_window' is null")
-    if config.get("rope_local_theta") is not None and position != "rope":
-        fail("'rope_local_theta' needs rope positions")
-    phase = config.get("global_layer_phase")
-    if phase is not None and not phase < (config.get("sliding_window_pattern") or 0):
-        fail(f"'global_layer_phase' must be below sliding_window_pattern, got {phase!r}")
+    check_local(config, fail)
     pooling = config.get("pooling")
     if pooling is not None:
         if not isinstance(pooling, dict) or pooling.get("mode") not in POOLING_MODES:

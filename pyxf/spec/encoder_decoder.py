@@ -4,8 +4,8 @@ names under `encoder.`. Positions: learned tables stored per stack (BART, mBART)
 load (not stored): sinusoidal ones for both stacks, or T5's bias by relative distance [Hq, 2R + 1]
 from each stack's `rel_bias.weight` buckets."""
 
-from .blocks import (RELATIVE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias, relative_dims,
-                     stack_dims, token_embedding)
+from .blocks import (RELATIVE_FIELDS, SCALE_FIELDS, STACK_FIELDS, block, check_relative, pre_norm, relative_bias,
+                     relative_dims, stack_dims, token_embedding)
 from .schema import Architecture, Field, Stack, Tensor, norm
 
 SINUSOIDAL_LAYOUTS = ("interleaved", "concat", "fairseq")
@@ -19,7 +19,7 @@ LANGUAGE_TARGET_SLOTS = ("forced_bos", "decoder_start")
 # the sinusoidal position table [max_position_embeddings, hidden_size] ...
 MAX_SINUSOIDAL_ENTRIES = 2**28  # 1 GiB of float32
 
-FIELDS = STACK_FIELDS + (
+FIELDS = STACK_FIELDS + SCALE_FIELDS + (
     Field("num_encoder_layers", "size"),
     Field("source_vocab_size", "size", default=None, doc="encoder vocabulary (default vocab_size)"),
     Field("shared_embeddings", "bool", default=False, doc="the encoder reads embed.weight"),
@@ -27,8 +27,6 @@ FIELDS = STACK_FIELDS + (
     Field("position_offset", "count", default=0, doc="position tables start here (BART, mBART, M2M100: 2)"),
     Field("embed_norm", "bool", default=False, doc="a norm of the embeddings of each stack (BART, mBART)"),
     *RELATIVE_FIELDS,
-    Field("embed_scale", "positive", default=None, doc="token embeddings are multiplied by it"),
-    Field("attention_scale", "positive", default=None, doc="score scale; null: 1/sqrt(head_dim)"),
     Field("head_scale", "positive", default=None, doc="the LM head's input is multiplied by it"),
     Field("decoder_start_token_id", "ids"),
     Field("forced_bos_token_id", "ids", default=None, doc="forced as the first generated token"),
@@ -82,6 +80,8 @@ def _stack_ends(prefix):
 def _check(config, fail):
     if config.get("shared_embeddings") and config.get("source_vocab_size", config["vocab_size"]) != config["vocab_size"]:
         fail("shared embeddings need source_vocab_size == vocab_size")
+    if config["norm_position"] == "sandwich":
+        fail("encoder-decoder models have no sandwich norms (norm_position pre or post)")
     position = config["position"]
     if position not in POSITIONS:
         fail(f"encoder-decoder models need 'position' {', '.join(POSITIONS)}, got {position!r}")

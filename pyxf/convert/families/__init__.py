@@ -6,13 +6,13 @@ family")."""
 from __future__ import annotations
 
 from ..schema import Family, TensorTable
-from . import bert, gpt2, llama, phi3, seq2seq
+from . import bert, gemma, gpt2, llama, phi3, seq2seq
 
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (llama.FAMILY, phi3.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT, bert.MPNET,
-              bert.MODERNBERT, seq2seq.TRANSFORMER, seq2seq.MARIAN, seq2seq.T5, seq2seq.BART, seq2seq.MBART,
-              seq2seq.M2M100)
+    for f in (llama.FAMILY, phi3.FAMILY, gemma.FAMILY, gpt2.FAMILY, bert.BERT, bert.ROBERTA, bert.DISTILBERT,
+              bert.MPNET, bert.MODERNBERT, seq2seq.TRANSFORMER, seq2seq.MARIAN, seq2seq.T5, seq2seq.BART,
+              seq2seq.MBART, seq2seq.M2M100)
 }
 
 

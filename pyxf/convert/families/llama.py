@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 
-from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window
+from ..schema import (
+    Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window, sliding_window_layers,
+)
 from ..tokenizer_files import (
     is_sentence_transformers_model, sentence_transformers_fields, write_decoder_tokenizer, write_encoder_tokenizer,
 )
@@ -222,12 +224,33 @@ def _has_dense_layers(hf: dict) -> bool:
 _QK_NORM_SPAN = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}
 
 
+def _sliding_window(hf: dict) -> tuple[int | None, int | None]:
+    """(sliding_window, sliding_window_pattern): from HF's layer_types when the config lists them,
+    else as the config classes derive them: Mistral windows every layer, Qwen2 / Qwen3 and their
+    MoE (with use_sliding_window) the layers from max_window_layers on. Never a list as long as the
+    claimed layer count (a config may claim 2**31 layers; the converter refuses it later)."""
+    window = sliding_window(hf)
+    if hf.get("layer_types") is not None:
+        return sliding_window_layers(window, hf["layer_types"], hf["num_hidden_layers"])
+    if not window or hf.get("model_type") not in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        return window, None
+    first = hf.get("max_window_layers", 28)
+    if first >= hf["num_hidden_layers"]:
+        return None, None
+    if first > 0:
+        raise ValueError(f"only the layers from max_window_layers ({first}) on use the sliding window; pyxf "
+                         "supports windows on every layer or on a repeating pattern of layers")
+    return window, None
+
+
 def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
     qk_norm_span = _QK_NORM_SPAN.get(hf.get("model_type"))
+    window, pattern = _sliding_window(hf)
     return {
-        "sliding_window": sliding_window(hf),
+        "sliding_window": window,
+        "sliding_window_pattern": pattern,
         "family": "llama",
         "architecture": "decoder",
         "vocab_size": hf["vocab_size"],
