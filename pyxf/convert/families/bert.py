@@ -175,7 +175,7 @@ _MODERNBERT_CLASSIFIER_HF = TensorTable(
 )
 
 
-def _modernbert_tables(config: dict) -> TensorTable:
+def _modernbert_tables(config: dict, names=()) -> TensorTable:
     return _MODERNBERT_CLASSIFIER_HF if config.get("classifier") else _MODERNBERT_HF
 
 

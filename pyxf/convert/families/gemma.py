@@ -188,16 +188,18 @@ def gemma_gguf_config(config: dict, meta: dict) -> dict:
     arch = meta["general.architecture"]
     gemma3 = arch == "gemma3"
 
-    def number(key, default=None):
+    def number(key, default=None, integer=False):
         """A positive number (int or float) of the metadata, or the default when absent."""
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"GGUF metadata {arch}.{key} must be a positive number, got {str(value)[:40]}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (
+                integer and value != int(value)):
+            raise ValueError(f"GGUF metadata {arch}.{key} must be a positive {'integer' if integer else 'number'}, "
+                             f"got {str(value)[:40]}")
+        return int(value) if integer else float(value)
 
-    window = config["sliding_window"]  # read with the llama-like fields
+    window = number("attention.sliding_window", integer=True)
     return {
         **config,
         "family": "gemma",

@@ -247,6 +247,7 @@ def llama_config(hf: dict) -> dict:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling, partial = rope_fields(hf)
     qk_norm_span = _QK_NORM_SPAN.get(hf.get("model_type"))
+    experts = _expert_config(hf)
     window, pattern = _sliding_window(hf)
     return {
         "sliding_window": window,
@@ -274,7 +275,7 @@ def llama_config(hf: dict) -> dict:
         "partial_rotary_factor": partial,
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        **_expert_config(hf),
+        **experts,
         **common_config(hf),
     }
 
