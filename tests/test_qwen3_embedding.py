@@ -164,7 +164,9 @@ def test_embedding_model_is_refused_where_pyxf_would_differ(tmp_path, embedding_
     windowed = tmp_path / "windowed"
     shutil.copytree(st_dir, windowed)
     config = json.loads((windowed / "config.json").read_text())
-    (windowed / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 16}))
+    config = {k: v for k, v in config.items() if k != "layer_types"}  # every layer windowed, as v4 configs say it
+    (windowed / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 16,
+                                                      "max_window_layers": 0}))
     with pytest.raises(ValueError, match="sliding attention window"):
         convert(windowed, tmp_path / "out1", progress=False)
 
