@@ -335,6 +335,30 @@ def require_core():
         pytest.skip("pyxf._core is not built (bash tools/dev_build.sh)")
 
 
+def parity_pair(specs):
+    """A parity test module's `pair` fixture: (transformers model, pyxf model) for each spec name,
+    each loaded once per module (`pair = helpers.parity_pair(SPECS)`)."""
+    loaded = {}
+
+    @pytest.fixture(params=sorted(specs))
+    def pair(request, tiny_models):
+        require_core()
+        import pyxf
+
+        name = request.param
+        if name not in loaded:
+            hf, model_dir = tiny_models(name)
+            loaded[name] = (hf, pyxf.load(model_dir))
+        return loaded[name]
+
+    return pair
+
+
+def spec_seed(pair):
+    """A seed that differs between the specs of one module (their vocabulary sizes differ)."""
+    return pair[1].vocab_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks shared by the parity test files: each takes the transformers model and the loaded pyxf
 # model of one spec.

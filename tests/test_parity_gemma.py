@@ -17,25 +17,8 @@ from helpers import GEMMA_SPECS
 SPECS = sorted(GEMMA_SPECS)
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return {}
-
-
-@pytest.fixture(params=SPECS)
-def pair(request, tiny_models, loaded):
-    helpers.require_core()
-    import pyxf
-
-    name = request.param
-    if name not in loaded:
-        hf, model_dir = tiny_models(name)
-        loaded[name] = (hf, pyxf.load(model_dir))
-    return loaded[name]
-
-
-def spec_seed(pair):
-    return pair[1].vocab_size
+pair = helpers.parity_pair(SPECS)
+spec_seed = helpers.spec_seed
 
 
 @pytest.mark.parametrize("length", [1, 7, 129])

@@ -19,26 +19,8 @@ from helpers import LLAMA_SPECS
 SPECS = sorted(LLAMA_SPECS)
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    """spec -> (transformers model, pyxf model), loaded once per module."""
-    return {}
-
-
-@pytest.fixture(params=SPECS)
-def pair(request, tiny_models, loaded):
-    helpers.require_core()
-    import pyxf
-
-    name = request.param
-    if name not in loaded:
-        hf, model_dir = tiny_models(name)
-        loaded[name] = (hf, pyxf.load(model_dir))
-    return loaded[name]
-
-
-def spec_seed(pair):
-    return pair[1].vocab_size
+pair = helpers.parity_pair(SPECS)
+spec_seed = helpers.spec_seed
 
 
 @pytest.mark.parametrize("length", [1, 7, 129])

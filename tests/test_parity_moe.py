@@ -20,26 +20,8 @@ from test_convert import _tiny_gguf_writer, permute_like_llama_cpp, spm_vocabula
 SPECS = sorted(MOE_SPECS)
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    """spec -> (transformers model, pyxf model), loaded once per module."""
-    return {}
-
-
-@pytest.fixture(params=SPECS)
-def pair(request, tiny_models, loaded):
-    helpers.require_core()
-    import pyxf
-
-    name = request.param
-    if name not in loaded:
-        hf, model_dir = tiny_models(name)
-        loaded[name] = (hf, pyxf.load(model_dir))
-    return loaded[name]
-
-
-def spec_seed(pair):
-    return pair[1].vocab_size
+pair = helpers.parity_pair(SPECS)
+spec_seed = helpers.spec_seed
 
 
 def convert_quiet(src, out, **kwargs):

@@ -417,60 +417,24 @@ def _read_files(files_dir, config: dict) -> dict:
     return sentence_transformers_fields(files_dir, config)
 
 
-BERT = Family(
-    name="bert",
-    hf_architectures=("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
-    hf_model_types=("bert",),
-    hf=_BERT_HF,
-    hf_config=bert_config,
-    finalize=_encoder_finalize,
-    write_tokenizer=write_encoder_tokenizer,
-    read_files=_read_files,
-)
+def _family(name, architectures, model_types, table, config, finalize=_encoder_finalize, **hooks) -> Family:
+    """An encoder family: HF checkpoints, sentence-transformers' settings read beside them."""
+    return Family(name=name, hf_architectures=architectures, hf_model_types=model_types, hf=table, hf_config=config,
+                  finalize=finalize, write_tokenizer=write_encoder_tokenizer, read_files=_read_files, **hooks)
 
-ROBERTA = Family(
-    name="roberta",
-    hf_architectures=(
-        "RobertaModel", "RobertaForSequenceClassification", "XLMRobertaModel", "XLMRobertaForSequenceClassification",
-    ),
-    hf_model_types=("roberta", "xlm-roberta"),
-    hf=_ROBERTA_HF,
-    hf_config=roberta_config,
-    finalize=_encoder_finalize,
-    write_tokenizer=write_encoder_tokenizer,
-    read_files=_read_files,
-)
 
-DISTILBERT = Family(
-    name="distilbert",
-    hf_architectures=("DistilBertModel", "DistilBertForSequenceClassification"),
-    hf_model_types=("distilbert",),
-    hf=_DISTILBERT_HF,
-    hf_config=distilbert_config,
-    finalize=_encoder_finalize,
-    write_tokenizer=write_encoder_tokenizer,
-    read_files=_read_files,
+BERT = _family("bert", ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"), ("bert",), _BERT_HF,
+               bert_config)
+ROBERTA = _family(
+    "roberta",
+    ("RobertaModel", "RobertaForSequenceClassification", "XLMRobertaModel", "XLMRobertaForSequenceClassification"),
+    ("roberta", "xlm-roberta"), _ROBERTA_HF, roberta_config,
 )
-
-MPNET = Family(
-    name="mpnet",
-    hf_architectures=("MPNetModel", "MPNetForMaskedLM", "MPNetForSequenceClassification"),
-    hf_model_types=("mpnet",),
-    hf=_MPNET_HF,
-    hf_config=mpnet_config,
-    finalize=_encoder_finalize,
-    write_tokenizer=write_encoder_tokenizer,
-    read_files=_read_files,
-)
-
-MODERNBERT = Family(
-    name="modernbert",
-    hf_architectures=("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"),
-    hf_model_types=("modernbert",),
-    hf=_MODERNBERT_HF,
-    hf_tables=_modernbert_tables,
-    hf_config=modernbert_config,
-    finalize=_modernbert_finalize,
-    write_tokenizer=write_encoder_tokenizer,
-    read_files=_read_files,
+DISTILBERT = _family("distilbert", ("DistilBertModel", "DistilBertForSequenceClassification"), ("distilbert",),
+                     _DISTILBERT_HF, distilbert_config)
+MPNET = _family("mpnet", ("MPNetModel", "MPNetForMaskedLM", "MPNetForSequenceClassification"), ("mpnet",),
+                _MPNET_HF, mpnet_config)
+MODERNBERT = _family(
+    "modernbert", ("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"),
+    ("modernbert",), _MODERNBERT_HF, modernbert_config, finalize=_modernbert_finalize, hf_tables=_modernbert_tables,
 )

@@ -398,7 +398,7 @@ def _t5_layer(base: str, target: str, cross: bool, gated: bool) -> tuple:
 
 
 def _t5_table(config: dict, names=()) -> TensorTable:
-    gated = config["gated_ffn"]
+    gated = config.get("gated_ffn", False)
     bias = "layer.0.SelfAttention.relative_attention_bias.weight"
     return TensorTable(
         global_rules=(
@@ -425,63 +425,15 @@ def _t5_finalize(config: dict, source_names: set) -> dict:
 
 
 
-TRANSFORMER = Family(
-    name="transformer",
-    hf_architectures=("TransformerSeq2Seq",),
-    hf_model_types=("pyxf-transformer",),
-    hf=_transformer_table({}),
-    hf_config=transformer_config,
-    hf_tables=_transformer_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
+def _family(name, architecture, model_type, config, tables, **hooks) -> Family:
+    """An encoder-decoder family: HF checkpoints of one class, tables by config, seq2seq tokenizers."""
+    return Family(name=name, hf_architectures=(architecture,), hf_model_types=(model_type,), hf=tables({}),
+                  hf_config=config, hf_tables=tables, write_tokenizer=write_seq2seq_tokenizer, **hooks)
 
-MARIAN = Family(
-    name="marian",
-    hf_architectures=("MarianMTModel",),
-    hf_model_types=("marian",),
-    hf=_marian_table({}),
-    hf_config=marian_config,
-    hf_tables=_marian_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
 
-T5 = Family(
-    name="t5",
-    hf_architectures=("T5ForConditionalGeneration",),
-    hf_model_types=("t5",),
-    hf=_t5_table({"gated_ffn": False}),
-    hf_config=t5_config,
-    finalize=_t5_finalize,
-    hf_tables=_t5_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
-
-BART = Family(
-    name="bart",
-    hf_architectures=("BartForConditionalGeneration",),
-    hf_model_types=("bart",),
-    hf=_fairseq_table({}),
-    hf_config=bart_config,
-    hf_tables=_fairseq_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
-
-MBART = Family(
-    name="mbart",
-    hf_architectures=("MBartForConditionalGeneration",),
-    hf_model_types=("mbart",),
-    hf=_fairseq_table({}),
-    hf_config=mbart_config,
-    hf_tables=_fairseq_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
-
-M2M100 = Family(
-    name="m2m100",
-    hf_architectures=("M2M100ForConditionalGeneration",),
-    hf_model_types=("m2m_100",),
-    hf=_fairseq_table({}),
-    hf_config=m2m100_config,
-    hf_tables=_fairseq_table,
-    write_tokenizer=write_seq2seq_tokenizer,
-)
+TRANSFORMER = _family("transformer", "TransformerSeq2Seq", "pyxf-transformer", transformer_config, _transformer_table)
+MARIAN = _family("marian", "MarianMTModel", "marian", marian_config, _marian_table)
+T5 = _family("t5", "T5ForConditionalGeneration", "t5", t5_config, _t5_table, finalize=_t5_finalize)
+BART = _family("bart", "BartForConditionalGeneration", "bart", bart_config, _fairseq_table)
+MBART = _family("mbart", "MBartForConditionalGeneration", "mbart", mbart_config, _fairseq_table)
+M2M100 = _family("m2m100", "M2M100ForConditionalGeneration", "m2m_100", m2m100_config, _fairseq_table)
