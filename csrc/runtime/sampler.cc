@@ -36,40 +36,65 @@ void Sampler::adjust(float* logits, const uint32_t* allowed, int words) const {
   for (int t : seen_list_) logits[t] = logits[t] > 0 ? logits[t] / penalty : logits[t] * penalty;
 }
 
+namespace {
+
+// Higher logit first; equal logits in token order, so that top-k and top-p keep the same tokens
+// whatever order they arrive in.
+bool by_logit(const std::pair<float, int>& a, const std::pair<float, int>& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+// How many of the best of c[0, n) (logits, shifted so that the best is 0) reach probability mass
+// top_p of `total`. Only the prefix it needs is ordered: blocks of doubling size are selected
+// (nth_element) and sorted, so a peaked distribution costs a few hundred comparisons, not a sort
+// of the whole vocabulary.
+size_t nucleus(std::pair<float, int>* c, size_t n, double total, float top_p) {
+  double mass = 0.0;
+  for (size_t done = 0, block = 64; done < n; done += block, block *= 2) {
+    const size_t end = std::min(n, done + block);
+    if (end < n) std::nth_element(c + done, c + end - 1, c + n, by_logit);
+    std::sort(c + done, c + end, by_logit);
+    for (size_t i = done; i < end; ++i) {
+      mass += std::exp((double)c[i].first) / total;
+      if (mass >= top_p) return i + 1;
+    }
+  }
+  return n;
+}
+
+}  // namespace
+
 double Sampler::distribution(const float* logits) {
-  candidates_.resize(vocab_size_);
+  // Tokens a mask or a bias ruled out (-inf) never enter; if nothing is left, all do.
+  candidates_.clear();
   const float inv_t = 1.0f / options_.temperature;
-  for (int i = 0; i < vocab_size_; ++i) candidates_[i] = {logits[i] * inv_t, i};
-  auto by_logit = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
+  for (int i = 0; i < vocab_size_; ++i) {
+    if (logits[i] > -INFINITY) candidates_.push_back({logits[i] * inv_t, i});
+  }
+  if (candidates_.empty()) {
+    for (int i = 0; i < vocab_size_; ++i) candidates_.push_back({0.0f, i});
+  }
   size_t n = candidates_.size();
   if (options_.top_k > 0 && (size_t)options_.top_k < n) {
     n = options_.top_k;
     std::nth_element(candidates_.begin(), candidates_.begin() + n - 1, candidates_.end(), by_logit);
   }
-  std::sort(candidates_.begin(), candidates_.begin() + n, by_logit);
-
-  // Softmax over the survivors, then keep the smallest prefix whose mass reaches top_p.
-  const float max_logit = candidates_[0].first;
+  // Softmax over the survivors (unordered: the draw does not need an order), then, for top-p,
+  // the smallest set of the most probable ones whose mass reaches top_p.
+  float max_logit = -INFINITY;
+  for (size_t i = 0; i < n; ++i) max_logit = std::max(max_logit, candidates_[i].first);
   double total = 0.0;
   for (size_t i = 0; i < n; ++i) {
-    candidates_[i].first = std::exp(candidates_[i].first - max_logit);
-    total += candidates_[i].first;
+    candidates_[i].first -= max_logit;
+    total += std::exp((double)candidates_[i].first);
   }
-  if (options_.top_p < 1.0f) {
-    double mass = 0.0;
-    size_t keep = 0;
-    while (keep < n) {
-      mass += candidates_[keep].first / total;
-      ++keep;
-      if (mass >= options_.top_p) break;
-    }
-    n = keep;
-    total = 0.0;
-    for (size_t i = 0; i < n; ++i) total += candidates_[i].first;
-  }
+  if (options_.top_p < 1.0f) n = nucleus(candidates_.data(), n, total, options_.top_p);
   candidates_.resize(n);
+  total = 0.0;
+  for (auto& [weight, token] : candidates_) {
+    weight = std::exp(weight);
+    total += weight;
+  }
   return total;
 }
 

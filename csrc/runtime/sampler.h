@@ -48,7 +48,7 @@ class Sampler {
   // Mask, bias and penalties applied to the logits in place.
   void adjust(float* logits, const uint32_t* allowed, int words) const;
   // candidates_ = the tokens that survive temperature, top-k and top-p with their unnormalized
-  // probabilities; returns their sum.
+  // probabilities, in no particular order; returns their sum.
   double distribution(const float* logits);
   // A candidate drawn in proportion to its weight (total: the weights' sum); never one of weight 0.
   int draw(double total);
