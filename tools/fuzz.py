@@ -42,8 +42,12 @@ def sanitized_env(kind: str) -> dict:
     if kind == "none":
         env["PYXF_IMPORT_ROOT"] = str(ROOT)
         return env
-    out = subprocess.run(["bash", str(ROOT / "tools" / "sanitize.sh"), kind, "--build-only"], check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    build = subprocess.run(["bash", str(ROOT / "tools" / "sanitize.sh"), kind, "--build-only"],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        sys.exit(f"fuzz: the {kind} sanitizer build failed (bash tools/sanitize.sh {kind} --build-only):\n"
+                 + "\n".join((build.stdout + build.stderr).strip().splitlines()[-20:]))
+    out = build.stdout.strip().splitlines()[-1]
     for assignment in shlex.split(out):
         key, _, value = assignment.partition("=")
         value = value.strip("'")
