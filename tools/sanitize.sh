@@ -89,7 +89,8 @@ else
   # and encoder parity tests, sessions, the engine (speculative decoding), seq2seq with beam search, the threads tests,
   # the resource limits and the fuzz regressions; then the model-level paths with lower ISAs forced.
   run -q tests/test_kernels.py tests/test_quant_kernels.py tests/test_kquant.py tests/test_half_weights.py \
-    tests/test_parity_llama.py tests/test_parity_gpt2.py tests/test_engine.py tests/test_speculative.py \
+    tests/test_parity_llama.py tests/test_parity_gpt2.py tests/test_parity_gemma.py tests/test_parity_moe.py \
+    tests/test_seq2seq_fairseq.py tests/test_engine.py tests/test_speculative.py \
     tests/test_seq2seq.py tests/test_encoders.py tests/test_limits.py tests/test_threads.py \
     tests/test_fuzz_regressions.py
   for isa in avx2 generic; do
