@@ -136,8 +136,8 @@ void gated_activation(const float* gu, long rows, long n, Activation act, float*
   for (long r = 0; r < rows; ++r) gated_activation_row(gu + r * 2 * n, gu + r * 2 * n + n, n, act, out + r * n);
 }
 
-void softmax(float* x, long rows, long n) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
+void softmax(float* x, long rows, long n) {  // one row stays on the calling thread (the sampler's)
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n > kParallelFloats)
   for (long r = 0; r < rows; ++r) {
     float* xr = x + r * n;
     Vf vmx = vset1(-INFINITY);

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/kernels.h"
+
 namespace pyxf {
 
 Sampler::Sampler(const SamplingOptions& options, uint64_t seed, int vocab_size)
@@ -22,10 +24,13 @@ void Sampler::observe_generated(int token) {
 }
 
 void Sampler::adjust(float* logits, const uint32_t* allowed, int words) const {
-  if (allowed) {
-    for (int t = 0; t < vocab_size_; ++t) {
-      const bool ok = t / 32 < words && (allowed[t / 32] >> (t % 32)) & 1u;
-      if (!ok) logits[t] = -INFINITY;
+  if (allowed) {  // a word at a time: most words of a mask are all ones or all zeros
+    for (int w = 0; w * 32 < vocab_size_; ++w) {
+      const uint32_t bits = w < words ? allowed[w] : 0u;
+      if (bits == ~0u) continue;
+      for (int t = w * 32; t < std::min(vocab_size_, w * 32 + 32); ++t) {
+        if (!((bits >> (t % 32)) & 1u)) logits[t] = -INFINITY;
+      }
     }
   }
   for (const auto& [t, bias] : options_.logit_bias) logits[t] += bias;
@@ -44,18 +49,17 @@ bool by_logit(const std::pair<float, int>& a, const std::pair<float, int>& b) {
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
-// How many of the best of c[0, n) (logits, shifted so that the best is 0) reach probability mass
-// top_p of `total`. Only the prefix it needs is ordered: blocks of doubling size are selected
-// (nth_element) and sorted, so a peaked distribution costs a few hundred comparisons, not a sort
-// of the whole vocabulary.
-size_t nucleus(std::pair<float, int>* c, size_t n, double total, float top_p) {
+// How many of the most probable of c[0, n) (probabilities) reach probability mass top_p. Only the
+// prefix it needs is ordered: blocks of doubling size are selected (nth_element) and sorted, so a
+// peaked distribution costs a few hundred comparisons, not a sort of the whole vocabulary.
+size_t nucleus(std::pair<float, int>* c, size_t n, float top_p) {
   double mass = 0.0;
   for (size_t done = 0, block = 64; done < n; done += block, block *= 2) {
     const size_t end = std::min(n, done + block);
     if (end < n) std::nth_element(c + done, c + end - 1, c + n, by_logit);
     std::sort(c + done, c + end, by_logit);
     for (size_t i = done; i < end; ++i) {
-      mass += std::exp((double)c[i].first) / total;
+      mass += c[i].first;
       if (mass >= top_p) return i + 1;
     }
   }
@@ -79,22 +83,16 @@ double Sampler::distribution(const float* logits) {
     n = options_.top_k;
     std::nth_element(candidates_.begin(), candidates_.begin() + n - 1, candidates_.end(), by_logit);
   }
-  // Softmax over the survivors (unordered: the draw does not need an order), then, for top-p,
-  // the smallest set of the most probable ones whose mass reaches top_p.
-  float max_logit = -INFINITY;
-  for (size_t i = 0; i < n; ++i) max_logit = std::max(max_logit, candidates_[i].first);
-  double total = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    candidates_[i].first -= max_logit;
-    total += std::exp((double)candidates_[i].first);
-  }
-  if (options_.top_p < 1.0f) n = nucleus(candidates_.data(), n, total, options_.top_p);
+  // Softmax over the survivors (unordered: the draw does not need an order) by the vectorized
+  // kernel, then, for top-p, the smallest set of the most probable ones whose mass reaches top_p.
+  probs_.resize(n);
+  for (size_t i = 0; i < n; ++i) probs_[i] = candidates_[i].first;
+  kernels::active().softmax(probs_.data(), 1, (long)n);
+  for (size_t i = 0; i < n; ++i) candidates_[i].first = probs_[i];
+  if (options_.top_p < 1.0f) n = nucleus(candidates_.data(), n, options_.top_p);
   candidates_.resize(n);
-  total = 0.0;
-  for (auto& [weight, token] : candidates_) {
-    weight = std::exp(weight);
-    total += weight;
-  }
+  double total = 0.0;
+  for (const auto& [weight, token] : candidates_) total += weight;
   return total;
 }
 

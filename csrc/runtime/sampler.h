@@ -63,6 +63,7 @@ class Sampler {
   std::vector<int> seen_list_;
   std::unordered_map<int, int> generated_counts_;  // token -> count, kept only for the penalties
   std::vector<std::pair<float, int>> candidates_;
+  std::vector<float> probs_;  // the softmax's scratch row
 };
 
 }  // namespace pyxf
