@@ -102,6 +102,20 @@ class Constraint:
             raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
         return not self.matcher.is_stopped()
 
+    def take_forced(self, limit):
+        """Jump-forward decoding: the tokens the constraint fixes next (at most `limit`), taken as if
+        sampled. None are taken when they would complete the constraint: the end stays with the
+        sampler (and the end of sequence)."""
+        forced = self.matcher.compute_ff_tokens()[: max(0, limit)]
+        if not forced:
+            return []
+        if not self.matcher.consume_tokens(forced):
+            raise RuntimeError(f"the constraint rejected its own forced tokens: {self.matcher.get_error()}")
+        if self.matcher.is_stopped():
+            self.matcher.rollback(len(forced))
+            return []
+        return forced
+
     @property
     def accepting(self):
         """Whether what was generated so far is complete under the constraint."""

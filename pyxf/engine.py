@@ -15,6 +15,7 @@ for all requests) and hands them to each request's consumer, synchronous or asyn
 
 import asyncio
 import atexit
+import collections
 import queue
 import threading
 import weakref
@@ -77,7 +78,7 @@ class Request:
     come; result() waits for the end."""
 
     def __init__(self, dispatcher, request_id, prompt_tokens, tokenizer, stop_strings, logprobs, text_deltas,
-                 constraint=None, tool_plan=None):
+                 constraint=None, tool_plan=None, max_new_tokens=None, forced=()):
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self._dispatcher = dispatcher
@@ -92,6 +93,8 @@ class Request:
         self._shown = ""                  # text delivered in deltas so far
         self._stopped_by_text = False     # a stop string ended it: further tokens are dropped
         self._constraint = constraint     # pyxf.constraints.Constraint, or None
+        self._forced = collections.deque(forced)  # tokens the constraint fixed, not yet back as events
+        self._max_new_tokens = max_new_tokens
         self._complete = False            # the constraint is complete: the request ends here
         self._tool_plan = tool_plan       # pyxf.tools.ToolPlan: how to read tool calls from the reply
         self._items = queue.SimpleQueue()
@@ -158,10 +161,14 @@ class Request:
         if self._stopped_by_text or self._complete:
             return
         self._token_ids.append(token)
-        if self._constraint is not None:
+        if self._forced:
+            # Fixed by the constraint, which has taken it already.
+            self._forced.popleft()
+        elif self._constraint is not None:
             # First, so the core has the next mask before the forward pass it overlaps ends.
             if self._constraint.advance(token):
-                self._dispatcher.core.set_mask(self.id, len(self._token_ids), self._constraint.mask())
+                forced = self._take_forced()
+                self._dispatcher.core.set_mask(self.id, len(self._token_ids), self._constraint.mask(), forced)
             else:
                 self._complete = True
                 self.cancel()
@@ -179,6 +186,15 @@ class Request:
             logprobs = [self._token_logprob(token, logprob, top)]
             self._logprobs.extend(logprobs)
         self._put(Delta(text, [token], logprobs))
+
+    def _take_forced(self):
+        """Jump-forward decoding: the tokens the constraint fixes next, taken (none with logprobs,
+        which need every token's logits)."""
+        if self._logprobs is not None or self._max_new_tokens is None:
+            return []
+        forced = self._constraint.take_forced(self._max_new_tokens - len(self._token_ids))
+        self._forced.extend(forced)
+        return forced
 
     def _on_finish(self, finish, prompt_tokens, cached_tokens, error):
         reason = "stop" if self._stopped_by_text or self._complete else _FINISH[finish]
@@ -448,23 +464,29 @@ class Engine:
         grammar_source = grammar_for(**constraint_args)
         constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 
+        o = options
+
         def make_request(request_id):
             return Request(self._dispatcher, request_id, len(ids), model.tokenizer, stop_strings, logprobs,
-                           text_deltas, constraint, tool_plan)
+                           text_deltas, constraint, tool_plan, o["max_new_tokens"], first_forced)
 
-        o = options
+        # Jump-forward from the start: tokens the constraint fixes before the first one sampled.
+        first_forced = []
+        if constraint is not None and logprobs is None:
+            first_forced = constraint.take_forced(o["max_new_tokens"])
         return self._dispatcher.submit(
             make_request, ids, o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"],
             o["repetition_penalty"], o["presence_penalty"], o["frequency_penalty"], o["logit_bias"], o["seed"],
             stop_ids, -1 if logprobs is None else logprobs, constraint.mask() if constraint is not None else None,
-            draft_tokens, use_draft_model,
+            draft_tokens, use_draft_model, first_forced,
         )
 
     def stats(self):
         """Counters: running, waiting, kv_blocks_total / used / cached, kv_block_tokens,
         prefix_cache_queried_tokens, prefix_cache_hit_tokens, prompt_tokens_total,
         generated_tokens_total, requests_finished_total, steps_total, draft_tokens_proposed_total,
-        draft_tokens_accepted_total (speculative decoding)."""
+        draft_tokens_accepted_total (speculative decoding), forced_tokens_total (tokens a constraint
+        fixed, taken without sampling)."""
         return self._dispatcher.core.stats()
 
     def close(self, timeout=None):

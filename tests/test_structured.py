@@ -178,6 +178,35 @@ def test_constrained_and_unconstrained_requests_share_a_batch(tiny):
     assert constrained != free
 
 
+def test_jump_forward_takes_the_tokens_a_constraint_fixes(smol):
+    """Tokens the grammar fixes (keys, punctuation) are taken without sampling and run several to a
+    forward pass: fewer steps than tokens, and the whole output is still one llguidance accepts token
+    by token. With logprobs every token is sampled (each needs its logits)."""
+    import pyxf
+    from llguidance import LLMatcher
+    from pyxf.constraints import _llg_tokenizer, grammar_for
+
+    schema = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                         "city": {"enum": ["Paris", "Berlin", "Rome"]}},
+        "required": ["name", "city"], "additionalProperties": False}}
+    fmt = json_schema_format("people", schema)
+    with pyxf.Engine(smol, max_batch=1) as engine:
+        result = engine.submit("Three people as JSON:", response_format=fmt, max_new_tokens=200).result()
+        stats = engine.stats()
+        check_json(result, schema, "people")
+        assert stats["forced_tokens_total"] >= 12  # {"name": "  and  ", "city": "  in each item at least
+        assert stats["steps_total"] < len(result.token_ids)
+        matcher = LLMatcher(_llg_tokenizer(smol), grammar_for(response_format=fmt), log_level=0)
+        assert matcher.consume_tokens(result.token_ids) and matcher.is_accepting(), matcher.get_error()
+
+        with_logprobs = engine.submit("Three people as JSON:", response_format=fmt, max_new_tokens=200,
+                                      logprobs=0).result()
+        assert engine.stats()["forced_tokens_total"] == stats["forced_tokens_total"]
+        check_json(with_logprobs, schema, "people")
+        assert len(with_logprobs.logprobs) == len(with_logprobs.token_ids)
+
+
 def test_bad_constraints_are_value_errors(smol):
     import pyxf
 

@@ -85,13 +85,15 @@ class PyEngine {
   int64_t submit(py::handle prompt, int max_new_tokens, float temperature, int top_k, float top_p,
                  float repetition_penalty, float presence_penalty, float frequency_penalty,
                  std::vector<std::pair<int, float>> logit_bias, uint64_t seed, std::vector<int> stop_ids,
-                 int top_logprobs, py::object first_mask, int draft_tokens, bool draft_model) {
+                 int top_logprobs, py::object first_mask, int draft_tokens, bool draft_model,
+                 std::vector<int32_t> first_forced) {
     Request r;
     r.draft_tokens = draft_tokens;
     r.draft_model = draft_model;
     if (!first_mask.is_none()) {
       r.constrained = true;
       r.first_mask = mask_words(first_mask.cast<py::bytes>());
+      r.first_forced = std::move(first_forced);
     }
     r.prompt = model_->tokens(prompt);
     r.max_new_tokens = max_new_tokens;
@@ -126,7 +128,7 @@ class PyEngine {
                     "prefix_cache_hit_tokens"_a = s.prefix_hit_tokens, "prompt_tokens_total"_a = s.prompt_tokens,
                     "generated_tokens_total"_a = s.generated_tokens, "requests_finished_total"_a = s.finished,
                     "steps_total"_a = s.steps, "draft_tokens_proposed_total"_a = s.draft_proposed,
-                    "draft_tokens_accepted_total"_a = s.draft_accepted);
+                    "draft_tokens_accepted_total"_a = s.draft_accepted, "forced_tokens_total"_a = s.forced_tokens);
   }
 
   Engine& engine() { return engine_; }
@@ -164,11 +166,11 @@ void bind_decoder(py::module_& m) {
       .def("submit", &PyEngine::submit, "prompt"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a,
            "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "logit_bias"_a, "seed"_a,
            "stop_ids"_a, "top_logprobs"_a, "first_mask"_a = py::none(), "draft_tokens"_a = 0,
-           "draft_model"_a = false)
+           "draft_model"_a = false, "first_forced"_a = std::vector<int32_t>{})
       .def("cancel", [](PyEngine& e, int64_t id) { e.engine().cancel(id); }, "request"_a)
-      .def("set_mask", [](PyEngine& e, int64_t id, int index, const py::bytes& mask) {
-        e.engine().set_mask(id, index, PyEngine::mask_words(mask));
-      }, "request"_a, "index"_a, "mask"_a)
+      .def("set_mask", [](PyEngine& e, int64_t id, int index, const py::bytes& mask, std::vector<int32_t> forced) {
+        e.engine().set_mask(id, index, PyEngine::mask_words(mask), std::move(forced));
+      }, "request"_a, "index"_a, "mask"_a, "forced"_a = std::vector<int32_t>{})
       .def("poll", &PyEngine::poll, "timeout_ms"_a)
       .def_property_readonly("drained", [](PyEngine& e) { return e.engine().drained(); })
       .def("close", [](PyEngine& e, bool cancel) { e.engine().close(cancel); }, "cancel_running"_a = false)

@@ -145,6 +145,10 @@ int64_t Engine::submit(Request request) {
                                 " tokens, more than the context length " + std::to_string(options_.context_length));
   }
   std::vector<uint32_t> first_mask = std::move(request.first_mask);
+  std::vector<int32_t> first_forced = std::move(request.first_forced);
+  for (int32_t t : first_forced) {
+    if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("a forced token is outside the vocabulary");
+  }
   auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, draft_pool_.get(), c.vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw std::logic_error("the engine is closed");
@@ -153,7 +157,7 @@ int64_t Engine::submit(Request request) {
   }
   seq->id = next_id_++;
   const int64_t id = seq->id;
-  if (seq->request.constrained) masks_[id] = {0, std::move(first_mask)};
+  if (seq->request.constrained) masks_[id] = {0, std::move(first_mask), std::move(first_forced)};
   submitted_.push_back(std::move(seq));
   ++n_waiting_;
   work_.notify_one();
@@ -167,20 +171,25 @@ void Engine::cancel(int64_t id) {
   masks_cv_.notify_all();
 }
 
-void Engine::set_mask(int64_t id, int index, std::vector<uint32_t> mask) {
+void Engine::set_mask(int64_t id, int index, std::vector<uint32_t> mask, std::vector<int32_t> forced) {
+  const int vocab = model_.config().vocab_size;
+  for (int32_t t : forced) {
+    if (t < 0 || t >= vocab) throw std::invalid_argument("a forced token is outside the vocabulary");
+  }
   std::lock_guard<std::mutex> lock(mutex_);
-  masks_[id] = {index, std::move(mask)};
+  masks_[id] = {index, std::move(mask), std::move(forced)};
   masks_cv_.notify_all();
 }
 
-// The mask of the sequence's next token, once its caller has supplied it; false when the request
-// is cancelled (or the engine closes) first.
-bool Engine::wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask) {
+// The mask of the sequence's next token (and the tokens forced before it), once its caller has
+// supplied it; false when the request is cancelled (or the engine closes) first.
+bool Engine::wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask, std::vector<int32_t>& forced) {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     const auto it = masks_.find(s.id);
     if (it != masks_.end() && it->second.index == s.generated) {
       mask.swap(it->second.words);
+      forced.swap(it->second.forced);
       masks_.erase(it);
       return true;
     }
@@ -213,7 +222,7 @@ void Engine::close(bool cancel_running) {
 EngineStats Engine::stats() const {
   return {n_running_, n_waiting_, pool_.num_pages(), pages_used_, pages_cached_, kPageTokens,
           prefix_queried_, prefix_hits_, prompt_tokens_, generated_, finished_, steps_,
-          draft_proposed_, draft_accepted_};
+          draft_proposed_, draft_accepted_, forced_};
 }
 
 void Engine::run() {
@@ -535,8 +544,22 @@ void Engine::sample(Sequence& s, float* logits, std::vector<TokenEvent>& events)
   prepare_logprobs(s, logits);
   std::vector<uint32_t> mask;
   if (s.request.constrained) {
-    if (!wait_for_mask(s, mask)) {
+    std::vector<int32_t> forced;
+    if (!wait_for_mask(s, mask, forced)) {
       finish(s, Finish::kCancelled, events);
+      return;
+    }
+    if (!forced.empty()) {
+      // Jump-forward: the constraint fixes the next tokens, so these logits (of the first of them)
+      // are not needed. They join the sequence as generated and run in the next step's forward
+      // pass, all at once; the mask waits for the token after them.
+      for (int32_t t : forced) {
+        accept_token(s, t, events);
+        ++forced_;
+        if (s.done) return;
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      masks_[s.id] = {s.generated, std::move(mask), {}};
       return;
     }
     if (std::all_of(mask.begin(), mask.end(), [](uint32_t w) { return w == 0; })) {

@@ -53,7 +53,9 @@ struct Request {
   bool draft_model = false;     // drafts come from the engine's draft model, else from prompt lookup
   // Structured output: the tokens allowed as the first new token (a bitmask, see Sampler::sample);
   // the caller supplies the mask of each later token with set_mask once it has seen the previous one.
+  // first_forced: tokens the constraint fixes at the start (then first_mask is the mask after them).
   std::vector<uint32_t> first_mask;
+  std::vector<int32_t> first_forced;
   bool constrained = false;
 };
 
@@ -78,6 +80,7 @@ struct EngineStats {
   int64_t prefix_queried_tokens, prefix_hit_tokens;
   int64_t prompt_tokens, generated_tokens, finished, steps;
   int64_t draft_proposed, draft_accepted;  // speculative tokens proposed and confirmed
+  int64_t forced_tokens;                   // tokens a constraint fixed (taken without sampling)
 };
 
 class QueueFull : public std::runtime_error {
@@ -101,8 +104,10 @@ class Engine {
   void cancel(int64_t id);
   // The allowed-token mask of a constrained request's new token number `index` (0-based). The
   // engine waits for it when it samples that token, so callers compute it while the step's forward
-  // pass runs.
-  void set_mask(int64_t id, int index, std::vector<uint32_t> mask);
+  // pass runs. `forced` (jump-forward decoding): tokens the constraint fixes from `index` on; the
+  // engine takes them as they are, without sampling, runs them together in its next step's forward
+  // pass, and `mask` is that of the token after them. Callers send no mask for forced tokens.
+  void set_mask(int64_t id, int index, std::vector<uint32_t> mask, std::vector<int32_t> forced = {});
   // Events since the last poll, waiting up to timeout_ms for one. Empty on timeout, and for good
   // once the engine is closed and has nothing left to report (then drained() is true).
   std::vector<TokenEvent> poll(int timeout_ms);
@@ -135,7 +140,7 @@ class Engine {
   void propose_drafts(Sequence& s);
   void run_draft_model(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events);
   void forward_target(std::vector<Sequence*>& batch, std::vector<TokenEvent>& events);
-  bool wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask);
+  bool wait_for_mask(const Sequence& s, std::vector<uint32_t>& mask, std::vector<int32_t>& forced);
 
   const Transformer& model_;
   const Transformer* draft_;            // the draft model, or nullptr
@@ -158,6 +163,7 @@ class Engine {
   struct PendingMask {
     int index;
     std::vector<uint32_t> words;
+    std::vector<int32_t> forced;
   };
   std::unordered_map<int64_t, PendingMask> masks_;
   std::deque<std::unique_ptr<Sequence>> submitted_;
@@ -168,7 +174,7 @@ class Engine {
 
   std::atomic<int> n_running_{0}, n_waiting_{0}, pages_used_{0}, pages_cached_{0};
   std::atomic<int64_t> prefix_queried_{0}, prefix_hits_{0}, prompt_tokens_{0}, generated_{0}, finished_{0},
-      steps_{0}, draft_proposed_{0}, draft_accepted_{0};
+      steps_{0}, draft_proposed_{0}, draft_accepted_{0}, forced_{0};
 
   std::thread thread_;
 };
