@@ -467,6 +467,11 @@ def parse_metrics(text):
 
 def test_metrics(server, client):
     client.chat.completions.create(model=CHAT, messages=QUESTION, max_tokens=4, temperature=0)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}},
+              "required": ["answer"], "additionalProperties": False}
+    client.chat.completions.create(model=CHAT, messages=QUESTION, max_tokens=30, temperature=0,
+                                   response_format={"type": "json_schema",
+                                                    "json_schema": {"name": "a", "schema": schema}})
     response = httpx.get(f"{server.url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     samples = parse_metrics(response.text)
@@ -477,6 +482,8 @@ def test_metrics(server, client):
         assert (name, model) in samples, name
     assert samples["pyxf_kv_cache_blocks_total", model] > 0
     assert samples["pyxf_generation_tokens_total", model] >= 4
+    assert samples["pyxf_forced_tokens_total", model] >= 3  # {"answer": " is fixed by the schema
+    assert ("pyxf_draft_tokens_proposed_total", model) in samples
     chat = frozenset({("model", CHAT), ("endpoint", "chat")})
     assert samples["pyxf_request_duration_seconds_count", chat] >= 1
     assert samples["pyxf_request_duration_seconds_bucket", chat | {("le", "+Inf")}] >= 1

@@ -72,6 +72,12 @@ ENGINE_STATS = (
     ("pyxf_generation_tokens_total", "generated_tokens_total", "counter", "Tokens generated"),
     ("pyxf_engine_requests_finished_total", "requests_finished_total", "counter", "Requests the engine finished"),
     ("pyxf_engine_steps_total", "steps_total", "counter", "Engine steps (forward passes)"),
+    ("pyxf_draft_tokens_proposed_total", "draft_tokens_proposed_total", "counter",
+     "Speculative tokens drafted (prompt lookup or draft model)"),
+    ("pyxf_draft_tokens_accepted_total", "draft_tokens_accepted_total", "counter",
+     "Speculative tokens the target model confirmed"),
+    ("pyxf_forced_tokens_total", "forced_tokens_total", "counter",
+     "Tokens a structured-output constraint fixed, taken without sampling (jump-forward)"),
 )
 
 
