@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyxf import quant, quant_mix, spec
+from pyxf import quant, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
 from pyxf.config import read_config
@@ -15,7 +15,7 @@ from pyxf.rope import longrope_original_context, rope_tables
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
-from pyxf.weights import cast_weights, check_weights, has_tied_head
+from pyxf.weights import cast_weights, check_weights, core_config_of, has_tied_head, quantize_weights
 from pyxf.tokenizer import Tokenizer
 
 
@@ -37,10 +37,7 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
         config, weights = cast_weights(config, weights, dtype)
     tokenizer = Tokenizer.from_model_dir(path, config)
 
-    core_config = dict(config)
-    formats = (config.get("quantization") or {}).get("tensors")
-    if formats:
-        core_config["tensor_formats"] = dict(formats)
+    core_config = core_config_of(config)
     if config["position"] == "rope":
         core_config.update(rope_tables(config, context_length))
     if config.get("relative_attention_num_buckets") is not None:
@@ -58,33 +55,6 @@ def _with_relative_table(config, weights):
     table = relative_bias_table(weight, True, config["relative_attention_num_buckets"],
                                 config["relative_attention_max_distance"])
     return {**weights, "rel_pos_table": table}
-
-
-def quantize_weights(config, weights, method, embeddings=True):
-    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would, in
-    the formats `method` (a format or a mix) gives them (pyxf.quant_mix.tensor_spec); returns the
-    config with its "quantization" entry and the new {name: array} (the float arrays of the
-    quantized tensors are no longer referenced)."""
-    quant_mix.check_method(method)
-    if config.get("quantization"):
-        raise ValueError(
-            f"this model is already quantized ({config['quantization'].get('method')}); "
-            "quantize= applies to models stored as floats"
-        )
-    weights, formats, tied = dict(weights), {}, has_tied_head(config)
-    for name, array in list(weights.items()):
-        fmt = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
-        if fmt is None:
-            continue
-        floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
-        data, scales = quant.quantize_as(floats, fmt)
-        weights[name] = data
-        if scales is not None:
-            weights[quant.scale_name(name)] = scales
-        formats[name] = fmt
-    config = dict(config)
-    config["quantization"] = {"method": method, "tensors": formats}
-    return config, weights
 
 
 def _decode_share(name, array, one_row, layout, config):

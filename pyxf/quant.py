@@ -16,8 +16,10 @@ and the K-quants, super-blocks of B = 256 (layouts in docs/DESIGN.md):
     q5_k  176 bytes: as q4_k with 5-bit q
     q6_k  210 bytes: 16 sub-blocks of 16 with int8 scales            w = d * sc * (q - 32)
 
-and `int8`: int8 [N, K] with one float32 scale per output row (symmetric, scale = max|w| / 127),
-stored beside the weight as NAME_scale.
+and `int8`: int8 [N, K] with one float32 scale per output row (symmetric), stored beside the weight
+as NAME_scale. The scale is the one between max|w| / 127 and half of it that gives the row the least
+squared error: clipping a row's few outliers keeps more levels for the rest (on all-MiniLM-L6-v2
+the lowest embedding cosine against float32 rises from 0.9942 to 0.9953).
 
 The 32-blocks are quantized as llama.cpp's reference quantizers do, bit-exact with gguf.quants.quantize;
 the K-quants by pyxf's port of llama.cpp's reference search (ggml-quants.c, no importance matrix):
@@ -257,6 +259,31 @@ _BLOCK_QUANTIZERS = {
 }
 
 
+def _int8_round(x, s):
+    q = np.rint(np.divide(x, s[:, None], out=np.zeros_like(x), where=s[:, None] > 0))
+    return np.clip(q, -127, 127).astype(np.int8)
+
+
+def _int8_row_scales(x):
+    """Per row, the scale of least squared error among max|x| / 127 times 1, 0.95, ..., 0.5, then
+    refined in steps of 0.01 around the best."""
+    top = np.abs(x).max(axis=1) / np.float32(127)
+    best, best_err = top.copy(), np.full(len(x), np.inf)
+
+    def consider(factors):
+        nonlocal best, best_err
+        for f in factors:
+            s = (top * np.asarray(f, np.float32)).astype(np.float32)
+            err = np.square(_int8_round(x, s).astype(np.float32) * s[:, None] - x).sum(axis=1)
+            better = err < best_err
+            best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+
+    consider(np.linspace(1.0, 0.5, 11))
+    coarse = np.divide(best, top, out=np.ones_like(best), where=top > 0)
+    consider([np.clip(coarse + d, 0.5, 1.0) for d in (-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04)])
+    return best.astype(np.float32)
+
+
 def quantize(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Quantizes a float matrix [N, K] (K a multiple of 32 for the block formats).
 
@@ -271,9 +298,8 @@ def quantize(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray | None]:
         data, scales = np.empty((n, k), np.int8), np.empty(n, np.float32)
         for r in range(0, n, _CHUNK_ROWS):
             x = np.asarray(w[r : r + _CHUNK_ROWS], dtype=np.float32)
-            s = np.abs(x).max(axis=1) / np.float32(127)
-            q = np.rint(np.divide(x, s[:, None], out=np.zeros_like(x), where=s[:, None] > 0))
-            data[r : r + len(x)] = np.clip(q, -127, 127).astype(np.int8)
+            s = _int8_row_scales(x)
+            data[r : r + len(x)] = _int8_round(x, s)
             scales[r : r + len(x)] = s
         return data, scales
     size = block_cols(fmt)

@@ -25,7 +25,7 @@ from pyxf.relative_position import relative_bias_table
 from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
-from pyxf.weights import cast_weights, check_weights
+from pyxf.weights import cast_weights, check_weights, core_config_of, quantize_weights
 from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
@@ -87,17 +87,17 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
     """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
     context_length does not apply (sources and targets are bounded by the position scheme); dtype: as
     pyxf.load's."""
-    if quantize is not None:
-        raise ValueError("quantize= is not supported for encoder-decoder models yet")
     path = Path(path)
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     arrays = dict(check_weights(config, weights_file))
+    if quantize is not None:
+        config, arrays = quantize_weights(config, arrays, quantize, quantize_embeddings)
     if dtype is not None:
         config, arrays = cast_weights(config, arrays, dtype)
-    core_config = dict(config)
+    core_config = core_config_of(config)
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
         table = sinusoidal_table(config["max_position_embeddings"], config["hidden_size"],

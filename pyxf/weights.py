@@ -3,7 +3,7 @@ quantized tensors config.json declares."""
 
 import numpy as np
 
-from pyxf import quant
+from pyxf import quant, quant_mix
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, float32_to_bf16
 
@@ -98,3 +98,39 @@ def cast_weights(config, weights, dtype):
         else:
             cast[name] = np.ascontiguousarray(floats)
     return {**config, "dtype": dtype}, cast
+
+
+def quantize_weights(config, weights, method, embeddings=True):
+    """Quantizes a float model's weights in memory, the tensors `pyxf convert --quantize` would, in
+    the formats `method` (a format or a mix) gives them (pyxf.quant_mix.tensor_spec); returns the
+    config with its "quantization" entry and the new {name: array} (the float arrays of the
+    quantized tensors are no longer referenced)."""
+    quant_mix.check_method(method)
+    if config.get("quantization"):
+        raise ValueError(
+            f"this model is already quantized ({config['quantization'].get('method')}); "
+            "quantize= applies to models stored as floats"
+        )
+    weights, formats, tied = dict(weights), {}, has_tied_head(config)
+    for name, array in list(weights.items()):
+        fmt = quant_mix.tensor_spec(name, array.shape, config, method, tied, embeddings)
+        if fmt is None:
+            continue
+        floats = bf16_to_float32(array) if config["dtype"] == "bfloat16" else array
+        data, scales = quant.quantize_as(floats, fmt)
+        weights[name] = data
+        if scales is not None:
+            weights[quant.scale_name(name)] = scales
+        formats[name] = fmt
+    config = dict(config)
+    config["quantization"] = {"method": method, "tensors": formats}
+    return config, weights
+
+
+def core_config_of(config):
+    """The config the core reads: config.json's, with each quantized tensor's format."""
+    core_config = dict(config)
+    formats = (config.get("quantization") or {}).get("tensors")
+    if formats:
+        core_config["tensor_formats"] = dict(formats)
+    return core_config

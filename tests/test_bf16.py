@@ -160,9 +160,10 @@ def min_cosine(a, b):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-# Lowest cosine over the 239 sentences. bf16: 0.9999 measured. int8 (per-row weights, 8-bit
-# activations per block of 32): 0.9942 measured, below issue 15's 0.995 target (not met yet).
-@pytest.mark.parametrize("options,floor", [({"dtype": "bfloat16"}, 0.999), ({"quantize": "int8"}, 0.99)],
+# Lowest cosine over the 239 sentences. bf16: 0.9999 measured. int8 (per-row weights with
+# least-squares scales, 8-bit activations per block of 32): 0.9953 measured (0.9942 with max|w|
+# scales).
+@pytest.mark.parametrize("options,floor", [({"dtype": "bfloat16"}, 0.999), ({"quantize": "int8"}, 0.995)],
                          ids=["bf16", "int8"])
 def test_minilm_reduced_precision_embeddings(minilm, isa, options, floor):
     import pyxf

@@ -65,14 +65,23 @@ def test_block_quantization_in_row_chunks_matches_whole(monkeypatch):
 
 
 def test_int8_is_symmetric_per_row():
+    """Per row one scale between max|w| / 127 and half of it, the one of least squared error; the
+    weights rounded to it and clipped to +-127."""
     w = awkward_matrix(np.random.default_rng(2), 20, 96)
     data, scales = quant.quantize(w, "int8")
     assert data.dtype == np.int8 and data.shape == w.shape and scales.dtype == np.float32
-    np.testing.assert_array_equal(scales, np.abs(w).max(1) / np.float32(127))
-    assert data[0, :32].tolist() == [0] * 32 and np.abs(data).max(1).tolist()[6:] == [127] * 14
-    np.testing.assert_array_equal(data[6:], np.rint(w[6:] / scales[6:, None]).astype(np.int8))
+    top = np.abs(w).max(1) / np.float32(127)
+    assert (scales <= top).all() and (scales >= 0.5 * top * 0.9999).all()
+    np.testing.assert_array_equal(data, np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8))
+    assert data[0, :32].tolist() == [0] * 32
+
+    def sq_error(s):
+        return np.square(np.clip(np.rint(w / s[:, None]), -127, 127) * s[:, None] - w).sum(1)
+
     deq = quant.dequantize(data, "int8", scales)
-    assert np.abs(deq - w).max(1).max() <= (scales / 2 * 1.0001).max()
+    np.testing.assert_allclose(np.square(deq - w).sum(1), sq_error(scales), rtol=1e-5)
+    for factor in (1.0, 0.9, 0.75, 0.5):  # no scale of the grid does better
+        assert (sq_error(scales) <= sq_error(top * np.float32(factor)) * (1 + 1e-6)).all(), factor
     zero, zero_scale = quant.quantize(np.zeros((2, 32), np.float32), "int8")
     assert not zero.any() and not zero_scale.any()
 
@@ -236,7 +245,8 @@ def test_half_precision_model_quantizes(tiny_models, tmp_path):
     config, tensors = read_dir(out)
     assert tensors.dtypes["layers.0.ffn.down.weight"] == "F16" and tensors.dtypes["layers.0.attn.qkv.weight"] == "I8"
     assert tensors.dtypes["layers.0.attn.qkv.weight_scale"] == "F32"
-    assert relative_error(pyxf.load(out).logits(ids), pyxf.load(float_dir).logits(ids)) < 0.05
+    # float16 + int8 on random weights: 0.049 with max|w| int8 scales, 0.050 with least-squares ones
+    assert relative_error(pyxf.load(out).logits(ids), pyxf.load(float_dir).logits(ids)) < 0.06
 
 
 def test_gpt2_quantizes(tiny_models, tmp_path):

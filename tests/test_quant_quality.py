@@ -7,7 +7,7 @@ The float32 reference is the GGUF's Q4_1 weights dequantized (the only copy of t
 fetch). Numbers (pyxf; llama.cpp on the same weights and text, F32 perplexity 32.97 in both):
 
     format (embedding = head)   agreement  perplexity  llama.cpp, same weights
-    int8 (int8)                 94.8%      +0.35%      -
+    int8 (int8)                 94.7%      +0.13%      -
     q8_0 (q8_0)                 94.8%      +0.79%      Q8_0: 95.1%, +0.58%
     q4_1 (q8_0)                 96.6%      +0.36%      Q4_1: 96.2%, +0.29%
     q4_0 (q8_0)                 67.4%      +26.3%      Q4_0: 67.1%, +26.2%

@@ -309,9 +309,6 @@ def convert(
     src, origin = checkpoint_path(src, revision)
     out = Path(out).expanduser()
     ckpt = open_checkpoint(src, config)
-    if quantize is not None and ckpt.config.get("architecture") == "encoder-decoder":
-        raise ValueError(f"{src}: quantization is not supported for encoder-decoder models yet")
-
     try:
         plan, unused = plan_tensors(ckpt.table, list(ckpt.tensors), ckpt.config)
     except ValueError as e:
