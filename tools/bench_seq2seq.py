@@ -6,6 +6,10 @@ pyxf, transformers (PyTorch) and CTranslate2 on the same weights and thread coun
     python tools/bench_seq2seq.py [--threads 2] [--repeat 3] [--new-tokens 32] [--engines pyxf,torch,ctranslate2]
                                   [--output FILE.md] [--json FILE]
 
+Reduced precision (not in the default set): pyxf-bf16 (`pyxf.load(dtype="bfloat16")`), pyxf-int8
+(`quantize="int8"`), ctranslate2-int8 and ctranslate2-int8_float32 (CTranslate2's compute types on
+its float32 conversion).
+
 Every engine gets the same source token ids and generates exactly --new-tokens target tokens per
 hypothesis (min length = max length, so the end token never cuts a hypothesis short and every engine
 does the same work). Each engine runs in its own subprocess with --threads threads; the time is the
@@ -32,7 +36,13 @@ import which_pyxf  # noqa: E402
 which_pyxf.use_checkout_if_built()
 
 ENGINES = ("pyxf", "torch", "ctranslate2")
-LABELS = {"pyxf": "pyxf", "torch": "transformers (PyTorch)", "ctranslate2": "CTranslate2"}
+# engine -> (worker, its option: pyxf.load keywords or CTranslate2's compute type)
+VARIANTS = {"pyxf": ("pyxf", {}), "pyxf-bf16": ("pyxf", {"dtype": "bfloat16"}), "pyxf-int8": ("pyxf", {"quantize": "int8"}),
+            "torch": ("torch", None), "ctranslate2": ("ctranslate2", "default"),
+            "ctranslate2-int8": ("ctranslate2", "int8"), "ctranslate2-int8_float32": ("ctranslate2", "int8_float32")}
+LABELS = {"pyxf": "pyxf", "pyxf-bf16": "pyxf bf16", "pyxf-int8": "pyxf int8", "torch": "transformers (PyTorch)",
+          "ctranslate2": "CTranslate2", "ctranslate2-int8": "CTranslate2 int8",
+          "ctranslate2-int8_float32": "CTranslate2 int8_float32"}
 MODEL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
              encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=32000)
 SOURCES = {"count": 64, "min_tokens": 20, "max_tokens": 40}
@@ -88,14 +98,14 @@ def make_sources(seed=0):
 # workers (one subprocess per engine): `run(sources, beam, n)` -> generated target tokens
 
 
-def worker_pyxf(root, threads):
+def worker_pyxf(root, threads, options):
     import pyxf
     from pyxf.convert import convert
 
     out = root / "pyxf"
     if not (out / "config.json").is_file():
         convert(root / "hf", out, progress=False)
-    model = pyxf.load(out, threads=threads)
+    model = pyxf.load(out, threads=threads, **options)
 
     def run(sources, beam, n):
         hyps = pyxf.translate(model, sources, beam_size=beam, max_length=n, min_length=n)
@@ -104,7 +114,7 @@ def worker_pyxf(root, threads):
     return run
 
 
-def worker_torch(root, threads):
+def worker_torch(root, threads, _):
     import torch
     import transformers
 
@@ -123,13 +133,14 @@ def worker_torch(root, threads):
     return run
 
 
-def worker_ctranslate2(root, threads):
+def worker_ctranslate2(root, threads, compute_type):
     import ctranslate2
 
     out = root / "ct2"
     if not (out / "model.bin").is_file():
         ctranslate2.converters.TransformersConverter(str(root / "hf")).convert(str(out), force=True)
-    translator = ctranslate2.Translator(str(out), device="cpu", inter_threads=1, intra_threads=threads)
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type=compute_type, inter_threads=1,
+                                        intra_threads=threads)
     V = MODEL["vocab_size"]
     names = {0: "</s>", 1: "<unk>", V - 1: "<pad>"}
 
@@ -144,7 +155,8 @@ def worker_ctranslate2(root, threads):
 
 def worker_main(engine, threads, repeat, new_tokens):
     root = cache_dir()
-    run = globals()[f"worker_{engine}"](root, threads)
+    worker, option = VARIANTS[engine]
+    run = globals()[f"worker_{worker}"](root, threads, option)
     sources = make_sources()
     out = {}
     for name, beam in (("greedy", 1), ("beam4", 4)):
@@ -179,8 +191,8 @@ def main(argv=None):
     build_model(cache_dir())
     results = {}
     for engine in args.engines.split(","):
-        if engine not in ENGINES:
-            p.error(f"unknown engine {engine!r} ({', '.join(ENGINES)})")
+        if engine not in VARIANTS:
+            p.error(f"unknown engine {engine!r} ({', '.join(VARIANTS)})")
         cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads), "--repeat",
                str(args.repeat), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYXF_NUM_THREADS=str(args.threads))
@@ -200,18 +212,21 @@ def main(argv=None):
         f"exactly {args.new_tokens} target tokens per hypothesis, {args.threads} threads, median of {args.repeat}; "
         f"{platform.processor() or platform.machine()}. Target tokens/s (best hypothesis tokens / wall time).",
         "",
-        "| decoding | " + " | ".join(LABELS[e] for e in results) + " | pyxf / transformers | pyxf / CTranslate2 |",
-        "|---|" + "---:|" * (len(results) + 2),
+        "| decoding | " + " | ".join(LABELS[e] for e in results) + " |",
+        "|---|" + "---:|" * len(results),
     ]
-    for name in ("greedy", "beam4"):
-        rate = {e: (r[name]["tokens_per_s"] if r else None) for e, r in results.items()}
-
-        def ratio(peer):
-            return f"{rate['pyxf'] / rate[peer]:.2f}x" if rate.get("pyxf") and rate.get(peer) else "n/a"
-
+    rates = {name: {e: (r[name]["tokens_per_s"] if r else None) for e, r in results.items()}
+             for name in ("greedy", "beam4")}
+    for name, rate in rates.items():
         cells = [f"{v:.0f}" if v else "failed" for v in rate.values()]
-        lines.append(f"| {'greedy' if name == 'greedy' else 'beam 4'} | " + " | ".join(cells) +
-                     f" | {ratio('torch')} | {ratio('ctranslate2')} |")
+        lines.append(f"| {'greedy' if name == 'greedy' else 'beam 4'} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for a in results if a.startswith("pyxf") for b in results if not b.startswith("pyxf")]
+    if pairs:
+        lines += ["", "| pair | greedy | beam 4 |", "|---|---:|---:|"]
+        for a, b in pairs:
+            cells = [f"{rates[n][a] / rates[n][b]:.2f}x" if rates[n][a] and rates[n][b] else "n/a"
+                     for n in ("greedy", "beam4")]
+            lines.append(f"| {LABELS[a]} / {LABELS[b]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
