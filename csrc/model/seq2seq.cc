@@ -32,12 +32,33 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
     out.offsets.push_back(out.offsets.back() + (long)sources[s].size());
   }
   out.rows = out.offsets.back();
-  out.kv.resize((size_t)c.num_layers * out.rows * kv2);
+  out.first_page.assign(1, 0);
+  for (int s = 0; s < n; ++s) out.first_page.push_back(out.first_page.back() + (out.length(s) + kernels::kKVPageTokens - 1) / kernels::kKVPageTokens);
+  out.page_ids.resize(out.first_page.back());
+  for (size_t p = 0; p < out.page_ids.size(); ++p) out.page_ids[p] = (int32_t)p;
+  const long D = c.head_dim, G = c.num_kv_heads;
+  out.page_floats = G * D * kernels::kKVPageTokens;
+  out.keys.assign((size_t)c.num_layers * out.layer_floats(), 0.0f);
+  out.values.assign((size_t)c.num_layers * out.layer_floats(), 0.0f);
   if (out.rows == 0) return;
-  std::vector<float> hidden((size_t)out.rows * H);
+  std::vector<float> hidden((size_t)out.rows * H), kv((size_t)out.rows * kv2);
   encoder_.encode(batch.data(), n, ws, hidden.data());
   for (int l = 0; l < c.num_layers; ++l) {
-    apply_linear(cross_[l].kv, hidden.data(), out.rows, H, kv2, out.kv.data() + (size_t)l * out.rows * kv2, false);
+    apply_linear(cross_[l].kv, hidden.data(), out.rows, H, kv2, kv.data(), false);
+    float* keys = out.keys.data() + (size_t)l * out.layer_floats();
+    float* values = out.values.data() + (size_t)l * out.layer_floats();
+    for (int s = 0; s < n; ++s) {
+      for (int i = 0; i < out.length(s); ++i) {
+        const float* row = &kv[(size_t)(out.offsets[s] + i) * kv2];
+        const long page = (out.first_page[s] + i / kernels::kKVPageTokens) * out.page_floats, slot = i % kernels::kKVPageTokens;
+        for (long g = 0; g < G; ++g) {
+          float* kt = keys + page + g * D * kernels::kKVPageTokens + slot;
+          for (long d = 0; d < D; ++d) kt[d * kernels::kKVPageTokens] = row[g * D + d];
+          std::copy(row + c.kv_dim() + g * D, row + c.kv_dim() + (g + 1) * D,
+                    values + page + g * D * kernels::kKVPageTokens + slot * D);
+        }
+      }
+    }
   }
 }
 
@@ -46,7 +67,7 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
   StageTimer timer(Stage::kCrossAttention);
   const ModelConfig& c = decoder_.config();
   const CrossAttentionWeights& W = cross_[layer];
-  const long H = c.hidden_size, D = c.head_dim, qd = c.q_dim(), kv2 = 2L * c.kv_dim();
+  const long H = c.hidden_size, D = c.head_dim, qd = c.q_dim();
 
   const float* in = ws.x.data();
   if (!c.post_norm) {
@@ -55,7 +76,6 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
   }
   apply_linear(W.q, in, rows, H, qd, ws.qkv.data(), false);
 
-  const float* kv = enc.kv.data() + (size_t)layer * enc.rows * kv2;
   ws.attn_seqs.resize(n);
   long row = 0;
   for (int s = 0; s < n; ++s) {
@@ -63,10 +83,13 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
     a = k::AttentionSeq{};
     a.q = &ws.qkv[row * qd];
     a.out = &ws.attn[row * qd];
-    a.k = kv + enc.offsets[seqs[s].source] * kv2;
-    a.v = a.k + c.kv_dim();
-    a.kv_head_stride = D;
-    a.kv_pos_stride = kv2;
+    a.k = enc.keys.data() + (size_t)layer * enc.layer_floats();
+    a.v = enc.values.data() + (size_t)layer * enc.layer_floats();
+    a.pages = enc.page_ids.data() + enc.first_page[seqs[s].source];
+    a.page_stride = enc.page_floats;
+    a.kv_head_stride = D * kernels::kKVPageTokens;
+    a.kv_pos_stride = D;
+    a.keys_transposed = true;
     a.n_new = seqs[s].n_new;
     a.n_past = 0;
     a.n_keys = enc.length(seqs[s].source);
