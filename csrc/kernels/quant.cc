@@ -564,11 +564,57 @@ void block_meta(QuantFormat f, const uint8_t* blk, float row_scale, float* d, fl
 // [16 col][4 k] slice of a block is one gather of int32s (one per column, row_bytes apart):
 // 8-bit formats gather their bytes as they are, 4-bit ones gather 4 bytes = 8 nibbles per column,
 // whose low halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
+// out[g] = dword g (bytes 4g .. 4g + 3) of each of 16 rows (lane r: row r; rows not in `live` are
+// zero): the 16 x 8 dword transpose of the 32 bytes at p of every row, by shuffles (a gather per
+// output vector costs several times more on Zen 5). Rows i and i + 8 share a register; three
+// stages of 2 x 2 transposes within 128-bit lanes, then the lanes put in row order.
+static inline void transpose_rows_16x8(const uint8_t* p, long row_bytes, __mmask16 live, __m512i out[8]) {
+  __m512i a[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m256i lo = _mm256_maskz_loadu_epi32((live >> i) & 1 ? 0xff : 0, p + i * row_bytes);
+    const __m256i hi = _mm256_maskz_loadu_epi32((live >> (i + 8)) & 1 ? 0xff : 0, p + (i + 8) * row_bytes);
+    a[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // u[j] (j < 4), 128-bit lanes: rows 0-3 / dword j, rows 0-3 / dword j + 4, rows 8-11 / j, rows 8-11 / j + 4;
+  // u[j + 4] the same for rows 4-7 and 12-15.
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm512_permutex2var_epi64(u[j], first, u[j + 4]);
+    out[j + 4] = _mm512_permutex2var_epi64(u[j], second, u[j + 4]);
+  }
+}
+
+// The same for the 16 bytes at p of every row (4-bit blocks): row i + 4 L in 128-bit lane L.
+static inline void transpose_rows_16x4(const uint8_t* p, long row_bytes, __mmask16 live, __m512i out[4]) {
+  __m512i a[4];
+  for (int i = 0; i < 4; ++i) {
+    a[i] = _mm512_setzero_si512();
+    for (int lane = 0; lane < 4; ++lane) {
+      const int r = i + 4 * lane;
+      a[i] = _mm512_inserti32x4(a[i], _mm_maskz_loadu_epi32((live >> r) & 1 ? 0xf : 0, p + r * row_bytes), lane);
+    }
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+  out[0] = _mm512_unpacklo_epi64(t0, t2);
+  out[1] = _mm512_unpackhi_epi64(t0, t2);
+  out[2] = _mm512_unpacklo_epi64(t1, t3);
+  out[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
 void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, __mmask16 live, long nblocks,
                     int8_t* panel, int32_t* corr) {
   const int bb = block_bytes(w.format);
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)row_bytes));
   const __m512i ones = _mm512_set1_epi8(1), nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
   const bool four_bit = w.format == QuantFormat::kQ4_0 || w.format == QuantFormat::kQ4_1;
   const int data_offset = w.format == QuantFormat::kInt8 ? 0 : w.format == QuantFormat::kQ4_1 ? 4 : 2;
@@ -577,8 +623,10 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
     int8_t* dst = panel + b * (QK * kVnniCols);
     __m512i slices[QK / 4];
     if (four_bit) {
+      __m512i packed[QK / 8];  // the block's 16 nibble bytes
+      transpose_rows_16x4(base, row_bytes, live, packed);
       for (int g = 0; g < QK / 8; ++g) {
-        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + 4 * g, 1);
+        const __m512i v = packed[g];
         __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
         if (w.format == QuantFormat::kQ4_0) {  // stored as w + 8; absent columns stay 0
           lo = _mm512_maskz_mov_epi32(live, _mm512_sub_epi8(lo, eight));
@@ -588,9 +636,7 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
         slices[g + QK / 8] = hi;
       }
     } else {
-      for (int g = 0; g < QK / 4; ++g) {
-        slices[g] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + 4 * g, 1);
-      }
+      transpose_rows_16x8(base, row_bytes, live, slices);
     }
     __m512i sum = _mm512_setzero_si512();
     for (int g = 0; g < QK / 4; ++g) {
