@@ -40,7 +40,7 @@ class Engine:
     workloads = ("decode", "prefill", "batch8", "memory", "encode")  # what it can run
 
     def wants(self, *workloads):
-        return any(w in self.spec["workloads"] for w in workloads)
+        return any(w in self.spec["workloads"] and w in self.workloads for w in workloads)
 
     def __init__(self, spec):
         self.spec = spec
@@ -113,6 +113,7 @@ class TorchEngine(Engine):
 
     name = "torch"
     label = "PyTorch (transformers)"
+    dtype = "float32"
 
     def load(self):
         import torch  # noqa: F401  (ImportError: not installed)
@@ -138,7 +139,7 @@ class TorchEngine(Engine):
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, **{dtype_key: torch.float32}
+            str(gguf.parent), gguf_file=gguf.name, **{dtype_key: getattr(torch, self.dtype)}
         ).eval()
         self.gguf = gguf
         config = self.model.config
@@ -200,7 +201,19 @@ class TorchEngine(Engine):
     def weights(self):
         if not hasattr(self, "gguf"):
             return self.encoder_dir / "model.safetensors", "float32 safetensors (sentence-transformers)"
-        return self.gguf, "GGUF Q4_1, dequantized to float32 at load"
+        return self.gguf, f"GGUF Q4_1, dequantized to {self.dtype} at load"
+
+
+class TorchBf16Engine(TorchEngine):
+    """transformers with the same weights in bfloat16 (oneDNN's bf16 kernels where the CPU has them)."""
+
+    name = "torch-bf16"
+    label = "PyTorch bf16"
+    dtype = "bfloat16"
+    workloads = ("decode", "prefill", "batch8", "memory")
+
+    def decode_bytes(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
 class _TokenizedEncoder(Engine):
@@ -392,7 +405,7 @@ CT2_ENCODERS = [type(f"CTranslate2Engine_{c}", (CTranslate2Engine,),
 
 
 # Peers still to come (CTranslate2, llama.cpp, ONNX Runtime) register here.
-ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, OnnxRuntimeEngine, CTranslate2Engine,
+ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, TorchBf16Engine, OnnxRuntimeEngine, CTranslate2Engine,
                                      PyxfEncoderBf16, PyxfEncoderInt8, *CT2_ENCODERS)}
 # Encode-only variants of pyxf and CTranslate2 in reduced precision (the encode workload's extra columns).
 REDUCED_ENCODERS = (PyxfEncoderBf16.name, PyxfEncoderInt8.name, *(cls.name for cls in CT2_ENCODERS))

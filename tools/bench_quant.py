@@ -43,7 +43,7 @@ PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
 GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
 # made by llama.cpp's quantizer only (no pyxf.quant fallback)
 LLAMA_ONLY = ("q4_k_m", "q5_k_m", "q6_k", "bf16")
-QUALITY_FORMATS = ("q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+QUALITY_FORMATS = ("q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")  # bf16: pyxf computes on vdpbf16ps
 CT2_TYPES = ("float32", "int8")
 
 
@@ -511,6 +511,7 @@ def engines(Engine, PyxfEngine):
 
 QUANT_ENGINE_NAMES = tuple(
     [f"pyxf-{f}" for f in PYXF_FORMATS] + [f"llama.cpp-{f}" for f in GGUF_FORMATS] + [f"ct2-{c}" for c in CT2_TYPES]
+    + ["torch-bf16"]  # tools/bench_peers.py's TorchBf16Engine: the bf16 rows' other peer
 )
 
 
@@ -573,9 +574,9 @@ def report_section(engines, records, spec, labels, common_prefix):
             f"| {labels[e]} | {weights} | — | — | {rate(decode)} | — | {rate(get(r, 'prefill', 'tokens_per_s'))} | "
             f"{rate(get(r, 'batch8', 'tokens_per_s'))} | {agree} |"
         )
-    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1", "q4_k_m")] + [("pyxf", "llama.cpp-f32"),
-                                                                                   ("pyxf-int8", "ct2-int8"),
-                                                                                   ("pyxf", "ct2-float32")]
+    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")] + [
+        ("pyxf", "llama.cpp-f32"), ("pyxf-int8", "ct2-int8"), ("pyxf", "ct2-float32"), ("pyxf-bf16", "torch-bf16"),
+        ("pyxf-bf16", "pyxf")]
     ratios = []
     for ours, theirs in pairs:
         cells = []

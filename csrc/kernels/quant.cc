@@ -597,12 +597,11 @@ static inline void transpose_rows_16x8(const uint8_t* p, long row_bytes, __mmask
 // The same for the 16 bytes at p of every row (4-bit blocks): row i + 4 L in 128-bit lane L.
 static inline void transpose_rows_16x4(const uint8_t* p, long row_bytes, __mmask16 live, __m512i out[4]) {
   __m512i a[4];
-  for (int i = 0; i < 4; ++i) {
-    a[i] = _mm512_setzero_si512();
-    for (int lane = 0; lane < 4; ++lane) {
-      const int r = i + 4 * lane;
-      a[i] = _mm512_inserti32x4(a[i], _mm_maskz_loadu_epi32((live >> r) & 1 ? 0xf : 0, p + r * row_bytes), lane);
-    }
+  const auto row = [&](int r) { return _mm_maskz_loadu_epi32((live >> r) & 1 ? 0xf : 0, p + r * row_bytes); };
+  for (int i = 0; i < 4; ++i) {  // lanes by immediates (an unrolled loop would need -O2)
+    const __m256i low = _mm256_inserti128_si256(_mm256_castsi128_si256(row(i)), row(i + 4), 1);
+    const __m256i high = _mm256_inserti128_si256(_mm256_castsi128_si256(row(i + 8)), row(i + 12), 1);
+    a[i] = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
   }
   const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
   const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
