@@ -110,7 +110,10 @@ QUICK = {"decode_new_tokens": 16, "batch_new_tokens": 16, "prefill_tokens": 64, 
          "translate_new_tokens": 8}
 FULL = {"decode_new_tokens": 128, "batch_new_tokens": 128, "prefill_tokens": 512, "repeat": 3,
         "encode_sentences": ENCODE["sentences"], "translate_new_tokens": 32}
-TRANSLATE_ENGINES = ("pyxf", "torch", "ctranslate2")  # tools/bench_seq2seq.py's engines
+# tools/bench_seq2seq.py's engines (the reduced-precision ones share their names with the decoder and
+# encoder engines of the same precision)
+TRANSLATE_ENGINES = ("pyxf", "pyxf-bf16", "pyxf-int8", "torch", "ctranslate2", "ctranslate2-int8",
+                     "ctranslate2-int8_float32")
 WORKER_TIMEOUT_S = 1800
 
 
