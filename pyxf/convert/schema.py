@@ -191,6 +191,34 @@ def sliding_window_layers(window, layer_types, num_layers: int) -> tuple[int | N
     return window, pattern
 
 
+def gated_rope_decoder(hf: dict, norm_eps: float) -> dict:
+    """The fields every Llama-like HF decoder config gives alike: sizes, pre-RMSNorm (`norm_eps` when
+    the config has no rms_norm_eps), a gated FFN, RoPE (not interleaved) and a tied or separate head."""
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    theta, scaling, partial = rope_fields(hf)
+    return {
+        "architecture": "decoder",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hidden,
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hidden // heads,
+        "intermediate_size": hf["intermediate_size"],
+        "norm": "rmsnorm",
+        "norm_eps": float(hf.get("rms_norm_eps", norm_eps)),
+        "norm_position": "pre",
+        "activation": activation(hf.get("hidden_act", "silu")),
+        "gated_ffn": True,
+        "position": "rope",
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rope_interleaved": False,
+        "partial_rotary_factor": partial,
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
 def common_config(hf: dict) -> dict:
     return {
         "bos_token_id": hf.get("bos_token_id"),

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 
 from ..schema import (
-    Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window, sliding_window_layers,
+    Family, TensorTable, common_config, gated_rope_decoder, rule, sliding_window, sliding_window_layers,
 )
 from ..tokenizer_files import (
     is_sentence_transformers_model, sentence_transformers_fields, write_decoder_tokenizer, write_encoder_tokenizer,
@@ -244,8 +244,6 @@ def _sliding_window(hf: dict) -> tuple[int | None, int | None]:
 
 
 def llama_config(hf: dict) -> dict:
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    theta, scaling, partial = rope_fields(hf)
     qk_norm_span = _QK_NORM_SPAN.get(hf.get("model_type"))
     experts = _expert_config(hf)
     window, pattern = _sliding_window(hf)
@@ -253,28 +251,10 @@ def llama_config(hf: dict) -> dict:
         "sliding_window": window,
         "sliding_window_pattern": pattern,
         "family": "llama",
-        "architecture": "decoder",
-        "vocab_size": hf["vocab_size"],
-        "hidden_size": hidden,
-        "num_layers": hf["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": hf.get("head_dim") or hidden // heads,
-        "intermediate_size": hf["intermediate_size"],
-        "norm": "rmsnorm",
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "norm_position": "pre",
-        "activation": activation(hf.get("hidden_act", "silu")),
-        "gated_ffn": True,
+        **gated_rope_decoder(hf, norm_eps=1e-6),
         "qk_norm": qk_norm_span is not None,
         **({"qk_norm_span": qk_norm_span} if qk_norm_span == "projection" else {}),
-        "position": "rope",
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "rope_interleaved": False,
-        "partial_rotary_factor": partial,
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         **experts,
         **common_config(hf),
     }

@@ -10,7 +10,7 @@ is made at load (docs/DESIGN.md, "LongRoPE").
 
 from __future__ import annotations
 
-from ..schema import Family, TensorTable, activation, common_config, rope_fields, rule, sliding_window
+from ..schema import Family, TensorTable, common_config, gated_rope_decoder, rule, sliding_window
 from ..tokenizer_files import write_decoder_tokenizer
 
 _PHI3_HF = TensorTable(
@@ -71,31 +71,13 @@ def _longrope_scaling(hf: dict, scaling: dict | None) -> dict | None:
 
 
 def phi3_config(hf: dict) -> dict:
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    theta, scaling, partial = rope_fields(hf)
+    fields = gated_rope_decoder(hf, norm_eps=1e-5)
     return {
         "family": "phi3",
-        "architecture": "decoder",
-        "vocab_size": hf["vocab_size"],
-        "hidden_size": hidden,
-        "num_layers": hf["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": hf.get("head_dim") or hidden // heads,
-        "intermediate_size": hf["intermediate_size"],
-        "norm": "rmsnorm",
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
-        "norm_position": "pre",
-        "activation": activation(hf.get("hidden_act", "silu")),
-        "gated_ffn": True,
-        "position": "rope",
-        "rope_theta": theta,
-        "rope_scaling": _longrope_scaling(hf, scaling),
-        "rope_interleaved": False,
-        "partial_rotary_factor": partial,
+        **fields,
+        "rope_scaling": _longrope_scaling(hf, fields["rope_scaling"]),
         "max_position_embeddings": hf.get("max_position_embeddings", 4096),
         "sliding_window": sliding_window(hf),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         **common_config(hf),
     }
 
