@@ -465,15 +465,15 @@ class Engine:
         constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 
         o = options
+        # Jump-forward from the start: tokens the constraint fixes before the first one sampled.
+        first_forced = []
+        if constraint is not None and logprobs is None:
+            first_forced = constraint.take_forced(o["max_new_tokens"])
 
         def make_request(request_id):
             return Request(self._dispatcher, request_id, len(ids), model.tokenizer, stop_strings, logprobs,
                            text_deltas, constraint, tool_plan, o["max_new_tokens"], first_forced)
 
-        # Jump-forward from the start: tokens the constraint fixes before the first one sampled.
-        first_forced = []
-        if constraint is not None and logprobs is None:
-            first_forced = constraint.take_forced(o["max_new_tokens"])
         return self._dispatcher.submit(
             make_request, ids, o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"],
             o["repetition_penalty"], o["presence_penalty"], o["frequency_penalty"], o["logit_bias"], o["seed"],

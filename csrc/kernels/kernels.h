@@ -56,6 +56,13 @@ struct QuantWeight {
 // Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
 // keys never straddles two pages.
 constexpr int kKVPageTokens = 64;
+// Writes the key and value (head_dim floats each) of the position in `slot` of one kv head's page:
+// the key transposed (element d at d * kKVPageTokens + slot), the value as a row.
+inline void store_kv_slot(float* key_page, float* value_page, int slot, int head_dim, const float* key,
+                          const float* value) {
+  for (int d = 0; d < head_dim; ++d) key_page[(long)d * kKVPageTokens + slot] = key[d];
+  for (int d = 0; d < head_dim; ++d) value_page[(long)slot * head_dim + d] = value[d];
+}
 
 // One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
 // head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache

@@ -560,10 +560,6 @@ void block_meta(QuantFormat f, const uint8_t* blk, float row_scale, float* d, fl
   *m = f == QuantFormat::kQ4_1 ? half_to_float(load_u16(blk + 2)) : 0.0f;
 }
 
-// Packs 16 columns (weight rows; `live` lanes exist) of all blocks into panel halves. Each
-// [16 col][4 k] slice of a block is one gather of int32s (one per column, row_bytes apart):
-// 8-bit formats gather their bytes as they are, 4-bit ones gather 4 bytes = 8 nibbles per column,
-// whose low halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
 // out[g] = dword g (bytes 4g .. 4g + 3) of each of 16 rows (lane r: row r; rows not in `live` are
 // zero): the 16 x 8 dword transpose of the 32 bytes at p of every row, by shuffles (a gather per
 // output vector costs several times more on Zen 5). Rows i and i + 8 share a register; three
@@ -611,6 +607,10 @@ static inline void transpose_rows_16x4(const uint8_t* p, long row_bytes, __mmask
   out[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
+// Packs 16 columns (weight rows; `live` lanes exist) of all blocks into panel halves. Each
+// [16 col][4 k] slice of a block is one int32 per column, the dwords of the transposes above:
+// 8-bit formats take their bytes as they are, 4-bit ones 4 bytes = 8 nibbles per column, whose low
+// halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
 void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, __mmask16 live, long nblocks,
                     int8_t* panel, int32_t* corr) {
   const int bb = block_bytes(w.format);

@@ -32,12 +32,13 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
     out.offsets.push_back(out.offsets.back() + (long)sources[s].size());
   }
   out.rows = out.offsets.back();
+  constexpr int P = kernels::kKVPageTokens;
   out.first_page.assign(1, 0);
-  for (int s = 0; s < n; ++s) out.first_page.push_back(out.first_page.back() + (out.length(s) + kernels::kKVPageTokens - 1) / kernels::kKVPageTokens);
+  for (int s = 0; s < n; ++s) out.first_page.push_back(out.first_page.back() + (out.length(s) + P - 1) / P);
   out.page_ids.resize(out.first_page.back());
   for (size_t p = 0; p < out.page_ids.size(); ++p) out.page_ids[p] = (int32_t)p;
   const long D = c.head_dim, G = c.num_kv_heads;
-  out.page_floats = G * D * kernels::kKVPageTokens;
+  out.page_floats = G * D * P;
   out.keys.assign((size_t)c.num_layers * out.layer_floats(), 0.0f);
   out.values.assign((size_t)c.num_layers * out.layer_floats(), 0.0f);
   if (out.rows == 0) return;
@@ -50,12 +51,10 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
     for (int s = 0; s < n; ++s) {
       for (int i = 0; i < out.length(s); ++i) {
         const float* row = &kv[(size_t)(out.offsets[s] + i) * kv2];
-        const long page = (out.first_page[s] + i / kernels::kKVPageTokens) * out.page_floats, slot = i % kernels::kKVPageTokens;
+        const long page = (out.first_page[s] + i / P) * out.page_floats;
         for (long g = 0; g < G; ++g) {
-          float* kt = keys + page + g * D * kernels::kKVPageTokens + slot;
-          for (long d = 0; d < D; ++d) kt[d * kernels::kKVPageTokens] = row[g * D + d];
-          std::copy(row + c.kv_dim() + g * D, row + c.kv_dim() + (g + 1) * D,
-                    values + page + g * D * kernels::kKVPageTokens + slot * D);
+          kernels::store_kv_slot(keys + page + g * D * P, values + page + g * D * P, i % P, (int)D, row + g * D,
+                                 row + c.kv_dim() + g * D);
         }
       }
     }
@@ -87,7 +86,7 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
     a.v = enc.values.data() + (size_t)layer * enc.layer_floats();
     a.pages = enc.page_ids.data() + enc.first_page[seqs[s].source];
     a.page_stride = enc.page_floats;
-    a.kv_head_stride = D * kernels::kKVPageTokens;
+    a.kv_head_stride = D * kernels::kKVPageTokens;  // a page's kv heads, as KVPool's
     a.kv_pos_stride = D;
     a.keys_transposed = true;
     a.n_new = seqs[s].n_new;

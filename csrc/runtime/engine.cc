@@ -70,6 +70,12 @@ std::vector<int32_t> prompt_lookup(const std::vector<int32_t>& tokens, int max_d
   return {};
 }
 
+void check_forced(const std::vector<int32_t>& forced, int vocab_size) {
+  for (int32_t t : forced) {
+    if (t < 0 || t >= vocab_size) throw std::invalid_argument("a forced token is outside the vocabulary");
+  }
+}
+
 size_t page_bytes(const Transformer* model) {
   if (!model) return 0;
   const ModelConfig& c = model->config();
@@ -146,9 +152,7 @@ int64_t Engine::submit(Request request) {
   }
   std::vector<uint32_t> first_mask = std::move(request.first_mask);
   std::vector<int32_t> first_forced = std::move(request.first_forced);
-  for (int32_t t : first_forced) {
-    if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("a forced token is outside the vocabulary");
-  }
+  check_forced(first_forced, c.vocab_size);
   auto seq = std::make_unique<Sequence>(0, std::move(request), &pool_, draft_pool_.get(), c.vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw std::logic_error("the engine is closed");
@@ -172,10 +176,7 @@ void Engine::cancel(int64_t id) {
 }
 
 void Engine::set_mask(int64_t id, int index, std::vector<uint32_t> mask, std::vector<int32_t> forced) {
-  const int vocab = model_.config().vocab_size;
-  for (int32_t t : forced) {
-    if (t < 0 || t >= vocab) throw std::invalid_argument("a forced token is outside the vocabulary");
-  }
+  check_forced(forced, model_.config().vocab_size);
   std::lock_guard<std::mutex> lock(mutex_);
   masks_[id] = {index, std::move(mask), std::move(forced)};
   masks_cv_.notify_all();

@@ -57,10 +57,8 @@ void KVCache::describe(int layer, kernels::AttentionSeq& a) const {
 }
 
 void KVCache::store(int layer, int g, int pos, const float* key, const float* value) {
-  const int D = head_dim(), slot = pos % kPageTokens;
-  float* kt = block(pool_->keys(layer), g, pos) + slot;
-  for (int d = 0; d < D; ++d) kt[(long)d * kPageTokens] = key[d];
-  std::memcpy(block(pool_->values(layer), g, pos) + (long)slot * D, value, D * sizeof(float));
+  kernels::store_kv_slot(block(pool_->keys(layer), g, pos), block(pool_->values(layer), g, pos), pos % kPageTokens,
+                         head_dim(), key, value);
 }
 
 void KVCache::copy_from(const KVCache& src) {
