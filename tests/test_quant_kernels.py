@@ -193,3 +193,32 @@ def test_non_finite_activations_k_quants(isa, fmt, m):
     y = _core.ops.linear_quant(x, data, fmt)
     assert np.isnan(y[0]).all() and np.isnan(y[-1]).all()
     assert np.isfinite(y[1:-1]).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("m,n", [(16, 32), (40, 37), (20, 128), (67, 100)])
+def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
+    # Encoders and encoder-decoders give their matrices the GEMM's panel layout once at load
+    # (panels=True here); the products must be those of panels packed per call, bit for bit, for
+    # whole and partial 32-column panels, and for the gated FFN's up half that starts inside one.
+    rng = np.random.default_rng(m * 7 + n)
+    k = 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    if fmt == "int8":
+        scales = (np.abs(w).max(1) / 127).astype(np.float32)
+        wq = np.rint(w / scales[:, None]).astype(np.int8)
+        w_deq = wq * scales[:, None]
+    else:
+        wq, scales = gguf.quants.quantize(w, QTYPES[fmt]), None
+        w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
+    ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
+    packed = _core.ops.linear_quant(x, wq, fmt, scales, bias=bias, panels=True)
+    np.testing.assert_array_equal(packed, _core.ops.linear_quant(x, wq, fmt, scales, bias=bias))
+    assert np.abs(packed - ref).max() <= 1e-5 * np.abs(ref).max()
+    if n % 2 == 0:
+        gated = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu", panels=True)
+        np.testing.assert_array_equal(gated, _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu"))
+        gu = ref - bias
+        assert np.abs(gated - silu(gu[:, :n // 2]) * gu[:, n // 2:]).max() <= 1e-5 * np.abs(gated).max() + 1e-6

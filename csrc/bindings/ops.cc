@@ -22,7 +22,10 @@ namespace {
 // A quantized weight argument: `w` in `format` ([N, row bytes] blocks, or int8 [N, K] with
 // per-row `row_scales`), checked as the model binder checks stored tensors.
 struct QuantArg {
-  QuantArg(const py::array& w, const std::string& format, const py::object& row_scales, long cols) {
+  // panels: also give the matrix the active ISA's many-rows layout (gemm_panels), as models whose
+  // calls all run many rows have it.
+  QuantArg(const py::array& w, const std::string& format, const py::object& row_scales, long cols,
+           bool panels = false) {
     TensorView view{w.data(), w.dtype().kind() == 'i' ? DType::kI8 : DType::kU8,
                     std::vector<long>(w.shape(), w.shape() + w.ndim())};
     // Not bytes, or not C-contiguous: refused by quant_matrix, which names the layout it needs.
@@ -34,8 +37,13 @@ struct QuantArg {
     }
     q = quant_matrix("w", view, row_scales.is_none() ? nullptr : &scale_view, quant_format(format),
                      w.ndim() == 2 ? w.shape(0) : -1, cols);
+    if (panels) {
+      panel_bytes = make_gemm_panels(q);
+      q.gemm_panels = panel_bytes.get();
+    }
   }
   FloatArray scales;
+  PanelBytes panel_bytes;
   kernels::QuantWeight q;
 };
 
@@ -86,9 +94,9 @@ void bind_ops(py::module_& ops) {
   }, "x"_a, "w"_a, "bias"_a = py::none());
   // w: [N, row bytes] uint8 blocks (or int8 [N, K] with row_scales for "int8").
   ops.def("linear_quant", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
-                              py::object bias) {
+                              py::object bias, bool panels) {
     check_2d(x, "x");
-    QuantArg arg(w, format, row_scales, x.shape(1));
+    QuantArg arg(w, format, row_scales, x.shape(1), panels);
     const kernels::QuantWeight& q = arg.q;
     FloatArray b;
     if (!bias.is_none()) {
@@ -99,13 +107,13 @@ void bind_ops(py::module_& ops) {
     kernels::active().linear_quant(x.data(), x.shape(0), q, bias.is_none() ? nullptr : b.data(),
                                    y.mutable_data(), false);
     return y;
-  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none());
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none(), "panels"_a = false);
   // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T), fused where the ISA has the kernel.
   ops.def("linear_quant_gated", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
-                                    const std::string& activation) {
+                                    const std::string& activation, bool panels) {
     check_2d(x, "x");
     const kernels::Activation act = activation_from_name(activation);
-    QuantArg arg(w, format, row_scales, x.shape(1));
+    QuantArg arg(w, format, row_scales, x.shape(1), panels);
     const kernels::QuantWeight& q = arg.q;
     if (q.rows % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
     const long M = x.shape(0), I = q.rows / 2;
@@ -119,7 +127,7 @@ void bind_ops(py::module_& ops) {
       K.gated_activation(gu.data(), M, I, act, y.mutable_data());
     }
     return y;
-  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "activation"_a = "silu");
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "activation"_a = "silu", "panels"_a = false);
   ops.def("dequantize", [=](py::array w, const std::string& format, long cols, py::object row_scales) {
     QuantArg arg(w, format, row_scales, cols);
     const kernels::QuantWeight& q = arg.q;

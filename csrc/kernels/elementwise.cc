@@ -256,6 +256,8 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
                   bool accumulate);
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 void dequantize_row(const QuantWeight& w, long row, float* out);
+long gemm_panel_bytes(const QuantWeight& w);
+void pack_gemm_panels(const QuantWeight& w, uint8_t* out);
 
 void fill_table(KernelTable* t) {
 #if defined(PYXF_TARGET_avx512)
@@ -283,8 +285,12 @@ void fill_table(KernelTable* t) {
   t->linear_quant = linear_quant;
 #if defined(PYXF_TARGET_avx512)
   t->linear_quant_gated = linear_quant_gated;
+  t->gemm_panel_bytes = gemm_panel_bytes;
+  t->pack_gemm_panels = pack_gemm_panels;
 #else
   t->linear_quant_gated = nullptr;
+  t->gemm_panel_bytes = nullptr;
+  t->pack_gemm_panels = nullptr;
 #endif
   t->dequantize_row = dequantize_row;
 }

@@ -51,6 +51,10 @@ struct QuantWeight {
   const float* row_scales;    // int8 only
   long rows;                  // N
   long cols;                  // K, a multiple of quant_block_cols(format)
+  // The matrix repacked once for the many-rows kernel (KernelTable::pack_gemm_panels), or null:
+  // that kernel then repacks slices of the rows on every call. Only the table that made them reads
+  // them; a view of some of the rows (a row block) has none.
+  const uint8_t* gemm_panels = nullptr;
 };
 
 // Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
@@ -150,6 +154,12 @@ struct KernelTable {
   // activation runs on each GEMM tile in registers/L1, so the 2 I-wide product never reaches
   // memory. Null where the ISA has no fused kernel (callers use linear_quant + gated_activation).
   void (*linear_quant_gated)(const float* x, long M, const QuantWeight& w, Activation act, float* y);
+  // Bytes of w repacked for the many-rows kernel (0: that kernel reads w's rows as stored), and
+  // the repacking into `out` (that many bytes, 64-byte aligned), which w.gemm_panels may then name:
+  // weights that serve many rows per call (encoders, translation) pay the repacking once at load
+  // instead of on every call, for about 1.4x the int8 bytes. Null where the ISA has no such layout.
+  long (*gemm_panel_bytes)(const QuantWeight& w);
+  void (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
 };
 
 // The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.

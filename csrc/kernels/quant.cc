@@ -805,20 +805,36 @@ void free_activations(VnniActivations& a) {
   free(a.u);
 }
 
-// Per-thread panel storage for one 32-column chunk.
+// Bytes of one 32-column panel of `nblocks` blocks, and its parts at `base`: the weights, then d, m
+// and corr. A matrix's panels, made once (pack_gemm_panels), follow one another in column order.
+long panel_bytes(long nblocks) { return nblocks * (QK * kVnniCols + 3 * kVnniCols * (long)sizeof(float)); }
+
+VnniPanel panel_at(uint8_t* base, long nblocks) {
+  float* meta = reinterpret_cast<float*>(base + nblocks * QK * kVnniCols);
+  return {reinterpret_cast<int8_t*>(base), meta, meta + nblocks * kVnniCols,
+          reinterpret_cast<int32_t*>(meta + 2 * nblocks * kVnniCols)};
+}
+
+// Whether the panel of the 32 columns from n0 was made at load (else it is packed per call).
+bool has_panel(const QuantWeight& w, long n0) { return w.gemm_panels && n0 % kVnniCols == 0; }
+
+// The panel of columns n0 .. n0 + ncols of w: the one made at load, or packed into `buffer` now.
+VnniPanel column_panel(const QuantWeight& w, long n0, int ncols, long nblocks, uint8_t* buffer) {
+  if (has_panel(w, n0)) {
+    return panel_at(const_cast<uint8_t*>(w.gemm_panels) + n0 / kVnniCols * panel_bytes(nblocks), nblocks);
+  }
+  VnniPanel p = panel_at(buffer, nblocks);
+  pack_vnni(w, n0, ncols, nblocks, p);
+  return p;
+}
+
+// Per-thread storage for one panel packed per call, when one is `needed`.
 struct PanelBuffer {
-  VnniPanel p;
-  explicit PanelBuffer(long nblocks) {
-    p.w = (int8_t*)aligned_alloc(64, (size_t)(nblocks * QK * kVnniCols + 63) / 64 * 64);
-    float* meta = (float*)aligned_alloc(64, (size_t)(sizeof(float) * nblocks * kVnniCols * 3 + 63) / 64 * 64);
-    p.d = meta;
-    p.m = meta + nblocks * kVnniCols;
-    p.corr = (int32_t*)(meta + 2 * nblocks * kVnniCols);
+  uint8_t* bytes = nullptr;
+  PanelBuffer(bool needed, long nblocks) {
+    if (needed) bytes = static_cast<uint8_t*>(aligned_alloc(64, (size_t)panel_bytes(nblocks)));
   }
-  ~PanelBuffer() {
-    free(p.d);
-    free(p.w);
-  }
+  ~PanelBuffer() { free(bytes); }
 };
 
 void run_tile(QuantFormat f, const VnniRows& x, const VnniPanel& p, long nblocks, float* y, long ldy, int rows,
@@ -838,15 +854,15 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
   const long chunks = (N + kVnniCols - 1) / kVnniCols;
 #pragma omp parallel
   {
-    PanelBuffer panel(a.nblocks);
+    PanelBuffer buffer(!w.gemm_panels, a.nblocks);
 #pragma omp for schedule(dynamic, 1)
     for (long ch = 0; ch < chunks; ++ch) {
       const long n0 = ch * kVnniCols;
       const int ncols = (int)lmin(kVnniCols, N - n0);
-      pack_vnni(w, n0, ncols, a.nblocks, panel.p);
+      const VnniPanel panel = column_panel(w, n0, ncols, a.nblocks, buffer.bytes);
       const float* bn = bias ? bias + n0 : nullptr;
       for (long t = 0; t < a.tiles; ++t) {
-        run_tile(w.format, a.tile(t), panel.p, a.nblocks, y + t * R * N + n0, N, (int)lmin(R, M - t * R), ncols,
+        run_tile(w.format, a.tile(t), panel, a.nblocks, y + t * R * N + n0, N, (int)lmin(R, M - t * R), ncols,
                  bn, accumulate);
       }
     }
@@ -861,18 +877,18 @@ void linear_quant_gated_vnni(const float* x, long M, const QuantWeight& w, Activ
   const long chunks = (I + kVnniCols - 1) / kVnniCols;
 #pragma omp parallel
   {
-    PanelBuffer gate(a.nblocks), up(a.nblocks);
+    PanelBuffer gate_buffer(!has_panel(w, 0), a.nblocks), up_buffer(!has_panel(w, I), a.nblocks);
     alignas(64) float gu[R][2 * kVnniCols];
 #pragma omp for schedule(dynamic, 1)
     for (long ch = 0; ch < chunks; ++ch) {
       const long n0 = ch * kVnniCols;
       const int ncols = (int)lmin(kVnniCols, I - n0);
-      pack_vnni(w, n0, ncols, a.nblocks, gate.p);
-      pack_vnni(w, I + n0, ncols, a.nblocks, up.p);
+      const VnniPanel gate = column_panel(w, n0, ncols, a.nblocks, gate_buffer.bytes);
+      const VnniPanel up = column_panel(w, I + n0, ncols, a.nblocks, up_buffer.bytes);
       for (long t = 0; t < a.tiles; ++t) {
         const int rows = (int)lmin(R, M - t * R);
-        run_tile(w.format, a.tile(t), gate.p, a.nblocks, gu[0], 2 * kVnniCols, rows, ncols, nullptr, false);
-        run_tile(w.format, a.tile(t), up.p, a.nblocks, gu[0] + kVnniCols, 2 * kVnniCols, rows, ncols, nullptr, false);
+        run_tile(w.format, a.tile(t), gate, a.nblocks, gu[0], 2 * kVnniCols, rows, ncols, nullptr, false);
+        run_tile(w.format, a.tile(t), up, a.nblocks, gu[0] + kVnniCols, 2 * kVnniCols, rows, ncols, nullptr, false);
         for (int i = 0; i < rows; ++i) {
           gated_activation_row(gu[i], gu[i] + kVnniCols, ncols, act, y + (t * R + i) * I + n0);
         }
@@ -985,6 +1001,20 @@ void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation
     gated_activation_row(gu + m * w.rows, gu + m * w.rows + w.rows / 2, w.rows / 2, act, y + m * (w.rows / 2));
   }
   free(gu);
+}
+
+long gemm_panel_bytes(const QuantWeight& w) {
+  if (is_quant_k_format(w.format)) return 0;
+  return (w.rows + kVnniCols - 1) / kVnniCols * panel_bytes(w.cols / QK);
+}
+
+void pack_gemm_panels(const QuantWeight& w, uint8_t* out) {
+  const long nblocks = w.cols / QK, chunks = (w.rows + kVnniCols - 1) / kVnniCols;
+#pragma omp parallel for schedule(static)
+  for (long ch = 0; ch < chunks; ++ch) {
+    VnniPanel p = panel_at(out + ch * panel_bytes(nblocks), nblocks);
+    pack_vnni(w, ch * kVnniCols, (int)lmin(kVnniCols, w.rows - ch * kVnniCols), nblocks, p);
+  }
 }
 #endif
 

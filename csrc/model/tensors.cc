@@ -160,6 +160,7 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
     auto scales = set_.tensors.find(name + "_scale");
     l.quant = quant_matrix(name, t, scales == set_.tensors.end() ? nullptr : &scales->second,
                            quant_format(spec[0].format), out, in);
+    if (gemm_panels_) l.quant.gemm_panels = panels(name, l.quant);
     return l;
   }
   if (t.dtype != DType::kU8 || t.shape.size() != 1) {
@@ -187,6 +188,22 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
   return l;
 }
 
+PanelBytes make_gemm_panels(const kernels::QuantWeight& w) {
+  const kernels::KernelTable& K = kernels::active();
+  const long bytes = K.gemm_panel_bytes ? K.gemm_panel_bytes(w) : 0;
+  if (bytes <= 0) return nullptr;
+  PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
+  if (!p) throw std::bad_alloc();
+  K.pack_gemm_panels(w, p.get());
+  return p;
+}
+
+const uint8_t* WeightBinder::panels(const std::string& name, const kernels::QuantWeight& w) {
+  auto it = panels_.find(name);
+  if (it == panels_.end()) it = panels_.emplace(name, make_gemm_panels(w)).first;
+  return it->second.get();
+}
+
 Linear row_block(const Linear& w, long rows, long in, long first, long count) {
   if (first < 0 || count <= 0 || first + count > rows) {
     throw invalid_argument("rows " + std::to_string(first) + " .. " + std::to_string(first + count) +
@@ -209,6 +226,7 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
     const long lo = std::max(first, start), hi = std::min(first + count, start + s.rows);
     if (lo < hi) {
       kernels::QuantWeight cut = s;
+      cut.gemm_panels = nullptr;  // panels are of the whole matrix
       cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
       cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
       cut.rows = hi - lo;

@@ -4,6 +4,7 @@
 // widens 16-bit vectors once, and records every request so that tests can compare what the core
 // binds with the model spec (pyxf/spec).
 #pragma once
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -47,13 +48,24 @@ kernels::QuantFormat quant_format(const std::string& name);  // std::invalid_arg
 kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
                                   kernels::QuantFormat f, long out, long in);
 
+struct FreeBytes {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
+// w repacked in the active kernels' many-rows layout (kernels::QuantWeight::gemm_panels); null
+// where they have none.
+PanelBytes make_gemm_panels(const kernels::QuantWeight& w);
+
 // Rows first .. first + count of a [rows, in] matrix, as a matrix of its own (a view: float, 16-bit,
 // quantized or segmented alike). std::invalid_argument when they are not all within the matrix.
 Linear row_block(const Linear& w, long rows, long in, long first, long count);
 
 class WeightBinder {
  public:
-  explicit WeightBinder(const TensorSet& set) : set_(set) {}
+  // gemm_panels: give each quantized matrix of one format the active kernels' many-rows layout
+  // (kernels::QuantWeight::gemm_panels), made now and owned here; for models whose every call
+  // runs many rows (encoders, encoder-decoders), where repacking per call would cost more.
+  explicit WeightBinder(const TensorSet& set, bool gemm_panels = false) : set_(set), gemm_panels_(gemm_panels) {}
 
   // A float vector or table, widened to float32 once when stored in 16 bits; null when optional
   // and absent.
@@ -77,10 +89,14 @@ class WeightBinder {
   const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required,
                          bool quantized = false);
   Linear quantized(const std::string& name, long out, long in);
+  // The many-rows layout of w (made once per tensor name), or null where the kernels have none.
+  const uint8_t* panels(const std::string& name, const kernels::QuantWeight& w);
 
   const TensorSet& set_;
   std::vector<TensorRequest> requests_;
+  bool gemm_panels_;
   std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
+  std::map<std::string, PanelBytes> panels_;  // by tensor name
 };
 
 }  // namespace pyxf
