@@ -252,6 +252,36 @@ def test_log_softmax_and_logsumexp(isa, rows, n):
         np.testing.assert_allclose(y, on_generic(ops.log_softmax, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 1000, 32000, 49152])
+def test_argmax_is_the_first_largest(isa, n):
+    """Greedy decoding's choice: torch.argmax's (the first of tied maxima), -inf entries included."""
+    rng = rng_for("argmax", n, 0)
+    x = randn(rng, 6, n, scale=5.0)
+    x[1, :] = -np.inf
+    x[1, n // 2] = -3.0  # one allowed token
+    if n > 2:
+        x[2, [n // 3, n - 1]] = 50.0  # tied maxima: the first wins
+        x[3, n - 1] = 40.0  # the maximum in the tail past the last whole vector
+    x[4, 0] = 90.0
+    np.testing.assert_array_equal(ops.argmax(x), torch.argmax(torch.from_numpy(x), -1).numpy())
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 8), (100, 3), (1000, 8), (32000, 8)])
+def test_top_k_is_a_stable_descending_sort_prefix(isa, n, k):
+    """Beam search's best continuations of a beam: the k largest of row + beam score (float32 sums),
+    ties to the lower token, as a stable descending sort of those sums gives them."""
+    rng = rng_for("top_k", n, k)
+    x = randn(rng, 4, n, scale=3.0)
+    x[1, :] = np.round(x[1, :])  # many ties
+    x[2, : n // 2] = -np.inf
+    offset = np.float32(-7.25)
+    scores, indices = ops.top_k(x, float(offset), k)
+    for r in range(x.shape[0]):
+        sums = x[r] + offset
+        ref = np.argsort(-sums, kind="stable")[: min(k, n)]
+        np.testing.assert_array_equal(indices[r, : len(ref)], ref)
+        np.testing.assert_array_equal(scores[r, : len(ref)], sums[ref])
+        assert np.all(indices[r, len(ref):] == -1)  # fewer than k entries: only n are written
+
 TORCH_ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,

@@ -171,6 +171,25 @@ void bind_ops(py::module_& ops) {
     }
     return y;
   });
+  ops.def("argmax", [=](FloatArray x) {
+    check_2d(x, "x");
+    py::array_t<int64_t> y(x.shape(0));
+    for (long r = 0; r < x.shape(0); ++r) y.mutable_data()[r] = kernels::active().argmax(x.data() + r * x.shape(1), x.shape(1));
+    return y;
+  });
+  ops.def("top_k", [=](FloatArray x, float offset, int k) {
+    check_2d(x, "x");
+    if (k < 1) throw py::value_error("k must be >= 1");
+    py::array_t<float> scores({x.shape(0), (ssize_t)k});
+    py::array_t<int32_t> indices({x.shape(0), (ssize_t)k});
+    std::fill(scores.mutable_data(), scores.mutable_data() + scores.size(), NAN);
+    std::fill(indices.mutable_data(), indices.mutable_data() + indices.size(), -1);
+    for (long r = 0; r < x.shape(0); ++r) {
+      kernels::active().top_k(x.data() + r * x.shape(1), x.shape(1), offset, k, scores.mutable_data() + r * k,
+                              indices.mutable_data() + r * k);
+    }
+    return py::make_tuple(scores, indices);
+  });
   ops.def("activation", [](FloatArray x, const std::string& kind) {
     py::array_t<float> y(std::vector<ssize_t>(x.shape(), x.shape() + x.ndim()));
     std::memcpy(y.mutable_data(), x.data(), x.size() * sizeof(float));

@@ -190,6 +190,64 @@ void max_and_log_sum(const float* x, long n, float* max_out, float* log_sum_out)
   *log_sum_out = logf((float)total);
 }
 
+long argmax(const float* x, long n) {
+  if (n <= 0) return -1;
+  float mx;
+  {
+    Vf vmx = vset1(-INFINITY);
+    long i = 0;
+    for (; i + kLanes <= n; i += kLanes) vmx = vmax(vmx, vload(x + i));
+    mx = vmaxr(vmx);
+    for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  }
+  // The first position that holds it: whole groups of 4 vectors are passed over by their maximum.
+  constexpr long kGroup = 4 * kLanes;
+  long i = 0;
+  for (; i + kGroup <= n; i += kGroup) {
+    const Vf m = vmax(vmax(vload(x + i), vload(x + i + kLanes)), vmax(vload(x + i + 2 * kLanes), vload(x + i + 3 * kLanes)));
+    if (vmaxr(m) == mx) break;
+  }
+  for (; i < n; ++i) {
+    if (x[i] == mx) return i;
+  }
+  return 0;  // no comparable value (NaNs only)
+}
+
+// Inserts (score, index) into the k best so far (scores[0..*count), best first), after its equals.
+static void insert_best(float score, int32_t index, int k, float* scores, int32_t* indices, int* count) {
+  int at = *count < k ? *count : k - 1;
+  while (at > 0 && scores[at - 1] < score) {
+    if (at < k) scores[at] = scores[at - 1], indices[at] = indices[at - 1];
+    --at;
+  }
+  scores[at] = score;
+  indices[at] = index;
+  if (*count < k) ++*count;
+}
+
+int top_k(const float* x, long n, float offset, int k, float* scores, int32_t* indices) {
+  int count = 0;
+  const auto consider = [&](long t) {
+    const float s = x[t] + offset;
+    if (count < k || s > scores[k - 1]) insert_best(s, (int32_t)t, k, scores, indices, &count);
+  };
+  // Groups of 4 vectors are passed over by their maximum once k candidates are held: after the
+  // first few hundred entries of a long row almost none gets in.
+  constexpr long kGroup = 4 * kLanes;
+  const Vf off = vset1(offset);
+  long i = 0;
+  for (; i + kGroup <= n; i += kGroup) {
+    if (count == k) {
+      const Vf m = vmax(vmax(vadd(vload(x + i), off), vadd(vload(x + i + kLanes), off)),
+                        vmax(vadd(vload(x + i + 2 * kLanes), off), vadd(vload(x + i + 3 * kLanes), off)));
+      if (!(vmaxr(m) > scores[k - 1])) continue;
+    }
+    for (long t = i; t < i + kGroup; ++t) consider(t);
+  }
+  for (; i < n; ++i) consider(i);
+  return count;
+}
+
 float logsumexp(const float* x, long n) {
   float mx, log_sum;
   max_and_log_sum(x, n, &mx, &log_sum);
@@ -279,6 +337,8 @@ void fill_table(KernelTable* t) {
   t->softmax = softmax;
   t->log_softmax = log_softmax;
   t->logsumexp = logsumexp;
+  t->argmax = argmax;
+  t->top_k = top_k;
   t->rope_table = rope_table;
   t->rope = rope;
   t->attention = attention;

@@ -137,6 +137,10 @@ struct KernelTable {
   // x <- log_softmax(x) of one row, on the calling thread (callers parallelize over rows).
   void (*log_softmax)(float* x, long n);
   float (*logsumexp)(const float* x, long n);  // log(sum(exp(x))), one row, calling thread
+  long (*argmax)(const float* x, long n);      // the first position of the largest, one row, calling thread
+  // The k largest of x[t] + offset (float sums), best first, ties to the lower t: their sums and
+  // positions; returns how many (min(k, n)). One row, calling thread.
+  int (*top_k)(const float* x, long n, float offset, int k, float* scores, int32_t* indices);
   // cs[r] = cos(pos[r] f) * scaling for the `half` frequencies f, then the sines: the rotation
   // of one position, shared by every head and layer.
   void (*rope_table)(const int32_t* pos, long rows, const float* inv_freq, int half, float scaling, float* cs);

@@ -75,23 +75,31 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
   }
   apply_linear(W.q, in, rows, H, qd, ws.qkv.data(), false);
 
-  ws.attn_seqs.resize(n);
+  // One attention problem per run of sequences of the same source (a source's beams): their
+  // queries are consecutive rows and see the same keys, which are then read once for all of them.
+  ws.attn_seqs.clear();
   long row = 0;
   for (int s = 0; s < n; ++s) {
-    k::AttentionSeq& a = ws.attn_seqs[s];
-    a = k::AttentionSeq{};
+    const int source = seqs[s].source;
+    if (s > 0 && source == seqs[s - 1].source) {
+      ws.attn_seqs.back().n_new += seqs[s].n_new;
+      row += seqs[s].n_new;
+      continue;
+    }
+    k::AttentionSeq a{};
     a.q = &ws.qkv[row * qd];
     a.out = &ws.attn[row * qd];
     a.k = enc.keys.data() + (size_t)layer * enc.layer_floats();
     a.v = enc.values.data() + (size_t)layer * enc.layer_floats();
-    a.pages = enc.page_ids.data() + enc.first_page[seqs[s].source];
+    a.pages = enc.page_ids.data() + enc.first_page[source];
     a.page_stride = enc.page_floats;
     a.kv_head_stride = D * kernels::kKVPageTokens;  // a page's kv heads, as KVPool's
     a.kv_pos_stride = D;
     a.keys_transposed = true;
     a.n_new = seqs[s].n_new;
     a.n_past = 0;
-    a.n_keys = enc.length(seqs[s].source);
+    a.n_keys = enc.length(source);
+    ws.attn_seqs.push_back(a);
     row += seqs[s].n_new;
   }
   k::AttentionShape shape;
@@ -104,7 +112,7 @@ void Seq2SeqModel::cross_attention_block(int layer, const DecoderSeq* seqs, int 
   shape.pos_bias = nullptr;  // positions mean nothing across the two sequences
   shape.pos_bias_radius = 0;
   shape.causal = false;
-  k::active().attention(ws.attn_seqs.data(), n, shape);
+  k::active().attention(ws.attn_seqs.data(), (int)ws.attn_seqs.size(), shape);
 
   apply_linear(W.out, ws.attn.data(), rows, qd, H, ws.x.data(), true);
   if (c.post_norm) decoder_.norm(W.norm, ws.x.data(), rows, ws.x.data());

@@ -61,16 +61,13 @@ bool better(const Candidate& a, const Candidate& b, int vocab) {
 
 // The best k of score[0..n) + offset, as candidates of `beam`, best first.
 void top_k(const float* score, int n, float offset, int k, int beam, std::vector<Candidate>& out) {
+  thread_local std::vector<float> scores;
+  thread_local std::vector<int32_t> tokens;
+  scores.resize(k);
+  tokens.resize(k);
+  const int count = kernels::active().top_k(score, n, offset, k, scores.data(), tokens.data());
   out.clear();
-  for (int t = 0; t < n; ++t) {
-    const float s = score[t] + offset;
-    if ((int)out.size() == k && !(s > out.back().score)) continue;  // later tokens lose ties
-    Candidate c{s, beam, t};
-    auto at = std::upper_bound(out.begin(), out.end(), c,
-                               [](const Candidate& a, const Candidate& b) { return a.score > b.score; });
-    out.insert(at, c);
-    if ((int)out.size() > k) out.pop_back();
-  }
+  for (int i = 0; i < count; ++i) out.push_back({scores[i], beam, tokens[i]});
 }
 
 std::vector<int> strip_eos(const std::vector<int>& history, const std::vector<int>& eos) {
@@ -196,6 +193,13 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
   std::vector<Candidate> merged;
   std::vector<char> hits;
   std::vector<int> order, free_slots;
+  // Caches a child takes over from its parent (into the slot of a beam without children): no
+  // parent's slot is another's destination, so the copies of a step run in parallel.
+  struct Copy {
+    KVCache* to;
+    const KVCache* from;
+  };
+  std::vector<Copy> copies;
 
   for (int step = 0; step < o.max_length; ++step) {
     if (interrupted && interrupted()) break;
@@ -248,6 +252,7 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
     }
 
     // Per source: the best K continuations over all beams, then the next beams and the finished.
+    copies.clear();
     for (size_t r0 = 0; r0 < rows.size();) {
       const int si = rows[r0].source;
       SourceBeams& s = src[si];
@@ -311,7 +316,7 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
         } else {
           slot = free_slots.back();
           free_slots.pop_back();
-          s.slots[slot]->copy_from(*s.slots[s.beams[p].slot]);
+          copies.push_back({s.slots[slot].get(), s.slots[s.beams[p].slot].get()});
         }
         next.push_back({std::move(history), penalized(i), slot});
       }
@@ -328,6 +333,8 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
       s.done = !s.improvable || step + 1 >= o.max_length || (int)s.beams.size() < B ||
                (o.early_stopping == EarlyStopping::kTrue && (int)s.finished.size() == B);
     }
+#pragma omp parallel for schedule(dynamic, 1) if (copies.size() > 1)
+    for (long i = 0; i < (long)copies.size(); ++i) copies[i].to->copy_from(*copies[i].from);
   }
 
   std::vector<std::vector<Hypothesis>> out(n);

@@ -62,14 +62,23 @@ void KVCache::store(int layer, int g, int pos, const float* key, const float* va
 }
 
 void KVCache::copy_from(const KVCache& src) {
-  const int n = src.length();
+  const int n = src.length(), D = head_dim();
   const size_t page = (size_t)pool_->head_stride() * sizeof(float);
   for (int l = 0; l < pool_->num_layers(); ++l) {
     for (int g = 0; g < pool_->num_kv_heads(); ++g) {
-      // Whole page blocks: positions past the length are never read.
       for (int p0 = 0; p0 < n; p0 += kPageTokens) {
-        std::memcpy(block(pool_->keys(l), g, p0), src.block(src.pool_->keys(l), g, p0), page);
-        std::memcpy(block(pool_->values(l), g, p0), src.block(src.pool_->values(l), g, p0), page);
+        float* keys = block(pool_->keys(l), g, p0);
+        float* values = block(pool_->values(l), g, p0);
+        const float* src_keys = src.block(src.pool_->keys(l), g, p0);
+        const float* src_values = src.block(src.pool_->values(l), g, p0);
+        const int used = std::min(kPageTokens, n - p0);  // positions past the length are never read
+        if (used == kPageTokens) {
+          std::memcpy(keys, src_keys, page);
+          std::memcpy(values, src_values, page);
+          continue;
+        }
+        for (int d = 0; d < D; ++d) std::memcpy(keys + (long)d * kPageTokens, src_keys + (long)d * kPageTokens, used * sizeof(float));
+        std::memcpy(values, src_values, (size_t)used * D * sizeof(float));
       }
     }
   }
