@@ -10,9 +10,11 @@ Reduced precision (not in the default set): pyxf-bf16 (`pyxf.load(dtype="bfloat1
 (`quantize="int8"`), ctranslate2-int8 and ctranslate2-int8_float32 (CTranslate2's compute types on
 its float32 conversion).
 
-Every engine gets the same source token ids and generates exactly --new-tokens target tokens per
+Every engine gets the same source token ids and decodes exactly --new-tokens target positions per
 hypothesis (min length = max length, so the end token never cuts a hypothesis short and every engine
-does the same work). Each engine runs in its own subprocess with --threads threads; the time is the
+does the same work); the last position is the end token where the model forces one there (Marian's
+forced_eos_token_id: transformers and pyxf, not CTranslate2), so tokens/s counts decoded positions.
+Each engine runs in its own subprocess with --threads threads; the time is the
 median of --repeat runs after one warm-up run of the whole batch. CTranslate2 gets the model through
 its TransformersConverter (float32, cached) and runs Translator.translate_batch (inter_threads 1,
 intra_threads = --threads). The model, its pyxf conversion and the CTranslate2 conversion are cached
@@ -109,7 +111,7 @@ def worker_pyxf(root, threads, options):
 
     def run(sources, beam, n):
         hyps = pyxf.translate(model, sources, beam_size=beam, max_length=n, min_length=n)
-        return sum(len(h) for h in hyps)
+        return [len(h) for h in hyps]
 
     return run
 
@@ -128,7 +130,7 @@ def worker_torch(root, threads, _):
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), num_beams=beam, do_sample=False,
                                  max_new_tokens=n, min_new_tokens=n)
-        return int(((out[:, 1:] != pad) & (out[:, 1:] != 0)).sum())
+        return [int(n) for n in ((out[:, 1:] != pad) & (out[:, 1:] != 0)).sum(1)]
 
     return run
 
@@ -148,7 +150,7 @@ def worker_ctranslate2(root, threads, compute_type):
         tokens = [[names.get(t, f"tok{t}") for t in s] for s in sources]
         results = translator.translate_batch(tokens, beam_size=beam, max_decoding_length=n, min_decoding_length=n,
                                              length_penalty=1.0)
-        return sum(len(r.hypotheses[0]) for r in results)
+        return [len(r.hypotheses[0]) for r in results]
 
     return run
 
@@ -161,11 +163,17 @@ def worker_main(engine, threads, repeat, new_tokens):
     out = {}
     for name, beam in (("greedy", 1), ("beam4", 4)):
         run(sources, beam, new_tokens)  # warm-up
-        times, produced = [], 0
+        times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            produced = run(sources, beam, new_tokens)
+            lengths = run(sources, beam, new_tokens)
             times.append(time.perf_counter() - start)
+            # new_tokens decoded positions per hypothesis: new_tokens content tokens, or one fewer
+            # where the model forces its end token into the last place (Marian's forced_eos_token_id,
+            # which transformers and pyxf honour and CTranslate2 does not).
+            if any(n not in (new_tokens - 1, new_tokens) for n in lengths):
+                raise SystemExit(f"{engine} {name}: hypothesis lengths {sorted(set(lengths))}, expected {new_tokens}")
+        produced = new_tokens * len(sources)
         seconds = statistics.median(times)
         out[name] = {"seconds": seconds, "tokens": produced, "tokens_per_s": produced / seconds}
     print(json.dumps(out))
@@ -189,6 +197,9 @@ def main(argv=None):
         return worker_main(args.worker, args.threads, args.repeat, args.new_tokens)
 
     build_model(cache_dir())
+    from bench import machine_info
+
+    cpu = machine_info()["cpu_title"]
     results = {}
     for engine in args.engines.split(","):
         if engine not in VARIANTS:
@@ -210,7 +221,7 @@ def main(argv=None):
         f"Random MarianMTModel (6+6 layers, d_model 512, 8 heads, FFN 2048, vocabulary 32k, float32), "
         f"{SOURCES['count']} sources of {SOURCES['min_tokens']}-{SOURCES['max_tokens']} tokens in one batch, "
         f"exactly {args.new_tokens} target tokens per hypothesis, {args.threads} threads, median of {args.repeat}; "
-        f"{platform.processor() or platform.machine()}. Target tokens/s (best hypothesis tokens / wall time).",
+        f"{cpu}. Target tokens/s (decoded positions of the best hypotheses, the forced end token included / wall time).",
         "",
         "| decoding | " + " | ".join(LABELS[e] for e in results) + " |",
         "|---|" + "---:|" * len(results),
