@@ -114,6 +114,11 @@ def _parser():
     serve.add_argument("--draft-model", metavar="DIR",
                        help="speculative decoding: a smaller decoder with the served decoders' tokenizer drafts "
                             "tokens for every chat and completions request")
+    serve.add_argument("--prompt-lookup", action="store_true",
+                       help="speculative decoding without a draft model: drafts copied from earlier in each "
+                            "request's prompt and output (n-gram lookup), for every chat and completions request")
+    serve.add_argument("--num-draft-tokens", type=int,
+                       help="tokens drafted a step with --draft-model or --prompt-lookup (default 4, at most 32)")
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM (default 30)")
@@ -340,18 +345,16 @@ def _serve(args):
         api_key=args.api_key, max_batch=args.max_batch, kv_cache_mb=args.kv_cache_mb,
         prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
         threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
+        draft_model=args.draft_model, prompt_lookup=args.prompt_lookup, num_draft_tokens=args.num_draft_tokens,
     )
     if args.ray:
-        if args.draft_model is not None:
-            raise ValueError("--draft-model: not with --ray")
         return _serve_on_ray(args, options)
     given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
                                       ("--target-ongoing-requests", args.target_ongoing_requests),
                                       ("--ray-address", args.ray_address)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --ray")
-    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, draft_model=args.draft_model,
-                 **options)
+    return serve(args.models, host=args.host, port=args.port, log_level=args.log_level, **options)
 
 
 def _serve_on_ray(args, options):

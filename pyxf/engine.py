@@ -336,7 +336,9 @@ def _first_different_token(a, b):
 
 def _drafting(speculative, num_draft_tokens, draft_model):
     """(tokens drafted a step, whether the engine's draft model drafts them); (0, False) without
-    speculative decoding. speculative None: the engine's draft model, when it has one."""
+    speculative decoding. speculative None: the engine's draft model, when it has one; False: none."""
+    if speculative is False:
+        return 0, False
     if speculative is None:
         if draft_model is None:
             return 0, False
@@ -346,7 +348,8 @@ def _drafting(speculative, num_draft_tokens, draft_model):
             raise ValueError("speculative=<model>: an engine drafts with the draft model it was built with; "
                              "pass it as pyxf.Engine(model, draft_model=...)")
     elif speculative != "prompt_lookup":
-        raise ValueError(f'speculative must be "prompt_lookup" or a draft model (pyxf.load(...)), got {speculative!r}')
+        raise ValueError(f'speculative must be "prompt_lookup", a draft model (pyxf.load(...)) or False, '
+                         f'got {speculative!r}')
     check_int("num_draft_tokens", num_draft_tokens)
     if not 1 <= num_draft_tokens <= 32:
         raise ValueError(f"num_draft_tokens must be in [1, 32], got {num_draft_tokens}")
@@ -377,15 +380,18 @@ class Engine:
     """A continuous-batching engine over one decoder model (see the module docstring).
 
     draft_model: a smaller decoder with the model's tokenizer for speculative decoding. Its keys and
-    values share the KV budget (each page holds both models' positions) and requests draft with it
-    unless they ask otherwise (submit's speculative)."""
+    values share the KV budget (each page holds both models' positions). speculative and
+    num_draft_tokens: how requests draft unless they ask otherwise (submit's speculative and
+    num_draft_tokens): None, with the draft model when there is one (else not at all);
+    "prompt_lookup"; False, not at all."""
 
     def __init__(self, model, *, max_batch=64, kv_cache_mb=1024, prefill_chunk=512, max_queue=1024,
-                 prefix_cache=True, draft_model=None):
+                 prefix_cache=True, draft_model=None, speculative=None, num_draft_tokens=4):
         if getattr(model, "is_encoder", False) or getattr(model, "is_encoder_decoder", False):
             raise ValueError("pyxf.Engine serves decoder models; encoders have encode(), translation models translate()")
         if draft_model is not None:
             check_draft_model(model, draft_model)
+        _drafting(speculative, num_draft_tokens, draft_model)  # the defaults fail here, not in submit
         for name, value, minimum in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                                      ("max_queue", max_queue, 0)):
             check_int(name, value)
@@ -395,6 +401,7 @@ class Engine:
             raise ValueError(f"kv_cache_mb must be a positive number, got {kv_cache_mb!r}")
         self.model = model
         self.draft_model = draft_model
+        self.speculative, self.num_draft_tokens = speculative, num_draft_tokens
         core_engine = core().Engine(model._core_model, max_batch, float(kv_cache_mb), prefill_chunk, max_queue,
                                     model.context_length, bool(prefix_cache),
                                     draft_model._core_model if draft_model is not None else None)
@@ -407,7 +414,7 @@ class Engine:
                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
                stop=None, stop_token_ids=None, logprobs=None, add_special_tokens=True, response_format=None,
                regex=None, choice=None, grammar=None, tools=None, tool_choice=None, speculative=None,
-               num_draft_tokens=4):
+               num_draft_tokens=None):
         """Queues one request (see pyxf.generate for the options) and returns its Request.
         max_new_tokens None: up to the context length. logprobs k >= 0: each token's log-probability
         and its k most likely alternatives. Structured output (at most one): response_format
@@ -416,9 +423,9 @@ class Engine:
         messages): OpenAI function calling (pyxf.tools); the result's tool_calls hold the calls.
         speculative="prompt_lookup": each step drafts up to num_draft_tokens tokens from earlier in
         the sequence and verifies them in one forward pass (greedy output unchanged; sampled output
-        from the same distribution); speculative=<the engine's draft_model>, the default in an
-        engine that has one: the draft model drafts them. Requests with structured output do not
-        draft. pyxf.EngineFull when max_queue requests are waiting."""
+        from the same distribution); speculative=<the engine's draft_model>: the draft model drafts
+        them; False: no drafting; None (and num_draft_tokens None): the engine's defaults. Requests
+        with structured output do not draft. pyxf.EngineFull when max_queue requests are waiting."""
         return self._submit(prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                             presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
                             add_special_tokens, response_format, regex, choice, grammar, tools, tool_choice,
@@ -427,7 +434,7 @@ class Engine:
     def _submit(self, prompt, messages, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, logprobs,
                 add_special_tokens, response_format=None, regex=None, choice=None, grammar=None, tools=None,
-                tool_choice=None, speculative=None, num_draft_tokens=4, text_deltas=True):
+                tool_choice=None, speculative=None, num_draft_tokens=None, text_deltas=True):
         if self._closed:
             raise RuntimeError("the engine is closed")
         model = self.model
@@ -460,7 +467,9 @@ class Engine:
         if stop_strings and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         check_lengths([ids], options["max_new_tokens"], self.context_length)
-        draft_tokens, use_draft_model = _drafting(speculative, num_draft_tokens, self.draft_model)
+        draft_tokens, use_draft_model = _drafting(
+            self.speculative if speculative is None else speculative,
+            self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens, self.draft_model)
         grammar_source = grammar_for(**constraint_args)
         constraint = Constraint(model, grammar_source) if grammar_source is not None else None
 

@@ -322,17 +322,25 @@ def wait_for_log(path, text, timeout):
 
 
 def test_pyxf_serve_ray_joins_the_cluster(cluster, chat_model, tmp_path):
-    """`pyxf serve --ray --replicas 2` on the running cluster: answers, and SIGTERM stops its app (exit 0)."""
+    """`pyxf serve --ray --replicas 2 --draft-model DIR` on the running cluster: each replica loads the
+    draft model and drafts with it, the greedy text is plain decoding's, and SIGTERM stops its app
+    (exit 0)."""
     with time_limit(400):
         server = Server(["--ray", "--ray-address", cluster.address, "--replicas", "2", "--threads", "1",
-                         f"{CHAT}={chat_model.path}"], log_path=tmp_path / "serve.log")
+                         "--draft-model", str(chat_model.path), f"{CHAT}={chat_model.path}"],
+                        log_path=tmp_path / "serve.log")
         try:
             wait_for_log(tmp_path / "serve.log", "OpenAI-compatible API at", 300)
             client = server.openai(timeout=120)
-            reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Say hi"}],
-                                                   max_tokens=8, temperature=0)
-            assert reply.choices[0].message.content == chat_reference(chat_model, ["Say hi"], 8)[0]
+            prompts = ["Say hi", "Name a colour", "Count to three", "Say bye"] * 2
+            expected = chat_reference(chat_model, prompts, 8)
+            for prompt, want in zip(prompts, expected):
+                reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": prompt}],
+                                                       max_tokens=8, temperature=0)
+                assert reply.choices[0].message.content == want
             assert len(replica_names()) == 2
+            # Whichever replica answers /metrics served some of the 8 requests, and drafted for them.
+            assert max(server.stats(CHAT)["draft_tokens_proposed_total"] for _ in range(8)) > 0
         finally:
             returncode = server.stop()
         assert returncode == 0, (tmp_path / "serve.log").read_text()

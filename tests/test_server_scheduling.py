@@ -181,3 +181,31 @@ def test_a_draft_model_that_cannot_draft_is_a_startup_error(tmp_path):
     with pytest.raises(RuntimeError, match="pyxf: error: the draft model must be a decoder"):
         Server([f"{CHAT}={hub.default_model_path()}", "--draft-model", hub.minilm_model_path()],
                log_path=tmp_path / "server.log")
+
+
+def test_prompt_lookup_speculates_and_keeps_the_greedy_text(model, tmp_path):
+    """`--prompt-lookup --num-draft-tokens 6`: requests that repeat their prompt draft from it; the
+    greedy text is what plain decoding gives, and the server's metrics count the drafts."""
+    server = Server([f"{CHAT}={hub.float32_model_path()}", "--prompt-lookup", "--num-draft-tokens", "6"],
+                    log_path=tmp_path / "server.log")
+    try:
+        assert "drafting 6 tokens by prompt lookup" in server.log_text()
+        passage = ("The harbour wakes before the town does. Fishing boats slip out past the breakwater, gulls "
+                   "follow them, and the bakery on the quay lights its ovens.")
+        messages = [{"role": "user", "content": f"Repeat this text exactly: {passage}"}]
+        reply = server.openai().chat.completions.create(model=CHAT, messages=messages, max_tokens=40, temperature=0)
+        stats = server.stats(CHAT)
+    finally:
+        assert server.stop() == 0, server.log_text()
+    assert reply.choices[0].message.content == pyxf.generate(model, messages=messages, max_new_tokens=40)
+    assert stats["draft_tokens_proposed_total"] > 0 and stats["draft_tokens_accepted_total"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-lookup", "--draft-model", "x"], "a draft model or by prompt lookup, not both"),
+    (["--num-draft-tokens", "4"], "num_draft_tokens: only with a draft model or prompt lookup"),
+    (["--prompt-lookup", "--num-draft-tokens", "0"], r"num_draft_tokens must be in \[1, 32\]"),
+])
+def test_drafting_flags_that_cannot_work_are_startup_errors(tmp_path, flags, message):
+    with pytest.raises(RuntimeError, match=message):
+        Server([f"{CHAT}={hub.default_model_path()}", *flags], log_path=tmp_path / "server.log")

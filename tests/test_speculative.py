@@ -50,6 +50,25 @@ def test_greedy_with_drafts_matches_transformers(pair):
     assert stats["draft_tokens_accepted_total"] > 0  # the rollback path and the confirm path both ran
 
 
+def test_engine_defaults_and_a_request_that_opts_out(pair):
+    """Engine(speculative="prompt_lookup", num_draft_tokens=k) drafts for every request that does
+    not say otherwise (as `pyxf serve --prompt-lookup` does); speculative=False opts one out."""
+    import pyxf
+
+    hf, px = pair
+    prompt = repetitive_prompt(px.vocab_size, 7)
+    want = helpers.strip_eos(helpers.hf_greedy(hf, prompt, 40), px.eos_token_ids)
+    with pyxf.Engine(px, speculative="prompt_lookup", num_draft_tokens=6) as engine:
+        plain = engine.submit(prompt, max_new_tokens=40, speculative=False).result(timeout=120)
+        after_plain = engine.stats()["draft_tokens_proposed_total"]
+        drafted = engine.submit(prompt, max_new_tokens=40).result(timeout=120)
+        after_drafted = engine.stats()["draft_tokens_proposed_total"]
+    assert plain.token_ids == want and drafted.token_ids == want
+    assert after_plain == 0 < after_drafted
+    with pytest.raises(ValueError, match="speculative must be"):
+        pyxf.Engine(px, speculative="draft")
+
+
 def test_generate_with_speculation_equals_plain_greedy_on_smollm2():
     """An input-grounded prompt (rewrite a text): the case prompt lookup is for."""
     import pyxf

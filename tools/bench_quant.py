@@ -270,9 +270,19 @@ def ct2_bytes_per_token(model_dir):
 # quality
 
 
-def quality_text_ids(tokenizer):
-    """The 1,025 tokens of English prose tests/test_quant_quality.py measures quality on."""
+QUALITY_WINDOW = 1024  # tokens per evaluated window, each from a fresh context
+QUALITY_REFERENCE_WINDOWS = 8  # windows of the Python language reference after the prose passage
+
+
+def quality_windows(tokenizer):
+    """Token id windows the quality is measured on: the 1,025 tokens of English prose of
+    tests/test_quant_quality.py, then QUALITY_REFERENCE_WINDOWS windows of 1,024 tokens of the Python
+    language reference that ships with Python (pydoc_data.topics, topics in name order): ~9,200
+    tokens in all, so that differences of half a percent in perplexity stand above the noise of one
+    short text."""
     import importlib.util
+
+    import pydoc_data.topics
 
     spec = importlib.util.spec_from_file_location("quality_text", REPO / "tests" / "test_quant_quality.py")
     module = importlib.util.module_from_spec(spec)
@@ -281,67 +291,122 @@ def quality_text_ids(tokenizer):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(REPO / "tests"))
-    return tokenizer.encode(module.TEXT)[: module.N_TOKENS]
+    windows = [tokenizer.encode(module.TEXT)[: module.N_TOKENS]]
+    reference = tokenizer.encode("\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)))
+    for w in range(QUALITY_REFERENCE_WINDOWS):
+        window = reference[w * QUALITY_WINDOW : (w + 1) * QUALITY_WINDOW]
+        if len(window) == QUALITY_WINDOW:
+            windows.append(window)
+    return windows
 
 
-def _pyxf_logits(model_dir, ids, chunk=256):
+def _pyxf_runner(model_dir, chunk=256):
+    """Logits [n, V] of a window of ids, each window from a fresh session."""
     import numpy as np
 
     import pyxf
 
-    session = pyxf.load(model_dir).session(len(ids))
-    return np.concatenate([session.feed(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
+    model = pyxf.load(model_dir)
+
+    def run(ids):
+        session = model.session(len(ids))
+        return np.concatenate([session.feed(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
+
+    return run
 
 
-def _llama_logits(path, ids, threads):
+def _llama_runner(path, threads):
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=512, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=QUALITY_WINDOW + 8, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    def run(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    return run
 
 
-def _scores(logits, ids):
-    """(top-1 predictions, perplexity of ids[1:]) of logits [n, V] over ids [n]."""
+def _log_probs(logits):
+    """log_softmax of the logits that predict a next token (all rows but the last), float64."""
     import numpy as np
 
-    logits = logits[:-1].astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    nll = -log_probs[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-    return logits.argmax(axis=1), float(np.exp(nll.mean()))
+    x = logits[:-1].astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _evaluate(run, windows, top1_of=None, kl_of=None):
+    """Over the windows: {"nll": summed negative log-likelihood, "n": predicted positions, "top1":
+    the argmax per position, "agree": positions whose argmax is top1_of's, "kl": summed KL(kl_of
+    || this) per position}; kl_of: per window, the reference's log-probabilities (float32)."""
+    import numpy as np
+
+    out = {"nll": 0.0, "n": 0, "top1": [], "agree": 0, "kl": 0.0, "log_probs": []}
+    for w, ids in enumerate(windows):
+        lp = _log_probs(run(ids))
+        out["nll"] -= float(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum())
+        out["n"] += len(ids) - 1
+        top1 = lp.argmax(axis=1)
+        out["top1"].append(top1)
+        if top1_of is not None:
+            out["agree"] += int((top1 == top1_of["top1"][w]).sum())
+        if kl_of is not None:
+            ref = kl_of[w].astype(np.float64)
+            out["kl"] += float((np.exp(ref) * (ref - lp)).sum())
+        out["log_probs"].append(lp.astype(np.float32))
+    return out
 
 
 def quality(files, threads):
-    """Perplexity of the quality text and top-1 agreement with the F32 model, for pyxf and llama.cpp on
-    each GGUF file of QUALITY_FORMATS (pyxf: the file converted, its blocks kept). Returns
-    {"positions": n, "reference": {engine: F32 perplexity}, "rows": [{"format", "types", engine: {...}}]}."""
+    """Perplexity of the quality windows, top-1 agreement with the engine's own F32 run, and the
+    mean KL divergence from the engine's run of the same file dequantized to F32 (the error the
+    engine's quantized arithmetic adds to the file's rounded weights; llama.cpp's own measure of a
+    quantization), for pyxf and llama.cpp on each GGUF file of QUALITY_FORMATS (pyxf: the file
+    converted, its blocks kept). Returns {"positions": n, "tokens": n, "windows": n, "reference":
+    {engine: F32 perplexity}, "rows": [{"format", "types", engine: {...}}]}."""
+    import math
+
     import pyxf
 
     cache = Path(files["pyxf"]["q8_0"]).parent
     f32_dir = _kept_dir(cache, "f32", files["gguf"]["f32"])
-    ids = quality_text_ids(pyxf.load(f32_dir).tokenizer)
-    engines = {"pyxf": lambda fmt, path: _pyxf_logits(_kept_dir(cache, fmt, path), ids)}
+    windows = quality_windows(pyxf.load(f32_dir).tokenizer)
+    runners = {"pyxf": lambda fmt, path: _pyxf_runner(_kept_dir(cache, fmt, path))}
     try:
         import llama_cpp  # noqa: F401
 
-        engines["llama.cpp"] = lambda fmt, path: _llama_logits(path, ids, threads)
+        runners["llama.cpp"] = lambda fmt, path: _llama_runner(path, threads)
     except ImportError:
         pass
-    reference = {engine: _scores(run("f32", files["gguf"]["f32"]), ids) for engine, run in engines.items()}
+    reference = {}
+    for engine, runner in runners.items():
+        reference[engine] = _evaluate(runner("f32", files["gguf"]["f32"]), windows)
+        reference[engine].pop("log_probs")
     rows = []
     for fmt in QUALITY_FORMATS:
         if fmt not in files["gguf"]:
             continue
+        dequantized = cache / f"smollm2-{fmt}-dequantized.gguf"
+        if not dequantized.is_file():
+            write_gguf(files["gguf"][fmt], dequantized, "f32")
         row = {"format": fmt, "types": files.get("gguf_types", {}).get(fmt, {})}
-        for engine, run in engines.items():
-            top1, ppl = _scores(run(fmt, files["gguf"][fmt]), ids)
-            ref_top1, ref_ppl = reference[engine]
-            row[engine] = {"perplexity": ppl, "increase": ppl / ref_ppl - 1, "agreement": float((top1 == ref_top1).mean())}
+        for engine, runner in runners.items():
+            _log(f"quality: {fmt} in {engine}")
+            floats = _evaluate(runner(f"{fmt}-dequantized", dequantized), windows)["log_probs"]
+            r = _evaluate(runner(fmt, files["gguf"][fmt]), windows, top1_of=reference[engine], kl_of=floats)
+            ref = reference[engine]
+            ppl = math.exp(r["nll"] / r["n"])
+            row[engine] = {"perplexity": ppl, "increase": ppl / math.exp(ref["nll"] / ref["n"]) - 1,
+                           "agreement": r["agree"] / r["n"], "kl": r["kl"] / r["n"]}
+            del floats, r
         rows.append(row)
-    return {"positions": len(ids) - 1, "reference": {e: r[1] for e, r in reference.items()}, "rows": rows}
+    n = next(iter(reference.values()))["n"]
+    return {"positions": n, "tokens": sum(len(w) for w in windows), "windows": len(windows),
+            "reference": {e: math.exp(r["nll"] / r["n"]) for e, r in reference.items()}, "rows": rows}
 
 
 def _kept_dir(cache, fmt, path):
@@ -362,19 +427,24 @@ def quality_section(result):
     lines = [
         "## Quality of the quantized files",
         "",
-        f"The same GGUF files in pyxf (converted with no flags: every tensor as stored) and in llama.cpp: perplexity of "
-        f"{result['positions'] + 1:,} tokens of English prose (tests/test_quant_quality.py's text) and top-1 "
-        f"agreement with the engine's own float32 run of the F32 file over {result['positions']:,} positions. "
-        "Float32 perplexity: " + ", ".join(f"{e} {p:.3f}" for e, p in ref.items()) + ".",
+        f"The same GGUF files in pyxf (converted with no flags: every tensor as stored) and in llama.cpp, over "
+        f"{result['tokens']:,} tokens in {result['windows']} windows of up to {QUALITY_WINDOW:,} (each from a fresh "
+        "context): tests/test_quant_quality.py's English prose, then the Python language reference "
+        "(pydoc_data.topics). Perplexity; top-1 agreement with the engine's own float32 run of the F32 file; KL: "
+        "mean KL divergence per position from the engine's own run of the same file dequantized to F32 (what the "
+        "engine's quantized arithmetic adds to the file's rounded weights), over "
+        f"{result['positions']:,} predicted positions. Float32 perplexity: "
+        + ", ".join(f"{e} {p:.3f}" for e, p in ref.items()) + ".",
         "",
-        "| file | tensor types | pyxf perplexity | pyxf top-1 | llama.cpp perplexity | llama.cpp top-1 |",
-        "|---|---|---|---|---|---|",
+        "| file | tensor types | pyxf perplexity | pyxf top-1 | pyxf KL | llama.cpp perplexity | llama.cpp top-1 | llama.cpp KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         cells = []
         for engine in ("pyxf", "llama.cpp"):
             r = row.get(engine)
-            cells += ([f"{r['perplexity']:.3f} ({r['increase']:+.2%})", f"{r['agreement']:.1%}"] if r else ["—", "—"])
+            cells += ([f"{r['perplexity']:.3f} ({r['increase']:+.2%})", f"{r['agreement']:.1%}", f"{r['kl']:.5f}"]
+                      if r else ["—", "—", "—"])
         types = ", ".join(f"{n} {k}" for k, n in sorted(row["types"].items()) if k != "F32")
         lines.append(f"| {row['format'].upper()} | {types} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -34,9 +34,10 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 16
 class Replica:
     """One replica: the models (loaded from `models` on the replica's node) and their engines."""
 
-    def __init__(self, models, engine, threads, app_options):
+    def __init__(self, models, engine, threads, app_options, draft_model=None):
         sleep_idle_threads()  # before pyxf's core loads (see pyxf.server.serve.sleep_idle_threads)
-        self.registry = ModelRegistry.load(model_specs(models), engine_options=engine, threads=threads)
+        self.registry = ModelRegistry.load(model_specs(models), engine_options=engine, threads=threads,
+                                           draft_model=draft_model)
         self.app_options = app_options
 
     def __serve_build_asgi_app__(self):
@@ -46,7 +47,7 @@ class Replica:
 def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREADS, api_key=None, max_batch=None,
               kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True,
               max_body_bytes=DEFAULT_MAX_BODY_BYTES, shutdown_timeout=30.0, max_ongoing_requests=None,
-              ray_actor_options=None):
+              ray_actor_options=None, draft_model=None, prompt_lookup=False, num_draft_tokens=None):
     """The Serve application of `models` (["NAME=DIR" or "DIR", ...], read on each replica's node;
     none: the default chat and embedding models), for serve.run() or a `serve run` / `serve deploy`
     import path.
@@ -55,11 +56,13 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
     of Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests (default 16),
     upscale_delay_s, ...). threads: pyxf threads per replica, which also reserve as many CPUs.
     max_ongoing_requests: requests Serve sends a replica at once (default: the engine's max_batch;
-    more wait in Serve's queue). The other options are `pyxf serve`'s."""
+    more wait in Serve's queue). draft_model: a directory read on each replica's node, as the
+    models are. The other options are `pyxf serve`'s."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     engine = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
-                            max_queue=max_queue, prefix_cache=prefix_cache)
+                            max_queue=max_queue, prefix_cache=prefix_cache, draft_model=draft_model,
+                            prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
     app_options = dict(api_key=resolve_api_key(api_key), max_body_bytes=max_body_bytes,
                        shutdown_timeout=shutdown_timeout)
     deployment = serve.deployment(Replica).options(
@@ -70,7 +73,7 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
         # Requests in flight get as long to finish when a replica is stopped as `pyxf serve` gives them.
         graceful_shutdown_timeout_s=shutdown_timeout,
     )
-    return deployment.bind(list(models), engine, threads, app_options)
+    return deployment.bind(list(models), engine, threads, app_options, draft_model)
 
 
 def _scaling(replicas, autoscaling):
@@ -94,7 +97,8 @@ def build_app(args):
     models = args.pop("models", ())
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
-    for name in ("replicas", "threads", "max_batch", "prefill_chunk", "max_queue", "max_ongoing_requests"):
+    for name in ("replicas", "threads", "max_batch", "prefill_chunk", "max_queue", "max_ongoing_requests",
+                 "num_draft_tokens"):
         if isinstance(args.get(name), str):
             args[name] = int(args[name])
     if isinstance(args.get("kv_cache_mb"), str):

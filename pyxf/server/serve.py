@@ -16,12 +16,14 @@ from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, pars
 
 def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
           prefill_chunk=None, max_queue=None, prefix_cache=True, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-          shutdown_timeout=30.0, log_level="info", draft_model=None):
+          shutdown_timeout=30.0, log_level="info", draft_model=None, prompt_lookup=False, num_draft_tokens=None):
     """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
-    Engine options left None take pyxf.Engine's defaults. draft_model (a directory): every decoder's
-    engine drafts with it (speculative decoding). Returns 0 after a graceful shutdown."""
+    Engine options left None take pyxf.Engine's defaults. Speculative decoding for every request:
+    draft_model (a directory: its decoder drafts) or prompt_lookup (drafts copied from earlier in
+    the sequence), num_draft_tokens a step. Returns 0 after a graceful shutdown."""
     options = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
-                             max_queue=max_queue, prefix_cache=prefix_cache)
+                             max_queue=max_queue, prefix_cache=prefix_cache, draft_model=draft_model,
+                             prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
     api_key = resolve_api_key(api_key)
     sleep_idle_threads()
     registry = ModelRegistry.load(model_specs(models), engine_options=options, threads=threads, draft_model=draft_model)
@@ -43,9 +45,17 @@ def model_specs(models):
     return [parse_model_spec(m) for m in models] if models else default_model_specs()
 
 
-def engine_options(*, max_batch=None, kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True):
-    """pyxf.Engine keyword arguments; those left None keep the engine's defaults."""
-    options = dict(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue)
+def engine_options(*, max_batch=None, kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True,
+                   draft_model=None, prompt_lookup=False, num_draft_tokens=None):
+    """pyxf.Engine keyword arguments; those left None keep the engine's defaults. The draft model
+    itself is loaded by the registry (ModelRegistry.load's draft_model); here it only excludes
+    prompt_lookup."""
+    if draft_model is not None and prompt_lookup:
+        raise ValueError("speculative decoding drafts with a draft model or by prompt lookup, not both")
+    if num_draft_tokens is not None and draft_model is None and not prompt_lookup:
+        raise ValueError("num_draft_tokens: only with a draft model or prompt lookup")
+    options = dict(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                   speculative="prompt_lookup" if prompt_lookup else None, num_draft_tokens=num_draft_tokens)
     return {**{name: value for name, value in options.items() if value is not None}, "prefix_cache": prefix_cache}
 
 
@@ -65,8 +75,12 @@ def sleep_idle_threads():
 def announce_models(registry):
     for served in registry:
         use = "embeddings" if served.kind == EMBED else "chat, completions"
-        draft = getattr(served.engine, "draft_model", None)
-        drafting = f", drafting with {draft.path}" if draft is not None else ""
+        engine = served.engine
+        drafting = ""
+        if engine is not None and engine.speculative == "prompt_lookup":
+            drafting = f", drafting {engine.num_draft_tokens} tokens by prompt lookup"
+        elif engine is not None and engine.draft_model is not None:
+            drafting = f", drafting {engine.num_draft_tokens} tokens with {engine.draft_model.path}"
         print(f"pyxf: serving {served.name} ({use}{drafting}) from {served.model.path}", file=sys.stderr)
 
 
