@@ -38,7 +38,8 @@ Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8
 Q4_K_M (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 /
 Q4_K_M GGUF files of the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
 ct2-int8). The files are made once and cached. The report adds the memory-bandwidth roofline: the
-read bandwidth of --threads threads (numpy sums over a 1 GiB array) divided by the weight bytes one
+read bandwidth of --threads threads (numpy sums over a 1 GiB array; the median of probes taken
+before each engine, as the machine's bandwidth moves during a run) divided by the weight bytes one
 decode step reads gives each engine's ceiling in tokens/s, and its measured decode speed is reported
 as a fraction of that ceiling.
 """
@@ -690,10 +691,12 @@ def main(argv=None):
 
         base["quant"] = bench_quant.prepare(base["gguf"], hub.cache_dir() / "bench" / "quant", args.threads,
                                             want_ct2=any(e.startswith("ct2-") for e in quant_engines))
-    if any(w in DECODER_WORKLOADS for w in args.workloads):
+    # The machine's read bandwidth moves during a run (other tenants of the host): probed before each
+    # engine, and the roofline divides by the median of the probes.
+    bandwidth = [] if any(w in DECODER_WORKLOADS for w in args.workloads) else None
+    if bandwidth is not None:
         print("bench: measuring memory bandwidth", file=sys.stderr, flush=True)
-        base["bandwidth"] = {"threads": args.threads, "bytes_per_s": bench_quant.memory_bandwidth(args.threads),
-                             "one_thread_bytes_per_s": bench_quant.memory_bandwidth(1)}
+        base["bandwidth"] = {"threads": args.threads, "one_thread_bytes_per_s": bench_quant.memory_bandwidth(1)}
     records = {}
     with tempfile.TemporaryDirectory(prefix="pyxf-bench-") as workdir:
         base["encode_output_dir"] = workdir
@@ -702,6 +705,8 @@ def main(argv=None):
             timed = [w for w in args.workloads if w != "memory" and w in supported]
             phases = []
             if timed:
+                if bandwidth is not None and any(w in DECODER_WORKLOADS for w in timed):
+                    bandwidth.append(bench_quant.memory_bandwidth(args.threads))
                 print(f"bench: {engine}: {', '.join(timed)}", file=sys.stderr, flush=True)
                 phases.append(run_worker(engine, {**base, "workloads": timed, "phase": "timed"}, workdir))
             if ("memory" in args.workloads and "memory" in supported
@@ -709,6 +714,9 @@ def main(argv=None):
                 print(f"bench: {engine}: memory", file=sys.stderr, flush=True)
                 phases.append(run_worker(engine, {**base, "workloads": ["memory"], "phase": "memory"}, workdir))
             records[engine] = merge(phases)
+        if bandwidth is not None:
+            bandwidth.append(bench_quant.memory_bandwidth(args.threads))
+            base["bandwidth"].update(bytes_per_s=statistics.median(bandwidth), samples=bandwidth)
         if "encode" in args.workloads:
             agreement = encode_agreement(args.engines, workdir)
             for engine, cosine in agreement.items():

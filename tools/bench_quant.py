@@ -28,6 +28,7 @@ the two modules free of import cycles).
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import threading
 import time
@@ -217,7 +218,8 @@ def _prepare_ct2(gguf_path, cache):
 
 def memory_bandwidth(threads, size_bytes=1 << 30, repeat=5):
     """Read bandwidth in bytes/s: `threads` threads each summing its share of a `size_bytes` float32
-    array with numpy (which releases the GIL); the best of `repeat` passes after a warm-up."""
+    array with numpy (which releases the GIL); the median of `repeat` passes after a warm-up (a
+    median, as the engines' speeds are)."""
     import numpy as np
 
     data = np.ones(size_bytes // 4, dtype=np.float32)
@@ -233,8 +235,7 @@ def memory_bandwidth(threads, size_bytes=1 << 30, repeat=5):
         return time.perf_counter() - start
 
     one_pass()
-    best = min(one_pass() for _ in range(repeat))
-    return data.nbytes / best
+    return data.nbytes / statistics.median(one_pass() for _ in range(repeat))
 
 
 def pyxf_bytes_per_token(model_dir):
@@ -603,8 +604,10 @@ def report_section(engines, records, spec, labels, common_prefix):
     lines = [
         "## Quantized decoding and the memory-bandwidth roofline",
         "",
-        (f"Read bandwidth measured here: {_gb(bandwidth)} with {spec['bandwidth']['threads']} threads "
-         f"({_gb(spec['bandwidth']['one_thread_bytes_per_s'])} with one). A decode step reads every weight once, "
+        (f"Read bandwidth measured here: {_gb(bandwidth)} with {spec['bandwidth']['threads']} threads, the median of "
+         f"{len(spec['bandwidth']['samples'])} probes spread over the run, one before each engine "
+         f"({_gb(min(spec['bandwidth']['samples']))} - {_gb(max(spec['bandwidth']['samples']))}; "
+         f"{_gb(spec['bandwidth']['one_thread_bytes_per_s'])} with one thread). A decode step reads every weight once, "
          "so an engine cannot decode faster than bandwidth / (weight bytes per token): the *ceiling* column. "
          "*of ceiling* is the measured batch-1 decode speed as a fraction of it (the KV cache, small at these "
          "lengths, is left out of the bytes)." if bandwidth else "Memory bandwidth was not measured."),
