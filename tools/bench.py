@@ -511,6 +511,8 @@ def write_plot(path, engines, records, spec):
         return False
     engines = [e for e in engines if e not in bench_quant.QUANT_ENGINE_NAMES]
     rows = [row for row in ROWS if row[0] in spec["workloads"]]
+    if not rows:  # nothing timed (quality alone)
+        return False
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (workload, label, get, _, higher) in zip(axes[0], rows):
@@ -739,7 +741,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "spec": {k: v for k, v in base.items()},
                                                "records": records, "started": started.isoformat(),
-                                               "loadavg": loads}, indent=1))
+                                               "loadavg": loads, "quality": quality}, indent=1))
     if args.output:
         output = Path(args.output)
         plot = output.with_name(f"{output.stem}-{slug(machine['cpu_title'])}.png")
