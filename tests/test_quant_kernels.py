@@ -42,6 +42,16 @@ def quantized_activations(x):
     return (np.rint(blocks * inv) * (amax / np.float32(127))).reshape(m, k)
 
 
+def quantized_weight(w, fmt):
+    """(stored weight, int8 row scales or None, its dequantized values) of float w in fmt."""
+    if fmt == "int8":
+        scales = (np.abs(w).max(1) / 127).astype(np.float32)
+        wq = np.rint(w / scales[:, None]).astype(np.int8)
+        return wq, scales, wq * scales[:, None]
+    wq = gguf.quants.quantize(w, QTYPES[fmt])
+    return wq, None, gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(w.shape)
+
+
 @pytest.mark.parametrize("fmt", sorted(QTYPES))
 @pytest.mark.parametrize("m,k,n", [(1, 64, 5), (3, 576, 100), (17, 96, 33), (40, 1536, 7)])
 def test_block_formats_match_reference(isa, fmt, m, k, n):
@@ -67,15 +77,8 @@ def test_decode_batches_match_reference(isa, fmt, m, k, n):
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    if fmt == "int8":
-        scale = (np.abs(w).max(1) / 127).astype(np.float32)
-        wq = np.rint(w / scale[:, None]).astype(np.int8)
-        w_deq = wq * scale[:, None]
-        y = _core.ops.linear_quant(x, wq, "int8", scale, bias=bias)
-    else:
-        wq = gguf.quants.quantize(w, QTYPES[fmt])
-        w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
-        y = _core.ops.linear_quant(x, wq, fmt, bias=bias)
+    wq, scales, w_deq = quantized_weight(w, fmt)
+    y = _core.ops.linear_quant(x, wq, fmt, scales, bias=bias)
     ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
@@ -106,13 +109,7 @@ def test_gated_ffn_up_matches_reference(isa, fmt, m, inter):
     k = 160
     w = rng.standard_normal((2 * inter, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    if fmt == "int8":
-        scale = (np.abs(w).max(1) / 127).astype(np.float32)
-        wq = np.rint(w / scale[:, None]).astype(np.int8)
-        w_deq, scales = wq * scale[:, None], scale
-    else:
-        wq = gguf.quants.quantize(w, QTYPES[fmt])
-        w_deq, scales = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(2 * inter, k), None
+    wq, scales, w_deq = quantized_weight(w, fmt)
     gu = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64)
     ref = silu(gu[:, :inter]) * gu[:, inter:]
     y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu")
@@ -206,13 +203,7 @@ def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    if fmt == "int8":
-        scales = (np.abs(w).max(1) / 127).astype(np.float32)
-        wq = np.rint(w / scales[:, None]).astype(np.int8)
-        w_deq = wq * scales[:, None]
-    else:
-        wq, scales = gguf.quants.quantize(w, QTYPES[fmt]), None
-        w_deq = gguf.quants.dequantize(wq, QTYPES[fmt]).reshape(n, k)
+    wq, scales, w_deq = quantized_weight(w, fmt)
     ref = quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64) + bias
     packed = _core.ops.linear_quant(x, wq, fmt, scales, bias=bias, panels=True)
     np.testing.assert_array_equal(packed, _core.ops.linear_quant(x, wq, fmt, scales, bias=bias))
