@@ -353,6 +353,20 @@ struct Plan {
 // Few items (decode: one query block per kv head and sequence) leave threads idle, so each item's
 // keys are split into runs of whole blocks until there are about kItemsPerThread items per thread.
 constexpr int kItemsPerThread = 4;
+// Multiply-adds (queries x keys x head_dim, scores and values) below which a call runs on the
+// calling thread alone: a decode step's attention at short context (SmolLM2: ~900 keys) takes a
+// few microseconds, less than starting the thread team and its barriers costs.
+constexpr long kSerialWork = 1L << 19;
+
+// The multiply-adds of a call (queries x visible keys x head_dim, for scores and values).
+long attention_work(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
+  long work = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    const long keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
+    work += 2L * seqs[s].n_new * sh.n_heads * keys * sh.head_dim;
+  }
+  return work;
+}
 
 Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, int q_block, int threads) {
   std::vector<WorkItem> whole;
@@ -397,7 +411,8 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int D = sh.head_dim, dp = padded(D);
   const long block_floats = (long)D * kBlockKeys;
   const int max_rows = group * q_block;
-  const Plan plan = plan_items(seqs, n_seqs, sh, q_block, omp_get_max_threads());
+  const int threads = attention_work(seqs, n_seqs, sh) < kSerialWork ? 1 : omp_get_max_threads();
+  const Plan plan = plan_items(seqs, n_seqs, sh, q_block, threads);
   const long n_items = (long)plan.items.size();
 
   // A sequence with several query blocks per kv head whose keys are stored as rows has them
@@ -418,7 +433,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const long slot_floats = (long)max_rows * (dp + 2);
   std::vector<float> partials(plan.n_partials * slot_floats);
 
-#pragma omp parallel if (n_items > 1)
+#pragma omp parallel if (n_items > 1 && threads > 1)
   {
     if (shared_kt) {
 #pragma omp for schedule(static)
