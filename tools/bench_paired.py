@@ -9,7 +9,9 @@ engine of a pair (pyxf-FMT and llama.cpp-FMT, tools/bench_peers.py's engines wit
 prompts) is loaded once in a worker process of its own, and the two take turns: each round times
 batch-1 decode (generate(n) - generate(1), as tools/bench.py) and a 512-token prefill in one engine,
 then in the other (which goes first alternates), so every round gives one ratio measured under the
-same conditions. The report gives the median ratio over the rounds and its range. The idle worker
+same conditions. The read bandwidth is probed (tools/bench_quant.py's probe) before each round, so
+each engine's decode is also a fraction of the ceiling of its own round (bandwidth / bytes of
+weights a step reads). The report gives the median ratio over the rounds and its range. The idle worker
 waits blocked on its input, and each turn starts a second after the other's, when the idle
 engine's threads have stopped spinning, so it takes no CPU from the one being timed.
 """
@@ -97,6 +99,7 @@ def main(argv=None):
     if args.worker:
         return worker(*args.worker)
 
+    import bench_quant
     from bench import machine_info
 
     spec = spec_for(args.threads)
@@ -108,10 +111,15 @@ def main(argv=None):
             pair = [Worker(f"pyxf-{fmt}", spec_path, args.threads), Worker(f"llama.cpp-{fmt}", spec_path, args.threads)]
             ratios = {"decode": [], "prefill": []}
             rates = {"decode": ([], []), "prefill": ([], [])}
+            of_ceiling = ([], [])
+            per_token = bench_quant.gguf_bytes_per_token(spec["quant"]["gguf"][fmt])
             try:
                 for r in range(args.rounds):
                     order = (0, 1) if r % 2 == 0 else (1, 0)
+                    ceiling = bench_quant.memory_bandwidth(args.threads) / per_token
                     got = {i: pair[i].round() for i in order}
+                    for i in (0, 1):
+                        of_ceiling[i].append(got[i]["decode"] / ceiling)
                     for w in ratios:
                         ratios[w].append(got[0][w] / got[1][w])
                         rates[w][0].append(got[0][w])
@@ -125,14 +133,19 @@ def main(argv=None):
             for w in ("decode", "prefill"):
                 cells += [f"{statistics.median(rates[w][0]):,.1f} / {statistics.median(rates[w][1]):,.1f}",
                           f"**{statistics.median(ratios[w]):.2f}x** ({min(ratios[w]):.2f}-{max(ratios[w]):.2f})"]
+                if w == "decode":
+                    cells.append(f"{statistics.median(of_ceiling[0]):.0%} / {statistics.median(of_ceiling[1]):.0%}")
             rows.append(f"| {fmt.upper()} | " + " | ".join(cells) + " |")
     lines = [
         f"`python tools/bench_paired.py --rounds {args.rounds}` on {machine_info()['cpu_title']}, {args.threads} threads: "
         "the same GGUF files converted with no flags (pyxf) and in llama.cpp, the two engines taking turns, one "
-        "ratio per round; tokens/s are medians over the rounds, ratios the median of the rounds' ratios (range).",
+        "ratio per round; tokens/s are medians over the rounds, ratios the median of the rounds' ratios (range); "
+        "of ceiling: decode tokens/s over (read bandwidth probed before the round / weight bytes a step reads), "
+        "median over the rounds.",
         "",
-        "| file | decode tok/s pyxf / llama.cpp | decode ratio | prefill 512 tok/s pyxf / llama.cpp | prefill ratio |",
-        "|---|---|---|---|---|",
+        "| file | decode tok/s pyxf / llama.cpp | decode ratio | decode of ceiling pyxf / llama.cpp | "
+        "prefill 512 tok/s pyxf / llama.cpp | prefill ratio |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
     text = "\n".join(lines)
