@@ -469,7 +469,8 @@ ATTENTION_CASES = [
     (200, 200, 9, 3, 64, True),   # SmolLM2 prefill: keys transposed once for many query blocks
     (50, 150, 9, 3, 64, True),    # a long chunk after a cached past
     (1, 1000, 4, 1, 128, True),
-    (1, 65, 2, 2, 32, True),
+    (1, 1500, 9, 3, 64, True),    # decode with more than 2^19 multiply-adds: keys split across threads
+    (1, 65, 2, 2, 32, True),      # a small decode: on one thread
     (5, 200, 4, 4, 80, True),     # a chunk of new tokens after a cached past
     (64, 130, 2, 1, 128, True),
     (129, 129, 2, 2, 128, False),
@@ -509,6 +510,8 @@ WINDOW_CASES = [
     (130, 130, 3, 3, 40, False, 33, 0.0),   # bidirectional local attention (ModernBERT)
     (70, 70, 8, 2, 64, True, 0, 5.0),       # soft-capping (Gemma 2)
     (1, 400, 8, 4, 80, True, 128, 2.0),     # both, decode
+    (1, 3000, 4, 1, 64, True, 512, 0.0),    # the same, long enough to split its keys across threads
+    (1, 2000, 8, 4, 80, True, 0, 2.0),
 ]
 
 

@@ -351,7 +351,8 @@ struct Plan {
 };
 
 // Few items (decode: one query block per kv head and sequence) leave threads idle, so each item's
-// keys are split into runs of whole blocks until there are about kItemsPerThread items per thread.
+// keys are split into runs of whole blocks until there are about kItemsPerThread items per thread
+// (threads 1: a call on one thread, whose keys are never split).
 constexpr int kItemsPerThread = 4;
 // Multiply-adds (queries x keys x head_dim, scores and values) below which a call runs on the
 // calling thread alone: a decode step's attention at short context (SmolLM2: ~900 keys) takes a
@@ -380,7 +381,7 @@ Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, 
     }
   }
   Plan plan;
-  const long target = (long)kItemsPerThread * threads;
+  const long target = threads > 1 ? (long)kItemsPerThread * threads : 0;
   const int splits = whole.empty() || whole.size() >= (size_t)target ? 1 : (int)((target + whole.size() - 1) / whole.size());
   for (const WorkItem& w : whole) {
     const int blocks = (w.key_end - w.key_begin + kBlockKeys - 1) / kBlockKeys;
