@@ -190,6 +190,13 @@ void max_and_log_sum(const float* x, long n, float* max_out, float* log_sum_out)
   *log_sum_out = logf((float)total);
 }
 
+// The largest of the kGroup values at p (4 vectors): scans that look for rare values (the
+// maximum, a top-k candidate) skip whole groups by it.
+constexpr long kGroup = 4 * kLanes;
+static inline float group_max(const float* p) {
+  return vmaxr(vmax(vmax(vload(p), vload(p + kLanes)), vmax(vload(p + 2 * kLanes), vload(p + 3 * kLanes))));
+}
+
 long argmax(const float* x, long n) {
   if (n <= 0) return -1;
   float mx;
@@ -200,12 +207,10 @@ long argmax(const float* x, long n) {
     mx = vmaxr(vmx);
     for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
   }
-  // The first position that holds it: whole groups of 4 vectors are passed over by their maximum.
-  constexpr long kGroup = 4 * kLanes;
+  // The first position that holds it: whole groups are passed over by their maximum.
   long i = 0;
   for (; i + kGroup <= n; i += kGroup) {
-    const Vf m = vmax(vmax(vload(x + i), vload(x + i + kLanes)), vmax(vload(x + i + 2 * kLanes), vload(x + i + 3 * kLanes)));
-    if (vmaxr(m) == mx) break;
+    if (group_max(x + i) == mx) break;
   }
   for (; i < n; ++i) {
     if (x[i] == mx) return i;
@@ -231,17 +236,12 @@ int top_k(const float* x, long n, float offset, int k, float* scores, int32_t* i
     const float s = x[t] + offset;
     if (count < k || s > scores[k - 1]) insert_best(s, (int32_t)t, k, scores, indices, &count);
   };
-  // Groups of 4 vectors are passed over by their maximum once k candidates are held: after the
-  // first few hundred entries of a long row almost none gets in.
-  constexpr long kGroup = 4 * kLanes;
-  const Vf off = vset1(offset);
+  // Groups are passed over by their maximum once k candidates are held (after the first few
+  // hundred entries of a long row almost none gets in); rounding is monotonic, so the group's
+  // largest sum is its largest value + offset.
   long i = 0;
   for (; i + kGroup <= n; i += kGroup) {
-    if (count == k) {
-      const Vf m = vmax(vmax(vadd(vload(x + i), off), vadd(vload(x + i + kLanes), off)),
-                        vmax(vadd(vload(x + i + 2 * kLanes), off), vadd(vload(x + i + 3 * kLanes), off)));
-      if (!(vmaxr(m) > scores[k - 1])) continue;
-    }
+    if (count == k && !(group_max(x + i) + offset > scores[k - 1])) continue;
     for (long t = i; t < i + kGroup; ++t) consider(t);
   }
   for (; i < n; ++i) consider(i);

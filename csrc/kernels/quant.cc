@@ -854,7 +854,7 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
   const long chunks = (N + kVnniCols - 1) / kVnniCols;
 #pragma omp parallel
   {
-    PanelBuffer buffer(!w.gemm_panels, a.nblocks);
+    PanelBuffer buffer(!has_panel(w, 0), a.nblocks);
 #pragma omp for schedule(dynamic, 1)
     for (long ch = 0; ch < chunks; ++ch) {
       const long n0 = ch * kVnniCols;

@@ -77,7 +77,9 @@ void KVCache::copy_from(const KVCache& src) {
           std::memcpy(values, src_values, page);
           continue;
         }
-        for (int d = 0; d < D; ++d) std::memcpy(keys + (long)d * kPageTokens, src_keys + (long)d * kPageTokens, used * sizeof(float));
+        for (int d = 0; d < D; ++d) {
+          std::memcpy(keys + (long)d * kPageTokens, src_keys + (long)d * kPageTokens, used * sizeof(float));
+        }
         std::memcpy(values, src_values, (size_t)used * D * sizeof(float));
       }
     }

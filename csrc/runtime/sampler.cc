@@ -111,7 +111,7 @@ int Sampler::draw(double total) {
 
 int Sampler::pick(const float* logits, float* probs) {
   if (options_.temperature <= 0.0f) {
-    return (int)(kernels::active().argmax(logits, vocab_size_));
+    return (int)kernels::active().argmax(logits, vocab_size_);
   }
   const double total = distribution(logits);
   const int token = draw(total);
@@ -135,7 +135,7 @@ int Sampler::draft(float* logits, float* probs) {
 int Sampler::verify(float* logits, int draft, const float* draft_probs, bool* accepted) {
   adjust(logits, nullptr, 0);
   if (options_.temperature <= 0.0f) {
-    const int token = (int)(kernels::active().argmax(logits, vocab_size_));
+    const int token = (int)kernels::active().argmax(logits, vocab_size_);
     *accepted = token == draft;
     return token;
   }
