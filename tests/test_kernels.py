@@ -481,6 +481,9 @@ ATTENTION_CASES = [
     (33, 100, 2, 1, 96, True),
     (4, 100, 2, 1, 256, True),
     (3, 10, 128, 1, 8, True),     # more heads per kv head than one work item holds
+    (1, 40, 8, 8, 64, True),      # MHA decode: a work item and a tile take four kv heads
+    (1, 1200, 6, 6, 40, True),    # the same with vector tails, keys split across threads
+    (2, 50, 3, 3, 17, True),      # two rows per kv head: items of two kv heads, then one
     (2, 9, 64, 1, 16, False),
 ]
 
@@ -562,6 +565,23 @@ def test_attention_decode_equals_prefill_rows(isa):
     for i in (0, 1, 31, 63, 64, 65, 69):
         one = ops.attention(q[i : i + 1], k[: i + 1], v[: i + 1], heads, kv_heads, causal=True, scale=0.125)
         assert_close(one, full[i : i + 1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["rows", "paged"])
+def test_attention_head_alone_is_bitwise_the_same(isa, paged):
+    """A query head's output does not depend on the heads computed beside it (a decode step of a
+    multi-head model puts four kv heads in one register tile, a head alone gets a tile of its own):
+    batching and speculative verification rely on a row's result being the same bits."""
+    rng = rng_for("attention-alone", paged)
+    heads, d = 6, 64
+    for t, tk in ((1, 37), (2, 90)):
+        q, k, v = randn(rng, t, heads * d, scale=2.0), randn(rng, tk, heads * d), randn(rng, tk, heads * d)
+        together = ops.attention(q, k, v, heads, heads, causal=True, scale=0.125, paged=paged)
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            alone = ops.attention(np.ascontiguousarray(q[:, cols]), np.ascontiguousarray(k[:, cols]),
+                                  np.ascontiguousarray(v[:, cols]), 1, 1, causal=True, scale=0.125, paged=paged)
+            np.testing.assert_array_equal(together[:, cols], alone)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 // Tiled attention with an online softmax (flash-attention style): keys and values are read in
 // blocks, scores never exist for a whole row. One work item is (sequence, kv head, query block, key
 // range): the query heads that share a kv head are processed together, so K/V are never repeated
-// (GQA/MQA); when there are too few items to occupy every thread (decode), long key ranges are
-// split across items and their partial softmaxes merged (flash-decoding). Scores are computed
+// (GQA/MQA); where that leaves fewer query rows than a register tile holds (a decode step of a
+// model with one query head per kv head), an item takes several kv heads, and a tile's rows read
+// their own heads' keys. When there are too few items to occupy every thread (decode), long key
+// ranges are split across items and their partial softmaxes merged (flash-decoding). Scores are computed
 // against key blocks transposed to [head_dim][kBlockKeys], so each query element multiplies a
 // vector of keys; a paged KV cache stores keys that way, other keys are transposed here.
 #include <stdlib.h>
@@ -22,6 +24,8 @@ namespace {
 constexpr int kBlockKeys = 64;     // keys per block: scores of one row fit in registers
 constexpr int kMaxRows = 64;       // query rows (heads x tokens) per work item
 constexpr int kScoreVecs = kBlockKeys / kLanes;
+constexpr int kTileRows = 4;       // query rows per register tile: 4 x 4 vectors = 16 accumulators
+constexpr int kMaxKvHeads = kTileRows;  // kv heads per work item
 static_assert(kBlockKeys == kKVPageTokens, "a block of keys is one page of a paged KV cache");
 
 // The first key of the block starting at key j0 (a multiple of kBlockKeys) of kv head g; the block's
@@ -46,12 +50,14 @@ KeyRange visible_keys(const AttentionSeq& s, const AttentionShape& sh, int qpos)
   return r;
 }
 
-// Query rows (the query heads of one kv head, for a block of tokens) against a range of keys. An
-// item with a partial slot leaves its unnormalized output and softmax statistics there for a merge
-// (a long key range split across items: flash-decoding); one without writes the output.
+// Query rows (the query heads of kv heads kv_head .. kv_head + kv_count - 1, for a block of tokens)
+// against a range of keys. An item with a partial slot leaves its unnormalized output and softmax
+// statistics there for a merge (a long key range split across items: flash-decoding); one without
+// writes the output.
 struct WorkItem {
   int seq;
   int kv_head;
+  int kv_count;
   int q_begin;
   int q_count;
   int key_begin;  // a multiple of kBlockKeys
@@ -62,7 +68,11 @@ struct WorkItem {
 struct Scratch {
   float* q;        // [kMaxRows][dp], pre-scaled, zero padded
   float* o;        // [kMaxRows][dp]
-  float* kt;       // [head_dim][kBlockKeys], the key block transposed
+  float* kt_block;  // [head_dim][kBlockKeys], a key block transposed here
+  const float* kt_of[kMaxKvHeads];  // the current block's transposed keys of each kv head of the item
+  const float* v_of[kMaxKvHeads];   // and its values
+  const float** kt;                 // [kMaxRows], of each row
+  const float** v;                  // [kMaxRows]
   float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
   float* row_max;  // [kMaxRows]
   float* row_sum;  // [kMaxRows]
@@ -73,20 +83,27 @@ struct Scratch {
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-constexpr int kTileRows = 4;  // query rows per register tile: 4 x 4 vectors = 16 accumulators
+// A tile's rows read one block of keys or values (kShared: rows[0], loaded once for all rows: the
+// query heads of one kv head) or each its own (rows[r]: rows of different kv heads). Either way a
+// row's sums run over d (keys) or j (values) in the same order with one accumulator per vector, so
+// a row's result does not depend on which tile it is in.
 
 // s[R][0 .. NV vectors) = q[R][D] . kt[D][...] for R query rows: the block's first NV vectors
 // of keys (a causal tile on the diagonal sees only some of them).
-template <int R, int NV>
-void scores_tile(const float* q, int dp, int D, const float* kt, float* s) {
+template <int R, int NV, bool kShared>
+void scores_tile(const float* q, int dp, int D, const float* const* kt, float* s) {
   Vf acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
   for (int d = 0; d < D; ++d) {
-    const float* ktd = kt + (long)d * kBlockKeys;
     Vf k[NV];
-    for (int c = 0; c < NV; ++c) k[c] = vload(ktd + c * kLanes);
+    if constexpr (kShared) {
+      for (int c = 0; c < NV; ++c) k[c] = vload(kt[0] + (long)d * kBlockKeys + c * kLanes);
+    }
     for (int r = 0; r < R; ++r) {
+      if constexpr (!kShared) {
+        for (int c = 0; c < NV; ++c) k[c] = vload(kt[r] + (long)d * kBlockKeys + c * kLanes);
+      }
       const Vf x = vset1(q[(long)r * dp + d]);
       for (int c = 0; c < NV; ++c) acc[r][c] = vfma(x, k[c], acc[r][c]);
     }
@@ -96,22 +113,27 @@ void scores_tile(const float* q, int dp, int D, const float* kt, float* s) {
 }
 
 // o[r][d0 .. d0 + NV lanes) = corr[r] o[r] + sum_j p[r][j] v[j] over j < n_keys, for R rows;
-// `tail` lanes of the last vector are real (v rows end at head_dim). kPartial is a template
-// parameter: a branch inside the key loop makes the compiler keep the accumulators on the stack.
-template <int R, int NV, bool kPartial>
-void pv_tile(const float* p, const float* corr, const float* v, long v_stride, int n_keys, int tail,
-             float* o, int dp) {
+// `tail` lanes of the last vector are real (v rows end at head_dim). v[r] points at column d0 of
+// the first value row. kPartial is a template parameter: a branch inside the key loop makes the
+// compiler keep the accumulators on the stack.
+template <int R, int NV, bool kPartial, bool kShared>
+void pv_tile(const float* p, const float* corr, const float* const* v, long d0, long v_stride, int n_keys,
+             int tail, float* o, int dp) {
   Vf acc[R][NV];
   for (int r = 0; r < R; ++r) {
     const Vf c = vset1(corr[r]);
     for (int i = 0; i < NV; ++i) acc[r][i] = vmul(vload(o + (long)r * dp + i * kLanes), c);
   }
-  for (int j = 0; j < n_keys; ++j) {
-    const float* vj = v + j * v_stride;
-    Vf x[NV];
+  const auto load_row = [&](const float* vj, Vf x[NV]) {
     for (int i = 0; i < NV - 1; ++i) x[i] = vload(vj + i * kLanes);
     x[NV - 1] = kPartial ? vload_n(vj + (NV - 1) * kLanes, tail) : vload(vj + (NV - 1) * kLanes);
+  };
+  for (int j = 0; j < n_keys; ++j) {
+    const long at = d0 + j * v_stride;
+    Vf x[NV];
+    if constexpr (kShared) load_row(v[0] + at, x);
     for (int r = 0; r < R; ++r) {
+      if constexpr (!kShared) load_row(v[r] + at, x);
       const Vf pr = vset1(p[(long)r * kBlockKeys + j]);
       for (int i = 0; i < NV; ++i) acc[r][i] = vfma(pr, x[i], acc[r][i]);
     }
@@ -120,30 +142,29 @@ void pv_tile(const float* p, const float* corr, const float* v, long v_stride, i
     for (int i = 0; i < NV; ++i) vstore(o + (long)r * dp + i * kLanes, acc[r][i]);
 }
 
-template <int R, bool kPartial>
-void pv_chunk(int nv, const float* p, const float* corr, const float* v, long v_stride, int n_keys, int tail,
-              float* o, int dp) {
+template <int R, bool kPartial, bool kShared>
+void pv_chunk(int nv, const float* p, const float* corr, const float* const* v, long d0, long v_stride, int n_keys,
+              int tail, float* o, int dp) {
   switch (nv) {
-    case 4: pv_tile<R, 4, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
-    case 3: pv_tile<R, 3, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
-    case 2: pv_tile<R, 2, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
-    default: pv_tile<R, 1, kPartial>(p, corr, v, v_stride, n_keys, tail, o, dp); break;
+    case 4: pv_tile<R, 4, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    case 3: pv_tile<R, 3, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    case 2: pv_tile<R, 2, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    default: pv_tile<R, 1, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
   }
 }
 
-template <int R>
-void pv_rows(const float* p, const float* corr, const float* v, long v_stride, int n_keys, int D,
+template <int R, bool kShared>
+void pv_rows(const float* p, const float* corr, const float* const* v, long v_stride, int n_keys, int D,
              float* o, int dp) {
   // Head dimensions in chunks of up to 4 vectors.
   for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
     const int nv = imin(4, (D - d0 + kLanes - 1) / kLanes);
     const int tail = imin(kLanes, D - d0 - (nv - 1) * kLanes);
-    const float* vd = v + d0;
     float* od = o + d0;
     if (tail == kLanes) {
-      pv_chunk<R, false>(nv, p, corr, vd, v_stride, n_keys, tail, od, dp);
+      pv_chunk<R, false, kShared>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
     } else {
-      pv_chunk<R, true>(nv, p, corr, vd, v_stride, n_keys, tail, od, dp);
+      pv_chunk<R, true, kShared>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
     }
   }
 }
@@ -196,27 +217,32 @@ void add_position_bias(float* score, int n, int rel0, const float* bias, int R) 
   for (; j < n; ++j) score[j] += bias[2 * R];
 }
 
-using PvRows = void (*)(const float*, const float*, const float*, long, int, int, float*, int);
+using PvRows = void (*)(const float*, const float*, const float* const*, long, int, int, float*, int);
 constexpr int capped(int nv) { return nv < kScoreVecs ? nv : kScoreVecs; }
 
 // scores_tile for R rows and the block's first nv (1 .. kScoreVecs) key vectors.
-template <int R>
-void scores_rows(int nv, const float* q, int dp, int D, const float* kt, float* s) {
+template <int R, bool kShared>
+void scores_rows(int nv, const float* q, int dp, int D, const float* const* kt, float* s) {
   switch (nv) {
-    case 1: scores_tile<R, capped(1)>(q, dp, D, kt, s); break;
-    case 2: scores_tile<R, capped(2)>(q, dp, D, kt, s); break;
-    case 3: scores_tile<R, capped(3)>(q, dp, D, kt, s); break;
-    case 4: scores_tile<R, capped(4)>(q, dp, D, kt, s); break;
-    case 5: scores_tile<R, capped(5)>(q, dp, D, kt, s); break;
-    case 6: scores_tile<R, capped(6)>(q, dp, D, kt, s); break;
-    case 7: scores_tile<R, capped(7)>(q, dp, D, kt, s); break;
-    default: scores_tile<R, capped(8)>(q, dp, D, kt, s); break;
+    case 1: scores_tile<R, capped(1), kShared>(q, dp, D, kt, s); break;
+    case 2: scores_tile<R, capped(2), kShared>(q, dp, D, kt, s); break;
+    case 3: scores_tile<R, capped(3), kShared>(q, dp, D, kt, s); break;
+    case 4: scores_tile<R, capped(4), kShared>(q, dp, D, kt, s); break;
+    case 5: scores_tile<R, capped(5), kShared>(q, dp, D, kt, s); break;
+    case 6: scores_tile<R, capped(6), kShared>(q, dp, D, kt, s); break;
+    case 7: scores_tile<R, capped(7), kShared>(q, dp, D, kt, s); break;
+    default: scores_tile<R, capped(8), kShared>(q, dp, D, kt, s); break;
   }
 }
 static_assert(kScoreVecs <= 8, "scores_rows covers up to 8 key vectors");
-using ScoresRows = void (*)(int, const float*, int, int, const float*, float*);
-constexpr ScoresRows kScoresRows[] = {nullptr, scores_rows<1>, scores_rows<2>, scores_rows<3>, scores_rows<4>};
-constexpr PvRows kPvRows[] = {nullptr, pv_rows<1>, pv_rows<2>, pv_rows<3>, pv_rows<4>};
+using ScoresRows = void (*)(int, const float*, int, int, const float* const*, float*);
+// [shared][rows]
+constexpr ScoresRows kScoresRows[2][kTileRows + 1] = {
+    {nullptr, scores_rows<1, false>, scores_rows<2, false>, scores_rows<3, false>, scores_rows<4, false>},
+    {nullptr, scores_rows<1, true>, scores_rows<2, true>, scores_rows<3, true>, scores_rows<4, true>}};
+constexpr PvRows kPvRows[2][kTileRows + 1] = {
+    {nullptr, pv_rows<1, false>, pv_rows<2, false>, pv_rows<3, false>, pv_rows<4, false>},
+    {nullptr, pv_rows<1, true>, pv_rows<2, true>, pv_rows<3, true>, pv_rows<4, true>}};
 
 // kt[d][j] = k[j][d] for the bk keys of one block (rows kv_pos_stride apart), zero past bk: whole
 // vectors of keys by gathers, the rest one by one.
@@ -230,14 +256,29 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
-// The block of transposed keys [D][kBlockKeys] starting at key j0: straight from a cache that
-// stores keys transposed, from the sequence's shared transposes, or transposed here into sc.kt.
-const float* transposed_keys(const WorkItem& item, const AttentionSeq& s, int D, const float* shared_kt, int j0,
-                             int bk, Scratch& sc) {
-  if (s.keys_transposed) return key_block(s.k, s, item.kv_head, j0);
+// Row r of an item: query token `t` of query head `h`, which reads kv head `g`. Rows run through
+// the query heads of one kv head for each token, then through the item's kv heads.
+struct ItemRow {
+  int t;
+  int h;
+  int g;
+};
+
+ItemRow item_row(const WorkItem& item, int group, int r) {
+  const int per_kv_head = group * item.q_count, i = r % per_kv_head;
+  const int g = item.kv_head + r / per_kv_head;
+  return {item.q_begin + i / group, g * group + i % group, g};
+}
+
+// The block of transposed keys [D][kBlockKeys] of kv head g starting at key j0: straight from a
+// cache that stores keys transposed, from the sequence's shared transposes, or transposed here into
+// sc.kt (an item of one kv head).
+const float* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk,
+                             Scratch& sc) {
+  if (s.keys_transposed) return key_block(s.k, s, g, j0);
   if (shared_kt) return shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
-  transpose_key_block(key_block(s.k, s, item.kv_head, j0), s.kv_pos_stride, bk, D, sc.kt);
-  return sc.kt;
+  transpose_key_block(key_block(s.k, s, g, j0), s.kv_pos_stride, bk, D, sc.kt_block);
+  return sc.kt_block;
 }
 
 // One work item. shared_kt: this item's kv head's keys already transposed block by block
@@ -246,12 +287,12 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
               Scratch& sc, float* partial) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
-  const int rows = group * item.q_count;
+  const int rows = item.kv_count * group * item.q_count;
+  const int shared = item.kv_count == 1;  // every row reads one kv head's keys and values
 
-  // Row r is query token item.q_begin + r / group of head kv_head * group + r % group.
   for (int r = 0; r < rows; ++r) {
-    const int t = item.q_begin + r / group, h = item.kv_head * group + r % group;
-    const float* src = s.q + (long)t * sh.q_row_stride + (long)h * D;
+    const ItemRow row = item_row(item, group, r);
+    const float* src = s.q + (long)row.t * sh.q_row_stride + (long)row.h * D;
     float* dst = sc.q + (long)r * dp;
     for (int d = 0; d < D; ++d) dst[d] = src[d] * sh.scale;
     for (int d = D; d < dp; ++d) dst[d] = 0.0f;
@@ -262,38 +303,45 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
 
   for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, item.key_end - j0);
-    const float* kt = transposed_keys(item, s, D, shared_kt, j0, bk, sc);
+    for (int i = 0; i < item.kv_count; ++i) {
+      const int g = item.kv_head + i;
+      sc.kt_of[i] = transposed_keys(g, s, D, shared_kt, j0, bk, sc);
+      sc.v_of[i] = key_block(s.v, s, g, j0);
+    }
     for (int r = 0; r < rows; ++r) {
-      const KeyRange keys = visible_keys(s, sh, s.n_past + item.q_begin + r / group);
+      const ItemRow row = item_row(item, group, r);
+      const KeyRange keys = visible_keys(s, sh, s.n_past + row.t);
       sc.first[r] = imax(0, keys.begin - j0);
       sc.end[r] = imax(0, imin(bk, keys.end - j0));
+      sc.kt[r] = sc.kt_of[row.g - item.kv_head];
+      sc.v[r] = sc.v_of[row.g - item.kv_head];
     }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row (later rows see more keys)
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
       if (keys == 0) continue;  // softmax_block zeroes these rows
-      kScoresRows[n]((keys + kLanes - 1) / kLanes, sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
+      kScoresRows[shared][n]((keys + kLanes - 1) / kLanes, sc.q + (long)r * dp, dp, D, sc.kt + r,
+                             sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
-      const int qpos = s.n_past + item.q_begin + r / group;
       float* score = sc.p + (long)r * kBlockKeys;
       if (sc.end[r] > sc.first[r]) {
         if (sh.softcap > 0.0f) softcap_scores(score, sc.end[r], sh.softcap);
         if (sh.pos_bias) {
-          const int R = sh.pos_bias_radius, h = item.kv_head * group + r % group;
-          add_position_bias(score, sc.end[r], j0 - qpos, sh.pos_bias + (long)h * (2 * R + 1), R);
+          const ItemRow row = item_row(item, group, r);
+          const int R = sh.pos_bias_radius;
+          add_position_bias(score, sc.end[r], j0 - (s.n_past + row.t), sh.pos_bias + (long)row.h * (2 * R + 1), R);
         }
       }
       sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum[r]);
     }
-    const float* vblock = key_block(s.v, s, item.kv_head, j0);
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row; probabilities outside a row's own keys are 0
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
-      kPvRows[n](sc.p + (long)r * kBlockKeys, sc.corr + r, vblock, s.kv_pos_stride, keys, D,
-                 sc.o + (long)r * dp, dp);
+      kPvRows[shared][n](sc.p + (long)r * kBlockKeys, sc.corr + r, sc.v + r, s.kv_pos_stride, keys, D,
+                         sc.o + (long)r * dp, dp);
     }
   }
 
@@ -304,8 +352,8 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     return;
   }
   for (int r = 0; r < rows; ++r) {
-    const int t = item.q_begin + r / group, h = item.kv_head * group + r % group;
-    float* dst = s.out + (long)t * sh.out_row_stride + (long)h * D;
+    const ItemRow row = item_row(item, group, r);
+    float* dst = s.out + (long)row.t * sh.out_row_stride + (long)row.h * D;
     const float inv = sc.row_sum[r] > 0.0f ? 1.0f / sc.row_sum[r] : 0.0f;
     const float* orow = sc.o + (long)r * dp;
     for (int d = 0; d < D; ++d) dst[d] = orow[d] * inv;
@@ -318,15 +366,15 @@ void merge_partials(const WorkItem* items, int count, const AttentionSeq& s, con
                     const float* partials, long slot_floats) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
-  const int rows = group * items[0].q_count;
+  const int rows = items[0].kv_count * group * items[0].q_count;
   for (int r = 0; r < rows; ++r) {
     float m = -INFINITY;
     for (int i = 0; i < count; ++i) {
       const float mi = partials[items[i].partial * slot_floats + (long)rows * dp + r];
       m = mi > m ? mi : m;
     }
-    const int t = items[0].q_begin + r / group, h = items[0].kv_head * group + r % group;
-    float* dst = s.out + (long)t * sh.out_row_stride + (long)h * D;
+    const ItemRow row = item_row(items[0], group, r);
+    float* dst = s.out + (long)row.t * sh.out_row_stride + (long)row.h * D;
     for (int d = 0; d < D; ++d) dst[d] = 0.0f;
     if (m == -INFINITY) continue;  // no visible key at all
     float sum = 0.0f;
@@ -370,6 +418,7 @@ long attention_work(const AttentionSeq* seqs, int n_seqs, const AttentionShape& 
 }
 
 Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, int q_block, int threads) {
+  const int group = sh.n_heads / sh.n_kv_heads;
   std::vector<WorkItem> whole;
   for (int s = 0; s < n_seqs; ++s) {
     const AttentionSeq& a = seqs[s];
@@ -377,7 +426,14 @@ Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, 
       const int count = imin(q_block, a.n_new - q0);
       const int begin = visible_keys(a, sh, a.n_past + q0).begin / kBlockKeys * kBlockKeys;
       const int end = visible_keys(a, sh, a.n_past + q0 + count - 1).end;
-      for (int g = 0; g < sh.n_kv_heads; ++g) whole.push_back({s, g, q0, count, begin, imax(begin, end), -1});
+      // The rows of one kv head that fill less than a tile (a decode step of one or two query heads
+      // per kv head) are joined by the next kv heads' rows; their keys must be stored transposed
+      // (a paged cache): an item transposes at most one kv head's keys itself.
+      const int rows = group * count;
+      const int kv_heads = a.keys_transposed && rows < kTileRows ? imin(kMaxKvHeads, kTileRows / rows) : 1;
+      for (int g = 0; g < sh.n_kv_heads; g += kv_heads) {
+        whole.push_back({s, g, imin(kv_heads, sh.n_kv_heads - g), q0, count, begin, imax(begin, end), -1});
+      }
     }
   }
   Plan plan;
@@ -458,13 +514,16 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     Scratch sc;
     sc.q = mem;
     sc.o = sc.q + (long)max_rows * dp;
-    sc.kt = sc.o + (long)max_rows * dp;
-    sc.p = sc.kt + block_floats;
+    sc.kt_block = sc.o + (long)max_rows * dp;
+    sc.p = sc.kt_block + block_floats;
     sc.row_max = sc.p + (long)max_rows * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
     sc.corr = sc.row_sum + max_rows;
     sc.first = (int*)(sc.corr + max_rows);
     sc.end = sc.first + max_rows;
+    std::vector<const float*> row_blocks(2L * max_rows);
+    sc.kt = row_blocks.data();
+    sc.v = sc.kt + max_rows;
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < n_items; ++i) {
       const WorkItem& it = plan.items[i];
