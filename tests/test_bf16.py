@@ -252,3 +252,38 @@ def test_bf16_checkpoint_converts_without_float32(tmp_path, monkeypatch, spec):
     with isa_context(WIDENING_ISAS[-1]):
         err = helpers.max_abs_err(px.logits(ids), helpers.hf_logits(reference, ids))
     assert err <= helpers.LOGITS_ATOL
+
+
+def test_bf16_gguf_converts_without_float32(tmp_path, monkeypatch):
+    """A BF16 GGUF converted to bfloat16: its bits are moved (q/k rows un-permuted, q, k, v fused),
+    never dequantized to float32, and the model computes what transformers computes from the file
+    (its float32 norms rounded to bfloat16, as the conversion stores them)."""
+    import gguf
+
+    import pyxf
+    import tiny_files
+    from pyxf.convert import convert
+    from pyxf.tensorfile import read_safetensors
+
+    path = tiny_files.write_gguf(tmp_path / "tiny-bf16.gguf", seed=7, quantized="BF16")
+    dequantize = gguf.quants.dequantize
+
+    def no_widening(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.BF16:
+            raise AssertionError("a BF16 tensor was widened to float32")
+        return dequantize(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", no_widening)
+    out = convert(path, tmp_path / "pyxf", dtype="bfloat16", progress=False)
+    monkeypatch.undo()
+    assert set(read_safetensors(out / "model.safetensors").dtypes.values()) == {"BF16"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = [5, 9, 30, 2, 17, 40, 3, 11]
+    px = pyxf.load(out)
+    reference = helpers.hf_logits(helpers.half_precision_reference(hf, "bfloat16"), ids)
+    with isa_context(WIDENING_ISAS[-1]):
+        err = helpers.max_abs_err(px.logits(ids), reference)
+    assert err <= helpers.LOGITS_ATOL

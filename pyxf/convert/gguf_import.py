@@ -1,7 +1,8 @@
 """Importing a GGUF file (llama.cpp): metadata -> normalized config, tensors dequantized.
 
 Every quantization `gguf.quants.dequantize` knows (Q4_0, Q4_1, Q5_*, Q8_0, K-quants, ...) is
-expanded to float32 one tensor at a time; the writer then casts to the requested dtype. Q/K rows
+expanded to float32 one tensor at a time; the writer then casts to the requested dtype. BF16
+tensors also offer their bits (`load_bf16`): converted to bfloat16 they are moved, never widened. Q/K rows
 of llama-architecture files are un-permuted back to HF's rotate-half order (see families.py).
 
 Tensors stored in a type the core runs natively (KEPT_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
@@ -60,7 +61,11 @@ def _dequantizer(tensor, path: Path):
     def load_raw() -> np.ndarray:
         return np.asarray(tensor.data, dtype=np.uint8).reshape(*shape[:-1], -1)
 
-    return GGUFTensor(shape, load, ggml_type=kind, load_raw=load_raw if kind in KEPT_TYPES else None)
+    def load_bf16() -> np.ndarray:  # the stored bits: a bfloat16 output is written without widening
+        return np.asarray(tensor.data, dtype=np.uint8).view("<u2").reshape(shape)
+
+    return GGUFTensor(shape, load, load_bf16=load_bf16 if kind == "BF16" else None, ggml_type=kind,
+                      load_raw=load_raw if kind in KEPT_TYPES else None)
 
 
 # llama.cpp's LongRoPE (phi3): the per-frequency factors as tensors, the rest as metadata.
