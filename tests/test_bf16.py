@@ -255,9 +255,9 @@ def test_bf16_checkpoint_converts_without_float32(tmp_path, monkeypatch, spec):
 
 
 def test_bf16_gguf_converts_without_float32(tmp_path, monkeypatch):
-    """A BF16 GGUF converted to bfloat16: its bits are moved (q/k rows un-permuted, q, k, v fused),
-    never dequantized to float32, and the model computes what transformers computes from the file
-    (its float32 norms rounded to bfloat16, as the conversion stores them)."""
+    """A BF16 GGUF converted with no dtype stays bfloat16: its bits are moved (q/k rows un-permuted,
+    q, k, v fused), never dequantized to float32, and the model computes what transformers computes
+    from the file (its float32 norms rounded to bfloat16, as the conversion stores them)."""
     import gguf
 
     import pyxf
@@ -274,7 +274,7 @@ def test_bf16_gguf_converts_without_float32(tmp_path, monkeypatch):
         return dequantize(data, qtype)
 
     monkeypatch.setattr(gguf.quants, "dequantize", no_widening)
-    out = convert(path, tmp_path / "pyxf", dtype="bfloat16", progress=False)
+    out = convert(path, tmp_path / "pyxf", progress=False)
     monkeypatch.undo()
     assert set(read_safetensors(out / "model.safetensors").dtypes.values()) == {"BF16"}
     with warnings.catch_warnings():

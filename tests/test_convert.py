@@ -553,6 +553,24 @@ def test_gguf_import_undoes_rope_permutation(tiny_gguf, tmp_path):
     np.testing.assert_array_equal(tensors["lm_head.weight"], hf["lm_head.weight"])
 
 
+
+@pytest.mark.parametrize("stored,dtype", [("F16", "float16"), ("BF16", "bfloat16"), ("Q8_0", "float32")])
+def test_gguf_floats_keep_the_file_type_by_default(tmp_path, stored, dtype):
+    """With no dtype, a F16 or BF16 GGUF file stays 16-bit (as llama.cpp runs it), and the float
+    tensors of a quantized file (its norms, the matrices whose rows are not whole blocks) are float32."""
+    import tiny_files
+    from pyxf.tensorfile import read_safetensors
+
+    path = tiny_files.write_gguf(tmp_path / "m.gguf", seed=2, quantized=None if stored == "F16" else stored)
+    out = convert(path, tmp_path / "out", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == dtype
+    dtypes = read_safetensors(out / "model.safetensors").dtypes
+    floats = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
+    assert dtypes["layers.0.attn.qkv.weight"] in ({floats} if stored != "Q8_0" else {"F32", "U8"})
+    assert dtypes["final_norm.weight"] == floats
+
+
 TEXTS = [
     "Hello world",
     "Hello, world! How are you?",

@@ -122,7 +122,7 @@ def prepare_weights(threads):
     model_dir = cache / "pyxf-q8_0"
     if not (model_dir / "config.json").is_file():
         _log("converting the Q8_0 GGUF file for pyxf")
-        convert(gguf, model_dir, keep_quantized=True, progress=False)
+        convert(gguf, model_dir, progress=False)  # the Q8_0 blocks kept
     return gguf, model_dir
 
 

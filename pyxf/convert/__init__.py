@@ -274,7 +274,7 @@ def _check_written_config(config: dict, src: Path) -> None:
 def convert(
     src,
     out,
-    dtype: str = "float32",
+    dtype: str | None = None,
     progress: bool = True,
     config=None,
     quantize: str | None = None,
@@ -286,7 +286,7 @@ def convert(
     "org/name" at `revision`, resolved with huggingface_hub: pyxf.sources) into the pyxf model
     directory `out`; returns `out`. `config` (path or dict) is the HF config.json for a bare
     state_dict file when none lies beside it. dtype: float32 | float16 | bfloat16, for the tensors
-    stored as floats.
+    stored as floats; None: a BF16 or F16 GGUF file's own type, float32 for every other source.
 
     A GGUF file's tensors keep their quantization where the core runs it (Q8_0, Q4_0, Q4_1, Q5_0,
     Q5_1, Q4_K, Q5_K, Q6_K: the blocks are copied as stored; a fused tensor whose sources differ keeps
@@ -300,7 +300,7 @@ def convert(
     q5_k -> q5_1, q6_k -> q8_0). The mixes q4_k_m | q5_k_m choose per tensor as llama.cpp's Q4_K_M /
     Q5_K_M (pyxf.quant_mix). quantize_embeddings=False keeps embed.weight (and so a tied head)
     float. Rows whose length is not a multiple of 32 stay float."""
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
         quant_mix.check_method(quantize)
@@ -309,6 +309,7 @@ def convert(
     src, origin = checkpoint_path(src, revision)
     out = Path(out).expanduser()
     ckpt = open_checkpoint(src, config)
+    dtype = dtype or ckpt.stored_dtype
     try:
         plan, unused = plan_tensors(ckpt.table, list(ckpt.tensors), ckpt.config)
     except ValueError as e:
@@ -355,8 +356,8 @@ def main(argv=None) -> int:
     parser.add_argument("src", help="GGUF file, Hugging Face model directory or hub id (org/name), or state_dict file")
     parser.add_argument("out", help="output directory")
     parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES),
-        help="dtype of the tensors stored as floats (default float32)",
+        "--dtype", choices=sorted(DTYPES),
+        help="dtype of the tensors stored as floats (default: a BF16 or F16 GGUF file's own type, else float32)",
     )
     parser.add_argument(
         "--quantize", choices=quant_mix.METHODS,

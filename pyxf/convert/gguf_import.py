@@ -252,4 +252,17 @@ def open_gguf(path) -> Checkpoint:
         tensors=tensors,
         write_tokenizer=lambda out_dir: write_tokenizer(tokenizer_meta, out_dir),
         source={"format": "gguf", "path": path.name},
+        stored_dtype=_stored_dtype(tensors),
     )
+
+
+# GGUF float types -> pyxf's dtype names
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _stored_dtype(tensors: dict[str, GGUFTensor]) -> str:
+    """A BF16 or F16 file's 16-bit type (every matrix in it), which convert keeps when no dtype is
+    given, as it keeps quantized blocks; float32 for any other file. Vectors (norms, biases) do not
+    count: llama.cpp stores them in F32 in every file type."""
+    kinds = {t.ggml_type for t in tensors.values() if len(t.shape) >= 2}
+    return _FLOAT_TYPES[kinds.pop()] if len(kinds) == 1 and kinds <= set(_FLOAT_TYPES) else "float32"

@@ -104,6 +104,8 @@ class Checkpoint:
     tensors: dict[str, SourceTensor]  # source names, prefixes stripped
     write_tokenizer: Callable[[object], dict]  # (out_dir) -> config.json tokenizer fields
     source: dict  # config.json "source"
+    # convert's dtype when none is given: a GGUF file's own float type for its matrices
+    stored_dtype: str = "float32"
 
 
 
