@@ -151,12 +151,18 @@ def _is_pyxf_model(directory):
 # pyxf's cache of converted models
 
 
+# Raised whenever a conversion with the same options writes something else (2: a BF16 or F16 GGUF
+# file stays 16-bit by default), so that the cache never serves a directory made the old way.
+CONVERSION_REVISION = 2
+
+
 def _conversion_key(source, options):
     """The identity of a conversion: its source, its options and the pyxf that made it."""
     from pyxf import __version__
     from pyxf.config import FORMAT_VERSION
 
-    return {"source": source, "options": options, "pyxf_version": __version__, "format_version": FORMAT_VERSION}
+    return {"source": source, "options": options, "pyxf_version": __version__, "format_version": FORMAT_VERSION,
+            "conversion_revision": CONVERSION_REVISION}
 
 
 def _digest(key):
