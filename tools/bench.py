@@ -339,6 +339,22 @@ def run_worker(engine, spec, workdir):
     return result
 
 
+def encode_spec(args):
+    """The encode workload's part of the engines' spec: the encoder in its three forms (HF directory,
+    pyxf conversion, the peers' cache), the sentences and their real token count."""
+    from pyxf import hub
+    from pyxf.config import read_config
+    from pyxf.tokenizer import Tokenizer
+
+    cache = hub.cache_dir() / "bench"
+    hf_dir, pyxf_dir = resolve_encoder(args, cache)
+    texts = build_encode_texts(args.sizes["encode_sentences"])
+    tokenizer = Tokenizer.from_model_dir(pyxf_dir, read_config(pyxf_dir))
+    real_tokens = sum(len(ids) for ids, _ in tokenizer.encode_for_encoder(texts, ENCODE["max_length"]))
+    return dict(encode_hf_dir=str(hf_dir), encode_model_dir=str(pyxf_dir), encode_cache=str(cache), encode_texts=texts,
+                encode_tokens=real_tokens, encode_batch=ENCODE["batch"], encode_max_length=ENCODE["max_length"])
+
+
 def encode_agreement(engines, workdir):
     """engine -> the smallest cosine similarity between its embeddings and pyxf's (same texts)."""
     import numpy as np
@@ -675,18 +691,7 @@ def main(argv=None):
         base.update(model_dir=str(model_dir), gguf=str(gguf) if gguf else None, decode_prompt=decode_prompt,
                     batch_prompts=batch, prefill_ids=prefill)
     if "encode" in args.workloads:
-        from pyxf import hub
-        from pyxf.config import read_config
-        from pyxf.tokenizer import Tokenizer
-
-        cache = hub.cache_dir() / "bench"
-        hf_dir, pyxf_dir = resolve_encoder(args, cache)
-        texts = build_encode_texts(args.sizes["encode_sentences"])
-        tokenizer = Tokenizer.from_model_dir(pyxf_dir, read_config(pyxf_dir))
-        real_tokens = sum(len(ids) for ids, _ in tokenizer.encode_for_encoder(texts, ENCODE["max_length"]))
-        base.update(encode_hf_dir=str(hf_dir), encode_model_dir=str(pyxf_dir), encode_cache=str(cache),
-                    encode_texts=texts, encode_tokens=real_tokens, encode_batch=ENCODE["batch"],
-                    encode_max_length=ENCODE["max_length"])
+        base.update(encode_spec(args))
     quant_engines = [e for e in args.engines if e in bench_quant.QUANT_ENGINE_NAMES]
     if (quant_engines or "quality" in args.workloads) and base["gguf"]:
         from pyxf import hub
