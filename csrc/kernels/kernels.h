@@ -68,6 +68,29 @@ inline void store_kv_slot(float* key_page, float* value_page, int slot, int head
   for (int d = 0; d < head_dim; ++d) value_page[(long)slot * head_dim + d] = value[d];
 }
 
+// One store_kv_slot: where a position's key and value go, and what they are.
+struct KVSlotWrite {
+  float* key_page;
+  float* value_page;
+  int slot;
+  const float* key;
+  const float* value;
+};
+
+// Writes from which store_kv_slots splits its writes across threads: each transposed key touches
+// head_dim cache lines, mostly cold in a decode step (a batch of 64 translations writes 512 a
+// layer); a few (a single sequence's step) are not worth waking the other threads.
+constexpr long kParallelSlotWrites = 64;
+
+// The writes, in parallel from kParallelSlotWrites of them. No two may write the same slot.
+inline void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
+#pragma omp parallel for schedule(static) if (n >= kParallelSlotWrites)
+  for (long i = 0; i < n; ++i) {
+    const KVSlotWrite& w = writes[i];
+    store_kv_slot(w.key_page, w.value_page, w.slot, head_dim, w.key, w.value);
+  }
+}
+
 // One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
 // head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache
 // [kv_head][position][head_dim], or the qkv rows themselves when nothing is cached (encoders).

@@ -48,16 +48,18 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
     apply_linear(cross_[l].kv, hidden.data(), out.rows, H, kv2, kv.data(), false);
     float* keys = out.keys.data() + (size_t)l * out.layer_floats();
     float* values = out.values.data() + (size_t)l * out.layer_floats();
+    ws.kv_writes.clear();
     for (int s = 0; s < n; ++s) {
       for (int i = 0; i < out.length(s); ++i) {
         const float* row = &kv[(size_t)(out.offsets[s] + i) * kv2];
         const long page = (out.first_page[s] + i / P) * out.page_floats;
         for (long g = 0; g < G; ++g) {
-          kernels::store_kv_slot(keys + page + g * D * P, values + page + g * D * P, i % P, (int)D, row + g * D,
-                                 row + c.kv_dim() + g * D);
+          ws.kv_writes.push_back({keys + page + g * D * P, values + page + g * D * P, i % P, row + g * D,
+                                  row + c.kv_dim() + g * D});
         }
       }
     }
+    kernels::store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
   }
 }
 

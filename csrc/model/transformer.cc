@@ -121,6 +121,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
   const ModelConfig& c = config_;
   const long D = c.head_dim, qkv_dim = c.qkv_dim();
   ws.attn_seqs.resize(n);
+  ws.kv_writes.clear();
   long row = 0;
   for (int s = 0; s < n; ++s) {
     k::AttentionSeq& a = ws.attn_seqs[s];
@@ -143,13 +144,16 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     const int past = cache.length();
     for (int i = 0; i < seqs[s].n_new; ++i) {
       const float* src = &ws.qkv[(row + i) * qkv_dim + c.q_dim()];
-      for (int g = 0; g < c.num_kv_heads; ++g) cache.store(layer, g, past + i, src + g * D, src + c.kv_dim() + g * D);
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        ws.kv_writes.push_back(cache.slot_write(layer, g, past + i, src + g * D, src + c.kv_dim() + g * D));
+      }
     }
     cache.describe(layer, a);
     a.n_past = past;
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
   }
+  k::store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
 }
 
 void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,

@@ -43,6 +43,7 @@ struct Workspace {
   std::vector<float> rope_local_cs;  // the same with the local layers' frequencies (has_local_rope)
   std::vector<int32_t> pos;
   std::vector<kernels::AttentionSeq> attn_seqs;
+  std::vector<kernels::KVSlotWrite> kv_writes;  // a layer's new keys and values
   ExpertScratch experts;  // mixture-of-experts FFNs
   void reserve(const ModelConfig& c, long rows);
 };

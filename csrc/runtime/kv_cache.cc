@@ -56,9 +56,13 @@ void KVCache::describe(int layer, kernels::AttentionSeq& a) const {
   a.keys_transposed = true;
 }
 
+kernels::KVSlotWrite KVCache::slot_write(int layer, int g, int pos, const float* key, const float* value) const {
+  return {block(pool_->keys(layer), g, pos), block(pool_->values(layer), g, pos), pos % kPageTokens, key, value};
+}
+
 void KVCache::store(int layer, int g, int pos, const float* key, const float* value) {
-  kernels::store_kv_slot(block(pool_->keys(layer), g, pos), block(pool_->values(layer), g, pos), pos % kPageTokens,
-                         head_dim(), key, value);
+  const kernels::KVSlotWrite w = slot_write(layer, g, pos, key, value);
+  kernels::store_kv_slot(w.key_page, w.value_page, w.slot, head_dim(), w.key, w.value);
 }
 
 void KVCache::copy_from(const KVCache& src) {

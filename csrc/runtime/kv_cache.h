@@ -64,6 +64,8 @@ class KVCache {
 
   // Writes the key and value of position `pos` of kv head g of `layer` (head_dim floats each).
   void store(int layer, int g, int pos, const float* key, const float* value);
+  // The same write, described for kernels::store_kv_slots (which runs many at once).
+  kernels::KVSlotWrite slot_write(int layer, int g, int pos, const float* key, const float* value) const;
   // Points `a` (an attention problem) at this cache's keys and values of `layer`.
   void describe(int layer, kernels::AttentionSeq& a) const;
   // Copies the first `length` positions of `src` (same shape) and takes its length.
