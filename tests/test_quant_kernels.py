@@ -69,10 +69,11 @@ def test_block_formats_match_reference(isa, fmt, m, k, n):
 
 
 @pytest.mark.parametrize("fmt", sorted(QTYPES) + ["int8"])
-@pytest.mark.parametrize("m,k,n", [(2, 96, 9), (4, 160, 13), (5, 224, 8), (8, 576, 37), (15, 32, 6)])
+@pytest.mark.parametrize("m,k,n", [(2, 96, 9), (4, 160, 13), (5, 224, 8), (8, 576, 37), (15, 32, 6), (18, 64, 10)])
 def test_decode_batches_match_reference(isa, fmt, m, k, n):
-    # Few rows (decode, batches below the GEMM's 16): the streaming kernels' tiles of 1-4 activation
-    # rows x 4 weight rows plus single leftover rows, steps of 2 or 4 blocks with partial last ones.
+    # Few rows (decode, batches below the GEMM's 16 rows, 20 where the GEMM would repack the weights
+    # per call): the streaming kernels' tiles of 1-4 activation rows x 4 weight rows plus single
+    # leftover rows, steps of 2 or 4 blocks with partial last ones.
     rng = np.random.default_rng(m * 31 + k + n)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -193,7 +194,7 @@ def test_non_finite_activations_k_quants(isa, fmt, m):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
-@pytest.mark.parametrize("m,n", [(16, 32), (40, 37), (20, 128), (67, 100)])
+@pytest.mark.parametrize("m,n", [(24, 32), (40, 37), (20, 128), (67, 100)])
 def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
     # Encoders and encoder-decoders give their matrices the GEMM's panel layout once at load
     # (panels=True here); the products must be those of panels packed per call, bit for bit, for
