@@ -2,8 +2,9 @@
 
 Every quantization `gguf.quants.dequantize` knows (Q4_0, Q4_1, Q5_*, Q8_0, K-quants, ...) is
 expanded to float32 one tensor at a time; the writer then casts to the requested dtype. BF16
-tensors also offer their bits (`load_bf16`): converted to bfloat16 they are moved, never widened. Q/K rows
-of llama-architecture files are un-permuted back to HF's rotate-half order (see families.py).
+tensors also offer their bits (`load_bf16`): converted to bfloat16 they are moved, never widened.
+Q/K rows of llama-architecture files are un-permuted back to HF's rotate-half order (see
+families.py).
 
 Tensors stored in a type the core runs natively (KEPT_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
 Q5_K, Q6_K) also offer their raw blocks, uint8 [rows, row_bytes] (`GGUFTensor.load_raw`), which
