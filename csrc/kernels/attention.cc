@@ -25,7 +25,6 @@ constexpr int kBlockKeys = 64;     // keys per block: scores of one row fit in r
 constexpr int kMaxRows = 64;       // query rows (heads x tokens) per work item
 constexpr int kScoreVecs = kBlockKeys / kLanes;
 constexpr int kTileRows = 4;       // query rows per register tile: 4 x 4 vectors = 16 accumulators
-constexpr int kMaxKvHeads = kTileRows;  // kv heads per work item
 static_assert(kBlockKeys == kKVPageTokens, "a block of keys is one page of a paged KV cache");
 
 // The first key of the block starting at key j0 (a multiple of kBlockKeys) of kv head g; the block's
@@ -69,8 +68,9 @@ struct Scratch {
   float* q;        // [kMaxRows][dp], pre-scaled, zero padded
   float* o;        // [kMaxRows][dp]
   float* kt_block;  // [head_dim][kBlockKeys], a key block transposed here
-  const float* kt_of[kMaxKvHeads];  // the current block's transposed keys of each kv head of the item
-  const float* v_of[kMaxKvHeads];   // and its values
+  // The block's transposed keys and its values of each kv head of the item (at most a tile's rows).
+  const float* kt_of[kTileRows];
+  const float* v_of[kTileRows];
   const float** kt;                 // [kMaxRows], of each row
   const float** v;                  // [kMaxRows]
   float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
@@ -430,7 +430,7 @@ Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, 
       // per kv head) are joined by the next kv heads' rows; their keys must be stored transposed
       // (a paged cache): an item transposes at most one kv head's keys itself.
       const int rows = group * count;
-      const int kv_heads = a.keys_transposed && rows < kTileRows ? imin(kMaxKvHeads, kTileRows / rows) : 1;
+      const int kv_heads = a.keys_transposed && rows < kTileRows ? kTileRows / rows : 1;
       for (int g = 0; g < sh.n_kv_heads; g += kv_heads) {
         whole.push_back({s, g, imin(kv_heads, sh.n_kv_heads - g), q0, count, begin, imax(begin, end), -1});
       }

@@ -818,14 +818,18 @@ VnniPanel panel_at(uint8_t* base, long nblocks) {
 // Whether the panel of the 32 columns from n0 was made at load (else it is packed per call).
 bool has_panel(const QuantWeight& w, long n0) { return w.gemm_panels && n0 % kVnniCols == 0; }
 
-// Rows from which the VNNI GEMM runs when it must repack the weights on every call (a matrix
-// without panels made at load: decoders'). Below, the streaming GEMV is faster: it reads each weight
-// once and keeps each 4-row weight tile in L1 across all activation rows (Zen 5, SmolLM2 prefill of
-// 16 tokens: q8_0 18.1 -> 13.0 ms, q4_0 17.2 -> 11.3 ms; from ~24 rows the GEMM wins).
+// Rows from which the q8_0 / q4_0 / q4_1 / int8 GEMM runs when it must repack the weights on every
+// call (a matrix without panels made at load: decoders'). Below, the streaming GEMV is faster: it
+// reads each weight once and keeps each 4-row weight tile in L1 across all activation rows (Zen 5,
+// SmolLM2 prefill of 16 tokens: q8_0 18.1 -> 13.0 ms, q4_0 17.2 -> 11.3 ms; from ~24 rows the GEMM
+// wins). The K-quants' GEMM wins from kQuantGemmRows.
 constexpr long kRepackGemmRows = 20;
 
-// Whether M rows of w run the VNNI GEMM.
-bool vnni_gemm(const QuantWeight& w, long M) { return M >= (has_panel(w, 0) ? kQuantGemmRows : kRepackGemmRows); }
+// Whether M rows of w run a GEMM (else a GEMV).
+bool quant_gemm(const QuantWeight& w, long M) {
+  const bool repacks = !is_quant_k_format(w.format) && !has_panel(w, 0);
+  return M >= (repacks ? kRepackGemmRows : kQuantGemmRows);
+}
 
 // The panel of columns n0 .. n0 + ncols of w: the one made at load, or packed into `buffer` now.
 VnniPanel column_panel(const QuantWeight& w, long n0, int ncols, long nblocks, uint8_t* buffer) {
@@ -953,7 +957,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
     return;
   }
 #if defined(PYXF_TARGET_avx512)
-  if (vnni_gemm(w, M)) {
+  if (quant_gemm(w, M)) {
     linear_quant_vnni(x, M, w, bias, y, accumulate);
     return;
   }
@@ -999,12 +1003,12 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 
 #if defined(PYXF_TARGET_avx512)
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
-  if (is_quant_k_format(w.format) && M >= kQuantGemmRows) {
-    linear_quant_gated_k(x, M, w, act, y);
-    return;
-  }
-  if (!is_quant_k_format(w.format) && vnni_gemm(w, M)) {
-    linear_quant_gated_vnni(x, M, w, act, y);
+  if (quant_gemm(w, M)) {
+    if (is_quant_k_format(w.format)) {
+      linear_quant_gated_k(x, M, w, act, y);
+    } else {
+      linear_quant_gated_vnni(x, M, w, act, y);
+    }
     return;
   }
   float* gu = (float*)malloc(sizeof(float) * M * w.rows + 64);
