@@ -163,7 +163,10 @@ def bf16_values(bits):
 
 
 @pytest.mark.parametrize("wdtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("m,k,n", [(1, 7, 33), (3, 577, 100), (15, 33, 577), (16, 100, 7), (129, 577, 65)])
+# From 160 rows the packed GEMM: K = 577 is two depth blocks (the second odd), 1200 three (bf16) or
+# five (float).
+@pytest.mark.parametrize("m,k,n", [(1, 7, 33), (3, 577, 100), (15, 33, 577), (16, 100, 7), (129, 577, 65),
+                                   (161, 577, 65), (170, 1200, 70)])
 def test_linear_half_precision_weights(isa, wdtype, m, k, n):
     """float16 / bfloat16 weights (bfloat16 as uint16 bits) give the float32 product with the
     weights' exact values; on avx512_bf16 (vdpbf16ps) bfloat16 products also round x to bfloat16."""

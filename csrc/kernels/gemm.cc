@@ -39,10 +39,10 @@ constexpr int KC = 288;      // deepest packed block: an NR x KC panel (36 KiB) 
 constexpr int NC = 4 * NR;   // columns packed together; one work item
 constexpr int MC = 16 * MR;  // rows per work item
 
-// Depth of the packed blocks for K: as few as KC allows, of equal depth (576 = 2 x 288, not 256 +
-// 256 + 64: a shallow block pays the same C tile loads and stores for a quarter of the work).
-inline int block_depth(long K) {
-  const long blocks = (K + KC - 1) / KC;
+// Depth of the packed blocks for K: as few as `deepest` allows, of equal depth (576 = 2 x 288, not
+// 256 + 256 + 64: a shallow block pays the same C tile loads and stores for a quarter of the work).
+inline int block_depth(long K, int deepest = KC) {
+  const long blocks = (K + deepest - 1) / deepest;
   return (int)((K + blocks - 1) / blocks);
 }
 
@@ -242,7 +242,8 @@ struct Bf16PairPanels {
   using Packed = uint16_t;
   using Operand = uint16_t;
 
-  static int depth(long K) { return (int)round_up_even(block_depth(K)); }
+  // A bf16 panel of depth 2 KC has the bytes of a float one of KC: BERT-sized K = 384 is one block.
+  static int depth(long K) { return (int)round_up_even(block_depth(K, 2 * KC)); }
   static int stored_depth(int kc) { return (int)round_up_even(kc); }
   static long packed_elements(long K, long N) { return padded_cols(N) * round_up_even(K); }
 
