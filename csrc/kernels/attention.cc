@@ -64,6 +64,14 @@ struct WorkItem {
   long partial;   // slot in the partial results, or -1
 };
 
+// Row r of an item: query token `t` of query head `h`, which reads kv head `g`. Rows run through
+// the query heads of one kv head for each token, then through the item's kv heads.
+struct ItemRow {
+  int t;
+  int h;
+  int g;
+};
+
 struct Scratch {
   float* q;        // [kMaxRows][dp], pre-scaled, zero padded
   float* o;        // [kMaxRows][dp]
@@ -73,9 +81,11 @@ struct Scratch {
   const float* v_of[kTileRows];
   const float** kt;                 // [kMaxRows], of each row
   const float** v;                  // [kMaxRows]
+  ItemRow* row;                     // [kMaxRows], what each row of the item is (item_row)
+  KeyRange* keys;                   // [kMaxRows], the keys each row sees
   float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
   float* row_max;  // [kMaxRows]
-  float* row_sum;  // [kMaxRows]
+  float* row_sum;  // [kMaxRows][kLanes], each row's running sum of probabilities by lane
   float* corr;     // [kMaxRows], this block's rescaling of each row's running output
   int* first;      // [kMaxRows], the first key of this block each row sees
   int* end;        // [kMaxRows], one past the last
@@ -171,8 +181,9 @@ void pv_rows(const float* p, const float* corr, const float* const* v, long v_st
 
 // Online softmax of one row's block of scores: p = exp(s - new max) on the keys [first, end) of
 // the block (exactly 0 outside them, whatever s holds there); returns the factor that rescales the
-// row's running output.
-float softmax_block(float* s, int first, int end, float& row_max, float& row_sum) {
+// row's running output. The running sum stays a vector (row_sum, kLanes floats), summed across
+// lanes once the row is done.
+float softmax_block(float* s, int first, int end, float& row_max, float* row_sum) {
   const Vf zero = vzero();
   if (end <= first) {
     for (int c = 0; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
@@ -198,7 +209,7 @@ float softmax_block(float* s, int first, int end, float& row_max, float& row_sum
     vsum_p = vadd(vsum_p, e);
   }
   for (int c = nv; c < kScoreVecs; ++c) vstore(s + c * kLanes, zero);
-  row_sum = row_sum * correction + vsum(vsum_p);
+  vstore(row_sum, vfma(vload(row_sum), vset1(correction), vsum_p));
   return correction;
 }
 
@@ -256,14 +267,6 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
-// Row r of an item: query token `t` of query head `h`, which reads kv head `g`. Rows run through
-// the query heads of one kv head for each token, then through the item's kv heads.
-struct ItemRow {
-  int t;
-  int h;
-  int g;
-};
-
 ItemRow item_row(const WorkItem& item, int group, int r) {
   const int per_kv_head = group * item.q_count, i = r % per_kv_head;
   const int g = item.kv_head + r / per_kv_head;
@@ -290,15 +293,19 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   const int rows = item.kv_count * group * item.q_count;
   const int shared = item.kv_count == 1;  // every row reads one kv head's keys and values
 
+  const Vf scale = vset1(sh.scale);
   for (int r = 0; r < rows; ++r) {
-    const ItemRow row = item_row(item, group, r);
+    const ItemRow row = sc.row[r] = item_row(item, group, r);
+    sc.keys[r] = visible_keys(s, sh, s.n_past + row.t);
     const float* src = s.q + (long)row.t * sh.q_row_stride + (long)row.h * D;
     float* dst = sc.q + (long)r * dp;
-    for (int d = 0; d < D; ++d) dst[d] = src[d] * sh.scale;
-    for (int d = D; d < dp; ++d) dst[d] = 0.0f;
-    memset(sc.o + (long)r * dp, 0, sizeof(float) * dp);
+    for (int d = 0; d < dp; d += kLanes) {  // zeros past D
+      const Vf x = d + kLanes <= D ? vload(src + d) : vload_n(src + d, D - d);
+      vstore(dst + d, vmul(x, scale));
+      vstore(sc.o + (long)r * dp + d, vzero());
+    }
     sc.row_max[r] = -INFINITY;
-    sc.row_sum[r] = 0.0f;
+    vstore(sc.row_sum + (long)r * kLanes, vzero());
   }
 
   for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
@@ -309,12 +316,11 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       sc.v_of[i] = key_block(s.v, s, g, j0);
     }
     for (int r = 0; r < rows; ++r) {
-      const ItemRow row = item_row(item, group, r);
-      const KeyRange keys = visible_keys(s, sh, s.n_past + row.t);
-      sc.first[r] = imax(0, keys.begin - j0);
-      sc.end[r] = imax(0, imin(bk, keys.end - j0));
-      sc.kt[r] = sc.kt_of[row.g - item.kv_head];
-      sc.v[r] = sc.v_of[row.g - item.kv_head];
+      const int i = sc.row[r].g - item.kv_head;
+      sc.first[r] = imax(0, sc.keys[r].begin - j0);
+      sc.end[r] = imax(0, imin(bk, sc.keys[r].end - j0));
+      sc.kt[r] = sc.kt_of[i];
+      sc.v[r] = sc.v_of[i];
     }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
@@ -329,12 +335,12 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       if (sc.end[r] > sc.first[r]) {
         if (sh.softcap > 0.0f) softcap_scores(score, sc.end[r], sh.softcap);
         if (sh.pos_bias) {
-          const ItemRow row = item_row(item, group, r);
+          const ItemRow& row = sc.row[r];
           const int R = sh.pos_bias_radius;
           add_position_bias(score, sc.end[r], j0 - (s.n_past + row.t), sh.pos_bias + (long)row.h * (2 * R + 1), R);
         }
       }
-      sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum[r]);
+      sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum + (long)r * kLanes);
     }
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
@@ -348,15 +354,18 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   if (partial) {  // [rows][dp] output, then row_max, then row_sum
     memcpy(partial, sc.o, sizeof(float) * rows * dp);
     memcpy(partial + (long)rows * dp, sc.row_max, sizeof(float) * rows);
-    memcpy(partial + (long)rows * (dp + 1), sc.row_sum, sizeof(float) * rows);
+    for (int r = 0; r < rows; ++r) partial[(long)rows * (dp + 1) + r] = vsum(vload(sc.row_sum + (long)r * kLanes));
     return;
   }
   for (int r = 0; r < rows; ++r) {
-    const ItemRow row = item_row(item, group, r);
+    const ItemRow& row = sc.row[r];
     float* dst = s.out + (long)row.t * sh.out_row_stride + (long)row.h * D;
-    const float inv = sc.row_sum[r] > 0.0f ? 1.0f / sc.row_sum[r] : 0.0f;
+    const float sum = vsum(vload(sc.row_sum + (long)r * kLanes));
+    const Vf inv = vset1(sum > 0.0f ? 1.0f / sum : 0.0f);
     const float* orow = sc.o + (long)r * dp;
-    for (int d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+    int d = 0;
+    for (; d + kLanes <= D; d += kLanes) vstore(dst + d, vmul(vload(orow + d), inv));
+    if (d < D) vstore_n(dst + d, vmul(vload(orow + d), inv), D - d);
   }
 }
 
@@ -509,7 +518,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
         }
       }
     }
-    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + 5L * max_rows;
+    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + (4L + kLanes) * max_rows;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
@@ -518,12 +527,16 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     sc.p = sc.kt_block + block_floats;
     sc.row_max = sc.p + (long)max_rows * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
-    sc.corr = sc.row_sum + max_rows;
+    sc.corr = sc.row_sum + (long)max_rows * kLanes;
     sc.first = (int*)(sc.corr + max_rows);
     sc.end = sc.first + max_rows;
     std::vector<const float*> row_blocks(2L * max_rows);
     sc.kt = row_blocks.data();
     sc.v = sc.kt + max_rows;
+    std::vector<ItemRow> item_rows(max_rows);
+    std::vector<KeyRange> row_keys(max_rows);
+    sc.row = item_rows.data();
+    sc.keys = row_keys.data();
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < n_items; ++i) {
       const WorkItem& it = plan.items[i];
