@@ -307,10 +307,11 @@ struct ActRow {
   const int16_t* bs;   // K-quants, per super-block 16 sums: q6_k of each 16, q4_k / q5_k of each 32 (8)
   const int32_t* c;    // q5_0: -16 * the block's sum (q5: per block; AVX-512: 16 lanes per block pair)
   const float* s;      // q5_1: d * the block's sum (likewise)
+  const float* dl;     // AVX-512 q5: per block pair 16 lanes, d of the first block in 0-7, the second's in 8-15
 };
 
 #if defined(PYXF_TARGET_avx512)
-constexpr bool kPairedQ5 = true;  // q5_* blocks two at a time, values [b.lo16, b1.lo16, b.hi16, b1.hi16]
+constexpr bool kPairedQ5 = true;  // q5_* blocks two at a time, a pair's 64 values in weight order
 #else
 constexpr bool kPairedQ5 = false;
 #endif
@@ -319,7 +320,7 @@ constexpr bool kPairedQ5 = false;
 long act_row_bytes(QuantFormat f, long K) {
   if (is_k_quant(f)) return K + 64 + (K / QKK) * (4 + 32) + 64;
   const long padded = (K / QK + 1) / 2 * 2;  // q, d, sum16, c, s per block; two 64-byte vectors per pair
-  return padded * (QK + 4 + 8 + 4 + 4 + 64) + 3 * 64;
+  return padded * (QK + 4 + 8 + 4 + 4 + 96) + 3 * 64;
 }
 
 // Quantizes one row for the decode kernels of format F into `buf` (act_row_bytes).
@@ -370,22 +371,24 @@ ActRow quantize_act_row(const float* x, long K, uint8_t* buf) {
     a.c = c;
     a.s = s;
     if (kPairedQ5) {
-      static const int order[4] = {0, 2, 1, 3};
-      reorder(q, padded * QK, 16, order, 4);
-      // per pair, 16 lanes: the first block's term in lane 0, the second's in lane 4
+      // per pair, 16 lanes: the first block's terms in lane 0 (d: lanes 0-7), the second's in lane 8
+      // (8-15), where the int32 sums of its weights fall
       const long pairs = padded / 2;
       int32_t* cp = (int32_t*)(((uintptr_t)(s + padded) + 63) & ~(uintptr_t)63);
       float* sp = (float*)(cp + pairs * 16);
+      float* dl = sp + pairs * 16;
       memset(cp, 0, sizeof(int32_t) * pairs * 16);
       memset(sp, 0, sizeof(float) * pairs * 16);
       for (long p = 0; p < pairs; ++p) {
         cp[16 * p] = c[2 * p];
-        cp[16 * p + 4] = c[2 * p + 1];
+        cp[16 * p + 8] = c[2 * p + 1];
         sp[16 * p] = s[2 * p];
-        sp[16 * p + 4] = s[2 * p + 1];
+        sp[16 * p + 8] = s[2 * p + 1];
+        for (int l = 0; l < 16; ++l) dl[16 * p + l] = d[2 * p + l / 8];
       }
       a.c = cp;
       a.s = sp;
+      a.dl = dl;
     }
     return a;
   }
@@ -492,38 +495,41 @@ struct Q6KKernel {
   }
 };
 
-// q5_0 / q5_1, two blocks per vector: bytes [b.lo16, b1.lo16, b.hi16, b1.hi16] of int32 lanes
-// 0-3 / 4-7 / 8-11 / 12-15, so lane l belongs to block (l / 4) % 2.
+// q5_0 / q5_1, two blocks per vector in weight order: int32 lanes 0-7 hold the first block's
+// products, 8-15 the second's. Each 128-bit quarter is one half of a block's nibbles: a block's
+// 16 bytes broadcast to two quarters, shifted right by 0 and 4 bits. The fifth bits are then the
+// two blocks' qh words side by side, a byte mask as they stand.
 template <bool kQ51>
 struct Q5Kernel {
   static constexpr int kStep = 2;
   static constexpr int kBytes = kQ51 ? 24 : 22;
   __m512i q;
-  __m128 dw, mw;
+  __m512 dw, mw;
   void load(const uint8_t* row, long step, long nblocks) {
     const uint8_t* b0 = row + 2 * step * kBytes;
     const uint8_t* b1 = 2 * step + 1 < nblocks ? b0 + kBytes : b0;  // a lone last block: its pair is
                                                                      // multiplied by zero activations
     const int qo = kQ51 ? 8 : 6, ho = kQ51 ? 4 : 2;
-    const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b0 + qo))),
-                                              _mm_loadu_si128((const __m128i*)(b1 + qo)), 1);
-    const __m512i z = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1),
+    const __m512i both = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(b0 + qo))),
+                                                     0xff00, _mm_loadu_si128((const __m128i*)(b1 + qo)));
+    const __m512i z = _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
                                        _mm512_set1_epi8(0x0f));
-    // fifth bits in the vector's byte order: b.lo16, b1.lo16, b.hi16, b1.hi16
-    const uint64_t high = _pdep_u64(load_u32(b0 + ho), 0x0000ffff0000ffffull) |
-                          _pdep_u64(load_u32(b1 + ho), 0xffff0000ffff0000ull);
-    q = _mm512_mask_add_epi8(z, (__mmask64)high, z, _mm512_set1_epi8(16));
-    dw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(load_u16(b0) | (uint32_t)load_u16(b1) << 16)));
-    if (kQ51) mw = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(load_u16(b0 + 2) | (uint32_t)load_u16(b1 + 2) << 16)));
+    const __mmask64 high = _mm512_kunpackd((__mmask64)load_u32(b1 + ho), (__mmask64)load_u32(b0 + ho));
+    q = _mm512_mask_add_epi8(z, high, z, _mm512_set1_epi8(16));
+    dw = halves(b0, b1);
+    if (kQ51) mw = halves(b0 + 2, b1 + 2);
+  }
+  // The fp16 at a in lanes 0-7 and the one at b in lanes 8-15.
+  static __m512 halves(const uint8_t* a, const uint8_t* b) {
+    const __m256i h = _mm256_mask_set1_epi16(_mm256_set1_epi16((short)load_u16(a)), 0xff00, (short)load_u16(b));
+    return _mm512_cvtph_ps(h);
   }
   void dot(const ActRow& x, long step, Acc& acc) const {
-    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
     const __m512i init = kQ51 ? _mm512_setzero_si512() : _mm512_load_si512(x.c + 16 * step);
     const __m512i isum = _mm512_dpbusd_epi32(init, q, _mm512_loadu_si512(x.q + 64 * step));
-    const __m128 dx = _mm_castpd_ps(_mm_load_sd((const double*)(x.d + 2 * step)));
-    const __m512 scale = _mm512_permutexvar_ps(lanes, zext128(_mm_mul_ps(dw, dx)));
+    const __m512 scale = _mm512_mul_ps(dw, _mm512_load_ps(x.dl + 16 * step));
     acc.v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc.v);
-    if (kQ51) acc.v = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, zext128(mw)), _mm512_load_ps(x.s + 16 * step), acc.v);
+    if (kQ51) acc.v = _mm512_fmadd_ps(mw, _mm512_load_ps(x.s + 16 * step), acc.v);
   }
 };
 
