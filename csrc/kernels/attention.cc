@@ -256,12 +256,15 @@ constexpr PvRows kPvRows[2][kTileRows + 1] = {
     {nullptr, pv_rows<1, true>, pv_rows<2, true>, pv_rows<3, true>, pv_rows<4, true>}};
 
 // kt[d][j] = k[j][d] for the bk keys of one block (rows kv_pos_stride apart), zero past bk: whole
-// vectors of keys by gathers, the rest one by one.
+// vectors of keys by square blocks (or gathers past the last whole block of d), the rest one by one.
 void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) {
-  const int bk_vec = bk / kLanes * kLanes;
+  const int bk_vec = bk / kLanes * kLanes, d_vec = D / kLanes * kLanes;
+  for (int j = 0; j < bk_vec; j += kLanes) {
+    for (int d = 0; d < d_vec; d += kLanes) vtranspose_block(k + (long)j * stride + d, stride, kt + (long)d * kBlockKeys + j, kBlockKeys);
+    for (int d = d_vec; d < D; ++d) vstore(kt + (long)d * kBlockKeys + j, vgather(k + (long)j * stride + d, stride));
+  }
   for (int d = 0; d < D; ++d) {
     float* ktd = kt + (long)d * kBlockKeys;
-    for (int j = 0; j < bk_vec; j += kLanes) vstore(ktd + j, vgather(k + (long)j * stride + d, stride));
     for (int j = bk_vec; j < bk; ++j) ktd[j] = k[(long)j * stride + d];
     for (int j = bk; j < kBlockKeys; ++j) ktd[j] = 0.0f;
   }

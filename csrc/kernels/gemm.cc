@@ -155,6 +155,18 @@ struct FloatTiles {
 #endif
 };
 
+// panel[k * NR + j] = src[j * ld + k] for k < n, j < NR: NR rows of 32-bit elements (ld apart)
+// transposed into a panel, by kLanes x kLanes blocks, the last few depths by gathers.
+static void transpose_panel(const float* src, long ld, int n, float* panel) {
+  int k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int h = 0; h < NR; h += kLanes) vtranspose_block(src + h * ld + k, ld, panel + k * NR + h, NR);
+  }
+  for (; k < n; ++k) {
+    for (int h = 0; h < NR; h += kLanes) vstore(panel + k * NR + h, vgather(src + h * ld + k, ld));
+  }
+}
+
 // Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
 // N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad
 // floats and panel p of it at p * kc * NR.
@@ -178,11 +190,8 @@ struct FloatPanels : FloatTiles {
         const int kc = (int)lmin(dep, K - k0);
         float* panel = dst + kb * dep * n_pad + p * kc * NR;
         if constexpr (sizeof(W) == sizeof(float)) {
-          if ((p + 1) * NR <= N) {  // a whole panel of float columns: transposed by gathers
-            const float* src = w + p * NR * K + k0;
-            for (int k = 0; k < kc; ++k) {
-              for (int h = 0; h < NR; h += kLanes) vstore(panel + k * NR + h, vgather(src + h * K + k, K));
-            }
+          if ((p + 1) * NR <= N) {  // a whole panel of float columns
+            transpose_panel(w + p * NR * K + k0, K, kc, panel);
             continue;
           }
         }
@@ -258,12 +267,8 @@ struct Bf16PairPanels {
         uint16_t* panel = dst + kb * dep * n_pad + p * stored_depth(kc) * NR;
         if ((p + 1) * NR <= N && K % 2 == 0) {
           // Whole panel, even rows: a pair of depths is one 32-bit element of a row, so the panel is
-          // the transpose of 32-bit elements, made by gathers.
-          const float* src = (const float*)(bits + p * NR * K + k0);
-          float* out = (float*)panel;
-          for (int q = 0; q < pairs; ++q) {
-            for (int h = 0; h < NR; h += kLanes) vstore(out + q * NR + h, vgather(src + h * (K / 2) + q, K / 2));
-          }
+          // the transpose of 32-bit elements.
+          transpose_panel((const float*)(bits + p * NR * K + k0), K / 2, pairs, (float*)panel);
           continue;
         }
         for (int j = 0; j < NR; ++j) {

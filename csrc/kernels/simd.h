@@ -54,6 +54,40 @@ static inline Vf vgather(const float* p, long stride) {
                                          _mm512_set1_epi32((int)stride));
   return {_mm512_i32gather_ps(idx, p, 4)};
 }
+// Rows 0-15 of 16 floats in r become its columns: r[c][i] = old r[i][c]. Pairs of rows interleave
+// (unpack ps), then quads (unpack pd), leaving in each 128-bit lane L of u[4g + k] column 4L + k of
+// rows 4g .. 4g + 3; two rounds of 128-bit lane shuffles gather each column's four lanes.
+static inline void transpose_16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), v2 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xee);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44), w2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xee);
+    r[k] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(v1, w1, 0xdd);
+    r[8 + k] = _mm512_shuffle_f32x4(v2, w2, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(v2, w2, 0xdd);
+  }
+}
+// out[c * ld_out + i] = src[i * ld_src + c] for i, c < kLanes: a block of 32-bit elements transposed
+// in registers (64 shuffles where 16 gathers would load element by element).
+static inline void vtranspose_block(const float* src, long ld_src, float* out, long ld_out) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  transpose_16x16(r);
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + c * ld_out, r[c]);
+}
 
 #elif defined(PYXF_TARGET_avx2)
 
@@ -147,6 +181,13 @@ static inline float vmaxr(Vf a) {
   return m;
 }
 
+#endif
+
+#if !defined(PYXF_TARGET_avx512)
+// out[c * ld_out + i] = src[i * ld_src + c] for i, c < kLanes, by gathers.
+static inline void vtranspose_block(const float* src, long ld_src, float* out, long ld_out) {
+  for (int c = 0; c < kLanes; ++c) vstore(out + c * ld_out, vgather(src + c, ld_src));
+}
 #endif
 
 
