@@ -260,8 +260,9 @@ constexpr PvRows kPvRows[2][kTileRows + 1] = {
 void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) {
   const int bk_vec = bk / kLanes * kLanes, d_vec = D / kLanes * kLanes;
   for (int j = 0; j < bk_vec; j += kLanes) {
-    for (int d = 0; d < d_vec; d += kLanes) vtranspose_block(k + (long)j * stride + d, stride, kt + (long)d * kBlockKeys + j, kBlockKeys);
-    for (int d = d_vec; d < D; ++d) vstore(kt + (long)d * kBlockKeys + j, vgather(k + (long)j * stride + d, stride));
+    const float* kj = k + (long)j * stride;
+    for (int d = 0; d < d_vec; d += kLanes) vtranspose_block(kj + d, stride, kt + (long)d * kBlockKeys + j, kBlockKeys);
+    for (int d = d_vec; d < D; ++d) vstore(kt + (long)d * kBlockKeys + j, vgather(kj + d, stride));
   }
   for (int d = 0; d < D; ++d) {
     float* ktd = kt + (long)d * kBlockKeys;

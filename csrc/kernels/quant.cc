@@ -868,9 +868,23 @@ void run_tile(QuantFormat f, const VnniRows& x, const VnniPanel& p, long nblocks
 // reading all M x K activation bytes (from L3 once they outgrow L2: 6400 x 384 x 1536 int8 on one
 // Zen 5 thread 230-240 -> 255-285 GMAC/s); panels packed per call are packed once, for all rows.
 constexpr long kActivationBlockBytes = 256L << 10;
-long tiles_per_item(const QuantWeight& w, const VnniActivations& a) {
-  if (!has_panel(w, 0)) return a.tiles;
+long tiles_per_item(bool panels_at_load, const VnniActivations& a) {
+  if (!panels_at_load) return a.tiles;
   return lmin(a.tiles, std::max(1L, kActivationBlockBytes / (kVnniRows * a.K)));
+}
+
+// Calls item(n0, ncols, t_begin, t_end) for every work item: (a block of activation tiles, the 32
+// output columns from n0), handed out across the calling parallel region's threads.
+template <class Item>
+void for_each_item(const VnniActivations& a, long N, long per_item, Item&& item) {
+  const long chunks = (N + kVnniCols - 1) / kVnniCols, row_blocks = (a.tiles + per_item - 1) / per_item;
+#pragma omp for schedule(dynamic, 1) collapse(2)
+  for (long rb = 0; rb < row_blocks; ++rb) {
+    for (long ch = 0; ch < chunks; ++ch) {
+      const long n0 = ch * kVnniCols;
+      item(n0, (int)lmin(kVnniCols, N - n0), rb * per_item, lmin(a.tiles, (rb + 1) * per_item));
+    }
+  }
 }
 
 void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
@@ -878,24 +892,18 @@ void linear_quant_vnni(const float* x, long M, const QuantWeight& w, const float
   constexpr int R = kVnniRows;
   const long N = w.rows;
   VnniActivations a = quantize_for_vnni(x, M, w.cols);
-  const long chunks = (N + kVnniCols - 1) / kVnniCols;
-  const long per_item = tiles_per_item(w, a), row_blocks = (a.tiles + per_item - 1) / per_item;
+  const long per_item = tiles_per_item(has_panel(w, 0), a);
 #pragma omp parallel
   {
     PanelBuffer buffer(!has_panel(w, 0), a.nblocks);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (long rb = 0; rb < row_blocks; ++rb) {
-      for (long ch = 0; ch < chunks; ++ch) {
-        const long n0 = ch * kVnniCols;
-        const int ncols = (int)lmin(kVnniCols, N - n0);
-        const VnniPanel panel = column_panel(w, n0, ncols, a.nblocks, buffer.bytes);
-        const float* bn = bias ? bias + n0 : nullptr;
-        for (long t = rb * per_item; t < lmin(a.tiles, (rb + 1) * per_item); ++t) {
-          run_tile(w.format, a.tile(t), panel, a.nblocks, y + t * R * N + n0, N, (int)lmin(R, M - t * R), ncols,
-                   bn, accumulate);
-        }
+    for_each_item(a, N, per_item, [&](long n0, int ncols, long t_begin, long t_end) {
+      const VnniPanel panel = column_panel(w, n0, ncols, a.nblocks, buffer.bytes);
+      const float* bn = bias ? bias + n0 : nullptr;
+      for (long t = t_begin; t < t_end; ++t) {
+        run_tile(w.format, a.tile(t), panel, a.nblocks, y + t * R * N + n0, N, (int)lmin(R, M - t * R), ncols, bn,
+                 accumulate);
       }
-    }
+    });
   }
   free_activations(a);
 }
@@ -904,30 +912,23 @@ void linear_quant_gated_vnni(const float* x, long M, const QuantWeight& w, Activ
   constexpr int R = kVnniRows;
   const long I = w.rows / 2;
   VnniActivations a = quantize_for_vnni(x, M, w.cols);
-  const long chunks = (I + kVnniCols - 1) / kVnniCols;
-  const long per_item = has_panel(w, I) ? tiles_per_item(w, a) : a.tiles;
-  const long row_blocks = (a.tiles + per_item - 1) / per_item;
+  const long per_item = tiles_per_item(has_panel(w, 0) && has_panel(w, I), a);
 #pragma omp parallel
   {
     PanelBuffer gate_buffer(!has_panel(w, 0), a.nblocks), up_buffer(!has_panel(w, I), a.nblocks);
     alignas(64) float gu[R][2 * kVnniCols];
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (long rb = 0; rb < row_blocks; ++rb) {
-      for (long ch = 0; ch < chunks; ++ch) {
-        const long n0 = ch * kVnniCols;
-        const int ncols = (int)lmin(kVnniCols, I - n0);
-        const VnniPanel gate = column_panel(w, n0, ncols, a.nblocks, gate_buffer.bytes);
-        const VnniPanel up = column_panel(w, I + n0, ncols, a.nblocks, up_buffer.bytes);
-        for (long t = rb * per_item; t < lmin(a.tiles, (rb + 1) * per_item); ++t) {
-          const int rows = (int)lmin(R, M - t * R);
-          run_tile(w.format, a.tile(t), gate, a.nblocks, gu[0], 2 * kVnniCols, rows, ncols, nullptr, false);
-          run_tile(w.format, a.tile(t), up, a.nblocks, gu[0] + kVnniCols, 2 * kVnniCols, rows, ncols, nullptr, false);
-          for (int i = 0; i < rows; ++i) {
-            gated_activation_row(gu[i], gu[i] + kVnniCols, ncols, act, y + (t * R + i) * I + n0);
-          }
+    for_each_item(a, I, per_item, [&](long n0, int ncols, long t_begin, long t_end) {
+      const VnniPanel gate = column_panel(w, n0, ncols, a.nblocks, gate_buffer.bytes);
+      const VnniPanel up = column_panel(w, I + n0, ncols, a.nblocks, up_buffer.bytes);
+      for (long t = t_begin; t < t_end; ++t) {
+        const int rows = (int)lmin(R, M - t * R);
+        run_tile(w.format, a.tile(t), gate, a.nblocks, gu[0], 2 * kVnniCols, rows, ncols, nullptr, false);
+        run_tile(w.format, a.tile(t), up, a.nblocks, gu[0] + kVnniCols, 2 * kVnniCols, rows, ncols, nullptr, false);
+        for (int i = 0; i < rows; ++i) {
+          gated_activation_row(gu[i], gu[i] + kVnniCols, ncols, act, y + (t * R + i) * I + n0);
         }
       }
-    }
+    });
   }
   free_activations(a);
 }
