@@ -415,19 +415,27 @@ struct Plan {
 // keys are split into runs of whole blocks until there are about kItemsPerThread items per thread
 // (threads 1: a call on one thread, whose keys are never split).
 constexpr int kItemsPerThread = 4;
-// Multiply-adds (queries x keys x head_dim, scores and values) below which a call runs on the
-// calling thread alone: a decode step's attention at short context (SmolLM2: ~900 keys) takes a
-// few microseconds, less than starting the thread team and its barriers costs.
+// A call runs on the calling thread alone below both of these: multiply-adds (queries x keys x
+// head_dim, scores and values) in all, and the bytes of keys and values of one kv head of a
+// sequence. A decode step's attention does little arithmetic on many bytes, and in a decode step
+// they come from memory (the step's weights pass through the caches between two reads of one
+// layer's cache), where one thread reads at about half the bandwidth of two: SmolLM2 at 150-400
+// keys, 30 layers, 2 threads on Zen 5: 1.15 ms a token on one thread, 0.80 ms on two. 16 KiB (32
+// keys of 64 dimensions) take about as long to read as starting the thread team. The bytes are
+// counted per kv head, so that a head's result (which the split of its keys decides, see
+// plan_items) does not depend on the heads computed beside it.
 constexpr long kSerialWork = 1L << 19;
+constexpr long kSerialHeadBytes = 1L << 14;
 
-// The multiply-adds of a call (queries x visible keys x head_dim, for scores and values).
-long attention_work(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
-  long work = 0;
+bool runs_alone(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
+  long work = 0, head_bytes = 0;
   for (int s = 0; s < n_seqs; ++s) {
     const long keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
     work += 2L * seqs[s].n_new * sh.n_heads * keys * sh.head_dim;
+    const long bytes = 2L * (long)sizeof(float) * keys * sh.head_dim;
+    if (bytes > head_bytes) head_bytes = bytes;
   }
-  return work;
+  return work < kSerialWork && head_bytes < kSerialHeadBytes;
 }
 
 Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, int q_block, int threads) {
@@ -481,7 +489,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int D = sh.head_dim, dp = padded(D);
   const long block_floats = (long)D * kBlockKeys;
   const int max_rows = group * q_block;
-  const int threads = attention_work(seqs, n_seqs, sh) < kSerialWork ? 1 : omp_get_max_threads();
+  const int threads = runs_alone(seqs, n_seqs, sh) ? 1 : omp_get_max_threads();
   const Plan plan = plan_items(seqs, n_seqs, sh, q_block, threads);
   const long n_items = (long)plan.items.size();
 
