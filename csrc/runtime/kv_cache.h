@@ -40,8 +40,9 @@ class KVPool {
 
  private:
   int num_layers_, num_kv_heads_, head_dim_, num_pages_;
-  size_t page_floats_, layer_floats_, bytes_;
+  size_t page_floats_, layer_floats_, bytes_, align_;
   float* data_;  // pages are touched only as they are first written, so resident memory follows use
+                 // (or the memory of a pool freed before, see kv_cache.cc)
 };
 
 class KVCache {
