@@ -16,8 +16,9 @@ namespace {
 // call, and a fresh pool's pages are faulted in as a prefill first writes them: 7-44 ms of a
 // 520-token SmolLM2 prefill (270-300 ms) on Zen 5, most of it the kernel assembling huge pages.
 // A pool takes the kept memory whenever it is large enough (the memory is resident already, and
-// generate(1) and generate(n) alternate in a benchmark); what a pool reads is always written
-// first, so the old contents never matter. At most kMaxSpare bytes are kept.
+// generate(1) and generate(n) alternate in a benchmark). The old contents never reach a result:
+// attention masks the scores of the positions past a sequence's last. At most kMaxSpare bytes are
+// kept.
 struct SpareMemory {
   std::mutex mutex;
   void* data = nullptr;
