@@ -264,9 +264,10 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
     }
 #if defined(PYXF_TARGET_avx512)
     const __m512 vi = _mm512_set1_ps(inv);
-    for (int i = 0; i < block; i += 16) {
+    for (int i = 0; i < block; i += 16) {  // |values| <= 127: the int32 sums are the int8 ones
       const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vi));
       _mm_storeu_si128((__m128i*)(qb + i), _mm512_cvtepi32_epi8(v));
+      sum16[b * (block / 16) + i / 16] = _mm512_reduce_add_epi32(v);
     }
 #elif defined(PYXF_TARGET_avx2)
     const __m256 vi = _mm256_set1_ps(inv);
@@ -282,11 +283,13 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
 #else
     for (int i = 0; i < block; ++i) qb[i] = (int8_t)nearbyintf(xb[i] * inv);
 #endif
+#if !defined(PYXF_TARGET_avx512)
     for (int g = 0; g < block / 16; ++g) {
       int s = 0;
       for (int i = 0; i < 16; ++i) s += qb[16 * g + i];
       sum16[b * (block / 16) + g] = s;
     }
+#endif
   }
 }
 
