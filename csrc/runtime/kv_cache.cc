@@ -32,13 +32,14 @@ SpareMemory& spare() {
   return *s;
 }
 
-// The kept memory, if it holds `bytes` at `align`; its size goes to *got.
-void* take_spare(size_t bytes, size_t align, size_t* got) {
+// The kept memory, if it holds `bytes` at `align` (its size and alignment go to *bytes and *align).
+void* take_spare(size_t* bytes, size_t* align) {
   SpareMemory& s = spare();
   std::lock_guard<std::mutex> lock(s.mutex);
-  if (!s.data || s.bytes < bytes || s.align < align) return nullptr;
+  if (!s.data || s.bytes < *bytes || s.align < *align) return nullptr;
   void* data = s.data;
-  *got = s.bytes;
+  *bytes = s.bytes;
+  *align = s.align;
   s.data = nullptr;
   return data;
 }
@@ -83,7 +84,7 @@ KVPool::KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages)
   const size_t align = want >= kHuge && want <= kMaxHugePool ? kHuge : 4096;
   bytes_ = want > 0 ? (want + align - 1) / align * align : 4096;
   align_ = align;
-  data_ = static_cast<float*>(take_spare(bytes_, align, &bytes_));
+  data_ = static_cast<float*>(take_spare(&bytes_, &align_));
   if (data_) return;
   data_ = static_cast<float*>(std::aligned_alloc(align, bytes_));
   if (!data_) throw std::bad_alloc();
