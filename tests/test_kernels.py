@@ -587,6 +587,52 @@ def test_attention_head_alone_is_bitwise_the_same(isa, paged):
             np.testing.assert_array_equal(together[:, cols], alone)
 
 
+BF16_ATTENTION_CASES = [
+    # (queries, keys, heads, kv_heads, head_dim, causal)
+    (200, 200, 9, 3, 64, True),   # SmolLM2 prefill
+    (129, 129, 3, 3, 80, True),   # head_dim not a multiple of 64: a 3-vector tail of values
+    (64, 130, 2, 1, 128, True),   # a chunk after a cached past, two chunks of head dimensions
+    (33, 33, 12, 12, 32, False),  # MiniLM encoding: an odd count of keys pairs with a zero value
+    (70, 70, 8, 2, 64, True),
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["rows", "paged"])
+@pytest.mark.parametrize("t,tk,heads,kv_heads,head_dim,causal", BF16_ATTENTION_CASES)
+def test_attention_bf16_products(isa, t, tk, heads, kv_heads, head_dim, causal, paged):
+    """bf16_products (models computing in bfloat16): no less accurate than torch's bfloat16
+    scaled_dot_product_attention on the same inputs; taken where the table has vdpbf16ps, and
+    ignored (float, the same bits) by the other tables."""
+    rng = rng_for("attention-bf16", t, tk, heads, kv_heads, head_dim, causal)
+    q = randn(rng, t, heads * head_dim, scale=2.0)
+    k, v = randn(rng, tk, kv_heads * head_dim), randn(rng, tk, kv_heads * head_dim)
+    scale = head_dim**-0.5
+    ref = attention_reference(q, k, v, heads, kv_heads, causal, scale)
+
+    def heads_first(a, n):
+        return torch.from_numpy(a).bfloat16().view(-1, n, head_dim).transpose(0, 1)[None]
+
+    group = heads // kv_heads
+    kr = heads_first(k, kv_heads).repeat_interleave(group, dim=1)
+    vr = heads_first(v, kv_heads).repeat_interleave(group, dim=1)
+    # torch's causal mask is top-left aligned: build the bottom-right one (queries are the last t)
+    mask = torch.ones(t, tk, dtype=torch.bool)
+    if causal:
+        mask = torch.arange(tk)[None, :] <= (tk - t + torch.arange(t))[:, None]
+    ref_bf16 = F.scaled_dot_product_attention(heads_first(q, heads), kr, vr, attn_mask=mask, scale=scale)
+    torch_err = np.abs(ref_bf16[0].transpose(0, 1).reshape(t, -1).double().numpy() - ref).max()
+
+    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=paged, bf16_products=True)
+    y32 = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=paged)
+    err = np.abs(y.astype(np.float64) - ref).max()
+    assert np.isfinite(y).all()
+    assert err <= 1.25 * torch_err, f"bf16 attention error {err:.3g}, torch bfloat16's {torch_err:.3g}"
+    if isa == "avx512_bf16":
+        assert not np.array_equal(y, y32), "bf16_products did not take the bf16 path"
+    else:
+        np.testing.assert_array_equal(y, y32)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs: a ValueError, never a crash
 

@@ -232,7 +232,8 @@ void bind_ops(py::module_& ops) {
   // paged: keys and values go through a KV cache whose pages are in reverse order (what decoding
   // reads); otherwise they are rows [kv_head][position][head_dim] (encoders, cross-attention).
   ops.def("attention", [=](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
-                           bool causal, float scale, py::object pos_bias, int window, float softcap, bool paged) {
+                           bool causal, float scale, py::object pos_bias, int window, float softcap, bool paged,
+                           bool bf16_products) {
     check_2d(q, "q");
     check_2d(k, "k");
     check_2d(v, "v");
@@ -272,6 +273,7 @@ void bind_ops(py::module_& ops) {
     kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
     shape.window = window;
     shape.softcap = softcap;
+    shape.bf16_products = bf16_products;
     FloatArray bias;  // [n_heads, 2 R + 1]: bias by relative position key - query, clamped to [-R, R]
     if (!pos_bias.is_none()) {
       bias = pos_bias.cast<FloatArray>();
@@ -284,7 +286,7 @@ void bind_ops(py::module_& ops) {
     kernels::active().attention(&seq, 1, shape);
     return out;
   }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a, "pos_bias"_a = py::none(),
-     "window"_a = 0, "softcap"_a = 0.0f, "paged"_a = false);
+     "window"_a = 0, "softcap"_a = 0.0f, "paged"_a = false, "bf16_products"_a = false);
 }
 
 

@@ -89,6 +89,11 @@ struct Scratch {
   float* corr;     // [kMaxRows], this block's rescaling of each row's running output
   int* first;      // [kMaxRows], the first key of this block each row sees
   int* end;        // [kMaxRows], one past the last
+  // bf16 products only: q, the block's keys, values and probabilities as pairs (see pair_keys).
+  uint16_t* qb;    // [kMaxRows][dp]
+  uint16_t* kb;    // [dp / 2][kBlockKeys][2]
+  uint16_t* vb;    // [kBlockKeys / 2][dp][2]
+  uint16_t* pb;    // [kMaxRows][kBlockKeys]
 };
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -271,6 +276,131 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
+#if defined(PYXF_BF16_DOT)
+// ---- bf16 products (AttentionShape::bf16_products) ----
+//
+// vdpbf16ps multiplies pairs: lane i gains a[2i] b[2i] + a[2i+1] b[2i+1] (bf16 products, fp32 sums).
+// The scores pair depths: a block's keys are stored [D / 2][kBlockKeys][2] (one vector: 16 keys x 2
+// depths) and a query row's pair of depths is one 32-bit broadcast. The values pair keys: [kBlockKeys
+// / 2][dp][2] (16 dimensions x 2 keys), against a broadcast pair of probabilities. Scores, the
+// softmax and the running output stay float.
+
+// Rows from which an item takes the bf16 path: below, rounding its block of keys and values costs
+// more than the products it saves (a decode step's 1-4 query rows).
+constexpr int kBf16Rows = 8;
+
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// 32 bf16 [a0, b0, a1, b1, ...]: the 16 floats of a and b interleaved, rounded to nearest even.
+static inline __m512i interleave_bf16(__m512 a, __m512 b) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                         7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+// dst[0, n) = bf16(src[0, n)), n a multiple of kLanes.
+void round_to_bf16(const float* src, int n, uint16_t* dst) {
+  for (int i = 0; i < n; i += kLanes) _mm256_storeu_si256((__m256i*)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+// kb[dd][j][2] = (kt[2 dd][j], kt[2 dd + 1][j]) for a transposed block kt [D][kBlockKeys], D even.
+void pair_keys(const float* kt, int D, uint16_t* kb) {
+  for (int dd = 0; dd < D / 2; ++dd) {
+    const float* k0 = kt + (long)2 * dd * kBlockKeys;
+    for (int c = 0; c < kBlockKeys; c += kLanes) {
+      _mm512_storeu_si512(kb + ((long)dd * kBlockKeys + c) * 2,
+                          interleave_bf16(_mm512_loadu_ps(k0 + c), _mm512_loadu_ps(k0 + kBlockKeys + c)));
+    }
+  }
+}
+
+// vb[jj][d][2] = (v[2 jj][d], v[2 jj + 1][d]) for the bk value rows of a block (`stride` apart),
+// zero past bk and past D (up to dp).
+void pair_values(const float* v, long stride, int bk, int D, int dp, uint16_t* vb) {
+  for (int jj = 0; jj < kBlockKeys / 2; ++jj) {
+    const int j = 2 * jj;
+    for (int d = 0; d < dp; d += kLanes) {
+      const __mmask16 m = (__mmask16)(D - d >= kLanes ? 0xFFFF : (1u << (D - d)) - 1);
+      const __m512 a = j < bk ? _mm512_maskz_loadu_ps(m, v + (long)j * stride + d) : _mm512_setzero_ps();
+      const __m512 b = j + 1 < bk ? _mm512_maskz_loadu_ps(m, v + (long)(j + 1) * stride + d) : _mm512_setzero_ps();
+      _mm512_storeu_si512(vb + ((long)jj * dp + d) * 2, interleave_bf16(a, b));
+    }
+  }
+}
+
+// s[R][0 .. NV vectors) = q[R] . keys of the block, on pairs of depths (qb rows of dp bf16).
+template <int R, int NV>
+void scores_tile_bf16(const uint16_t* qb, int dp, int D, const uint16_t* kb, float* s) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int dd = 0; dd < D / 2; ++dd) {
+    __m512bh k[NV];
+    for (int c = 0; c < NV; ++c) k[c] = as_bh(_mm512_loadu_si512(kb + ((long)dd * kBlockKeys + c * kLanes) * 2));
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      memcpy(&pair, qb + (long)r * dp + 2 * dd, 4);
+      const __m512bh x = as_bh(_mm512_set1_epi32(pair));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, k[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(s + (long)r * kBlockKeys + c * kLanes, acc[r][c]);
+}
+
+template <int R>
+void scores_rows_bf16(int nv, const uint16_t* qb, int dp, int D, const uint16_t* kb, float* s) {
+  switch (nv) {
+    case 1: scores_tile_bf16<R, 1>(qb, dp, D, kb, s); break;
+    case 2: scores_tile_bf16<R, 2>(qb, dp, D, kb, s); break;
+    case 3: scores_tile_bf16<R, 3>(qb, dp, D, kb, s); break;
+    default: scores_tile_bf16<R, 4>(qb, dp, D, kb, s); break;
+  }
+}
+static_assert(kScoreVecs == 4, "scores_rows_bf16 covers 4 key vectors");
+
+// o[R][d0 .. d0 + NV vectors) = corr o + sum over pairs of keys jj < pairs of pb[r][2 jj..] vb[jj].
+template <int R, int NV>
+void pv_tile_bf16(const uint16_t* pb, const float* corr, const uint16_t* vb, int d0, int pairs, float* o, int dp) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_mul_ps(_mm512_loadu_ps(o + (long)r * dp + d0 + i * kLanes), c);
+  }
+  for (int jj = 0; jj < pairs; ++jj) {
+    __m512bh x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = as_bh(_mm512_loadu_si512(vb + ((long)jj * dp + d0 + i * kLanes) * 2));
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      memcpy(&pair, pb + (long)r * kBlockKeys + 2 * jj, 4);
+      const __m512bh p = as_bh(_mm512_set1_epi32(pair));
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], p, x[i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + (long)r * dp + d0 + i * kLanes, acc[r][i]);
+}
+
+template <int R>
+void pv_rows_bf16(const uint16_t* pb, const float* corr, const uint16_t* vb, int pairs, int dp, float* o) {
+  for (int d0 = 0; d0 < dp; d0 += 4 * kLanes) {
+    switch (imin(4, (dp - d0) / kLanes)) {
+      case 1: pv_tile_bf16<R, 1>(pb, corr, vb, d0, pairs, o, dp); break;
+      case 2: pv_tile_bf16<R, 2>(pb, corr, vb, d0, pairs, o, dp); break;
+      case 3: pv_tile_bf16<R, 3>(pb, corr, vb, d0, pairs, o, dp); break;
+      default: pv_tile_bf16<R, 4>(pb, corr, vb, d0, pairs, o, dp); break;
+    }
+  }
+}
+
+using ScoresRowsBf16 = void (*)(int, const uint16_t*, int, int, const uint16_t*, float*);
+using PvRowsBf16 = void (*)(const uint16_t*, const float*, const uint16_t*, int, int, float*);
+constexpr ScoresRowsBf16 kScoresRowsBf16[kTileRows + 1] = {nullptr, scores_rows_bf16<1>, scores_rows_bf16<2>,
+                                                           scores_rows_bf16<3>, scores_rows_bf16<4>};
+constexpr PvRowsBf16 kPvRowsBf16[kTileRows + 1] = {nullptr, pv_rows_bf16<1>, pv_rows_bf16<2>, pv_rows_bf16<3>,
+                                                   pv_rows_bf16<4>};
+#endif  // PYXF_BF16_DOT
+
 ItemRow item_row(const WorkItem& item, int group, int r) {
   const int per_kv_head = group * item.q_count, i = r % per_kv_head;
   const int g = item.kv_head + r / per_kv_head;
@@ -311,6 +441,12 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     sc.row_max[r] = -INFINITY;
     vstore(sc.row_sum + (long)r * kLanes, vzero());
   }
+#if defined(PYXF_BF16_DOT)
+  const bool bf16 = sh.bf16_products && shared && rows >= kBf16Rows && D % 2 == 0;
+  if (bf16) round_to_bf16(sc.q, rows * dp, sc.qb);
+#else
+  constexpr bool bf16 = false;
+#endif
 
   for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, item.key_end - j0);
@@ -326,13 +462,25 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       sc.kt[r] = sc.kt_of[i];
       sc.v[r] = sc.v_of[i];
     }
+#if defined(PYXF_BF16_DOT)
+    if (bf16) {
+      pair_keys(sc.kt_of[0], D, sc.kb);
+      pair_values(sc.v_of[0], s.kv_pos_stride, bk, D, dp, sc.vb);
+    }
+#endif
     for (int r = 0; r < rows; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row (later rows see more keys)
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
       if (keys == 0) continue;  // softmax_block zeroes these rows
-      kScoresRows[shared][n]((keys + kLanes - 1) / kLanes, sc.q + (long)r * dp, dp, D, sc.kt + r,
-                             sc.p + (long)r * kBlockKeys);
+      const int nv = (keys + kLanes - 1) / kLanes;
+#if defined(PYXF_BF16_DOT)
+      if (bf16) {
+        kScoresRowsBf16[n](nv, sc.qb + (long)r * dp, dp, D, sc.kb, sc.p + (long)r * kBlockKeys);
+        continue;
+      }
+#endif
+      kScoresRows[shared][n](nv, sc.q + (long)r * dp, dp, D, sc.kt + r, sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
       float* score = sc.p + (long)r * kBlockKeys;
@@ -350,6 +498,13 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row; probabilities outside a row's own keys are 0
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
+#if defined(PYXF_BF16_DOT)
+      if (bf16) {
+        round_to_bf16(sc.p + (long)r * kBlockKeys, n * kBlockKeys, sc.pb + (long)r * kBlockKeys);
+        kPvRowsBf16[n](sc.pb + (long)r * kBlockKeys, sc.corr + r, sc.vb, (keys + 1) / 2, dp, sc.o + (long)r * dp);
+        continue;
+      }
+#endif
       kPvRows[shared][n](sc.p + (long)r * kBlockKeys, sc.corr + r, sc.v + r, s.kv_pos_stride, keys, D,
                          sc.o + (long)r * dp, dp);
     }
@@ -530,8 +685,10 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
         }
       }
     }
+    // bf16 pairs after the floats: q and probabilities of every row, a block's keys and values.
     const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + (4L + kLanes) * max_rows;
-    float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
+    const long halves = sh.bf16_products ? (long)max_rows * dp + 2L * dp * kBlockKeys + (long)max_rows * kBlockKeys : 0;
+    float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 2 * halves + 127) / 64 * 64);
     Scratch sc;
     sc.q = mem;
     sc.o = sc.q + (long)max_rows * dp;
@@ -542,6 +699,10 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     sc.corr = sc.row_sum + (long)max_rows * kLanes;
     sc.first = (int*)(sc.corr + max_rows);
     sc.end = sc.first + max_rows;
+    sc.qb = (uint16_t*)(sc.end + max_rows);
+    sc.kb = sc.qb + (long)max_rows * dp;
+    sc.vb = sc.kb + (long)dp * kBlockKeys;
+    sc.pb = sc.vb + (long)dp * kBlockKeys;
     std::vector<const float*> row_blocks(2L * max_rows);
     sc.kt = row_blocks.data();
     sc.v = sc.kt + max_rows;

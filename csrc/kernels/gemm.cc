@@ -19,7 +19,8 @@ void gated_activation_row(const float* gate, const float* up, long n, Activation
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 #if defined(PYXF_BF16_DOT)
-using avx512::gated_activation_row;  // this table adds GEMMs only; the rest is avx512's
+using avx512::gated_activation_row;  // this table adds GEMMs and attention; the rest is avx512's
+void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);  // attention.cc
 #else
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
 #endif
@@ -612,12 +613,14 @@ void load_row(const void* w, WeightType wt, long row, long n, float* out) {
 }
 
 #if defined(PYXF_BF16_DOT)
-// The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps).
+// The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
+// with bf16 products (AttentionShape::bf16_products).
 void fill_table(KernelTable* t) {
   avx512::fill_table(t);
   t->name = "avx512_bf16";
   t->linear = linear;
   t->linear_gated = linear_gated;
+  t->attention = attention;
 }
 #endif
 

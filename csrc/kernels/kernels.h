@@ -134,6 +134,12 @@ struct AttentionShape {
   // Soft-capping (Gemma 2): when > 0, each scaled score s becomes softcap * tanh(s / softcap) before
   // the position bias and the softmax. 0: none.
   float softcap = 0.0f;
+  // Products in bfloat16 (models whose weights compute in bf16): where the table has vdpbf16ps
+  // (avx512_bf16), a work item of many query rows (prefill, encoding) rounds its queries, keys,
+  // probabilities and values to bf16 for the two products (scores and softmax-weighted values, fp32
+  // sums): half the instructions of float FMAs. Scores and the softmax stay float. Other tables,
+  // and items of few rows (decode), compute in float.
+  bool bf16_products = false;
 };
 
 struct KernelTable {

@@ -237,6 +237,9 @@ void Transformer::attention_shape(k::AttentionShape& shape) const {
   shape.pos_bias = weights_.rel_pos_bias;
   shape.pos_bias_radius = config_.rel_pos_radius;
   shape.softcap = config_.attn_softcap;
+  // A model whose projections compute in bf16 takes attention's products in bf16 too.
+  shape.bf16_products = !weights_.layers.empty() && !weights_.layers[0].qkv.quantized &&
+                        weights_.layers[0].qkv.dtype == k::WeightType::kBF16;
 }
 
 void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long rows, long H, long I,
