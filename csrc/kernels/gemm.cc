@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
 
@@ -50,8 +52,8 @@ inline int block_depth(long K, int deepest = KC) {
 inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
 
 // Scratch memory of the calling thread, one buffer per slot, kept between calls up to
-// kKeptScratchBytes (every layer's packed weights of the models we run fit); a larger request (a
-// vocabulary-sized head over many rows) gets its own allocation, freed with the Scratch.
+// kKeptScratchBytes (a work item's packed columns, and the bf16 activations of thousands of rows,
+// fit); a larger request gets its own allocation, freed with the Scratch.
 constexpr long kKeptScratchBytes = 16L << 20;
 enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kNumScratchSlots = 2 };
 
@@ -168,9 +170,9 @@ static void transpose_panel(const float* src, long ld, int n, float* panel) {
   }
 }
 
-// Packed weights: for each depth block [k0, k0 + kc) (block_depth(K) deep, the last one shorter), the
-// N columns as panels of NR, each [kc][NR], zero padded past N. Block kb starts at kb * depth * n_pad
-// floats and panel p of it at p * kc * NR.
+// Packed weights (the columns of one work item, see pack_columns): for each depth block [k0, k0 + kc)
+// (block_depth(K) deep, the last one shorter), the columns as panels of NR, each [kc][NR], zero padded
+// past N. Block kb starts at kb * depth * n_pad floats and panel p of it at p * kc * NR.
 template <typename W>
 struct FloatPanels : FloatTiles {
   using Weight = W;
@@ -181,30 +183,21 @@ struct FloatPanels : FloatTiles {
   static int stored_depth(int kc) { return kc; }
   static long packed_elements(long K, long N) { return padded_cols(N) * K; }
 
-  // Packs w (all of it) into `dst`; one pass over w, shared by every thread (an omp for).
-  static void pack(const W* w, long K, long N, float* dst) {
-    const long n_pad = padded_cols(N), panels = n_pad / NR, dep = depth(K), k_blocks = (K + dep - 1) / dep;
-#pragma omp for schedule(static) collapse(2)
-    for (long kb = 0; kb < k_blocks; ++kb) {
-      for (long p = 0; p < panels; ++p) {
-        const long k0 = kb * dep;
-        const int kc = (int)lmin(dep, K - k0);
-        float* panel = dst + kb * dep * n_pad + p * kc * NR;
-        if constexpr (sizeof(W) == sizeof(float)) {
-          if ((p + 1) * NR <= N) {  // a whole panel of float columns
-            transpose_panel(w + p * NR * K + k0, K, kc, panel);
-            continue;
-          }
-        }
-        for (int j = 0; j < NR; ++j) {
-          const long col = p * NR + j;
-          if (col < N) {
-            const W* src = w + col * K + k0;
-            for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
-          } else {
-            for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
-          }
-        }
+  // The panel of columns [c0, c0 + NR) and depths [k0, k0 + kc) of w [N][K], zero past N.
+  static void pack_panel(const W* w, long K, long N, long k0, int kc, long c0, float* panel) {
+    if constexpr (sizeof(W) == sizeof(float)) {
+      if (c0 + NR <= N) {  // a whole panel of float columns
+        transpose_panel(w + c0 * K + k0, K, kc, panel);
+        return;
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const long col = c0 + j;
+      if (col < N) {
+        const W* src = w + col * K + k0;
+        for (int k = 0; k < kc; ++k) panel[k * NR + j] = to_f32(src[k]);
+      } else {
+        for (int k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
       }
     }
   }
@@ -257,27 +250,20 @@ struct Bf16PairPanels {
   static int stored_depth(int kc) { return (int)round_up_even(kc); }
   static long packed_elements(long K, long N) { return padded_cols(N) * round_up_even(K); }
 
-  static void pack(const bf16* w, long K, long N, uint16_t* dst) {
-    const long n_pad = padded_cols(N), panels = n_pad / NR, dep = depth(K), k_blocks = (K + dep - 1) / dep;
+  // The panel of columns [c0, c0 + NR) and depths [k0, k0 + kc) of w [N][K], zero past N and K.
+  static void pack_panel(const bf16* w, long K, long N, long k0, int kc, long c0, uint16_t* panel) {
     const uint16_t* bits = &w->bits;
-#pragma omp for schedule(static) collapse(2)
-    for (long kb = 0; kb < k_blocks; ++kb) {
-      for (long p = 0; p < panels; ++p) {
-        const long k0 = kb * dep;
-        const int kc = (int)lmin(dep, K - k0), pairs = stored_depth(kc) / 2;
-        uint16_t* panel = dst + kb * dep * n_pad + p * stored_depth(kc) * NR;
-        if ((p + 1) * NR <= N && K % 2 == 0) {
-          // Whole panel, even rows: a pair of depths is one 32-bit element of a row, so the panel is
-          // the transpose of 32-bit elements.
-          transpose_panel((const float*)(bits + p * NR * K + k0), K / 2, pairs, (float*)panel);
-          continue;
-        }
-        for (int j = 0; j < NR; ++j) {
-          const long col = p * NR + j;
-          for (int k = 0; k < 2 * pairs; ++k) {
-            panel[((k / 2) * NR + j) * 2 + k % 2] = col < N && k < kc ? bits[col * K + k0 + k] : 0;
-          }
-        }
+    const int pairs = stored_depth(kc) / 2;
+    if (c0 + NR <= N && K % 2 == 0) {
+      // Whole panel, even rows: a pair of depths is one 32-bit element of a row, so the panel is
+      // the transpose of 32-bit elements.
+      transpose_panel((const float*)(bits + c0 * K + k0), K / 2, pairs, (float*)panel);
+      return;
+    }
+    for (int j = 0; j < NR; ++j) {
+      const long col = c0 + j;
+      for (int k = 0; k < 2 * pairs; ++k) {
+        panel[((k / 2) * NR + j) * 2 + k % 2] = col < N && k < kc ? bits[col * K + k0 + k] : 0;
       }
     }
   }
@@ -346,28 +332,48 @@ inline long block_offset(long k0, long n0, int kc, long n_pad) {
   return k0 * n_pad + n0 * P::stored_depth(kc);
 }
 
+// Columns per work item of the packed GEMMs: at most NC, and few enough that each thread gets about
+// kChunksPerThread of them (a 576-column projection on 2 threads: 6 chunks of 96).
+constexpr long kChunksPerThread = 3;
+inline long chunk_cols(long N) {
+  const long per = (N + kChunksPerThread * omp_get_max_threads() - 1) / (kChunksPerThread * omp_get_max_threads());
+  return lmin(NC, padded_cols(per));  // at least NR
+}
+
+// The panels of columns [n0, n0 + nc) of w [N][K] (n0 a multiple of NR), packed as a matrix of
+// padded_cols(nc) columns of its own: depth block k0 at k0 * padded_cols(nc), then panel by panel.
+template <class P>
+void pack_columns(const typename P::Weight* w, long K, long N, long n0, long nc, typename P::Packed* dst) {
+  const long nc_pad = padded_cols(nc), dep = P::depth(K);
+  for (long k0 = 0; k0 < K; k0 += dep) {
+    const int kc = (int)lmin(dep, K - k0);
+    for (long c = 0; c < nc_pad; c += NR) P::pack_panel(w, K, N, k0, kc, n0 + c, dst + block_offset<P>(k0, c, kc, nc_pad));
+  }
+}
+
+// Work item: one chunk of columns, packed by the thread that takes it (in its L2) and run against
+// every row block. There is no packing pass over the whole matrix before the products start: one
+// thread's packing (waiting on memory) overlaps the other's multiply-adds.
 template <class P>
 void linear_packed(const float* x, long M, long K, const typename P::Weight* w, long N, const float* bias,
                    float* y, long ldy, bool accumulate) {
-  const long n_pad = padded_cols(N);
-  const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, N));
-  typename P::Packed* packed = packing.template as<typename P::Packed>();
   const typename P::Activations a(x, M, K);
-  const long n_chunks = (N + NC - 1) / NC;
-  const long m_blocks = (M + MC - 1) / MC;
+  const long cols = chunk_cols(N), n_chunks = (N + cols - 1) / cols;
   const int depth = P::depth(K);
 #pragma omp parallel
   {
-    P::pack(w, K, N, packed);  // ends with the omp for's barrier
-#pragma omp for schedule(dynamic, 1) collapse(2)
+    const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, cols));
+    typename P::Packed* packed = packing.template as<typename P::Packed>();
+#pragma omp for schedule(dynamic, 1)
     for (long ci = 0; ci < n_chunks; ++ci) {
-      for (long mb = 0; mb < m_blocks; ++mb) {
-        const long n0 = ci * NC, m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
-        const int nc = (int)lmin(NC, N - n0);
+      const long n0 = ci * cols, nc = lmin(cols, N - n0), nc_pad = padded_cols(nc);
+      pack_columns<P>(w, K, N, n0, nc, packed);
+      for (long m_begin = 0; m_begin < M; m_begin += MC) {
+        const long m_end = lmin(M, m_begin + MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           const bool first = k0 == 0;
-          chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, n0, kc, n_pad), nc, m_begin, m_end,
+          chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, 0, kc, nc_pad), (int)nc, m_begin, m_end,
                          y + m_begin * ldy + n0, ldy, !first || accumulate, first && bias ? bias + n0 : nullptr);
         }
       }
@@ -375,38 +381,40 @@ void linear_packed(const float* x, long M, long K, const typename P::Weight* w, 
   }
 }
 
-// y[M, I] = act(x gate^T) * (x up^T), w = [gate; up] with I % NR == 0: a work item computes the
-// gate and up columns of one chunk into an L2 scratch tile and applies the activation there, so
-// the 2 I-wide product never goes to memory.
+// y[M, I] = act(x gate^T) * (x up^T), w = [gate; up] with I % NR == 0: a work item packs the gate
+// and up columns of one chunk, computes them into an L2 scratch tile and applies the activation
+// there, so the 2 I-wide product never goes to memory.
 template <class P>
 void linear_packed_gated(const float* x, long M, long K, const typename P::Weight* w, long I, Activation act,
                          float* y) {
-  const long N = 2 * I, n_pad = padded_cols(N);
-  const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, N));
-  typename P::Packed* packed = packing.template as<typename P::Packed>();
+  const long N = 2 * I;
   const typename P::Activations a(x, M, K);
-  const long n_chunks = (I + NC - 1) / NC;
-  const long m_blocks = (M + MC - 1) / MC;
+  const long cols = chunk_cols(I), n_chunks = (I + cols - 1) / cols;
   const int depth = P::depth(K);
 #pragma omp parallel
   {
-    P::pack(w, K, N, packed);  // ends with the omp for's barrier
-    float* scratch = (float*)aligned_alloc(64, sizeof(float) * MC * 2 * NC);  // [MC][gate NC | up NC]
-#pragma omp for schedule(dynamic, 1) collapse(2)
+    // The chunk's gate panels, then its up panels.
+    const Scratch packing(kPackedWeights, 2 * sizeof(typename P::Packed) * P::packed_elements(K, cols));
+    typename P::Packed* packed = packing.template as<typename P::Packed>();
+    float* scratch = (float*)aligned_alloc(64, sizeof(float) * MC * 2 * cols);  // [MC][gate | up]
+#pragma omp for schedule(dynamic, 1)
     for (long ci = 0; ci < n_chunks; ++ci) {
-      for (long mb = 0; mb < m_blocks; ++mb) {
-        const long n0 = ci * NC, m_begin = mb * MC, m_end = lmin(M, (mb + 1) * MC);
-        const int nc = (int)lmin(NC, I - n0);
+      const long n0 = ci * cols, nc = lmin(cols, I - n0), nc_pad = padded_cols(nc);
+      typename P::Packed* half_packed[2] = {packed, packed + P::packed_elements(K, nc)};
+      pack_columns<P>(w, K, N, n0, nc, half_packed[0]);
+      pack_columns<P>(w, K, N, I + n0, nc, half_packed[1]);
+      for (long m_begin = 0; m_begin < M; m_begin += MC) {
+        const long m_end = lmin(M, m_begin + MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
-            chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, half * I + n0, kc, n_pad), nc,
-                           m_begin, m_end, scratch + half * NC, 2 * NC, k0 != 0, nullptr);
+            chunk_block<P>(a.data, a.ld, k0, kc, half_packed[half] + block_offset<P>(k0, 0, kc, nc_pad), (int)nc,
+                           m_begin, m_end, scratch + half * cols, 2 * cols, k0 != 0, nullptr);
           }
         }
         for (long m = m_begin; m < m_end; ++m) {
-          const float* row = scratch + (m - m_begin) * 2 * NC;
-          gated_activation_row(row, row + NC, nc, act, y + m * I + n0);
+          const float* row = scratch + (m - m_begin) * 2 * cols;
+          gated_activation_row(row, row + cols, nc, act, y + m * I + n0);
         }
       }
     }
