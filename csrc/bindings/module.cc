@@ -54,13 +54,27 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &num_threads);
   m.def("set_profiling", [](bool on) { profile().enabled = on; profile().reset(); },
         "Turns per-stage timing of the forward pass on or off (and clears it).");
-  m.def("profile", [] {
+  m.def("profile", [](py::object phase) {
+    int first = 0, last = (int)Phase::kCount - 1;
+    if (!phase.is_none()) {
+      const std::string name = phase.cast<std::string>();
+      if (name != "prefill" && name != "decode") {
+        throw py::value_error("phase must be 'prefill', 'decode' or None (both), got '" + name + "'");
+      }
+      first = last = name == "prefill" ? (int)Phase::kPrefill : (int)Phase::kDecode;
+    }
     py::dict out;
     for (int i = 0; i < (int)Stage::kCount; ++i) {
-      out[stage_name((Stage)i)] = py::make_tuple(profile().seconds[i], profile().calls[i]);
+      double seconds = 0.0;
+      long calls = 0;
+      for (int p = first; p <= last; ++p) seconds += profile().seconds[p][i], calls += profile().calls[p][i];
+      out[stage_name((Stage)i)] = py::make_tuple(seconds, calls);
     }
     return out;
-  }, "Seconds and calls per stage since profiling was turned on: {stage: (seconds, calls)}.");
+  }, "phase"_a = py::none(),
+     "Seconds and calls per stage since profiling was turned on: {stage: (seconds, calls)}, of the\n"
+     "prompts' forward passes ('prefill'), of the decode steps ('decode': every sequence feeds one\n"
+     "token), or of both (None).");
 
   bind_model(m);
   bind_decoder(m);

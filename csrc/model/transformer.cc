@@ -77,6 +77,13 @@ void Transformer::norm(const Norm& w, const float* x, long rows, float* y) const
 }
 
 void Transformer::embed(const SeqBatch* seqs, int n, Workspace& ws, long rows) const {
+  // Every forward pass starts here: a decode step when each sequence feeds one token. (Written only
+  // while profiling: concurrent forward passes would otherwise race on it.)
+  if (profile().enabled) {
+    bool decode_step = config_.causal;
+    for (int s = 0; s < n; ++s) decode_step = decode_step && seqs[s].n_new == 1;
+    profile().phase = decode_step ? Phase::kDecode : Phase::kPrefill;
+  }
   StageTimer timer(Stage::kEmbed);
   const long H = config_.hidden_size;
   const k::KernelTable& K = k::active();

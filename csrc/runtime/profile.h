@@ -8,12 +8,20 @@ namespace pyxf {
 enum class Stage : int { kEmbed, kNorm, kQkv, kRope, kCacheWrite, kAttention, kAttnOut, kFfnUp,
                          kActivation, kFfnDown, kHead, kSample, kForward, kCrossAttention, kEncode, kCount };
 
+// Stages are counted apart for prompts and for decode steps, so that a decode step's figures are
+// not averaged with a prompt's: a forward pass is a decode step when every sequence in it feeds one
+// token, a prefill otherwise (prompts, chunks, encoders). The phase is that of the last forward pass
+// begun; the stages after it (sampling) count with it.
+enum class Phase : int { kPrefill = 0, kDecode = 1, kCount };
+
 struct Profile {
   bool enabled = false;
-  double seconds[(int)Stage::kCount] = {};
-  long calls[(int)Stage::kCount] = {};
+  Phase phase = Phase::kPrefill;
+  double seconds[(int)Phase::kCount][(int)Stage::kCount] = {};
+  long calls[(int)Phase::kCount][(int)Stage::kCount] = {};
   void reset() {
-    for (int i = 0; i < (int)Stage::kCount; ++i) seconds[i] = 0, calls[i] = 0;
+    for (int p = 0; p < (int)Phase::kCount; ++p)
+      for (int i = 0; i < (int)Stage::kCount; ++i) seconds[p][i] = 0, calls[p][i] = 0;
   }
 };
 
@@ -29,8 +37,9 @@ class StageTimer {
   ~StageTimer() {
     if (!on_) return;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    profile().seconds[(int)stage_] += dt;
-    profile().calls[(int)stage_] += 1;
+    Profile& p = profile();
+    p.seconds[(int)p.phase][(int)stage_] += dt;
+    p.calls[(int)p.phase][(int)stage_] += 1;
   }
 
  private:
