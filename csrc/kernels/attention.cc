@@ -328,6 +328,18 @@ void pair_values(const float* v, long stride, int bk, int D, int dp, uint16_t* v
   }
 }
 
+// One step of a bf16 tile: acc[r][c] += the bf16 pair at a + r * lda (broadcast) times v[c], for R
+// rows and NV vectors.
+template <int R, int NV>
+inline void dp_step(__m512 (&acc)[R][NV], const uint16_t* a, long lda, const __m512bh (&v)[NV]) {
+  for (int r = 0; r < R; ++r) {
+    int32_t pair;
+    memcpy(&pair, a + r * lda, 4);
+    const __m512bh x = as_bh(_mm512_set1_epi32(pair));
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, v[c]);
+  }
+}
+
 // s[R][0 .. NV vectors) = q[R] . keys of the block, on pairs of depths (qb rows of dp bf16).
 template <int R, int NV>
 void scores_tile_bf16(const uint16_t* qb, int dp, int D, const uint16_t* kb, float* s) {
@@ -337,12 +349,7 @@ void scores_tile_bf16(const uint16_t* qb, int dp, int D, const uint16_t* kb, flo
   for (int dd = 0; dd < D / 2; ++dd) {
     __m512bh k[NV];
     for (int c = 0; c < NV; ++c) k[c] = as_bh(_mm512_loadu_si512(kb + ((long)dd * kBlockKeys + c * kLanes) * 2));
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      memcpy(&pair, qb + (long)r * dp + 2 * dd, 4);
-      const __m512bh x = as_bh(_mm512_set1_epi32(pair));
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, k[c]);
-    }
+    dp_step<R, NV>(acc, qb + 2 * dd, dp, k);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(s + (long)r * kBlockKeys + c * kLanes, acc[r][c]);
@@ -370,12 +377,7 @@ void pv_tile_bf16(const uint16_t* pb, const float* corr, const uint16_t* vb, int
   for (int jj = 0; jj < pairs; ++jj) {
     __m512bh x[NV];
     for (int i = 0; i < NV; ++i) x[i] = as_bh(_mm512_loadu_si512(vb + ((long)jj * dp + d0 + i * kLanes) * 2));
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      memcpy(&pair, pb + (long)r * kBlockKeys + 2 * jj, 4);
-      const __m512bh p = as_bh(_mm512_set1_epi32(pair));
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], p, x[i]);
-    }
+    dp_step<R, NV>(acc, pb + 2 * jj, kBlockKeys, x);
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + (long)r * dp + d0 + i * kLanes, acc[r][i]);
