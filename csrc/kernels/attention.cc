@@ -690,7 +690,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     // bf16 pairs after the floats: q and probabilities of every row, a block's keys and values.
     const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + (4L + kLanes) * max_rows;
     const long halves = sh.bf16_products ? (long)max_rows * dp + 2L * dp * kBlockKeys + (long)max_rows * kBlockKeys : 0;
-    float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + 2 * halves + 127) / 64 * 64);
+    float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + sizeof(uint16_t) * halves + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
     sc.o = sc.q + (long)max_rows * dp;
