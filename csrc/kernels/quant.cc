@@ -467,7 +467,9 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
     WeightStep ws[WR];
     for (int j = 0; j < WR; ++j) {
       const uint8_t* wb = w + j * row_bytes + t * step_bytes;
-      _mm_prefetch((const char*)(wb + kStreamPrefetchBytes), _MM_HINT_T0);
+      // Every cache line the step spans: a 68- or 72-byte step from one prefetch would skip every
+      // 17th or 9th line (left to the hardware prefetcher, which four interleaved rows confuse).
+      for (long off = 0; off < step_bytes; off += 64) _mm_prefetch((const char*)(wb + kStreamPrefetchBytes + off), _MM_HINT_T0);
       ws[j] = load_step<F>(wb);
     }
     for (int i = 0; i < XR; ++i)
