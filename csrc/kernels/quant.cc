@@ -359,24 +359,15 @@ void free_stream_rows(StreamRows& r) {
 }
 
 // One weight row's step: its bytes as vpdpbusd's unsigned operand(s) and the per-lane block scales
-// d (and offsets m, q4_1). The quant arrays of the step's blocks are loaded apart and joined in a
-// register (two 32-byte halves, or four 16-byte quarters), and each block's fp16 scale is
-// broadcast into its lanes (on Zen 5 this beats picking both out of two 64-byte loads with
-// vpermt2w / vpermw). A row's last step may hold fewer (`live`) blocks: kPartial loads only those
-// (masked loads: nothing past the row is read) and zeros the rest.
+// d (and offsets m, q4_1).
 struct WeightStep {
   __m512i u[2];
   __m512 d, m;
 };
 
-template <bool kPartial>
-static inline __m256i load_half(const uint8_t* p, bool live) {
-  return kPartial ? _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p) : _mm256_loadu_si256((const __m256i*)p);
-}
-template <bool kPartial>
-static inline __m128i load_quarter(const uint8_t* p, bool live) {
-  return kPartial ? _mm_maskz_loadu_epi8(live ? 0xffff : 0, p) : _mm_loadu_si128((const __m128i*)p);
-}
+// Masked loads of a partial step's arrays: `live` false reads nothing and gives zeros.
+static inline __m256i load_half(const uint8_t* p, bool live) { return _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p); }
+static inline __m128i load_quarter(const uint8_t* p, bool live) { return _mm_maskz_loadu_epi8(live ? 0xffff : 0, p); }
 
 // 16 fp16 lanes in `groups` groups: group g holds the value at first + g * stride (g < live; the
 // others stay group 0's, harmless: their quants and activations are zero).
@@ -390,20 +381,76 @@ static inline __m256i lane_groups_fp16(const uint8_t* first, int stride, int gro
   return h;
 }
 
-template <QuantFormat F, bool kPartial = false>
-static inline WeightStep load_step(const uint8_t* wb, int live = step_blocks(F)) {
+// A whole 4-bit step is taken from two overlapping 64-byte loads, the step's first 64 bytes and the
+// 64 that end where it ends (72 and 80-byte steps: every block offset is even). One word permute
+// gathers the four blocks' quant arrays into a register, another spreads each block's fp16 scale
+// (and q4_1's offset) over its four lanes. On Zen 5, one thread, L2-resident weights, this is
+// 12-25% faster than loading each block's 16 bytes apart and broadcasting its scales from general
+// registers (q4_0 24-28 -> 30-32 GB/s, q4_1 24-26 -> 28-32), provided the permute indices are made
+// once per tile (a function-local static's guard in the loop costs more than the permutes save).
+// 8-bit steps (two 32-byte arrays, two scales) keep the separate loads: permuted, q8_0 was 7-12%
+// slower.
+template <QuantFormat F>
+struct StepPermutes {
+  static constexpr int bb = block_bytes(F), off = data_offset(F);
+  static constexpr int tail = 4 * bb - 64;  // where the second load starts
+  __m512i quants, scales, offsets;
+  StepPermutes() {
+    if constexpr (step_blocks(F) == 4) {
+      alignas(64) int16_t q[32], d[32], m[32];
+      for (int w = 0; w < 32; ++w) {
+        const int at = (bb * (w / 8) + off) / 2 + w % 8;        // the step's word for word w
+        q[w] = (int16_t)(at < 32 ? at : 32 + at - tail / 2);   // 32 +: from the second load
+        d[w] = (int16_t)(bb * ((w % 16) / 4) / 2);              // lane w % 16's block scale
+        m[w] = (int16_t)(d[w] + 1);
+      }
+      quants = _mm512_load_si512(q);
+      scales = _mm512_load_si512(d);
+      offsets = _mm512_load_si512(m);
+    }
+  }
+};
+
+template <QuantFormat F>
+static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& perm) {
+  constexpr int bb = block_bytes(F), off = data_offset(F);
+  WeightStep s;
+  if constexpr (F == QuantFormat::kInt8) {  // 64 contiguous bytes
+    s.u[0] = _mm512_xor_si512(_mm512_loadu_si512(wb), _mm512_set1_epi8((char)0x80));
+  } else if constexpr (step_blocks(F) == 2) {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(wb + off))),
+                                         _mm256_loadu_si256((const __m256i*)(wb + bb + off)), 1);
+    s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
+    s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, 2));
+  } else {
+    const __m512i a = _mm512_loadu_si512(wb), b = _mm512_loadu_si512(wb + StepPermutes<F>::tail);
+    const __m512i v = _mm512_permutex2var_epi16(a, perm.quants, b);
+    const auto fp16_lanes = [&](__m512i idx) {
+      return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, a)));
+    };
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    s.u[0] = _mm512_and_si512(v, nibble);
+    s.u[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    s.d = fp16_lanes(perm.scales);
+    if constexpr (F == QuantFormat::kQ4_1) s.m = fp16_lanes(perm.offsets);
+  }
+  return s;
+}
+
+// A row's last step when it holds fewer (`live`) blocks: masked loads read only those (nothing past
+// the row) and zero the rest.
+template <QuantFormat F>
+static inline WeightStep load_partial_step(const uint8_t* wb, int live) {
   constexpr int G = step_blocks(F), bb = block_bytes(F), off = data_offset(F);
   WeightStep s;
-  if constexpr (F == QuantFormat::kInt8 && !kPartial) {  // 64 contiguous bytes
-    s.u[0] = _mm512_xor_si512(_mm512_loadu_si512(wb), _mm512_set1_epi8((char)0x80));
-  } else if constexpr (G == 2) {
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half<kPartial>(wb + off, true)),
-                                         load_half<kPartial>(wb + bb + off, live > 1), 1);
+  if constexpr (G == 2) {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half(wb + off, true)),
+                                         load_half(wb + bb + off, live > 1), 1);
     s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
     if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
   } else {
     __m128i q[4];
-    for (int g = 0; g < 4; ++g) q[g] = load_quarter<kPartial>(wb + g * bb + off, g < live);
+    for (int g = 0; g < 4; ++g) q[g] = load_quarter(wb + g * bb + off, g < live);
     const __m512i v = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(q[0]), q[1], 1)),
         _mm256_inserti128_si256(_mm256_castsi128_si256(q[2]), q[3], 1), 1);
@@ -463,6 +510,7 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
   for (int i = 0; i < XR; ++i)
     for (int j = 0; j < WR; ++j) acc[i][j] = _mm512_setzero_ps();
   const long full = nblocks / G;
+  const StepPermutes<F> perms;
   for (long t = 0; t < full; ++t) {
     WeightStep ws[WR];
     for (int j = 0; j < WR; ++j) {
@@ -470,7 +518,7 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
       // Every cache line the step spans: a 68- or 72-byte step from one prefetch would skip every
       // 17th or 9th line (left to the hardware prefetcher, which four interleaved rows confuse).
       for (long off = 0; off < step_bytes; off += 64) _mm_prefetch((const char*)(wb + kStreamPrefetchBytes + off), _MM_HINT_T0);
-      ws[j] = load_step<F>(wb);
+      ws[j] = load_step<F>(wb, perms);
     }
     for (int i = 0; i < XR; ++i)
       for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], t, acc[i][j]);
@@ -478,7 +526,7 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
   if (full < r.steps) {
     WeightStep ws[WR];
     const int live = (int)(nblocks - full * G);
-    for (int j = 0; j < WR; ++j) ws[j] = load_step<F, true>(w + j * row_bytes + full * step_bytes, live);
+    for (int j = 0; j < WR; ++j) ws[j] = load_partial_step<F>(w + j * row_bytes + full * step_bytes, live);
     for (int i = 0; i < XR; ++i)
       for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], full, acc[i][j]);
   }
