@@ -158,6 +158,8 @@ constexpr int block_bytes(QuantFormat f) {
     case QuantFormat::kQ8_0: return 2 + QK;
     case QuantFormat::kQ4_0: return 2 + QK / 2;
     case QuantFormat::kQ4_1: return 4 + QK / 2;
+    case QuantFormat::kQ5_0: return 6 + QK / 2;
+    case QuantFormat::kQ5_1: return 8 + QK / 2;
     case QuantFormat::kInt8:
     default: return QK;
   }
@@ -252,26 +254,37 @@ void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const fl
 // ---- Few rows on AVX-512 VNNI: the decode GEMV, streaming whole 512-bit steps ----
 // Decode reads every weight once, so its loop must cost fewer cycles per weight byte than memory
 // does, even with the core's vector units shared by two hyper-threads. A step covers G blocks of
-// one weight row in one register (G = 2 for 8-bit formats: 64 weight bytes; G = 4 for 4-bit ones:
-// 64 nibble bytes split into two registers), so one or two vpdpbusd and three float operations
-// serve G blocks. The activations are laid out once per call to match (StreamRows):
+// one weight row in one register (G = 2 for 8-bit formats: 64 weight bytes; G = 4 for 4- and 5-bit
+// ones: 64 nibble bytes split into two registers, 5-bit ones adding 16 where their fifth bit is
+// set), so one or two vpdpbusd and three float operations serve G blocks. The activations are laid out once per call to match (StreamRows):
 //   x     the int8 activations in the order the step's weight bytes sit in their registers;
 //   init  per int32 lane, the value the lane's sum starts from, which makes unsigned-byte products
 //         exact signed ones: vpdpbusd multiplies unsigned bytes by signed ones, so 8-bit weights
 //         are fed as w + 128 (their sign bit flipped) and the lane starts at -128 * (sum of its
-//         four x); q4_0's nibbles are w + 8: the lane starts at -8 * (sum of its x);
+//         four x); q4_0's nibbles are w + 8: the lane starts at -8 * (sum of its x), q5_0's
+//         values are w + 16: -16 * (sum of its x);
 //   dx    per lane, the activation scale of the block the lane belongs to;
-//   s     (q4_1) per lane, dx * sum(q) of its block over the block's lane count (the offset m).
+//   s     (q4_1, q5_1) per lane, dx * sum(q) of its block over the block's lane count (the offset m).
 // Lane l of a step's sum belongs to block l / 8 (8-bit) or l / 4 (4-bit), so the per-block weight
 // scales are broadcast into those lane groups, two (or four) fp16 values per step.
 
+constexpr bool five_bit(QuantFormat f) { return f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1; }
+constexpr bool has_min(QuantFormat f) { return f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_1; }
 constexpr int step_blocks(QuantFormat f) {
-  return f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 ? 4 : 2;
+  return f == QuantFormat::kQ8_0 || f == QuantFormat::kInt8 ? 2 : 4;
 }
 constexpr int step_x_bytes(QuantFormat f) { return step_blocks(f) * QK; }
+// Where a block's quant bytes start, and (5-bit) its 32 fifth bits.
 constexpr int data_offset(QuantFormat f) {
-  return f == QuantFormat::kInt8 ? 0 : f == QuantFormat::kQ4_1 ? 4 : 2;
+  switch (f) {
+    case QuantFormat::kInt8: return 0;
+    case QuantFormat::kQ4_1: return 4;
+    case QuantFormat::kQ5_0: return 6;
+    case QuantFormat::kQ5_1: return 8;
+    default: return 2;
+  }
 }
+constexpr int high_bits_offset(QuantFormat f) { return f == QuantFormat::kQ5_1 ? 4 : 2; }
 // Prefetch distance of each weight row's stream: about what memory delivers in its latency
 // (8 KiB measured best on Zen 5 against 2-4 KiB and 16 KiB; farther ahead than the 4 rows of a tile,
 // which lie next to each other).
@@ -339,9 +352,10 @@ StreamRows prepare_stream_rows(const float* x, long M, long K) {
         _mm512_store_si512(xs + t * XB + 64, hi);
         sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo), ones, hi);
       }
-      // init = -128 * sums (8-bit: w + 128), -8 * sums (q4_0: nibble = w + 8), 0 (q4_1)
-      const int shift = F == QuantFormat::kQ4_0 ? 3 : 7;
-      const __m512i start = F == QuantFormat::kQ4_1 ? _mm512_setzero_si512()
+      // init = -128 * sums (8-bit: w + 128), -8 * sums (q4_0: nibble = w + 8), -16 * sums (q5_0),
+      // 0 (q4_1, q5_1)
+      const int shift = F == QuantFormat::kQ4_0 ? 3 : F == QuantFormat::kQ5_0 ? 4 : 7;
+      const __m512i start = has_min(F) ? _mm512_setzero_si512()
                                                     : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, shift));
       _mm512_store_si512(init + t * 16, start);
       _mm512_store_ps(dx + t * 16, _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qd + t * G)));
@@ -365,9 +379,8 @@ struct WeightStep {
   __m512 d, m;
 };
 
-// Masked loads of a partial step's arrays: `live` false reads nothing and gives zeros.
+// A masked load of a partial step's array: `live` false reads nothing and gives zeros.
 static inline __m256i load_half(const uint8_t* p, bool live) { return _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p); }
-static inline __m128i load_quarter(const uint8_t* p, bool live) { return _mm_maskz_loadu_epi8(live ? 0xffff : 0, p); }
 
 // 16 fp16 lanes in `groups` groups: group g holds the value at first + g * stride (g < live; the
 // others stay group 0's, harmless: their quants and activations are zero).
@@ -381,38 +394,52 @@ static inline __m256i lane_groups_fp16(const uint8_t* first, int stride, int gro
   return h;
 }
 
-// A whole 4-bit step is taken from two overlapping 64-byte loads, the step's first 64 bytes and the
-// 64 that end where it ends (72 and 80-byte steps: every block offset is even). One word permute
-// gathers the four blocks' quant arrays into a register, another spreads each block's fp16 scale
-// (and q4_1's offset) over its four lanes. On Zen 5, one thread, L2-resident weights, this is
-// 12-25% faster than loading each block's 16 bytes apart and broadcasting its scales from general
-// registers (q4_0 24-28 -> 30-32 GB/s, q4_1 24-26 -> 28-32), provided the permute indices are made
-// once per tile (a function-local static's guard in the loop costs more than the permutes save).
-// 8-bit steps (two 32-byte arrays, two scales) keep the separate loads: permuted, q8_0 was 7-12%
-// slower.
+// A whole 4- or 5-bit step is taken from two overlapping 64-byte loads, the step's first 64 bytes
+// and the 64 that end where it ends (72 to 96-byte steps: every field of a block is at an even
+// offset). Word permutes gather the four blocks' quant arrays into one register, spread each block's
+// fp16 scale (and offset) over its four lanes and (5-bit) line up the fifth bits as two 64-bit masks.
+// On Zen 5, one thread, L2-resident weights, this is 12-25% faster than loading each block's arrays
+// apart and broadcasting its scales from general registers (q4_0 24-28 -> 30-32 GB/s, q4_1 24-26
+// -> 28-32), provided the permute indices are made once per tile (a function-local static's guard
+// in the loop costs more than the permutes save). 8-bit steps (two 32-byte arrays, two scales)
+// keep the separate loads: permuted, q8_0 was 7-12% slower.
 template <QuantFormat F>
 struct StepPermutes {
-  static constexpr int bb = block_bytes(F), off = data_offset(F);
+  static constexpr int bb = block_bytes(F), off = data_offset(F), ho = high_bits_offset(F);
   static constexpr int tail = 4 * bb - 64;  // where the second load starts
-  __m512i quants, scales, offsets;
+  // q4_0 / q4_1: every scale (and offset) lies in the first load, and a one-register permute does.
+  static constexpr bool kScalesInFirst = 3 * bb + (has_min(F) ? 2 : 0) < 64;
+  __m512i quants, scales, offsets, fifth;
+  // Index of the step's word at byte `at` in a two-register permute of the loads.
+  static int16_t word(int at) { return (int16_t)(at / 2 < 32 ? at / 2 : 32 + (at - tail) / 2); }
   StepPermutes() {
     if constexpr (step_blocks(F) == 4) {
-      alignas(64) int16_t q[32], d[32], m[32];
+      alignas(64) int16_t q[32], d[32], m[32], h[32] = {};
       for (int w = 0; w < 32; ++w) {
-        const int at = (bb * (w / 8) + off) / 2 + w % 8;        // the step's word for word w
-        q[w] = (int16_t)(at < 32 ? at : 32 + at - tail / 2);   // 32 +: from the second load
-        d[w] = (int16_t)(bb * ((w % 16) / 4) / 2);              // lane w % 16's block scale
-        m[w] = (int16_t)(d[w] + 1);
+        q[w] = word(bb * (w / 8) + off + 2 * (w % 8));  // quarter w / 8: block w / 8's 16 bytes
+        d[w] = word(bb * ((w % 16) / 4));                // lane w % 16: its block's scale
+        m[w] = word(bb * ((w % 16) / 4) + 2);
+      }
+      for (int g = 0; five_bit(F) && g < 4; ++g) {  // words 0-3: each block's fifth bits 0-15; 4-7: 16-31
+        h[g] = word(bb * g + ho);
+        h[4 + g] = word(bb * g + ho + 2);
       }
       quants = _mm512_load_si512(q);
       scales = _mm512_load_si512(d);
       offsets = _mm512_load_si512(m);
+      fifth = _mm512_load_si512(h);
     }
   }
 };
 
-template <QuantFormat F>
-static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& perm) {
+// A 4- or 5-bit row's last step when it holds fewer blocks takes the same path with masked loads
+// (`partial`: bytes of the live blocks only, nothing past the row; the others read as zeros).
+struct PartialLoads {
+  __mmask64 first, second;
+};
+
+template <QuantFormat F, bool kPartial = false>
+static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& perm, PartialLoads partial = {}) {
   constexpr int bb = block_bytes(F), off = data_offset(F);
   WeightStep s;
   if constexpr (F == QuantFormat::kInt8) {  // 64 contiguous bytes
@@ -423,43 +450,40 @@ static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& per
     s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
     s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, 2));
   } else {
-    const __m512i a = _mm512_loadu_si512(wb), b = _mm512_loadu_si512(wb + StepPermutes<F>::tail);
-    const __m512i v = _mm512_permutex2var_epi16(a, perm.quants, b);
+    const uint8_t* wt = wb + StepPermutes<F>::tail;
+    const __m512i a = kPartial ? _mm512_maskz_loadu_epi8(partial.first, wb) : _mm512_loadu_si512(wb);
+    const __m512i b = kPartial ? _mm512_maskz_loadu_epi8(partial.second, wt) : _mm512_loadu_si512(wt);
+    const auto gather = [&](__m512i idx) { return _mm512_permutex2var_epi16(a, idx, b); };
     const auto fp16_lanes = [&](__m512i idx) {
-      return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, a)));
+      const __m512i h = StepPermutes<F>::kScalesInFirst ? _mm512_permutexvar_epi16(idx, a) : gather(idx);
+      return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
     };
+    const __m512i v = gather(perm.quants);
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     s.u[0] = _mm512_and_si512(v, nibble);
     s.u[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    if constexpr (five_bit(F)) {
+      const __m128i bits = _mm512_castsi512_si128(gather(perm.fifth));
+      const __m512i sixteen = _mm512_set1_epi8(16);
+      s.u[0] = _mm512_mask_add_epi8(s.u[0], _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(bits)), s.u[0], sixteen);
+      s.u[1] = _mm512_mask_add_epi8(s.u[1], _cvtu64_mask64((uint64_t)_mm_extract_epi64(bits, 1)), s.u[1], sixteen);
+    }
     s.d = fp16_lanes(perm.scales);
-    if constexpr (F == QuantFormat::kQ4_1) s.m = fp16_lanes(perm.offsets);
+    if constexpr (has_min(F)) s.m = fp16_lanes(perm.offsets);
   }
   return s;
 }
 
-// A row's last step when it holds fewer (`live`) blocks: masked loads read only those (nothing past
-// the row) and zero the rest.
+// An 8-bit row's last step when it holds one block: masked loads read only that block (nothing past
+// the row) and zero the other.
 template <QuantFormat F>
 static inline WeightStep load_partial_step(const uint8_t* wb, int live) {
-  constexpr int G = step_blocks(F), bb = block_bytes(F), off = data_offset(F);
+  constexpr int bb = block_bytes(F), off = data_offset(F);
   WeightStep s;
-  if constexpr (G == 2) {
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half(wb + off, true)),
-                                         load_half(wb + bb + off, live > 1), 1);
-    s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
-    if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
-  } else {
-    __m128i q[4];
-    for (int g = 0; g < 4; ++g) q[g] = load_quarter(wb + g * bb + off, g < live);
-    const __m512i v = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(q[0]), q[1], 1)),
-        _mm256_inserti128_si256(_mm256_castsi128_si256(q[2]), q[3], 1), 1);
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    s.u[0] = _mm512_and_si512(v, nibble);
-    s.u[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 4, live));
-    if constexpr (F == QuantFormat::kQ4_1) s.m = _mm512_cvtph_ps(lane_groups_fp16(wb + 2, bb, 4, live));
-  }
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half(wb + off, true)),
+                                       load_half(wb + bb + off, live > 1), 1);
+  s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
+  if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
   return s;
 }
 
@@ -482,7 +506,7 @@ static inline void step_dot(const WeightStep& w, const StreamRow& r, long t, __m
     acc = _mm512_add_ps(acc, f);
   } else {
     acc = _mm512_fmadd_ps(f, w.d, acc);
-    if constexpr (F == QuantFormat::kQ4_1) acc = _mm512_fmadd_ps(w.m, _mm512_load_ps(r.s + t * 16), acc);
+    if constexpr (has_min(F)) acc = _mm512_fmadd_ps(w.m, _mm512_load_ps(r.s + t * 16), acc);
   }
 }
 
@@ -526,7 +550,17 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
   if (full < r.steps) {
     WeightStep ws[WR];
     const int live = (int)(nblocks - full * G);
-    for (int j = 0; j < WR; ++j) ws[j] = load_partial_step<F>(w + j * row_bytes + full * step_bytes, live);
+    const long bytes = (long)live * block_bytes(F), tail = StepPermutes<F>::tail;
+    const PartialLoads partial{_bzhi_u64(~0ull, (unsigned)lmin(64, bytes)),
+                               bytes > tail ? _bzhi_u64(~0ull, (unsigned)(bytes - tail)) : 0};
+    for (int j = 0; j < WR; ++j) {
+      const uint8_t* wb = w + j * row_bytes + full * step_bytes;
+      if constexpr (G == 4) {
+        ws[j] = load_step<F, true>(wb, perms, partial);
+      } else {
+        ws[j] = load_partial_step<F>(wb, live);
+      }
+    }
     for (int i = 0; i < XR; ++i)
       for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], full, acc[i][j]);
   }
@@ -1024,6 +1058,17 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
+#if defined(PYXF_TARGET_avx512)
+  // q5_0 / q5_1 decode takes the streaming GEMV where it is chosen (their other kernels: quant_k.cc).
+  if (five_bit(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream) {
+    if (w.format == QuantFormat::kQ5_0) {
+      linear_quant_stream<QuantFormat::kQ5_0>(x, M, w, bias, y, accumulate);
+    } else {
+      linear_quant_stream<QuantFormat::kQ5_1>(x, M, w, bias, y, accumulate);
+    }
+    return;
+  }
+#endif
   if (is_quant_k_format(w.format)) {
     linear_quant_k(x, M, w, bias, y, accumulate);
     return;
