@@ -408,6 +408,16 @@ struct Acc {
 };
 static inline __m512 zext128(__m128 v) { return _mm512_zextps128_ps512(v); }
 
+// k_scales in one register: the dwords {sc[0], sc[1], mn[0], mn[1]} from the 12 scale bytes, with
+// vector shifts and masks (reading 16 bytes: the scales are followed by the block's quants).
+static inline __m128i k_scales_vector(const uint8_t* scales) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)scales);      // dwords w0, w1, w2, ...
+  const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+  const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)), 2);
+  return _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                      _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+}
+
 // q4_k / q5_k: vector k holds the sub-blocks (2k', 2k' + 2) pairs: [0,2], [1,3], [4,6], [5,7].
 template <bool kFive>
 struct K45Kernel {
@@ -420,9 +430,7 @@ struct K45Kernel {
     const uint8_t* blk = row + b * kBytes;
     d = half_to_float(load_u16(blk));
     dmin = half_to_float(load_u16(blk + 2));
-    uint32_t sc[2], mn[2];
-    k_scales(blk + 4, sc, mn);
-    const __m128i s8 = _mm_setr_epi32((int)sc[0], (int)sc[1], (int)mn[0], (int)mn[1]);
+    const __m128i s8 = k_scales_vector(blk + 4);
     const __m512i s16 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(s8));
     mins = _mm_cvtepu8_epi16(_mm_srli_si128(s8, 8));
     static const int pair[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
