@@ -92,6 +92,16 @@ void k_scales(const uint8_t* scales, uint32_t sc[2], uint32_t mn[2]) {
 // ---- a block's integers as unsigned bytes in weight order, 32 per 256-bit vector (AVX2) ----
 // The AVX2 decode kernels multiply these; unpack() stores them (both x86 ISAs).
 
+// k_scales in one register: the dwords {sc[0], sc[1], mn[0], mn[1]} from the 12 scale bytes, with
+// vector shifts and masks (reading 16 bytes: the scales are followed by the block's quants).
+static inline __m128i k_scales_vector(const uint8_t* scales) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)scales);      // dwords w0, w1, w2, ...
+  const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+  const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)), 2);
+  return _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                      _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+}
+
 // Byte j = 0x10 where bit j of `bits` is set.
 static inline __m256i fifth_bits(uint32_t bits) {
   const __m256i spread = _mm256_shuffle_epi8(
@@ -408,16 +418,6 @@ struct Acc {
 };
 static inline __m512 zext128(__m128 v) { return _mm512_zextps128_ps512(v); }
 
-// k_scales in one register: the dwords {sc[0], sc[1], mn[0], mn[1]} from the 12 scale bytes, with
-// vector shifts and masks (reading 16 bytes: the scales are followed by the block's quants).
-static inline __m128i k_scales_vector(const uint8_t* scales) {
-  const __m128i v = _mm_loadu_si128((const __m128i*)scales);      // dwords w0, w1, w2, ...
-  const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
-  const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)), 2);
-  return _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-                      _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
-}
-
 // q4_k / q5_k: vector k holds the sub-blocks (2k', 2k' + 2) pairs: [0,2], [1,3], [4,6], [5,7].
 template <bool kFive>
 struct K45Kernel {
@@ -581,10 +581,9 @@ struct K45Kernel {
     const uint8_t* blk = row + b * kBytes;
     d = half_to_float(load_u16(blk));
     dmin = half_to_float(load_u16(blk + 2));
-    uint32_t s[2], mn[2];
-    k_scales(blk + 4, s, mn);
-    for (int i = 0; i < 8; ++i) sc[i] = (int16_t)((s[i / 4] >> (8 * (i % 4))) & 0xff);
-    mins = _mm_cvtepu8_epi16(_mm_setr_epi32((int)mn[0], (int)mn[1], 0, 0));
+    const __m128i s8 = k_scales_vector(blk + 4);
+    _mm_storeu_si128((__m128i*)sc, _mm_cvtepu8_epi16(s8));
+    mins = _mm_cvtepu8_epi16(_mm_srli_si128(s8, 8));
     k45_values<kFive>(blk, q);
   }
   void dot(const ActRow& x, long b, Acc& acc) const {
