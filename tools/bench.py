@@ -38,7 +38,7 @@ Quantized decoding (tools/bench_quant.py; the decoder workloads): pyxf int8 / q8
 Q4_K_M (engines pyxf-int8, ...), llama.cpp through llama-cpp-python on F32 / Q8_0 / Q4_0 / Q4_1 /
 Q4_K_M GGUF files of the same weights (llama.cpp-f32, ...) and CTranslate2's Generator in float32 and int8 (ct2-float32,
 ct2-int8). The files are made once and cached. The report adds the memory-bandwidth roofline: the
-read bandwidth of --threads threads (numpy sums over a 1 GiB array; the median of probes taken
+read bandwidth of --threads threads (a numpy integer OR over a 1 GiB array; the median of probes taken
 before each engine, as the machine's bandwidth moves during a run) divided by the weight bytes one
 decode step reads gives each engine's ceiling in tokens/s, and its measured decode speed is reported
 as a fraction of that ceiling.
