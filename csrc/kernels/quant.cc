@@ -256,7 +256,8 @@ void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const fl
 // does, even with the core's vector units shared by two hyper-threads. A step covers G blocks of
 // one weight row in one register (G = 2 for 8-bit formats: 64 weight bytes; G = 4 for 4- and 5-bit
 // ones: 64 nibble bytes split into two registers, 5-bit ones adding 16 where their fifth bit is
-// set), so one or two vpdpbusd and three float operations serve G blocks. The activations are laid out once per call to match (StreamRows):
+// set), so one or two vpdpbusd and three float operations serve G blocks. The activations are laid
+// out once per call to match (StreamRows):
 //   x     the int8 activations in the order the step's weight bytes sit in their registers;
 //   init  per int32 lane, the value the lane's sum starts from, which makes unsigned-byte products
 //         exact signed ones: vpdpbusd multiplies unsigned bytes by signed ones, so 8-bit weights
@@ -265,8 +266,8 @@ void quant_few_rows(const QuantRow* rows, long M, const QuantWeight& w, const fl
 //         values are w + 16: -16 * (sum of its x);
 //   dx    per lane, the activation scale of the block the lane belongs to;
 //   s     (q4_1, q5_1) per lane, dx * sum(q) of its block over the block's lane count (the offset m).
-// Lane l of a step's sum belongs to block l / 8 (8-bit) or l / 4 (4-bit), so the per-block weight
-// scales are broadcast into those lane groups, two (or four) fp16 values per step.
+// Lane l of a step's sum belongs to block l / 8 (8-bit) or l / 4 (4- and 5-bit), so the per-block
+// weight scales are spread over those lane groups, two (or four) fp16 values per step.
 
 constexpr bool five_bit(QuantFormat f) { return f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1; }
 constexpr bool has_min(QuantFormat f) { return f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_1; }
@@ -356,7 +357,7 @@ StreamRows prepare_stream_rows(const float* x, long M, long K) {
       // 0 (q4_1, q5_1)
       const int shift = F == QuantFormat::kQ4_0 ? 3 : F == QuantFormat::kQ5_0 ? 4 : 7;
       const __m512i start = has_min(F) ? _mm512_setzero_si512()
-                                                    : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, shift));
+                                       : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, shift));
       _mm512_store_si512(init + t * 16, start);
       _mm512_store_ps(dx + t * 16, _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qd + t * G)));
       const __m512 sl = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((1u << G) - 1, qs + t * G));
@@ -541,7 +542,9 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
       const uint8_t* wb = w + j * row_bytes + t * step_bytes;
       // Every cache line the step spans: a 68- or 72-byte step from one prefetch would skip every
       // 17th or 9th line (left to the hardware prefetcher, which four interleaved rows confuse).
-      for (long off = 0; off < step_bytes; off += 64) _mm_prefetch((const char*)(wb + kStreamPrefetchBytes + off), _MM_HINT_T0);
+      for (long off = 0; off < step_bytes; off += 64) {
+        _mm_prefetch((const char*)(wb + kStreamPrefetchBytes + off), _MM_HINT_T0);
+      }
       ws[j] = load_step<F>(wb, perms);
     }
     for (int i = 0; i < XR; ++i)
