@@ -380,8 +380,11 @@ struct WeightStep {
   __m512 d, m;
 };
 
-// A masked load of a partial step's array: `live` false reads nothing and gives zeros.
-static inline __m256i load_half(const uint8_t* p, bool live) { return _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p); }
+// One 32-byte array of an 8-bit step; in a partial step, masked: `live` false reads nothing (zeros).
+template <bool kPartial>
+static inline __m256i load_half(const uint8_t* p, bool live) {
+  return kPartial ? _mm256_maskz_loadu_epi8(live ? ~0u : 0u, p) : _mm256_loadu_si256((const __m256i*)p);
+}
 
 // 16 fp16 lanes in `groups` groups: group g holds the value at first + g * stride (g < live; the
 // others stay group 0's, harmless: their quants and activations are zero).
@@ -433,9 +436,11 @@ struct StepPermutes {
   }
 };
 
-// A 4- or 5-bit row's last step when it holds fewer blocks takes the same path with masked loads
-// (`partial`: bytes of the live blocks only, nothing past the row; the others read as zeros).
+// A row's last step when it holds fewer (`live`) blocks takes the same path with masked loads: bytes
+// of the live blocks only, nothing past the row; the others read as zeros. `first` and `second` are
+// the masks of a 4- or 5-bit step's two 64-byte loads.
 struct PartialLoads {
+  int live;
   __mmask64 first, second;
 };
 
@@ -443,13 +448,14 @@ template <QuantFormat F, bool kPartial = false>
 static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& perm, PartialLoads partial = {}) {
   constexpr int bb = block_bytes(F), off = data_offset(F);
   WeightStep s;
-  if constexpr (F == QuantFormat::kInt8) {  // 64 contiguous bytes
+  if constexpr (F == QuantFormat::kInt8 && !kPartial) {  // 64 contiguous bytes
     s.u[0] = _mm512_xor_si512(_mm512_loadu_si512(wb), _mm512_set1_epi8((char)0x80));
   } else if constexpr (step_blocks(F) == 2) {
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(wb + off))),
-                                         _mm256_loadu_si256((const __m256i*)(wb + bb + off)), 1);
+    const int live = kPartial ? partial.live : 2;
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half<kPartial>(wb + off, true)),
+                                         load_half<kPartial>(wb + bb + off, live > 1), 1);
     s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
-    s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, 2));
+    if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
   } else {
     const uint8_t* wt = wb + StepPermutes<F>::tail;
     const __m512i a = kPartial ? _mm512_maskz_loadu_epi8(partial.first, wb) : _mm512_loadu_si512(wb);
@@ -472,19 +478,6 @@ static inline WeightStep load_step(const uint8_t* wb, const StepPermutes<F>& per
     s.d = fp16_lanes(perm.scales);
     if constexpr (has_min(F)) s.m = fp16_lanes(perm.offsets);
   }
-  return s;
-}
-
-// An 8-bit row's last step when it holds one block: masked loads read only that block (nothing past
-// the row) and zero the other.
-template <QuantFormat F>
-static inline WeightStep load_partial_step(const uint8_t* wb, int live) {
-  constexpr int bb = block_bytes(F), off = data_offset(F);
-  WeightStep s;
-  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(load_half(wb + off, true)),
-                                       load_half(wb + bb + off, live > 1), 1);
-  s.u[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // w + 128, unsigned
-  if constexpr (F == QuantFormat::kQ8_0) s.d = _mm512_cvtph_ps(lane_groups_fp16(wb, bb, 2, live));
   return s;
 }
 
@@ -554,16 +547,9 @@ void stream_tile(const StreamRows& r, long row0, const uint8_t* w, long row_byte
     WeightStep ws[WR];
     const int live = (int)(nblocks - full * G);
     const long bytes = (long)live * block_bytes(F), tail = StepPermutes<F>::tail;
-    const PartialLoads partial{_bzhi_u64(~0ull, (unsigned)lmin(64, bytes)),
+    const PartialLoads partial{live, _bzhi_u64(~0ull, (unsigned)lmin(64, bytes)),
                                bytes > tail ? _bzhi_u64(~0ull, (unsigned)(bytes - tail)) : 0};
-    for (int j = 0; j < WR; ++j) {
-      const uint8_t* wb = w + j * row_bytes + full * step_bytes;
-      if constexpr (G == 4) {
-        ws[j] = load_step<F, true>(wb, perms, partial);
-      } else {
-        ws[j] = load_partial_step<F>(wb, live);
-      }
-    }
+    for (int j = 0; j < WR; ++j) ws[j] = load_step<F, true>(w + j * row_bytes + full * step_bytes, perms, partial);
     for (int i = 0; i < XR; ++i)
       for (int j = 0; j < WR; ++j) step_dot<F>(ws[j], rows[i], full, acc[i][j]);
   }
@@ -1062,17 +1048,13 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
 #if defined(PYXF_TARGET_avx512)
-  // q5_0 / q5_1 decode takes the streaming GEMV where it is chosen (their other kernels: quant_k.cc).
-  if (five_bit(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream) {
-    if (w.format == QuantFormat::kQ5_0) {
-      linear_quant_stream<QuantFormat::kQ5_0>(x, M, w, bias, y, accumulate);
-    } else {
-      linear_quant_stream<QuantFormat::kQ5_1>(x, M, w, bias, y, accumulate);
-    }
-    return;
-  }
+  // Decode on the streaming GEMV where it is chosen: every block format but the K-quants (q5_0 /
+  // q5_1 included; their other kernels are quant_k.cc's).
+  const bool stream = !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream;
+#else
+  const bool stream = false;
 #endif
-  if (is_quant_k_format(w.format)) {
+  if (is_quant_k_format(w.format) && !stream) {
     linear_quant_k(x, M, w, bias, y, accumulate);
     return;
   }
@@ -1088,11 +1070,13 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   }
 #endif
 #if defined(PYXF_TARGET_avx512)
-  if (quant_gemv() == QuantGemv::kStream) {
+  if (stream) {
     switch (w.format) {
       case QuantFormat::kQ8_0: linear_quant_stream<QuantFormat::kQ8_0>(x, M, w, bias, y, accumulate); break;
       case QuantFormat::kQ4_0: linear_quant_stream<QuantFormat::kQ4_0>(x, M, w, bias, y, accumulate); break;
       case QuantFormat::kQ4_1: linear_quant_stream<QuantFormat::kQ4_1>(x, M, w, bias, y, accumulate); break;
+      case QuantFormat::kQ5_0: linear_quant_stream<QuantFormat::kQ5_0>(x, M, w, bias, y, accumulate); break;
+      case QuantFormat::kQ5_1: linear_quant_stream<QuantFormat::kQ5_1>(x, M, w, bias, y, accumulate); break;
       case QuantFormat::kInt8:
       default: linear_quant_stream<QuantFormat::kInt8>(x, M, w, bias, y, accumulate); break;
     }
