@@ -336,7 +336,30 @@ def test_gemma3_270m_quantized_agrees_with_transformers(gemma3_270m):
         assert got[-1] == expected[-1]
         agree, total = agree + int((got == expected).sum()), total + len(ids)
     assert agree >= 0.9 * total, f"{agree} of {total} positions agree"
-    assert pyxf_greedy(kept, prompts[0]) == hf_greedy(hf, kept, prompts[0])
+    for ids in prompts:
+        _check_quantized_greedy(hf, kept, ids)
+
+
+# How far quantizing moves this model's logits from the float32 reference: 0.5-1.4 at most over a
+# prompt's positions (and as much between two builds of pyxf whose float rounding differs in the
+# last bit, since that moves an activation across a rounding step of its 8-bit quantization).
+QUANTIZED_LOGIT_NOISE = 1.0
+
+
+def _check_quantized_greedy(hf, model, ids):
+    """A quantized model's greedy continuation against transformers' float32 one. Where the
+    reference's two best tokens are closer than quantization moves logits, either is a faithful
+    choice, so: the two continuations are equal up to the reference's first such near-tie, and
+    every token pyxf picks is one transformers, fed pyxf's own continuation, rates within the
+    noise of its best."""
+    got, expected = pyxf_greedy(model, ids), hf_greedy(hf, model, ids)
+    reference = helpers.hf_logits(hf, ids + expected)[len(ids) - 1:][:len(expected)]
+    top2 = np.sort(reference, -1)[:, -2:]
+    near_tie = next((i for i, m in enumerate(top2[:, 1] - top2[:, 0]) if m < QUANTIZED_LOGIT_NOISE), len(expected))
+    assert got[:near_tie] == expected[:near_tie]
+    rated = helpers.hf_logits(hf, ids + got)[len(ids) - 1:][:len(got)]
+    shortfall = rated.max(-1) - rated[np.arange(len(got)), got]
+    assert shortfall.max(initial=0) <= QUANTIZED_LOGIT_NOISE, (got, expected, shortfall)
 
 
 def pyxf_greedy(model, ids):
