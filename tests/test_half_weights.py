@@ -68,6 +68,46 @@ def test_bf16_linear_gated_matches_torch(isa, m, k, inter):
     assert_close(_core.ops.linear_gated(x, wb, "silu"), ref)
 
 
+def packs_bf16_once(isa):
+    """Whether this ISA's kernels pack bf16 matrices once (models do it at load): avx512_bf16."""
+    return isa == "avx512_bf16"
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16_panels_made_once_match_float64(isa, m, k, n):
+    """bf16 weights packed once (as a model packs its projections at load): every row count runs on
+    the panels, decode's single row included, with the same results as packing per call."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    wb, wb_values = bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
+    if not packs_bf16_once(isa):
+        with pytest.raises(ValueError, match="per call only"):
+            _core.ops.linear(x, wb, bias, panels=True)
+        return
+    y = _core.ops.linear(x, wb, bias, panels=True)
+    assert_close(y, bf16_activations(isa, x) @ wb_values.astype(np.float64).T + bias)
+    if m >= 160:  # the same panels as the per-call GEMM's, the same products in the same order
+        np.testing.assert_array_equal(y, _core.ops.linear(x, wb, bias))
+
+
+@pytest.mark.parametrize("m,k,inter", [(1, 64, 32), (5, 577, 96), (300, 577, 96)])
+def test_bf16_gated_panels_made_once_match_torch(isa, m, k, inter):
+    rng = np.random.default_rng(m + k + inter)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    wb, wb_values = bf16_bits(rng.standard_normal((2 * inter, k), dtype=np.float32))
+    if not packs_bf16_once(isa):
+        with pytest.raises(ValueError, match="per call only"):
+            _core.ops.linear_gated(x, wb, "silu", panels=True)
+        return
+    gu = F.linear(torch.from_numpy(bf16_activations(isa, x)), torch.from_numpy(wb_values).double())
+    ref = (F.silu(gu[:, :inter]) * gu[:, inter:]).numpy()
+    y = _core.ops.linear_gated(x, wb, "silu", panels=True)
+    assert_close(y, ref)
+    if m >= 160:
+        np.testing.assert_array_equal(y, _core.ops.linear_gated(x, wb, "silu"))
+
+
 def test_bf16_gemm_tracks_torch_bfloat16(isa):
     """Against torch's own bfloat16 matmul (bf16 inputs, fp32 accumulation, bf16 result): pyxf keeps
     the fp32 result, so the gap is torch's final rounding, at most half a bf16 ulp (2^-9 relative)."""

@@ -19,20 +19,25 @@ namespace py = pybind11;
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-// A call from a Python thread into the core's computation: the GIL is released for its duration,
-// and the thread adopts the process-wide thread count first. OpenMP keeps the count per calling
-// thread, so without this pyxf.set_num_threads in one thread would not reach work started from
-// another (a new thread runs with OpenMP's default, one thread per CPU).
-// When the call ends, the thread's OpenMP workers end too (runtime/threads.h says why).
-class CoreCall {
+// Parallel work started from a Python thread: the thread adopts the process-wide thread count
+// first (OpenMP keeps the count per calling thread, so without this pyxf.set_num_threads in one
+// thread would not reach work started from another: a new thread runs with OpenMP's default, one
+// thread per CPU), and when the work ends its OpenMP workers end too (runtime/threads.h says why:
+// left alive, they slow every other thread's parallel regions, the serving engine's included).
+class CoreThreads {
  public:
-  CoreCall() { adopt_num_threads(); }
-  ~CoreCall() { release_thread_pool(); }
-  CoreCall(const CoreCall&) = delete;
-  CoreCall& operator=(const CoreCall&) = delete;
+  CoreThreads() { adopt_num_threads(); }
+  ~CoreThreads() { release_thread_pool(); }
+  CoreThreads(const CoreThreads&) = delete;
+  CoreThreads& operator=(const CoreThreads&) = delete;
+};
 
+// A call from a Python thread into the core's computation: CoreThreads, and the GIL released for
+// its duration.
+class CoreCall {
  private:
-  py::gil_scoped_release release_;
+  py::gil_scoped_release release_;  // released first, taken back last
+  CoreThreads threads_;
 };
 
 // config.json's dict (plus the values Python computes at load) as the core reads it.

@@ -9,6 +9,7 @@ namespace pyxf {
 using namespace pybind11::literals;
 
 PyModel::PyModel(py::dict config, py::dict weights) {
+  CoreThreads threads;  // binding packs some matrices in parallel (it reads Python objects: GIL held)
   PyConfig values(config);
   ModelConfig c = model_config(values);
   py::dict formats = values.has("tensor_formats") ? config["tensor_formats"].cast<py::dict>() : py::dict();

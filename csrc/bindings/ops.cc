@@ -66,32 +66,46 @@ void bind_ops(py::module_& ops) {
     if (w.dtype().is(py::dtype::of<uint16_t>())) return kernels::WeightType::kBF16;
     throw py::type_error("w must be float32, float16 or uint16 (bfloat16 bits)");
   };
-  // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T).
   ops.def("team_size", [] {  // a parallel region's size, started as every call into the core starts
     CoreCall call;
     return parallel_team_size();
   });
-  ops.def("linear_gated", [=](FloatArray x, py::array w, const std::string& activation) {
+  // panels: w packed once first (KernelTable::pack_dense_panels), as models pack their matrices at
+  // load; ValueError where the active table packs that type per call only.
+  auto dense_panels = [](const py::array& w, kernels::WeightType wt, bool wanted) {
+    const kernels::KernelTable& K = kernels::active();
+    const long bytes = wanted && K.dense_panel_bytes ? K.dense_panel_bytes(wt, w.shape(1), w.shape(0)) : 0;
+    if (wanted && bytes <= 0) {
+      throw py::value_error(std::string("the ") + K.name + " kernels pack this weight type per call only");
+    }
+    PanelBytes p(bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)) : nullptr);
+    if (p) K.pack_dense_panels(w.data(), wt, w.shape(1), w.shape(0), p.get());
+    return p;
+  };
+  // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T).
+  ops.def("linear_gated", [=](FloatArray x, py::array w, const std::string& activation, bool panels) {
     const kernels::WeightType wt = float_weight(x, w);
     const kernels::Activation act = activation_from_name(activation);
     if (w.shape(0) % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
+    const PanelBytes packed = dense_panels(w, wt, panels);
     py::array_t<float> y({x.shape(0), w.shape(0) / 2});
     kernels::active().linear_gated(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0) / 2, act,
-                                   y.mutable_data());
+                                   y.mutable_data(), packed.get());
     return y;
-  }, "x"_a, "w"_a, "activation"_a = "silu");
-  ops.def("linear", [=](FloatArray x, py::array w, py::object bias) {
+  }, "x"_a, "w"_a, "activation"_a = "silu", "panels"_a = false);
+  ops.def("linear", [=](FloatArray x, py::array w, py::object bias, bool panels) {
     const kernels::WeightType wt = float_weight(x, w);
     FloatArray b;
     if (!bias.is_none()) {
       b = bias.cast<FloatArray>();
       if (b.ndim() != 1 || b.shape(0) != w.shape(0)) throw py::value_error("bias must be [N]");
     }
+    const PanelBytes packed = dense_panels(w, wt, panels);
     py::array_t<float> y({x.shape(0), w.shape(0)});
     kernels::active().linear(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0),
-                             bias.is_none() ? nullptr : b.data(), y.mutable_data(), false);
+                             bias.is_none() ? nullptr : b.data(), y.mutable_data(), false, packed.get());
     return y;
-  }, "x"_a, "w"_a, "bias"_a = py::none());
+  }, "x"_a, "w"_a, "bias"_a = py::none(), "panels"_a = false);
   // w: [N, row bytes] uint8 blocks (or int8 [N, K] with row_scales for "int8").
   ops.def("linear_quant", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
                               py::object bias, bool panels) {

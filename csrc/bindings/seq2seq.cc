@@ -18,6 +18,7 @@ namespace {
 class PySeq2SeqModel {
  public:
   PySeq2SeqModel(py::dict config, py::dict weights) {
+    CoreThreads threads;  // binding packs some matrices in parallel (it reads Python objects: GIL held)
     PyConfig values(config);
     Seq2SeqConfig c = seq2seq_config(values);
     py::dict formats = values.has("tensor_formats") ? config["tensor_formats"].cast<py::dict>() : py::dict();

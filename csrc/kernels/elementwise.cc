@@ -305,9 +305,9 @@ void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int r
 }
 
 void linear(const float* x, long M, long K, const void* w, WeightType wt, long N, const float* bias,
-            float* y, bool accumulate);
+            float* y, bool accumulate, const void* panels);
 void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
-                  float* y);
+                  float* y, const void* panels);
 void load_row(const void* w, WeightType wt, long row, long n, float* out);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
@@ -327,6 +327,8 @@ void fill_table(KernelTable* t) {
 #endif
   t->linear = linear;
   t->linear_gated = linear_gated;
+  t->dense_panel_bytes = nullptr;  // packed per call (the avx512_bf16 table packs bf16 once)
+  t->pack_dense_panels = nullptr;
   t->load_row = load_row;
   t->rmsnorm = rmsnorm;
   t->layernorm = layernorm;

@@ -351,29 +351,50 @@ void pack_columns(const typename P::Weight* w, long K, long N, long n0, long nc,
   }
 }
 
+// The panels of one chunk of columns: packed per call into the thread's scratch (a matrix of the
+// chunk's own, columns from 0) or a view of the whole matrix packed once (columns from n0).
+template <class P>
+struct ChunkPanels {
+  const typename P::Packed* base;
+  long col0, n_pad;
+  // Depth block k0 (kc deep) of the chunk: its first panel.
+  const typename P::Packed* block(long k0, int kc) const { return base + block_offset<P>(k0, col0, kc, n_pad); }
+};
+
+// The panels of columns [n0, n0 + nc) of w [N][K]: `prepacked` (all of w, pack_columns'd whole) when
+// given, else packed now into `scratch`.
+template <class P>
+ChunkPanels<P> chunk_panels(const typename P::Weight* w, const typename P::Packed* prepacked, long K, long N,
+                            long n0, long nc, typename P::Packed* scratch) {
+  if (prepacked) return {prepacked, n0, padded_cols(N)};
+  pack_columns<P>(w, K, N, n0, nc, scratch);
+  return {scratch, 0, padded_cols(nc)};
+}
+
 // Work item: one chunk of columns, packed by the thread that takes it (in its L2) and run against
 // every row block. There is no packing pass over the whole matrix before the products start: one
-// thread's packing (waiting on memory) overlaps the other's multiply-adds.
+// thread's packing (waiting on memory) overlaps the other's multiply-adds. With `prepacked` (w
+// packed once, see pack_dense_panels) the items only read their panels.
 template <class P>
 void linear_packed(const float* x, long M, long K, const typename P::Weight* w, long N, const float* bias,
-                   float* y, long ldy, bool accumulate) {
+                   float* y, long ldy, bool accumulate, const typename P::Packed* prepacked = nullptr) {
   const typename P::Activations a(x, M, K);
   const long cols = chunk_cols(N), n_chunks = (N + cols - 1) / cols;
   const int depth = P::depth(K);
 #pragma omp parallel
   {
-    const Scratch packing(kPackedWeights, sizeof(typename P::Packed) * P::packed_elements(K, cols));
-    typename P::Packed* packed = packing.template as<typename P::Packed>();
+    const Scratch packing(kPackedWeights, prepacked ? 0 : sizeof(typename P::Packed) * P::packed_elements(K, cols));
 #pragma omp for schedule(dynamic, 1)
     for (long ci = 0; ci < n_chunks; ++ci) {
-      const long n0 = ci * cols, nc = lmin(cols, N - n0), nc_pad = padded_cols(nc);
-      pack_columns<P>(w, K, N, n0, nc, packed);
+      const long n0 = ci * cols, nc = lmin(cols, N - n0);
+      const ChunkPanels<P> panels =
+          chunk_panels<P>(w, prepacked, K, N, n0, nc, packing.template as<typename P::Packed>());
       for (long m_begin = 0; m_begin < M; m_begin += MC) {
         const long m_end = lmin(M, m_begin + MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           const bool first = k0 == 0;
-          chunk_block<P>(a.data, a.ld, k0, kc, packed + block_offset<P>(k0, 0, kc, nc_pad), (int)nc, m_begin, m_end,
+          chunk_block<P>(a.data, a.ld, k0, kc, panels.block(k0, kc), (int)nc, m_begin, m_end,
                          y + m_begin * ldy + n0, ldy, !first || accumulate, first && bias ? bias + n0 : nullptr);
         }
       }
@@ -382,11 +403,12 @@ void linear_packed(const float* x, long M, long K, const typename P::Weight* w, 
 }
 
 // y[M, I] = act(x gate^T) * (x up^T), w = [gate; up] with I % NR == 0: a work item packs the gate
-// and up columns of one chunk, computes them into an L2 scratch tile and applies the activation
-// there, so the 2 I-wide product never goes to memory.
+// and up columns of one chunk (or finds them in `prepacked`, all of w packed once), computes them
+// into an L2 scratch tile and applies the activation there, so the 2 I-wide product never goes to
+// memory.
 template <class P>
 void linear_packed_gated(const float* x, long M, long K, const typename P::Weight* w, long I, Activation act,
-                         float* y) {
+                         float* y, const typename P::Packed* prepacked = nullptr) {
   const long N = 2 * I;
   const typename P::Activations a(x, M, K);
   const long cols = chunk_cols(I), n_chunks = (I + cols - 1) / cols;
@@ -394,22 +416,22 @@ void linear_packed_gated(const float* x, long M, long K, const typename P::Weigh
 #pragma omp parallel
   {
     // The chunk's gate panels, then its up panels.
-    const Scratch packing(kPackedWeights, 2 * sizeof(typename P::Packed) * P::packed_elements(K, cols));
+    const long half_elements = prepacked ? 0 : P::packed_elements(K, cols);
+    const Scratch packing(kPackedWeights, 2 * sizeof(typename P::Packed) * half_elements);
     typename P::Packed* packed = packing.template as<typename P::Packed>();
     float* scratch = (float*)aligned_alloc(64, sizeof(float) * MC * 2 * cols);  // [MC][gate | up]
 #pragma omp for schedule(dynamic, 1)
     for (long ci = 0; ci < n_chunks; ++ci) {
-      const long n0 = ci * cols, nc = lmin(cols, I - n0), nc_pad = padded_cols(nc);
-      typename P::Packed* half_packed[2] = {packed, packed + P::packed_elements(K, nc)};
-      pack_columns<P>(w, K, N, n0, nc, half_packed[0]);
-      pack_columns<P>(w, K, N, I + n0, nc, half_packed[1]);
+      const long n0 = ci * cols, nc = lmin(cols, I - n0);
+      const ChunkPanels<P> halves[2] = {chunk_panels<P>(w, prepacked, K, N, n0, nc, packed),
+                                        chunk_panels<P>(w, prepacked, K, N, I + n0, nc, packed + half_elements)};
       for (long m_begin = 0; m_begin < M; m_begin += MC) {
         const long m_end = lmin(M, m_begin + MC);
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
           for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
-            chunk_block<P>(a.data, a.ld, k0, kc, half_packed[half] + block_offset<P>(k0, 0, kc, nc_pad), (int)nc,
-                           m_begin, m_end, scratch + half * cols, 2 * cols, k0 != 0, nullptr);
+            chunk_block<P>(a.data, a.ld, k0, kc, halves[half].block(k0, kc), (int)nc, m_begin, m_end,
+                           scratch + half * cols, 2 * cols, k0 != 0, nullptr);
           }
         }
         for (long m = m_begin; m < m_end; ++m) {
@@ -564,9 +586,16 @@ template void linear_strided<float>(const float*, long, long, const float*, long
                                     float*, long, bool);
 
 void linear(const float* x, long M, long K, const void* w, WeightType wt, long N, const float* bias,
-            float* y, bool accumulate) {
+            float* y, bool accumulate, const void* panels) {
   switch (wt) {
     case WeightType::kBF16:
+#if defined(PYXF_BF16_DOT)
+      if (panels && K > 0) {
+        linear_packed<Bf16PairPanels>(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate,
+                                      static_cast<const uint16_t*>(panels));
+        break;
+      }
+#endif
       linear_strided(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate);
       break;
     case WeightType::kF16:
@@ -580,11 +609,16 @@ void linear(const float* x, long M, long K, const void* w, WeightType wt, long N
 }
 
 void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
-                  float* y) {
-  if (M >= kFloatGemmRows && I % NR == 0 && K > 0) {
+                  float* y, const void* panels) {
+  if ((M >= kFloatGemmRows || panels) && I % NR == 0 && K > 0) {
     switch (wt) {
       case WeightType::kBF16:
+#if defined(PYXF_BF16_DOT)
+        linear_packed_gated<Bf16PairPanels>(x, M, K, static_cast<const bf16*>(w), I, act, y,
+                                            static_cast<const uint16_t*>(panels));
+#else
         linear_packed_gated<PanelsFor<bf16>::type>(x, M, K, static_cast<const bf16*>(w), I, act, y);
+#endif
         return;
       case WeightType::kF16:
         linear_packed_gated<PanelsFor<f16>::type>(x, M, K, static_cast<const f16*>(w), I, act, y);
@@ -596,7 +630,7 @@ void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, 
     }
   }
   float* gu = (float*)malloc(sizeof(float) * M * 2 * I + 64);
-  linear(x, M, K, w, wt, 2 * I, nullptr, gu, false);
+  linear(x, M, K, w, wt, 2 * I, nullptr, gu, false, panels);
   for (long m = 0; m < M; ++m) gated_activation_row(gu + m * 2 * I, gu + m * 2 * I + I, I, act, y + m * I);
   free(gu);
 }
@@ -621,6 +655,29 @@ void load_row(const void* w, WeightType wt, long row, long n, float* out) {
 }
 
 #if defined(PYXF_BF16_DOT)
+// bf16 matrices packed once: the whole matrix as one chunk of columns (pack_columns), so a work
+// item's chunk [n0, n0 + nc) is found at column n0 of each depth block (ChunkPanels).
+long dense_panel_bytes(WeightType wt, long K, long N) {
+  return wt == WeightType::kBF16 && K > 0 ? (long)sizeof(uint16_t) * Bf16PairPanels::packed_elements(K, N) : 0;
+}
+
+void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) {
+  if (dense_panel_bytes(wt, K, N) == 0) return;
+  // By chunks of NC columns, in parallel: each chunk's panels are its own range of every block.
+  const long dep = Bf16PairPanels::depth(K), n_pad = padded_cols(N);
+  uint16_t* dst = static_cast<uint16_t*>(out);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (long n0 = 0; n0 < n_pad; n0 += NC) {
+    for (long k0 = 0; k0 < K; k0 += dep) {
+      const int kc = (int)lmin(dep, K - k0);
+      for (long c = n0; c < lmin(n_pad, n0 + NC); c += NR) {
+        Bf16PairPanels::pack_panel(static_cast<const bf16*>(w), K, N, k0, kc, c,
+                                   dst + block_offset<Bf16PairPanels>(k0, c, kc, n_pad));
+      }
+    }
+  }
+}
+
 // The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
 // with bf16 products (AttentionShape::bf16_products).
 void fill_table(KernelTable* t) {
@@ -628,6 +685,8 @@ void fill_table(KernelTable* t) {
   t->name = "avx512_bf16";
   t->linear = linear;
   t->linear_gated = linear_gated;
+  t->dense_panel_bytes = dense_panel_bytes;
+  t->pack_dense_panels = pack_dense_panels;
   t->attention = attention;
 }
 #endif

@@ -144,14 +144,23 @@ struct AttentionShape {
 
 struct KernelTable {
   const char* name;
-  // y[M,N] (+)= x[M,K] w[N,K]^T + bias[N]; bias may be null; accumulate adds into y.
+  // y[M,N] (+)= x[M,K] w[N,K]^T + bias[N]; bias may be null; accumulate adds into y. `panels`:
+  // w repacked by pack_dense_panels, or null; when given, every row count (decode included) runs on
+  // them and no row of w is read.
   void (*linear)(const float* x, long M, long K, const void* w, WeightType wt, long N,
-                 const float* bias, float* y, bool accumulate);
-  // Row `row` of a [rows, n] weight matrix, widened to float (embedding lookup).
+                 const float* bias, float* y, bool accumulate, const void* panels);
   // y[M, I] = act(x gate^T) * (x up^T) for w = [gate; up] (2 I rows, no bias); from
-  // kFloatGemmRows rows the activation is applied to the GEMM's tiles (no 2 I-wide intermediate).
+  // kFloatGemmRows rows, or on panels, the activation is applied to the GEMM's tiles (no 2 I-wide
+  // intermediate).
   void (*linear_gated)(const float* x, long M, long K, const void* w, WeightType wt, long I, Activation act,
-                       float* y);
+                       float* y, const void* panels);
+  // Bytes of a [N, K] matrix of type wt repacked once into the GEMM's panels (0: this table packs
+  // that type per call only), and the repacking into `out` (that many bytes, 64-byte aligned).
+  // Packing per call costs a pass over the weights on every prefill call; on panels, decode reads
+  // them as one stream per chunk of columns. Only the table that made them reads them.
+  long (*dense_panel_bytes)(WeightType wt, long K, long N);
+  void (*pack_dense_panels)(const void* w, WeightType wt, long K, long N, void* out);
+  // Row `row` of a [rows, n] weight matrix, widened to float (embedding lookup).
   void (*load_row)(const void* w, WeightType wt, long row, long n, float* out);
   void (*rmsnorm)(const float* x, const float* w, float eps, long rows, long n, float* y);
   void (*layernorm)(const float* x, const float* w, const float* b, float eps, long rows, long n,

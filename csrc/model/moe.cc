@@ -55,7 +55,7 @@ void top_k(const float* p, int n, int count, bool normalize, int32_t* expert, fl
 void route(const ModelConfig& c, const ExpertWeights& w, const float* in, long rows, ExpertScratch& s) {
   const k::KernelTable& K = k::active();
   const int E = c.num_experts, top = c.experts_per_token;
-  K.linear(in, rows, c.hidden_size, w.router, k::WeightType::kF32, E, nullptr, s.probs.data(), false);
+  K.linear(in, rows, c.hidden_size, w.router, k::WeightType::kF32, E, nullptr, s.probs.data(), false, nullptr);
   K.softmax(s.probs.data(), rows, E);
   for (long r = 0; r < rows; ++r) {
     top_k(&s.probs[r * E], E, top, c.norm_topk_prob, &s.expert[r * top], &s.weight[r * top]);
@@ -77,7 +77,7 @@ void shared_expert(const ModelConfig& c, const ExpertWeights& w, const float* in
             s.act.data(), s.out.data(), false);
   thread_local std::vector<float> gate;
   gate.resize(rows);
-  K.linear(in, rows, H, w.shared_gate, k::WeightType::kF32, 1, nullptr, gate.data(), false);
+  K.linear(in, rows, H, w.shared_gate, k::WeightType::kF32, 1, nullptr, gate.data(), false, nullptr);
   for (long r = 0; r < rows; ++r) {
     const float g = 1.0f / (1.0f + std::exp(-gate[r]));
     float* xr = x + r * H;

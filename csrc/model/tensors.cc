@@ -146,7 +146,22 @@ Linear WeightBinder::matrix(const std::string& name, long out, long in) {
 Linear WeightBinder::linear(const std::string& name, long out, long in) {
   Linear l = matrix(name + ".weight", out, in);
   l.bias = floats(name + ".bias", {out}, false);
+  if (!l.quantized) l.panels = dense_panels(name + ".weight", l, out, in);
   return l;
+}
+
+const void* WeightBinder::dense_panels(const std::string& name, const Linear& w, long out, long in) {
+  const kernels::KernelTable& K = kernels::active();
+  const long bytes = K.dense_panel_bytes ? K.dense_panel_bytes(w.dtype, in, out) : 0;
+  if (bytes <= 0) return nullptr;
+  auto it = panels_.find(name);
+  if (it == panels_.end()) {
+    PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
+    if (!p) throw std::bad_alloc();
+    K.pack_dense_panels(w.weight, w.dtype, in, out, p.get());
+    it = panels_.emplace(name, std::move(p)).first;
+  }
+  return it->second.get();
 }
 
 // A quantized linear weight as config.json's "tensors" entry describes it: one format (the array

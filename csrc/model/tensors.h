@@ -73,7 +73,9 @@ class WeightBinder {
   // A weight matrix [out, in]: float, 16-bit (widened in the kernels' registers), or quantized as
   // `formats` says.
   Linear matrix(const std::string& name, long out, long in);
-  // `name.weight` (a matrix) and an optional `name.bias` [out].
+  // `name.weight` (a matrix) and an optional `name.bias` [out]. A float or 16-bit matrix is also
+  // packed once where the active kernels multiply its type on panels of their own (bf16 on
+  // avx512_bf16): Linear::panels, owned here. (Not the embedding, a table of rows.)
   Linear linear(const std::string& name, long out, long in);
   // `name` [blocks * out, in]: `blocks` matrices [out, in] stacked along the rows (experts), each
   // a view of its rows.
@@ -91,12 +93,14 @@ class WeightBinder {
   Linear quantized(const std::string& name, long out, long in);
   // The many-rows layout of w (made once per tensor name), or null where the kernels have none.
   const uint8_t* panels(const std::string& name, const kernels::QuantWeight& w);
+  // The panels of a float or 16-bit matrix (made once per tensor name), or null.
+  const void* dense_panels(const std::string& name, const Linear& w, long out, long in);
 
   const TensorSet& set_;
   std::vector<TensorRequest> requests_;
   bool gemm_panels_;
   std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
-  std::map<std::string, PanelBytes> panels_;  // by tensor name
+  std::map<std::string, PanelBytes> panels_;  // by tensor name, quantized and dense
 };
 
 }  // namespace pyxf

@@ -62,7 +62,7 @@ void apply_linear(const Linear& w, const float* x, long rows, long in, long out,
   } else if (w.quantized) {
     K.linear_quant(x, rows, w.quant, w.bias, y, accumulate);
   } else {
-    K.linear(x, rows, in, w.weight, w.dtype, out, w.bias, y, accumulate);
+    K.linear(x, rows, in, w.weight, w.dtype, out, w.bias, y, accumulate, w.panels);
   }
 }
 
@@ -255,14 +255,14 @@ void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long r
   const k::KernelTable& K = k::active();
   const bool fused = !gate_up.bias && gate_up.segments.empty() &&
                      (gate_up.quantized ? K.linear_quant_gated && rows >= k::kQuantGemmRows
-                                        : rows >= k::kFloatGemmRows);
+                                        : rows >= k::kFloatGemmRows || gate_up.panels);
   if (fused) {
     // The activation runs on the GEMM's tiles (no 2 I-wide intermediate in memory).
     StageTimer timer(Stage::kFfnUp);
     if (gate_up.quantized) {
       K.linear_quant_gated(x, rows, gate_up.quant, act, hidden);
     } else {
-      K.linear_gated(x, rows, H, gate_up.weight, gate_up.dtype, I, act, hidden);
+      K.linear_gated(x, rows, H, gate_up.weight, gate_up.dtype, I, act, hidden, gate_up.panels);
     }
   } else {
     {

@@ -15,6 +15,9 @@ struct Norm {
 struct Linear {
   const void* weight = nullptr;   // [out, in] of `dtype`, when not quantized
   kernels::WeightType dtype = kernels::WeightType::kF32;
+  // `weight` packed once for the kernels that made it (KernelTable::pack_dense_panels), or null;
+  // a view of some of the rows (a row block) has none.
+  const void* panels = nullptr;
   const float* bias = nullptr;
   bool quantized = false;
   kernels::QuantWeight quant{};  // the matrix, when it is in one format
