@@ -55,6 +55,9 @@ using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
 // w repacked in the active kernels' many-rows layout (kernels::QuantWeight::gemm_panels); null
 // where they have none.
 PanelBytes make_gemm_panels(const kernels::QuantWeight& w);
+// Advises the kernel that the pages wholly inside [data, data + bytes) are not needed now (values
+// unchanged: a mapped file's pages are dropped from the resident set and read again on use).
+void release_pages(const void* data, size_t bytes);
 
 // Rows first .. first + count of a [rows, in] matrix, as a matrix of its own (a view: float, 16-bit,
 // quantized or segmented alike). std::invalid_argument when they are not all within the matrix.
