@@ -73,13 +73,11 @@ void bind_ops(py::module_& ops) {
   // panels: w packed once first (KernelTable::pack_dense_panels), as models pack their matrices at
   // load; ValueError where the active table packs that type per call only.
   auto dense_panels = [](const py::array& w, kernels::WeightType wt, bool wanted) {
-    const kernels::KernelTable& K = kernels::active();
-    const long bytes = wanted && K.dense_panel_bytes ? K.dense_panel_bytes(wt, w.shape(1), w.shape(0)) : 0;
-    if (wanted && bytes <= 0) {
-      throw py::value_error(std::string("the ") + K.name + " kernels pack this weight type per call only");
+    PanelBytes p = wanted ? make_dense_panels(w.data(), wt, w.shape(0), w.shape(1)) : nullptr;
+    if (wanted && !p) {
+      throw py::value_error(std::string("the ") + kernels::active().name +
+                            " kernels pack this weight type per call only");
     }
-    PanelBytes p(bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)) : nullptr);
-    if (p) K.pack_dense_panels(w.data(), wt, w.shape(1), w.shape(0), p.get());
     return p;
   };
   // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T).

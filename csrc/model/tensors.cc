@@ -154,19 +154,31 @@ Linear WeightBinder::linear(const std::string& name, long out, long in) {
 }
 
 const void* WeightBinder::dense_panels(const std::string& name, const Linear& w, long out, long in) {
-  const kernels::KernelTable& K = kernels::active();
-  const long bytes = K.dense_panel_bytes ? K.dense_panel_bytes(w.dtype, in, out) : 0;
-  if (bytes <= 0) return nullptr;
   auto it = panels_.find(name);
   if (it == panels_.end()) {
-    PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
-    if (!p) throw std::bad_alloc();
-    K.pack_dense_panels(w.weight, w.dtype, in, out, p.get());
+    PanelBytes p = make_dense_panels(w.weight, w.dtype, out, in);
+    if (p) release_pages(w.weight, (size_t)(out * in * weight_type_bytes(w.dtype)));
     it = panels_.emplace(name, std::move(p)).first;
-    release_pages(w.weight, (size_t)out * in * (w.dtype == kernels::WeightType::kF32 ? 4 : 2));
   }
   return it->second.get();
 }
+
+PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in) {
+  const kernels::KernelTable& K = kernels::active();
+  const long bytes = K.dense_panel_bytes ? K.dense_panel_bytes(wt, in, out) : 0;
+  if (bytes <= 0) return nullptr;
+  PanelBytes p = allocate_panels(bytes);
+  K.pack_dense_panels(w, wt, in, out, p.get());
+  return p;
+}
+
+PanelBytes allocate_panels(long bytes) {
+  PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+long weight_type_bytes(kernels::WeightType wt) { return wt == kernels::WeightType::kF32 ? 4 : 2; }
 
 // The pages wholly inside [data, data + bytes), handed back to the kernel: rows the kernels no
 // longer read once their panels exist. For a memory-mapped file (pyxf's model files) the pages
@@ -229,8 +241,7 @@ PanelBytes make_gemm_panels(const kernels::QuantWeight& w) {
   const kernels::KernelTable& K = kernels::active();
   const long bytes = K.gemm_panel_bytes ? K.gemm_panel_bytes(w) : 0;
   if (bytes <= 0) return nullptr;
-  PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
-  if (!p) throw std::bad_alloc();
+  PanelBytes p = allocate_panels(bytes);
   K.pack_gemm_panels(w, p.get());
   return p;
 }
@@ -251,8 +262,7 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
   b.quantized = w.quantized;
   b.bias = w.bias ? w.bias + first : nullptr;
   if (!w.quantized) {
-    const long element = w.dtype == kernels::WeightType::kF32 ? 4 : 2;
-    b.weight = static_cast<const uint8_t*>(w.weight) + first * in * element;
+    b.weight = static_cast<const uint8_t*>(w.weight) + first * in * weight_type_bytes(w.dtype);
     return b;
   }
   // The segments (or the one matrix) that overlap the rows, each cut to them.

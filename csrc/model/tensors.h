@@ -55,6 +55,13 @@ using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
 // w repacked in the active kernels' many-rows layout (kernels::QuantWeight::gemm_panels); null
 // where they have none.
 PanelBytes make_gemm_panels(const kernels::QuantWeight& w);
+// A float or 16-bit matrix w [out, in] of type wt packed by the active kernels
+// (KernelTable::pack_dense_panels); null where they pack that type per call only.
+PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in);
+// `bytes` of 64-byte aligned memory (rounded up to 64); std::bad_alloc when there is none.
+PanelBytes allocate_panels(long bytes);
+// Bytes of one element of a float or 16-bit matrix.
+long weight_type_bytes(kernels::WeightType wt);
 // Advises the kernel that the pages wholly inside [data, data + bytes) are not needed now (values
 // unchanged: a mapped file's pages are dropped from the resident set and read again on use).
 void release_pages(const void* data, size_t bytes);
