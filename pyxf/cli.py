@@ -13,6 +13,7 @@ import sys
 
 import pyxf
 from pyxf.engine import kv_cache_mb
+from pyxf.kv_cache import KV_CACHE_DTYPES
 
 
 def main(argv=None):
@@ -158,6 +159,9 @@ def _add_model_options(parser):
         "--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)"
     )
     parser.add_argument("--context-length", type=int, help="longest sequence to allow (default: the model's)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                        help="element type of the KV cache (default: float32 for a float32 model, "
+                        "float16 for a 16-bit or quantized one)")
 
 
 def _add_input_options(parser, default_model=None):
@@ -200,7 +204,8 @@ def _add_sampling_options(parser):
 
 
 def _load(args):
-    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads, revision=args.revision)
+    return pyxf.load(args.model, context_length=args.context_length, threads=args.threads, revision=args.revision,
+                     kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _sampling(args):

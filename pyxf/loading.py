@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from pyxf.config import read_config
+from pyxf.kv_cache import check_kv_cache_dtype
 from pyxf.model import load_model
 from pyxf.seq2seq import load_seq2seq
 from pyxf.threads import check_num_threads, core
@@ -10,12 +11,13 @@ from pyxf.weights import SAFETENSORS_DTYPES
 
 DTYPES = tuple(SAFETENSORS_DTYPES)  # what dtype= may ask for
 
-# config.json "architecture" -> (path, config, context_length, quantize, quantize_embeddings, dtype) -> model
+# config.json "architecture" -> (path, config, context_length, quantize, quantize_embeddings, dtype,
+# kv_cache_dtype) -> model
 LOADERS = {"decoder": load_model, "encoder": load_model, "encoder-decoder": load_seq2seq}
 
 
 def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, revision=None,
-         dtype=None):
+         dtype=None, kv_cache_dtype=None):
     """Loads a model; with no path, the default model (downloaded on first use).
 
     path: a converted model directory; a GGUF file or a Hugging Face hub id ("org/name", at `revision`:
@@ -31,12 +33,16 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     stays float). dtype: "bfloat16" | "float16" | "float32" stores the model's float tensors in that
     type in memory (cast at load; None: as the file has them). bfloat16 halves float32's bytes and,
     on CPUs with AVX512_BF16, multiplies on vdpbf16ps (`pyxf convert --dtype bfloat16` stores it so).
+    kv_cache_dtype: "float32" | "float16", the element type of a decoder's KV caches; None: the
+    weights' precision, float32 for a float32 model and float16 for a 16-bit or quantized one
+    (pyxf.kv_cache). float16 halves the caches' memory and the bytes attention reads per token.
 
     Every model it returns has generate() (decoders and encoder-decoders: text out) or encode()
     (encoders: embeddings out); see pyxf.Model and pyxf.Seq2SeqModel.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    check_kv_cache_dtype(kv_cache_dtype)
     if path is None:
         from pyxf.hub import default_model_path
 
@@ -53,4 +59,4 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
         core().set_num_threads(check_num_threads(threads))
     loader = LOADERS[config.get("architecture", "decoder")]
     return loader(path, config, context_length=context_length, quantize=quantize,
-                  quantize_embeddings=quantize_embeddings, dtype=dtype)
+                  quantize_embeddings=quantize_embeddings, dtype=dtype, kv_cache_dtype=kv_cache_dtype)

@@ -9,6 +9,7 @@ import numpy as np
 from pyxf import quant, spec
 from pyxf.checks import MappedModel, as_token_array
 from pyxf.generation import decoder_generate
+from pyxf.kv_cache import kv_cache_config
 from pyxf.config import read_config
 from pyxf.relative_position import relative_bias_table
 from pyxf.rope import longrope_original_context, rope_tables
@@ -19,7 +20,8 @@ from pyxf.weights import cast_weights, check_weights, core_config_of, has_tied_h
 from pyxf.tokenizer import Tokenizer
 
 
-def load_model(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None):
+def load_model(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None,
+               kv_cache_dtype=None):
     """A decoder-only or encoder model directory whose config.json is read and checked (pyxf.load)."""
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
         context_length = config["max_position_embeddings"] - config.get("position_offset", 0)
@@ -38,13 +40,15 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
     tokenizer = Tokenizer.from_model_dir(path, config)
 
     core_config = core_config_of(config)
+    core_config.update(kv_cache_config(config, kv_cache_dtype))
     if config["position"] == "rope":
         core_config.update(rope_tables(config, context_length))
     if config.get("relative_attention_num_buckets") is not None:
         weights = _with_relative_table(config, weights)
         core_config["rel_pos_radius"] = config["relative_attention_max_distance"]
     core_model = core().Model(core_config, weights)
-    return Model(path, config, core_model, weights, tokenizer, context_length, weights_file)
+    return Model(path, config, core_model, weights, tokenizer, context_length, weights_file,
+                 core_config.get("kv_cache_dtype"))
 
 
 def _with_relative_table(config, weights):
@@ -164,12 +168,14 @@ class Model(MappedModel):
 
     is_encoder_decoder = False
 
-    def __init__(self, path, config, core_model, weights, tokenizer, context_length, weights_file=None):
+    def __init__(self, path, config, core_model, weights, tokenizer, context_length, weights_file=None,
+                 kv_cache_dtype=None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = config["vocab_size"]
         self.context_length = context_length
+        self.kv_cache_dtype = kv_cache_dtype  # decoders' KV cache elements; None for encoders
         eos = config.get("eos_token_id")
         self.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._core = core_model
@@ -184,7 +190,8 @@ class Model(MappedModel):
         return (
             f"pyxf.Model({str(self.path)!r}, family={c['family']}, layers={c['num_layers']}, "
             f"hidden={c['hidden_size']}, vocab={self.vocab_size}, weights: {describe_weights(self.weight_summary())}, "
-            f"context_length={self.context_length})"
+            f"context_length={self.context_length}"
+            + (f", kv_cache_dtype={self.kv_cache_dtype})" if self.kv_cache_dtype else ")")
         )
 
     def weight_summary(self):

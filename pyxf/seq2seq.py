@@ -21,6 +21,7 @@ import numpy as np
 
 from pyxf.checks import MappedModel, as_token_array, check_int, check_number
 from pyxf.engine import Result, Usage
+from pyxf.kv_cache import kv_cache_config
 from pyxf.relative_position import relative_bias_table
 from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
@@ -83,10 +84,11 @@ def _as_float32(array, dtype):
     return np.asarray(array, dtype=np.float32)
 
 
-def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None):
+def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None,
+                 kv_cache_dtype=None):
     """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
-    context_length does not apply (sources and targets are bounded by the position scheme); dtype: as
-    pyxf.load's."""
+    context_length does not apply (sources and targets are bounded by the position scheme); dtype and
+    kv_cache_dtype (the decoder's self-attention caches): as pyxf.load's."""
     path = Path(path)
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
@@ -98,6 +100,7 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
     if dtype is not None:
         config, arrays = cast_weights(config, arrays, dtype)
     core_config = core_config_of(config)
+    core_config.update(kv_cache_config(config, kv_cache_dtype))
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.
         table = sinusoidal_table(config["max_position_embeddings"], config["hidden_size"],
@@ -113,7 +116,7 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
         core_config["rel_pos_radius"] = md
     core_model = core().Seq2SeqModel(core_config, arrays)
     tokenizer = Seq2SeqTokenizer.from_model_dir(path, config)
-    return Seq2SeqModel(path, config, core_model, arrays, tokenizer, weights_file)
+    return Seq2SeqModel(path, config, core_model, arrays, tokenizer, weights_file, core_config["kv_cache_dtype"])
 
 
 def _bf16(table):
@@ -309,7 +312,7 @@ class Seq2SeqModel(MappedModel):
     is_encoder = False
     is_encoder_decoder = True
 
-    def __init__(self, path, config, core_model, weights, tokenizer, weights_file=None):
+    def __init__(self, path, config, core_model, weights, tokenizer, weights_file=None, kv_cache_dtype="float32"):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -323,6 +326,7 @@ class Seq2SeqModel(MappedModel):
         self.max_source_length = config.get("max_source_length") or positions  # None: unbounded
         self.max_target_length = positions or 1 << 20
         self.context_length = self.max_target_length
+        self.kv_cache_dtype = kv_cache_dtype  # the decoder's self-attention caches
         self._core = core_model
         self._weights = weights  # the memory-mapped arrays the core points into
         self._weights_file = weights_file
@@ -331,7 +335,8 @@ class Seq2SeqModel(MappedModel):
         c = self.config
         return (
             f"pyxf.Seq2SeqModel({str(self.path)!r}, family={c['family']}, layers={c['num_encoder_layers']}+"
-            f"{c['num_layers']}, hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']})"
+            f"{c['num_layers']}, hidden={c['hidden_size']}, vocab={self.vocab_size}, dtype={c['dtype']}, "
+            f"kv_cache_dtype={self.kv_cache_dtype})"
         )
 
     def logits(self, source_ids, decoder_ids):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tiny_files
 from helpers import child_process_options
 
 import pyxf
@@ -244,6 +245,36 @@ def test_model_attributes(model, model_dir):
     assert pyxf.load(model_dir, context_length=100).context_length == 100
     with pytest.raises(ValueError):
         pyxf.load(model_dir, context_length=0)
+
+
+@needs_core
+def test_kv_cache_dtype(model, model_dir, hf_model_dir, tmp_path):
+    """A float32 model keeps a float32 cache unless asked; float16 halves the bytes of a page and
+    stays close to transformers; a wrong value, or a cache type for an encoder, is a ValueError."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaForCausalLM
+
+    from pyxf.threads import core
+
+    half = pyxf.load(model_dir, kv_cache_dtype="float16")
+    assert model.kv_cache_dtype == "float32" and half.kv_cache_dtype == "float16"
+    assert "kv_cache_dtype=float16" in repr(half)
+    page_bytes = core().Engine.page_bytes
+    assert page_bytes(half._core_model) * 2 == page_bytes(model._core_model)
+    ids = [0, 5, 17, 200, 42, 42, 7, 9, 11, 3]
+    reference = LlamaForCausalLM.from_pretrained(hf_model_dir).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0].numpy()
+    session = half.session()
+    rows = [session.feed(ids[:4])[-1]] + [session.feed([t])[0] for t in ids[4:]]
+    np.testing.assert_allclose(np.stack(rows), expected[3:], atol=5e-3)
+    assert np.abs(half.logits(ids) - model.logits(ids)).max() > 0  # the keys were rounded
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of float32, float16"):
+        pyxf.load(model_dir, kv_cache_dtype="bfloat16")
+    encoder = tiny_files.write_pyxf_encoder(tmp_path / "encoder")
+    with pytest.raises(ValueError, match="an encoder keeps no KV cache"):
+        pyxf.load(encoder, kv_cache_dtype="float16")
+    assert pyxf.load(encoder).kv_cache_dtype is None
 
 
 @needs_core

@@ -76,7 +76,7 @@ def smollm2():
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
     px32 = pyxf.load(f32_dir)
-    pxbf = pyxf.load(f32_dir, dtype="bfloat16")
+    pxbf = pyxf.load(f32_dir, dtype="bfloat16")  # and a float16 KV cache, the default for 16-bit weights
     ids = px32.tokenizer.encode(TEXT)
     assert len(ids) >= 160
     reference = helpers.hf_logits(helpers.half_precision_reference(hf, "bfloat16"), ids)
@@ -99,14 +99,44 @@ def decode_logits(model, ids, start):
     return np.stack(rows)
 
 
+@pytest.fixture(scope="module")
+def smollm2_float_cache(smollm2):
+    """The bfloat16 model with a float32 KV cache: its logits carry the weights' rounding alone."""
+    import pyxf
+
+    return pyxf.load(smollm2[0].path, dtype="bfloat16", kv_cache_dtype="float32")
+
+
 @pytest.mark.parametrize("isa", WIDENING_ISAS)
-def test_widening_isas_compute_bf16_weights_exactly(smollm2, isa):
-    _, pxbf, ids, reference, _ = smollm2
+def test_widening_isas_compute_bf16_weights_exactly(smollm2, smollm2_float_cache, isa):
+    _, _, ids, reference, _ = smollm2
+    pxbf = smollm2_float_cache
     with isa_context(isa):
         prefill = pxbf.logits(ids)
         decoded = decode_logits(pxbf, ids, 40)
     assert helpers.max_abs_err(prefill, reference) <= 1e-3
     assert helpers.max_abs_err(decoded, reference[39:39 + DECODE_STEPS]) <= 1e-3
+
+
+def test_bf16_model_keeps_a_float16_cache(smollm2, smollm2_float_cache):
+    """16-bit weights get a float16 KV cache by default, whose rounding of keys and values moves the
+    logits far less than the weights' own rounding does: on a widening ISA (the weights' products
+    exact), within a fifth of torch bfloat16's error against the same reference, prefill and decode,
+    and the same top-1 token as the float32 cache everywhere."""
+    px32, pxbf, ids, reference, torch_bf16 = smollm2
+    assert pxbf.kv_cache_dtype == "float16" and smollm2_float_cache.kv_cache_dtype == "float32"
+    assert px32.kv_cache_dtype == "float32"
+    with isa_context(WIDENING_ISAS[-1]):
+        prefill = pxbf.logits(ids)
+        decoded = decode_logits(pxbf, ids, 40)
+        exact = smollm2_float_cache.logits(ids)
+    torch_err = helpers.max_abs_err(torch_bf16, reference)
+    err = helpers.max_abs_err(prefill, reference)
+    err_decode = helpers.max_abs_err(decoded, reference[39:39 + DECODE_STEPS])
+    print(f"\nSmolLM2 bf16 weights, float16 cache: max abs logit error {err:.3g} prefill, {err_decode:.3g} decode "
+          f"(torch bfloat16: {torch_err:.3g})")
+    assert 0 < err <= torch_err / 5 and err_decode <= torch_err / 5
+    assert (prefill.argmax(1) == exact.argmax(1)).all()
 
 
 @pytest.mark.skipif("avx512_bf16" not in ISAS, reason="the CPU has no AVX512_BF16")
@@ -246,7 +276,7 @@ def test_bf16_checkpoint_converts_without_float32(tmp_path, monkeypatch, spec):
     monkeypatch.undo()
     stored = read_safetensors(out / "model.safetensors")
     assert set(stored.dtypes.values()) == {"BF16"}
-    px = pyxf.load(out)
+    px = pyxf.load(out, kv_cache_dtype="float32")  # the weights alone: no rounding of the cache
     reference = helpers.half_precision_reference(hf, "bfloat16")  # (float32 RoPE tables, as pyxf's)
     ids = helpers.random_ids(px.vocab_size, 17, seed=3)
     with isa_context(WIDENING_ISAS[-1]):
@@ -282,7 +312,7 @@ def test_bf16_gguf_converts_without_float32(tmp_path, monkeypatch):
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
     ids = [5, 9, 30, 2, 17, 40, 3, 11]
-    px = pyxf.load(out)
+    px = pyxf.load(out, kv_cache_dtype="float32")  # the weights alone: no rounding of the cache
     reference = helpers.hf_logits(helpers.half_precision_reference(hf, "bfloat16"), ids)
     with isa_context(WIDENING_ISAS[-1]):
         err = helpers.max_abs_err(px.logits(ids), reference)

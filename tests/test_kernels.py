@@ -633,6 +633,61 @@ def test_attention_bf16_products(isa, t, tk, heads, kv_heads, head_dim, causal, 
         np.testing.assert_array_equal(y, y32)
 
 
+@pytest.mark.parametrize("t,tk,heads,kv_heads,head_dim,causal", ATTENTION_CASES + BF16_ATTENTION_CASES)
+def test_attention_half_cache(isa, t, tk, heads, kv_heads, head_dim, causal):
+    """A float16 KV cache: the result is attention over the keys and values rounded to IEEE half as
+    torch rounds them (float32 accuracy from there), and what a float cache holding those
+    rounded values gives, with and without bf16 products; every ISA, every shape of the float
+    cache's tests."""
+    rng = rng_for("attention-half", t, tk, heads, kv_heads, head_dim, causal)
+    q = randn(rng, t, heads * head_dim, scale=2.0)
+    k, v = randn(rng, tk, kv_heads * head_dim), randn(rng, tk, kv_heads * head_dim)
+    scale = head_dim**-0.5
+    k16, v16 = (torch.from_numpy(a).half().float().numpy() for a in (k, v))
+    ref = attention_reference(q, k16, v16, heads, kv_heads, causal, scale)
+    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=True, kv_dtype="float16")
+    assert_close(y, ref, what="attention on a float16 cache")
+    # The same sums as over a float cache (only where a call splits its keys across threads, which
+    # counts the cache's bytes, may the order of the merges differ: float32 rounding)
+    same = ops.attention(q, k16, v16, heads, kv_heads, causal=causal, scale=scale, paged=True)
+    assert_close(y, same, rtol=1e-6, what="float16 cache vs float cache of the rounded values")
+    y_bf16 = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, paged=True, kv_dtype="float16",
+                           bf16_products=True)
+    same_bf16 = ops.attention(q, k16, v16, heads, kv_heads, causal=causal, scale=scale, paged=True, bf16_products=True)
+    assert_close(y_bf16, same_bf16, rtol=1e-6, what="the same with bf16 products")
+
+
+@pytest.mark.parametrize("t,tk,heads,kv_heads,head_dim,causal,window,softcap", WINDOW_CASES[:4] + WINDOW_CASES[-2:])
+def test_attention_half_cache_window_and_softcap(isa, t, tk, heads, kv_heads, head_dim, causal, window, softcap):
+    rng = rng_for("attention-half-window", t, tk, heads, kv_heads, head_dim, causal, window)
+    q = randn(rng, t, heads * head_dim, scale=3.0)
+    k, v = randn(rng, tk, kv_heads * head_dim), randn(rng, tk, kv_heads * head_dim)
+    scale = head_dim**-0.5
+    k16, v16 = (torch.from_numpy(a).half().float().numpy() for a in (k, v))
+    ref = attention_reference(q, k16, v16, heads, kv_heads, causal, scale, window, softcap)
+    y = ops.attention(q, k, v, heads, kv_heads, causal=causal, scale=scale, window=window, softcap=softcap,
+                      paged=True, kv_dtype="float16")
+    assert_close(y, ref, what="attention on a float16 cache")
+
+
+def test_half_cache_rounds_as_torch(isa):
+    """Each value stored in a float16 cache is torch's float16 of it, bit for bit: ties to even,
+    subnormals, the largest finite half, overflow to infinity, NaN. Attention over one key returns
+    that key's value exactly (its probability is 1)."""
+    values = np.array([0.0, -0.0, 1.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-12, 65504.0, 65519.0,
+                       65520.0, -1e6, np.inf, -np.inf, np.nan, 2.0**-14, 2.0**-15 * 1.5, 2.0**-24,
+                       2.0**-25, 2.0**-25 * 1.0001, 3 * 2.0**-26, 1e-30, -7.3e-6, 0.1, -3.14159, 1234.567],
+                      dtype=np.float32)
+    d = 16
+    values = np.resize(values, (len(values) + d - 1) // d * d).reshape(-1, d)
+    q = np.zeros((1, d), np.float32)
+    for row in values:
+        v = row[None, :].copy()
+        y = ops.attention(q, np.zeros_like(v), v, 1, 1, causal=True, scale=1.0, paged=True, kv_dtype="float16")
+        expected = torch.from_numpy(v).half().float().numpy()
+        np.testing.assert_array_equal(y, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs: a ValueError, never a crash
 

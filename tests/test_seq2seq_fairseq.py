@@ -187,6 +187,20 @@ def test_generation_matches_transformers(pair, beams, ngram):
     assert [pyxf.translate(px, [src], **options)[0] for src in sources] == [tokens for tokens, _ in got]
 
 
+def test_float16_cache_beam_search_matches_transformers(pair):
+    """The decoder's self-attention cache in float16 (beam search copies its pages between
+    hypotheses): the same hypotheses as transformers in float32, scores within the rounding."""
+    _, model, px = pair
+    half = pyxf.load(px.path, kv_cache_dtype="float16")
+    assert half.kv_cache_dtype == "float16" and px.kv_cache_dtype == "float32"
+    rng = np.random.default_rng(7)
+    sources = [random_ids(rng, n, px.vocab_size) + [EOS] for n in (3, 9, 20)]
+    expected = [reference_generate(model, src, 3, 12, no_repeat_ngram_size=1) for src in sources]
+    got = pyxf.translate(half, sources, beam_size=3, max_length=12, no_repeat_ngram_size=1, return_scores=True)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    assert max_abs_err([s for _, s in got], [s for _, s in expected]) <= 1e-3
+
+
 def test_generation_settings_of_the_checkpoint(tmp_path):
     """bart-large-cnn's settings: a forced first token (bos) and a forced end token, applied as
     transformers' generate applies them from the checkpoint's generation config."""

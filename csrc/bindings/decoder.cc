@@ -27,7 +27,7 @@ class PySession {
       throw py::value_error("context_length " + std::to_string(context_length) + " exceeds the model's " +
                             std::to_string(c.max_sequence()) + " positions");
     }
-    cache_ = std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, context_length);
+    cache_ = std::make_unique<KVCache>(KVShape::of(c), context_length);
   }
 
   // Feeds from two threads at once run one after the other (the mutex covers the length check
@@ -176,10 +176,7 @@ void bind_decoder(py::module_& m) {
       .def("close", [](PyEngine& e, bool cancel) { e.engine().close(cancel); }, "cancel_running"_a = false)
       .def("stats", &PyEngine::stats)
       .def_property_readonly("context_length", [](PyEngine& e) { return e.engine().options().context_length; })
-      .def_static("page_bytes", [](const PyModel& m) {
-        const ModelConfig& c = m.config();
-        return KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
-      }, "model"_a, "Bytes of one KV page (kv_page_tokens positions of every layer) of this model.");
+      .def_static("page_bytes", [](const PyModel& m) { return KVShape::of(m.config()).page_bytes(); }, "model"_a, "Bytes of one KV page (kv_page_tokens positions of every layer) of this model.");
   m.attr("kv_page_tokens") = kPageTokens;
 }
 

@@ -245,7 +245,7 @@ void bind_ops(py::module_& ops) {
   // reads); otherwise they are rows [kv_head][position][head_dim] (encoders, cross-attention).
   ops.def("attention", [=](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
                            bool causal, float scale, py::object pos_bias, int window, float softcap, bool paged,
-                           bool bf16_products) {
+                           bool bf16_products, const std::string& kv_dtype) {
     check_2d(q, "q");
     check_2d(k, "k");
     check_2d(v, "v");
@@ -257,6 +257,8 @@ void bind_ops(py::module_& ops) {
       throw py::value_error("k and v must be [n_keys, n_kv_heads * head_dim]");
     }
     if (n_keys < n_new) throw py::value_error("need at least as many keys as queries");
+    if (kv_dtype != "float32" && kv_dtype != "float16") throw py::value_error("kv_dtype must be float32 or float16");
+    if (kv_dtype == "float16" && !paged) throw py::value_error("kv_dtype float16 needs paged=True (a KV cache)");
     if (window < 0 || softcap < 0.0f) throw py::value_error("window and softcap must be >= 0");
     py::array_t<float> out({n_new, (long)q.shape(1)});
     kernels::AttentionSeq seq{q.data(), out.mutable_data(), nullptr, nullptr, n_keys * D, D,
@@ -264,7 +266,8 @@ void bind_ops(py::module_& ops) {
     std::vector<float> kc, vc;
     std::unique_ptr<KVCache> cache;
     if (paged) {
-      cache = std::make_unique<KVCache>(1, n_kv_heads, D, (int)std::max(n_keys, 1L));
+      const auto type = kv_dtype == "float16" ? kernels::WeightType::kF16 : kernels::WeightType::kF32;
+      cache = std::make_unique<KVCache>(KVShape{1, n_kv_heads, D, type}, (int)std::max(n_keys, 1L));
       std::reverse(cache->pages().begin(), cache->pages().end());
       for (long t = 0; t < n_keys; ++t)
         for (int g = 0; g < n_kv_heads; ++g)
@@ -298,7 +301,7 @@ void bind_ops(py::module_& ops) {
     kernels::active().attention(&seq, 1, shape);
     return out;
   }, "q"_a, "k"_a, "v"_a, "n_heads"_a, "n_kv_heads"_a, "causal"_a = true, "scale"_a, "pos_bias"_a = py::none(),
-     "window"_a = 0, "softcap"_a = 0.0f, "paged"_a = false, "bf16_products"_a = false);
+     "window"_a = 0, "softcap"_a = 0.0f, "paged"_a = false, "bf16_products"_a = false, "kv_dtype"_a = "float32");
 }
 
 

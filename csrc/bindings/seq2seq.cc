@@ -65,7 +65,7 @@ class PySeq2SeqModel {
       Workspace ws;
       EncodedSources enc;
       model_->encode(sources, ws, enc);
-      KVCache cache(c.num_layers, c.num_kv_heads, c.head_dim, (int)target.size());
+      KVCache cache(KVShape::of(c), (int)target.size());
       DecoderSeq seq{&cache, target.data(), (int)target.size(), 0, true};
       model_->decode(&seq, 1, enc, ws, data);
     }

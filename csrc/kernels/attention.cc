@@ -12,6 +12,7 @@
 
 #include <omp.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -28,10 +29,12 @@ constexpr int kTileRows = 4;       // query rows per register tile: 4 x 4 vector
 static_assert(kBlockKeys == kKVPageTokens, "a block of keys is one page of a paged KV cache");
 
 // The first key of the block starting at key j0 (a multiple of kBlockKeys) of kv head g; the block's
-// keys follow kv_pos_stride apart. `base` is s.k or s.v.
-const float* key_block(const float* base, const AttentionSeq& s, int g, int j0) {
-  if (s.pages) return base + (long)s.pages[j0 / kBlockKeys] * s.page_stride + (long)g * s.kv_head_stride;
-  return base + (long)g * s.kv_head_stride + (long)j0 * s.kv_pos_stride;
+// keys follow kv_pos_stride apart. `base` is s.k or s.v, whose elements are T.
+template <typename T = float>
+const T* key_block(const void* base, const AttentionSeq& s, int g, int j0) {
+  const T* b = static_cast<const T*>(base);
+  if (s.pages) return b + (long)s.pages[j0 / kBlockKeys] * s.page_stride + (long)g * s.kv_head_stride;
+  return b + (long)g * s.kv_head_stride + (long)j0 * s.kv_pos_stride;
 }
 
 // The keys [begin, end) that the query at position `qpos` sees.
@@ -76,11 +79,6 @@ struct Scratch {
   float* q;        // [kMaxRows][dp], pre-scaled, zero padded
   float* o;        // [kMaxRows][dp]
   float* kt_block;  // [head_dim][kBlockKeys], a key block transposed here
-  // The block's transposed keys and its values of each kv head of the item (at most a tile's rows).
-  const float* kt_of[kTileRows];
-  const float* v_of[kTileRows];
-  const float** kt;                 // [kMaxRows], of each row
-  const float** v;                  // [kMaxRows]
   ItemRow* row;                     // [kMaxRows], what each row of the item is (item_row)
   KeyRange* keys;                   // [kMaxRows], the keys each row sees
   float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
@@ -105,8 +103,9 @@ int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // s[R][0 .. NV vectors) = q[R][D] . kt[D][...] for R query rows: the block's first NV vectors
 // of keys (a causal tile on the diagonal sees only some of them).
-template <int R, int NV, bool kShared>
-void scores_tile(const float* q, int dp, int D, const float* const* kt, float* s) {
+// Keys and values are float or IEEE half (T: float or f16, widened as they are loaded).
+template <int R, int NV, bool kShared, typename T>
+void scores_tile(const float* q, int dp, int D, const T* const* kt, float* s) {
   Vf acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
@@ -131,15 +130,15 @@ void scores_tile(const float* q, int dp, int D, const float* const* kt, float* s
 // `tail` lanes of the last vector are real (v rows end at head_dim). v[r] points at column d0 of
 // the first value row. kPartial is a template parameter: a branch inside the key loop makes the
 // compiler keep the accumulators on the stack.
-template <int R, int NV, bool kPartial, bool kShared>
-void pv_tile(const float* p, const float* corr, const float* const* v, long d0, long v_stride, int n_keys,
+template <int R, int NV, bool kPartial, bool kShared, typename T>
+void pv_tile(const float* p, const float* corr, const T* const* v, long d0, long v_stride, int n_keys,
              int tail, float* o, int dp) {
   Vf acc[R][NV];
   for (int r = 0; r < R; ++r) {
     const Vf c = vset1(corr[r]);
     for (int i = 0; i < NV; ++i) acc[r][i] = vmul(vload(o + (long)r * dp + i * kLanes), c);
   }
-  const auto load_row = [&](const float* vj, Vf x[NV]) {
+  const auto load_row = [&](const T* vj, Vf x[NV]) {
     for (int i = 0; i < NV - 1; ++i) x[i] = vload(vj + i * kLanes);
     x[NV - 1] = kPartial ? vload_n(vj + (NV - 1) * kLanes, tail) : vload(vj + (NV - 1) * kLanes);
   };
@@ -157,19 +156,19 @@ void pv_tile(const float* p, const float* corr, const float* const* v, long d0, 
     for (int i = 0; i < NV; ++i) vstore(o + (long)r * dp + i * kLanes, acc[r][i]);
 }
 
-template <int R, bool kPartial, bool kShared>
-void pv_chunk(int nv, const float* p, const float* corr, const float* const* v, long d0, long v_stride, int n_keys,
+template <int R, bool kPartial, bool kShared, typename T>
+void pv_chunk(int nv, const float* p, const float* corr, const T* const* v, long d0, long v_stride, int n_keys,
               int tail, float* o, int dp) {
   switch (nv) {
-    case 4: pv_tile<R, 4, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
-    case 3: pv_tile<R, 3, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
-    case 2: pv_tile<R, 2, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
-    default: pv_tile<R, 1, kPartial, kShared>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    case 4: pv_tile<R, 4, kPartial, kShared, T>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    case 3: pv_tile<R, 3, kPartial, kShared, T>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    case 2: pv_tile<R, 2, kPartial, kShared, T>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
+    default: pv_tile<R, 1, kPartial, kShared, T>(p, corr, v, d0, v_stride, n_keys, tail, o, dp); break;
   }
 }
 
-template <int R, bool kShared>
-void pv_rows(const float* p, const float* corr, const float* const* v, long v_stride, int n_keys, int D,
+template <int R, bool kShared, typename T>
+void pv_rows(const float* p, const float* corr, const T* const* v, long v_stride, int n_keys, int D,
              float* o, int dp) {
   // Head dimensions in chunks of up to 4 vectors.
   for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
@@ -177,9 +176,9 @@ void pv_rows(const float* p, const float* corr, const float* const* v, long v_st
     const int tail = imin(kLanes, D - d0 - (nv - 1) * kLanes);
     float* od = o + d0;
     if (tail == kLanes) {
-      pv_chunk<R, false, kShared>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
+      pv_chunk<R, false, kShared, T>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
     } else {
-      pv_chunk<R, true, kShared>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
+      pv_chunk<R, true, kShared, T>(nv, p, corr, v, d0, v_stride, n_keys, tail, od, dp);
     }
   }
 }
@@ -233,32 +232,36 @@ void add_position_bias(float* score, int n, int rel0, const float* bias, int R) 
   for (; j < n; ++j) score[j] += bias[2 * R];
 }
 
-using PvRows = void (*)(const float*, const float*, const float* const*, long, int, int, float*, int);
+template <typename T>
+using PvRows = void (*)(const float*, const float*, const T* const*, long, int, int, float*, int);
 constexpr int capped(int nv) { return nv < kScoreVecs ? nv : kScoreVecs; }
 
 // scores_tile for R rows and the block's first nv (1 .. kScoreVecs) key vectors.
-template <int R, bool kShared>
-void scores_rows(int nv, const float* q, int dp, int D, const float* const* kt, float* s) {
+template <int R, bool kShared, typename T>
+void scores_rows(int nv, const float* q, int dp, int D, const T* const* kt, float* s) {
   switch (nv) {
-    case 1: scores_tile<R, capped(1), kShared>(q, dp, D, kt, s); break;
-    case 2: scores_tile<R, capped(2), kShared>(q, dp, D, kt, s); break;
-    case 3: scores_tile<R, capped(3), kShared>(q, dp, D, kt, s); break;
-    case 4: scores_tile<R, capped(4), kShared>(q, dp, D, kt, s); break;
-    case 5: scores_tile<R, capped(5), kShared>(q, dp, D, kt, s); break;
-    case 6: scores_tile<R, capped(6), kShared>(q, dp, D, kt, s); break;
-    case 7: scores_tile<R, capped(7), kShared>(q, dp, D, kt, s); break;
-    default: scores_tile<R, capped(8), kShared>(q, dp, D, kt, s); break;
+    case 1: scores_tile<R, capped(1), kShared, T>(q, dp, D, kt, s); break;
+    case 2: scores_tile<R, capped(2), kShared, T>(q, dp, D, kt, s); break;
+    case 3: scores_tile<R, capped(3), kShared, T>(q, dp, D, kt, s); break;
+    case 4: scores_tile<R, capped(4), kShared, T>(q, dp, D, kt, s); break;
+    case 5: scores_tile<R, capped(5), kShared, T>(q, dp, D, kt, s); break;
+    case 6: scores_tile<R, capped(6), kShared, T>(q, dp, D, kt, s); break;
+    case 7: scores_tile<R, capped(7), kShared, T>(q, dp, D, kt, s); break;
+    default: scores_tile<R, capped(8), kShared, T>(q, dp, D, kt, s); break;
   }
 }
 static_assert(kScoreVecs <= 8, "scores_rows covers up to 8 key vectors");
-using ScoresRows = void (*)(int, const float*, int, int, const float* const*, float*);
+template <typename T>
+using ScoresRows = void (*)(int, const float*, int, int, const T* const*, float*);
 // [shared][rows]
-constexpr ScoresRows kScoresRows[2][kTileRows + 1] = {
-    {nullptr, scores_rows<1, false>, scores_rows<2, false>, scores_rows<3, false>, scores_rows<4, false>},
-    {nullptr, scores_rows<1, true>, scores_rows<2, true>, scores_rows<3, true>, scores_rows<4, true>}};
-constexpr PvRows kPvRows[2][kTileRows + 1] = {
-    {nullptr, pv_rows<1, false>, pv_rows<2, false>, pv_rows<3, false>, pv_rows<4, false>},
-    {nullptr, pv_rows<1, true>, pv_rows<2, true>, pv_rows<3, true>, pv_rows<4, true>}};
+template <typename T>
+constexpr ScoresRows<T> kScoresRows[2][kTileRows + 1] = {
+    {nullptr, scores_rows<1, false, T>, scores_rows<2, false, T>, scores_rows<3, false, T>, scores_rows<4, false, T>},
+    {nullptr, scores_rows<1, true, T>, scores_rows<2, true, T>, scores_rows<3, true, T>, scores_rows<4, true, T>}};
+template <typename T>
+constexpr PvRows<T> kPvRows[2][kTileRows + 1] = {
+    {nullptr, pv_rows<1, false, T>, pv_rows<2, false, T>, pv_rows<3, false, T>, pv_rows<4, false, T>},
+    {nullptr, pv_rows<1, true, T>, pv_rows<2, true, T>, pv_rows<3, true, T>, pv_rows<4, true, T>}};
 
 // kt[d][j] = k[j][d] for the bk keys of one block (rows kv_pos_stride apart), zero past bk: whole
 // vectors of keys by square blocks (or gathers past the last whole block of d), the rest one by one.
@@ -304,25 +307,27 @@ void round_to_bf16(const float* src, int n, uint16_t* dst) {
 }
 
 // kb[dd][j][2] = (kt[2 dd][j], kt[2 dd + 1][j]) for a transposed block kt [D][kBlockKeys], D even.
-void pair_keys(const float* kt, int D, uint16_t* kb) {
+template <typename T>
+void pair_keys(const T* kt, int D, uint16_t* kb) {
   for (int dd = 0; dd < D / 2; ++dd) {
-    const float* k0 = kt + (long)2 * dd * kBlockKeys;
+    const T* k0 = kt + (long)2 * dd * kBlockKeys;
     for (int c = 0; c < kBlockKeys; c += kLanes) {
       _mm512_storeu_si512(kb + ((long)dd * kBlockKeys + c) * 2,
-                          interleave_bf16(_mm512_loadu_ps(k0 + c), _mm512_loadu_ps(k0 + kBlockKeys + c)));
+                          interleave_bf16(vload(k0 + c).v, vload(k0 + kBlockKeys + c).v));
     }
   }
 }
 
 // vb[jj][d][2] = (v[2 jj][d], v[2 jj + 1][d]) for the bk value rows of a block (`stride` apart),
 // zero past bk and past D (up to dp).
-void pair_values(const float* v, long stride, int bk, int D, int dp, uint16_t* vb) {
+template <typename T>
+void pair_values(const T* v, long stride, int bk, int D, int dp, uint16_t* vb) {
   for (int jj = 0; jj < kBlockKeys / 2; ++jj) {
     const int j = 2 * jj;
     for (int d = 0; d < dp; d += kLanes) {
-      const __mmask16 m = (__mmask16)(D - d >= kLanes ? 0xFFFF : (1u << (D - d)) - 1);
-      const __m512 a = j < bk ? _mm512_maskz_loadu_ps(m, v + (long)j * stride + d) : _mm512_setzero_ps();
-      const __m512 b = j + 1 < bk ? _mm512_maskz_loadu_ps(m, v + (long)(j + 1) * stride + d) : _mm512_setzero_ps();
+      const int n = imin(kLanes, D - d);
+      const __m512 a = j < bk ? vload_n(v + (long)j * stride + d, n).v : _mm512_setzero_ps();
+      const __m512 b = j + 1 < bk ? vload_n(v + (long)(j + 1) * stride + d, n).v : _mm512_setzero_ps();
       _mm512_storeu_si512(vb + ((long)jj * dp + d) * 2, interleave_bf16(a, b));
     }
   }
@@ -410,18 +415,24 @@ ItemRow item_row(const WorkItem& item, int group, int r) {
 }
 
 // The block of transposed keys [D][kBlockKeys] of kv head g starting at key j0: straight from a
-// cache that stores keys transposed, from the sequence's shared transposes, or transposed here into
-// sc.kt (an item of one kv head).
-const float* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk,
-                             Scratch& sc) {
-  if (s.keys_transposed) return key_block(s.k, s, g, j0);
-  if (shared_kt) return shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
-  transpose_key_block(key_block(s.k, s, g, j0), s.kv_pos_stride, bk, D, sc.kt_block);
-  return sc.kt_block;
+// cache that stores keys transposed (a half cache always does), from the sequence's shared
+// transposes, or transposed here into sc.kt (an item of one kv head).
+template <typename T>
+const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk, Scratch& sc) {
+  if constexpr (std::is_same_v<T, f16>) {
+    return key_block<f16>(s.k, s, g, j0);
+  } else {
+    if (s.keys_transposed) return key_block(s.k, s, g, j0);
+    if (shared_kt) return shared_kt + (long)(j0 / kBlockKeys) * D * kBlockKeys;
+    transpose_key_block(key_block(s.k, s, g, j0), s.kv_pos_stride, bk, D, sc.kt_block);
+    return sc.kt_block;
+  }
 }
 
 // One work item. shared_kt: this item's kv head's keys already transposed block by block
 // ([block][D][kBlockKeys]), or null.
+// T: the keys' and values' element type (AttentionSeq::kv_type).
+template <typename T>
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
               Scratch& sc, float* partial) {
   const int D = sh.head_dim, dp = padded(D);
@@ -450,24 +461,32 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   constexpr bool bf16 = false;
 #endif
 
+  // The block's transposed keys and values of each kv head of the item, and of a tile's rows.
+  const T* kt_of[kTileRows];
+  const T* v_of[kTileRows];
+  const T* kt[kTileRows];
+  const T* v[kTileRows];
+  const auto tile_blocks = [&](int r, int n) {
+    for (int i = 0; i < n; ++i) {
+      kt[i] = kt_of[sc.row[r + i].g - item.kv_head];
+      v[i] = v_of[sc.row[r + i].g - item.kv_head];
+    }
+  };
   for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, item.key_end - j0);
     for (int i = 0; i < item.kv_count; ++i) {
       const int g = item.kv_head + i;
-      sc.kt_of[i] = transposed_keys(g, s, D, shared_kt, j0, bk, sc);
-      sc.v_of[i] = key_block(s.v, s, g, j0);
+      kt_of[i] = transposed_keys<T>(g, s, D, shared_kt, j0, bk, sc);
+      v_of[i] = key_block<T>(s.v, s, g, j0);
     }
     for (int r = 0; r < rows; ++r) {
-      const int i = sc.row[r].g - item.kv_head;
       sc.first[r] = imax(0, sc.keys[r].begin - j0);
       sc.end[r] = imax(0, imin(bk, sc.keys[r].end - j0));
-      sc.kt[r] = sc.kt_of[i];
-      sc.v[r] = sc.v_of[i];
     }
 #if defined(PYXF_BF16_DOT)
     if (bf16) {
-      pair_keys(sc.kt_of[0], D, sc.kb);
-      pair_values(sc.v_of[0], s.kv_pos_stride, bk, D, dp, sc.vb);
+      pair_keys(kt_of[0], D, sc.kb);
+      pair_values(v_of[0], s.kv_pos_stride, bk, D, dp, sc.vb);
     }
 #endif
     for (int r = 0; r < rows; r += kTileRows) {
@@ -482,7 +501,8 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
         continue;
       }
 #endif
-      kScoresRows[shared][n](nv, sc.q + (long)r * dp, dp, D, sc.kt + r, sc.p + (long)r * kBlockKeys);
+      tile_blocks(r, n);
+      kScoresRows<T>[shared][n](nv, sc.q + (long)r * dp, dp, D, kt, sc.p + (long)r * kBlockKeys);
     }
     for (int r = 0; r < rows; ++r) {
       float* score = sc.p + (long)r * kBlockKeys;
@@ -507,7 +527,8 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
         continue;
       }
 #endif
-      kPvRows[shared][n](sc.p + (long)r * kBlockKeys, sc.corr + r, sc.v + r, s.kv_pos_stride, keys, D,
+      tile_blocks(r, n);
+      kPvRows<T>[shared][n](sc.p + (long)r * kBlockKeys, sc.corr + r, v, s.kv_pos_stride, keys, D,
                          sc.o + (long)r * dp, dp);
     }
   }
@@ -589,7 +610,7 @@ bool runs_alone(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) 
   for (int s = 0; s < n_seqs; ++s) {
     const long keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
     work += 2L * seqs[s].n_new * sh.n_heads * keys * sh.head_dim;
-    const long bytes = 2L * (long)sizeof(float) * keys * sh.head_dim;
+    const long bytes = 2L * (seqs[s].kv_type == WeightType::kF16 ? 2 : 4) * keys * sh.head_dim;
     if (bytes > head_bytes) head_bytes = bytes;
   }
   return work < kSerialWork && head_bytes < kSerialHeadBytes;
@@ -638,7 +659,34 @@ Plan plan_items(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh, 
   return plan;
 }
 
+// One position's key (transposed) and value into a page of float or half elements T.
+template <typename T>
+void store_kv_slot(const KVSlotWrite& w, int D) {
+  T* keys = static_cast<T*>(w.key_page) + w.slot;
+  T* values = static_cast<T*>(w.value_page) + (long)w.slot * D;
+  if constexpr (std::is_same_v<T, f16>) {
+    for (int d = 0; d < D; ++d) keys[(long)d * kKVPageTokens] = to_f16(w.key[d]);
+    int d = 0;
+    for (; d + kLanes <= D; d += kLanes) vstore(values + d, vload(w.value + d));
+    for (; d < D; ++d) values[d] = to_f16(w.value[d]);
+  } else {
+    for (int d = 0; d < D; ++d) keys[(long)d * kKVPageTokens] = w.key[d];
+    memcpy(values, w.value, sizeof(float) * D);
+  }
+}
+
 }  // namespace
+
+void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
+#pragma omp parallel for schedule(static) if (n >= kParallelSlotWrites)
+  for (long i = 0; i < n; ++i) {
+    if (writes[i].type == WeightType::kF16) {
+      store_kv_slot<f16>(writes[i], head_dim);
+    } else {
+      store_kv_slot<float>(writes[i], head_dim);
+    }
+  }
+}
 
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const int group = sh.n_heads / sh.n_kv_heads;
@@ -705,9 +753,6 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     sc.kb = sc.qb + (long)max_rows * dp;
     sc.vb = sc.kb + (long)dp * kBlockKeys;
     sc.pb = sc.vb + (long)dp * kBlockKeys;
-    std::vector<const float*> row_blocks(2L * max_rows);
-    sc.kt = row_blocks.data();
-    sc.v = sc.kt + max_rows;
     std::vector<ItemRow> item_rows(max_rows);
     std::vector<KeyRange> row_keys(max_rows);
     sc.row = item_rows.data();
@@ -718,7 +763,12 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
       const float* kt = kt_offset[it.seq] < 0
                             ? nullptr
                             : shared_kt + (kt_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) * block_floats;
-      run_item(it, seqs[it.seq], sh, kt, sc, it.partial < 0 ? nullptr : partials.data() + it.partial * slot_floats);
+      float* partial = it.partial < 0 ? nullptr : partials.data() + it.partial * slot_floats;
+      if (seqs[it.seq].kv_type == WeightType::kF16) {
+        run_item<f16>(it, seqs[it.seq], sh, kt, sc, partial);
+      } else {
+        run_item<float>(it, seqs[it.seq], sh, kt, sc, partial);
+      }
     }
     free(mem);
     if (!plan.merges.empty()) {

@@ -310,6 +310,7 @@ void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, 
                   float* y, const void* panels);
 void load_row(const void* w, WeightType wt, long row, long n, float* out);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate);
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
@@ -344,6 +345,7 @@ void fill_table(KernelTable* t) {
   t->rope_table = rope_table;
   t->rope = rope;
   t->attention = attention;
+  t->store_kv_slots = store_kv_slots;
   t->linear_quant = linear_quant;
 #if defined(PYXF_TARGET_avx512)
   t->linear_quant_gated = linear_quant_gated;

@@ -60,36 +60,22 @@ struct QuantWeight {
 // Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
 // keys never straddles two pages.
 constexpr int kKVPageTokens = 64;
-// Writes the key and value (head_dim floats each) of the position in `slot` of one kv head's page:
-// the key transposed (element d at d * kKVPageTokens + slot), the value as a row.
-inline void store_kv_slot(float* key_page, float* value_page, int slot, int head_dim, const float* key,
-                          const float* value) {
-  for (int d = 0; d < head_dim; ++d) key_page[(long)d * kKVPageTokens + slot] = key[d];
-  for (int d = 0; d < head_dim; ++d) value_page[(long)slot * head_dim + d] = value[d];
-}
-
-// One store_kv_slot: where a position's key and value go, and what they are.
+// One position's key and value (head_dim floats each) for one kv head's page of a KV cache, whose
+// elements are `type` (kF32, or kF16: IEEE half, rounded to nearest even): the key goes in
+// transposed (element d at d * kKVPageTokens + slot), the value as a row (at slot * head_dim).
 struct KVSlotWrite {
-  float* key_page;
-  float* value_page;
+  void* key_page;
+  void* value_page;
   int slot;
   const float* key;
   const float* value;
+  WeightType type = WeightType::kF32;
 };
 
-// Writes from which store_kv_slots splits its writes across threads: each transposed key touches
-// head_dim cache lines, mostly cold in a decode step (a batch of 64 translations writes 512 a
-// layer); a few (a single sequence's step) are not worth waking the other threads.
+// Writes from which KernelTable::store_kv_slots splits its writes across threads: each transposed
+// key touches head_dim cache lines, mostly cold in a decode step (a batch of 64 translations
+// writes 512 a layer); a few (a single sequence's step) are not worth waking the other threads.
 constexpr long kParallelSlotWrites = 64;
-
-// The writes, in parallel from kParallelSlotWrites of them. No two may write the same slot.
-inline void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
-#pragma omp parallel for schedule(static) if (n >= kParallelSlotWrites)
-  for (long i = 0; i < n; ++i) {
-    const KVSlotWrite& w = writes[i];
-    store_kv_slot(w.key_page, w.value_page, w.slot, head_dim, w.key, w.value);
-  }
-}
 
 // One sequence's share of an attention call. Queries are the sequence's new tokens. Key j of kv
 // head g is at k + g * kv_head_stride + j * kv_pos_stride (values alike): a KV cache
@@ -103,16 +89,19 @@ inline void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
 struct AttentionSeq {
   const float* q;       // [n_new][q_row_stride], head h at column h * head_dim
   float* out;           // [n_new][out_row_stride]
-  const float* k;
-  const float* v;
+  const void* k;        // elements of kv_type; strides below count elements
+  const void* v;
   long kv_head_stride;
   long kv_pos_stride;
   int n_new;
   int n_past;
   int n_keys;           // keys visible to a non-causal query
   const int32_t* pages = nullptr;  // page of each kKVPageTokens keys, or null: keys are contiguous
-  long page_stride = 0;            // floats from one page to the next
+  long page_stride = 0;            // elements from one page to the next
   bool keys_transposed = false;    // pages hold keys as [head_dim][kKVPageTokens] (see above)
+  // kF32, or kF16 (a paged cache with keys transposed only): each block of keys and values is
+  // widened to float in the work item's scratch, then multiplied as float ones.
+  WeightType kv_type = WeightType::kF32;
 };
 
 struct AttentionShape {
@@ -187,6 +176,8 @@ struct KernelTable {
   void (*rope)(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim, const float* cs,
                bool interleaved);
   void (*attention)(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
+  // The writes (no two to the same slot), in parallel from kParallelSlotWrites of them.
+  void (*store_kv_slots)(const KVSlotWrite* writes, long n, int head_dim);
   // y[M,N] (+)= x[M,K] dequant(w)^T + bias: x is quantized to 8 bits per block of 32 on the fly
   // and the dot products run on integers.
   void (*linear_quant)(const float* x, long M, const QuantWeight& w, const float* bias, float* y,

@@ -228,6 +228,29 @@ static inline float to_f32(f16 x) {
 #endif
 }
 
+// IEEE half of a float, rounded to nearest even (overflow to infinity, NaN stays NaN).
+static inline f16 to_f16(float f) {
+#if defined(PYXF_TARGET_avx2) || defined(PYXF_TARGET_avx512)
+  return {(uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+#else
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000, a = x & 0x7fffffff;
+  if (a >= 0x7f800000) return {(uint16_t)(sign | 0x7c00 | (a > 0x7f800000 ? 0x200 : 0))};
+  if (a >= 0x477ff000) return {(uint16_t)(sign | 0x7c00)};  // 65520 and up round past 65504
+  const auto round = [](uint32_t q, uint32_t rem, uint32_t half) {
+    return rem > half || (rem == half && (q & 1)) ? q + 1 : q;
+  };
+  if (a >= 0x38800000) {  // normal: exponent rebased from 127 to 15, 13 mantissa bits rounded off
+    return {(uint16_t)(sign | round((a - 0x38000000) >> 13, a & 0x1fff, 0x1000))};
+  }
+  const int e = (int)(a >> 23);  // subnormal half: units of 2^-24
+  if (e < 102) return {(uint16_t)sign};  // below 2^-25
+  const uint32_t m = (a & 0x7fffff) | 0x800000, shift = 126 - e;
+  return {(uint16_t)(sign | round(m >> shift, m & ((1u << shift) - 1), 1u << (shift - 1)))};
+#endif
+}
+
 #if defined(PYXF_TARGET_avx512)
 static inline Vf vload(const bf16* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -241,12 +264,18 @@ static inline Vf vload_n(const bf16* p, int n) {
 static inline Vf vload_n(const f16* p, int n) {
   return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p))};
 }
+static inline void vstore(f16* p, Vf a) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #elif defined(PYXF_TARGET_avx2)
 static inline Vf vload(const bf16* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
 }
 static inline Vf vload(const f16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+static inline void vstore(f16* p, Vf a) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 template <typename H>
 static inline Vf vload_n(const H* p, int n) {
   H tmp[kLanes] = {};
@@ -265,6 +294,9 @@ static inline Vf vload_n(const H* p, int n) {
   Vf r;
   for (int i = 0; i < kLanes; ++i) r.v[i] = i < n ? to_f32(p[i]) : 0.0f;
   return r;
+}
+static inline void vstore(f16* p, Vf a) {
+  for (int i = 0; i < kLanes; ++i) p[i] = to_f16(a.v[i]);
 }
 #endif
 

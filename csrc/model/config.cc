@@ -134,6 +134,11 @@ ModelConfig stack_config(const ConfigValues& v, PositionKind position) {
   read_experts(v, c);
   c.position = position;
   c.tied_embeddings = boolean_or(v, "tie_word_embeddings", false);
+  const std::string kv_dtype = text_or(v, "kv_cache_dtype", "float32");
+  if (kv_dtype != "float32" && kv_dtype != "float16") {
+    throw invalid_argument("unknown kv_cache_dtype '" + kv_dtype + "' (float32, float16)");
+  }
+  c.kv_type = kv_dtype == "float16" ? kernels::WeightType::kF16 : kernels::WeightType::kF32;
   if (c.position == PositionKind::kRope) {
     c.rope_interleaved = boolean_or(v, "rope_interleaved", false);
     c.rope_inv_freq = v.floats("rope_inv_freq");

@@ -58,6 +58,9 @@ struct ModelConfig {
   float attn_softcap = 0.0f;     // attention scores s become attn_softcap * tanh(s / attn_softcap); 0: none
   float logit_softcap = 0.0f;    // the LM head's logits, likewise (Gemma 2)
   bool tied_embeddings = false;
+  // The KV caches' element type: kF32, or kF16 (IEEE half). Chosen at load ("kv_cache_dtype"),
+  // not by the checkpoint; only caches made for this model read it.
+  kernels::WeightType kv_type = kernels::WeightType::kF32;
   bool has_lm_head = true;       // decoders; encoders end at the last hidden state
   bool causal = true;            // false for encoders: every token sees the whole sequence
   int position_offset = 0;       // learned positions start here (RoBERTa: 2)

@@ -59,7 +59,7 @@ void Seq2SeqModel::encode(const std::vector<std::vector<int32_t>>& sources, Work
         }
       }
     }
-    kernels::store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
+    kernels::active().store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
   }
 }
 

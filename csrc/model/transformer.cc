@@ -140,7 +140,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     if (!seqs[s].cache) {
       // Keys and values stay in the qkv rows.
       a.k = a.q + c.q_dim();
-      a.v = a.k + c.kv_dim();
+      a.v = a.q + c.q_dim() + c.kv_dim();
       a.kv_head_stride = D;
       a.kv_pos_stride = qkv_dim;
       a.n_past = 0;
@@ -161,7 +161,7 @@ void Transformer::attention_views(int layer, const SeqBatch* seqs, int n, Worksp
     a.n_keys = past + seqs[s].n_new;
     row += seqs[s].n_new;
   }
-  k::store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
+  k::active().store_kv_slots(ws.kv_writes.data(), (long)ws.kv_writes.size(), (int)D);
 }
 
 void Transformer::attention_block(int layer, const SeqBatch* seqs, int n, Workspace& ws,

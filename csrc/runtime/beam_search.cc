@@ -95,7 +95,7 @@ std::vector<std::vector<Hypothesis>> generate_single(const Seq2SeqModel& model, 
   std::vector<Hyp> hyps;
   hyps.reserve(n);
   for (int s = 0; s < n; ++s) {
-    hyps.push_back({std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, o.max_length),
+    hyps.push_back({std::make_unique<KVCache>(KVShape::of(c), o.max_length),
                     Sampler(o.sampling, o.seed, V), {o.decoder_start_id}});
     hyps.back().sampler.observe(o.decoder_start_id);
   }
@@ -176,7 +176,7 @@ std::vector<std::vector<Hypothesis>> generate_beam(const Seq2SeqModel& model, co
   std::vector<SourceBeams> src(n);
   for (auto& s : src) {
     for (int b = 0; b < B; ++b) {
-      s.slots.push_back(std::make_unique<KVCache>(c.num_layers, c.num_kv_heads, c.head_dim, o.max_length));
+      s.slots.push_back(std::make_unique<KVCache>(KVShape::of(c), o.max_length));
       // Only the first beam is live at the start: the others would repeat its continuations.
       s.beams.push_back({{o.decoder_start_id}, b == 0 ? 0.0f : kPenalty, b});
     }

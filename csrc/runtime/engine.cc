@@ -78,8 +78,7 @@ void check_forced(const std::vector<int32_t>& forced, int vocab_size) {
 
 size_t page_bytes(const Transformer* model) {
   if (!model) return 0;
-  const ModelConfig& c = model->config();
-  return KVPool::page_bytes(c.num_layers, c.num_kv_heads, c.head_dim);
+  return KVShape::of(model->config()).page_bytes();
 }
 
 // Pages of the budget: a page numbers the target's and the draft model's positions together.
@@ -89,8 +88,7 @@ int page_budget(const Transformer& model, const Transformer* draft, size_t bytes
 
 std::unique_ptr<KVPool> draft_pool(const Transformer* draft, int num_pages) {
   if (!draft) return nullptr;
-  const ModelConfig& c = draft->config();
-  return std::make_unique<KVPool>(c.num_layers, c.num_kv_heads, c.head_dim, num_pages);
+  return std::make_unique<KVPool>(KVShape::of(draft->config()), num_pages);
 }
 
 }  // namespace
@@ -99,8 +97,7 @@ Engine::Engine(const Transformer& model, const Transformer* draft, const EngineO
     : model_(model),
       draft_(draft),
       options_(options),
-      pool_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
-            page_budget(model, draft, options.kv_cache_bytes)),
+      pool_(KVShape::of(model.config()), page_budget(model, draft, options.kv_cache_bytes)),
       draft_pool_(draft_pool(draft, pool_.num_pages())),
       pages_(pool_.num_pages()) {
   const ModelConfig& c = model.config();

@@ -64,29 +64,22 @@ void give_spare(void* data, size_t bytes, size_t align) {
 
 }  // namespace
 
-size_t KVPool::page_bytes(int num_layers, int num_kv_heads, int head_dim) {
-  return 2 * (size_t)num_layers * num_kv_heads * kPageTokens * head_dim * sizeof(float);
-}
-
-KVPool::KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages)
-    : num_layers_(num_layers),
-      num_kv_heads_(num_kv_heads),
-      head_dim_(head_dim),
+KVPool::KVPool(const KVShape& shape, int num_pages)
+    : shape_(shape),
       num_pages_(num_pages),
-      page_floats_((size_t)num_kv_heads * kPageTokens * head_dim),
-      layer_floats_(page_floats_ * num_pages) {
+      layer_bytes_((size_t)page_stride() * num_pages * shape.element_bytes()) {
   // A pool between 2 and 32 MiB sits on transparent huge pages where the kernel offers them: a
   // prefill writes every page of its cache once, and 4 KiB pages cost a fault each (SmolLM2 at 512
   // positions: 5,760 faults, ~3% of the prefill). Larger pools keep 4 KiB pages: a shared pool is
   // touched only as pages are first used, and huge pages would make far more of it resident.
   constexpr size_t kHuge = 2u << 20, kMaxHugePool = 32u << 20;
-  const size_t want = 2 * (size_t)num_layers * layer_floats_ * sizeof(float);
+  const size_t want = 2 * (size_t)shape.num_layers * layer_bytes_;
   const size_t align = want >= kHuge && want <= kMaxHugePool ? kHuge : 4096;
   bytes_ = want > 0 ? (want + align - 1) / align * align : 4096;
   align_ = align;
-  data_ = static_cast<float*>(take_spare(&bytes_, &align_));
+  data_ = static_cast<char*>(take_spare(&bytes_, &align_));
   if (data_) return;
-  data_ = static_cast<float*>(std::aligned_alloc(align, bytes_));
+  data_ = static_cast<char*>(std::aligned_alloc(align, bytes_));
   if (!data_) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
   if (align == kHuge) madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure changes nothing
@@ -95,9 +88,8 @@ KVPool::KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages)
 
 KVPool::~KVPool() { give_spare(data_, bytes_, align_); }
 
-KVCache::KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity)
-    : owned_(std::make_unique<KVPool>(num_layers, num_kv_heads, head_dim,
-                                      (capacity + kPageTokens - 1) / kPageTokens)),
+KVCache::KVCache(const KVShape& shape, int capacity)
+    : owned_(std::make_unique<KVPool>(shape, (capacity + kPageTokens - 1) / kPageTokens)),
       pool_(owned_.get()),
       limit_(capacity) {
   pages_.resize(pool_->num_pages());
@@ -112,37 +104,38 @@ void KVCache::describe(int layer, kernels::AttentionSeq& a) const {
   a.kv_head_stride = pool_->head_stride();
   a.kv_pos_stride = pool_->head_dim();
   a.keys_transposed = true;
+  a.kv_type = pool_->shape().type;
 }
 
 kernels::KVSlotWrite KVCache::slot_write(int layer, int g, int pos, const float* key, const float* value) const {
-  return {block(pool_->keys(layer), g, pos), block(pool_->values(layer), g, pos), pos % kPageTokens, key, value};
+  return {block(pool_->keys(layer), g, pos), block(pool_->values(layer), g, pos), pos % kPageTokens, key, value,
+          pool_->shape().type};
 }
 
 void KVCache::store(int layer, int g, int pos, const float* key, const float* value) {
   const kernels::KVSlotWrite w = slot_write(layer, g, pos, key, value);
-  kernels::store_kv_slot(w.key_page, w.value_page, w.slot, head_dim(), w.key, w.value);
+  kernels::active().store_kv_slots(&w, 1, head_dim());
 }
 
 void KVCache::copy_from(const KVCache& src) {
   const int n = src.length(), D = head_dim();
-  const size_t page = (size_t)pool_->head_stride() * sizeof(float);
+  const size_t element = pool_->shape().element_bytes(), page = (size_t)pool_->head_stride() * element;
   for (int l = 0; l < pool_->num_layers(); ++l) {
     for (int g = 0; g < pool_->num_kv_heads(); ++g) {
       for (int p0 = 0; p0 < n; p0 += kPageTokens) {
-        float* keys = block(pool_->keys(l), g, p0);
-        float* values = block(pool_->values(l), g, p0);
-        const float* src_keys = src.block(src.pool_->keys(l), g, p0);
-        const float* src_values = src.block(src.pool_->values(l), g, p0);
+        char* keys = block(pool_->keys(l), g, p0);
+        char* values = block(pool_->values(l), g, p0);
+        const char* src_keys = src.block(src.pool_->keys(l), g, p0);
+        const char* src_values = src.block(src.pool_->values(l), g, p0);
         const int used = std::min(kPageTokens, n - p0);  // positions past the length are never read
         if (used == kPageTokens) {
           std::memcpy(keys, src_keys, page);
           std::memcpy(values, src_values, page);
           continue;
         }
-        for (int d = 0; d < D; ++d) {
-          std::memcpy(keys + (long)d * kPageTokens, src_keys + (long)d * kPageTokens, used * sizeof(float));
-        }
-        std::memcpy(values, src_values, (size_t)used * D * sizeof(float));
+        const size_t key_row = (size_t)kPageTokens * element;  // one dimension of the transposed keys
+        for (int d = 0; d < D; ++d) std::memcpy(keys + d * key_row, src_keys + d * key_row, used * element);
+        std::memcpy(values, src_values, (size_t)used * D * element);
       }
     }
   }

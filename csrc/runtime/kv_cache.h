@@ -14,41 +14,56 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "model/config.h"
 
 namespace pyxf {
 
 constexpr int kPageTokens = kernels::kKVPageTokens;
 
+// What a model's caches hold: the stack's sizes and the element type (float, or IEEE half: half
+// the bytes to write and to read in every attention call, rounded to 11 significant bits).
+struct KVShape {
+  int num_layers;
+  int num_kv_heads;
+  int head_dim;
+  kernels::WeightType type;
+
+  static KVShape of(const ModelConfig& c) { return {c.num_layers, c.num_kv_heads, c.head_dim, c.kv_type}; }
+  size_t element_bytes() const { return type == kernels::WeightType::kF16 ? 2 : 4; }
+  // Bytes of one page across all layers (keys and values).
+  size_t page_bytes() const { return 2 * (size_t)num_layers * num_kv_heads * kPageTokens * head_dim * element_bytes(); }
+};
+
 class KVPool {
  public:
-  KVPool(int num_layers, int num_kv_heads, int head_dim, int num_pages);
+  KVPool(const KVShape& shape, int num_pages);
   ~KVPool();
   KVPool(const KVPool&) = delete;
   KVPool& operator=(const KVPool&) = delete;
 
-  // Bytes of one page across all layers (keys and values).
-  static size_t page_bytes(int num_layers, int num_kv_heads, int head_dim);
-
-  float* keys(int layer) const { return data_ + (2 * (size_t)layer) * layer_floats_; }
-  float* values(int layer) const { return data_ + (2 * (size_t)layer + 1) * layer_floats_; }
-  long page_stride() const { return page_floats_; }
-  long head_stride() const { return (long)kPageTokens * head_dim_; }
-  int head_dim() const { return head_dim_; }
-  int num_kv_heads() const { return num_kv_heads_; }
-  int num_layers() const { return num_layers_; }
+  const KVShape& shape() const { return shape_; }
+  // Keys and values of a layer: elements of shape().type, the strides below count elements.
+  char* keys(int layer) const { return data_ + (2 * (size_t)layer) * layer_bytes_; }
+  char* values(int layer) const { return data_ + (2 * (size_t)layer + 1) * layer_bytes_; }
+  long page_stride() const { return (long)shape_.num_kv_heads * head_stride(); }
+  long head_stride() const { return (long)kPageTokens * shape_.head_dim; }
+  int head_dim() const { return shape_.head_dim; }
+  int num_kv_heads() const { return shape_.num_kv_heads; }
+  int num_layers() const { return shape_.num_layers; }
   int num_pages() const { return num_pages_; }
 
  private:
-  int num_layers_, num_kv_heads_, head_dim_, num_pages_;
-  size_t page_floats_, layer_floats_, bytes_, align_;
-  float* data_;  // pages are touched only as they are first written, so resident memory follows use
-                 // (or the memory of a pool freed before, see kv_cache.cc)
+  KVShape shape_;
+  int num_pages_;
+  size_t layer_bytes_, bytes_, align_;
+  char* data_;  // pages are touched only as they are first written, so resident memory follows use
+                // (or the memory of a pool freed before, see kv_cache.cc)
 };
 
 class KVCache {
  public:
   // A private pool of ceil(capacity / kPageTokens) pages, in order.
-  KVCache(int num_layers, int num_kv_heads, int head_dim, int capacity);
+  KVCache(const KVShape& shape, int capacity);
   // Pages borrowed from `pool`: the owner appends them to pages() before positions reach them.
   explicit KVCache(const KVPool* pool) : pool_(pool) {}
   KVCache(const KVCache&) = delete;
@@ -74,8 +89,9 @@ class KVCache {
 
  private:
   // The page block of kv head g that holds position `pos`: kKVPageTokens positions of it.
-  float* block(float* base, int g, int pos) const {
-    return base + (long)pages_[pos / kPageTokens] * pool_->page_stride() + (long)g * pool_->head_stride();
+  char* block(char* base, int g, int pos) const {
+    const long element = (long)pool_->shape().element_bytes();
+    return base + ((long)pages_[pos / kPageTokens] * pool_->page_stride() + (long)g * pool_->head_stride()) * element;
   }
 
   std::unique_ptr<KVPool> owned_;
