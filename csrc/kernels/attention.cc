@@ -416,7 +416,7 @@ ItemRow item_row(const WorkItem& item, int group, int r) {
 
 // The block of transposed keys [D][kBlockKeys] of kv head g starting at key j0: straight from a
 // cache that stores keys transposed (a half cache always does), from the sequence's shared
-// transposes, or transposed here into sc.kt (an item of one kv head).
+// transposes, or transposed here into sc.kt_block (an item of one kv head).
 template <typename T>
 const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk, Scratch& sc) {
   if constexpr (std::is_same_v<T, f16>) {
@@ -429,9 +429,8 @@ const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* share
   }
 }
 
-// One work item. shared_kt: this item's kv head's keys already transposed block by block
-// ([block][D][kBlockKeys]), or null.
-// T: the keys' and values' element type (AttentionSeq::kv_type).
+// One work item, whose keys and values are T (AttentionSeq::kv_type). shared_kt: this item's kv
+// head's keys already transposed block by block ([block][D][kBlockKeys]), or null.
 template <typename T>
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
               Scratch& sc, float* partial) {
