@@ -107,6 +107,9 @@ def _parser():
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: PYXF_API_KEY)")
     serve.add_argument("--max-batch", type=int, help="most sequences in one engine step (default 64)")
     serve.add_argument("--kv-cache-mb", type=float, help="KV cache budget per model in MiB (default 1024)")
+    serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                       help="element type of the decoders' KV caches (default: float32 for a float32 model, "
+                       "float16 for a 16-bit or quantized one)")
     serve.add_argument("--prefill-chunk", type=int, help="most prompt tokens per engine step (default 512)")
     serve.add_argument("--max-queue", type=int, help="most waiting requests before answering 503 (default 1024)")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
@@ -351,6 +354,7 @@ def _serve(args):
         prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
         threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
         draft_model=args.draft_model, prompt_lookup=args.prompt_lookup, num_draft_tokens=args.num_draft_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if args.ray:
         return _serve_on_ray(args, options)

@@ -83,6 +83,26 @@ def test_small_kv_budget_queues_requests_and_all_finish(model, tmp_path):
         assert server.stop() == 0, server.log_text()
 
 
+def test_float16_kv_cache_holds_twice_the_blocks(model, tmp_path):
+    """--kv-cache-dtype float16 on a float32 model: the same --kv-cache-mb holds twice the 64-token
+    blocks, the server says which cache it keeps, and its replies are what pyxf.generate gives with
+    that cache."""
+    budget = f"{kv_mb_for_blocks(model, 3):.3f}"
+    server = Server([f"{CHAT}={hub.float32_model_path()}", "--kv-cache-mb", budget, "--kv-cache-dtype", "float16"],
+                    log_path=tmp_path / "server.log")
+    try:
+        c = model.config
+        half_block = 2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2 * BLOCK_TOKENS
+        assert server.stats(CHAT)["kv_blocks_total"] == int(float(budget) * (1 << 20) // half_block) >= 6
+        assert "chat, completions, float16 KV cache" in server.log_text()
+        half = pyxf.load(hub.float32_model_path(), kv_cache_dtype="float16")
+        messages = [{"role": "user", "content": "One sentence about owls."}]
+        reply = server.openai().chat.completions.create(model=CHAT, messages=messages, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == pyxf.generate(half, messages=messages, max_new_tokens=16)
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
 def _stream(server, body, events):
     """Reads a streamed completion to its end into `events` (the decoded JSON chunks, then "[DONE]")."""
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:

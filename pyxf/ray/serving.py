@@ -15,6 +15,7 @@ import time
 import ray
 from ray import serve
 
+from pyxf.kv_cache import check_kv_cache_dtype
 from pyxf.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from pyxf.server.registry import ModelRegistry
 from pyxf.server.serve import (announce_url, engine_options, model_specs, resolve_api_key,
@@ -34,10 +35,10 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 16
 class Replica:
     """One replica: the models (loaded from `models` on the replica's node) and their engines."""
 
-    def __init__(self, models, engine, threads, app_options, draft_model=None):
+    def __init__(self, models, engine, threads, app_options, draft_model=None, kv_cache_dtype=None):
         sleep_idle_threads()  # before pyxf's core loads (see pyxf.server.serve.sleep_idle_threads)
         self.registry = ModelRegistry.load(model_specs(models), engine_options=engine, threads=threads,
-                                           draft_model=draft_model)
+                                           draft_model=draft_model, kv_cache_dtype=kv_cache_dtype)
         self.app_options = app_options
 
     def __serve_build_asgi_app__(self):
@@ -47,7 +48,8 @@ class Replica:
 def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREADS, api_key=None, max_batch=None,
               kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True,
               max_body_bytes=DEFAULT_MAX_BODY_BYTES, shutdown_timeout=30.0, max_ongoing_requests=None,
-              ray_actor_options=None, draft_model=None, prompt_lookup=False, num_draft_tokens=None):
+              ray_actor_options=None, draft_model=None, prompt_lookup=False, num_draft_tokens=None,
+              kv_cache_dtype=None):
     """The Serve application of `models` (["NAME=DIR" or "DIR", ...], read on each replica's node;
     none: the default chat and embedding models), for serve.run() or a `serve run` / `serve deploy`
     import path.
@@ -60,6 +62,7 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
     models are. The other options are `pyxf serve`'s."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    check_kv_cache_dtype(kv_cache_dtype)
     engine = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                             max_queue=max_queue, prefix_cache=prefix_cache, draft_model=draft_model,
                             prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -73,7 +76,7 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
         # Requests in flight get as long to finish when a replica is stopped as `pyxf serve` gives them.
         graceful_shutdown_timeout_s=shutdown_timeout,
     )
-    return deployment.bind(list(models), engine, threads, app_options, draft_model)
+    return deployment.bind(list(models), engine, threads, app_options, draft_model, kv_cache_dtype)
 
 
 def _scaling(replicas, autoscaling):
