@@ -471,6 +471,30 @@ def test_gguf_kept_model_runs_like_its_float_import(quantized_gguf, tmp_path):
     assert summary["decode_bytes"] == sum(e["bytes"] for e in summary["formats"].values())
 
 
+@pytest.mark.parametrize("gemv", ["rows", "stream"])
+def test_gguf_segmented_matrix_decodes_like_its_float_import(quantized_gguf, tmp_path, gemv):
+    """Layer 1's qkv is three row ranges in two formats, run as one matrix: decode steps (the
+    GEMV, on both AVX-512 decode kernels; other ISAs take their own) give the float import's
+    logits up to the 8-bit rounding of the activations, with both KV cache types."""
+    helpers.require_core()
+    import pyxf
+    from pyxf import _core
+
+    floats = pyxf.load(convert_quiet(quantized_gguf, tmp_path / "float", dequantize=True))
+    kept_dir = convert_quiet(quantized_gguf, tmp_path / "kept")
+    ids = helpers.random_ids(256, 12, seed=9)
+    expected = floats.logits(ids)
+    before = _core.get_quant_gemv()
+    try:
+        _core.set_quant_gemv(gemv)
+        for kv in ("float32", "float16"):
+            session = pyxf.load(kept_dir, kv_cache_dtype=kv).session()
+            rows = [session.feed(ids[:4])[-1]] + [session.feed([t])[0] for t in ids[4:]]
+            assert relative_error(np.stack(rows), expected[3:]) < 0.03, kv
+    finally:
+        _core.set_quant_gemv(before)
+
+
 def test_cli_gguf_notice_and_info(quantized_gguf, tmp_path, capsys):
     helpers.require_core()
     import subprocess

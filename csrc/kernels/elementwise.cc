@@ -314,6 +314,8 @@ void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate);
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
+void linear_quant_segments(const float* x, long M, const QuantWeight* w, int n, const float* bias, float* y,
+                           bool accumulate);
 void dequantize_row(const QuantWeight& w, long row, float* out);
 long gemm_panel_bytes(const QuantWeight& w);
 void pack_gemm_panels(const QuantWeight& w, uint8_t* out);
@@ -347,6 +349,7 @@ void fill_table(KernelTable* t) {
   t->attention = attention;
   t->store_kv_slots = store_kv_slots;
   t->linear_quant = linear_quant;
+  t->linear_quant_segments = linear_quant_segments;
 #if defined(PYXF_TARGET_avx512)
   t->linear_quant_gated = linear_quant_gated;
   t->gemm_panel_bytes = gemm_panel_bytes;

@@ -182,6 +182,11 @@ struct KernelTable {
   // and the dot products run on integers.
   void (*linear_quant)(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                        bool accumulate);
+  // One matrix stored as n row ranges in different formats (llama.cpp's mixes fuse q, k and v of
+  // two formats): y[M, sum of w[i].rows] (+)= x times each segment^T + bias, segment i's columns
+  // after segment i-1's, in one parallel pass where the formats allow.
+  void (*linear_quant_segments)(const float* x, long M, const QuantWeight* w, int n, const float* bias, float* y,
+                                bool accumulate);
   void (*dequantize_row)(const QuantWeight& w, long row, float* out);
   // y[M, I] = act(x gate^T) * (x up^T) for w = [gate; up] (2 I rows), M >= kQuantGemmRows: the
   // activation runs on each GEMM tile in registers/L1, so the 2 I-wide product never reaches

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
@@ -590,28 +592,73 @@ void stream_rows(const StreamRows& r, long M, const uint8_t* w, long row_bytes, 
   }
 }
 
+// y[M][ldy] (+)= the M prepared rows times w^T + bias, w's tiles shared among the threads of the
+// enclosing parallel region: a static share each, and no barrier at the end, so that the tiles of
+// several matrices (the segments of one) follow each other in one region.
 template <QuantFormat F>
-void linear_quant_stream(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate) {
+void stream_tiles(const StreamRows& r, long M, const QuantWeight& w, const float* bias, float* y, long ldy,
+                  bool accumulate) {
   const long K = w.cols, N = w.rows, nblocks = K / QK;
   const long row_bytes = quant_row_bytes(F, K);
-  StreamRows r = prepare_stream_rows<F>(x, M, K);
   const long tiles = (N + kStreamWR - 1) / kStreamWR;
-#pragma omp parallel for schedule(static) if (N * K > 32768)
+#pragma omp for schedule(static) nowait
   for (long tile = 0; tile < tiles; ++tile) {
     const long n = tile * kStreamWR;
     const uint8_t* wn = w.data + n * row_bytes;
     const float* sc = w.row_scales ? w.row_scales + n : nullptr;
     const float* bn = bias ? bias + n : nullptr;
     if (N - n >= kStreamWR) {
-      stream_rows<F, kStreamWR>(r, M, wn, row_bytes, sc, nblocks, y + n, N, bn, accumulate);
+      stream_rows<F, kStreamWR>(r, M, wn, row_bytes, sc, nblocks, y + n, ldy, bn, accumulate);
     } else {  // the last rows, one at a time
       for (long j = 0; j < N - n; ++j) {
-        stream_rows<F, 1>(r, M, wn + j * row_bytes, row_bytes, sc ? sc + j : nullptr, nblocks, y + n + j, N,
+        stream_rows<F, 1>(r, M, wn + j * row_bytes, row_bytes, sc ? sc + j : nullptr, nblocks, y + n + j, ldy,
                           bn ? bn + j : nullptr, accumulate);
       }
     }
   }
-  free_stream_rows(r);
+}
+
+// Calls fn(std::integral_constant<QuantFormat, F>) for the streaming GEMV's format F = f.
+template <class Fn>
+void with_stream_format(QuantFormat f, Fn&& fn) {
+  switch (f) {
+    case QuantFormat::kQ8_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ8_0>{}); break;
+    case QuantFormat::kQ4_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_0>{}); break;
+    case QuantFormat::kQ4_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_1>{}); break;
+    case QuantFormat::kQ5_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_0>{}); break;
+    case QuantFormat::kQ5_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_1>{}); break;
+    case QuantFormat::kInt8:
+    default: fn(std::integral_constant<QuantFormat, QuantFormat::kInt8>{}); break;
+  }
+}
+
+bool quant_gemm(const QuantWeight& w, long M);  // below
+
+// Matrices whose rows the streaming GEMV serves for M activation rows.
+bool streams(const QuantWeight& w, long M) {
+  return !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream;
+}
+
+// The segments of one matrix (row ranges in different formats), side by side in y[M][ldy], in one
+// parallel region: each segment's tiles are split between the threads, with no barrier between
+// segments (two calls cost a second fork and join, and an uneven last share, per matrix).
+void linear_quant_stream_segments(const float* x, long M, const QuantWeight* w, int n, const float* bias,
+                                  float* y, long ldy, bool accumulate) {
+  std::vector<StreamRows> rows(n);
+  for (int i = 0; i < n; ++i) {
+    with_stream_format(w[i].format, [&](auto F) { rows[i] = prepare_stream_rows<F.value>(x, M, w[i].cols); });
+  }
+#pragma omp parallel if (ldy * w[0].cols > 32768)
+  {
+    long col = 0;
+    for (int i = 0; i < n; ++i) {
+      with_stream_format(w[i].format, [&](auto F) {
+        stream_tiles<F.value>(rows[i], M, w[i], bias ? bias + col : nullptr, y + col, ldy, accumulate);
+      });
+      col += w[i].rows;
+    }
+  }
+  for (StreamRows& r : rows) free_stream_rows(r);
 }
 #endif
 
@@ -1050,7 +1097,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #if defined(PYXF_TARGET_avx512)
   // Decode on the streaming GEMV where it is chosen: every block format but the K-quants (q5_0 /
   // q5_1 included; their other kernels are quant_k.cc's).
-  const bool stream = !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream;
+  const bool stream = streams(w, M);
 #else
   const bool stream = false;
 #endif
@@ -1071,15 +1118,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 #endif
 #if defined(PYXF_TARGET_avx512)
   if (stream) {
-    switch (w.format) {
-      case QuantFormat::kQ8_0: linear_quant_stream<QuantFormat::kQ8_0>(x, M, w, bias, y, accumulate); break;
-      case QuantFormat::kQ4_0: linear_quant_stream<QuantFormat::kQ4_0>(x, M, w, bias, y, accumulate); break;
-      case QuantFormat::kQ4_1: linear_quant_stream<QuantFormat::kQ4_1>(x, M, w, bias, y, accumulate); break;
-      case QuantFormat::kQ5_0: linear_quant_stream<QuantFormat::kQ5_0>(x, M, w, bias, y, accumulate); break;
-      case QuantFormat::kQ5_1: linear_quant_stream<QuantFormat::kQ5_1>(x, M, w, bias, y, accumulate); break;
-      case QuantFormat::kInt8:
-      default: linear_quant_stream<QuantFormat::kInt8>(x, M, w, bias, y, accumulate); break;
-    }
+    linear_quant_stream_segments(x, M, &w, 1, bias, y, w.rows, accumulate);
     return;
   }
 #endif
@@ -1103,6 +1142,33 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   free(rows);
   free(xd);
   free(xq);
+}
+
+void linear_quant_segments(const float* x, long M, const QuantWeight* w, int n, const float* bias, float* y,
+                           bool accumulate) {
+  long width = 0;
+  for (int i = 0; i < n; ++i) width += w[i].rows;
+#if defined(PYXF_TARGET_avx512)
+  bool stream = true;
+  for (int i = 0; i < n; ++i) stream &= streams(w[i], M);
+  if (stream) {
+    linear_quant_stream_segments(x, M, w, n, bias, y, width, accumulate);
+    return;
+  }
+#endif
+  // One call per segment into a scratch, copied into its columns.
+  std::vector<float> part;
+  long col = 0;
+  for (int i = 0; i < n; ++i) {
+    part.resize((size_t)M * w[i].rows);
+    linear_quant(x, M, w[i], bias ? bias + col : nullptr, part.data(), false);
+    for (long m = 0; m < M; ++m) {
+      float* ym = y + m * width + col;
+      const float* pm = part.data() + m * w[i].rows;
+      for (long c = 0; c < w[i].rows; ++c) ym[c] = accumulate ? ym[c] + pm[c] : pm[c];
+    }
+    col += w[i].rows;
+  }
 }
 
 #if defined(PYXF_TARGET_avx512)

@@ -36,29 +36,11 @@ long Transformer::logit_rows(const SeqBatch* seqs, int n) {
   return rows;
 }
 
-// A matrix in several formats: each row range is computed into a scratch tile and copied into
-// its columns of y.
-static void apply_segments(const Linear& w, const float* x, long rows, long out, float* y, bool accumulate) {
-  const k::KernelTable& K = k::active();
-  thread_local std::vector<float> part;
-  long col = 0;
-  for (const k::QuantWeight& s : w.segments) {
-    part.resize((size_t)rows * s.rows);
-    K.linear_quant(x, rows, s, w.bias ? w.bias + col : nullptr, part.data(), false);
-    for (long r = 0; r < rows; ++r) {
-      float* yr = y + r * out + col;
-      const float* pr = part.data() + r * s.rows;
-      for (long c = 0; c < s.rows; ++c) yr[c] = accumulate ? yr[c] + pr[c] : pr[c];
-    }
-    col += s.rows;
-  }
-}
-
 // y (+)= x W^T + b on whichever kernel the weight's format needs.
 void apply_linear(const Linear& w, const float* x, long rows, long in, long out, float* y, bool accumulate) {
   const k::KernelTable& K = k::active();
   if (!w.segments.empty()) {
-    apply_segments(w, x, rows, out, y, accumulate);
+    K.linear_quant_segments(x, rows, w.segments.data(), (int)w.segments.size(), w.bias, y, accumulate);
   } else if (w.quantized) {
     K.linear_quant(x, rows, w.quant, w.bias, y, accumulate);
   } else {
