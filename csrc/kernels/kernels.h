@@ -99,8 +99,8 @@ struct AttentionSeq {
   const int32_t* pages = nullptr;  // page of each kKVPageTokens keys, or null: keys are contiguous
   long page_stride = 0;            // elements from one page to the next
   bool keys_transposed = false;    // pages hold keys as [head_dim][kKVPageTokens] (see above)
-  // kF32, or kF16 (a paged cache with keys transposed only): each block of keys and values is
-  // widened to float in the work item's scratch, then multiplied as float ones.
+  // kF32, or kF16 (a paged cache with keys transposed only): the tiles widen each vector of half
+  // keys and values to float as they load it.
   WeightType kv_type = WeightType::kF32;
 };
 
