@@ -609,7 +609,7 @@ bool runs_alone(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) 
   for (int s = 0; s < n_seqs; ++s) {
     const long keys = sh.causal ? seqs[s].n_past + seqs[s].n_new : seqs[s].n_keys;
     work += 2L * seqs[s].n_new * sh.n_heads * keys * sh.head_dim;
-    const long bytes = 2L * (seqs[s].kv_type == WeightType::kF16 ? 2 : 4) * keys * sh.head_dim;
+    const long bytes = 2L * type_bytes(seqs[s].kv_type) * keys * sh.head_dim;
     if (bytes > head_bytes) head_bytes = bytes;
   }
   return work < kSerialWork && head_bytes < kSerialHeadBytes;

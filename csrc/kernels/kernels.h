@@ -9,6 +9,8 @@ enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 // How float weights are stored; 16-bit ones are widened in registers (half the bytes to read).
 enum class WeightType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// Bytes of one element of type wt.
+constexpr long type_bytes(WeightType wt) { return wt == WeightType::kF32 ? 4 : 2; }
 
 // Quantized weight formats. The block formats are those of GGUF (fp16 scales), so llama.cpp's
 // tensors are used as they are stored. Blocks of 32 weights:

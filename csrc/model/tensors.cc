@@ -157,7 +157,7 @@ const void* WeightBinder::dense_panels(const std::string& name, const Linear& w,
   auto it = panels_.find(name);
   if (it == panels_.end()) {
     PanelBytes p = make_dense_panels(w.weight, w.dtype, out, in);
-    if (p) release_pages(w.weight, (size_t)(out * in * weight_type_bytes(w.dtype)));
+    if (p) release_pages(w.weight, (size_t)(out * in * kernels::type_bytes(w.dtype)));
     it = panels_.emplace(name, std::move(p)).first;
   }
   return it->second.get();
@@ -177,8 +177,6 @@ PanelBytes allocate_panels(long bytes) {
   if (!p) throw std::bad_alloc();
   return p;
 }
-
-long weight_type_bytes(kernels::WeightType wt) { return wt == kernels::WeightType::kF32 ? 4 : 2; }
 
 // The pages wholly inside [data, data + bytes), handed back to the kernel: rows the kernels no
 // longer read once their panels exist. For a memory-mapped file (pyxf's model files) the pages
@@ -262,7 +260,7 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
   b.quantized = w.quantized;
   b.bias = w.bias ? w.bias + first : nullptr;
   if (!w.quantized) {
-    b.weight = static_cast<const uint8_t*>(w.weight) + first * in * weight_type_bytes(w.dtype);
+    b.weight = static_cast<const uint8_t*>(w.weight) + first * in * kernels::type_bytes(w.dtype);
     return b;
   }
   // The segments (or the one matrix) that overlap the rows, each cut to them.

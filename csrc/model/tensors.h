@@ -60,8 +60,6 @@ PanelBytes make_gemm_panels(const kernels::QuantWeight& w);
 PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in);
 // `bytes` of 64-byte aligned memory (rounded up to 64); std::bad_alloc when there is none.
 PanelBytes allocate_panels(long bytes);
-// Bytes of one element of a float or 16-bit matrix.
-long weight_type_bytes(kernels::WeightType wt);
 // Advises the kernel that the pages wholly inside [data, data + bytes) are not needed now (values
 // unchanged: a mapped file's pages are dropped from the resident set and read again on use).
 void release_pages(const void* data, size_t bytes);

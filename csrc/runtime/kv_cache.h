@@ -29,7 +29,7 @@ struct KVShape {
   kernels::WeightType type;
 
   static KVShape of(const ModelConfig& c) { return {c.num_layers, c.num_kv_heads, c.head_dim, c.kv_type}; }
-  size_t element_bytes() const { return type == kernels::WeightType::kF16 ? 2 : 4; }
+  size_t element_bytes() const { return (size_t)kernels::type_bytes(type); }
   // Bytes of one page across all layers (keys and values).
   size_t page_bytes() const { return 2 * (size_t)num_layers * num_kv_heads * kPageTokens * head_dim * element_bytes(); }
 };
