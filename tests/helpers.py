@@ -12,6 +12,14 @@ import pytest
 
 BOS, EOS = 0, 1
 
+# Kernel tables whose bfloat16 products round the activations to bfloat16 (fp32 sums): vdpbf16ps,
+# and AMX tiles for many rows. The other tables widen bf16 weights to float: exact products.
+BF16_PRODUCT_ISAS = ("avx512_bf16", "avx512_amx")
+
+
+def widening_isas(isas):
+    return [isa for isa in isas if isa not in BF16_PRODUCT_ISAS]
+
 # name -> (transformers class name, config class name, config kwargs). Every model has 2 layers and a
 # small vocabulary; together the specs cover head dims 24/32/64/80/128, MQA, GQA and MHA, hidden sizes
 # that are not a multiple of 16, head_dim * heads != hidden, RoPE scaling (linear, llama3) and theta,

@@ -25,7 +25,8 @@ import helpers  # noqa: E402
 
 core = pytest.importorskip("pyxf._core", reason="pyxf._core is not built (bash tools/dev_build.sh)")
 ISAS = core.info()["isas"]
-WIDENING_ISAS = [isa for isa in ISAS if isa != "avx512_bf16"]
+WIDENING_ISAS = helpers.widening_isas(ISAS)
+BF16_PRODUCT_ISAS = [isa for isa in ISAS if isa in helpers.BF16_PRODUCT_ISAS]
 
 # 202 tokens: prefill runs the packed GEMM (from 160 rows) rather than the dot products.
 TEXT = (
@@ -139,10 +140,11 @@ def test_bf16_model_keeps_a_float16_cache(smollm2, smollm2_float_cache):
     assert (prefill.argmax(1) == exact.argmax(1)).all()
 
 
-@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="the CPU has no AVX512_BF16")
-def test_avx512_bf16_within_torch_bfloat16_error(smollm2, record_property):
+@pytest.mark.skipif(not BF16_PRODUCT_ISAS, reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("isa", BF16_PRODUCT_ISAS)
+def test_bf16_products_within_torch_bfloat16_error(smollm2, record_property, isa):
     px32, pxbf, ids, reference, torch_bf16 = smollm2
-    with isa_context("avx512_bf16"):
+    with isa_context(isa):
         prefill = pxbf.logits(ids)
         decoded = decode_logits(pxbf, ids, 40)
     torch_err = helpers.max_abs_err(torch_bf16, reference)

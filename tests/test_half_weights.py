@@ -1,6 +1,7 @@
 """16-bit weights (float16, bfloat16) stay 16-bit in memory. float16 is widened in registers on every
-ISA; bfloat16 is widened on generic / avx2 / avx512 and multiplied by vdpbf16ps on avx512_bf16, which
-rounds the activations to bfloat16 (fp32 sums)."""
+ISA; bfloat16 is widened on generic / avx2 / avx512 and multiplied by vdpbf16ps on avx512_bf16 (and on
+AMX tiles from 16 rows on avx512_amx), which rounds the activations to bfloat16 (fp32 sums)."""
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import BF16_PRODUCT_ISAS
 from pyxf import _core
 
 
@@ -28,7 +30,7 @@ def bf16_bits(w):
 
 def bf16_activations(isa, x):
     """The activations a bfloat16 GEMM multiplies on this ISA, as float64."""
-    return (bf16_bits(x)[1] if isa == "avx512_bf16" else x).astype(np.float64)
+    return (bf16_bits(x)[1] if isa in BF16_PRODUCT_ISAS else x).astype(np.float64)
 
 
 def assert_close(y, ref, rtol=1e-5):
@@ -38,8 +40,10 @@ def assert_close(y, ref, rtol=1e-5):
 
 
 # dot products (M < 160) and the packed GEMM (M >= 160); odd K (a zero depth pads the last bf16
-# pair), K past one 32-wide vdpbf16ps step and past one packed depth block, N past one panel.
-SHAPES = [(1, 7, 5), (3, 77, 33), (16, 100, 70), (64, 576, 200), (1, 1537, 9),
+# pair), K past one 32-wide vdpbf16ps step and past one packed depth block, N past one panel. On
+# panels avx512_amx takes AMX tiles from 16 rows: blocks of 32 rows partly past M (17, 48), depth
+# blocks that end in a part of a 32-deep step (K = 577: 289 + 288; 1200: 3 x 400).
+SHAPES = [(1, 7, 5), (3, 77, 33), (16, 100, 70), (17, 577, 70), (48, 1200, 33), (64, 576, 200), (1, 1537, 9),
           (160, 7, 7), (161, 33, 577), (200, 577, 70), (300, 576, 100)]
 
 
@@ -69,8 +73,9 @@ def test_bf16_linear_gated_matches_torch(isa, m, k, inter):
 
 
 def packs_bf16_once(isa):
-    """Whether this ISA's kernels pack bf16 matrices once (models do it at load): avx512_bf16."""
-    return isa == "avx512_bf16"
+    """Whether this ISA's kernels pack bf16 matrices once (models do it at load): the bf16-product
+    tables."""
+    return isa in BF16_PRODUCT_ISAS
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -91,7 +96,7 @@ def test_bf16_panels_made_once_match_float64(isa, m, k, n):
         np.testing.assert_array_equal(y, _core.ops.linear(x, wb, bias))
 
 
-@pytest.mark.parametrize("m,k,inter", [(1, 64, 32), (5, 577, 96), (300, 577, 96)])
+@pytest.mark.parametrize("m,k,inter", [(1, 64, 32), (5, 577, 96), (40, 577, 96), (300, 577, 96)])
 def test_bf16_gated_panels_made_once_match_torch(isa, m, k, inter):
     rng = np.random.default_rng(m + k + inter)
     x = rng.standard_normal((m, k), dtype=np.float32)
@@ -126,6 +131,25 @@ def test_avx512_bf16_listed_when_the_cpu_has_it():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     if flags is not None:
         assert ("avx512_bf16" in isas) == ("avx512" in isas and "avx512_bf16" in flags)
+
+
+def amx_tile_state_granted():
+    """Whether Linux gives this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM for
+    XFEATURE_XTILEDATA; granting it again is harmless)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
+
+
+def test_avx512_amx_listed_where_the_os_grants_tiles():
+    """The AMX table is offered exactly where avx512_bf16 is, the CPU has AMX-TILE and AMX-BF16, and
+    the OS grants the tile state: a CPU that reports AMX to a kernel that withholds it stays on
+    avx512_bf16."""
+    isas = _core.info()["isas"]
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    expected = "avx512_bf16" in isas and {"amx_tile", "amx_bf16"} <= set(flags) and amx_tile_state_granted()
+    assert ("avx512_amx" in isas) == expected
 
 
 def test_half_weights_rejected_when_unsupported():

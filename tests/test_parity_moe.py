@@ -151,7 +151,7 @@ def test_bfloat16_experts_compute_the_rounded_weights(tiny_models):
     px = pyxf.load(model_dir, kv_cache_dtype="float32")  # the weights alone: no rounding of the cache
     reference = helpers.half_precision_reference(hf, "bfloat16")
     ids = helpers.random_ids(px.vocab_size, 33, seed=33)
-    widening = [isa for isa in _core.info()["isas"] if isa != "avx512_bf16"][-1]
+    widening = helpers.widening_isas(_core.info()["isas"])[-1]
     before = _core.get_isa()
     try:
         _core.set_isa(widening)

@@ -1,4 +1,8 @@
 // Picks a kernel table from what the CPU supports (cpuid via the compiler's builtins).
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -9,6 +13,9 @@ namespace generic { void fill_table(KernelTable* t); }
 namespace avx2 { void fill_table(KernelTable* t); }
 namespace avx512 { void fill_table(KernelTable* t); }
 namespace avx512bf16 { void fill_table(KernelTable* t); }
+#if PYXF_WITH_AMX
+namespace avx512amx { void fill_table(KernelTable* t); }
+#endif
 
 namespace {
 
@@ -36,11 +43,31 @@ bool has_avx512_bf16() {
   return has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
+#if PYXF_WITH_AMX
+// AMX-TILE and AMX-BF16 (cpuid leaf 7: edx bits 24 and 22), and the tile state granted: Linux keeps
+// it off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); the grant is
+// the process's, for every thread. A kernel that refuses (or predates the call) leaves AMX unused.
+bool has_amx_bf16() {
+  static const bool usable = [] {
+    if (!has_avx512_bf16()) return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1) || !((edx >> 22) & 1)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
+
 const Isa kIsas[] = {
     {"generic", generic::fill_table, always},
     {"avx2", avx2::fill_table, has_avx2},
     {"avx512", avx512::fill_table, has_avx512},
     {"avx512_bf16", avx512bf16::fill_table, has_avx512_bf16},
+#if PYXF_WITH_AMX
+    {"avx512_amx", avx512amx::fill_table, has_amx_bf16},
+#endif
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 

@@ -3,15 +3,24 @@
 //
 // Compiled once per ISA, and once more as the `avx512_bf16` table (PYXF_BF16_DOT): there bfloat16
 // weights are multiplied by vdpbf16ps (pairs of bf16 products summed into fp32 lanes) with the
-// activations rounded to bf16, instead of being widened to float and multiplied by FMAs.
+// activations rounded to bf16, instead of being widened to float and multiplied by FMAs. A fifth
+// time as the `avx512_amx` table (PYXF_AMX as well): the same, with the many-rows bf16 products on
+// AMX tiles (tdpbf16ps: a 16 x 16 fp32 tile gains 16 rows x 32 depths x 16 columns a step).
 #include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
 
+#include <type_traits>
+
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
 
+#if defined(PYXF_AMX)
+namespace pyxf::kernels::avx512bf16 {
+void fill_table(KernelTable* t);
+}  // namespace pyxf::kernels::avx512bf16
+#endif
 #if defined(PYXF_BF16_DOT)
 namespace pyxf::kernels::avx512 {
 void fill_table(KernelTable* t);
@@ -308,6 +317,124 @@ struct Bf16PairPanels {
     const uint16_t* data;
   };
 };
+
+#if defined(PYXF_AMX)
+// ---- AMX tiles on the same bf16 pair panels ----
+//
+// tdpbf16ps takes an A tile of 16 rows x 32 bf16 depths (64 bytes a row), a B tile of 16 depth
+// pairs x 16 columns x 2 (64 bytes a pair) and adds their product to a 16 x 16 fp32 C tile. A
+// pair panel [kc / 2][NR][2] is two B tiles side by side (columns 0-15, then 16-31, rows NR * 2
+// elements apart), so the panels packed for vdpbf16ps serve as they are. One step of a 32 x 32
+// block: two A tiles (rows 0-15, 16-31), two B tiles, four products into the four C tiles.
+constexpr int kAmxRows = 32;   // rows of a block: two A tiles
+constexpr long kAmxMinRows = 16;  // fewer rows per call: vdpbf16ps (most of a block would be padding)
+constexpr int kAmxDepth = 32;  // depths of a step: one A tile's row
+// Tiles (the intrinsics take literal numbers): C 0-3 (rows 0-15 x columns 0-15, 0-15 x 16-31,
+// 16-31 x 0-15, 16-31 x 16-31), A 4-5 (rows 0-15, 16-31), B 6-7 (columns 0-15, 16-31).
+
+// The tile configuration (palette 1): all eight tiles 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Tiles are per thread: configured for the calling thread's products, released after (a thread
+// holding tile state pays for saving it at every context switch).
+class TileScope {
+ public:
+  TileScope() {
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+struct AmxPanels : Bf16PairPanels {
+  // Rows of kAmxRows (A tiles read whole blocks): rows past M are zeros.
+  struct Activations {
+    Activations(const float* x, long M, long K)
+        : ld(round_up_even(K)),
+          rows((M + kAmxRows - 1) / kAmxRows * kAmxRows),
+          scratch(kRoundedActivations, sizeof(uint16_t) * rows * ld) {
+      uint16_t* out = scratch.as<uint16_t>();
+      round_rows_to_bf16(x, M, K, ld, out);
+      memset(out + M * ld, 0, sizeof(uint16_t) * (rows - M) * ld);
+      data = out;
+    }
+    long ld, rows;
+    Scratch scratch;
+    const uint16_t* data;
+  };
+
+  // block[32][32] = a[32 rows][K] * the panel's 32 columns, every depth block of the chunk: whole
+  // steps of kAmxDepth on tiles, a block's last kc % kAmxDepth depths by vdpbf16ps (micro_tile).
+  template <class Panels>
+  static void block_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long col,
+                            float* block) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const long a_stride = lda * (long)sizeof(uint16_t), b_stride = 2 * NR * (long)sizeof(uint16_t);
+    for (long k0 = 0; k0 < K; k0 += depth) {
+      const int kc = (int)lmin(depth, K - k0);
+      const uint16_t* panel = panels.block(k0, kc) + col * stored_depth(kc);
+      for (int k = 0; k + kAmxDepth <= kc; k += kAmxDepth) {
+        const uint16_t* ak = a + k0 + k;
+        const uint16_t* bk = panel + k * NR;  // k / 2 pairs of NR columns x 2
+        _tile_loadd(4, ak, a_stride);
+        _tile_loadd(5, ak + 16 * lda, a_stride);
+        _tile_loadd(6, bk, b_stride);
+        _tile_loadd(7, bk + 2 * 16, b_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    const long c_stride = NR * (long)sizeof(float);
+    _tile_stored(0, block, c_stride);
+    _tile_stored(1, block + 16, c_stride);
+    _tile_stored(2, block + 16 * NR, c_stride);
+    _tile_stored(3, block + 16 * NR + 16, c_stride);
+    for (long k0 = 0; k0 < K; k0 += depth) {  // the depths that make no whole step
+      const int kc = (int)lmin(depth, K - k0), tail = round_up_even(kc % kAmxDepth), full = kc - kc % kAmxDepth;
+      if (tail == 0) continue;
+      const uint16_t* panel = panels.block(k0, kc) + col * stored_depth(kc) + full * NR;
+      for (int r = 0; r < kAmxRows; r += MR) {
+        micro_tile<MR>(a + r * lda + k0 + full, lda, panel, tail, block + r * NR, NR, NR, true, nullptr);
+      }
+    }
+  }
+
+  // c[m][0, nc) (+)= a[m] * the chunk's columns (+ bias) for rows [m_begin, m_end), every depth.
+  template <class Panels>
+  static void chunk_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long nc,
+                            long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
+    const TileScope tiles;
+    alignas(64) float block[kAmxRows * NR];
+    for (long p = 0; p * NR < nc; ++p) {
+      const int cols = (int)lmin(NR, nc - p * NR);
+      for (long m0 = m_begin; m0 < m_end; m0 += kAmxRows) {
+        block_product(a + m0 * lda, lda, K, depth, panels, p * NR, block);
+        const int rows = (int)lmin(kAmxRows, m_end - m0);
+        for (int r = 0; r < rows; ++r) {
+          float* cr = c + (m0 - m_begin + r) * ldc + p * NR;
+          for (int j = 0; j < cols; ++j) {
+            const float y = block[r * NR + j] + (bias ? bias[p * NR + j] : 0.0f);
+            cr[j] = accumulate ? cr[j] + y : y;
+          }
+        }
+      }
+    }
+  }
+};
+#endif  // PYXF_AMX
 #endif  // PYXF_BF16_DOT
 
 // One depth block of one chunk: `panels` packed panels (L1 in turn) against the row tiles of
@@ -330,6 +457,26 @@ void chunk_block(const typename P::Operand* a, long lda, long k0, int kc, const 
 template <class P>
 inline long block_offset(long k0, long n0, int kc, long n_pad) {
   return k0 * n_pad + n0 * P::stored_depth(kc);
+}
+
+// c[m][0, nc) (+)= a[m] * the chunk's panels (+ bias) for rows [m_begin, m_end): depth block by
+// depth block, the partial sums in c (AMX keeps them in tiles instead).
+template <class P, class Panels>
+void chunk_product(const typename P::Operand* a, long lda, long K, int depth, const Panels& panels, long nc,
+                   long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
+#if defined(PYXF_AMX)
+  if constexpr (std::is_same_v<P, AmxPanels>) {
+    P::chunk_product(a, lda, K, depth, panels, nc, m_begin, m_end, c, ldc, accumulate, bias);
+  } else
+#endif
+  {
+    for (long k0 = 0; k0 < K; k0 += depth) {
+      const int kc = (int)lmin(depth, K - k0);
+      const bool first = k0 == 0;
+      chunk_block<P>(a, lda, k0, kc, panels.block(k0, kc), (int)nc, m_begin, m_end, c, ldc, !first || accumulate,
+                     first ? bias : nullptr);
+    }
+  }
 }
 
 // Columns per work item of the packed GEMMs: at most NC, and few enough that each thread gets about
@@ -390,13 +537,8 @@ void linear_packed(const float* x, long M, long K, const typename P::Weight* w, 
       const ChunkPanels<P> panels =
           chunk_panels<P>(w, prepacked, K, N, n0, nc, packing.template as<typename P::Packed>());
       for (long m_begin = 0; m_begin < M; m_begin += MC) {
-        const long m_end = lmin(M, m_begin + MC);
-        for (long k0 = 0; k0 < K; k0 += depth) {
-          const int kc = (int)lmin(depth, K - k0);
-          const bool first = k0 == 0;
-          chunk_block<P>(a.data, a.ld, k0, kc, panels.block(k0, kc), (int)nc, m_begin, m_end,
-                         y + m_begin * ldy + n0, ldy, !first || accumulate, first && bias ? bias + n0 : nullptr);
-        }
+        chunk_product<P>(a.data, a.ld, K, depth, panels, nc, m_begin, lmin(M, m_begin + MC), y + m_begin * ldy + n0,
+                         ldy, accumulate, bias ? bias + n0 : nullptr);
       }
     }
   }
@@ -427,12 +569,9 @@ void linear_packed_gated(const float* x, long M, long K, const typename P::Weigh
                                         chunk_panels<P>(w, prepacked, K, N, I + n0, nc, packed + half_elements)};
       for (long m_begin = 0; m_begin < M; m_begin += MC) {
         const long m_end = lmin(M, m_begin + MC);
-        for (long k0 = 0; k0 < K; k0 += depth) {
-          const int kc = (int)lmin(depth, K - k0);
-          for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
-            chunk_block<P>(a.data, a.ld, k0, kc, halves[half].block(k0, kc), (int)nc, m_begin, m_end,
-                           scratch + half * cols, 2 * cols, k0 != 0, nullptr);
-          }
+        for (int half = 0; half < 2; ++half) {  // gate columns n0.., then up columns I + n0..
+          chunk_product<P>(a.data, a.ld, K, depth, halves[half], nc, m_begin, m_end, scratch + half * cols, 2 * cols,
+                           false, nullptr);
         }
         for (long m = m_begin; m < m_end; ++m) {
           const float* row = scratch + (m - m_begin) * 2 * cols;
@@ -556,11 +695,30 @@ template <typename W>
 struct PanelsFor {
   using type = FloatPanels<W>;
 };
-#if defined(PYXF_BF16_DOT)
+#if defined(PYXF_AMX)
+template <>
+struct PanelsFor<bf16> {
+  using type = AmxPanels;
+};
+#elif defined(PYXF_BF16_DOT)
 template <>
 struct PanelsFor<bf16> {
   using type = Bf16PairPanels;
 };
+#endif
+
+#if defined(PYXF_BF16_DOT)
+// Calls fn with the policy for bf16 products of M rows on pair panels: AMX tiles from
+// kAmxMinRows rows where the table has them, vdpbf16ps otherwise.
+template <class Fn>
+void with_bf16_policy(long M, Fn fn) {
+#if defined(PYXF_AMX)
+  if (M >= kAmxMinRows) return fn(AmxPanels{});
+#else
+  (void)M;
+#endif
+  fn(Bf16PairPanels{});
+}
 #endif
 
 }  // namespace
@@ -591,8 +749,10 @@ void linear(const float* x, long M, long K, const void* w, WeightType wt, long N
     case WeightType::kBF16:
 #if defined(PYXF_BF16_DOT)
       if (panels && K > 0) {
-        linear_packed<Bf16PairPanels>(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate,
-                                      static_cast<const uint16_t*>(panels));
+        with_bf16_policy(M, [&](auto policy) {
+          linear_packed<decltype(policy)>(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate,
+                                          static_cast<const uint16_t*>(panels));
+        });
         break;
       }
 #endif
@@ -614,8 +774,10 @@ void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, 
     switch (wt) {
       case WeightType::kBF16:
 #if defined(PYXF_BF16_DOT)
-        linear_packed_gated<Bf16PairPanels>(x, M, K, static_cast<const bf16*>(w), I, act, y,
-                                            static_cast<const uint16_t*>(panels));
+        with_bf16_policy(M, [&](auto policy) {
+          linear_packed_gated<decltype(policy)>(x, M, K, static_cast<const bf16*>(w), I, act, y,
+                                                static_cast<const uint16_t*>(panels));
+        });
 #else
         linear_packed_gated<PanelsFor<bf16>::type>(x, M, K, static_cast<const bf16*>(w), I, act, y);
 #endif
@@ -678,6 +840,18 @@ void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) 
   }
 }
 
+#if defined(PYXF_AMX)
+// The avx512_amx table: avx512_bf16's, with this file's GEMMs (bf16 products of many rows on AMX
+// tiles, on the same panels).
+void fill_table(KernelTable* t) {
+  avx512bf16::fill_table(t);
+  t->name = "avx512_amx";
+  t->linear = linear;
+  t->linear_gated = linear_gated;
+  t->dense_panel_bytes = dense_panel_bytes;
+  t->pack_dense_panels = pack_dense_panels;
+}
+#else
 // The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
 // with bf16 products (AttentionShape::bf16_products).
 void fill_table(KernelTable* t) {
@@ -689,6 +863,7 @@ void fill_table(KernelTable* t) {
   t->pack_dense_panels = pack_dense_panels;
   t->attention = attention;
 }
+#endif  // PYXF_AMX
 #endif
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS
