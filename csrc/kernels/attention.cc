@@ -18,6 +18,11 @@
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
+#if defined(PYXF_AMX)
+#include <optional>
+
+#include "kernels/amx.h"
+#endif
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 namespace {
@@ -75,23 +80,26 @@ struct ItemRow {
   int g;
 };
 
+// Rows of an item's q, output, scores and probabilities in its scratch: whole AMX blocks.
+int row_capacity(int max_rows) { return (max_rows + 31) / 32 * 32; }
+
 struct Scratch {
-  float* q;        // [kMaxRows][dp], pre-scaled, zero padded
-  float* o;        // [kMaxRows][dp]
+  float* q;        // [row_capacity][dp], pre-scaled, zero padded
+  float* o;        // [row_capacity][dp]
   float* kt_block;  // [head_dim][kBlockKeys], a key block transposed here
   ItemRow* row;                     // [kMaxRows], what each row of the item is (item_row)
   KeyRange* keys;                   // [kMaxRows], the keys each row sees
-  float* p;        // [kMaxRows][kBlockKeys], scores, then probabilities
+  float* p;        // [row_capacity][kBlockKeys], scores, then probabilities
   float* row_max;  // [kMaxRows]
   float* row_sum;  // [kMaxRows][kLanes], each row's running sum of probabilities by lane
   float* corr;     // [kMaxRows], this block's rescaling of each row's running output
   int* first;      // [kMaxRows], the first key of this block each row sees
   int* end;        // [kMaxRows], one past the last
   // bf16 products only: q, the block's keys, values and probabilities as pairs (see pair_keys).
-  uint16_t* qb;    // [kMaxRows][dp]
+  uint16_t* qb;    // [row_capacity][dp]
   uint16_t* kb;    // [dp / 2][kBlockKeys][2]
   uint16_t* vb;    // [kBlockKeys / 2][dp][2]
-  uint16_t* pb;    // [kMaxRows][kBlockKeys]
+  uint16_t* pb;    // [row_capacity][kBlockKeys]
 };
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -406,6 +414,37 @@ constexpr ScoresRowsBf16 kScoresRowsBf16[kTileRows + 1] = {nullptr, scores_rows_
                                                            scores_rows_bf16<3>, scores_rows_bf16<4>};
 constexpr PvRowsBf16 kPvRowsBf16[kTileRows + 1] = {nullptr, pv_rows_bf16<1>, pv_rows_bf16<2>, pv_rows_bf16<3>,
                                                    pv_rows_bf16<4>};
+#if defined(PYXF_AMX)
+// With AMX (amx.h) an item of many rows makes both products on tiles, 32 rows x 32 keys or
+// dimensions a block, over the same pairs: the scores take qb [rows][dp] (A, depth d) and kb (B:
+// pairs of depths x keys); the values take pb [rows][kBlockKeys] (A, depth j) and vb (B: pairs of
+// keys x dimensions). Rows are padded to whole blocks (zeros in qb and pb).
+constexpr int kAmxMinRows = 16;
+
+// s[rows][kBlockKeys] = qb . keys of the block, for `blocks` blocks of 32 rows.
+void scores_amx(const uint16_t* qb, int dp, int D, const uint16_t* kb, int blocks, float* s) {
+  for (int b = 0; b < blocks; ++b) {
+    for (int c0 = 0; c0 < kBlockKeys; c0 += amx::kBlock) {
+      amx::zero_block();
+      amx::multiply_steps(qb + (long)b * amx::kBlock * dp, dp, kb + 2 * c0, 2 * kBlockKeys, 2 * 16, D / amx::kStep);
+      amx::store_block(s + (long)b * amx::kBlock * kBlockKeys + c0, kBlockKeys);
+    }
+  }
+}
+
+// o[rows][dp] += pb . values of the block (o already rescaled), for `blocks` blocks of 32 rows.
+void pv_amx(const uint16_t* pb, const uint16_t* vb, int dp, int blocks, float* o) {
+  for (int b = 0; b < blocks; ++b) {
+    for (int d0 = 0; d0 < dp; d0 += amx::kBlock) {
+      float* ob = o + (long)b * amx::kBlock * dp + d0;
+      amx::load_block(ob, dp);
+      amx::multiply_steps(pb + (long)b * amx::kBlock * kBlockKeys, kBlockKeys, vb + 2 * d0, 2 * dp, 2 * 16,
+                          kBlockKeys / amx::kStep);
+      amx::store_block(ob, dp);
+    }
+  }
+}
+#endif  // PYXF_AMX
 #endif  // PYXF_BF16_DOT
 
 ItemRow item_row(const WorkItem& item, int group, int r) {
@@ -459,6 +498,20 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
 #else
   constexpr bool bf16 = false;
 #endif
+#if defined(PYXF_AMX)
+  const bool tiles = bf16 && rows >= kAmxMinRows && D % amx::kStep == 0;
+  const int blocks = (rows + amx::kBlock - 1) / amx::kBlock, padded_rows = blocks * amx::kBlock;
+  std::optional<amx::TileScope> tile_scope;
+  if (tiles) {
+    tile_scope.emplace();
+    const long pad = (long)(padded_rows - rows);
+    memset(sc.qb + (long)rows * dp, 0, sizeof(uint16_t) * pad * dp);
+    memset(sc.pb + (long)rows * kBlockKeys, 0, sizeof(uint16_t) * pad * kBlockKeys);
+    memset(sc.o + (long)rows * dp, 0, sizeof(float) * pad * dp);
+  }
+#else
+  constexpr bool tiles = false;
+#endif
 
   // The block's transposed keys and values of each kv head of the item, and of a tile's rows.
   const T* kt_of[kTileRows];
@@ -488,7 +541,10 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       pair_values(v_of[0], s.kv_pos_stride, bk, D, dp, sc.vb);
     }
 #endif
-    for (int r = 0; r < rows; r += kTileRows) {
+#if defined(PYXF_AMX)
+    if (tiles) scores_amx(sc.qb, dp, D, sc.kb, blocks, sc.p);
+#endif
+    for (int r = 0; r < rows && !tiles; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row (later rows see more keys)
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
@@ -515,7 +571,17 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       }
       sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum + (long)r * kLanes);
     }
-    for (int r = 0; r < rows; r += kTileRows) {
+#if defined(PYXF_AMX)
+    if (tiles) {
+      round_to_bf16(sc.p, rows * kBlockKeys, sc.pb);
+      for (int r = 0; r < rows; ++r) {
+        const Vf c = vset1(sc.corr[r]);
+        for (int d = 0; d < dp; d += kLanes) vstore(sc.o + (long)r * dp + d, vmul(vload(sc.o + (long)r * dp + d), c));
+      }
+      pv_amx(sc.pb, sc.vb, dp, blocks, sc.o);
+    }
+#endif
+    for (int r = 0; r < rows && !tiles; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
       int keys = 0;  // the tile's widest row; probabilities outside a row's own keys are 0
       for (int i = 0; i < n; ++i) keys = imax(keys, sc.end[r + i]);
@@ -735,21 +801,22 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
       }
     }
     // bf16 pairs after the floats: q and probabilities of every row, a block's keys and values.
-    const long floats = 2L * max_rows * dp + block_floats + (long)max_rows * kBlockKeys + (4L + kLanes) * max_rows;
-    const long halves = sh.bf16_products ? (long)max_rows * dp + 2L * dp * kBlockKeys + (long)max_rows * kBlockKeys : 0;
+    const long cap = row_capacity(max_rows);
+    const long floats = 2L * cap * dp + block_floats + cap * kBlockKeys + (4L + kLanes) * max_rows;
+    const long halves = sh.bf16_products ? cap * dp + 2L * dp * kBlockKeys + cap * kBlockKeys : 0;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + sizeof(uint16_t) * halves + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;
-    sc.o = sc.q + (long)max_rows * dp;
-    sc.kt_block = sc.o + (long)max_rows * dp;
+    sc.o = sc.q + cap * dp;
+    sc.kt_block = sc.o + cap * dp;
     sc.p = sc.kt_block + block_floats;
-    sc.row_max = sc.p + (long)max_rows * kBlockKeys;
+    sc.row_max = sc.p + cap * kBlockKeys;
     sc.row_sum = sc.row_max + max_rows;
     sc.corr = sc.row_sum + (long)max_rows * kLanes;
     sc.first = (int*)(sc.corr + max_rows);
     sc.end = sc.first + max_rows;
     sc.qb = (uint16_t*)(sc.end + max_rows);
-    sc.kb = sc.qb + (long)max_rows * dp;
+    sc.kb = sc.qb + cap * dp;
     sc.vb = sc.kb + (long)dp * kBlockKeys;
     sc.pb = sc.vb + (long)dp * kBlockKeys;
     std::vector<ItemRow> item_rows(max_rows);

@@ -15,6 +15,9 @@
 
 #include "kernels/kernels.h"
 #include "kernels/simd.h"
+#if defined(PYXF_AMX)
+#include "kernels/amx.h"
+#endif
 
 #if defined(PYXF_AMX)
 namespace pyxf::kernels::avx512bf16 {
@@ -319,47 +322,15 @@ struct Bf16PairPanels {
 };
 
 #if defined(PYXF_AMX)
-// ---- AMX tiles on the same bf16 pair panels ----
-//
-// tdpbf16ps takes an A tile of 16 rows x 32 bf16 depths (64 bytes a row), a B tile of 16 depth
-// pairs x 16 columns x 2 (64 bytes a pair) and adds their product to a 16 x 16 fp32 C tile. A
-// pair panel [kc / 2][NR][2] is two B tiles side by side (columns 0-15, then 16-31, rows NR * 2
-// elements apart), so the panels packed for vdpbf16ps serve as they are. One step of a 32 x 32
-// block: two A tiles (rows 0-15, 16-31), two B tiles, four products into the four C tiles.
-constexpr int kAmxRows = 32;   // rows of a block: two A tiles
+// ---- AMX tiles on the same bf16 pair panels (amx.h) ----
 constexpr long kAmxMinRows = 16;  // fewer rows per call: vdpbf16ps (most of a block would be padding)
-constexpr int kAmxDepth = 32;  // depths of a step: one A tile's row
-// Tiles (the intrinsics take literal numbers): C 0-3 (rows 0-15 x columns 0-15, 0-15 x 16-31,
-// 16-31 x 0-15, 16-31 x 16-31), A 4-5 (rows 0-15, 16-31), B 6-7 (columns 0-15, 16-31).
-
-// The tile configuration (palette 1): all eight tiles 16 rows x 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Tiles are per thread: configured for the calling thread's products, released after (a thread
-// holding tile state pays for saving it at every context switch).
-class TileScope {
- public:
-  TileScope() {
-    static const TileConfig config;
-    _tile_loadconfig(&config);
-  }
-  ~TileScope() { _tile_release(); }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-};
 
 struct AmxPanels : Bf16PairPanels {
-  // Rows of kAmxRows (A tiles read whole blocks): rows past M are zeros.
+  // Rows of amx::kBlock (A tiles read whole blocks): rows past M are zeros.
   struct Activations {
     Activations(const float* x, long M, long K)
         : ld(round_up_even(K)),
-          rows((M + kAmxRows - 1) / kAmxRows * kAmxRows),
+          rows((M + amx::kBlock - 1) / amx::kBlock * amx::kBlock),
           scratch(kRoundedActivations, sizeof(uint16_t) * rows * ld) {
       uint16_t* out = scratch.as<uint16_t>();
       round_rows_to_bf16(x, M, K, ld, out);
@@ -371,42 +342,24 @@ struct AmxPanels : Bf16PairPanels {
     const uint16_t* data;
   };
 
-  // block[32][32] = a[32 rows][K] * the panel's 32 columns, every depth block of the chunk: whole
-  // steps of kAmxDepth on tiles, a block's last kc % kAmxDepth depths by vdpbf16ps (micro_tile).
+  // block[32][NR] = a[32 rows][K] * the panel's NR columns at `col` of the chunk, every depth block:
+  // whole steps on tiles, a depth block's last kc % amx::kStep depths by vdpbf16ps (micro_tile).
   template <class Panels>
   static void block_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long col,
                             float* block) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    const long a_stride = lda * (long)sizeof(uint16_t), b_stride = 2 * NR * (long)sizeof(uint16_t);
+    static_assert(NR == amx::kBlock, "a panel is one block of columns");
+    amx::zero_block();
     for (long k0 = 0; k0 < K; k0 += depth) {
       const int kc = (int)lmin(depth, K - k0);
-      const uint16_t* panel = panels.block(k0, kc) + col * stored_depth(kc);
-      for (int k = 0; k + kAmxDepth <= kc; k += kAmxDepth) {
-        const uint16_t* ak = a + k0 + k;
-        const uint16_t* bk = panel + k * NR;  // k / 2 pairs of NR columns x 2
-        _tile_loadd(4, ak, a_stride);
-        _tile_loadd(5, ak + 16 * lda, a_stride);
-        _tile_loadd(6, bk, b_stride);
-        _tile_loadd(7, bk + 2 * 16, b_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      amx::multiply_steps(a + k0, lda, panels.block(k0, kc) + col * stored_depth(kc), 2 * NR, 2 * 16,
+                          kc / amx::kStep);
     }
-    const long c_stride = NR * (long)sizeof(float);
-    _tile_stored(0, block, c_stride);
-    _tile_stored(1, block + 16, c_stride);
-    _tile_stored(2, block + 16 * NR, c_stride);
-    _tile_stored(3, block + 16 * NR + 16, c_stride);
+    amx::store_block(block, NR);
     for (long k0 = 0; k0 < K; k0 += depth) {  // the depths that make no whole step
-      const int kc = (int)lmin(depth, K - k0), tail = round_up_even(kc % kAmxDepth), full = kc - kc % kAmxDepth;
+      const int kc = (int)lmin(depth, K - k0), full = kc - kc % amx::kStep, tail = round_up_even(kc - full);
       if (tail == 0) continue;
       const uint16_t* panel = panels.block(k0, kc) + col * stored_depth(kc) + full * NR;
-      for (int r = 0; r < kAmxRows; r += MR) {
+      for (int r = 0; r < amx::kBlock; r += MR) {
         micro_tile<MR>(a + r * lda + k0 + full, lda, panel, tail, block + r * NR, NR, NR, true, nullptr);
       }
     }
@@ -416,18 +369,21 @@ struct AmxPanels : Bf16PairPanels {
   template <class Panels>
   static void chunk_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long nc,
                             long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
-    const TileScope tiles;
-    alignas(64) float block[kAmxRows * NR];
+    const amx::TileScope tiles;
+    alignas(64) float block[amx::kBlock * NR];
     for (long p = 0; p * NR < nc; ++p) {
       const int cols = (int)lmin(NR, nc - p * NR);
-      for (long m0 = m_begin; m0 < m_end; m0 += kAmxRows) {
+      for (long m0 = m_begin; m0 < m_end; m0 += amx::kBlock) {
         block_product(a + m0 * lda, lda, K, depth, panels, p * NR, block);
-        const int rows = (int)lmin(kAmxRows, m_end - m0);
+        const int rows = (int)lmin(amx::kBlock, m_end - m0);
         for (int r = 0; r < rows; ++r) {
           float* cr = c + (m0 - m_begin + r) * ldc + p * NR;
-          for (int j = 0; j < cols; ++j) {
-            const float y = block[r * NR + j] + (bias ? bias[p * NR + j] : 0.0f);
-            cr[j] = accumulate ? cr[j] + y : y;
+          for (int j = 0; j < cols; j += kLanes) {
+            const int n = imin(kLanes, cols - j);
+            Vf y = vload(block + r * NR + j);
+            if (bias) y = vadd(y, vload_n(bias + p * NR + j, n));
+            if (accumulate) y = vadd(y, vload_n(cr + j, n));
+            vstore_n(cr + j, y, n);
           }
         }
       }
@@ -841,8 +797,8 @@ void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) 
 }
 
 #if defined(PYXF_AMX)
-// The avx512_amx table: avx512_bf16's, with this file's GEMMs (bf16 products of many rows on AMX
-// tiles, on the same panels).
+// The avx512_amx table: avx512_bf16's, with this file's GEMMs and attention (bf16 products of many
+// rows on AMX tiles; the same panels).
 void fill_table(KernelTable* t) {
   avx512bf16::fill_table(t);
   t->name = "avx512_amx";
@@ -850,6 +806,7 @@ void fill_table(KernelTable* t) {
   t->linear_gated = linear_gated;
   t->dense_panel_bytes = dense_panel_bytes;
   t->pack_dense_panels = pack_dense_panels;
+  t->attention = attention;
 }
 #else
 // The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
