@@ -48,7 +48,8 @@ inline void zero_block() {
   _tile_zero(3);
 }
 
-// The block's C tiles from / to c[32][32] (ldc floats between rows).
+// The block's C tiles from / to c[32][32] (ldc floats between rows; a load with ldc 0 repeats one
+// row of 32).
 inline void load_block(const float* c, long ldc) {
   const long stride = ldc * (long)sizeof(float);
   _tile_loadd(0, c, stride);

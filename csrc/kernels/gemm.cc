@@ -67,7 +67,7 @@ inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
 // kKeptScratchBytes (a work item's packed columns, and the bf16 activations of thousands of rows,
 // fit); a larger request gets its own allocation, freed with the Scratch.
 constexpr long kKeptScratchBytes = 16L << 20;
-enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kNumScratchSlots = 2 };
+enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kTileSums = 2, kNumScratchSlots = 3 };
 
 class Scratch {
  public:
@@ -326,6 +326,7 @@ struct Bf16PairPanels {
 constexpr long kAmxMinRows = 16;  // fewer rows per call: vdpbf16ps (most of a block would be padding)
 
 struct AmxPanels : Bf16PairPanels {
+  static_assert(NR == amx::kBlock, "a panel is one block of columns");
   // Rows of amx::kBlock (A tiles read whole blocks): rows past M are zeros.
   struct Activations {
     Activations(const float* x, long M, long K)
@@ -342,50 +343,61 @@ struct AmxPanels : Bf16PairPanels {
     const uint16_t* data;
   };
 
-  // block[32][NR] = a[32 rows][K] * the panel's NR columns at `col` of the chunk, every depth block:
-  // whole steps on tiles, a depth block's last kc % amx::kStep depths by vdpbf16ps (micro_tile).
-  template <class Panels>
-  static void block_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long col,
-                            float* block) {
-    static_assert(NR == amx::kBlock, "a panel is one block of columns");
-    amx::zero_block();
-    for (long k0 = 0; k0 < K; k0 += depth) {
-      const int kc = (int)lmin(depth, K - k0);
-      amx::multiply_steps(a + k0, lda, panels.block(k0, kc) + col * stored_depth(kc), 2 * NR, 2 * 16,
-                          kc / amx::kStep);
-    }
-    amx::store_block(block, NR);
-    for (long k0 = 0; k0 < K; k0 += depth) {  // the depths that make no whole step
-      const int kc = (int)lmin(depth, K - k0), full = kc - kc % amx::kStep, tail = round_up_even(kc - full);
-      if (tail == 0) continue;
-      const uint16_t* panel = panels.block(k0, kc) + col * stored_depth(kc) + full * NR;
-      for (int r = 0; r < amx::kBlock; r += MR) {
-        micro_tile<MR>(a + r * lda + k0 + full, lda, panel, tail, block + r * NR, NR, NR, true, nullptr);
-      }
-    }
-  }
+  // Depths of one pass over a chunk: whole steps, about this many, so that a panel's slice (288 x 32
+  // bf16, 18 KiB) stays in L1 while the blocks of 32 rows (another 18 KiB each) stream past it.
+  static constexpr int kPassDepth = 288;
 
-  // c[m][0, nc) (+)= a[m] * the chunk's columns (+ bias) for rows [m_begin, m_end), every depth.
+  // c[m][0, nc) (+)= a[m] * the chunk's columns (+ bias) for rows [m_begin, m_end). The sums build
+  // up in `sums` (the thread's scratch: whole blocks of 32 x 32, in L1/L2) over passes of about
+  // kPassDepth depths of each depth block (panel by panel, every block of rows against one panel
+  // slice; a depth block's last kc % 32 depths on vdpbf16ps, micro_tile), then go to c once.
   template <class Panels>
   static void chunk_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long nc,
                             long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
+    const long rows = m_end - m_begin, ld = padded_cols(nc);
+    const Scratch scratch(kTileSums, sizeof(float) * (rows + amx::kBlock - 1) / amx::kBlock * amx::kBlock * ld);
+    float* sums = scratch.as<float>();
+    if (lmin(depth, K) < amx::kStep) memset(sums, 0, sizeof(float) * rows * ld);  // no pass starts them
     const amx::TileScope tiles;
-    alignas(64) float block[amx::kBlock * NR];
-    for (long p = 0; p * NR < nc; ++p) {
-      const int cols = (int)lmin(NR, nc - p * NR);
-      for (long m0 = m_begin; m0 < m_end; m0 += amx::kBlock) {
-        block_product(a + m0 * lda, lda, K, depth, panels, p * NR, block);
-        const int rows = (int)lmin(amx::kBlock, m_end - m0);
-        for (int r = 0; r < rows; ++r) {
-          float* cr = c + (m0 - m_begin + r) * ldc + p * NR;
-          for (int j = 0; j < cols; j += kLanes) {
-            const int n = imin(kLanes, cols - j);
-            Vf y = vload(block + r * NR + j);
-            if (bias) y = vadd(y, vload_n(bias + p * NR + j, n));
-            if (accumulate) y = vadd(y, vload_n(cr + j, n));
-            vstore_n(cr + j, y, n);
+    for (long k0 = 0; k0 < K; k0 += depth) {
+      const int kc = (int)lmin(depth, K - k0), steps = kc / amx::kStep, full = steps * amx::kStep;
+      const int passes = (full + kPassDepth - 1) / kPassDepth;
+      const int per_pass = passes ? (steps + passes - 1) / passes : 0;
+      const uint16_t* block = panels.block(k0, kc);
+      const long panel_stride = (long)stored_depth(kc) * NR;
+      for (int s0 = 0; s0 < steps; s0 += per_pass) {
+        for (long p = 0; p * NR < nc; ++p) {
+          const uint16_t* slice = block + p * panel_stride + (long)s0 * amx::kStep * NR;
+          for (long m0 = 0; m0 < rows; m0 += amx::kBlock) {
+            float* sb = sums + m0 * ld + p * NR;
+            if (k0 == 0 && s0 == 0) {
+              amx::zero_block();
+            } else {
+              amx::load_block(sb, ld);
+            }
+            amx::multiply_steps(a + (m_begin + m0) * lda + k0 + s0 * amx::kStep, lda, slice, 2 * NR, 2 * 16,
+                                imin(per_pass, steps - s0));
+            amx::store_block(sb, ld);
           }
         }
+      }
+      const int tail = (int)round_up_even(kc - full);  // the depths that make no whole step
+      for (long p = 0; tail > 0 && p * NR < nc; ++p) {
+        const uint16_t* slice = block + p * panel_stride + (long)full * NR;
+        for (long m0 = 0; m0 < rows; m0 += MR) {
+          Tiles::fns[lmin(MR, rows - m0)](a + (m_begin + m0) * lda + k0 + full, lda, slice, tail, sums + m0 * ld + p * NR,
+                                          ld, NR, true, nullptr);
+        }
+      }
+    }
+    for (long m = 0; m < rows; ++m) {
+      float* cr = c + m * ldc;
+      for (long j = 0; j < nc; j += kLanes) {
+        const int n = (int)lmin(kLanes, nc - j);
+        Vf y = vload(sums + m * ld + j);
+        if (bias) y = vadd(y, vload_n(bias + j, n));
+        if (accumulate) y = vadd(y, vload_n(cr + j, n));
+        vstore_n(cr + j, y, n);
       }
     }
   }
