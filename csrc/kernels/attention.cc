@@ -104,6 +104,10 @@ struct Scratch {
 
 int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// bf16 halves of one block's keys and values as pairs (bf16 products): keys [dp / 2][kBlockKeys][2],
+// then values [kBlockKeys / 2][dp][2].
+long pair_halves(int dp) { return 2L * dp * kBlockKeys; }
+
 // A tile's rows read one block of keys or values (kShared: rows[0], loaded once for all rows: the
 // query heads of one kv head) or each its own (rows[r]: rows of different kv heads). Either way a
 // row's sums run over d (keys) or j (values) in the same order with one accumulator per vector, so
@@ -341,6 +345,13 @@ void pair_values(const T* v, long stride, int bk, int D, int dp, uint16_t* vb) {
   }
 }
 
+// Both pairings of one block (bk keys from kt, transposed, and v, rows v_stride apart) into out.
+template <typename T>
+void pair_block(const T* kt, const T* v, long v_stride, int bk, int D, int dp, uint16_t* out) {
+  pair_keys(kt, D, out);
+  pair_values(v, v_stride, bk, D, dp, out + (long)dp * kBlockKeys);
+}
+
 // One step of a bf16 tile: acc[r][c] += the bf16 pair at a + r * lda (broadcast) times v[c], for R
 // rows and NV vectors.
 template <int R, int NV>
@@ -469,10 +480,11 @@ const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* share
 }
 
 // One work item, whose keys and values are T (AttentionSeq::kv_type). shared_kt: this item's kv
-// head's keys already transposed block by block ([block][D][kBlockKeys]), or null.
+// head's keys already transposed block by block ([block][D][kBlockKeys]), or null. shared_pairs:
+// its blocks' bf16 pairs (pair_block, kPairHalves a block), or null: the item pairs each block.
 template <typename T>
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
-              Scratch& sc, float* partial) {
+              const uint16_t* shared_pairs, Scratch& sc, float* partial) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
   const int rows = item.kv_count * group * item.q_count;
@@ -536,13 +548,18 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       sc.end[r] = imax(0, imin(bk, sc.keys[r].end - j0));
     }
 #if defined(PYXF_BF16_DOT)
-    if (bf16) {
+    const uint16_t* kb = sc.kb;  // the block's keys and values as bf16 pairs
+    const uint16_t* vb = sc.vb;
+    if (bf16 && shared_pairs) {
+      kb = shared_pairs + (long)(j0 / kBlockKeys) * pair_halves(dp);
+      vb = kb + (long)dp * kBlockKeys;
+    } else if (bf16) {
       pair_keys(kt_of[0], D, sc.kb);
       pair_values(v_of[0], s.kv_pos_stride, bk, D, dp, sc.vb);
     }
 #endif
 #if defined(PYXF_AMX)
-    if (tiles) scores_amx(sc.qb, dp, D, sc.kb, blocks, sc.p);
+    if (tiles) scores_amx(sc.qb, dp, D, kb, blocks, sc.p);
 #endif
     for (int r = 0; r < rows && !tiles; r += kTileRows) {
       const int n = imin(kTileRows, rows - r);
@@ -552,7 +569,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
       const int nv = (keys + kLanes - 1) / kLanes;
 #if defined(PYXF_BF16_DOT)
       if (bf16) {
-        kScoresRowsBf16[n](nv, sc.qb + (long)r * dp, dp, D, sc.kb, sc.p + (long)r * kBlockKeys);
+        kScoresRowsBf16[n](nv, sc.qb + (long)r * dp, dp, D, kb, sc.p + (long)r * kBlockKeys);
         continue;
       }
 #endif
@@ -578,7 +595,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
         const Vf c = vset1(sc.corr[r]);
         for (int d = 0; d < dp; d += kLanes) vstore(sc.o + (long)r * dp + d, vmul(vload(sc.o + (long)r * dp + d), c));
       }
-      pv_amx(sc.pb, sc.vb, dp, blocks, sc.o);
+      pv_amx(sc.pb, vb, dp, blocks, sc.o);
     }
 #endif
     for (int r = 0; r < rows && !tiles; r += kTileRows) {
@@ -588,7 +605,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
 #if defined(PYXF_BF16_DOT)
       if (bf16) {
         round_to_bf16(sc.p + (long)r * kBlockKeys, n * kBlockKeys, sc.pb + (long)r * kBlockKeys);
-        kPvRowsBf16[n](sc.pb + (long)r * kBlockKeys, sc.corr + r, sc.vb, (keys + 1) / 2, dp, sc.o + (long)r * dp);
+        kPvRowsBf16[n](sc.pb + (long)r * kBlockKeys, sc.corr + r, vb, (keys + 1) / 2, dp, sc.o + (long)r * dp);
         continue;
       }
 #endif
@@ -781,6 +798,22 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   const long slot_floats = (long)max_rows * (dp + 2);
   std::vector<float> partials(plan.n_partials * slot_floats);
 
+  // With bf16 products, a sequence with several query blocks has each block of keys and values
+  // paired once, up front, instead of by every item that reads it.
+  long pair_blocks = 0;
+  std::vector<long> pairs_offset(n_seqs, -1);
+#if defined(PYXF_BF16_DOT)
+  for (int s = 0; s < n_seqs && sh.bf16_products && D % 2 == 0 && max_rows >= kBf16Rows; ++s) {
+    if (seqs[s].n_new <= q_block) continue;
+    pairs_offset[s] = pair_blocks;
+    pair_blocks += (long)sh.n_kv_heads * blocks_of(s);
+  }
+  uint16_t* shared_pairs =
+      pair_blocks ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * pair_blocks * pair_halves(dp)) : nullptr;
+#else
+  uint16_t* shared_pairs = nullptr;
+#endif
+
 #pragma omp parallel if (n_items > 1 && threads > 1)
   {
     if (shared_kt) {
@@ -823,6 +856,30 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     std::vector<KeyRange> row_keys(max_rows);
     sc.row = item_rows.data();
     sc.keys = row_keys.data();
+#if defined(PYXF_BF16_DOT)
+    if (shared_pairs) {  // after the transposes above (the barrier of their omp for)
+#pragma omp for schedule(static) collapse(2)
+      for (int s = 0; s < n_seqs; ++s) {
+        for (int g = 0; g < sh.n_kv_heads; ++g) {
+          if (pairs_offset[s] < 0) continue;
+          const AttentionSeq& a = seqs[s];
+          const int nb = blocks_of(s), keys = sh.causal ? a.n_past + a.n_new : a.n_keys;
+          for (int b = 0; b < nb; ++b) {
+            const int j0 = b * kBlockKeys, bk = imin(kBlockKeys, keys - j0);
+            uint16_t* out = shared_pairs + (pairs_offset[s] + (long)g * nb + b) * pair_halves(dp);
+            if (!a.keys_transposed) {
+              const float* kt = shared_kt + (kt_offset[s] + (long)g * nb + b) * block_floats;
+              pair_block(kt, key_block(a.v, a, g, j0), a.kv_pos_stride, bk, D, dp, out);
+            } else if (a.kv_type == WeightType::kF16) {
+              pair_block(key_block<f16>(a.k, a, g, j0), key_block<f16>(a.v, a, g, j0), a.kv_pos_stride, bk, D, dp, out);
+            } else {
+              pair_block(key_block(a.k, a, g, j0), key_block(a.v, a, g, j0), a.kv_pos_stride, bk, D, dp, out);
+            }
+          }
+        }
+      }
+    }
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (long i = 0; i < n_items; ++i) {
       const WorkItem& it = plan.items[i];
@@ -830,10 +887,14 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
                             ? nullptr
                             : shared_kt + (kt_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) * block_floats;
       float* partial = it.partial < 0 ? nullptr : partials.data() + it.partial * slot_floats;
+      const uint16_t* pairs = pairs_offset[it.seq] < 0
+                                  ? nullptr
+                                  : shared_pairs + (pairs_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) *
+                                                       pair_halves(dp);
       if (seqs[it.seq].kv_type == WeightType::kF16) {
-        run_item<f16>(it, seqs[it.seq], sh, kt, sc, partial);
+        run_item<f16>(it, seqs[it.seq], sh, kt, pairs, sc, partial);
       } else {
-        run_item<float>(it, seqs[it.seq], sh, kt, sc, partial);
+        run_item<float>(it, seqs[it.seq], sh, kt, pairs, sc, partial);
       }
     }
     free(mem);
@@ -846,6 +907,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     }
   }
   free(shared_kt);
+  free(shared_pairs);
 }
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS
