@@ -43,9 +43,9 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("set_quant_gemv", [](const std::string& name) {
     if (!kernels::set_quant_gemv(name.c_str())) {
-      throw py::value_error("unknown quantized GEMV variant '" + name + "' (rows, stream)");
+      throw py::value_error("unknown quantized GEMV variant '" + name + "' (rows, stream, auto)");
     }
-  }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream' (AMD's default) or 'rows'.");
+  }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream', 'rows', or 'auto' (the default: by CPU and format).");
   m.def("get_quant_gemv", [] { return std::string(kernels::quant_gemv_name()); });
   m.def("set_num_threads", [](int n) {
     if (n <= 0) throw py::value_error("number of threads must be positive");

@@ -94,18 +94,26 @@ bool init_default() {
 
 const bool g_initialized = init_default();
 
-const char* const kQuantGemvNames[] = {"rows", "stream"};
+const char* const kQuantGemvNames[] = {"rows", "stream", "auto"};
+constexpr int kNumQuantGemvs = 3;
 
-QuantGemv default_quant_gemv() {
+QuantGemv initial_quant_gemv() {
   const char* forced = std::getenv("PYXF_QUANT_GEMV");
-  for (int i = 0; forced && i < 2; ++i) {
+  for (int i = 0; forced && i < kNumQuantGemvs; ++i) {
     if (std::strcmp(forced, kQuantGemvNames[i]) == 0) return (QuantGemv)i;
   }
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd") ? QuantGemv::kStream : QuantGemv::kRows;
+  return QuantGemv::kAuto;
 }
 
-QuantGemv g_quant_gemv = default_quant_gemv();
+QuantGemv g_quant_gemv = initial_quant_gemv();
+
+bool is_amd() {
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+}
 
 }  // namespace
 
@@ -124,10 +132,14 @@ int available_isas(const char** names, int max_names) {
 
 bool set_isa(const char* name) { return select(name); }
 
-QuantGemv quant_gemv() { return g_quant_gemv; }
+QuantGemv quant_gemv(QuantFormat f) {
+  if (g_quant_gemv != QuantGemv::kAuto) return g_quant_gemv;
+  const bool five_bit = f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1;
+  return is_amd() || !five_bit ? QuantGemv::kStream : QuantGemv::kRows;
+}
 const char* quant_gemv_name() { return kQuantGemvNames[(int)g_quant_gemv]; }
 bool set_quant_gemv(const char* name) {
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kNumQuantGemvs; ++i) {
     if (std::strcmp(name, kQuantGemvNames[i]) == 0) {
       g_quant_gemv = (QuantGemv)i;
       return true;

@@ -211,15 +211,18 @@ bool set_isa(const char* name);
 
 // Kernel variants chosen by CPU model rather than instruction set; every variant is correct
 // everywhere, they differ in speed. The decode GEMV on quantized weights (AVX-512, fewer than
-// kQuantGemmRows rows):
-//   kStream  whole 512-bit steps of 2 or 4 blocks, fewest instructions per weight byte; chosen on
-//            AMD (Zen 4/5), where two hyper-threads share one core's vector units and the
-//            block-by-block loop could not keep up with memory;
-//   kRows    block by block with 256-bit dot products, as tuned on Intel Xeon; chosen elsewhere.
-// PYXF_QUANT_GEMV=stream|rows overrides the choice.
-enum class QuantGemv : int { kRows = 0, kStream = 1 };
-QuantGemv quant_gemv();
-const char* quant_gemv_name();
+// kQuantGemmRows rows; the K-quants have their own):
+//   kStream  whole 512-bit steps of 2 or 4 blocks, fewest instructions per weight byte;
+//   kRows    block by block with 256-bit dot products.
+//   kAuto    (the default) by CPU and format: stream on AMD (Zen 4/5: two hyper-threads share one
+//            core's vector units and the block-by-block loop could not keep up with memory); on
+//            Intel stream for the 8- and 4-bit formats and rows for q5_0 / q5_1 (an AMX-era Xeon,
+//            SmolLM2 decode: q8_0 157 -> 191 tokens/s and q4_0 245 -> 324 on stream; Q4_K_M, whose
+//            K = 576 matrices are q5_0, 258 on rows against 244).
+// PYXF_QUANT_GEMV=stream|rows|auto overrides the choice.
+enum class QuantGemv : int { kRows = 0, kStream = 1, kAuto = 2 };
+QuantGemv quant_gemv(QuantFormat f);  // the variant that serves format f
+const char* quant_gemv_name();        // the setting: "rows", "stream" or "auto"
 bool set_quant_gemv(const char* name);  // false for an unknown name
 
 }  // namespace pyxf::kernels

@@ -636,7 +636,7 @@ bool quant_gemm(const QuantWeight& w, long M);  // below
 
 // Matrices whose rows the streaming GEMV serves for M activation rows.
 bool streams(const QuantWeight& w, long M) {
-  return !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv() == QuantGemv::kStream;
+  return !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv(w.format) == QuantGemv::kStream;
 }
 
 // The segments of one matrix (row ranges in different formats), side by side in y[M][ldy], in one
