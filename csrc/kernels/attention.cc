@@ -481,7 +481,7 @@ const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* share
 
 // One work item, whose keys and values are T (AttentionSeq::kv_type). shared_kt: this item's kv
 // head's keys already transposed block by block ([block][D][kBlockKeys]), or null. shared_pairs:
-// its blocks' bf16 pairs (pair_block, kPairHalves a block), or null: the item pairs each block.
+// its blocks' bf16 pairs (pair_block, pair_halves(dp) a block), or null: the item pairs each block.
 template <typename T>
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
               const uint16_t* shared_pairs, Scratch& sc, float* partial) {

@@ -377,7 +377,8 @@ struct AmxPanels : Bf16PairPanels {
   static void chunk_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long nc,
                             long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
     const long rows = m_end - m_begin, ld = padded_cols(nc);
-    const Scratch scratch(kTileSums, sizeof(float) * (rows + amx::kBlock - 1) / amx::kBlock * amx::kBlock * ld);
+    const long block_rows = (rows + amx::kBlock - 1) / amx::kBlock * amx::kBlock;
+    const Scratch scratch(kTileSums, sizeof(float) * block_rows * ld);
     float* sums = scratch.as<float>();
     if (lmin(depth, K) < amx::kStep) memset(sums, 0, sizeof(float) * rows * ld);  // no pass starts them
     const amx::TileScope tiles;
@@ -450,7 +451,7 @@ inline long block_offset(long k0, long n0, int kc, long n_pad) {
 }
 
 // c[m][0, nc) (+)= a[m] * the chunk's panels (+ bias) for rows [m_begin, m_end): depth block by
-// depth block, the partial sums in c (AMX keeps them in tiles instead).
+// depth block, the partial sums in c (AMX builds them in a scratch of its own).
 template <class P, class Panels>
 void chunk_product(const typename P::Operand* a, long lda, long K, int depth, const Panels& panels, long nc,
                    long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
@@ -830,31 +831,23 @@ void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) 
   }
 }
 
-#if defined(PYXF_AMX)
-// The avx512_amx table: avx512_bf16's, with this file's GEMMs and attention (bf16 products of many
-// rows on AMX tiles; the same panels).
+// The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
+// with bf16 products (AttentionShape::bf16_products). The avx512_amx table: avx512_bf16's, the same
+// with the products of many rows on AMX tiles (over the same panels).
 void fill_table(KernelTable* t) {
+#if defined(PYXF_AMX)
   avx512bf16::fill_table(t);
   t->name = "avx512_amx";
-  t->linear = linear;
-  t->linear_gated = linear_gated;
-  t->dense_panel_bytes = dense_panel_bytes;
-  t->pack_dense_panels = pack_dense_panels;
-  t->attention = attention;
-}
 #else
-// The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
-// with bf16 products (AttentionShape::bf16_products).
-void fill_table(KernelTable* t) {
   avx512::fill_table(t);
   t->name = "avx512_bf16";
+#endif
   t->linear = linear;
   t->linear_gated = linear_gated;
   t->dense_panel_bytes = dense_panel_bytes;
   t->pack_dense_panels = pack_dense_panels;
   t->attention = attention;
 }
-#endif  // PYXF_AMX
 #endif
 
 }  // namespace pyxf::kernels::PYXF_TARGET_NS
