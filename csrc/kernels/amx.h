@@ -48,8 +48,7 @@ inline void zero_block() {
   _tile_zero(3);
 }
 
-// The block's C tiles from / to c[32][32] (ldc floats between rows; a load with ldc 0 repeats one
-// row of 32).
+// The block's C tiles from / to c[32][32] (ldc floats between rows).
 inline void load_block(const float* c, long ldc) {
   const long stride = ldc * (long)sizeof(float);
   _tile_loadd(0, c, stride);

@@ -95,7 +95,7 @@ bool init_default() {
 const bool g_initialized = init_default();
 
 const char* const kQuantGemvNames[] = {"rows", "stream", "auto"};
-constexpr int kNumQuantGemvs = 3;
+constexpr int kNumQuantGemvs = sizeof(kQuantGemvNames) / sizeof(kQuantGemvNames[0]);
 
 QuantGemv initial_quant_gemv() {
   const char* forced = std::getenv("PYXF_QUANT_GEMV");
