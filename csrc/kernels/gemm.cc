@@ -28,6 +28,8 @@ void fill_table(KernelTable* t);
 namespace pyxf::kernels::avx512 {
 void fill_table(KernelTable* t);
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
+void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate);
+void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 }  // namespace pyxf::kernels::avx512
 #endif
 
@@ -425,6 +427,47 @@ struct AmxPanels : Bf16PairPanels {
     }
   }
 };
+
+// ---- int8 weights (the int8 format: one scale per row) on the same tiles ----
+//
+// Each work item packs its panels from the int8 rows times their scales, rounded to bf16 (an int8
+// value times a scale is exact to bf16's 8-bit mantissa but for one rounding, 2^-9 relative), and
+// runs AmxPanels' tiles on bf16 activations. tdpbusd would multiply bytes twice as fast a step, but
+// an integer sum over the whole depth needs one activation scale per row, and a byte per value over
+// a row's range lost too much: MiniLM's int8 embeddings of test_bf16's sentences fell to a lowest
+// cosine of 0.9923 against sentence-transformers (blocks of 32, the other tables: 0.9953; bf16
+// activations: 0.9968), though the encoder's GEMMs ran ~15% faster than here.
+struct Int8Rows {
+  const int8_t* q;     // [N][K]
+  const float* scale;  // [N]
+};
+
+struct AmxInt8Panels : AmxPanels {
+  using Weight = Int8Rows;
+
+  // The panel of columns [c0, c0 + NR) and depths [k0, k0 + kc) of w, zero past N: the rows
+  // dequantized to bf16 (kc of each, in a scratch), then their 32-bit pairs transposed.
+  static void pack_panel(const Int8Rows* w, long K, long N, long k0, int kc, long c0, uint16_t* panel) {
+    alignas(64) uint16_t rows[NR * 2 * KC];  // kc <= depth(K) <= 2 KC
+    for (int j = 0; j < NR; ++j) {
+      uint16_t* out = rows + j * kc;
+      const long col = c0 + j;
+      if (col >= N) {
+        memset(out, 0, sizeof(uint16_t) * kc);
+        continue;
+      }
+      const int8_t* src = w->q + col * K + k0;
+      const __m512 scale = _mm512_set1_ps(w->scale[col]);
+      for (int k = 0; k < kc; k += 16) {
+        const __mmask16 live = (__mmask16)(kc - k >= 16 ? 0xffff : (1u << (kc - k)) - 1);
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, src + k));
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
+        _mm256_mask_storeu_epi16(out + k, live, (__m256i)v);
+      }
+    }
+    transpose_panel(reinterpret_cast<const float*>(rows), kc / 2, kc / 2, reinterpret_cast<float*>(panel));
+  }
+};
 #endif  // PYXF_AMX
 #endif  // PYXF_BF16_DOT
 
@@ -456,7 +499,7 @@ template <class P, class Panels>
 void chunk_product(const typename P::Operand* a, long lda, long K, int depth, const Panels& panels, long nc,
                    long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
 #if defined(PYXF_AMX)
-  if constexpr (std::is_same_v<P, AmxPanels>) {
+  if constexpr (std::is_base_of_v<AmxPanels, P>) {
     P::chunk_product(a, lda, K, depth, panels, nc, m_begin, m_end, c, ldc, accumulate, bias);
   } else
 #endif
@@ -831,6 +874,36 @@ void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) 
   }
 }
 
+#if defined(PYXF_AMX)
+// The int8 format from kAmxMinRows rows on tiles (AmxInt8Panels); everything else on the avx512
+// kernels (quant.cc).
+void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate) {
+  if (w.format != QuantFormat::kInt8 || M < kAmxMinRows) {
+    avx512::linear_quant(x, M, w, bias, y, accumulate);
+    return;
+  }
+  const Int8Rows rows{reinterpret_cast<const int8_t*>(w.data), w.row_scales};
+  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, w.rows, bias, y, w.rows, accumulate);
+}
+
+void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
+  const long I = w.rows / 2;
+  if (w.format != QuantFormat::kInt8 || M < kAmxMinRows) {
+    avx512::linear_quant_gated(x, M, w, act, y);
+    return;
+  }
+  const Int8Rows rows{reinterpret_cast<const int8_t*>(w.data), w.row_scales};
+  if (I % NR == 0) {
+    linear_packed_gated<AmxInt8Panels>(x, M, w.cols, &rows, I, act, y);
+    return;
+  }
+  float* gu = (float*)malloc(sizeof(float) * M * 2 * I + 64);  // the gate and up halves apart
+  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, 2 * I, nullptr, gu, 2 * I, false);
+  for (long m = 0; m < M; ++m) gated_activation_row(gu + m * 2 * I, gu + m * 2 * I + I, I, act, y + m * I);
+  free(gu);
+}
+#endif
+
 // The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
 // with bf16 products (AttentionShape::bf16_products). The avx512_amx table: avx512_bf16's, the same
 // with the products of many rows on AMX tiles (over the same panels).
@@ -847,6 +920,10 @@ void fill_table(KernelTable* t) {
   t->dense_panel_bytes = dense_panel_bytes;
   t->pack_dense_panels = pack_dense_panels;
   t->attention = attention;
+#if defined(PYXF_AMX)
+  t->linear_quant = linear_quant;
+  t->linear_quant_gated = linear_quant_gated;
+#endif
 }
 #endif
 
