@@ -37,10 +37,7 @@ struct QuantArg {
     }
     q = quant_matrix("w", view, row_scales.is_none() ? nullptr : &scale_view, quant_format(format),
                      w.ndim() == 2 ? w.shape(0) : -1, cols);
-    if (panels) {
-      panel_bytes = make_gemm_panels(q);
-      q.gemm_panels = panel_bytes.get();
-    }
+    if (panels) panel_bytes = make_gemm_panels(q);
   }
   FloatArray scales;
   PanelBytes panel_bytes;
@@ -288,7 +285,7 @@ void bind_ops(py::module_& ops) {
     kernels::AttentionShape shape{n_heads, n_kv_heads, D, q.shape(1), q.shape(1), scale, causal};
     shape.window = window;
     shape.softcap = softcap;
-    shape.bf16_products = bf16_products;
+    shape.products = bf16_products ? kernels::AttentionProducts::kBf16 : kernels::AttentionProducts::kFloat;
     FloatArray bias;  // [n_heads, 2 R + 1]: bias by relative position key - query, clamped to [-R, R]
     if (!pos_bias.is_none()) {
       bias = pos_bias.cast<FloatArray>();

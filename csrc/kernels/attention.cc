@@ -291,8 +291,20 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
+// Whether this table takes the products of many rows in bf16 (AttentionShape::products).
+constexpr bool bf16_products(const AttentionShape& sh) {
+#if defined(PYXF_AMX)
+  return sh.products != AttentionProducts::kFloat;
+#elif defined(PYXF_BF16_DOT)
+  return sh.products == AttentionProducts::kBf16;
+#else
+  (void)sh;
+  return false;
+#endif
+}
+
 #if defined(PYXF_BF16_DOT)
-// ---- bf16 products (AttentionShape::bf16_products) ----
+// ---- bf16 products (AttentionShape::products) ----
 //
 // vdpbf16ps multiplies pairs: lane i gains a[2i] b[2i] + a[2i+1] b[2i+1] (bf16 products, fp32 sums).
 // The scores pair depths: a block's keys are stored [D / 2][kBlockKeys][2] (one vector: 16 keys x 2
@@ -505,7 +517,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
     vstore(sc.row_sum + (long)r * kLanes, vzero());
   }
 #if defined(PYXF_BF16_DOT)
-  const bool bf16 = sh.bf16_products && shared && rows >= kBf16Rows && D % 2 == 0;
+  const bool bf16 = bf16_products(sh) && shared && rows >= kBf16Rows && D % 2 == 0;
   if (bf16) round_to_bf16(sc.q, rows * dp, sc.qb);
 #else
   constexpr bool bf16 = false;
@@ -803,7 +815,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   long pair_blocks = 0;
   std::vector<long> pairs_offset(n_seqs, -1);
 #if defined(PYXF_BF16_DOT)
-  for (int s = 0; s < n_seqs && sh.bf16_products && D % 2 == 0 && max_rows >= kBf16Rows; ++s) {
+  for (int s = 0; s < n_seqs && bf16_products(sh) && D % 2 == 0 && max_rows >= kBf16Rows; ++s) {
     if (seqs[s].n_new <= q_block) continue;
     pairs_offset[s] = pair_blocks;
     pair_blocks += (long)sh.n_kv_heads * blocks_of(s);
@@ -836,7 +848,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     // bf16 pairs after the floats: q and probabilities of every row, a block's keys and values.
     const long cap = row_capacity(max_rows);
     const long floats = 2L * cap * dp + block_floats + cap * kBlockKeys + (4L + kLanes) * max_rows;
-    const long halves = sh.bf16_products ? cap * dp + 2L * dp * kBlockKeys + cap * kBlockKeys : 0;
+    const long halves = bf16_products(sh) ? cap * dp + 2L * dp * kBlockKeys + cap * kBlockKeys : 0;
     float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + sizeof(uint16_t) * halves + 63) / 64 * 64);
     Scratch sc;
     sc.q = mem;

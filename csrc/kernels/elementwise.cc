@@ -318,7 +318,7 @@ void linear_quant_segments(const float* x, long M, const QuantWeight* w, int n, 
                            bool accumulate);
 void dequantize_row(const QuantWeight& w, long row, float* out);
 long gemm_panel_bytes(const QuantWeight& w);
-void pack_gemm_panels(const QuantWeight& w, uint8_t* out);
+PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out);
 
 void fill_table(KernelTable* t) {
 #if defined(PYXF_TARGET_avx512)

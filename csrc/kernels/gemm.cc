@@ -30,6 +30,8 @@ void fill_table(KernelTable* t);
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate);
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
+long gemm_panel_bytes(const QuantWeight& w);
+PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out);
 }  // namespace pyxf::kernels::avx512
 #endif
 
@@ -857,33 +859,46 @@ long dense_panel_bytes(WeightType wt, long K, long N) {
   return wt == WeightType::kBF16 && K > 0 ? (long)sizeof(uint16_t) * Bf16PairPanels::packed_elements(K, N) : 0;
 }
 
-void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) {
-  if (dense_panel_bytes(wt, K, N) == 0) return;
-  // By chunks of NC columns, in parallel: each chunk's panels are its own range of every block.
-  const long dep = Bf16PairPanels::depth(K), n_pad = padded_cols(N);
-  uint16_t* dst = static_cast<uint16_t*>(out);
+namespace {
+// All of w packed as policy P's panels (the layout linear_packed's `prepacked` reads), by chunks of
+// NC columns in parallel: each chunk's panels are its own range of every block.
+template <class P>
+void pack_matrix(const typename P::Weight* w, long K, long N, typename P::Packed* dst) {
+  const long dep = P::depth(K), n_pad = padded_cols(N);
 #pragma omp parallel for schedule(dynamic, 1)
   for (long n0 = 0; n0 < n_pad; n0 += NC) {
     for (long k0 = 0; k0 < K; k0 += dep) {
       const int kc = (int)lmin(dep, K - k0);
       for (long c = n0; c < lmin(n_pad, n0 + NC); c += NR) {
-        Bf16PairPanels::pack_panel(static_cast<const bf16*>(w), K, N, k0, kc, c,
-                                   dst + block_offset<Bf16PairPanels>(k0, c, kc, n_pad));
+        P::pack_panel(w, K, N, k0, kc, c, dst + block_offset<P>(k0, c, kc, n_pad));
       }
     }
   }
+}
+}  // namespace
+
+void pack_dense_panels(const void* w, WeightType wt, long K, long N, void* out) {
+  if (dense_panel_bytes(wt, K, N) == 0) return;
+  pack_matrix<Bf16PairPanels>(static_cast<const bf16*>(w), K, N, static_cast<uint16_t*>(out));
 }
 
 #if defined(PYXF_AMX)
 // The int8 format from kAmxMinRows rows on tiles (AmxInt8Panels); everything else on the avx512
 // kernels (quant.cc).
+namespace {
+// w's panels made at load for the tiles, or null (packed per call).
+const uint16_t* tile_panels(const QuantWeight& w) {
+  return w.panel_layout == PanelLayout::kBf16Tiles ? reinterpret_cast<const uint16_t*>(w.gemm_panels) : nullptr;
+}
+}  // namespace
+
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate) {
   if (w.format != QuantFormat::kInt8 || M < kAmxMinRows) {
     avx512::linear_quant(x, M, w, bias, y, accumulate);
     return;
   }
   const Int8Rows rows{reinterpret_cast<const int8_t*>(w.data), w.row_scales};
-  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, w.rows, bias, y, w.rows, accumulate);
+  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, w.rows, bias, y, w.rows, accumulate, tile_panels(w));
 }
 
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y) {
@@ -894,13 +909,26 @@ void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation
   }
   const Int8Rows rows{reinterpret_cast<const int8_t*>(w.data), w.row_scales};
   if (I % NR == 0) {
-    linear_packed_gated<AmxInt8Panels>(x, M, w.cols, &rows, I, act, y);
+    linear_packed_gated<AmxInt8Panels>(x, M, w.cols, &rows, I, act, y, tile_panels(w));
     return;
   }
   float* gu = (float*)malloc(sizeof(float) * M * 2 * I + 64);  // the gate and up halves apart
-  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, 2 * I, nullptr, gu, 2 * I, false);
+  linear_packed<AmxInt8Panels>(x, M, w.cols, &rows, 2 * I, nullptr, gu, 2 * I, false, tile_panels(w));
   for (long m = 0; m < M; ++m) gated_activation_row(gu + m * 2 * I, gu + m * 2 * I + I, I, act, y + m * I);
   free(gu);
+}
+
+// The int8 format's panels at load: the tiles' (bf16, 2 bytes a weight); other formats avx512's.
+long gemm_panel_bytes(const QuantWeight& w) {
+  if (w.format != QuantFormat::kInt8) return avx512::gemm_panel_bytes(w);
+  return (long)sizeof(uint16_t) * AmxInt8Panels::packed_elements(w.cols, w.rows);
+}
+
+PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out) {
+  if (w.format != QuantFormat::kInt8) return avx512::pack_gemm_panels(w, out);
+  const Int8Rows rows{reinterpret_cast<const int8_t*>(w.data), w.row_scales};
+  pack_matrix<AmxInt8Panels>(&rows, w.cols, w.rows, reinterpret_cast<uint16_t*>(out));
+  return PanelLayout::kBf16Tiles;
 }
 #endif
 
@@ -923,6 +951,8 @@ void fill_table(KernelTable* t) {
 #if defined(PYXF_AMX)
   t->linear_quant = linear_quant;
   t->linear_quant_gated = linear_quant_gated;
+  t->gemm_panel_bytes = gemm_panel_bytes;
+  t->pack_gemm_panels = pack_gemm_panels;
 #endif
 }
 #endif

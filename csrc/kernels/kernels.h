@@ -47,6 +47,12 @@ constexpr long kFloatGemmRows = 160;
 // Rows from which linear_quant runs a GEMM (below: one pass over the weights per call, GEMV-like).
 constexpr long kQuantGemmRows = 16;
 
+// Which layout a quantized matrix's gemm_panels hold: each table's many-rows kernel reads the
+// panels only in its own layout (and packs per call otherwise), so panels made under one table stay
+// correct after set_isa. kVnni: the AVX-512 tables' int8 GEMM; kBf16Tiles: avx512_amx's int8 format,
+// dequantized to bf16 pair panels for its tiles.
+enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2 };
+
 struct QuantWeight {
   QuantFormat format;
   const uint8_t* data;        // rows of quant_row_bytes(format, cols) bytes
@@ -54,9 +60,10 @@ struct QuantWeight {
   long rows;                  // N
   long cols;                  // K, a multiple of quant_block_cols(format)
   // The matrix repacked once for the many-rows kernel (KernelTable::pack_gemm_panels), or null:
-  // that kernel then repacks slices of the rows on every call. Only the table that made them reads
-  // them; a view of some of the rows (a row block) has none.
+  // that kernel then repacks slices of the rows on every call. Read by the tables whose layout
+  // panel_layout names; a view of some of the rows (a row block) has none.
   const uint8_t* gemm_panels = nullptr;
+  PanelLayout panel_layout = PanelLayout::kNone;
 };
 
 // Keys per page of a paged KV cache: attention reads keys in blocks of this size, so one block of
@@ -106,6 +113,17 @@ struct AttentionSeq {
   WeightType kv_type = WeightType::kF32;
 };
 
+// Precision of attention's two products (scores and softmax-weighted values) in work items of many
+// query rows (prefill, encoding): bf16 rounds the queries, keys, probabilities and values to bf16
+// for them (fp32 sums), half the instructions of float FMAs on vdpbf16ps, a fraction on AMX tiles.
+// Scores and the softmax stay float, and so do items of few rows (decode) and other tables.
+enum class AttentionProducts : int {
+  kFloat = 0,
+  kBf16 = 1,         // where the table has vdpbf16ps (avx512_bf16, avx512_amx): models computing in bf16
+  kBf16OnTiles = 2,  // where it has AMX tiles (avx512_amx) only: quantized models, whose weights'
+                     // rounding dwarfs bf16's (vdpbf16ps runs at half FMA's rate on some Intel CPUs)
+};
+
 struct AttentionShape {
   int n_heads;
   int n_kv_heads;       // n_heads % n_kv_heads == 0; query head h reads kv head h / (n_heads / n_kv_heads)
@@ -125,12 +143,7 @@ struct AttentionShape {
   // Soft-capping (Gemma 2): when > 0, each scaled score s becomes softcap * tanh(s / softcap) before
   // the position bias and the softmax. 0: none.
   float softcap = 0.0f;
-  // Products in bfloat16 (models whose weights compute in bf16): where the table has vdpbf16ps
-  // (avx512_bf16), a work item of many query rows (prefill, encoding) rounds its queries, keys,
-  // probabilities and values to bf16 for the two products (scores and softmax-weighted values, fp32
-  // sums): half the instructions of float FMAs. Scores and the softmax stay float. Other tables,
-  // and items of few rows (decode), compute in float.
-  bool bf16_products = false;
+  AttentionProducts products = AttentionProducts::kFloat;
 };
 
 struct KernelTable {
@@ -197,9 +210,10 @@ struct KernelTable {
   // Bytes of w repacked for the many-rows kernel (0: that kernel reads w's rows as stored), and
   // the repacking into `out` (that many bytes, 64-byte aligned), which w.gemm_panels may then name:
   // weights that serve many rows per call (encoders, translation) pay the repacking once at load
-  // instead of on every call, for about 1.4x the int8 bytes. Null where the ISA has no such layout.
+  // instead of on every call, for about 1.4x the int8 bytes (avx512_amx's int8: 2x, bf16). Null
+  // where the ISA has no such layout. The packing returns the layout it wrote (QuantWeight::panel_layout).
   long (*gemm_panel_bytes)(const QuantWeight& w);
-  void (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
+  PanelLayout (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
 };
 
 // The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.

@@ -940,7 +940,9 @@ VnniPanel panel_at(uint8_t* base, long nblocks) {
 }
 
 // Whether the panel of the 32 columns from n0 was made at load (else it is packed per call).
-bool has_panel(const QuantWeight& w, long n0) { return w.gemm_panels && n0 % kVnniCols == 0; }
+bool has_panel(const QuantWeight& w, long n0) {
+  return w.gemm_panels && w.panel_layout == PanelLayout::kVnni && n0 % kVnniCols == 0;
+}
 
 // Rows from which the q8_0 / q4_0 / q4_1 / int8 GEMM runs when it must repack the weights on every
 // call (a matrix without panels made at load: decoders'). Below, the streaming GEMV is faster: it
@@ -1194,13 +1196,15 @@ long gemm_panel_bytes(const QuantWeight& w) {
   return (w.rows + kVnniCols - 1) / kVnniCols * panel_bytes(w.cols / QK);
 }
 
-void pack_gemm_panels(const QuantWeight& w, uint8_t* out) {
+PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out) {
+  if (gemm_panel_bytes(w) == 0) return PanelLayout::kNone;
   const long nblocks = w.cols / QK, chunks = (w.rows + kVnniCols - 1) / kVnniCols;
 #pragma omp parallel for schedule(static)
   for (long ch = 0; ch < chunks; ++ch) {
     VnniPanel p = panel_at(out + ch * panel_bytes(nblocks), nblocks);
     pack_vnni(w, ch * kVnniCols, (int)lmin(kVnniCols, w.rows - ch * kVnniCols), nblocks, p);
   }
+  return PanelLayout::kVnni;
 }
 #endif
 

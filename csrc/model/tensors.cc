@@ -207,7 +207,7 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
     auto scales = set_.tensors.find(name + "_scale");
     l.quant = quant_matrix(name, t, scales == set_.tensors.end() ? nullptr : &scales->second,
                            quant_format(spec[0].format), out, in);
-    if (gemm_panels_) l.quant.gemm_panels = panels(name, l.quant);
+    if (gemm_panels_) attach_panels(name, l.quant);
     return l;
   }
   if (t.dtype != DType::kU8 || t.shape.size() != 1) {
@@ -235,19 +235,26 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
   return l;
 }
 
-PanelBytes make_gemm_panels(const kernels::QuantWeight& w) {
+PanelBytes make_gemm_panels(kernels::QuantWeight& w) {
   const kernels::KernelTable& K = kernels::active();
   const long bytes = K.gemm_panel_bytes ? K.gemm_panel_bytes(w) : 0;
+  w.gemm_panels = nullptr;
+  w.panel_layout = kernels::PanelLayout::kNone;
   if (bytes <= 0) return nullptr;
   PanelBytes p = allocate_panels(bytes);
-  K.pack_gemm_panels(w, p.get());
+  w.panel_layout = K.pack_gemm_panels(w, p.get());
+  w.gemm_panels = p.get();
   return p;
 }
 
-const uint8_t* WeightBinder::panels(const std::string& name, const kernels::QuantWeight& w) {
-  auto it = panels_.find(name);
-  if (it == panels_.end()) it = panels_.emplace(name, make_gemm_panels(w)).first;
-  return it->second.get();
+void WeightBinder::attach_panels(const std::string& name, kernels::QuantWeight& w) {
+  if (panels_.find(name) == panels_.end()) {
+    kernels::QuantWeight packed = w;
+    panels_.emplace(name, make_gemm_panels(packed));
+    panel_layouts_[name] = packed.panel_layout;
+  }
+  w.gemm_panels = panels_.at(name).get();
+  w.panel_layout = w.gemm_panels ? panel_layouts_.at(name) : kernels::PanelLayout::kNone;
 }
 
 Linear row_block(const Linear& w, long rows, long in, long first, long count) {
@@ -272,6 +279,7 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
     if (lo < hi) {
       kernels::QuantWeight cut = s;
       cut.gemm_panels = nullptr;  // panels are of the whole matrix
+      cut.panel_layout = kernels::PanelLayout::kNone;
       cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
       cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
       cut.rows = hi - lo;

@@ -52,9 +52,9 @@ struct FreeBytes {
   void operator()(uint8_t* p) const { std::free(p); }
 };
 using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
-// w repacked in the active kernels' many-rows layout (kernels::QuantWeight::gemm_panels); null
-// where they have none.
-PanelBytes make_gemm_panels(const kernels::QuantWeight& w);
+// w repacked in the active kernels' many-rows layout: sets w.gemm_panels and w.panel_layout (null
+// and none where they have no such layout) and returns the memory, which must outlive w's use.
+PanelBytes make_gemm_panels(kernels::QuantWeight& w);
 // A float or 16-bit matrix w [out, in] of type wt packed by the active kernels
 // (KernelTable::pack_dense_panels); null where they pack that type per call only.
 PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in);
@@ -99,8 +99,8 @@ class WeightBinder {
   const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required,
                          bool quantized = false);
   Linear quantized(const std::string& name, long out, long in);
-  // The many-rows layout of w (made once per tensor name), or null where the kernels have none.
-  const uint8_t* panels(const std::string& name, const kernels::QuantWeight& w);
+  // Gives w the many-rows layout (made once per tensor name), where the kernels have one.
+  void attach_panels(const std::string& name, kernels::QuantWeight& w);
   // The panels of a float or 16-bit matrix (made once per tensor name), or null.
   const void* dense_panels(const std::string& name, const Linear& w, long out, long in);
 
@@ -108,7 +108,8 @@ class WeightBinder {
   std::vector<TensorRequest> requests_;
   bool gemm_panels_;
   std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
-  std::map<std::string, PanelBytes> panels_;  // by tensor name, quantized and dense
+  std::map<std::string, PanelBytes> panels_;  // by tensor name: dense panels, and quantized ones' memory
+  std::map<std::string, kernels::PanelLayout> panel_layouts_;  // quantized ones' layouts
 };
 
 }  // namespace pyxf
