@@ -20,6 +20,46 @@ BF16_PRODUCT_ISAS = ("avx512_bf16", "avx512_amx")
 def widening_isas(isas):
     return [isa for isa in isas if isa not in BF16_PRODUCT_ISAS]
 
+
+def bf16_rounds_activations(isa, rows):
+    """Whether bfloat16 products of `rows` rows round the activations to bfloat16 on table `isa`
+    as it is set now: avx512_amx always (vdpbf16ps, tiles); avx512_bf16 unless it widens many rows
+    (`_core.set_bf16_gemm`: from 16 rows, FMAs on float activations); the other tables never."""
+    from pyxf import _core
+
+    if isa == "avx512_bf16":
+        return not (_core.info()["bf16_gemm_widens"] and rows >= 16)
+    return isa in BF16_PRODUCT_ISAS
+
+
+def bf16_attention_products(isa):
+    """Whether a bf16 model's attention takes its products in bfloat16 on table `isa` as set now."""
+    from pyxf import _core
+
+    return isa == "avx512_amx" or (isa == "avx512_bf16" and not _core.info()["bf16_gemm_widens"])
+
+
+def bf16_gemm_variants(isas):
+    """Kernel ids for tests of bf16 products: every ISA, avx512_bf16 once per GEMM variant."""
+    return [v for isa in isas for v in ((f"{isa}-dot", f"{isa}-widen") if isa == "avx512_bf16" else (isa,))]
+
+
+def set_kernels(kernel_id):
+    """Sets the ISA and bf16 GEMM variant a kernel id names (bf16_gemm_variants); returns a function
+    that restores the previous ones."""
+    from pyxf import _core
+
+    before, gemm_before = _core.get_isa(), _core.get_bf16_gemm()
+    isa, _, gemm = kernel_id.partition("-")
+    _core.set_isa(isa)
+    _core.set_bf16_gemm(gemm or "auto")
+
+    def restore():
+        _core.set_isa(before)
+        _core.set_bf16_gemm(gemm_before)
+
+    return restore
+
 # name -> (transformers class name, config class name, config kwargs). Every model has 2 layers and a
 # small vocabulary; together the specs cover head dims 24/32/64/80/128, MQA, GQA and MHA, hidden sizes
 # that are not a multiple of 16, head_dim * heads != hidden, RoPE scaling (linear, llama3) and theta,

@@ -46,14 +46,14 @@ DECODE_STEPS = 24
 
 
 @contextlib.contextmanager
-def isa_context(name):
-    """Runs the body under ISA `name`, restoring the previous one."""
-    before = core.get_isa()
-    core.set_isa(name)
+def isa_context(name, bf16_gemm="auto"):
+    """Runs the body under ISA `name` (and bf16 GEMM variant, see `_core.set_bf16_gemm`),
+    restoring the previous ones."""
+    restore = helpers.set_kernels(f"{name}-{bf16_gemm}")
     try:
         yield
     finally:
-        core.set_isa(before)
+        restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def test_bf16_model_keeps_a_float16_cache(smollm2, smollm2_float_cache):
 @pytest.mark.parametrize("isa", BF16_PRODUCT_ISAS)
 def test_bf16_products_within_torch_bfloat16_error(smollm2, record_property, isa):
     px32, pxbf, ids, reference, torch_bf16 = smollm2
-    with isa_context(isa):
+    with isa_context(isa, bf16_gemm="dot"):
         prefill = pxbf.logits(ids)
         decoded = decode_logits(pxbf, ids, 40)
     torch_err = helpers.max_abs_err(torch_bf16, reference)
@@ -161,6 +161,20 @@ def test_bf16_products_within_torch_bfloat16_error(smollm2, record_property, isa
     assert err > 1e-3  # the activations are rounded: this is the vdpbf16ps path, not the widening one
     assert err <= torch_err and err_decode <= torch_err
     assert top1 >= max(0.98, torch_top1)
+
+
+@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="the CPU has no AVX512_BF16")
+def test_widened_bf16_prefill_is_exact(smollm2, smollm2_float_cache):
+    """avx512_bf16 widening many rows (set_bf16_gemm("widen"), the default on Intel CPUs, whose
+    vdpbf16ps runs at half the rate of float FMAs): prefill multiplies the bf16 weights' exact values
+    by float activations, as the widening ISAs do, attention included; decode's single rows stay on
+    vdpbf16ps, within torch bfloat16's error."""
+    _, _, ids, reference, torch_bf16 = smollm2
+    with isa_context("avx512_bf16", bf16_gemm="widen"):
+        prefill = smollm2_float_cache.logits(ids)
+        decoded = decode_logits(smollm2_float_cache, ids, 40)
+    assert helpers.max_abs_err(prefill, reference) <= 1e-3
+    assert helpers.max_abs_err(decoded, reference[39:39 + DECODE_STEPS]) <= helpers.max_abs_err(torch_bf16, reference)
 
 
 # ---------------------------------------------------------------------------------------------

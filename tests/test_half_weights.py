@@ -1,6 +1,8 @@
 """16-bit weights (float16, bfloat16) stay 16-bit in memory. float16 is widened in registers on every
 ISA; bfloat16 is widened on generic / avx2 / avx512 and multiplied by vdpbf16ps on avx512_bf16 (and on
-AMX tiles from 16 rows on avx512_amx), which rounds the activations to bfloat16 (fp32 sums)."""
+AMX tiles from 16 rows on avx512_amx), which rounds the activations to bfloat16 (fp32 sums), except
+that avx512_bf16 set to widen (`_core.set_bf16_gemm`) runs 16 rows and more on FMAs, float
+activations times the pair panels' bf16 widened in registers."""
 import ctypes
 from pathlib import Path
 
@@ -9,16 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers
 from helpers import BF16_PRODUCT_ISAS
 from pyxf import _core
 
 
-@pytest.fixture(params=_core.info()["isas"])
+# avx512_bf16 both ways: vdpbf16ps, and FMAs on widened panels from 16 rows (set_bf16_gemm).
+@pytest.fixture(params=helpers.bf16_gemm_variants(_core.info()["isas"]))
 def isa(request):
-    before = _core.get_isa()
-    _core.set_isa(request.param)
-    yield request.param
-    _core.set_isa(before)
+    restore = helpers.set_kernels(request.param)
+    yield request.param.partition("-")[0]
+    restore()
 
 
 def bf16_bits(w):
@@ -30,7 +33,7 @@ def bf16_bits(w):
 
 def bf16_activations(isa, x):
     """The activations a bfloat16 GEMM multiplies on this ISA, as float64."""
-    return (bf16_bits(x)[1] if isa in BF16_PRODUCT_ISAS else x).astype(np.float64)
+    return (bf16_bits(x)[1] if helpers.bf16_rounds_activations(isa, len(x)) else x).astype(np.float64)
 
 
 def assert_close(y, ref, rtol=1e-5):
@@ -155,3 +158,26 @@ def test_avx512_amx_listed_where_the_os_grants_tiles():
 def test_half_weights_rejected_when_unsupported():
     with pytest.raises(TypeError):
         _core.ops.linear(np.ones((1, 4), np.float32), np.ones((2, 4), np.int32))
+
+
+def test_bf16_gemm_choice():
+    """The setting of how avx512_bf16 multiplies many rows: by CPU unless set (Intel widens, AMD
+    takes vdpbf16ps); an unknown name is an error naming the choices."""
+    import platform
+
+    info = _core.info()
+    assert info["bf16_gemm"] == _core.get_bf16_gemm() in ("dot", "widen", "auto")
+    before = _core.get_bf16_gemm()
+    try:
+        _core.set_bf16_gemm("widen")
+        assert _core.info()["bf16_gemm_widens"] is True
+        _core.set_bf16_gemm("dot")
+        assert _core.info()["bf16_gemm_widens"] is False
+        _core.set_bf16_gemm("auto")
+        vendor = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
+        assert _core.info()["bf16_gemm_widens"] is ("AuthenticAMD" not in vendor)
+        with pytest.raises(ValueError, match="unknown bf16 GEMM variant 'fast' \\(dot, widen, auto\\)"):
+            _core.set_bf16_gemm("fast")
+    finally:
+        _core.set_bf16_gemm(before)
+

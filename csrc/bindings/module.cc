@@ -22,7 +22,8 @@ py::dict info() {
   py::list isas;
   for (int i = 0; i < n; ++i) isas.append(names[i]);
   return py::dict("version"_a = PYXF_VERSION, "isa"_a = kernels::active().name, "isas"_a = isas,
-                  "quant_gemv"_a = kernels::quant_gemv_name(), "num_threads"_a = num_threads(),
+                  "quant_gemv"_a = kernels::quant_gemv_name(), "bf16_gemm"_a = kernels::bf16_gemm_name(),
+                  "bf16_gemm_widens"_a = kernels::bf16_gemm_widens(), "num_threads"_a = num_threads(),
                   "compiler"_a = PYXF_COMPILER,
                   "build_flags"_a = PYXF_BUILD_FLAGS, "sanitize"_a = PYXF_SANITIZE);
 }
@@ -47,6 +48,12 @@ PYBIND11_MODULE(_core, m) {
     }
   }, "Picks the AVX-512 decode GEMV on quantized weights: 'stream', 'rows', or 'auto' (the default: by CPU and format).");
   m.def("get_quant_gemv", [] { return std::string(kernels::quant_gemv_name()); });
+  m.def("set_bf16_gemm", [](const std::string& name) {
+    if (!kernels::set_bf16_gemm(name.c_str())) {
+      throw py::value_error("unknown bf16 GEMM variant '" + name + "' (dot, widen, auto)");
+    }
+  }, "How avx512_bf16 multiplies bf16 weights by many rows: 'dot' (vdpbf16ps), 'widen' (FMAs), or 'auto' (the default: by CPU).");
+  m.def("get_bf16_gemm", [] { return std::string(kernels::bf16_gemm_name()); });
   m.def("set_num_threads", [](int n) {
     if (n <= 0) throw py::value_error("number of threads must be positive");
     set_num_threads(n);

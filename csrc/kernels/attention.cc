@@ -291,12 +291,14 @@ void transpose_key_block(const float* k, long stride, int bk, int D, float* kt) 
   }
 }
 
-// Whether this table takes the products of many rows in bf16 (AttentionShape::products).
-constexpr bool bf16_products(const AttentionShape& sh) {
+// Whether this table takes the products of many rows in bf16 (AttentionShape::products): on tiles
+// for every model that asks; on vdpbf16ps for bf16 models, unless the CPU's vdpbf16ps is slow
+// (bf16_gemm_widens: float FMAs are faster there, SmolLM2's attention 59 -> 45 ms a prefill).
+inline bool bf16_products(const AttentionShape& sh) {
 #if defined(PYXF_AMX)
   return sh.products != AttentionProducts::kFloat;
 #elif defined(PYXF_BF16_DOT)
-  return sh.products == AttentionProducts::kBf16;
+  return sh.products == AttentionProducts::kBf16 && !bf16_gemm_widens();
 #else
   (void)sh;
   return false;

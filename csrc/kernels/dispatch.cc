@@ -94,18 +94,27 @@ bool init_default() {
 
 const bool g_initialized = init_default();
 
-const char* const kQuantGemvNames[] = {"rows", "stream", "auto"};
-constexpr int kNumQuantGemvs = sizeof(kQuantGemvNames) / sizeof(kQuantGemvNames[0]);
-
-QuantGemv initial_quant_gemv() {
-  const char* forced = std::getenv("PYXF_QUANT_GEMV");
-  for (int i = 0; forced && i < kNumQuantGemvs; ++i) {
-    if (std::strcmp(forced, kQuantGemvNames[i]) == 0) return (QuantGemv)i;
+// A kernel-variant setting: its names (indexed by the enum's values) and the index of a name, or -1.
+template <int N>
+int variant_index(const char* const (&names)[N], const char* name) {
+  for (int i = 0; name && i < N; ++i) {
+    if (std::strcmp(name, names[i]) == 0) return i;
   }
-  return QuantGemv::kAuto;
+  return -1;
 }
 
-QuantGemv g_quant_gemv = initial_quant_gemv();
+// A setting's start: the environment variable's value when it names a variant, else the last (auto).
+template <class E, int N>
+E initial_variant(const char* const (&names)[N], const char* variable) {
+  const int i = variant_index(names, std::getenv(variable));
+  return (E)(i < 0 ? N - 1 : i);
+}
+
+const char* const kQuantGemvNames[] = {"rows", "stream", "auto"};
+QuantGemv g_quant_gemv = initial_variant<QuantGemv>(kQuantGemvNames, "PYXF_QUANT_GEMV");
+
+const char* const kBf16GemmNames[] = {"dot", "widen", "auto"};
+Bf16Gemm g_bf16_gemm = initial_variant<Bf16Gemm>(kBf16GemmNames, "PYXF_BF16_GEMM");
 
 bool is_amd() {
   static const bool amd = [] {
@@ -139,13 +148,19 @@ QuantGemv quant_gemv(QuantFormat f) {
 }
 const char* quant_gemv_name() { return kQuantGemvNames[(int)g_quant_gemv]; }
 bool set_quant_gemv(const char* name) {
-  for (int i = 0; i < kNumQuantGemvs; ++i) {
-    if (std::strcmp(name, kQuantGemvNames[i]) == 0) {
-      g_quant_gemv = (QuantGemv)i;
-      return true;
-    }
-  }
-  return false;
+  const int i = variant_index(kQuantGemvNames, name);
+  if (i >= 0) g_quant_gemv = (QuantGemv)i;
+  return i >= 0;
+}
+
+bool bf16_gemm_widens() {
+  return g_bf16_gemm == Bf16Gemm::kAuto ? !is_amd() : g_bf16_gemm == Bf16Gemm::kWiden;
+}
+const char* bf16_gemm_name() { return kBf16GemmNames[(int)g_bf16_gemm]; }
+bool set_bf16_gemm(const char* name) {
+  const int i = variant_index(kBf16GemmNames, name);
+  if (i >= 0) g_bf16_gemm = (Bf16Gemm)i;
+  return i >= 0;
 }
 
 int quant_row_bytes(QuantFormat f, long cols) {

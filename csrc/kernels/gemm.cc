@@ -347,6 +347,68 @@ struct Bf16PairPanels {
   };
 };
 
+// ---- the same pair panels widened to float in registers: FMAs on float activations ----
+//
+// Where vdpbf16ps issues at half the rate of float FMAs (Intel without AMX; bf16_gemm_widens), many
+// rows multiply the pair panels by FMAs instead: a 512-bit load of a panel is 16 columns x 2 depths
+// of bf16, each 32-bit lane (the depth pair of one column) giving the even depth's float by a shift
+// left by 16 and the odd depth's by masking the low half. The activations stay float (no rounding):
+// the products are those of the bf16 weights widened (FloatPanels<bf16>), on the panels bf16
+// matrices keep, packed at load or per call alike.
+struct WidenedPairPanels : Bf16PairPanels {
+  using Operand = float;
+
+  // c[ROWS][ncols] (+)= a[ROWS][kc] * panel[kc][NR] (kc even; a's rows hold kc floats), then + bias.
+  template <int ROWS>
+  static void micro_tile(const float* a, long lda, const uint16_t* panel, int kc, float* c, long ldc, int ncols,
+                         bool load_c, const float* bias) {
+    Vf acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = vzero();
+    const __m512i odd_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int q = 0; q < kc / 2; ++q) {
+      const __m512i p0 = _mm512_loadu_si512(panel + q * 2 * NR);
+      const __m512i p1 = _mm512_loadu_si512(panel + q * 2 * NR + 2 * kLanes);
+      const __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16));
+      const __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(p0, odd_half));
+      const __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16));
+      const __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(p1, odd_half));
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 ae = _mm512_set1_ps(a[r * lda + 2 * q]), ao = _mm512_set1_ps(a[r * lda + 2 * q + 1]);
+        acc0[r].v = _mm512_fmadd_ps(ao, odd0, _mm512_fmadd_ps(ae, even0, acc0[r].v));
+        acc1[r].v = _mm512_fmadd_ps(ao, odd1, _mm512_fmadd_ps(ae, even1, acc1[r].v));
+      }
+    }
+    store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
+  }
+
+  template <int... R>
+  struct TileTable {
+    static constexpr MicroTile<float, uint16_t> fns[] = {nullptr, micro_tile<R>...};
+  };
+  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+
+  // The activations as they are, rows of even length: x itself when K is even, else a copy with a
+  // zero after each row (the panels' last pair).
+  struct Activations {
+    Activations(const float* x, long M, long K)
+        : ld(round_up_even(K)), scratch(kRoundedActivations, K % 2 ? sizeof(float) * M * ld : 0) {
+      data = x;
+      if (K % 2 == 0) return;
+      float* out = scratch.as<float>();
+      for (long m = 0; m < M; ++m) {
+        memcpy(out + m * ld, x + m * K, sizeof(float) * K);
+        out[m * ld + K] = 0.0f;
+      }
+      data = out;
+    }
+    long ld;
+    Scratch scratch;
+    const float* data;
+  };
+};
+
 #if defined(PYXF_AMX)
 // ---- AMX tiles on the same bf16 pair panels (amx.h) ----
 constexpr long kAmxMinRows = 16;  // fewer rows per call: vdpbf16ps (most of a block would be padding)
@@ -745,14 +807,24 @@ struct PanelsFor<bf16> {
 
 #if defined(PYXF_BF16_DOT)
 // Calls fn with the policy for bf16 products of M rows on pair panels: AMX tiles from
-// kAmxMinRows rows where the table has them, vdpbf16ps otherwise.
+// kAmxMinRows rows where the table has them, else FMAs on the widened panels from kWidenRows rows
+// where the CPU's vdpbf16ps is slow (bf16_gemm_widens), vdpbf16ps otherwise.
+// Whether M rows of bf16 products take float FMAs on this table.
+inline bool widens(long M) {
+#if defined(PYXF_AMX)
+  (void)M;
+  return false;
+#else
+  return M >= kWidenRows && bf16_gemm_widens();
+#endif
+}
+
 template <class Fn>
 void with_bf16_policy(long M, Fn fn) {
 #if defined(PYXF_AMX)
   if (M >= kAmxMinRows) return fn(AmxPanels{});
-#else
-  (void)M;
 #endif
+  if (widens(M)) return fn(WidenedPairPanels{});
   fn(Bf16PairPanels{});
 }
 #endif
@@ -784,11 +856,15 @@ void linear(const float* x, long M, long K, const void* w, WeightType wt, long N
   switch (wt) {
     case WeightType::kBF16:
 #if defined(PYXF_BF16_DOT)
-      if (panels && K > 0) {
+      if ((panels || M >= kFloatGemmRows) && K > 0) {  // the packed GEMM: on panels, or packing per call
         with_bf16_policy(M, [&](auto policy) {
           linear_packed<decltype(policy)>(x, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate,
                                           static_cast<const uint16_t*>(panels));
         });
+        break;
+      }
+      if (widens(M) && K > 0) {  // fewer rows without panels: dot products on float activations
+        linear_small_m(x, K, M, K, static_cast<const bf16*>(w), N, bias, y, N, accumulate);
         break;
       }
 #endif

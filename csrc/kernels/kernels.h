@@ -119,7 +119,8 @@ struct AttentionSeq {
 // Scores and the softmax stay float, and so do items of few rows (decode) and other tables.
 enum class AttentionProducts : int {
   kFloat = 0,
-  kBf16 = 1,         // where the table has vdpbf16ps (avx512_bf16, avx512_amx): models computing in bf16
+  kBf16 = 1,         // where the table has vdpbf16ps (avx512_bf16, unless bf16_gemm_widens; avx512_amx):
+                     // models computing in bf16
   kBf16OnTiles = 2,  // where it has AMX tiles (avx512_amx) only: quantized models, whose weights'
                      // rounding dwarfs bf16's (vdpbf16ps runs at half FMA's rate on some Intel CPUs)
 };
@@ -238,5 +239,19 @@ enum class QuantGemv : int { kRows = 0, kStream = 1, kAuto = 2 };
 QuantGemv quant_gemv(QuantFormat f);  // the variant that serves format f
 const char* quant_gemv_name();        // the setting: "rows", "stream" or "auto"
 bool set_quant_gemv(const char* name);  // false for an unknown name
+
+// How the avx512_bf16 table multiplies bf16 weights by kWidenRows or more rows (prefill, encoding,
+// batches; fewer rows, decode, always take vdpbf16ps: half the weight bytes is what counts there):
+//   kDot    vdpbf16ps on activations rounded to bf16 (and attention's products in bf16);
+//   kWiden  FMAs on float activations, the pair panels' bf16 widened in registers (attention float);
+//   kAuto   (the default) kDot on AMD (Zen 4/5: vdpbf16ps twice the multiply-adds of FMAs), kWiden
+//           on Intel, whose vdpbf16ps issues at half FMA's rate (an AMX-era Xeon without the tiles
+//           granted: SmolLM2 bf16 prefill at 0.69x float32's on vdpbf16ps).
+// The avx512_amx table takes tiles from 16 rows either way. PYXF_BF16_GEMM=dot|widen|auto overrides.
+enum class Bf16Gemm : int { kDot = 0, kWiden = 1, kAuto = 2 };
+constexpr long kWidenRows = 16;
+bool bf16_gemm_widens();               // whether many rows widen (the setting, resolved by CPU)
+const char* bf16_gemm_name();          // the setting: "dot", "widen" or "auto"
+bool set_bf16_gemm(const char* name);  // false for an unknown name
 
 }  // namespace pyxf::kernels
