@@ -137,6 +137,12 @@ template <typename A, typename P>
 using MicroTile = void (*)(const A* a, long lda, const P* panel, int kc, float* c, long ldc, int ncols,
                            bool load_c, const float* bias);
 
+// A policy's micro tiles for 1, 2, ... rows, indexed by the row count.
+template <class Policy, typename A, typename P, int... R>
+struct TileTable {
+  static constexpr MicroTile<A, P> fns[] = {nullptr, Policy::template micro_tile<R>...};
+};
+
 // ---- float panels: the weights widened to float once per call, FMAs on float activations ----
 
 // The micro tiles of float panels: FMAs, one broadcast activation per row and depth.
@@ -161,16 +167,12 @@ struct FloatTiles {
     store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
   }
 
-  template <int... R>
-  struct TileTable {
-    static constexpr MicroTile<float, float> fns[] = {nullptr, micro_tile<R>...};
-  };
 #if defined(PYXF_TARGET_avx512)
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+  using Tiles = TileTable<FloatTiles, float, float, 1, 2, 3, 4, 5, 6, 7, 8>;
 #elif defined(PYXF_TARGET_avx2)
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6>;
+  using Tiles = TileTable<FloatTiles, float, float, 1, 2, 3, 4, 5, 6>;
 #else
-  using Tiles = TileTable<1, 2, 3, 4>;
+  using Tiles = TileTable<FloatTiles, float, float, 1, 2, 3, 4>;
 #endif
 };
 
@@ -328,11 +330,7 @@ struct Bf16PairPanels {
     store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
   }
 
-  template <int... R>
-  struct TileTable {
-    static constexpr MicroTile<uint16_t, uint16_t> fns[] = {nullptr, micro_tile<R>...};
-  };
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+  using Tiles = TileTable<Bf16PairPanels, uint16_t, uint16_t, 1, 2, 3, 4, 5, 6, 7, 8>;
 
   // The activations rounded to bf16, rows of even length, in the calling thread's scratch.
   struct Activations {
@@ -383,11 +381,7 @@ struct WidenedPairPanels : Bf16PairPanels {
     store_tile<ROWS>(acc0, acc1, c, ldc, ncols, load_c, bias);
   }
 
-  template <int... R>
-  struct TileTable {
-    static constexpr MicroTile<float, uint16_t> fns[] = {nullptr, micro_tile<R>...};
-  };
-  using Tiles = TileTable<1, 2, 3, 4, 5, 6, 7, 8>;
+  using Tiles = TileTable<WidenedPairPanels, float, uint16_t, 1, 2, 3, 4, 5, 6, 7, 8>;
 
   // The activations as they are, rows of even length: x itself when K is even, else a copy with a
   // zero after each row (the panels' last pair).
