@@ -800,10 +800,8 @@ struct PanelsFor<bf16> {
 #endif
 
 #if defined(PYXF_BF16_DOT)
-// Calls fn with the policy for bf16 products of M rows on pair panels: AMX tiles from
-// kAmxMinRows rows where the table has them, else FMAs on the widened panels from kWidenRows rows
-// where the CPU's vdpbf16ps is slow (bf16_gemm_widens), vdpbf16ps otherwise.
-// Whether M rows of bf16 products take float FMAs on this table.
+// Whether M rows of bf16 products take float FMAs (WidenedPairPanels) on this table: from
+// kWidenRows rows where the CPU's vdpbf16ps is slow (bf16_gemm_widens), never on AMX's.
 inline bool widens(long M) {
 #if defined(PYXF_AMX)
   (void)M;
@@ -813,6 +811,8 @@ inline bool widens(long M) {
 #endif
 }
 
+// Calls fn with the policy for bf16 products of M rows on pair panels: AMX tiles from
+// kAmxMinRows rows where the table has them, else widened FMAs where widens(M), else vdpbf16ps.
 template <class Fn>
 void with_bf16_policy(long M, Fn fn) {
 #if defined(PYXF_AMX)
