@@ -572,11 +572,18 @@ void chunk_product(const typename P::Operand* a, long lda, long K, int depth, co
 }
 
 // Columns per work item of the packed GEMMs: at most NC, and few enough that each thread gets about
-// kChunksPerThread of them (a 576-column projection on 2 threads: 6 chunks of 96).
+// kChunksPerThread of them (a 576-column projection on 2 threads: 6 chunks of 96); narrowed, where
+// that evens the threads' shares, to a width whose chunk count is a multiple of the threads (MiniLM's
+// 1,152-column qkv on 2 threads: 12 chunks of 96, not 9 of 128, 5 for one thread and 4 for the other).
 constexpr long kChunksPerThread = 3;
 inline long chunk_cols(long N) {
-  const long per = (N + kChunksPerThread * omp_get_max_threads() - 1) / (kChunksPerThread * omp_get_max_threads());
-  return lmin(NC, padded_cols(per));  // at least NR
+  const long threads = omp_get_max_threads(), panels = (N + NR - 1) / NR;
+  const long per = (N + kChunksPerThread * threads - 1) / (kChunksPerThread * threads);
+  const long widest = lmin(NC, padded_cols(per)) / NR;  // panels a chunk, at least 1
+  for (long p = widest; p > widest / 2; --p) {
+    if (((panels + p - 1) / p) % threads == 0) return p * NR;
+  }
+  return widest * NR;
 }
 
 // The panels of columns [n0, n0 + nc) of w [N][K] (n0 a multiple of NR), packed as a matrix of
