@@ -21,6 +21,13 @@ def widening_isas(isas):
     return [isa for isa in isas if isa not in BF16_PRODUCT_ISAS]
 
 
+def bf16_bits(a):
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, and their float32 values."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return rounded, (rounded.astype(np.uint32) << 16).view(np.float32)
+
+
 def bf16_rounds_activations(isa, rows):
     """Whether bfloat16 products of `rows` rows round the activations to bfloat16 on table `isa`
     as it is set now: avx512_amx always (vdpbf16ps, tiles); avx512_bf16 unless it widens many rows

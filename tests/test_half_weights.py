@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from helpers import BF16_PRODUCT_ISAS
+from helpers import BF16_PRODUCT_ISAS, bf16_bits
 from pyxf import _core
 
 
@@ -22,13 +22,6 @@ def isa(request):
     restore = helpers.set_kernels(request.param)
     yield request.param.partition("-")[0]
     restore()
-
-
-def bf16_bits(w):
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns, and their float32 values."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return rounded, (rounded.astype(np.uint32) << 16).view(np.float32)
 
 
 def bf16_activations(isa, x):

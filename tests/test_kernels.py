@@ -153,16 +153,6 @@ def test_linear_converts_x_but_not_w(isa):
         ops.linear(x64, np.asfortranarray(w))
 
 
-def bf16_bits(a):
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_values(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 @pytest.mark.parametrize("wdtype", ["float16", "bfloat16"])
 # From 160 rows the packed GEMM: K = 577 is two depth blocks (the second odd), 1200 three (bf16) or
 # five (float).
@@ -177,10 +167,10 @@ def test_linear_half_precision_weights(isa, wdtype, m, k, n):
         w = w32.astype(np.float16)
         exact = w.astype(np.float64)
     else:
-        w = bf16_bits(w32)
-        exact = bf16_values(w).astype(np.float64)
+        w, exact = helpers.bf16_bits(w32)
+        exact = exact.astype(np.float64)
     rounds_x = wdtype == "bfloat16" and helpers.bf16_rounds_activations(isa, m)
-    xs = bf16_values(bf16_bits(x)) if rounds_x else x
+    xs = helpers.bf16_bits(x)[1] if rounds_x else x
     ref = xs.astype(np.float64) @ exact.T + bias
     assert_close(ops.linear(x, w, bias), ref, what=f"linear with {wdtype} weights")
     if not rounds_x:

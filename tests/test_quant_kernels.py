@@ -8,6 +8,7 @@ activations and the dequantized weights to bf16 instead (reference_product).
 """
 import numpy as np
 import pytest
+from helpers import bf16_bits
 
 gguf = pytest.importorskip("gguf")
 from pyxf import _core  # noqa: E402
@@ -46,12 +47,6 @@ def quantized_activations(x):
     return (np.rint(blocks * inv) * (amax / np.float32(127))).reshape(m, k)
 
 
-def bf16_rounded(a):
-    """a rounded to bfloat16 (nearest even), as float32."""
-    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-
-
 def on_tiles(isa, fmt, m):
     """Whether m rows of the int8 format run on the AMX table's bf16 tiles (from 16 rows)."""
     return isa == "avx512_amx" and fmt == "int8" and m >= 16
@@ -61,7 +56,7 @@ def reference_product(x, w_deq, isa, fmt, rows=None):
     """x w_deq^T in float64 after the rounding the kernel serving x (in a call of `rows` rows,
     default all of x's) applies."""
     if on_tiles(isa, fmt, len(x) if rows is None else rows):
-        return bf16_rounded(x).astype(np.float64) @ bf16_rounded(w_deq).T.astype(np.float64)
+        return bf16_bits(x)[1].astype(np.float64) @ bf16_bits(w_deq)[1].T.astype(np.float64)
     return quantized_activations(x).astype(np.float64) @ w_deq.T.astype(np.float64)
 
 
