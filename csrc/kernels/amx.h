@@ -48,6 +48,14 @@ inline void zero_block() {
   _tile_zero(3);
 }
 
+// Every row of the block's C tiles = row[0, 32) (a tile load of stride 0 reads one row 16 times).
+inline void load_row_block(const float* row) {
+  _tile_loadd(0, row, 0);
+  _tile_loadd(1, row + 16, 0);
+  _tile_loadd(2, row, 0);
+  _tile_loadd(3, row + 16, 0);
+}
+
 // The block's C tiles from / to c[32][32] (ldc floats between rows).
 inline void load_block(const float* c, long ldc) {
   const long stride = ldc * (long)sizeof(float);

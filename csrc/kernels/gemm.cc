@@ -71,7 +71,7 @@ inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
 // kKeptScratchBytes (a work item's packed columns, and the bf16 activations of thousands of rows,
 // fit); a larger request gets its own allocation, freed with the Scratch.
 constexpr long kKeptScratchBytes = 16L << 20;
-enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kTileSums = 2, kNumScratchSlots = 3 };
+enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kNumScratchSlots = 2 };
 
 class Scratch {
  public:
@@ -425,62 +425,62 @@ struct AmxPanels : Bf16PairPanels {
     const uint16_t* data;
   };
 
-  // Depths of one pass over a chunk: whole steps, about this many, so that a panel's slice (288 x 32
-  // bf16, 18 KiB) stays in L1 while the blocks of 32 rows (another 18 KiB each) stream past it.
-  static constexpr int kPassDepth = 288;
-
-  // c[m][0, nc) (+)= a[m] * the chunk's columns (+ bias) for rows [m_begin, m_end). The sums build
-  // up in `sums` (the thread's scratch: whole blocks of 32 x 32, in L1/L2) over passes of about
-  // kPassDepth depths of each depth block (panel by panel, every block of rows against one panel
-  // slice; a depth block's last kc % 32 depths on vdpbf16ps, micro_tile), then go to c once.
+  // c[m][0, nc) (+)= a[m] * the chunk's columns (+ bias) for rows [m_begin, m_end), by blocks of
+  // 32 x 32 (panel by panel, every block of rows against one panel): a block's sums stay in the C
+  // tiles over the whole depth, started from the bias (a tile load of stride 0 repeats its row) or
+  // from c, and are stored once, into c itself; a block past m_end or nc goes through `edge`. A depth
+  // block's last kc % 32 depths run on vdpbf16ps (micro_tile) after the store. Storing a block into
+  // a scratch and summing over passes there instead (as the other tables do in c) costs ~30% more:
+  // the tiles' stores and loads of partial sums, not the products, bound the small-K GEMMs.
   template <class Panels>
   static void chunk_product(const uint16_t* a, long lda, long K, int depth, const Panels& panels, long nc,
                             long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
-    const long rows = m_end - m_begin, ld = padded_cols(nc);
-    const long block_rows = (rows + amx::kBlock - 1) / amx::kBlock * amx::kBlock;
-    const Scratch scratch(kTileSums, sizeof(float) * block_rows * ld);
-    float* sums = scratch.as<float>();
-    if (lmin(depth, K) < amx::kStep) memset(sums, 0, sizeof(float) * rows * ld);  // no pass starts them
+    constexpr int B = amx::kBlock;
+    alignas(64) float edge[B * B], start_row[NR];
     const amx::TileScope tiles;
-    for (long k0 = 0; k0 < K; k0 += depth) {
-      const int kc = (int)lmin(depth, K - k0), steps = kc / amx::kStep, full = steps * amx::kStep;
-      const int passes = (full + kPassDepth - 1) / kPassDepth;
-      const int per_pass = passes ? (steps + passes - 1) / passes : 0;
-      const uint16_t* block = panels.block(k0, kc);
-      const long panel_stride = (long)stored_depth(kc) * NR;
-      for (int s0 = 0; s0 < steps; s0 += per_pass) {
-        for (long p = 0; p * NR < nc; ++p) {
-          const uint16_t* slice = block + p * panel_stride + (long)s0 * amx::kStep * NR;
-          for (long m0 = 0; m0 < rows; m0 += amx::kBlock) {
-            float* sb = sums + m0 * ld + p * NR;
-            if (k0 == 0 && s0 == 0) {
-              amx::zero_block();
-            } else {
-              amx::load_block(sb, ld);
+    for (long p = 0; p * NR < nc; ++p) {
+      const int cols = (int)lmin(NR, nc - p * NR);
+      const float* bias_row = nullptr;
+      if (bias) {
+        for (int j = 0; j < NR; ++j) start_row[j] = j < cols ? bias[p * NR + j] : 0.0f;
+        bias_row = start_row;
+      }
+      for (long m0 = m_begin; m0 < m_end; m0 += B) {
+        const int rows = (int)lmin(B, m_end - m0);
+        float* cb = c + (m0 - m_begin) * ldc + p * NR;
+        const bool whole = rows == B && cols == NR;
+        float* out = whole ? cb : edge;
+        const long ld = whole ? ldc : NR;
+        if (accumulate) {
+          for (int r = 0; r < B; ++r) {
+            for (int j = 0; j < NR; ++j) {
+              edge[r * NR + j] = (r < rows && j < cols ? cb[r * ldc + j] : 0.0f) + (bias_row ? bias_row[j] : 0.0f);
             }
-            amx::multiply_steps(a + (m_begin + m0) * lda + k0 + s0 * amx::kStep, lda, slice, 2 * NR, 2 * 16,
-                                imin(per_pass, steps - s0));
-            amx::store_block(sb, ld);
+          }
+          amx::load_block(edge, NR);
+        } else if (bias_row) {
+          amx::load_row_block(bias_row);
+        } else {
+          amx::zero_block();
+        }
+        for (long k0 = 0; k0 < K; k0 += depth) {
+          const int kc = (int)lmin(depth, K - k0);
+          amx::multiply_steps(a + m0 * lda + k0, lda, panels.block(k0, kc) + p * stored_depth(kc) * NR, 2 * NR, 2 * 16,
+                              kc / amx::kStep);
+        }
+        amx::store_block(out, ld);
+        for (long k0 = 0; k0 < K; k0 += depth) {  // the depths that make no whole step
+          const int kc = (int)lmin(depth, K - k0), full = kc / amx::kStep * amx::kStep;
+          const int tail = (int)round_up_even(kc - full);
+          const uint16_t* slice = panels.block(k0, kc) + p * stored_depth(kc) * NR + (long)full * NR;
+          for (int r = 0; tail > 0 && r < rows; r += MR) {
+            Tiles::fns[imin(MR, rows - r)](a + (m0 + r) * lda + k0 + full, lda, slice, tail, out + r * ld, ld, NR, true,
+                                           nullptr);
           }
         }
-      }
-      const int tail = (int)round_up_even(kc - full);  // the depths that make no whole step
-      for (long p = 0; tail > 0 && p * NR < nc; ++p) {
-        const uint16_t* slice = block + p * panel_stride + (long)full * NR;
-        for (long m0 = 0; m0 < rows; m0 += MR) {
-          Tiles::fns[lmin(MR, rows - m0)](a + (m_begin + m0) * lda + k0 + full, lda, slice, tail, sums + m0 * ld + p * NR,
-                                          ld, NR, true, nullptr);
+        if (!whole) {
+          for (int r = 0; r < rows; ++r) memcpy(cb + r * ldc, edge + r * NR, sizeof(float) * cols);
         }
-      }
-    }
-    for (long m = 0; m < rows; ++m) {
-      float* cr = c + m * ldc;
-      for (long j = 0; j < nc; j += kLanes) {
-        const int n = (int)lmin(kLanes, nc - j);
-        Vf y = vload(sums + m * ld + j);
-        if (bias) y = vadd(y, vload_n(bias + j, n));
-        if (accumulate) y = vadd(y, vload_n(cr + j, n));
-        vstore_n(cr + j, y, n);
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/aligned.h"
 #include "model/config.h"
 #include "model/weights.h"
 
@@ -18,8 +19,8 @@ struct ExpertScratch {
   std::vector<float> weight;     // [rows, k]: their weights
   std::vector<int32_t> start;    // [E + 1]: where each expert's assignments begin in `assigned`
   std::vector<int32_t> assigned; // [rows k]: row * k + slot, grouped by expert, rows ascending
-  std::vector<float> in, out;    // [rows, H]: one expert's gathered rows, and its output
-  std::vector<float> ffn, act;   // [rows, 2 I'], [rows, I']: the gated FFN's scratch (I' = widest FFN)
+  kernels::AlignedVector<float> in, out;  // [rows, H]: one expert's gathered rows, and its output
+  kernels::AlignedVector<float> ffn, act;  // [rows, 2 I'], [rows, I']: the gated FFN's scratch (I' = widest FFN)
   void reserve(const ModelConfig& c, long rows);
 };
 

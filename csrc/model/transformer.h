@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/aligned.h"
 #include "model/config.h"
 #include "model/moe.h"
 #include "model/weights.h"
@@ -38,7 +39,7 @@ void gated_ffn(const Linear& gate_up, const Linear& down, const float* x, long r
 
 // Activations for one forward pass; grows to the largest batch seen and is reused.
 struct Workspace {
-  std::vector<float> x, h, qkv, attn, ffn, act, head_in;
+  kernels::AlignedVector<float> x, h, qkv, attn, ffn, act, head_in;
   std::vector<float> rope_cs;  // [rows][rope_dim]: cos, sin of each row's position
   std::vector<float> rope_local_cs;  // the same with the local layers' frequencies (has_local_rope)
   std::vector<int32_t> pos;
