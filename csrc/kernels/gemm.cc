@@ -451,7 +451,9 @@ struct AmxPanels : Bf16PairPanels {
         const bool whole = rows == B && cols == NR;
         float* out = whole ? cb : edge;
         const long ld = whole ? ldc : NR;
-        if (accumulate) {
+        if (accumulate && whole && !bias_row) {
+          amx::load_block(cb, ldc);
+        } else if (accumulate) {
           for (int r = 0; r < B; ++r) {
             for (int j = 0; j < NR; ++j) {
               edge[r * NR + j] = (r < rows && j < cols ? cb[r * ldc + j] : 0.0f) + (bias_row ? bias_row[j] : 0.0f);

@@ -349,13 +349,27 @@ long Transformer::run_layers(const SeqBatch* seqs, int n, Workspace& ws) const {
   return rows;
 }
 
+// Rows an encoder's forward pass takes at a time: a batch of more runs as groups of consecutive
+// sequences up to this many rows (one sequence at least), all layers each, so that a layer's
+// activations stay nearer the cores (MiniLM's qkv is 4.5 KB a row: 1,024 rows fit the L2 of two
+// cores, a batch of 32 sentences, ~3,000 rows, does not). MiniLM int8 on AMX: 9% faster than one
+// pass over the batch; 512 to 1,536 rows measured within noise of each other.
+constexpr long kEncodeGroupRows = 1024;
+
 void Transformer::encode(const SeqBatch* seqs, int n, Workspace& ws, float* hidden) const {
-  const long rows = run_layers(seqs, n, ws);
   const long H = config_.hidden_size;
-  if (weights_.final_norm.weight) {
-    norm(weights_.final_norm, ws.x.data(), rows, hidden);
-  } else {
-    std::memcpy(hidden, ws.x.data(), rows * H * sizeof(float));
+  for (int first = 0; first < n;) {
+    int end = first + 1;
+    long group = seqs[first].n_new;
+    while (end < n && group + seqs[end].n_new <= kEncodeGroupRows) group += seqs[end++].n_new;
+    const long rows = run_layers(seqs + first, end - first, ws);
+    if (weights_.final_norm.weight) {
+      norm(weights_.final_norm, ws.x.data(), rows, hidden);
+    } else {
+      std::memcpy(hidden, ws.x.data(), rows * H * sizeof(float));
+    }
+    hidden += rows * H;
+    first = end;
   }
 }
 
