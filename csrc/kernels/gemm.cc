@@ -554,7 +554,7 @@ inline long block_offset(long k0, long n0, int kc, long n_pad) {
 }
 
 // c[m][0, nc) (+)= a[m] * the chunk's panels (+ bias) for rows [m_begin, m_end): depth block by
-// depth block, the partial sums in c (AMX builds them in a scratch of its own).
+// depth block, the partial sums in c (AMX keeps a block's sums in its tiles over the whole depth).
 template <class P, class Panels>
 void chunk_product(const typename P::Operand* a, long lda, long K, int depth, const Panels& panels, long nc,
                    long m_begin, long m_end, float* c, long ldc, bool accumulate, const float* bias) {
