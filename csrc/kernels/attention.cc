@@ -202,8 +202,7 @@ void pv_rows(const float* p, const float* corr, const T* const* v, long v_stride
 // Online softmax of one row's block of scores: p = exp(s - new max) on the keys [first, end) of
 // the block (exactly 0 outside them, whatever s holds there); returns the factor that rescales the
 // row's running output. The running sum stays a vector (row_sum, kLanes floats), summed across
-// lanes once the row is done. kRoundedNext: p goes to bf16 products (vexp_bf16 is exact enough).
-template <bool kRoundedNext>
+// lanes once the row is done.
 float softmax_block(float* s, int first, int end, float& row_max, float* row_sum) {
   const Vf zero = vzero();
   if (end <= first) {
@@ -222,8 +221,7 @@ float softmax_block(float* s, int first, int end, float& row_max, float* row_sum
   const Vf m = vset1(new_max);
   Vf vsum_p = zero;
   for (int c = 0; c < nv; ++c) {
-    const Vf x = vsub(vload(s + c * kLanes), m);
-    Vf e = kRoundedNext ? vexp_bf16(x) : vexp(x);
+    Vf e = vexp(vsub(vload(s + c * kLanes), m));
     if (c == nv - 1) e = vselect_n(e, zero, tail);
     const int hidden = first - c * kLanes;  // leading lanes before `first`
     if (hidden > 0) e = vselect_n(zero, e, imin(hidden, kLanes));
@@ -606,9 +604,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
           add_position_bias(score, sc.end[r], j0 - (s.n_past + row.t), sh.pos_bias + (long)row.h * (2 * R + 1), R);
         }
       }
-      float* row_sum = sc.row_sum + (long)r * kLanes;
-      sc.corr[r] = bf16 ? softmax_block<true>(score, sc.first[r], sc.end[r], sc.row_max[r], row_sum)
-                        : softmax_block<false>(score, sc.first[r], sc.end[r], sc.row_max[r], row_sum);
+      sc.corr[r] = softmax_block(score, sc.first[r], sc.end[r], sc.row_max[r], sc.row_sum + (long)r * kLanes);
     }
 #if defined(PYXF_AMX)
     if (tiles) {

@@ -318,20 +318,6 @@ static inline Vf vexp(Vf x) {
   return vpow2i(n, p);
 }
 
-// e^x for x <= 0, to 3e-6 relative (vexp: 1e-7) in about half of vexp's instructions: for values
-// that are rounded to bf16 next (2e-3 relative), as attention's probabilities on bf16 products are.
-// 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by a degree-4 fit of least relative error.
-static inline Vf vexp_bf16(Vf x) {
-  const Vf t = vmul(vmax(x, vset1(-86.6f)), vset1(1.44269504088896341f));  // results stay normal
-  const Vf n = vround(t), f = vsub(t, n);
-  Vf p = vset1(9.57007147e-3f);
-  p = vfma(p, f, vset1(5.59177734e-2f));
-  p = vfma(p, f, vset1(2.40247443e-1f));
-  p = vfma(p, f, vset1(6.93121850e-1f));
-  p = vfma(p, f, vset1(9.99999285e-1f));
-  return vpow2i(n, p);
-}
-
 // erf(x), absolute error below 1.5e-7 (Abramowitz & Stegun 7.1.26).
 static inline Vf verf(Vf x) {
   const Vf a = vabs(x);
