@@ -440,6 +440,7 @@ struct AmxPanels : Bf16PairPanels {
     const amx::TileScope tiles;
     for (long p = 0; p * NR < nc; ++p) {
       const int cols = (int)lmin(NR, nc - p * NR);
+      const auto panel = [&](long k0, int kc) { return panels.block(k0, kc) + p * stored_depth(kc) * NR; };
       const float* bias_row = nullptr;
       if (bias) {
         for (int j = 0; j < NR; ++j) start_row[j] = j < cols ? bias[p * NR + j] : 0.0f;
@@ -467,17 +468,15 @@ struct AmxPanels : Bf16PairPanels {
         }
         for (long k0 = 0; k0 < K; k0 += depth) {
           const int kc = (int)lmin(depth, K - k0);
-          amx::multiply_steps(a + m0 * lda + k0, lda, panels.block(k0, kc) + p * stored_depth(kc) * NR, 2 * NR, 2 * 16,
-                              kc / amx::kStep);
+          amx::multiply_steps(a + m0 * lda + k0, lda, panel(k0, kc), 2 * NR, 2 * 16, kc / amx::kStep);
         }
         amx::store_block(out, ld);
         for (long k0 = 0; k0 < K; k0 += depth) {  // the depths that make no whole step
           const int kc = (int)lmin(depth, K - k0), full = kc / amx::kStep * amx::kStep;
           const int tail = (int)round_up_even(kc - full);
-          const uint16_t* slice = panels.block(k0, kc) + p * stored_depth(kc) * NR + (long)full * NR;
           for (int r = 0; tail > 0 && r < rows; r += MR) {
-            Tiles::fns[imin(MR, rows - r)](a + (m0 + r) * lda + k0 + full, lda, slice, tail, out + r * ld, ld, NR, true,
-                                           nullptr);
+            Tiles::fns[imin(MR, rows - r)](a + (m0 + r) * lda + k0 + full, lda, panel(k0, kc) + (long)full * NR, tail,
+                                           out + r * ld, ld, NR, true, nullptr);
           }
         }
         if (!whole) {
@@ -644,11 +643,17 @@ bool splits_rows(long M, const typename P::Packed* prepacked) {
   return kSplitsRows<P> && prepacked && M >= kSplitRowsPerThread * omp_get_max_threads();
 }
 
-// The calling thread's share [begin, end) of M rows split between the team: whole blocks of 32.
-inline void row_share(long M, long* begin, long* end) {
-  const long n = omp_get_num_threads(), share = ((M + n - 1) / n + 31) / 32 * 32;
-  *begin = lmin(M, omp_get_thread_num() * share);
-  *end = lmin(M, *begin + share);
+// body(a, r0, rows) on every thread of a team: its share of x's M rows from row r0 (whole blocks of
+// 32), as activations it made itself.
+template <class P, class Body>
+void on_row_shares(const float* x, long M, long K, Body body) {
+#pragma omp parallel
+  {
+    const long n = omp_get_num_threads(), share = ((M + n - 1) / n + 31) / 32 * 32;
+    const long r0 = lmin(M, omp_get_thread_num() * share), rows = lmin(M - r0, share);
+    const typename P::Activations a(x + r0 * K, rows, K);
+    body(a, r0, rows);
+  }
 }
 
 template <class P>
@@ -657,19 +662,16 @@ void linear_packed(const float* x, long M, long K, const typename P::Weight* w, 
   const int depth = P::depth(K);
   if (splits_rows<P>(M, prepacked)) {
     const long cols = lmin(NC, padded_cols(N));
-#pragma omp parallel
-    {
-      long r0, r1;
-      row_share(M, &r0, &r1);
-      const typename P::Activations a(x + r0 * K, r1 - r0, K);
+    on_row_shares<P>(x, M, K, [&](const typename P::Activations& a, long r0, long rows) {
       for (long n0 = 0; n0 < N; n0 += cols) {
-        const ChunkPanels<P> panels{prepacked, n0, padded_cols(N)};
-        for (long m_begin = 0; m_begin < r1 - r0; m_begin += MC) {
-          chunk_product<P>(a.data, a.ld, K, depth, panels, lmin(cols, N - n0), m_begin, lmin(r1 - r0, m_begin + MC),
+        const long nc = lmin(cols, N - n0);
+        const ChunkPanels<P> panels = chunk_panels<P>(w, prepacked, K, N, n0, nc, nullptr);
+        for (long m_begin = 0; m_begin < rows; m_begin += MC) {
+          chunk_product<P>(a.data, a.ld, K, depth, panels, nc, m_begin, lmin(rows, m_begin + MC),
                            y + (r0 + m_begin) * ldy + n0, ldy, accumulate, bias ? bias + n0 : nullptr);
         }
       }
-    }
+    });
     return;
   }
   const typename P::Activations a(x, M, K);
@@ -701,7 +703,7 @@ void linear_packed_gated(const float* x, long M, long K, const typename P::Weigh
   const bool by_rows = splits_rows<P>(M, prepacked);
   const long cols = by_rows ? lmin(NC, I) : chunk_cols(I), n_chunks = (I + cols - 1) / cols;
   const int depth = P::depth(K);
-  // Rows [m_begin, m_end) of a (rounded activations) against chunk ci: y's rows from y_row.
+  // Rows [m_begin, m_end) of a (rounded activations) against chunk ci, into y_rows (y's row of a's row 0).
   const auto chunk_rows = [&](const typename P::Activations& a, const ChunkPanels<P> (&halves)[2], long ci,
                               long m_begin, long m_end, float* scratch, float* y_rows) {
     const long n0 = ci * cols, nc = lmin(cols, I - n0);
@@ -715,19 +717,17 @@ void linear_packed_gated(const float* x, long M, long K, const typename P::Weigh
     }
   };
   if (by_rows) {
-#pragma omp parallel
-    {
-      long r0, r1;
-      row_share(M, &r0, &r1);
-      const typename P::Activations a(x + r0 * K, r1 - r0, K);
+    on_row_shares<P>(x, M, K, [&](const typename P::Activations& a, long r0, long rows) {
       const Scratch sums(kTileSums, sizeof(float) * MC * 2 * cols);  // [MC][gate | up]
       for (long ci = 0; ci < n_chunks; ++ci) {
-        const ChunkPanels<P> halves[2] = {{prepacked, ci * cols, padded_cols(N)}, {prepacked, I + ci * cols, padded_cols(N)}};
-        for (long m_begin = 0; m_begin < r1 - r0; m_begin += MC) {
-          chunk_rows(a, halves, ci, m_begin, lmin(r1 - r0, m_begin + MC), sums.as<float>(), y + r0 * I);
+        const long n0 = ci * cols, nc = lmin(cols, I - n0);
+        const ChunkPanels<P> halves[2] = {chunk_panels<P>(w, prepacked, K, N, n0, nc, nullptr),
+                                          chunk_panels<P>(w, prepacked, K, N, I + n0, nc, nullptr)};
+        for (long m_begin = 0; m_begin < rows; m_begin += MC) {
+          chunk_rows(a, halves, ci, m_begin, lmin(rows, m_begin + MC), sums.as<float>(), y + r0 * I);
         }
       }
-    }
+    });
     return;
   }
   const typename P::Activations a(x, M, K);
