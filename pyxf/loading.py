@@ -17,7 +17,7 @@ LOADERS = {"decoder": load_model, "encoder": load_model, "encoder-decoder": load
 
 
 def load(path=None, context_length=None, threads=None, quantize=None, quantize_embeddings=True, revision=None,
-         dtype=None, kv_cache_dtype=None):
+         dtype=None, kv_cache_dtype=None, huge_pages=True):
     """Loads a model; with no path, the default model (downloaded on first use).
 
     path: a converted model directory; a GGUF file or a Hugging Face hub id ("org/name", at `revision`:
@@ -36,6 +36,10 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     kv_cache_dtype: "float32" | "float16", the element type of a decoder's KV caches; None: the
     weights' precision, float32 for a float32 model and float16 for a 16-bit or quantized one
     (pyxf.kv_cache). float16 halves the caches' memory and the bytes attention reads per token.
+    huge_pages: True copies the file's matrices that every call reads whole (those not packed into
+    panels) into memory on 2 MiB pages at load, where the kernel offers transparent huge pages
+    (fewer TLB misses: quantized decode 7-20% faster, docs/DESIGN.md "Weights in memory"); False
+    reads them from the memory-mapped file on 4 KiB pages, shared with other processes that map it.
 
     Every model it returns has generate() (decoders and encoder-decoders: text out) or encode()
     (encoders: embeddings out); see pyxf.Model and pyxf.Seq2SeqModel.
@@ -59,4 +63,5 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
         core().set_num_threads(check_num_threads(threads))
     loader = LOADERS[config.get("architecture", "decoder")]
     return loader(path, config, context_length=context_length, quantize=quantize,
-                  quantize_embeddings=quantize_embeddings, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+                  quantize_embeddings=quantize_embeddings, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                  huge_pages=huge_pages)

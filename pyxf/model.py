@@ -16,12 +16,13 @@ from pyxf.rope import longrope_original_context, rope_tables
 from pyxf.spec import tensor_layout
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
-from pyxf.weights import cast_weights, check_weights, core_config_of, has_tied_head, quantize_weights
+from pyxf.weights import (cast_weights, check_weights, copies_onto_huge_pages, core_config_of, has_tied_head,
+                          quantize_weights)
 from pyxf.tokenizer import Tokenizer
 
 
 def load_model(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None,
-               kv_cache_dtype=None):
+               kv_cache_dtype=None, huge_pages=True):
     """A decoder-only or encoder model directory whose config.json is read and checked (pyxf.load)."""
     if config.get("architecture") == "encoder":  # complete sequences: no KV cache to size
         context_length = config["max_position_embeddings"] - config.get("position_offset", 0)
@@ -33,13 +34,14 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     weights = check_weights(config, weights_file)
+    huge_pages = copies_onto_huge_pages(huge_pages, config, quantize, dtype)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
     if dtype is not None:
         config, weights = cast_weights(config, weights, dtype)
     tokenizer = Tokenizer.from_model_dir(path, config)
 
-    core_config = core_config_of(config)
+    core_config = core_config_of(config, huge_pages)
     core_config.update(kv_cache_config(config, kv_cache_dtype))
     if config["position"] == "rope":
         core_config.update(rope_tables(config, context_length))

@@ -26,7 +26,7 @@ from pyxf.relative_position import relative_bias_table
 from pyxf.spec.encoder_decoder import SINUSOIDAL_LAYOUTS
 from pyxf.tensorfile import bf16_to_float32, read_safetensors
 from pyxf.threads import core
-from pyxf.weights import cast_weights, check_weights, core_config_of, quantize_weights
+from pyxf.weights import cast_weights, check_weights, copies_onto_huge_pages, core_config_of, quantize_weights
 from pyxf.tokenizer import read_tokenizer_file
 
 __all__ = ["Seq2SeqModel", "Seq2SeqTokenizer", "generate", "translate", "sinusoidal_table"]
@@ -85,7 +85,7 @@ def _as_float32(array, dtype):
 
 
 def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None,
-                 kv_cache_dtype=None):
+                 kv_cache_dtype=None, huge_pages=True):
     """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
     context_length does not apply (sources and targets are bounded by the position scheme); dtype and
     kv_cache_dtype (the decoder's self-attention caches): as pyxf.load's."""
@@ -95,11 +95,12 @@ def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embe
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     arrays = dict(check_weights(config, weights_file))
+    huge_pages = copies_onto_huge_pages(huge_pages, config, quantize, dtype)
     if quantize is not None:
         config, arrays = quantize_weights(config, arrays, quantize, quantize_embeddings)
     if dtype is not None:
         config, arrays = cast_weights(config, arrays, dtype)
-    core_config = core_config_of(config)
+    core_config = core_config_of(config, huge_pages)
     core_config.update(kv_cache_config(config, kv_cache_dtype))
     if config["position"] == "sinusoidal":
         # Fixed, so not stored: both stacks read the same table as learned positions.

@@ -127,10 +127,20 @@ def quantize_weights(config, weights, method, embeddings=True):
     return config, weights
 
 
-def core_config_of(config):
-    """The config the core reads: config.json's, with each quantized tensor's format."""
+def core_config_of(config, huge_pages=False):
+    """The config the core reads: config.json's, with each quantized tensor's format, and
+    "huge_pages": copy the matrices every call reads whole onto transparent huge pages at load
+    (docs/DESIGN.md, "Weights in memory"; pyxf.load's huge_pages)."""
     core_config = dict(config)
     formats = (config.get("quantization") or {}).get("tensors")
     if formats:
         core_config["tensor_formats"] = dict(formats)
+    core_config["huge_pages"] = bool(huge_pages)
     return core_config
+
+
+def copies_onto_huge_pages(huge_pages, config, quantize, dtype):
+    """Whether the core copies the file's matrices onto huge pages: asked for, and the matrices are
+    the mapped file's. Matrices converted at load (quantize=, a dtype other than the file's) are
+    already this process's memory: a copy would double it, so they stay where numpy made them."""
+    return bool(huge_pages) and quantize is None and dtype in (None, config["dtype"])

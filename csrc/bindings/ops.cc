@@ -37,10 +37,10 @@ struct QuantArg {
     }
     q = quant_matrix("w", view, row_scales.is_none() ? nullptr : &scale_view, quant_format(format),
                      w.ndim() == 2 ? w.shape(0) : -1, cols);
-    if (panels) panel_bytes = make_gemm_panels(q);
+    if (panels) make_gemm_panels(q, memory);
   }
   FloatArray scales;
-  PanelBytes panel_bytes;
+  WeightMemory memory{false};
   kernels::QuantWeight q;
 };
 
@@ -69,8 +69,8 @@ void bind_ops(py::module_& ops) {
   });
   // panels: w packed once first (KernelTable::pack_dense_panels), as models pack their matrices at
   // load; ValueError where the active table packs that type per call only.
-  auto dense_panels = [](const py::array& w, kernels::WeightType wt, bool wanted) {
-    PanelBytes p = wanted ? make_dense_panels(w.data(), wt, w.shape(0), w.shape(1)) : nullptr;
+  auto dense_panels = [](const py::array& w, kernels::WeightType wt, bool wanted, WeightMemory& memory) {
+    const void* p = wanted ? make_dense_panels(w.data(), wt, w.shape(0), w.shape(1), memory) : nullptr;
     if (wanted && !p) {
       throw py::value_error(std::string("the ") + kernels::active().name +
                             " kernels pack this weight type per call only");
@@ -82,10 +82,11 @@ void bind_ops(py::module_& ops) {
     const kernels::WeightType wt = float_weight(x, w);
     const kernels::Activation act = activation_from_name(activation);
     if (w.shape(0) % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
-    const PanelBytes packed = dense_panels(w, wt, panels);
+    WeightMemory memory{false};
+    const void* packed = dense_panels(w, wt, panels, memory);
     py::array_t<float> y({x.shape(0), w.shape(0) / 2});
     kernels::active().linear_gated(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0) / 2, act,
-                                   y.mutable_data(), packed.get());
+                                   y.mutable_data(), packed);
     return y;
   }, "x"_a, "w"_a, "activation"_a = "silu", "panels"_a = false);
   ops.def("linear", [=](FloatArray x, py::array w, py::object bias, bool panels) {
@@ -95,10 +96,11 @@ void bind_ops(py::module_& ops) {
       b = bias.cast<FloatArray>();
       if (b.ndim() != 1 || b.shape(0) != w.shape(0)) throw py::value_error("bias must be [N]");
     }
-    const PanelBytes packed = dense_panels(w, wt, panels);
+    WeightMemory memory{false};
+    const void* packed = dense_panels(w, wt, panels, memory);
     py::array_t<float> y({x.shape(0), w.shape(0)});
     kernels::active().linear(x.data(), x.shape(0), x.shape(1), w.data(), wt, w.shape(0),
-                             bias.is_none() ? nullptr : b.data(), y.mutable_data(), false, packed.get());
+                             bias.is_none() ? nullptr : b.data(), y.mutable_data(), false, packed);
     return y;
   }, "x"_a, "w"_a, "bias"_a = py::none(), "panels"_a = false);
   // w: [N, row bytes] uint8 blocks (or int8 [N, K] with row_scales for "int8").

@@ -34,7 +34,9 @@ ModelWeights bind_stack(const ModelConfig& c, WeightBinder& w, const std::string
                         const std::string& embed_name) {
   const long H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
   ModelWeights m;
-  m.embed = w.matrix(embed_name, V, H);
+  // A tied LM head reads the whole table on every call; otherwise rows are only looked up.
+  const bool head = c.has_lm_head && c.tied_embeddings;
+  m.embed = head ? w.matrix(embed_name, V, H) : w.table(embed_name, V, H);
   if (!m.embed.segments.empty()) {
     throw std::invalid_argument(embed_name + " must be stored in one format (rows are looked up)");
   }

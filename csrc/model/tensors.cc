@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 namespace pyxf {
@@ -137,7 +138,7 @@ const float* WeightBinder::floats(const std::string& name, const std::vector<lon
   return owned_.back().get();
 }
 
-Linear WeightBinder::matrix(const std::string& name, long out, long in) {
+Linear WeightBinder::view(const std::string& name, long out, long in) {
   if (set_.formats.count(name)) return quantized(name, out, in);
   const TensorView* t = take(name, {out, in}, true);
   Linear l;
@@ -146,36 +147,105 @@ Linear WeightBinder::matrix(const std::string& name, long out, long in) {
   return l;
 }
 
+Linear WeightBinder::matrix(const std::string& name, long out, long in) {
+  Linear l = view(name, out, in);
+  copy_into_memory(name, l);
+  return l;
+}
+
+Linear WeightBinder::table(const std::string& name, long out, long in) { return view(name, out, in); }
+
 Linear WeightBinder::linear(const std::string& name, long out, long in) {
-  Linear l = matrix(name + ".weight", out, in);
+  Linear l = view(name + ".weight", out, in);
   l.bias = floats(name + ".bias", {out}, false);
   if (!l.quantized) l.panels = dense_panels(name + ".weight", l, out, in);
+  if (!l.panels && !l.quant.gemm_panels) copy_into_memory(name + ".weight", l);  // read whole on every call
   return l;
+}
+
+void WeightBinder::copy_into_memory(const std::string& name, Linear& w) {
+  if (!memory_.huge_pages()) return;
+  // The matrix's bytes: one block of memory whether plain, in one format or in segments.
+  const uint8_t* from;
+  size_t bytes = 0;
+  if (!w.quantized) {
+    from = static_cast<const uint8_t*>(w.weight);
+    bytes = (size_t)elements(set_.tensors.at(name).shape) * kernels::type_bytes(w.dtype);
+  } else if (w.segments.empty()) {
+    from = w.quant.data;
+    bytes = (size_t)w.quant.rows * kernels::quant_row_bytes(w.quant.format, w.quant.cols);
+  } else {
+    from = w.segments[0].data;
+    for (const kernels::QuantWeight& s : w.segments) bytes += (size_t)s.rows * kernels::quant_row_bytes(s.format, s.cols);
+  }
+  auto it = copies_.find(name);
+  if (it == copies_.end()) {
+    uint8_t* to = memory_.allocate(bytes);
+    std::memcpy(to, from, bytes);
+    release_pages(from, bytes);
+    it = copies_.emplace(name, to).first;
+  }
+  const uint8_t* to = it->second;
+  if (!w.quantized) w.weight = to;
+  if (w.quantized && w.segments.empty()) w.quant.data = to;
+  for (kernels::QuantWeight& s : w.segments) s.data = to + (s.data - from);
 }
 
 const void* WeightBinder::dense_panels(const std::string& name, const Linear& w, long out, long in) {
   auto it = panels_.find(name);
   if (it == panels_.end()) {
-    PanelBytes p = make_dense_panels(w.weight, w.dtype, out, in);
+    const void* p = make_dense_panels(w.weight, w.dtype, out, in, memory_);
     if (p) release_pages(w.weight, (size_t)(out * in * kernels::type_bytes(w.dtype)));
-    it = panels_.emplace(name, std::move(p)).first;
+    it = panels_.emplace(name, p).first;
   }
-  return it->second.get();
+  return it->second;
 }
 
-PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in) {
+const void* make_dense_panels(const void* w, kernels::WeightType wt, long out, long in, WeightMemory& memory) {
   const kernels::KernelTable& K = kernels::active();
   const long bytes = K.dense_panel_bytes ? K.dense_panel_bytes(wt, in, out) : 0;
   if (bytes <= 0) return nullptr;
-  PanelBytes p = allocate_panels(bytes);
-  K.pack_dense_panels(w, wt, in, out, p.get());
+  uint8_t* p = memory.allocate((size_t)bytes);
+  K.pack_dense_panels(w, wt, in, out, p);
   return p;
 }
 
-PanelBytes allocate_panels(long bytes) {
-  PanelBytes p(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64)));
-  if (!p) throw std::bad_alloc();
+uint8_t* WeightMemory::allocate(size_t bytes) {
+  constexpr size_t kLine = 64, kHugePage = size_t{2} << 20, kChunk = size_t{32} << 20;
+  bytes = (bytes + kLine - 1) / kLine * kLine;
+  if (bytes > left_) {
+    const size_t size = huge_pages_ ? std::max(kChunk, (bytes + kHugePage - 1) / kHugePage * kHugePage) : bytes;
+    const size_t mapped = size + (huge_pages_ ? kHugePage : 0);  // room to start on a huge page
+    void* m = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    chunks_.emplace_back(m, mapped);
+    next_ = static_cast<uint8_t*>(m);
+    if (huge_pages_) {
+      next_ = reinterpret_cast<uint8_t*>(((uintptr_t)m + kHugePage - 1) / kHugePage * kHugePage);
+#ifdef MADV_HUGEPAGE
+      madvise(next_, size, MADV_HUGEPAGE);  // advice: refused, the pages are small
+#endif
+    }
+    left_ = size;
+  }
+  uint8_t* p = next_;
+  next_ += bytes;
+  left_ -= bytes;
   return p;
+}
+
+WeightMemory::Chunk::~Chunk() {
+  if (mapping) munmap(mapping, mapped);
+}
+
+bool huge_pages_offered() {
+  static const bool offered = [] {
+    std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string modes;
+    std::getline(f, modes);
+    return modes.find("[always]") != std::string::npos || modes.find("[madvise]") != std::string::npos;
+  }();
+  return offered;
 }
 
 // The pages wholly inside [data, data + bytes), handed back to the kernel: rows the kernels no
@@ -235,25 +305,25 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
   return l;
 }
 
-PanelBytes make_gemm_panels(kernels::QuantWeight& w) {
+void make_gemm_panels(kernels::QuantWeight& w, WeightMemory& memory) {
   const kernels::KernelTable& K = kernels::active();
   const long bytes = K.gemm_panel_bytes ? K.gemm_panel_bytes(w) : 0;
   w.gemm_panels = nullptr;
   w.panel_layout = kernels::PanelLayout::kNone;
-  if (bytes <= 0) return nullptr;
-  PanelBytes p = allocate_panels(bytes);
-  w.panel_layout = K.pack_gemm_panels(w, p.get());
-  w.gemm_panels = p.get();
-  return p;
+  if (bytes <= 0) return;
+  uint8_t* p = memory.allocate((size_t)bytes);
+  w.panel_layout = K.pack_gemm_panels(w, p);
+  w.gemm_panels = p;
 }
 
 void WeightBinder::attach_panels(const std::string& name, kernels::QuantWeight& w) {
   if (panels_.find(name) == panels_.end()) {
     kernels::QuantWeight packed = w;
-    panels_.emplace(name, make_gemm_panels(packed));
+    make_gemm_panels(packed, memory_);
+    panels_.emplace(name, packed.gemm_panels);
     panel_layouts_[name] = packed.panel_layout;
   }
-  w.gemm_panels = panels_.at(name).get();
+  w.gemm_panels = static_cast<const uint8_t*>(panels_.at(name));
   w.panel_layout = w.gemm_panels ? panel_layouts_.at(name) : kernels::PanelLayout::kNone;
 }
 

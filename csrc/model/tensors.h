@@ -52,14 +52,47 @@ struct FreeBytes {
   void operator()(uint8_t* p) const { std::free(p); }
 };
 using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
-// w repacked in the active kernels' many-rows layout: sets w.gemm_panels and w.panel_layout (null
-// and none where they have no such layout) and returns the memory, which must outlive w's use.
-PanelBytes make_gemm_panels(kernels::QuantWeight& w);
+
+// The memory a model's weights are read from once loaded: the panels packed at load and the
+// copies of the matrices every token reads (WeightBinder). Handed out in 64-byte aligned pieces
+// of chunks that live as long as this object. With huge_pages the chunks are at least 32 MiB,
+// 2 MiB aligned and advised as transparent huge pages (MADV_HUGEPAGE) before their first touch
+// (memory from malloc may already be on small pages, so they are mapped here): a decode step streams
+// every matrix, and on 4 KiB pages (a mapped file's) the page walks cost 7-20% of SmolLM2's
+// quantized decode (docs/DESIGN.md, "Weights in memory").
+class WeightMemory {
+ public:
+  explicit WeightMemory(bool huge_pages) : huge_pages_(huge_pages) {}
+  bool huge_pages() const { return huge_pages_; }
+  // `bytes` (rounded up to 64); std::bad_alloc when there is none.
+  uint8_t* allocate(size_t bytes);
+
+ private:
+  // Pages of its own (mmap), so that every page is first touched after the advice.
+  struct Chunk {
+    void* mapping = nullptr;
+    size_t mapped = 0;
+    Chunk(void* m, size_t n) : mapping(m), mapped(n) {}
+    Chunk(Chunk&& o) noexcept : mapping(o.mapping), mapped(o.mapped) { o.mapping = nullptr; }
+    Chunk(const Chunk&) = delete;
+    ~Chunk();
+  };
+  bool huge_pages_;
+  std::vector<Chunk> chunks_;
+  uint8_t* next_ = nullptr;  // in the last chunk
+  size_t left_ = 0;
+};
+
+// Whether the kernel offers transparent huge pages to a process that asks (enabled: always or
+// madvise), read once.
+bool huge_pages_offered();
+
+// w repacked in the active kernels' many-rows layout, in `memory`: sets w.gemm_panels and
+// w.panel_layout (null and none where they have no such layout).
+void make_gemm_panels(kernels::QuantWeight& w, WeightMemory& memory);
 // A float or 16-bit matrix w [out, in] of type wt packed by the active kernels
-// (KernelTable::pack_dense_panels); null where they pack that type per call only.
-PanelBytes make_dense_panels(const void* w, kernels::WeightType wt, long out, long in);
-// `bytes` of 64-byte aligned memory (rounded up to 64); std::bad_alloc when there is none.
-PanelBytes allocate_panels(long bytes);
+// (KernelTable::pack_dense_panels) into `memory`; null where they pack that type per call only.
+const void* make_dense_panels(const void* w, kernels::WeightType wt, long out, long in, WeightMemory& memory);
 // Advises the kernel that the pages wholly inside [data, data + bytes) are not needed now (values
 // unchanged: a mapped file's pages are dropped from the resident set and read again on use).
 void release_pages(const void* data, size_t bytes);
@@ -73,7 +106,11 @@ class WeightBinder {
   // gemm_panels: give each quantized matrix of one format the active kernels' many-rows layout
   // (kernels::QuantWeight::gemm_panels), made now and owned here; for models whose every call
   // runs many rows (encoders, encoder-decoders), where repacking per call would cost more.
-  explicit WeightBinder(const TensorSet& set, bool gemm_panels = false) : set_(set), gemm_panels_(gemm_panels) {}
+  // huge_pages: panels, and copies of the matrices read whole on every call (those without
+  // panels), on transparent huge pages (WeightMemory); otherwise those matrices are read where the
+  // caller keeps them (the model file's mapping).
+  WeightBinder(const TensorSet& set, bool gemm_panels, bool huge_pages)
+      : set_(set), gemm_panels_(gemm_panels), memory_(huge_pages && huge_pages_offered()) {}
 
   // A float vector or table, widened to float32 once when stored in 16 bits; null when optional
   // and absent.
@@ -81,6 +118,9 @@ class WeightBinder {
   // A weight matrix [out, in]: float, 16-bit (widened in the kernels' registers), or quantized as
   // `formats` says.
   Linear matrix(const std::string& name, long out, long in);
+  // A matrix whose rows are looked up one at a time (an embedding that is not also the LM head):
+  // left where the caller keeps it.
+  Linear table(const std::string& name, long out, long in);
   // `name.weight` (a matrix) and an optional `name.bias` [out]. A float or 16-bit matrix is also
   // packed once where the active kernels multiply its type on panels of their own (bf16 on
   // avx512_bf16): Linear::panels, owned here. (Not the embedding, a table of rows.)
@@ -98,7 +138,12 @@ class WeightBinder {
   // null when optional and absent. Records the request.
   const TensorView* take(const std::string& name, const std::vector<long>& shape, bool required,
                          bool quantized = false);
+  // The matrix as stored (float, 16-bit or quantized), a view of the caller's memory.
+  Linear view(const std::string& name, long out, long in);
   Linear quantized(const std::string& name, long out, long in);
+  // w's bytes copied once per tensor name into memory_ (huge pages), w pointed at the copy and the
+  // original's pages released; nothing without huge pages.
+  void copy_into_memory(const std::string& name, Linear& w);
   // Gives w the many-rows layout (made once per tensor name), where the kernels have one.
   void attach_panels(const std::string& name, kernels::QuantWeight& w);
   // The panels of a float or 16-bit matrix (made once per tensor name), or null.
@@ -107,9 +152,11 @@ class WeightBinder {
   const TensorSet& set_;
   std::vector<TensorRequest> requests_;
   bool gemm_panels_;
+  WeightMemory memory_;
   std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
-  std::map<std::string, PanelBytes> panels_;  // by tensor name: dense panels, and quantized ones' memory
+  std::map<std::string, const void*> panels_;  // by tensor name: dense panels, and quantized ones' memory
   std::map<std::string, kernels::PanelLayout> panel_layouts_;  // quantized ones' layouts
+  std::map<std::string, const uint8_t*> copies_;  // by tensor name: copies in memory_
 };
 
 }  // namespace pyxf

@@ -1,0 +1,126 @@
+"""Weights in memory (docs/DESIGN.md, "Weights in memory"). pyxf.load copies a file's matrices that
+every call reads whole onto transparent huge pages (huge_pages=True, the default) or reads them from
+the file's mapping (huge_pages=False). The copy must change no number: both ways compute the same
+logits bit for bit, for matrices in one format, in several (a Q4_K_M file's fused qkv), stacked
+(experts), a tied head that is also the embedding table, and an encoder-decoder's shared embeddings.
+(The default way is the one every other test compares with transformers.)"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import helpers
+import kquant_files
+import pyxf
+
+PROMPT = list(range(3, 3 + 48))  # 48 rows: the many-rows GEMMs; then single-token steps: the GEMVs
+
+
+def both_ways(path, **options):
+    return pyxf.load(path, **options), pyxf.load(path, huge_pages=False, **options)
+
+
+def decoder_logits(model, vocab_size):
+    ids = [i % vocab_size for i in PROMPT]
+    session = model.session(len(ids) + 4)
+    steps = [session.feed(ids, all_logits=True)]
+    for token in (5, 7, 11, 13):
+        steps.append(session.feed([token % vocab_size], all_logits=True))
+    return np.concatenate(steps)
+
+
+def assert_same_decoder(path, **options):
+    copied, mapped = both_ways(path, **options)
+    vocab = copied.config["vocab_size"]
+    a, b = decoder_logits(copied, vocab), decoder_logits(mapped, vocab)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_smollm2_default_file():
+    """Q4_1 layers and the tied Q8_0 embedding / head, as the GGUF stores them."""
+    helpers.require_core()
+    from pyxf import hub
+
+    try:
+        path = hub.default_model_path()
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    assert_same_decoder(path)
+
+
+def test_gemma3_q4_k_m_segments():
+    """Gemma 3 270M Q4_K_M as published: matrices whose rows are in two formats (Q4_K and Q6_K)."""
+    helpers.require_core()
+    assert_same_decoder(pyxf.load(kquant_files.gemma_gguf()).path)
+
+
+@pytest.mark.parametrize("spec", ["mixtral_e5", "qwen3moe_e8_qknorm"])
+def test_stacked_experts(tiny_models, spec):
+    """float32 experts: views of one stacked matrix's rows; untied and tied heads."""
+    _, pyxf_dir = tiny_models(spec)
+    assert_same_decoder(pyxf_dir)
+
+
+def test_quantized_file_with_experts(tiny_models, tmp_path):
+    """A q8_0 file (pyxf convert --quantize): quantized stacked experts and embedding."""
+    from pyxf.convert import convert
+
+    model, _ = tiny_models("qwen3moe_e8_qknorm")
+    model.save_pretrained(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer": the tiny model has none
+        out = convert(tmp_path / "hf", tmp_path / "q8_0", quantize="q8_0", progress=False)
+    config = pyxf.load(out).config
+    assert "q8_0" in str(config["quantization"]["tensors"])
+    assert_same_decoder(out)
+
+
+def test_encoder_decoder_shared_embeddings(tmp_path):
+    """A Marian model: the encoder looks rows up in the table that the decoder's tied head reads
+    whole."""
+    from pyxf.convert import convert
+
+    helpers.build_marian(tmp_path / "hf")
+    out = convert(tmp_path / "hf", tmp_path / "pyxf", progress=False)
+    copied, mapped = both_ways(out)
+    assert copied.config.get("shared_embeddings", True)
+    source = [5, 9, 17, 33, 2]
+    decoder = [copied.config["decoder_start_token_id"], 7, 12, 19]
+    a, b = copied.logits(source, decoder), mapped.logits(source, decoder)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+def anon_huge_bytes():
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_matrices_land_on_huge_pages():
+    """Where the kernel offers transparent huge pages, loading SmolLM2's file (~90 MB of matrices)
+    puts most of them on 2 MiB pages; with huge_pages=False none."""
+    helpers.require_core()
+    from pyxf import hub
+
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        modes = f.read()
+    if "[always]" not in modes and "[madvise]" not in modes:
+        pytest.skip(f"this kernel offers no transparent huge pages ({modes.strip()})")
+    try:
+        path = hub.default_model_path()
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    before = anon_huge_bytes()
+    mapped = pyxf.load(path, huge_pages=False)
+    after_mapped = anon_huge_bytes()
+    copied = pyxf.load(path)
+    after_copied = anon_huge_bytes()
+    if "[madvise]" in modes:
+        assert after_mapped - before < 8 << 20
+    assert after_copied - after_mapped >= 48 << 20, (before, after_mapped, after_copied)
+    del mapped, copied
