@@ -57,6 +57,12 @@ class MappedModel:
     _weights_file = None
 
     @property
+    def huge_page_bytes(self):
+        """Bytes of the file's matrices copied onto huge pages at load (pyxf.load's huge_pages; 0:
+        every matrix is read from the memory-mapped file or from panels made at load)."""
+        return self._core.huge_page_bytes
+
+    @property
     def _core_model(self):
         if self._weights_file is not None:
             self._weights_file.check_intact()

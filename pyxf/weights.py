@@ -140,7 +140,10 @@ def core_config_of(config, huge_pages=False):
 
 
 def copies_onto_huge_pages(huge_pages, config, quantize, dtype):
-    """Whether the core copies the file's matrices onto huge pages: asked for, and the matrices are
-    the mapped file's. Matrices converted at load (quantize=, a dtype other than the file's) are
-    already this process's memory: a copy would double it, so they stay where numpy made them."""
-    return bool(huge_pages) and quantize is None and dtype in (None, config["dtype"])
+    """Whether the core copies the file's matrices onto huge pages: asked for, a model that decodes
+    token by token (an encoder runs batches of rows, whose GEMMs do not wait on page walks, and
+    processes serving one encoder keep sharing its file's pages), and the matrices are the mapped
+    file's. Matrices converted at load (quantize=, a dtype other than the file's) are already this
+    process's memory: a copy would double it, so they stay where numpy made them."""
+    return (bool(huge_pages) and config.get("architecture") != "encoder" and quantize is None
+            and dtype in (None, config["dtype"]))

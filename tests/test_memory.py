@@ -122,5 +122,22 @@ def test_matrices_land_on_huge_pages():
     after_copied = anon_huge_bytes()
     if "[madvise]" in modes:
         assert after_mapped - before < 8 << 20
+    assert mapped.huge_page_bytes == 0
+    # every matrix but the 30 layers' norms: the Q4_1 layers and the tied Q8_0 embedding / head
+    assert copied.huge_page_bytes >= 90 << 20
     assert after_copied - after_mapped >= 48 << 20, (before, after_mapped, after_copied)
+    # converted at load: the new arrays are this process's memory already, no second copy
+    assert pyxf.load(path, dtype="bfloat16").huge_page_bytes == 0
     del mapped, copied
+
+
+def test_encoders_keep_the_mapping():
+    """An encoder (batches of rows) reads its matrices from the file, which processes share."""
+    helpers.require_core()
+    from pyxf import hub
+
+    try:
+        path = hub.minilm_model_path()
+    except RuntimeError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 could not be fetched: {e}")
+    assert pyxf.load(path).huge_page_bytes == 0

@@ -65,9 +65,15 @@ class Engine:
         raise NotImplementedError
 
 
+def placement(model):
+    """Where a loaded pyxf model's matrices are read from (pyxf.load's huge_pages)."""
+    return "copied onto huge pages" if model.huge_page_bytes else "memory-mapped"
+
+
 class PyxfEngine(Engine):
     name = "pyxf"
     label = "pyxf"
+    placement = staticmethod(placement)
 
     def load(self):
         import pyxf
@@ -104,7 +110,7 @@ class PyxfEngine(Engine):
 
     def weights(self):
         model = getattr(self, "model", None) or self.encoder
-        return model.path / "model.safetensors", f"{model.config['dtype']} safetensors, memory-mapped"
+        return model.path / "model.safetensors", f"{model.config['dtype']} safetensors, {placement(model)}"
 
 
 class TorchEngine(Engine):

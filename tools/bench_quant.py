@@ -475,9 +475,9 @@ def engines(Engine, PyxfEngine):
 
             q = self.model.config.get("quantization")
             if not q:
-                return self.model.path / "model.safetensors", f"{self.model.config['dtype']} safetensors, memory-mapped"
+                return self.model.path / "model.safetensors", f"{self.model.config['dtype']} safetensors, {self.placement(self.model)}"
             kinds = sorted({fmt for spec in q["tensors"].values() for fmt in quant.formats_of(spec)})
-            return self.model.path / "model.safetensors", f"{'/'.join(kinds)} safetensors ({q['method']}), memory-mapped"
+            return self.model.path / "model.safetensors", f"{'/'.join(kinds)} safetensors ({q['method']}), {self.placement(self.model)}"
 
         def decode_bytes(self):
             return pyxf_bytes_per_token(self.spec["model_dir"])

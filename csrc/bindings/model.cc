@@ -71,6 +71,8 @@ void bind_model(py::module_& m) {
       .def("encode", &PyModel::encode, "batch"_a, "type_ids"_a = py::none())
       .def("bound_tensors", &PyModel::bound_tensors,
            "[(name, shape, required), ...]: the tensors this model asked for, in order.")
+      .def_property_readonly("huge_page_bytes", [](const PyModel& m) { return m.copied_bytes(); },
+                             "Bytes of the file's matrices copied onto huge pages at load (0: read from the mapping).")
       .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
 }
 

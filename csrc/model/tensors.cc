@@ -183,6 +183,7 @@ void WeightBinder::copy_into_memory(const std::string& name, Linear& w) {
     uint8_t* to = memory_.allocate(bytes);
     std::memcpy(to, from, bytes);
     release_pages(from, bytes);
+    copied_bytes_ += bytes;
     it = copies_.emplace(name, to).first;
   }
   const uint8_t* to = it->second;

@@ -132,6 +132,8 @@ class WeightBinder {
   Norm norm(const std::string& name, long hidden, bool weight_required, bool bias_required);
 
   const std::vector<TensorRequest>& requests() const { return requests_; }
+  // Bytes of matrices copied onto huge pages (copy_into_memory), 0 without huge pages.
+  size_t copied_bytes() const { return copied_bytes_; }
 
  private:
   // The named view after checking its shape (quantized: its layout is checked by the caller);
@@ -157,6 +159,7 @@ class WeightBinder {
   std::map<std::string, const void*> panels_;  // by tensor name: dense panels, and quantized ones' memory
   std::map<std::string, kernels::PanelLayout> panel_layouts_;  // quantized ones' layouts
   std::map<std::string, const uint8_t*> copies_;  // by tensor name: copies in memory_
+  size_t copied_bytes_ = 0;
 };
 
 }  // namespace pyxf
