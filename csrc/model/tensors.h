@@ -48,18 +48,13 @@ kernels::QuantFormat quant_format(const std::string& name);  // std::invalid_arg
 kernels::QuantWeight quant_matrix(const std::string& name, const TensorView& w, const TensorView* scales,
                                   kernels::QuantFormat f, long out, long in);
 
-struct FreeBytes {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-using PanelBytes = std::unique_ptr<uint8_t, FreeBytes>;
-
 // The memory a model's weights are read from once loaded: the panels packed at load and the
 // copies of the matrices every token reads (WeightBinder). Handed out in 64-byte aligned pieces
 // of chunks that live as long as this object. With huge_pages the chunks are at least 32 MiB,
 // 2 MiB aligned and advised as transparent huge pages (MADV_HUGEPAGE) before their first touch
 // (memory from malloc may already be on small pages, so they are mapped here): a decode step streams
-// every matrix, and on 4 KiB pages (a mapped file's) the page walks cost 7-20% of SmolLM2's
-// quantized decode (docs/DESIGN.md, "Weights in memory").
+// every matrix, and on 4 KiB pages (a mapped file's) the page walks cost 6-24% of SmolLM2's
+// decode (docs/DESIGN.md, "Weights in memory").
 class WeightMemory {
  public:
   explicit WeightMemory(bool huge_pages) : huge_pages_(huge_pages) {}
