@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 #include "kernels/simd.h"
 #if defined(PYXF_AMX)
 #include <optional>
@@ -87,7 +88,7 @@ struct ItemRow {
 // Rows of an item's q, output, scores and probabilities in its scratch: whole AMX blocks.
 int row_capacity(int max_rows) { return (max_rows + 31) / 32 * 32; }
 
-struct Scratch {
+struct ItemScratch {
   float* q;        // [row_capacity][dp], pre-scaled, zero padded
   float* o;        // [row_capacity][dp]
   float* kt_block;  // [head_dim][kBlockKeys], a key block transposed here
@@ -486,7 +487,7 @@ ItemRow item_row(const WorkItem& item, int group, int r) {
 // cache that stores keys transposed (a half cache always does), from the sequence's shared
 // transposes, or transposed here into sc.kt_block (an item of one kv head).
 template <typename T>
-const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk, Scratch& sc) {
+const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* shared_kt, int j0, int bk, ItemScratch& sc) {
   if constexpr (std::is_same_v<T, f16>) {
     return key_block<f16>(s.k, s, g, j0);
   } else {
@@ -502,7 +503,7 @@ const T* transposed_keys(int g, const AttentionSeq& s, int D, const float* share
 // its blocks' bf16 pairs (pair_block, pair_halves(dp) a block), or null: the item pairs each block.
 template <typename T>
 void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape& sh, const float* shared_kt,
-              const uint16_t* shared_pairs, Scratch& sc, float* partial) {
+              const uint16_t* shared_pairs, ItemScratch& sc, float* partial) {
   const int D = sh.head_dim, dp = padded(D);
   const int group = sh.n_heads / sh.n_kv_heads;
   const int rows = item.kv_count * group * item.q_count;
@@ -814,7 +815,8 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
   }
   float* shared_kt = shared_blocks ? (float*)aligned_alloc(64, sizeof(float) * shared_blocks * block_floats) : nullptr;
   const long slot_floats = (long)max_rows * (dp + 2);
-  std::vector<float> partials(plan.n_partials * slot_floats);
+  const Scratch partial_memory(kAttentionPartials, (long)sizeof(float) * plan.n_partials * slot_floats);
+  float* const partials = partial_memory.as<float>();  // every slot is written by its item
 
   // With bf16 products, a sequence with several query blocks has each block of keys and values
   // paired once, up front, instead of by every item that reads it.
@@ -855,8 +857,11 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     const long cap = row_capacity(max_rows);
     const long floats = 2L * cap * dp + block_floats + cap * kBlockKeys + (4L + kLanes) * max_rows;
     const long halves = bf16_products(sh) ? cap * dp + 2L * dp * kBlockKeys + cap * kBlockKeys : 0;
-    float* mem = (float*)aligned_alloc(64, (sizeof(float) * floats + sizeof(uint16_t) * halves + 63) / 64 * 64);
-    Scratch sc;
+    const long item_bytes = (long)(sizeof(ItemRow) + sizeof(KeyRange)) * max_rows;
+    const long float_bytes = (long)(sizeof(float) * floats + sizeof(uint16_t) * halves + 63) / 64 * 64;
+    const Scratch memory(kAttentionItem, float_bytes + item_bytes);
+    float* mem = memory.as<float>();
+    ItemScratch sc;
     sc.q = mem;
     sc.o = sc.q + cap * dp;
     sc.kt_block = sc.o + cap * dp;
@@ -870,10 +875,8 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
     sc.kb = sc.qb + cap * dp;
     sc.vb = sc.kb + (long)dp * kBlockKeys;
     sc.pb = sc.vb + (long)dp * kBlockKeys;
-    std::vector<ItemRow> item_rows(max_rows);
-    std::vector<KeyRange> row_keys(max_rows);
-    sc.row = item_rows.data();
-    sc.keys = row_keys.data();
+    sc.row = reinterpret_cast<ItemRow*>(memory.as<char>() + float_bytes);
+    sc.keys = reinterpret_cast<KeyRange*>(sc.row + max_rows);
 #if defined(PYXF_BF16_DOT)
     if (shared_pairs) {  // after the transposes above (the barrier of their omp for)
 #pragma omp for schedule(static) collapse(2)
@@ -904,7 +907,7 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
       const float* kt = kt_offset[it.seq] < 0
                             ? nullptr
                             : shared_kt + (kt_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) * block_floats;
-      float* partial = it.partial < 0 ? nullptr : partials.data() + it.partial * slot_floats;
+      float* partial = it.partial < 0 ? nullptr : partials + it.partial * slot_floats;
       const uint16_t* pairs = pairs_offset[it.seq] < 0
                                   ? nullptr
                                   : shared_pairs + (pairs_offset[it.seq] + (long)it.kv_head * blocks_of(it.seq)) *
@@ -915,12 +918,11 @@ void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {
         run_item<float>(it, seqs[it.seq], sh, kt, pairs, sc, partial);
       }
     }
-    free(mem);
     if (!plan.merges.empty()) {
 #pragma omp for schedule(static)
       for (long m = 0; m < (long)plan.merges.size(); ++m) {
         const WorkItem* first = &plan.items[plan.merges[m].first];
-        merge_partials(first, plan.merges[m].second, seqs[first->seq], sh, partials.data(), slot_floats);
+        merge_partials(first, plan.merges[m].second, seqs[first->seq], sh, partials, slot_floats);
       }
     }
   }

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 #include "kernels/simd.h"
 #if defined(PYXF_AMX)
 #include "kernels/amx.h"
@@ -66,41 +67,6 @@ inline int block_depth(long K, int deepest = KC) {
 }
 
 inline long padded_cols(long N) { return (N + NR - 1) / NR * NR; }
-
-// Scratch memory of the calling thread, one buffer per slot, kept between calls up to
-// kKeptScratchBytes (a work item's packed columns, and the bf16 activations of thousands of rows,
-// fit); a larger request gets its own allocation, freed with the Scratch.
-constexpr long kKeptScratchBytes = 16L << 20;
-enum ScratchSlot { kPackedWeights = 0, kRoundedActivations = 1, kTileSums = 2, kNumScratchSlots = 3 };
-
-class Scratch {
- public:
-  Scratch(ScratchSlot slot, long bytes) : bytes_(bytes) {
-    static thread_local void* kept[kNumScratchSlots] = {};
-    static thread_local long capacity[kNumScratchSlots] = {};
-    if (bytes > kKeptScratchBytes) {
-      data_ = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    } else {
-      if (bytes > capacity[slot]) {
-        free(kept[slot]);
-        capacity[slot] = bytes;
-        kept[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-      }
-      data_ = kept[slot];
-    }
-  }
-  ~Scratch() {
-    if (bytes_ > kKeptScratchBytes) free(data_);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename T>
-  T* as() const { return static_cast<T*>(data_); }
-
- private:
-  void* data_;
-  long bytes_;
-};
 
 // Writes a finished register tile: c[ROWS][ncols] (+)= acc + bias (bias may be null).
 template <int ROWS>
