@@ -47,6 +47,8 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     check_kv_cache_dtype(kv_cache_dtype)
+    if not isinstance(huge_pages, bool):
+        raise TypeError(f"huge_pages must be True or False, got {huge_pages!r}")
     if path is None:
         from pyxf.hub import default_model_path
 

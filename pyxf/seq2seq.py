@@ -87,8 +87,8 @@ def _as_float32(array, dtype):
 def load_seq2seq(path, config, context_length=None, quantize=None, quantize_embeddings=True, dtype=None,
                  kv_cache_dtype=None, huge_pages=True):
     """An encoder-decoder model directory whose config.json is read and checked (pyxf.load).
-    context_length does not apply (sources and targets are bounded by the position scheme); dtype and
-    kv_cache_dtype (the decoder's self-attention caches): as pyxf.load's."""
+    context_length does not apply (sources and targets are bounded by the position scheme); dtype,
+    kv_cache_dtype (the decoder's self-attention caches) and huge_pages: as pyxf.load's."""
     path = Path(path)
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():

@@ -38,16 +38,20 @@ def assert_same_decoder(path, **options):
     np.testing.assert_array_equal(a, b)
 
 
-def test_smollm2_default_file():
-    """Q4_1 layers and the tied Q8_0 embedding / head, as the GGUF stores them."""
+def fetched(what, name):
+    """pyxf.hub's `name` model directory (fetched on first use); the test is skipped without it."""
     helpers.require_core()
     from pyxf import hub
 
     try:
-        path = hub.default_model_path()
+        return getattr(hub, name)()
     except RuntimeError as e:
-        pytest.skip(f"SmolLM2 could not be fetched: {e}")
-    assert_same_decoder(path)
+        pytest.skip(f"{what} could not be fetched: {e}")
+
+
+def test_smollm2_default_file():
+    """Q4_1 layers and the tied Q8_0 embedding / head, as the GGUF stores them."""
+    assert_same_decoder(fetched("SmolLM2", "default_model_path"))
 
 
 def test_gemma3_q4_k_m_segments():
@@ -104,17 +108,11 @@ def anon_huge_bytes():
 def test_matrices_land_on_huge_pages():
     """Where the kernel offers transparent huge pages, loading SmolLM2's file (~90 MB of matrices)
     puts most of them on 2 MiB pages; with huge_pages=False none."""
-    helpers.require_core()
-    from pyxf import hub
-
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         modes = f.read()
     if "[always]" not in modes and "[madvise]" not in modes:
         pytest.skip(f"this kernel offers no transparent huge pages ({modes.strip()})")
-    try:
-        path = hub.default_model_path()
-    except RuntimeError as e:
-        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    path = fetched("SmolLM2", "default_model_path")
     before = anon_huge_bytes()
     mapped = pyxf.load(path, huge_pages=False)
     after_mapped = anon_huge_bytes()
@@ -133,11 +131,10 @@ def test_matrices_land_on_huge_pages():
 
 def test_encoders_keep_the_mapping():
     """An encoder (batches of rows) reads its matrices from the file, which processes share."""
-    helpers.require_core()
-    from pyxf import hub
+    assert pyxf.load(fetched("all-MiniLM-L6-v2", "minilm_model_path")).huge_page_bytes == 0
 
-    try:
-        path = hub.minilm_model_path()
-    except RuntimeError as e:
-        pytest.skip(f"all-MiniLM-L6-v2 could not be fetched: {e}")
-    assert pyxf.load(path).huge_page_bytes == 0
+
+def test_huge_pages_must_be_a_bool(tiny_models):
+    _, pyxf_dir = tiny_models("mixtral_e5")
+    with pytest.raises(TypeError, match="huge_pages must be True or False"):
+        pyxf.load(pyxf_dir, huge_pages="no")
