@@ -225,21 +225,20 @@ EngineStats Engine::stats() const {
 
 void Engine::run() {
   for (;;) {
-    bool idle;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      idle = running_.empty() && waiting_.empty() && submitted_.empty() && cancelled_.empty() && !closing_;
-    }
-    // An idle engine hands back its thread's OpenMP workers. Each engine thread has a pool of its
-    // own, and with more pool threads than CPUs libgomp barely spins at its barriers: two engines
-    // that had both run made the busy one decode ~2.6x slower (every parallel region of a step
-    // waited for its workers to wake). The next step makes the pool again (tens of microseconds).
-    if (idle) release_thread_pool();
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      if (running_.empty() && waiting_.empty()) {
-        work_.wait(lock, [&] { return !submitted_.empty() || !cancelled_.empty() || closing_; });
+      const auto has_news = [&] { return !submitted_.empty() || !cancelled_.empty() || closing_; };
+      if (running_.empty() && waiting_.empty() && !has_news()) {
+        // An idle engine hands back its thread's OpenMP workers. Each engine thread has a pool of
+        // its own, and with more pool threads than CPUs libgomp barely spins at its barriers: two
+        // engines that had both run made the busy one decode ~2.6x slower (every parallel region of
+        // a step waited for its workers to wake). The next step makes the pool again (tens of
+        // microseconds).
+        lock.unlock();
+        release_thread_pool();
+        lock.lock();
       }
+      if (running_.empty() && waiting_.empty()) work_.wait(lock, has_news);
       if (closing_ && submitted_.empty() && running_.empty() && waiting_.empty()) {
         stopped_ = true;
         events_cv_.notify_all();
