@@ -115,6 +115,10 @@ def _parser():
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not reuse the KV blocks of earlier requests' shared prompt prefixes")
     serve.add_argument("--threads", type=int, help="number of threads (default: PYXF_NUM_THREADS or the physical cores)")
+    serve.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                       help="read the decoders' matrices from their files' shared mappings instead of private copies "
+                       "on huge pages: slower decoding, but processes (or Ray replicas) on one machine serving the "
+                       "same files hold one copy")
     serve.add_argument("--draft-model", metavar="DIR",
                        help="speculative decoding: a smaller decoder with the served decoders' tokenizer drafts "
                             "tokens for every chat and completions request")
@@ -354,7 +358,7 @@ def _serve(args):
         prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
         threads=args.threads, max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
         draft_model=args.draft_model, prompt_lookup=args.prompt_lookup, num_draft_tokens=args.num_draft_tokens,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, huge_pages=args.huge_pages,
     )
     if args.ray:
         return _serve_on_ray(args, options)

@@ -7,7 +7,7 @@ from pyxf.kv_cache import check_kv_cache_dtype
 from pyxf.model import load_model
 from pyxf.seq2seq import load_seq2seq
 from pyxf.threads import check_num_threads, core
-from pyxf.weights import SAFETENSORS_DTYPES
+from pyxf.weights import SAFETENSORS_DTYPES, check_huge_pages
 
 DTYPES = tuple(SAFETENSORS_DTYPES)  # what dtype= may ask for
 
@@ -47,8 +47,7 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     check_kv_cache_dtype(kv_cache_dtype)
-    if not isinstance(huge_pages, bool):
-        raise TypeError(f"huge_pages must be True or False, got {huge_pages!r}")
+    check_huge_pages(huge_pages)
     if path is None:
         from pyxf.hub import default_model_path
 

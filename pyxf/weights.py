@@ -139,6 +139,11 @@ def core_config_of(config, huge_pages=False):
     return core_config
 
 
+def check_huge_pages(huge_pages):
+    if not isinstance(huge_pages, bool):
+        raise TypeError(f"huge_pages must be True or False, got {huge_pages!r}")
+
+
 def copies_onto_huge_pages(huge_pages, config, quantize, dtype):
     """Whether the core copies the file's matrices onto huge pages: asked for, a model that decodes
     token by token (an encoder runs batches of rows, whose GEMMs do not wait on page walks, and

@@ -105,13 +105,19 @@ def anon_huge_bytes():
     return 0
 
 
-def test_matrices_land_on_huge_pages():
-    """Where the kernel offers transparent huge pages, loading SmolLM2's file (~90 MB of matrices)
-    puts most of them on 2 MiB pages; with huge_pages=False none."""
+def huge_page_modes():
+    """The kernel's transparent huge page setting; the test is skipped where it offers none."""
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         modes = f.read()
     if "[always]" not in modes and "[madvise]" not in modes:
         pytest.skip(f"this kernel offers no transparent huge pages ({modes.strip()})")
+    return modes
+
+
+def test_matrices_land_on_huge_pages():
+    """Where the kernel offers transparent huge pages, loading SmolLM2's file (~90 MB of matrices)
+    puts most of them on 2 MiB pages; with huge_pages=False none."""
+    modes = huge_page_modes()
     path = fetched("SmolLM2", "default_model_path")
     before = anon_huge_bytes()
     mapped = pyxf.load(path, huge_pages=False)
@@ -138,3 +144,47 @@ def test_huge_pages_must_be_a_bool(tiny_models):
     _, pyxf_dir = tiny_models("mixtral_e5")
     with pytest.raises(TypeError, match="huge_pages must be True or False"):
         pyxf.load(pyxf_dir, huge_pages="no")
+
+
+def process_memory(pid, weights_file):
+    """(anonymous bytes, resident bytes of `weights_file`'s mappings) of process `pid`."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        anonymous = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+    mapped, in_file = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range perms offset dev inode [path]
+                in_file = len(fields) >= 6 and fields[5] == str(weights_file)
+            elif in_file and fields[0] == "Rss:":
+                mapped += int(fields[1]) * 1024
+    return anonymous, mapped
+
+
+def test_serve_without_huge_pages_shares_the_file():
+    """`pyxf serve --no-huge-pages`: the decoder's matrices stay in its file's mapping (page cache,
+    shared by every process that maps the file) instead of a private copy; answers are the same."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+    pytest.importorskip("openai")
+    from serving import Server
+
+    huge_page_modes()
+    path = fetched("SmolLM2", "default_model_path")
+    weights_file = (path / "model.safetensors").resolve()
+    question = [{"role": "user", "content": "Name three colours."}]
+    answers, memory = {}, {}
+    for flags in ((), ("--no-huge-pages",)):
+        server = Server([f"smollm2={path}", "--threads", "1", *flags])
+        try:
+            reply = server.openai().chat.completions.create(model="smollm2", messages=question, max_tokens=12,
+                                                            temperature=0)
+            answers[flags] = reply.choices[0].message.content
+            memory[flags] = process_memory(server.process.pid, weights_file)
+        finally:
+            assert server.stop() == 0
+    (copy_anon, copy_mapped), (shared_anon, shared_mapped) = memory[()], memory[("--no-huge-pages",)]
+    assert answers[()] and answers[()] == answers[("--no-huge-pages",)]
+    # the ~90 MB of matrices: resident through the file's mapping, not as this process's own memory
+    assert shared_mapped >= 80 << 20, memory
+    assert copy_anon - shared_anon >= 60 << 20, memory
+    assert copy_mapped < 16 << 20, memory

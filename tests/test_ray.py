@@ -322,12 +322,12 @@ def wait_for_log(path, text, timeout):
 
 
 def test_pyxf_serve_ray_joins_the_cluster(cluster, chat_model, tmp_path):
-    """`pyxf serve --ray --replicas 2 --draft-model DIR` on the running cluster: the replicas load the
-    draft model and draft with it, the greedy text is plain decoding's, and SIGTERM stops its app
-    (exit 0)."""
+    """`pyxf serve --ray --replicas 2 --draft-model DIR --no-huge-pages` on the running cluster: the
+    replicas load the draft model and draft with it, the greedy text is plain decoding's, and SIGTERM
+    stops its app (exit 0)."""
     with time_limit(400):
         server = Server(["--ray", "--ray-address", cluster.address, "--replicas", "2", "--threads", "1",
-                         "--draft-model", str(chat_model.path), f"{CHAT}={chat_model.path}"],
+                         "--draft-model", str(chat_model.path), "--no-huge-pages", f"{CHAT}={chat_model.path}"],
                         log_path=tmp_path / "serve.log")
         try:
             wait_for_log(tmp_path / "serve.log", "OpenAI-compatible API at", 300)

@@ -16,6 +16,7 @@ import ray
 from ray import serve
 
 from pyxf.kv_cache import check_kv_cache_dtype
+from pyxf.weights import check_huge_pages
 from pyxf.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from pyxf.server.registry import ModelRegistry
 from pyxf.server.serve import (announce_url, engine_options, model_specs, resolve_api_key,
@@ -35,10 +36,10 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 16
 class Replica:
     """One replica: the models (loaded from `models` on the replica's node) and their engines."""
 
-    def __init__(self, models, engine, threads, app_options, draft_model=None, kv_cache_dtype=None):
+    def __init__(self, models, engine, app_options, draft_model, load_options):
         sleep_idle_threads()  # before pyxf's core loads (see pyxf.server.serve.sleep_idle_threads)
-        self.registry = ModelRegistry.load(model_specs(models), engine_options=engine, threads=threads,
-                                           draft_model=draft_model, kv_cache_dtype=kv_cache_dtype)
+        self.registry = ModelRegistry.load(model_specs(models), engine_options=engine, draft_model=draft_model,
+                                           **load_options)
         self.app_options = app_options
 
     def __serve_build_asgi_app__(self):
@@ -49,7 +50,7 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
               kv_cache_mb=None, prefill_chunk=None, max_queue=None, prefix_cache=True,
               max_body_bytes=DEFAULT_MAX_BODY_BYTES, shutdown_timeout=30.0, max_ongoing_requests=None,
               ray_actor_options=None, draft_model=None, prompt_lookup=False, num_draft_tokens=None,
-              kv_cache_dtype=None):
+              kv_cache_dtype=None, huge_pages=True):
     """The Serve application of `models` (["NAME=DIR" or "DIR", ...], read on each replica's node;
     none: the default chat and embedding models), for serve.run() or a `serve run` / `serve deploy`
     import path.
@@ -59,10 +60,13 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
     upscale_delay_s, ...). threads: pyxf threads per replica, which also reserve as many CPUs.
     max_ongoing_requests: requests Serve sends a replica at once (default: the engine's max_batch;
     more wait in Serve's queue). draft_model: a directory read on each replica's node, as the
-    models are. The other options are `pyxf serve`'s."""
+    models are. huge_pages=False: replicas on one node share the decoders' weights in the page cache
+    instead of each holding its own copy (pyxf.load's huge_pages). The other options are `pyxf
+    serve`'s."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     check_kv_cache_dtype(kv_cache_dtype)
+    check_huge_pages(huge_pages)
     engine = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                             max_queue=max_queue, prefix_cache=prefix_cache, draft_model=draft_model,
                             prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
@@ -76,7 +80,8 @@ def serve_app(models=(), *, replicas=1, autoscaling=None, threads=DEFAULT_THREAD
         # Requests in flight get as long to finish when a replica is stopped as `pyxf serve` gives them.
         graceful_shutdown_timeout_s=shutdown_timeout,
     )
-    return deployment.bind(list(models), engine, threads, app_options, draft_model, kv_cache_dtype)
+    load_options = dict(threads=threads, kv_cache_dtype=kv_cache_dtype, huge_pages=huge_pages)
+    return deployment.bind(list(models), engine, app_options, draft_model, load_options)
 
 
 def _scaling(replicas, autoscaling):
@@ -106,6 +111,8 @@ def build_app(args):
             args[name] = int(args[name])
     if isinstance(args.get("kv_cache_mb"), str):
         args["kv_cache_mb"] = float(args["kv_cache_mb"])
+    if isinstance(args.get("huge_pages"), str):
+        args["huge_pages"] = _flag("huge_pages", args["huge_pages"])
     return serve_app(models, **args)
 
 
@@ -155,3 +162,11 @@ def _raise_stop_on_signals():
         raise _Stop()
 
     return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _flag(name, text):
+    """A boolean argument given as text on the command line: true / false (or 1 / 0, yes / no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    return value

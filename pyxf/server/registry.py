@@ -49,30 +49,32 @@ class ModelRegistry:
         self._models = {}
 
     @classmethod
-    def load(cls, specs, *, engine_options=None, threads=None, draft_model=None, kv_cache_dtype=None):
-        """Loads each (name, directory); decoders get an Engine(model, **engine_options), drafting
-        with the decoder in the directory draft_model when it is given, and KV caches of
-        kv_cache_dtype (pyxf.load's; None: as the weights)."""
+    def load(cls, specs, *, engine_options=None, draft_model=None, **load_options):
+        """Loads each (name, directory) with pyxf.load(directory, **load_options) (threads,
+        kv_cache_dtype, huge_pages; an encoder keeps no KV cache, so kv_cache_dtype is for the
+        decoders); decoders get an Engine(model, **engine_options), drafting with the decoder in the
+        directory draft_model when it is given."""
         registry = cls()
         engine_options = dict(engine_options or {})
         if draft_model is not None:
-            engine_options["draft_model"] = pyxf.load(draft_model, threads=threads, kv_cache_dtype=kv_cache_dtype)
+            engine_options["draft_model"] = pyxf.load(draft_model, **load_options)
         try:
             for name, path in specs:
-                registry.add(name, path, engine_options, threads, kv_cache_dtype)
+                registry.add(name, path, engine_options, **load_options)
         except BaseException:
             registry.close(timeout=0)
             raise
         return registry
 
-    def add(self, name, path, engine_options, threads=None, kv_cache_dtype=None):
+    def add(self, name, path, engine_options, **load_options):
         if name in self._models:
             raise ValueError(f"two models are named {name!r}; give each its own NAME=DIR")
         architecture = read_config(path).get("architecture", "decoder")
         if architecture == "encoder-decoder":
             raise ValueError(f"{path}: encoder-decoder models cannot be served (only decoders and encoders)")
-        # An encoder keeps no KV cache: the server-wide cache type is for the decoders it serves.
-        model = pyxf.load(path, threads=threads, kv_cache_dtype=None if architecture == "encoder" else kv_cache_dtype)
+        if architecture == "encoder":
+            load_options = {**load_options, "kv_cache_dtype": None}
+        model = pyxf.load(path, **load_options)
         if architecture == "encoder":
             served = ServedModel(name, EMBED, model)
         else:

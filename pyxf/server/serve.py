@@ -18,11 +18,13 @@ from pyxf.server.registry import EMBED, ModelRegistry, default_model_specs, pars
 def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=None, kv_cache_mb=None,
           prefill_chunk=None, max_queue=None, prefix_cache=True, threads=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
           shutdown_timeout=30.0, log_level="info", draft_model=None, prompt_lookup=False, num_draft_tokens=None,
-          kv_cache_dtype=None):
+          kv_cache_dtype=None, huge_pages=True):
     """Serves `models` (["NAME=DIR" or "DIR", ...]; none: the default chat and embedding models).
     Engine options left None take pyxf.Engine's defaults. Speculative decoding for every request:
     draft_model (a directory: its decoder drafts) or prompt_lookup (drafts copied from earlier in
-    the sequence), num_draft_tokens a step. kv_cache_dtype: the decoders' KV caches (pyxf.load's).
+    the sequence), num_draft_tokens a step. kv_cache_dtype (the decoders' KV caches) and huge_pages
+    are pyxf.load's: huge_pages=False leaves the decoders' matrices in their files' shared mappings
+    (several server processes on one machine then hold one copy in the page cache).
     Returns 0 after a graceful shutdown."""
     options = engine_options(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                              max_queue=max_queue, prefix_cache=prefix_cache, draft_model=draft_model,
@@ -30,8 +32,8 @@ def serve(models=(), *, host="127.0.0.1", port=8000, api_key=None, max_batch=Non
     check_kv_cache_dtype(kv_cache_dtype)
     api_key = resolve_api_key(api_key)
     sleep_idle_threads()
-    registry = ModelRegistry.load(model_specs(models), engine_options=options, threads=threads, draft_model=draft_model,
-                                  kv_cache_dtype=kv_cache_dtype)
+    registry = ModelRegistry.load(model_specs(models), engine_options=options, draft_model=draft_model,
+                                  threads=threads, kv_cache_dtype=kv_cache_dtype, huge_pages=huge_pages)
     app = create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
     announce_models(registry)
     announce_url(host, port, api_key)
