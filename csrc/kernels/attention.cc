@@ -483,6 +483,21 @@ ItemRow item_row(const WorkItem& item, int group, int r) {
   return {item.q_begin + i / group, g * group + i % group, g};
 }
 
+// Asks for the cache lines of the block of keys from j0 of each kv head of `item`, and its values,
+// while the block before it is computed: paged caches only, whose blocks (a page each) lie
+// wherever their pages are, so the hardware's prefetchers stop at every block's start.
+template <typename T>
+void prefetch_blocks(const AttentionSeq& s, const WorkItem& item, int j0) {
+  if (!s.pages) return;
+  const long bytes = (long)kBlockKeys * s.kv_pos_stride * (long)sizeof(T);  // keys or values of one page
+  for (int i = 0; i < item.kv_count; ++i) {
+    const char* k = reinterpret_cast<const char*>(key_block<T>(s.k, s, item.kv_head + i, j0));
+    const char* v = reinterpret_cast<const char*>(key_block<T>(s.v, s, item.kv_head + i, j0));
+    prefetch_lines(k, bytes);
+    prefetch_lines(v, bytes);
+  }
+}
+
 // The block of transposed keys [D][kBlockKeys] of kv head g starting at key j0: straight from a
 // cache that stores keys transposed (a half cache always does), from the sequence's shared
 // transposes, or transposed here into sc.kt_block (an item of one kv head).
@@ -557,6 +572,7 @@ void run_item(const WorkItem& item, const AttentionSeq& s, const AttentionShape&
   };
   for (int j0 = item.key_begin; j0 < item.key_end; j0 += kBlockKeys) {
     const int bk = imin(kBlockKeys, item.key_end - j0);
+    if (!shared_pairs && j0 + kBlockKeys < item.key_end) prefetch_blocks<T>(s, item, j0 + kBlockKeys);
     for (int i = 0; i < item.kv_count; ++i) {
       const int g = item.kv_head + i;
       kt_of[i] = transposed_keys<T>(g, s, D, shared_kt, j0, bk, sc);
