@@ -421,7 +421,9 @@ def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
     have stopped."""
     spec = {"model_dir": str(model_dir), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
             "never_stop": never_stop}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    from pyxf.server.serve import IDLE_THREADS_ENV
+
+    env = {**IDLE_THREADS_ENV, **os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], input=json.dumps(spec), capture_output=True,
                           text=True, env=env, timeout=REQUEST_TIMEOUT_S, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])

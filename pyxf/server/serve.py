@@ -70,13 +70,23 @@ def resolve_api_key(api_key):
     return api_key or os.environ.get("PYXF_API_KEY") or None
 
 
+# How a server's idle OpenMP threads wait (each unless set already): they spin for GOMP_SPINCOUNT
+# rounds of libgomp's wait loop (~25 us on an Intel Xeon), then sleep (OMP_WAIT_POLICY=PASSIVE).
+IDLE_THREADS_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+
+
 def sleep_idle_threads():
-    """Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set already).
-    A server's engine shares the cores with its own event loop and detokenizer threads, and often
-    with other processes: spinning workers then take the CPU those need, and a worker that is not
-    scheduled stalls every parallel region. On 2 busy cores this made streaming 8-10x faster. Takes
-    effect only before the core is loaded (as `pyxf serve` does); later it changes nothing."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Idle OpenMP threads spin briefly, then sleep (IDLE_THREADS_ENV). A server's engine shares the
+    cores with its own event loop and detokenizer threads, and often with other processes: workers
+    that spin for long (libgomp's default, milliseconds) take the CPU those need, and a worker that
+    is not scheduled stalls every parallel region; on 2 busy cores that made streaming 8-10x slower
+    than sleeping at once. Sleeping at once costs a wake-up (tens of microseconds) at every one of a
+    decode step's ~150 parallel regions: on an idle machine a stream decoded 2.3x slower than with a
+    short spin, which covers the gaps between the regions of a step and still sleeps between
+    requests (docs/DESIGN.md, "Threads"). Takes effect only before the core is loaded (as `pyxf
+    serve` does); later it changes nothing."""
+    for name, value in IDLE_THREADS_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def announce_models(registry):
