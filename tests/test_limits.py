@@ -362,8 +362,13 @@ def test_ctrl_c_stops_a_long_run_and_the_interpreter_lives(tmp_path, what):
     import subprocess
     import sys
 
+    # The child handles Ctrl-C as an interactive interpreter does, whatever it inherits: a parent that
+    # ignores SIGINT passes SIG_IGN on to its children, and Python then raises no KeyboardInterrupt
+    # (a whole test session here had SIGINT and SIGQUIT ignored by this point, the mark of a libc
+    # system() call running in some thread).
     code = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import pyxf, tiny_files
 root = Path({str(tmp_path)!r})
