@@ -362,10 +362,9 @@ def test_ctrl_c_stops_a_long_run_and_the_interpreter_lives(tmp_path, what):
     import subprocess
     import sys
 
-    # The child handles Ctrl-C as an interactive interpreter does, whatever it inherits: a parent that
-    # ignores SIGINT passes SIG_IGN on to its children, and Python then raises no KeyboardInterrupt
-    # (a whole test session here had SIGINT and SIGQUIT ignored by this point, the mark of a libc
-    # system() call running in some thread).
+    # The child handles Ctrl-C as an interactive interpreter does, whatever it inherits: a test run
+    # started in the background by a non-interactive shell (`pytest ... &`) ignores SIGINT and SIGQUIT
+    # (POSIX), passes SIG_IGN on to its children, and Python then raises no KeyboardInterrupt.
     code = f"""
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
