@@ -421,9 +421,9 @@ def offline_batch(model_dir, prompts, new_tokens, threads, never_stop):
     have stopped."""
     spec = {"model_dir": str(model_dir), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
             "never_stop": never_stop}
-    from pyxf.server.serve import IDLE_THREADS_ENV
+    from pyxf.server.serve import idle_threads_env
 
-    env = {**IDLE_THREADS_ENV, **os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **idle_threads_env(os.environ), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], input=json.dumps(spec), capture_output=True,
                           text=True, env=env, timeout=REQUEST_TIMEOUT_S, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])

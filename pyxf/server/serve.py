@@ -70,13 +70,20 @@ def resolve_api_key(api_key):
     return api_key or os.environ.get("PYXF_API_KEY") or None
 
 
-# How a server's idle OpenMP threads wait (each unless set already): they spin for GOMP_SPINCOUNT
-# rounds of libgomp's wait loop (~25 us on an Intel Xeon), then sleep (OMP_WAIT_POLICY=PASSIVE).
+# How a server's idle OpenMP threads wait, unless the user set either variable: they spin for
+# GOMP_SPINCOUNT rounds of libgomp's wait loop (~25 us on an Intel Xeon), then sleep
+# (OMP_WAIT_POLICY=PASSIVE).
 IDLE_THREADS_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 
 
+def idle_threads_env(environ):
+    """The variables to add to `environ` for a server process: none where the user chose a wait
+    policy or a spin count, else IDLE_THREADS_ENV."""
+    return {} if any(name in environ for name in IDLE_THREADS_ENV) else dict(IDLE_THREADS_ENV)
+
+
 def sleep_idle_threads():
-    """Idle OpenMP threads spin briefly, then sleep (IDLE_THREADS_ENV). A server's engine shares the
+    """Idle OpenMP threads spin briefly, then sleep (idle_threads_env). A server's engine shares the
     cores with its own event loop and detokenizer threads, and often with other processes: workers
     that spin for long (libgomp's default, milliseconds) take the CPU those need, and a worker that
     is not scheduled stalls every parallel region; on 2 busy cores that made streaming 8-10x slower
@@ -85,8 +92,7 @@ def sleep_idle_threads():
     short spin, which covers the gaps between the regions of a step and still sleeps between
     requests (docs/DESIGN.md, "Threads"). Takes effect only before the core is loaded (as `pyxf
     serve` does); later it changes nothing."""
-    for name, value in IDLE_THREADS_ENV.items():
-        os.environ.setdefault(name, value)
+    os.environ.update(idle_threads_env(os.environ))
 
 
 def announce_models(registry):
