@@ -13,6 +13,7 @@ import pytest
 import helpers
 import kquant_files
 import pyxf
+from pyxf.memory import process_memory
 
 PROMPT = list(range(3, 3 + 48))  # 48 rows: the many-rows GEMMs; then single-token steps: the GEMVs
 
@@ -146,21 +147,6 @@ def test_huge_pages_must_be_a_bool(tiny_models):
         pyxf.load(pyxf_dir, huge_pages="no")
 
 
-def process_memory(pid, weights_file):
-    """(anonymous bytes, resident bytes of `weights_file`'s mappings) of process `pid`."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        anonymous = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
-    mapped, in_file = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range perms offset dev inode [path]
-                in_file = len(fields) >= 6 and fields[5] == str(weights_file)
-            elif in_file and fields[0] == "Rss:":
-                mapped += int(fields[1]) * 1024
-    return anonymous, mapped
-
-
 def test_serve_without_huge_pages_shares_the_file():
     """`pyxf serve --no-huge-pages`: the decoder's matrices stay in its file's mapping (page cache,
     shared by every process that maps the file) instead of a private copy; answers are the same."""
@@ -170,7 +156,6 @@ def test_serve_without_huge_pages_shares_the_file():
 
     huge_page_modes()
     path = fetched("SmolLM2", "default_model_path")
-    weights_file = (path / "model.safetensors").resolve()
     question = [{"role": "user", "content": "Name three colours."}]
     answers, memory = {}, {}
     for flags in ((), ("--no-huge-pages",)):
@@ -179,7 +164,8 @@ def test_serve_without_huge_pages_shares_the_file():
             reply = server.openai().chat.completions.create(model="smollm2", messages=question, max_tokens=12,
                                                             temperature=0)
             answers[flags] = reply.choices[0].message.content
-            memory[flags] = process_memory(server.process.pid, weights_file)
+            usage = process_memory(server.process.pid, files_under=path)  # the model file's mapping apart
+            memory[flags] = usage["anonymous"], usage["files_rss"]
         finally:
             assert server.stop() == 0
     (copy_anon, copy_mapped), (shared_anon, shared_mapped) = memory[()], memory[("--no-huge-pages",)]

@@ -20,7 +20,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"pyxf.ray needs Ray ({e}); install it with: pip install 'pyxf[ray]'") from None
 
 from pyxf.ray.data import Embedder, Generator, Translator
-from pyxf.ray.resources import assigned_cpus, process_memory
+from pyxf.memory import process_memory
+from pyxf.ray.resources import assigned_cpus
 from pyxf.ray.serving import build_app, serve_app, serve_on_ray
 
 __all__ = ["Embedder", "Generator", "Translator", "assigned_cpus", "build_app", "process_memory", "serve_app",

@@ -20,7 +20,8 @@ output is the input batch with the new columns added.
 import numpy as np
 
 import pyxf
-from pyxf.ray.resources import assigned_cpus, process_memory
+from pyxf.memory import process_memory
+from pyxf.ray.resources import assigned_cpus
 
 
 class _ModelActor:

@@ -100,7 +100,7 @@ def _scaling(replicas, autoscaling):
 def build_app(args):
     """`serve run pyxf.ray:build_app models=NAME=DIR,... replicas=2` and `serve deploy` configs
     (import_path: pyxf.ray:build_app, args: {...}): serve_app() of these arguments; from the command
-    line models is a comma-separated list and numbers arrive as text."""
+    line models is a comma-separated list, and numbers and true / false arrive as text."""
     args = dict(args)
     models = args.pop("models", ())
     if isinstance(models, str):
@@ -111,8 +111,9 @@ def build_app(args):
             args[name] = int(args[name])
     if isinstance(args.get("kv_cache_mb"), str):
         args["kv_cache_mb"] = float(args["kv_cache_mb"])
-    if isinstance(args.get("huge_pages"), str):
-        args["huge_pages"] = _flag("huge_pages", args["huge_pages"])
+    for name in ("prefix_cache", "prompt_lookup", "huge_pages"):
+        if isinstance(args.get(name), str):
+            args[name] = _flag(name, args[name])
     return serve_app(models, **args)
 
 

@@ -72,12 +72,10 @@ class ModelRegistry:
         architecture = read_config(path).get("architecture", "decoder")
         if architecture == "encoder-decoder":
             raise ValueError(f"{path}: encoder-decoder models cannot be served (only decoders and encoders)")
-        if architecture == "encoder":
-            load_options = {**load_options, "kv_cache_dtype": None}
-        model = pyxf.load(path, **load_options)
-        if architecture == "encoder":
-            served = ServedModel(name, EMBED, model)
+        if architecture == "encoder":  # no KV cache: the server-wide cache type is for the decoders
+            served = ServedModel(name, EMBED, pyxf.load(path, **{**load_options, "kv_cache_dtype": None}))
         else:
+            model = pyxf.load(path, **load_options)
             served = ServedModel(name, GENERATE, model, engine=Engine(model, **engine_options))
         self._models[name] = served
         return served
