@@ -792,7 +792,26 @@ void store_kv_slot(const KVSlotWrite& w, int D) {
   }
 }
 
+// The lines store_kv_slot<T>(w, D) writes: one per element of the transposed key, the value's row.
+template <typename T>
+void prefetch_kv_slot(const KVSlotWrite& w, int D) {
+  const T* keys = static_cast<const T*>(w.key_page) + w.slot;
+  const char* value = reinterpret_cast<const char*>(static_cast<const T*>(w.value_page) + (long)w.slot * D);
+  for (int d = 0; d < D; ++d) prefetch_line_for_write(keys + (long)d * kKVPageTokens);
+  for (long b = 0; b < (long)sizeof(T) * D; b += 64) prefetch_line_for_write(value + b);
+}
+
 }  // namespace
+
+void prefetch_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
+  for (long i = 0; i < n; ++i) {
+    if (writes[i].type == WeightType::kF16) {
+      prefetch_kv_slot<f16>(writes[i], head_dim);
+    } else {
+      prefetch_kv_slot<float>(writes[i], head_dim);
+    }
+  }
+}
 
 void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
 #pragma omp parallel for schedule(static) if (n >= kParallelSlotWrites)

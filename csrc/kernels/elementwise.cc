@@ -311,6 +311,7 @@ void linear_gated(const float* x, long M, long K, const void* w, WeightType wt, 
 void load_row(const void* w, WeightType wt, long row, long n, float* out);
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
 void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim);
+void prefetch_kv_slots(const KVSlotWrite* writes, long n, int head_dim);
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate);
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
@@ -348,6 +349,7 @@ void fill_table(KernelTable* t) {
   t->rope = rope;
   t->attention = attention;
   t->store_kv_slots = store_kv_slots;
+  t->prefetch_kv_slots = prefetch_kv_slots;
   t->linear_quant = linear_quant;
   t->linear_quant_segments = linear_quant_segments;
 #if defined(PYXF_TARGET_avx512)

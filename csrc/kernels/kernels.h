@@ -194,6 +194,11 @@ struct KernelTable {
   void (*attention)(const AttentionSeq* seqs, int n_seqs, const AttentionShape& shape);
   // The writes (no two to the same slot), in parallel from kParallelSlotWrites of them.
   void (*store_kv_slots)(const KVSlotWrite* writes, long n, int head_dim);
+  // Asks, without waiting, for the cache lines that store_kv_slots(writes) will write (their key
+  // and value sources are not read): called before the work that precedes the stores, so that a
+  // decode step's transposed keys (head_dim lines each, evicted by the weights streamed since the
+  // last step) arrive while that work runs. Calling thread.
+  void (*prefetch_kv_slots)(const KVSlotWrite* writes, long n, int head_dim);
   // y[M,N] (+)= x[M,K] dequant(w)^T + bias: x is quantized to 8 bits per block of 32 on the fly
   // and the dot products run on integers.
   void (*linear_quant)(const float* x, long M, const QuantWeight& w, const float* bias, float* y,

@@ -24,6 +24,15 @@ static inline void prefetch_lines(const void* p, long bytes) {
   }
 }
 
+// Asks for the cache line of p in a state that lets this core write it, without waiting.
+static inline void prefetch_line_for_write(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 1, 3);
+#endif
+}
+
 #if defined(PYXF_TARGET_avx512)
 
 constexpr int kLanes = 16;

@@ -74,6 +74,7 @@ class Transformer {
 
  private:
   long run_layers(const SeqBatch* seqs, int n, Workspace& ws) const;
+  void plan_cache_writes(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
   void attention_views(int layer, const SeqBatch* seqs, int n, Workspace& ws) const;
   void add_output(const Linear& w, const Norm& post_norm, const float* in, long rows, long in_dim,
                   Workspace& ws) const;
