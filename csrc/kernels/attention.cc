@@ -814,14 +814,13 @@ void prefetch_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
 }
 
 void store_kv_slots(const KVSlotWrite* writes, long n, int head_dim) {
-#pragma omp parallel for schedule(static) if (n >= kParallelSlotWrites)
-  for (long i = 0; i < n; ++i) {
+  for_each_index(n, n >= kParallelSlotWrites, [&](long i) {
     if (writes[i].type == WeightType::kF16) {
       store_kv_slot<f16>(writes[i], head_dim);
     } else {
       store_kv_slot<float>(writes[i], head_dim);
     }
-  }
+  });
 }
 
 void attention(const AttentionSeq* seqs, int n_seqs, const AttentionShape& sh) {

@@ -63,18 +63,16 @@ Vf activate(Vf x, Activation act) {
 }  // namespace
 
 void rmsnorm(const float* x, const float* w, float eps, long rows, long n, float* y) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
-  for (long r = 0; r < rows; ++r) {
+  for_each_index(rows, rows * n > kParallelFloats, [&](long r) {
     const float* xr = x + r * n;
     const float scale = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
     scale_row(xr, 0.0f, scale, w, nullptr, n, y + r * n);
-  }
+  });
 }
 
 void layernorm(const float* x, const float* w, const float* b, float eps, long rows, long n,
                float* y) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
-  for (long r = 0; r < rows; ++r) {
+  for_each_index(rows, rows * n > kParallelFloats, [&](long r) {
     const float* xr = x + r * n;
     const float mean = sum(xr, n) / (float)n;
     // Two passes: the variance of x - mean does not cancel catastrophically.
@@ -88,36 +86,36 @@ void layernorm(const float* x, const float* w, const float* b, float eps, long r
     float var = vsum(acc);
     for (; i < n; ++i) var += (xr[i] - mean) * (xr[i] - mean);
     scale_row(xr, mean, 1.0f / sqrtf(var / (float)n + eps), w, b, n, y + r * n);
-  }
+  });
 }
 
 void add(float* y, const float* x, long n) {
-#pragma omp parallel for schedule(static) if (n > kParallelFloats)
-  for (long i = 0; i < n; i += kLanes) {
+  for_each_index((n + kLanes - 1) / kLanes, n > kParallelFloats, [&](long b) {
+    const long i = b * kLanes;
     const int m = (int)lmin(kLanes, n - i);
     if (m == kLanes) vstore(y + i, vadd(vload(y + i), vload(x + i)));
     else vstore_n(y + i, vadd(vload_n(y + i, m), vload_n(x + i, m)), m);
-  }
+  });
 }
 
 void activation(float* x, long n, Activation act) {
-#pragma omp parallel for schedule(static) if (n > kParallelFloats)
-  for (long i = 0; i < n; i += kLanes) {
+  for_each_index((n + kLanes - 1) / kLanes, n > kParallelFloats, [&](long b) {
+    const long i = b * kLanes;
     const int m = (int)lmin(kLanes, n - i);
     if (m == kLanes) vstore(x + i, activate(vload(x + i), act));
     else vstore_n(x + i, activate(vload_n(x + i, m), act), m);
-  }
+  });
 }
 
 void softcap(float* x, long n, float cap) {
   const Vf vcap = vset1(cap), inv = vset1(1.0f / cap);
-#pragma omp parallel for schedule(static) if (n > kParallelFloats)
-  for (long i = 0; i < n; i += kLanes) {
+  for_each_index((n + kLanes - 1) / kLanes, n > kParallelFloats, [&](long b) {
+    const long i = b * kLanes;
     const int m = (int)lmin(kLanes, n - i);
     const Vf v = m == kLanes ? vload(x + i) : vload_n(x + i, m);
     const Vf capped = vsoftcap(v, vcap, inv);
     if (m == kLanes) vstore(x + i, capped); else vstore_n(x + i, capped, m);
-  }
+  });
 }
 
 void gated_activation_row(const float* gate, const float* up, long n, Activation act, float* out) {
@@ -132,13 +130,12 @@ void gated_activation_row(const float* gate, const float* up, long n, Activation
 }
 
 void gated_activation(const float* gu, long rows, long n, Activation act, float* out) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelFloats)
-  for (long r = 0; r < rows; ++r) gated_activation_row(gu + r * 2 * n, gu + r * 2 * n + n, n, act, out + r * n);
+  for_each_index(rows, rows * n > kParallelFloats,
+                 [&](long r) { gated_activation_row(gu + r * 2 * n, gu + r * 2 * n + n, n, act, out + r * n); });
 }
 
 void softmax(float* x, long rows, long n) {  // one row stays on the calling thread (the sampler's)
-#pragma omp parallel for schedule(static) if (rows > 1 && rows * n > kParallelFloats)
-  for (long r = 0; r < rows; ++r) {
+  for_each_index(rows, rows > 1 && rows * n > kParallelFloats, [&](long r) {
     float* xr = x + r * n;
     Vf vmx = vset1(-INFINITY);
     long i = 0;
@@ -163,7 +160,7 @@ void softmax(float* x, long rows, long n) {  // one row stays on the calling thr
     }
     const float inv = 1.0f / total;
     scale_row(xr, 0.0f, inv, nullptr, nullptr, n, xr);
-  }
+  });
 }
 
 // max(x) and log(sum(exp(x - max))); max is -inf when every entry is.
@@ -266,22 +263,20 @@ void log_softmax(float* x, long n) {
 }
 
 void rope_table(const int32_t* pos, long rows, const float* inv_freq, int half, float scaling, float* cs) {
-#pragma omp parallel for schedule(static) if (rows * half > kParallelFloats / 8)
-  for (long r = 0; r < rows; ++r) {
+  for_each_index(rows, rows * half > kParallelFloats / 8, [&](long r) {
     float* c = cs + r * 2 * half;
     for (int i = 0; i < half; ++i) {
       const float angle = (float)pos[r] * inv_freq[i];  // a float product, as in torch
       c[i] = (float)cos((double)angle) * scaling;
       c[half + i] = (float)sin((double)angle) * scaling;
     }
-  }
+  });
 }
 
 void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int rot_dim, const float* table,
           bool interleaved) {
   const int half = rot_dim / 2;
-#pragma omp parallel for schedule(static) if (rows * n_heads * head_dim > kParallelFloats)
-  for (long r = 0; r < rows; ++r) {
+  for_each_index(rows, rows * n_heads * head_dim > kParallelFloats, [&](long r) {
     const float* cs = table + r * 2 * half;
     const float* sn = cs + half;
     float* row = x + r * row_stride;
@@ -301,7 +296,7 @@ void rope(float* x, long rows, long row_stride, int n_heads, int head_dim, int r
         }
       }
     }
-  }
+  });
 }
 
 void linear(const float* x, long M, long K, const void* w, WeightType wt, long N, const float* bias,

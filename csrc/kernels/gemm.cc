@@ -209,8 +209,7 @@ static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // dst[m][0, ld) = bf16(x[m][0, K)), round to nearest even, zeros past K (ld >= K).
 void round_rows_to_bf16(const float* x, long M, long K, long ld, uint16_t* dst) {
-#pragma omp parallel for schedule(static) if (M * K > 65536)
-  for (long m = 0; m < M; ++m) {
+  for_each_index(M, M * K > 65536, [&](long m) {
     const float* src = x + m * K;
     uint16_t* out = dst + m * ld;
     long k = 0;
@@ -221,7 +220,7 @@ void round_rows_to_bf16(const float* x, long M, long K, long ld, uint16_t* dst) 
       _mm256_mask_storeu_epi16(out + k, mask, (__m256i)v);
     }
     for (k = K; k < ld; ++k) out[k] = 0;
-  }
+  });
 }
 
 // How far ahead of its loads decode's pass over bf16 panels prefetches. SmolLM2 bf16 decode steps

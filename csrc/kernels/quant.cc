@@ -1129,11 +1129,10 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   float* xd = (float*)malloc(sizeof(float) * M * nblocks * 2 + 64);
   float* xs = xd + M * nblocks;
   QuantRow* rows = (QuantRow*)malloc(sizeof(QuantRow) * M);
-#pragma omp parallel for schedule(static) if (M * K > 65536)
-  for (long m = 0; m < M; ++m) {
+  for_each_index(M, M * K > 65536, [&](long m) {
     quantize_row(x + m * K, K, xq + m * K, xd + m * nblocks, xs + m * nblocks);
     rows[m] = {xq + m * K, xd + m * nblocks, xs + m * nblocks};
-  }
+  });
   switch (w.format) {
     case QuantFormat::kQ8_0: quant_few_rows<QuantFormat::kQ8_0>(rows, M, w, bias, y, accumulate); break;
     case QuantFormat::kQ4_0: quant_few_rows<QuantFormat::kQ4_0>(rows, M, w, bias, y, accumulate); break;

@@ -377,6 +377,20 @@ static inline float vabsmax(const float* x, int n, bool* finite) {
   return vmaxr(amax);
 }
 
+// body(i) for i in [0, n): shared among a new team's threads when `parallel`, else on the calling
+// thread. `#pragma omp parallel for if (c)` enters the OpenMP runtime even when c is false (a team of
+// one: 0.23 us a call on the AMX Xeon, against 1.0 us for a real region), which the small kernels
+// of a decode step (norms, residual adds, RoPE, cache stores: ~8 a layer) paid on every call.
+template <class Body>
+static inline void for_each_index(long n, bool parallel, const Body& body) {
+  if (parallel) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; ++i) body(i);
+  } else {
+    for (long i = 0; i < n; ++i) body(i);
+  }
+}
+
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
