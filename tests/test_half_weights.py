@@ -39,8 +39,10 @@ def assert_close(y, ref, rtol=1e-5):
 # pair), K past one 32-wide vdpbf16ps step and past one packed depth block, N past one panel. On
 # panels avx512_amx takes AMX tiles from 16 rows: blocks of 32 rows partly past M (17, 48), depth
 # blocks that end in a part of a 32-deep step (K = 577: 289 + 288; 1200: 3 x 400).
+# (1, 577, 200) and (1, 1200, 130): decode's single row over several panels of 32 columns (taken two
+# at a time on the bf16-product tables), an odd count and a partial last one, one and three depth blocks.
 SHAPES = [(1, 7, 5), (3, 77, 33), (16, 100, 70), (17, 577, 70), (48, 1200, 33), (64, 576, 200), (1, 1537, 9),
-          (160, 7, 7), (161, 33, 577), (200, 577, 70), (300, 576, 100)]
+          (1, 577, 200), (1, 1200, 130), (160, 7, 7), (161, 33, 577), (200, 577, 70), (300, 576, 100)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -92,7 +94,7 @@ def test_bf16_panels_made_once_match_float64(isa, m, k, n):
         np.testing.assert_array_equal(y, _core.ops.linear(x, wb, bias))
 
 
-@pytest.mark.parametrize("m,k,inter", [(1, 64, 32), (5, 577, 96), (40, 577, 96), (300, 577, 96)])
+@pytest.mark.parametrize("m,k,inter", [(1, 64, 32), (1, 577, 256), (5, 577, 96), (40, 577, 96), (300, 577, 96)])
 def test_bf16_gated_panels_made_once_match_torch(isa, m, k, inter):
     rng = np.random.default_rng(m + k + inter)
     x = rng.standard_normal((m, k), dtype=np.float32)
