@@ -300,12 +300,11 @@ struct Bf16PairPanels {
   using Tiles = TileTable<Bf16PairPanels, uint16_t, uint16_t, 1, 2, 3, 4, 5, 6, 7, 8>;
 
   // Decode's one row against NP whole panels at once: c[0, NP NR) (+)= a[kc] * [panel 0 | ...] (+
-  // bias), panel h at panel + h * stride. NP streams a panel (36 KiB at K = 576) apart instead of one,
+  // bias), the panels (kc deep, stored) one after another. NP streams a panel (36 KiB at K = 576) apart instead of one,
   // each prefetched: the hardware prefetcher follows a stream within 4 KiB pages, and two keep more
   // lines in flight (SmolLM2 bf16 step on the AMX Xeon 9.5-10.1 -> 9.2-9.9 ms; four: as two).
   template <int NP>
-  static void row_panels(const uint16_t* a, const uint16_t* panel, long stride, int kc, float* c, bool load_c,
-                         const float* bias) {
+  static void row_panels(const uint16_t* a, const uint16_t* panel, int kc, float* c, bool load_c, const float* bias) {
     Vf acc[2 * NP];
     for (int i = 0; i < 2 * NP; ++i) acc[i] = vzero();
     for (int q = 0; q < kc / 2; ++q) {
@@ -314,7 +313,7 @@ struct Bf16PairPanels {
       const __m512bh ar = as_bh(_mm512_set1_epi32(pair));
 #pragma GCC unroll 8
       for (int h = 0; h < NP; ++h) {
-        const uint16_t* at = panel + h * stride + q * 2 * NR;
+        const uint16_t* at = panel + ((long)h * kc + q * 2) * NR;
         _mm_prefetch((const char*)at + kPanelPrefetchBytes, _MM_HINT_T0);
         _mm_prefetch((const char*)at + kPanelPrefetchBytes + 64, _MM_HINT_T0);
         acc[2 * h].v = _mm512_dpbf16_ps(acc[2 * h].v, ar, as_bh(_mm512_loadu_si512(at)));
@@ -536,8 +535,8 @@ void chunk_block(const typename P::Operand* a, long lda, long k0, int kc, const 
 #if defined(PYXF_BF16_DOT)
   if constexpr (std::is_same_v<P, Bf16PairPanels>) {
     for (; m_end - m_begin == 1 && (p + 2) * NR <= nc; p += 2) {
-      P::template row_panels<2>(a + m_begin * lda + k0, block + (long)p * stored * NR, (long)stored * NR, stored,
-                                c + p * NR, load_c, bias ? bias + p * NR : nullptr);
+      P::template row_panels<2>(a + m_begin * lda + k0, block + (long)p * stored * NR, stored, c + p * NR, load_c,
+                                bias ? bias + p * NR : nullptr);
     }
   }
 #endif
