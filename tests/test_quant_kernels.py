@@ -235,3 +235,69 @@ def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
         np.testing.assert_array_equal(gated, _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu"))
         gu = ref - bias
         assert np.abs(gated - silu(gu[:, :n // 2]) * gu[:, n // 2:]).max() <= 1e-5 * np.abs(gated).max() + 1e-6
+
+
+STRIP_FORMATS = ["q8_0", "q4_0"]
+STRIP_KERNELS = [name for name in KERNELS if name.startswith("avx512")]
+
+
+@pytest.mark.parametrize("fmt", STRIP_FORMATS)
+@pytest.mark.parametrize("m,k,n", [(1, 32, 16), (1, 576, 37), (3, 96, 5), (4, 160, 48), (5, 64, 17), (19, 1536, 33),
+                                   (31, 96, 20), (32, 96, 37), (40, 576, 70)])
+def test_decode_strips_match_reference(isa, fmt, m, k, n):
+    # Decoders' q8_0 / q4_0 matrices are repacked at load into strips of 16 rows where the table has
+    # that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM packs its panels from them
+    # from 32 (whole, partial and lone strips; one to four rows a tile and leftovers).
+    rng = np.random.default_rng(m * 101 + k + n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    wq, scales, w_deq = quantized_weight(w, fmt)
+    if not isa.startswith("avx512"):
+        with pytest.raises(ValueError, match="no decode layout"):
+            _core.ops.linear_quant(x, wq, fmt, bias=bias, panels="decode")
+        return
+    ref = reference_product(x, w_deq, isa, fmt) + bias
+    y = _core.ops.linear_quant(x, wq, fmt, bias=bias, panels="decode")
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    if m >= 32:  # the GEMM: the same panels as packed from the rows, so the same products
+        np.testing.assert_array_equal(y, _core.ops.linear_quant(x, wq, fmt, bias=bias))
+
+
+@pytest.mark.parametrize("isa", STRIP_KERNELS, indirect=True)
+@pytest.mark.parametrize("fmt", STRIP_FORMATS)
+@pytest.mark.parametrize("m,inter", [(2, 24), (40, 24), (33, 64)])
+def test_decode_strips_gated(isa, fmt, m, inter):
+    # [gate; up] on strips: the up half starts inside a strip when inter % 16 != 0 (its panels are
+    # then packed from the rows).
+    rng = np.random.default_rng(m + inter)
+    k = 128
+    w = rng.standard_normal((2 * inter, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wq, scales, w_deq = quantized_weight(w, fmt)
+    gu = reference_product(x, w_deq, isa, fmt)
+    ref = silu(gu[:, :inter]) * gu[:, inter:]
+    y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu", panels="decode")
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("isa", STRIP_KERNELS, indirect=True)
+def test_decode_strips_non_finite_rows(isa):
+    """An inf or NaN in an activation row makes that row's outputs NaN on the strips too."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((40, 96)).astype(np.float32)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    x[0, 50] = np.nan
+    x[2, 3] = np.inf
+    for fmt in STRIP_FORMATS:
+        y = _core.ops.linear_quant(x, gguf.quants.quantize(w, QTYPES[fmt]), fmt, panels="decode")
+        assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
+
+
+def test_panels_argument_is_checked():
+    x = np.ones((1, 32), np.float32)
+    wq = gguf.quants.quantize(np.ones((4, 32), np.float32), QTYPES["q8_0"])
+    with pytest.raises(ValueError, match="panels must be"):
+        _core.ops.linear_quant(x, wq, "q8_0", panels="sideways")
+    with pytest.raises(ValueError, match="repeat"):
+        _core.ops.linear_quant(x, wq, "q8_0", repeat=0)

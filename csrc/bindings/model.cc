@@ -14,7 +14,7 @@ PyModel::PyModel(py::dict config, py::dict weights) {
   ModelConfig c = model_config(values);
   py::dict formats = values.has("tensor_formats") ? config["tensor_formats"].cast<py::dict>() : py::dict();
   tensors_ = tensor_set(weights, formats, values.has("dtype") ? values.text("dtype") : "float32", keep_);
-  binder_ = std::make_unique<WeightBinder>(tensors_, /*gemm_panels=*/!c.causal,  // encoders: batches only
+  binder_ = std::make_unique<WeightBinder>(tensors_, c.causal ? QuantPanels::kDecode : QuantPanels::kBatches,
                                            values.has("huge_pages") && values.boolean("huge_pages"));
   ModelWeights w = bind_stack(c, *binder_);
   requests_ = binder_->requests();

@@ -22,10 +22,10 @@ namespace {
 // A quantized weight argument: `w` in `format` ([N, row bytes] blocks, or int8 [N, K] with
 // per-row `row_scales`), checked as the model binder checks stored tensors.
 struct QuantArg {
-  // panels: also give the matrix the active ISA's many-rows layout (gemm_panels), as models whose
-  // calls all run many rows have it.
+  // panels: also give the matrix the active ISA's layout for that use (gemm_panels), as models
+  // have it: kBatches as encoders', kDecode as decoders' (ValueError where the table has none).
   QuantArg(const py::array& w, const std::string& format, const py::object& row_scales, long cols,
-           bool panels = false) {
+           QuantPanels panels = QuantPanels::kNone) {
     TensorView view{w.data(), w.dtype().kind() == 'i' ? DType::kI8 : DType::kU8,
                     std::vector<long>(w.shape(), w.shape() + w.ndim())};
     // Not bytes, or not C-contiguous: refused by quant_matrix, which names the layout it needs.
@@ -37,12 +37,27 @@ struct QuantArg {
     }
     q = quant_matrix("w", view, row_scales.is_none() ? nullptr : &scale_view, quant_format(format),
                      w.ndim() == 2 ? w.shape(0) : -1, cols);
-    if (panels) make_gemm_panels(q, memory);
+    make_quant_panels(q, panels, memory);
+    if (panels == QuantPanels::kDecode && !q.gemm_panels) {
+      throw py::value_error(std::string("the ") + kernels::active().name + " kernels have no decode layout for " + format);
+    }
   }
   FloatArray scales;
   WeightMemory memory{false};
   kernels::QuantWeight q;
 };
+
+// A `panels` argument: False (the rows as stored), True or "batches" (encoders' many-rows layout),
+// "decode" (decoders' layout).
+QuantPanels quant_panels_arg(const py::object& panels) {
+  if (py::isinstance<py::bool_>(panels)) return panels.cast<bool>() ? QuantPanels::kBatches : QuantPanels::kNone;
+  if (py::isinstance<py::str>(panels)) {
+    const std::string name = panels.cast<std::string>();
+    if (name == "batches") return QuantPanels::kBatches;
+    if (name == "decode") return QuantPanels::kDecode;
+  }
+  throw py::value_error("panels must be False, True, 'batches' or 'decode'");
+}
 
 // Kernels on numpy arrays, for tests: each runs on the active ISA table.
 }  // namespace
@@ -104,10 +119,11 @@ void bind_ops(py::module_& ops) {
     return y;
   }, "x"_a, "w"_a, "bias"_a = py::none(), "panels"_a = false);
   // w: [N, row bytes] uint8 blocks (or int8 [N, K] with row_scales for "int8").
+  // repeat: the product computed that many times (kernel timings without the packing and checks).
   ops.def("linear_quant", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
-                              py::object bias, bool panels) {
+                              py::object bias, py::object panels, int repeat) {
     check_2d(x, "x");
-    QuantArg arg(w, format, row_scales, x.shape(1), panels);
+    QuantArg arg(w, format, row_scales, x.shape(1), quant_panels_arg(panels));
     const kernels::QuantWeight& q = arg.q;
     FloatArray b;
     if (!bias.is_none()) {
@@ -115,16 +131,21 @@ void bind_ops(py::module_& ops) {
       if (b.ndim() != 1 || b.shape(0) != q.rows) throw py::value_error("bias must be [N]");
     }
     py::array_t<float> y({x.shape(0), (ssize_t)q.rows});
-    kernels::active().linear_quant(x.data(), x.shape(0), q, bias.is_none() ? nullptr : b.data(),
-                                   y.mutable_data(), false);
+    if (repeat < 1) throw py::value_error("repeat must be at least 1");
+    CoreCall call;
+    for (int i = 0; i < repeat; ++i) {
+      kernels::active().linear_quant(x.data(), x.shape(0), q, bias.is_none() ? nullptr : b.data(),
+                                     y.mutable_data(), false);
+    }
     return y;
-  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none(), "panels"_a = false);
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "bias"_a = py::none(), "panels"_a = py::bool_(false),
+     "repeat"_a = 1);
   // w = [gate; up] (2 I rows): act(x gate^T) * (x up^T), fused where the ISA has the kernel.
   ops.def("linear_quant_gated", [=](FloatArray x, py::array w, const std::string& format, py::object row_scales,
-                                    const std::string& activation, bool panels) {
+                                    const std::string& activation, py::object panels) {
     check_2d(x, "x");
     const kernels::Activation act = activation_from_name(activation);
-    QuantArg arg(w, format, row_scales, x.shape(1), panels);
+    QuantArg arg(w, format, row_scales, x.shape(1), quant_panels_arg(panels));
     const kernels::QuantWeight& q = arg.q;
     if (q.rows % 2) throw py::value_error("a gated weight has an even number of rows (gate, then up)");
     const long M = x.shape(0), I = q.rows / 2;
@@ -138,7 +159,7 @@ void bind_ops(py::module_& ops) {
       K.gated_activation(gu.data(), M, I, act, y.mutable_data());
     }
     return y;
-  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "activation"_a = "silu", "panels"_a = false);
+  }, "x"_a, "w"_a, "format"_a, "row_scales"_a = py::none(), "activation"_a = "silu", "panels"_a = py::bool_(false));
   ops.def("dequantize", [=](py::array w, const std::string& format, long cols, py::object row_scales) {
     QuantArg arg(w, format, row_scales, cols);
     const kernels::QuantWeight& q = arg.q;

@@ -23,7 +23,7 @@ class PySeq2SeqModel {
     Seq2SeqConfig c = seq2seq_config(values);
     py::dict formats = values.has("tensor_formats") ? config["tensor_formats"].cast<py::dict>() : py::dict();
     tensors_ = tensor_set(weights, formats, values.has("dtype") ? values.text("dtype") : "float32", keep_);
-    binder_ = std::make_unique<WeightBinder>(tensors_, /*gemm_panels=*/true,  // batches of sources and beams
+    binder_ = std::make_unique<WeightBinder>(tensors_, QuantPanels::kBatches,  // batches of sources and beams
                                              values.has("huge_pages") && values.boolean("huge_pages"));
     const bool shared = values.has("shared_embeddings") && values.boolean("shared_embeddings");
     ModelWeights encoder = bind_stack(c.encoder, *binder_, "encoder.", shared ? "embed.weight" : "encoder.embed.weight");

@@ -315,6 +315,8 @@ void linear_quant_segments(const float* x, long M, const QuantWeight* w, int n, 
 void dequantize_row(const QuantWeight& w, long row, float* out);
 long gemm_panel_bytes(const QuantWeight& w);
 PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out);
+long decode_panel_bytes(const QuantWeight& w);
+PanelLayout pack_decode_panels(const QuantWeight& w, uint8_t* out);
 
 void fill_table(KernelTable* t) {
 #if defined(PYXF_TARGET_avx512)
@@ -351,10 +353,14 @@ void fill_table(KernelTable* t) {
   t->linear_quant_gated = linear_quant_gated;
   t->gemm_panel_bytes = gemm_panel_bytes;
   t->pack_gemm_panels = pack_gemm_panels;
+  t->decode_panel_bytes = decode_panel_bytes;
+  t->pack_decode_panels = pack_decode_panels;
 #else
   t->linear_quant_gated = nullptr;
   t->gemm_panel_bytes = nullptr;
   t->pack_gemm_panels = nullptr;
+  t->decode_panel_bytes = nullptr;
+  t->pack_decode_panels = nullptr;
 #endif
   t->dequantize_row = dequantize_row;
 }

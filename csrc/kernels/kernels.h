@@ -51,7 +51,15 @@ constexpr long kQuantGemmRows = 16;
 // panels only in its own layout (and packs per call otherwise), so panels made under one table stay
 // correct after set_isa. kVnni: the AVX-512 tables' int8 GEMM; kBf16Tiles: avx512_amx's int8 format,
 // dequantized to bf16 pair panels for its tiles.
-enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2 };
+enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2, kStrips = 3 };
+
+// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0 and q4_0 rows in strips of
+// kStripRows, each strip strip_block_bytes(format) per block of 32 columns (as many bytes as its
+// rows stored as they were).
+constexpr int kStripRows = 16;
+constexpr long strip_block_bytes(QuantFormat f) {
+  return (f == QuantFormat::kQ8_0 ? 8 * 64L : 4 * 64L) + 2L * kStripRows;
+}
 
 struct QuantWeight {
   QuantFormat format;
@@ -59,9 +67,10 @@ struct QuantWeight {
   const float* row_scales;    // int8 only
   long rows;                  // N
   long cols;                  // K, a multiple of quant_block_cols(format)
-  // The matrix repacked once for the many-rows kernel (KernelTable::pack_gemm_panels), or null:
-  // that kernel then repacks slices of the rows on every call. Read by the tables whose layout
-  // panel_layout names; a view of some of the rows (a row block) has none.
+  // The matrix repacked once, or null: for the many-rows kernel (KernelTable::pack_gemm_panels;
+  // without, it repacks slices of the rows on every call), or for decode (pack_decode_panels). Read
+  // by the tables whose layout panel_layout names; a view of some of the rows (a row block) keeps
+  // them only where they start at a strip (kStrips).
   const uint8_t* gemm_panels = nullptr;
   PanelLayout panel_layout = PanelLayout::kNone;
 };
@@ -220,6 +229,11 @@ struct KernelTable {
   // where the ISA has no such layout. The packing returns the layout it wrote (QuantWeight::panel_layout).
   long (*gemm_panel_bytes)(const QuantWeight& w);
   PanelLayout (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
+  // The same for decoders, whose calls are mostly a few rows (decode) and sometimes many (prefill):
+  // w repacked for the few-rows kernel (kStrips: q8_0 and q4_0 on AVX-512, as many bytes as w),
+  // from which the many-rows kernel packs its panels per call. 0 / null where w keeps its rows.
+  long (*decode_panel_bytes)(const QuantWeight& w);
+  PanelLayout (*pack_decode_panels)(const QuantWeight& w, uint8_t* out);
 };
 
 // The table in use: the best the CPU supports, or what PYXF_ISA / set_isa asked for.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/quant_strips.h"
 #include "kernels/simd.h"
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
@@ -20,6 +21,57 @@ void gated_activation_row(const float* gate, const float* up, long n, Activation
 void linear_quant_k(const float* x, long M, const QuantWeight& w, const float* bias, float* y, bool accumulate);
 void linear_quant_gated_k(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 void dequantize_row_k(const QuantWeight& w, long row, float* out);
+
+// One scale per block, also for the int8 format, whose weights have one per row: a scale per run
+// of four blocks would let its GEMM sum them in int32, but cost SmolLM2 int8 ~2 points of top-1
+// agreement with float32 (and MiniLM's lowest cosine 0.99892 -> 0.99805).
+void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
+  for (long b = 0; b < K / kQuantBlock; ++b) {
+    const float* xb = x + b * kQuantBlock;
+    bool finite;
+    const float m = vabsmax(xb, kQuantBlock, &finite);
+    const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    if (!finite || !(inv <= FLT_MAX)) {
+      // An inf or NaN in the block: its products are NaN, as in float, not the integer garbage a
+      // NaN converts to. Or values so small that 127 / max overflows: they count as zeros.
+      std::memset(q + b * kQuantBlock, 0, kQuantBlock);
+      d[b] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
+      s[b] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    // Round to nearest even (the default mode, as nearbyintf); |x * inv| <= 127.
+#if defined(PYXF_TARGET_avx512)
+    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb), vi));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16), vi));
+    _mm_storeu_si128((__m128i*)(q + b * kQuantBlock), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i*)(q + b * kQuantBlock + 16), _mm512_cvtepi32_epi8(q1));
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#elif defined(PYXF_TARGET_avx2)
+    const __m256 vi = _mm256_set1_ps(inv);
+    __m256i qi[4];
+    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), vi));
+    // int32 -> int16 -> int8 packs interleave 128-bit lanes; one permute restores the order.
+    const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(q + b * kQuantBlock), bytes);
+    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    const __m128i s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4e));
+    const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1)));
+#else
+    int sum = 0;
+    for (int i = 0; i < kQuantBlock; ++i) {
+      const int v = (int)nearbyintf(xb[i] * inv);
+      q[b * kQuantBlock + i] = (int8_t)v;
+      sum += v;
+    }
+#endif
+    d[b] = scale;
+    s[b] = scale * (float)sum;
+  }
+}
 
 namespace {
 
@@ -39,57 +91,6 @@ struct QuantRow {
   const float* d;
   const float* s;
 };
-
-// One scale per block, also for the int8 format, whose weights have one per row: a scale per run
-// of four blocks would let its GEMM sum them in int32, but cost SmolLM2 int8 ~2 points of top-1
-// agreement with float32 (and MiniLM's lowest cosine 0.99892 -> 0.99805).
-void quantize_row(const float* x, long K, int8_t* q, float* d, float* s) {
-  for (long b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
-    bool finite;
-    const float m = vabsmax(xb, QK, &finite);
-    const float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
-    if (!finite || !(inv <= FLT_MAX)) {
-      // An inf or NaN in the block: its products are NaN, as in float, not the integer garbage a
-      // NaN converts to. Or values so small that 127 / max overflows: they count as zeros.
-      std::memset(q + b * QK, 0, QK);
-      d[b] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
-      s[b] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
-    // Round to nearest even (the default mode, as nearbyintf); |x * inv| <= 127.
-#if defined(PYXF_TARGET_avx512)
-    const __m512 vi = _mm512_set1_ps(inv);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb), vi));
-    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16), vi));
-    _mm_storeu_si128((__m128i*)(q + b * QK), _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128((__m128i*)(q + b * QK + 16), _mm512_cvtepi32_epi8(q1));
-    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-#elif defined(PYXF_TARGET_avx2)
-    const __m256 vi = _mm256_set1_ps(inv);
-    __m256i qi[4];
-    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), vi));
-    // int32 -> int16 -> int8 packs interleave 128-bit lanes; one permute restores the order.
-    const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
-    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23),
-                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i*)(q + b * QK), bytes);
-    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-    const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-    const __m128i s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4e));
-    const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1)));
-#else
-    int sum = 0;
-    for (int i = 0; i < QK; ++i) {
-      const int v = (int)nearbyintf(xb[i] * inv);
-      q[b * QK + i] = (int8_t)v;
-      sum += v;
-    }
-#endif
-    d[b] = scale;
-    s[b] = scale * (float)sum;
-  }
-}
 
 // ---- one block: 32 weights (as stored) times 32 int8 activations -> partial int32 sums ----
 #if defined(PYXF_TARGET_avx512) || defined(PYXF_TARGET_avx2)
@@ -634,31 +635,49 @@ void with_stream_format(QuantFormat f, Fn&& fn) {
 
 bool quant_gemm(const QuantWeight& w, long M);  // below
 
+// Matrices that M activation rows multiply on their strips (made at load for decoders).
+bool on_strips(const QuantWeight& w, long M) { return has_strips(w) && !quant_gemm(w, M); }
+
 // Matrices whose rows the streaming GEMV serves for M activation rows.
 bool streams(const QuantWeight& w, long M) {
-  return !is_k_quant(w.format) && !quant_gemm(w, M) && quant_gemv(w.format) == QuantGemv::kStream;
+  return !is_k_quant(w.format) && !has_strips(w) && !quant_gemm(w, M) && quant_gemv(w.format) == QuantGemv::kStream;
 }
 
 // The segments of one matrix (row ranges in different formats), side by side in y[M][ldy], in one
-// parallel region: each segment's tiles are split between the threads, with no barrier between
-// segments (two calls cost a second fork and join, and an uneven last share, per matrix).
-void linear_quant_stream_segments(const float* x, long M, const QuantWeight* w, int n, const float* bias,
+// parallel region, each on its strips or streamed: each segment's tiles are split between the
+// threads, with no barrier between segments (two calls cost a second fork and join, and an uneven
+// last share, per matrix).
+void linear_quant_decode_segments(const float* x, long M, const QuantWeight* w, int n, const float* bias,
                                   float* y, long ldy, bool accumulate) {
   std::vector<StreamRows> rows(n);
+  std::vector<StripActivations> strip_rows(n);
   for (int i = 0; i < n; ++i) {
-    with_stream_format(w[i].format, [&](auto F) { rows[i] = prepare_stream_rows<F.value>(x, M, w[i].cols); });
+    if (has_strips(w[i])) {
+      strip_rows[i] = prepare_strip_rows(x, M, w[i].cols, w[i].format);
+    } else {
+      with_stream_format(w[i].format, [&](auto F) { rows[i] = prepare_stream_rows<F.value>(x, M, w[i].cols); });
+    }
   }
 #pragma omp parallel if (ldy * w[0].cols > 32768)
   {
     long col = 0;
     for (int i = 0; i < n; ++i) {
-      with_stream_format(w[i].format, [&](auto F) {
-        stream_tiles<F.value>(rows[i], M, w[i], bias ? bias + col : nullptr, y + col, ldy, accumulate);
-      });
+      const float* bi = bias ? bias + col : nullptr;
+      if (has_strips(w[i])) {
+        strip_tiles(strip_rows[i], M, w[i], bi, y + col, ldy, accumulate);
+      } else {
+        with_stream_format(w[i].format, [&](auto F) { stream_tiles<F.value>(rows[i], M, w[i], bi, y + col, ldy, accumulate); });
+      }
       col += w[i].rows;
     }
   }
-  for (StreamRows& r : rows) free_stream_rows(r);
+  for (int i = 0; i < n; ++i) {
+    if (has_strips(w[i])) {
+      free_strip_rows(strip_rows[i]);
+    } else {
+      free_stream_rows(rows[i]);
+    }
+  }
 }
 #endif
 
@@ -735,11 +754,12 @@ static inline void transpose_rows_16x4(const uint8_t* p, long row_bytes, __mmask
 }
 
 // Packs 16 columns (weight rows; `live` lanes exist) of all blocks into panel halves. Each
-// [16 col][4 k] slice of a block is one int32 per column, the dwords of the transposes above:
-// 8-bit formats take their bytes as they are, 4-bit ones 4 bytes = 8 nibbles per column, whose low
-// halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
+// [16 col][4 k] slice of a block is one int32 per column, the dwords of the transposes above, or of
+// the strip (w's decode layout, when `strip` names one: those dwords as they lie, 8-bit ones
+// stored as w + 128): 8-bit formats take their bytes as they are, 4-bit ones 4 bytes = 8 nibbles
+// per column, whose low halves are k = 4g..4g+3 and high halves k = 16+4g.. (slice g + 4).
 void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, __mmask16 live, long nblocks,
-                    int8_t* panel, int32_t* corr) {
+                    int8_t* panel, int32_t* corr, const uint8_t* strip) {
   const int bb = block_bytes(w.format);
   const __m512i ones = _mm512_set1_epi8(1), nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
   const bool four_bit = w.format == QuantFormat::kQ4_0 || w.format == QuantFormat::kQ4_1;
@@ -750,7 +770,11 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
     __m512i slices[QK / 4];
     if (four_bit) {
       __m512i packed[QK / 8];  // the block's 16 nibble bytes
-      transpose_rows_16x4(base, row_bytes, live, packed);
+      if (strip) {
+        for (int g = 0; g < QK / 8; ++g) packed[g] = _mm512_maskz_loadu_epi32(live, strip + (b * (QK / 8) + g) * 64);
+      } else {
+        transpose_rows_16x4(base, row_bytes, live, packed);
+      }
       for (int g = 0; g < QK / 8; ++g) {
         const __m512i v = packed[g];
         __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
@@ -760,6 +784,11 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
         }
         slices[g] = lo;
         slices[g + QK / 8] = hi;
+      }
+    } else if (strip) {
+      const __m512i flip = _mm512_set1_epi8((char)0x80);
+      for (int g = 0; g < QK / 4; ++g) {
+        slices[g] = _mm512_maskz_mov_epi32(live, _mm512_xor_si512(_mm512_loadu_si512(strip + (b * (QK / 4) + g) * 64), flip));
       }
     } else {
       transpose_rows_16x8(base, row_bytes, live, slices);
@@ -775,19 +804,27 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
 
 void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel& p) {
   const long row_bytes = quant_row_bytes(w.format, w.cols);
+  static_assert(kVnniCols == 2 * kStripRows, "a panel's halves are two strips");
+  const bool strips = has_strips(w) && n0 % kStripRows == 0;  // (else from the rows: the up half of [gate; up], I % 16 != 0)
   for (int half = 0; half < 2; ++half) {
     const int live = imax(0, imin(16, ncols - 16 * half));
+    const uint8_t* strip = strips && live > 0 ? strip_quants(w, n0 / kStripRows + half) : nullptr;
     pack_vnni_half(w, w.data + (n0 + 16 * half) * row_bytes, row_bytes, (__mmask16)((1u << live) - 1), nblocks,
-                   p.w + half * (QK * 16), p.corr + 16 * half);
+                   p.w + half * (QK * 16), p.corr + 16 * half, strip);
   }
   const int bb = block_bytes(w.format);
   for (int c = 0; c < kVnniCols; ++c) {
     const bool real = c < ncols;
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
     const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
+    const uint16_t* strip_d = strips && real ? strip_scales(w, (n0 + c) / kStripRows) + (n0 + c) % kStripRows : nullptr;
     for (long b = 0; b < nblocks; ++b) {
       float d = 0.0f, m = 0.0f;
-      if (real) block_meta(w.format, row + b * bb, scale, &d, &m);
+      if (strip_d) {
+        d = half_to_float(strip_d[b * kStripRows]);
+      } else if (real) {
+        block_meta(w.format, row + b * bb, scale, &d, &m);
+      }
       p.d[b * kVnniCols + c] = d;
       p.m[b * kVnniCols + c] = m;
     }
@@ -951,8 +988,14 @@ bool has_panel(const QuantWeight& w, long n0) {
 // wins). The K-quants' GEMM wins from kQuantGemmRows.
 constexpr long kRepackGemmRows = 20;
 
+// Rows from which a matrix with strips (decoders', packed at load) runs the GEMM, its panels packed
+// from the strips per call: the strip GEMV serves fewer (AMX-era Xeon, 2 threads, 1536 x 576 q4_0:
+// the GEMV 51 us at 16 rows, 61 at 19, the GEMM 86 at 20, 99 at 28, 128 at 40 as the GEMV).
+constexpr long kStripGemmRows = 32;
+
 // Whether M rows of w run a GEMM (else a GEMV).
 bool quant_gemm(const QuantWeight& w, long M) {
+  if (has_strips(w)) return M >= kStripGemmRows;
   const bool repacks = !is_quant_k_format(w.format) && !has_panel(w, 0);
   return M >= (repacks ? kRepackGemmRows : kQuantGemmRows);
 }
@@ -1119,8 +1162,8 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   }
 #endif
 #if defined(PYXF_TARGET_avx512)
-  if (stream) {
-    linear_quant_stream_segments(x, M, &w, 1, bias, y, w.rows, accumulate);
+  if (stream || on_strips(w, M)) {
+    linear_quant_decode_segments(x, M, &w, 1, bias, y, w.rows, accumulate);
     return;
   }
 #endif
@@ -1150,10 +1193,10 @@ void linear_quant_segments(const float* x, long M, const QuantWeight* w, int n, 
   long width = 0;
   for (int i = 0; i < n; ++i) width += w[i].rows;
 #if defined(PYXF_TARGET_avx512)
-  bool stream = true;
-  for (int i = 0; i < n; ++i) stream &= streams(w[i], M);
-  if (stream) {
-    linear_quant_stream_segments(x, M, w, n, bias, y, width, accumulate);
+  bool decode = true;
+  for (int i = 0; i < n; ++i) decode &= streams(w[i], M) || on_strips(w[i], M);
+  if (decode) {
+    linear_quant_decode_segments(x, M, w, n, bias, y, width, accumulate);
     return;
   }
 #endif
@@ -1193,6 +1236,14 @@ void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation
 long gemm_panel_bytes(const QuantWeight& w) {
   if (is_quant_k_format(w.format)) return 0;
   return (w.rows + kVnniCols - 1) / kVnniCols * panel_bytes(w.cols / QK);
+}
+
+long decode_panel_bytes(const QuantWeight& w) { return strips_bytes(w); }
+
+PanelLayout pack_decode_panels(const QuantWeight& w, uint8_t* out) {
+  if (strips_bytes(w) == 0) return PanelLayout::kNone;
+  pack_strips(w, out);
+  return PanelLayout::kStrips;
 }
 
 PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out) {

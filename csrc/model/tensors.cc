@@ -155,11 +155,21 @@ Linear WeightBinder::matrix(const std::string& name, long out, long in) {
 
 Linear WeightBinder::table(const std::string& name, long out, long in) { return view(name, out, in); }
 
+// Whether every part of a quantized matrix (its one format, or each segment) has panels.
+static bool quant_panels(const Linear& l) {
+  if (!l.quantized) return false;
+  if (l.segments.empty()) return l.quant.gemm_panels != nullptr;
+  for (const kernels::QuantWeight& s : l.segments) {
+    if (!s.gemm_panels) return false;
+  }
+  return true;
+}
+
 Linear WeightBinder::linear(const std::string& name, long out, long in) {
   Linear l = view(name + ".weight", out, in);
   l.bias = floats(name + ".bias", {out}, false);
   if (!l.quantized) l.panels = dense_panels(name + ".weight", l, out, in);
-  if (!l.panels && !l.quant.gemm_panels) copy_into_memory(name + ".weight", l);  // read whole on every call
+  if (!l.panels && !quant_panels(l)) copy_into_memory(name + ".weight", l);  // read whole on every call
   return l;
 }
 
@@ -278,7 +288,7 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
     auto scales = set_.tensors.find(name + "_scale");
     l.quant = quant_matrix(name, t, scales == set_.tensors.end() ? nullptr : &scales->second,
                            quant_format(spec[0].format), out, in);
-    if (gemm_panels_) attach_panels(name, l.quant);
+    attach_panels(name, l.quant);
     return l;
   }
   if (t.dtype != DType::kU8 || t.shape.size() != 1) {
@@ -303,26 +313,38 @@ Linear WeightBinder::quantized(const std::string& name, long out, long in) {
                            std::to_string(offset) + " bytes, expected " + std::to_string(out) + " rows and " +
                            std::to_string(t.shape[0]) + " bytes");
   }
+  if (quant_panels_ == QuantPanels::kDecode) {  // (the many-rows panels are of one format)
+    for (size_t i = 0; i < l.segments.size(); ++i) attach_panels(name + "#" + std::to_string(i), l.segments[i]);
+  }
   return l;
 }
 
-void make_gemm_panels(kernels::QuantWeight& w, WeightMemory& memory) {
+void make_quant_panels(kernels::QuantWeight& w, QuantPanels use, WeightMemory& memory) {
   const kernels::KernelTable& K = kernels::active();
-  const long bytes = K.gemm_panel_bytes ? K.gemm_panel_bytes(w) : 0;
+  const bool decode = use == QuantPanels::kDecode;
+  const auto bytes_of = decode ? K.decode_panel_bytes : K.gemm_panel_bytes;
+  const auto pack = decode ? K.pack_decode_panels : K.pack_gemm_panels;
+  const long bytes = use != QuantPanels::kNone && bytes_of ? bytes_of(w) : 0;
   w.gemm_panels = nullptr;
   w.panel_layout = kernels::PanelLayout::kNone;
   if (bytes <= 0) return;
   uint8_t* p = memory.allocate((size_t)bytes);
-  w.panel_layout = K.pack_gemm_panels(w, p);
+  w.panel_layout = pack(w, p);
   w.gemm_panels = p;
 }
 
 void WeightBinder::attach_panels(const std::string& name, kernels::QuantWeight& w) {
+  if (quant_panels_ == QuantPanels::kNone) return;
   if (panels_.find(name) == panels_.end()) {
     kernels::QuantWeight packed = w;
-    make_gemm_panels(packed, memory_);
+    make_quant_panels(packed, quant_panels_, memory_);
     panels_.emplace(name, packed.gemm_panels);
     panel_layouts_[name] = packed.panel_layout;
+    // Strips replace the rows for every call the active kernels make; other tables (set_isa) read
+    // the rows again from the file.
+    if (packed.panel_layout == kernels::PanelLayout::kStrips) {
+      release_pages(w.data, (size_t)w.rows * kernels::quant_row_bytes(w.format, w.cols));
+    }
   }
   w.gemm_panels = static_cast<const uint8_t*>(panels_.at(name));
   w.panel_layout = w.gemm_panels ? panel_layouts_.at(name) : kernels::PanelLayout::kNone;
@@ -349,8 +371,12 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
     const long lo = std::max(first, start), hi = std::min(first + count, start + s.rows);
     if (lo < hi) {
       kernels::QuantWeight cut = s;
-      cut.gemm_panels = nullptr;  // panels are of the whole matrix
-      cut.panel_layout = kernels::PanelLayout::kNone;
+      // Panels are of the whole matrix; strips serve rows from the start of one.
+      const bool strips = s.panel_layout == kernels::PanelLayout::kStrips && (lo - start) % kernels::kStripRows == 0;
+      cut.gemm_panels = strips ? s.gemm_panels + (lo - start) / kernels::kStripRows * (s.cols / kernels::kQuantBlock) *
+                                                     kernels::strip_block_bytes(s.format)
+                               : nullptr;
+      cut.panel_layout = strips ? s.panel_layout : kernels::PanelLayout::kNone;
       cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
       cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
       cut.rows = hi - lo;

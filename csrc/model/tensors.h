@@ -82,9 +82,16 @@ class WeightMemory {
 // madvise), read once.
 bool huge_pages_offered();
 
-// w repacked in the active kernels' many-rows layout, in `memory`: sets w.gemm_panels and
+// The layout a model's quantized matrices are repacked into at load, for the calls it makes most.
+enum class QuantPanels {
+  kNone,     // the rows as stored
+  kBatches,  // many rows a call (encoders, encoder-decoders): the many-rows kernel's panels
+  kDecode,   // decoders, mostly a few rows a call: the few-rows kernel's (KernelTable::pack_decode_panels)
+};
+
+// w repacked in the active kernels' layout for `use`, in `memory`: sets w.gemm_panels and
 // w.panel_layout (null and none where they have no such layout).
-void make_gemm_panels(kernels::QuantWeight& w, WeightMemory& memory);
+void make_quant_panels(kernels::QuantWeight& w, QuantPanels use, WeightMemory& memory);
 // A float or 16-bit matrix w [out, in] of type wt packed by the active kernels
 // (KernelTable::pack_dense_panels) into `memory`; null where they pack that type per call only.
 const void* make_dense_panels(const void* w, kernels::WeightType wt, long out, long in, WeightMemory& memory);
@@ -98,14 +105,14 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count);
 
 class WeightBinder {
  public:
-  // gemm_panels: give each quantized matrix of one format the active kernels' many-rows layout
-  // (kernels::QuantWeight::gemm_panels), made now and owned here; for models whose every call
-  // runs many rows (encoders, encoder-decoders), where repacking per call would cost more.
+  // quant_panels: the layout each quantized matrix (each segment) gets where the active kernels
+  // have one (kernels::QuantWeight::gemm_panels), made now and owned here; the stored rows' pages
+  // are then released (decode layouts replace the rows for every call these kernels make).
   // huge_pages: panels, and copies of the matrices read whole on every call (those without
   // panels), on transparent huge pages (WeightMemory); otherwise those matrices are read where the
   // caller keeps them (the model file's mapping).
-  WeightBinder(const TensorSet& set, bool gemm_panels, bool huge_pages)
-      : set_(set), gemm_panels_(gemm_panels), memory_(huge_pages && huge_pages_offered()) {}
+  WeightBinder(const TensorSet& set, QuantPanels quant_panels, bool huge_pages)
+      : set_(set), quant_panels_(quant_panels), memory_(huge_pages && huge_pages_offered()) {}
 
   // A float vector or table, widened to float32 once when stored in 16 bits; null when optional
   // and absent.
@@ -141,14 +148,14 @@ class WeightBinder {
   // w's bytes copied once per tensor name into memory_ (huge pages), w pointed at the copy and the
   // original's pages released; nothing without huge pages.
   void copy_into_memory(const std::string& name, Linear& w);
-  // Gives w the many-rows layout (made once per tensor name), where the kernels have one.
+  // Gives w the layout quant_panels_ asks for (made once per name), where the kernels have one.
   void attach_panels(const std::string& name, kernels::QuantWeight& w);
   // The panels of a float or 16-bit matrix (made once per tensor name), or null.
   const void* dense_panels(const std::string& name, const Linear& w, long out, long in);
 
   const TensorSet& set_;
   std::vector<TensorRequest> requests_;
-  bool gemm_panels_;
+  QuantPanels quant_panels_;
   WeightMemory memory_;
   std::vector<std::unique_ptr<float[]>> owned_;  // widened copies
   std::map<std::string, const void*> panels_;  // by tensor name: dense panels, and quantized ones' memory

@@ -308,7 +308,11 @@ static void plain_ffn(const Linear& up, const Linear& down, const float* x, long
 constexpr long kFfnChunkRows = 256;
 
 static long ffn_chunk_rows(const Linear& up, const Linear& down, bool gated, long rows) {
-  const bool quantized = up.quantized && up.quant.gemm_panels && down.quantized && down.quant.gemm_panels;
+  const auto gemm_panels = [](const Linear& w) {
+    return w.quantized && w.quant.panel_layout != kernels::PanelLayout::kNone &&
+           w.quant.panel_layout != kernels::PanelLayout::kStrips;  // strips: the GEMM packs per call
+  };
+  const bool quantized = gemm_panels(up) && gemm_panels(down);
   const bool dense = !gated && !up.quantized && up.panels && !down.quantized && down.panels;
   return quantized || dense ? kFfnChunkRows : rows;
 }

@@ -1,0 +1,52 @@
+// Quantized matrices repacked at load into strips of 16 rows (PanelLayout::kStrips), the layout the
+// AVX-512 decode GEMV reads (quant_strips.cc) and the many-rows GEMM packs its panels from.
+//
+// A strip holds rows 16 s .. 16 s + 15 of a q8_0 or q4_0 matrix (rows past the matrix: zero
+// weights, scale 0), block after block of 32 columns:
+//   quants  [nblocks][groups][16 rows][4 bytes]: group g is bytes 4g .. 4g + 3 of each row's block,
+//           so one 64-byte load is a vpdpbusd operand for 16 rows at once. q8_0: 8 groups, the
+//           bytes stored as w + 128 (unsigned, as vpdpbusd multiplies them); q4_0: 4 groups of the
+//           stored nibble bytes (low nibbles: columns 4g .., high nibbles: 16 + 4g ..; values w + 8);
+//   scales  [nblocks][16 rows] fp16, after all the quants.
+// Bytes per strip equal those of the 16 rows as stored: the layout adds nothing to what a decode
+// step reads, and the rows' own pages are released once the strips exist.
+#pragma once
+
+#include "kernels/kernels.h"
+
+namespace pyxf::kernels::PYXF_TARGET_NS {
+
+constexpr bool strip_format(QuantFormat f) { return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0; }
+constexpr int strip_groups(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 8 : 4; }
+
+inline long strip_count(const QuantWeight& w) { return (w.rows + kStripRows - 1) / kStripRows; }
+inline long strip_bytes(const QuantWeight& w) { return w.cols / kQuantBlock * strip_block_bytes(w.format); }
+inline bool has_strips(const QuantWeight& w) { return w.gemm_panels && w.panel_layout == PanelLayout::kStrips; }
+// Strip s's quants, and its block scales (fp16) after them.
+inline const uint8_t* strip_quants(const QuantWeight& w, long s) { return w.gemm_panels + s * strip_bytes(w); }
+inline const uint16_t* strip_scales(const QuantWeight& w, long s) {
+  return reinterpret_cast<const uint16_t*>(strip_quants(w, s) + w.cols / kQuantBlock * strip_groups(w.format) * 64L);
+}
+
+// Bytes of w's strips (0 for formats without them) and the repacking into `out` (that many bytes).
+long strips_bytes(const QuantWeight& w);
+void pack_strips(const QuantWeight& w, uint8_t* out);
+
+#if defined(PYXF_TARGET_avx512)
+// M activation rows quantized for the strip GEMV (per row: int8 blocks, their scales, and the
+// int32 each block's sum starts from: -128 or -8 times the sum of its activations).
+struct StripActivations {
+  long nblocks;
+  int8_t* q;      // [M][K]
+  float* dx;      // [M][nblocks]
+  int32_t* init;  // [M][nblocks]
+};
+StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
+void free_strip_rows(StripActivations& a);
+// y[M][ldy] (+)= the prepared rows times w^T + bias, w's strips shared among the threads of the
+// enclosing parallel region (a static share each, no barrier at the end).
+void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const float* bias, float* y, long ldy,
+                 bool accumulate);
+#endif
+
+}  // namespace pyxf::kernels::PYXF_TARGET_NS
