@@ -58,8 +58,9 @@ class MappedModel:
 
     @property
     def huge_page_bytes(self):
-        """Bytes of the file's matrices copied onto huge pages at load (pyxf.load's huge_pages; 0:
-        every matrix is read from the memory-mapped file or from panels made at load)."""
+        """Bytes of the file's matrices on huge pages, copied or repacked for the kernels at load
+        (pyxf.load's huge_pages; 0: every matrix is read from the memory-mapped file or from memory
+        of the process's own)."""
         return self._core.huge_page_bytes
 
     @property

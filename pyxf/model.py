@@ -34,6 +34,7 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
         raise FileNotFoundError(f"{weights_path} is missing")
     weights_file = read_safetensors(weights_path)
     weights = check_weights(config, weights_file)
+    share_file_pages = not huge_pages
     huge_pages = copies_onto_huge_pages(huge_pages, config, quantize, dtype)
     if quantize is not None:
         config, weights = quantize_weights(config, weights, quantize, quantize_embeddings)
@@ -41,7 +42,7 @@ def load_model(path, config, context_length=None, quantize=None, quantize_embedd
         config, weights = cast_weights(config, weights, dtype)
     tokenizer = Tokenizer.from_model_dir(path, config)
 
-    core_config = core_config_of(config, huge_pages)
+    core_config = core_config_of(config, huge_pages, share_file_pages)
     core_config.update(kv_cache_config(config, kv_cache_dtype))
     if config["position"] == "rope":
         core_config.update(rope_tables(config, context_length))

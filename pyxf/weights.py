@@ -127,15 +127,18 @@ def quantize_weights(config, weights, method, embeddings=True):
     return config, weights
 
 
-def core_config_of(config, huge_pages=False):
+def core_config_of(config, huge_pages=False, share_file_pages=False):
     """The config the core reads: config.json's, with each quantized tensor's format, and
     "huge_pages": copy the matrices every call reads whole onto transparent huge pages at load
-    (docs/DESIGN.md, "Weights in memory"; pyxf.load's huge_pages)."""
+    (docs/DESIGN.md, "Weights in memory"; pyxf.load's huge_pages); "share_file_pages": a decoder's
+    quantized matrices stay as stored, not repacked for the decode kernels, so that processes
+    mapping the file share its pages (pyxf.load(huge_pages=False))."""
     core_config = dict(config)
     formats = (config.get("quantization") or {}).get("tensors")
     if formats:
         core_config["tensor_formats"] = dict(formats)
     core_config["huge_pages"] = bool(huge_pages)
+    core_config["share_file_pages"] = bool(share_file_pages)
     return core_config
 
 

@@ -14,7 +14,10 @@ PyModel::PyModel(py::dict config, py::dict weights) {
   ModelConfig c = model_config(values);
   py::dict formats = values.has("tensor_formats") ? config["tensor_formats"].cast<py::dict>() : py::dict();
   tensors_ = tensor_set(weights, formats, values.has("dtype") ? values.text("dtype") : "float32", keep_);
-  binder_ = std::make_unique<WeightBinder>(tensors_, c.causal ? QuantPanels::kDecode : QuantPanels::kBatches,
+  // Encoders: batches only. Decoders: the decode layout, unless the file's pages are to be shared.
+  const bool share = values.has("share_file_pages") && values.boolean("share_file_pages");
+  const QuantPanels panels = !c.causal ? QuantPanels::kBatches : share ? QuantPanels::kNone : QuantPanels::kDecode;
+  binder_ = std::make_unique<WeightBinder>(tensors_, panels,
                                            values.has("huge_pages") && values.boolean("huge_pages"));
   ModelWeights w = bind_stack(c, *binder_);
   requests_ = binder_->requests();
@@ -71,8 +74,8 @@ void bind_model(py::module_& m) {
       .def("encode", &PyModel::encode, "batch"_a, "type_ids"_a = py::none())
       .def("bound_tensors", &PyModel::bound_tensors,
            "[(name, shape, required), ...]: the tensors this model asked for, in order.")
-      .def_property_readonly("huge_page_bytes", [](const PyModel& m) { return m.copied_bytes(); },
-                             "Bytes of the file's matrices copied onto huge pages at load (0: read from the mapping).")
+      .def_property_readonly("huge_page_bytes", [](const PyModel& m) { return m.huge_page_bytes(); },
+                             "Bytes of the file's matrices on huge pages, copied or repacked at load (0: read from the mapping).")
       .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
 }
 

@@ -15,7 +15,7 @@ class PyModel {
   const Transformer& model() const { return *model_; }
   const ModelConfig& config() const { return model_->config(); }
   py::list bound_tensors() const { return requests_list(requests_); }
-  size_t copied_bytes() const { return binder_->copied_bytes(); }
+  size_t huge_page_bytes() const { return binder_->huge_page_bytes(); }
 
   // Encoders: hidden states of complete sequences, packed [rows, H]; sequence i at rows
   // offsets[i] .. offsets[i + 1].

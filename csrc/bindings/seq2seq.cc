@@ -35,7 +35,7 @@ class PySeq2SeqModel {
   }
 
   py::list bound_tensors() const { return requests_list(requests_); }
-  size_t copied_bytes() const { return binder_->copied_bytes(); }
+  size_t huge_page_bytes() const { return binder_->huge_page_bytes(); }
 
   const ModelConfig& encoder_config() const { return model_->encoder().config(); }
   const ModelConfig& decoder_config() const { return model_->decoder().config(); }
@@ -161,8 +161,8 @@ void bind_seq2seq(py::module_& m) {
       .def("logits", &PySeq2SeqModel::logits, "source_ids"_a, "decoder_ids"_a)
       .def("bound_tensors", &PySeq2SeqModel::bound_tensors,
            "[(name, shape, required), ...]: the tensors this model asked for, in order.")
-      .def_property_readonly("huge_page_bytes", [](const PySeq2SeqModel& m) { return m.copied_bytes(); },
-                             "Bytes of the file's matrices copied onto huge pages at load (0: read from the mapping).")
+      .def_property_readonly("huge_page_bytes", [](const PySeq2SeqModel& m) { return m.huge_page_bytes(); },
+                             "Bytes of the file's matrices on huge pages, copied or repacked at load (0: read from the mapping).")
       .def("generate", &PySeq2SeqModel::generate, "sources"_a, "beam_size"_a = 1, "num_hypotheses"_a = 1,
            "length_penalty"_a = 1.0f, "early_stopping"_a = 0, "no_repeat_ngram_size"_a = 0, "max_length"_a = 256,
            "min_length"_a = 0, "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f,

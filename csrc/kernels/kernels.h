@@ -53,12 +53,16 @@ constexpr long kQuantGemmRows = 16;
 // dequantized to bf16 pair panels for its tiles.
 enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2, kStrips = 3 };
 
-// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0 and q4_0 rows in strips of
-// kStripRows, each strip strip_block_bytes(format) per block of 32 columns (as many bytes as its
-// rows stored as they were).
+// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1 and q5_0 rows
+// in strips of kStripRows, each strip strip_block_bytes(format) per block of 32 columns (as many
+// bytes as its rows stored as they were): strip_vectors(format) 64-byte vectors, then 16 fp16
+// scales (q4_1: and 16 fp16 offsets).
 constexpr int kStripRows = 16;
+constexpr int strip_vectors(QuantFormat f) {
+  return f == QuantFormat::kQ8_0 ? 8 : f == QuantFormat::kQ5_0 ? 5 : 4;
+}
 constexpr long strip_block_bytes(QuantFormat f) {
-  return (f == QuantFormat::kQ8_0 ? 8 * 64L : 4 * 64L) + 2L * kStripRows;
+  return strip_vectors(f) * 64L + (f == QuantFormat::kQ4_1 ? 2 : 1) * 2L * kStripRows;
 }
 
 struct QuantWeight {

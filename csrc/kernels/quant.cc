@@ -818,10 +818,12 @@ void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
     const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
     const uint16_t* strip_d = strips && real ? strip_scales(w, (n0 + c) / kStripRows) + (n0 + c) % kStripRows : nullptr;
+    const uint16_t* strip_m = strip_d && w.format == QuantFormat::kQ4_1 ? strip_d + nblocks * kStripRows : nullptr;
     for (long b = 0; b < nblocks; ++b) {
       float d = 0.0f, m = 0.0f;
       if (strip_d) {
         d = half_to_float(strip_d[b * kStripRows]);
+        if (strip_m) m = half_to_float(strip_m[b * kStripRows]);
       } else if (real) {
         block_meta(w.format, row + b * bb, scale, &d, &m);
       }
@@ -1140,13 +1142,14 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
 #if defined(PYXF_TARGET_avx512)
-  // Decode on the streaming GEMV where it is chosen: every block format but the K-quants (q5_0 /
-  // q5_1 included; their other kernels are quant_k.cc's).
-  const bool stream = streams(w, M);
+  // Decode on strips made at load (decoders' q8_0, q4_0, q5_0), else on the streaming GEMV where it
+  // is chosen: every block format but the K-quants (q5_0 / q5_1 included; their other kernels are
+  // quant_k.cc's).
+  const bool strips = on_strips(w, M), stream = streams(w, M);
 #else
-  const bool stream = false;
+  const bool strips = false, stream = false;
 #endif
-  if (is_quant_k_format(w.format) && !stream) {
+  if (is_quant_k_format(w.format) && !stream && !strips) {
     linear_quant_k(x, M, w, bias, y, accumulate);
     return;
   }
@@ -1162,7 +1165,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
   }
 #endif
 #if defined(PYXF_TARGET_avx512)
-  if (stream || on_strips(w, M)) {
+  if (stream || strips) {
     linear_quant_decode_segments(x, M, &w, 1, bias, y, w.rows, accumulate);
     return;
   }

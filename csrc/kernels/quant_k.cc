@@ -31,6 +31,7 @@
 #include <limits>
 
 #include "kernels/kernels.h"
+#include "kernels/quant_strips.h"
 #include "kernels/simd.h"
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
@@ -805,8 +806,10 @@ void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
       continue;
     }
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
+    uint8_t stored[sizeof(u.q)];  // a block read back from strips (decoders' q5_0)
     for (long blk = 0; blk < K / fi.cols; ++blk) {
-      unpack<F>(row + blk * fi.bytes, u);
+      if (has_strips(w)) strip_stored_block(w, n0 + c, blk, stored);
+      unpack<F>(has_strips(w) ? stored : row + blk * fi.bytes, u);
       for (int g = 0; g < fi.cols / QK; ++g) {
         const long b = blk * (fi.cols / QK) + g;
         for (int kk = 0; kk < 8; ++kk) memcpy(dst + b * 1024 + kk * 64, u.q + g * QK + kk * 4, 4);

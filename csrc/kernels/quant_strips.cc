@@ -18,9 +18,32 @@ void quantize_row(const float* x, long K, int8_t* q, float* d, float* s);
 
 namespace {
 constexpr int QK = kQuantBlock;
-// Where a block's quant bytes start in a stored row (after its fp16 scale), and its bytes.
-constexpr int kDataOffset = 2;
-constexpr int stored_block_bytes(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 2 + QK : 2 + QK / 2; }
+// Where a stored block's quant bytes start (after its fp16 scale, q4_1 its offset, q5_0 its fifth
+// bits), and its bytes.
+constexpr int data_offset(QuantFormat f) {
+  return f == QuantFormat::kQ5_0 ? 6 : f == QuantFormat::kQ4_1 ? 4 : 2;
+}
+constexpr int stored_block_bytes(QuantFormat f) { return data_offset(f) + (f == QuantFormat::kQ8_0 ? QK : QK / 2); }
+
+// A q5_0 block's 32 fifth bits (bit j: column j) in the strip's order (quant_strips.h), and back.
+uint32_t fifth_bits_to_strip(uint32_t qh) {
+  uint32_t h = 0;
+  for (int i = 0; i < 4; ++i)
+    for (int g = 0; g < 4; ++g) {
+      h |= ((qh >> (4 * g + i)) & 1u) << (8 * i + g);
+      h |= ((qh >> (16 + 4 * g + i)) & 1u) << (8 * i + 4 + g);
+    }
+  return h;
+}
+uint32_t fifth_bits_from_strip(uint32_t h) {
+  uint32_t qh = 0;
+  for (int i = 0; i < 4; ++i)
+    for (int g = 0; g < 4; ++g) {
+      qh |= ((h >> (8 * i + g)) & 1u) << (4 * g + i);
+      qh |= ((h >> (8 * i + 4 + g)) & 1u) << (16 + 4 * g + i);
+    }
+  return qh;
+}
 }  // namespace
 
 long strips_bytes(const QuantWeight& w) {
@@ -30,27 +53,56 @@ long strips_bytes(const QuantWeight& w) {
 
 void pack_strips(const QuantWeight& w, uint8_t* out) {
   const long nblocks = w.cols / QK, row_bytes = quant_row_bytes(w.format, w.cols), strips = strip_count(w);
-  const int groups = strip_groups(w.format), bb = stored_block_bytes(w.format);
+  const int groups = strip_groups(w.format), vectors = strip_vectors(w.format), bb = stored_block_bytes(w.format);
+  const int off = data_offset(w.format);
   const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;  // 8-bit: w + 128
   const long sb = strip_bytes(w);
 #pragma omp parallel for schedule(static)
   for (long s = 0; s < strips; ++s) {
     uint8_t* quants = out + s * sb;
-    uint16_t* scales = reinterpret_cast<uint16_t*>(quants + nblocks * groups * 64);
+    uint16_t* scales = reinterpret_cast<uint16_t*>(quants + nblocks * vectors * 64);
     for (int r = 0; r < kStripRows; ++r) {
       const long row = s * kStripRows + r;
       const uint8_t* src = row < w.rows ? w.data + row * row_bytes : nullptr;
       for (long b = 0; b < nblocks; ++b) {
         const uint8_t* blk = src ? src + b * bb : nullptr;
         for (int g = 0; g < groups; ++g) {
-          uint8_t* dst = quants + ((b * groups + g) * kStripRows + r) * 4;
-          for (int i = 0; i < 4; ++i) dst[i] = blk ? (uint8_t)(blk[kDataOffset + 4 * g + i] ^ flip) : flip;
+          uint8_t* dst = quants + ((b * vectors + g) * kStripRows + r) * 4;
+          for (int i = 0; i < 4; ++i) dst[i] = blk ? (uint8_t)(blk[off + 4 * g + i] ^ flip) : flip;
         }
-        uint16_t d = 0;
+        if (w.format == QuantFormat::kQ5_0) {
+          uint32_t qh = 0;
+          if (blk) memcpy(&qh, blk + 2, 4);
+          const uint32_t h = fifth_bits_to_strip(qh);
+          memcpy(quants + ((b * vectors + groups) * kStripRows + r) * 4, &h, 4);
+        }
+        uint16_t d = 0, m = 0;
         if (blk) memcpy(&d, blk, 2);
         scales[b * kStripRows + r] = d;
+        if (w.format == QuantFormat::kQ4_1) {
+          if (blk) memcpy(&m, blk + 2, 2);
+          scales[(nblocks + b) * kStripRows + r] = m;
+        }
       }
     }
+  }
+}
+
+void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out) {
+  const long s = row / kStripRows;
+  const int r = (int)(row % kStripRows), groups = strip_groups(w.format), vectors = strip_vectors(w.format);
+  const int off = data_offset(w.format);
+  const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;
+  const uint8_t* quants = strip_quants(w, s) + b * vectors * 64;
+  memcpy(out, strip_scales(w, s) + b * kStripRows + r, 2);
+  if (w.format == QuantFormat::kQ4_1) memcpy(out + 2, strip_offsets(w, s) + b * kStripRows + r, 2);
+  for (int g = 0; g < groups; ++g)
+    for (int i = 0; i < 4; ++i) out[off + 4 * g + i] = (uint8_t)(quants[(g * kStripRows + r) * 4 + i] ^ flip);
+  if (w.format == QuantFormat::kQ5_0) {
+    uint32_t h;
+    memcpy(&h, quants + (groups * kStripRows + r) * 4, 4);
+    const uint32_t qh = fifth_bits_from_strip(h);
+    memcpy(out + 2, &qh, 4);
   }
 }
 
@@ -71,33 +123,49 @@ inline __m512i broadcast4(const int8_t* p) {
 template <QuantFormat F, int XR>
 void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const uint16_t* scales, float* y,
                 long ldy, int live, const float* bias, bool accumulate) {
-  constexpr int G = strip_groups(F);
+  const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1
+  constexpr int G = strip_groups(F), V = strip_vectors(F);
   const long nblocks = a.nblocks;
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i nibble = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
   const int8_t* x[XR];
   const float* dx[XR];
+  const float* sx[XR];
   const int32_t* init[XR];
   for (int i = 0; i < XR; ++i) {
     x[i] = a.q + (m0 + i) * nblocks * QK;
     dx[i] = a.dx + (m0 + i) * nblocks;
+    sx[i] = a.s + (m0 + i) * nblocks;
     init[i] = a.init + (m0 + i) * nblocks;
   }
   __m512 acc[XR];
   for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nblocks; ++b) {
-    const uint8_t* qb = quants + b * G * 64;
-    for (int g = 0; g < G; ++g) _mm_prefetch((const char*)(qb + kStripPrefetchBytes + g * 64), _MM_HINT_T0);
-    if (b % 2 == 0) _mm_prefetch((const char*)(scales + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
+    const uint8_t* qb = quants + b * V * 64;
+    for (int g = 0; g < V; ++g) _mm_prefetch((const char*)(qb + kStripPrefetchBytes + g * 64), _MM_HINT_T0);
+    if (b % 2 == 0) {
+      _mm_prefetch((const char*)(scales + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
+      if constexpr (F == QuantFormat::kQ4_1) {
+        _mm_prefetch((const char*)(offsets + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
+      }
+    }
     // Two int32 sums per row (even and odd groups, or low and high nibbles): two chains of 4.
     __m512i s0[XR], s1[XR];
     for (int i = 0; i < XR; ++i) {
       s0[i] = _mm512_set1_epi32(init[i][b]);
       s1[i] = _mm512_setzero_si512();
     }
+    __m512i fifth = _mm512_setzero_si512();
+    if constexpr (F == QuantFormat::kQ5_0) fifth = _mm512_loadu_si512(qb + G * 64);
     for (int g = 0; g < G; ++g) {
       const __m512i v = _mm512_loadu_si512(qb + g * 64);
-      if constexpr (F == QuantFormat::kQ4_0) {
-        const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      if constexpr (F != QuantFormat::kQ8_0) {
+        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        if constexpr (F == QuantFormat::kQ5_0) {  // the fifth bits, moved to bit 4 of their bytes
+          const __m512i flo = _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4);
+          const __m512i fhi = _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4);
+          lo = _mm512_or_si512(lo, flo);
+          hi = _mm512_or_si512(hi, fhi);
+        }
         for (int i = 0; i < XR; ++i) {
           s0[i] = _mm512_dpbusd_epi32(s0[i], lo, broadcast4(x[i] + b * QK + 4 * g));
           s1[i] = _mm512_dpbusd_epi32(s1[i], hi, broadcast4(x[i] + b * QK + QK / 2 + 4 * g));
@@ -113,6 +181,10 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
     for (int i = 0; i < XR; ++i) {
       const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
       acc[i] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx[i][b])), acc[i]);
+    }
+    if constexpr (F == QuantFormat::kQ4_1) {  // + m * dx * sum(q)
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b * kStripRows)));
+      for (int i = 0; i < XR; ++i) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[i][b]), acc[i]);
     }
   }
   const __mmask16 k = (__mmask16)((1u << live) - 1);
@@ -152,15 +224,17 @@ StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat 
   a.q = (int8_t*)aligned_alloc(64, (size_t)(M * K + 63) / 64 * 64);
   a.dx = (float*)aligned_alloc(64, (size_t)(sizeof(float) * M * nblocks * 3 + 63) / 64 * 64);
   a.init = reinterpret_cast<int32_t*>(a.dx + M * nblocks);
-  float* sums = a.dx + 2 * M * nblocks;  // dx * sum(q), unused here
-  const int shift = f == QuantFormat::kQ8_0 ? 7 : 3;  // stored weights are w + 128 / w + 8
+  a.s = a.dx + 2 * M * nblocks;
+  // Stored values w + 128 (q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's are w's own (its offset is m).
+  const int shift = f == QuantFormat::kQ8_0 ? 7 : f == QuantFormat::kQ5_0 ? 4 : 3;
+  const int zero = f == QuantFormat::kQ4_1 ? 0 : 1 << shift;
   for (long m = 0; m < M; ++m) {
     int8_t* q = a.q + m * K;
-    quantize_row(x + m * K, K, q, a.dx + m * nblocks, sums + m * nblocks);
+    quantize_row(x + m * K, K, q, a.dx + m * nblocks, a.s + m * nblocks);
     for (long b = 0; b < nblocks; ++b) {
       const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * QK)));
       const int sum = _mm512_reduce_add_epi32(_mm512_madd_epi16(v, _mm512_set1_epi16(1)));
-      a.init[m * nblocks + b] = -(sum * (1 << shift));
+      a.init[m * nblocks + b] = -sum * zero;
     }
   }
   return a;
@@ -179,10 +253,13 @@ void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const 
     const long n = s * kStripRows;
     const int live = (int)lmin(kStripRows, w.rows - n);
     const float* bn = bias ? bias + n : nullptr;
-    if (w.format == QuantFormat::kQ8_0) {
-      strip_rows<QuantFormat::kQ8_0>(a, M, strip_quants(w, s), strip_scales(w, s), y + n, ldy, live, bn, accumulate);
-    } else {
-      strip_rows<QuantFormat::kQ4_0>(a, M, strip_quants(w, s), strip_scales(w, s), y + n, ldy, live, bn, accumulate);
+    const uint8_t* quants = strip_quants(w, s);
+    const uint16_t* scales = strip_scales(w, s);
+    switch (w.format) {
+      case QuantFormat::kQ8_0: strip_rows<QuantFormat::kQ8_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
+      case QuantFormat::kQ5_0: strip_rows<QuantFormat::kQ5_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
+      case QuantFormat::kQ4_1: strip_rows<QuantFormat::kQ4_1>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
+      default: strip_rows<QuantFormat::kQ4_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
     }
   }
 }

@@ -1,13 +1,16 @@
 // Quantized matrices repacked at load into strips of 16 rows (PanelLayout::kStrips), the layout the
 // AVX-512 decode GEMV reads (quant_strips.cc) and the many-rows GEMM packs its panels from.
 //
-// A strip holds rows 16 s .. 16 s + 15 of a q8_0 or q4_0 matrix (rows past the matrix: zero
-// weights, scale 0), block after block of 32 columns:
-//   quants  [nblocks][groups][16 rows][4 bytes]: group g is bytes 4g .. 4g + 3 of each row's block,
-//           so one 64-byte load is a vpdpbusd operand for 16 rows at once. q8_0: 8 groups, the
-//           bytes stored as w + 128 (unsigned, as vpdpbusd multiplies them); q4_0: 4 groups of the
-//           stored nibble bytes (low nibbles: columns 4g .., high nibbles: 16 + 4g ..; values w + 8);
-//   scales  [nblocks][16 rows] fp16, after all the quants.
+// A strip holds rows 16 s .. 16 s + 15 of a q8_0, q4_0, q4_1 or q5_0 matrix (rows past the matrix:
+// zero weights, scale 0), block after block of 32 columns:
+//   quants  [nblocks][vectors][16 rows][4 bytes]: vector g < groups is bytes 4g .. 4g + 3 of each
+//           row's block, so one 64-byte load is a vpdpbusd operand for 16 rows at once. q8_0: 8
+//           groups, the bytes stored as w + 128 (unsigned, as vpdpbusd multiplies them); q4_0, q4_1
+//           and q5_0: 4 groups of the stored nibble bytes (low nibbles: columns 4g .., high nibbles:
+//           16 + 4g ..; values w + 8, q5_0 w + 16 with its fifth bits), and q5_0 a fifth vector,
+//           each row's 32 fifth bits: byte i of its dword has bit g for column 4g + i and bit 4 + g
+//           for column 16 + 4g + i, so group g's bits reach bit 4 of their bytes by one shift;
+//   scales  [nblocks][16 rows] fp16, after all the quants; q4_1 then its offsets m alike.
 // Bytes per strip equal those of the 16 rows as stored: the layout adds nothing to what a decode
 // step reads, and the rows' own pages are released once the strips exist.
 #pragma once
@@ -16,7 +19,9 @@
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
-constexpr bool strip_format(QuantFormat f) { return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0; }
+constexpr bool strip_format(QuantFormat f) {
+  return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_0;
+}
 constexpr int strip_groups(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 8 : 4; }
 
 inline long strip_count(const QuantWeight& w) { return (w.rows + kStripRows - 1) / kStripRows; }
@@ -25,12 +30,17 @@ inline bool has_strips(const QuantWeight& w) { return w.gemm_panels && w.panel_l
 // Strip s's quants, and its block scales (fp16) after them.
 inline const uint8_t* strip_quants(const QuantWeight& w, long s) { return w.gemm_panels + s * strip_bytes(w); }
 inline const uint16_t* strip_scales(const QuantWeight& w, long s) {
-  return reinterpret_cast<const uint16_t*>(strip_quants(w, s) + w.cols / kQuantBlock * strip_groups(w.format) * 64L);
+  return reinterpret_cast<const uint16_t*>(strip_quants(w, s) + w.cols / kQuantBlock * strip_vectors(w.format) * 64L);
+}
+inline const uint16_t* strip_offsets(const QuantWeight& w, long s) {  // q4_1's m
+  return strip_scales(w, s) + w.cols / kQuantBlock * kStripRows;
 }
 
 // Bytes of w's strips (0 for formats without them) and the repacking into `out` (that many bytes).
 long strips_bytes(const QuantWeight& w);
 void pack_strips(const QuantWeight& w, uint8_t* out);
+// Block b of row `row` as stored (quant_row_bytes / blocks bytes into out), read back from w's strips.
+void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out);
 
 #if defined(PYXF_TARGET_avx512)
 // M activation rows quantized for the strip GEMV (per row: int8 blocks, their scales, and the
@@ -40,6 +50,7 @@ struct StripActivations {
   int8_t* q;      // [M][K]
   float* dx;      // [M][nblocks]
   int32_t* init;  // [M][nblocks]
+  float* s;       // [M][nblocks]: dx * sum(q), which q4_1's offsets multiply
 };
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
 void free_strip_rows(StripActivations& a);

@@ -193,7 +193,6 @@ void WeightBinder::copy_into_memory(const std::string& name, Linear& w) {
     uint8_t* to = memory_.allocate(bytes);
     std::memcpy(to, from, bytes);
     release_pages(from, bytes);
-    copied_bytes_ += bytes;
     it = copies_.emplace(name, to).first;
   }
   const uint8_t* to = it->second;
@@ -242,6 +241,7 @@ uint8_t* WeightMemory::allocate(size_t bytes) {
   uint8_t* p = next_;
   next_ += bytes;
   left_ -= bytes;
+  allocated_ += bytes;
   return p;
 }
 

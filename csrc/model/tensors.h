@@ -61,6 +61,7 @@ class WeightMemory {
   bool huge_pages() const { return huge_pages_; }
   // `bytes` (rounded up to 64); std::bad_alloc when there is none.
   uint8_t* allocate(size_t bytes);
+  size_t allocated() const { return allocated_; }  // bytes handed out
 
  private:
   // Pages of its own (mmap), so that every page is first touched after the advice.
@@ -76,6 +77,7 @@ class WeightMemory {
   std::vector<Chunk> chunks_;
   uint8_t* next_ = nullptr;  // in the last chunk
   size_t left_ = 0;
+  size_t allocated_ = 0;
 };
 
 // Whether the kernel offers transparent huge pages to a process that asks (enabled: always or
@@ -134,8 +136,9 @@ class WeightBinder {
   Norm norm(const std::string& name, long hidden, bool weight_required, bool bias_required);
 
   const std::vector<TensorRequest>& requests() const { return requests_; }
-  // Bytes of matrices copied onto huge pages (copy_into_memory), 0 without huge pages.
-  size_t copied_bytes() const { return copied_bytes_; }
+  // Bytes of matrices on huge pages: copies (copy_into_memory) and layouts repacked at load; 0
+  // without huge pages.
+  size_t huge_page_bytes() const { return memory_.huge_pages() ? memory_.allocated() : 0; }
 
  private:
   // The named view after checking its shape (quantized: its layout is checked by the caller);
@@ -161,7 +164,6 @@ class WeightBinder {
   std::map<std::string, const void*> panels_;  // by tensor name: dense panels, and quantized ones' memory
   std::map<std::string, kernels::PanelLayout> panel_layouts_;  // quantized ones' layouts
   std::map<std::string, const uint8_t*> copies_;  // by tensor name: copies in memory_
-  size_t copied_bytes_ = 0;
 };
 
 }  // namespace pyxf
