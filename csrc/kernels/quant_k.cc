@@ -791,8 +791,38 @@ struct Panel {
   }
 };
 
+// pack_panel from a q5_0 matrix's strips (decoders'; n0 at a strip): each 16-column half of a
+// block is the strip's 8 value vectors, its scales the strip's.
+void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) {
+  const long nblocks = w.cols / QK;
+  for (int half = 0; half < 2; ++half) {
+    const int live = imax(0, imin(kStripRows, ncols - kStripRows * half));
+    const long s = n0 / kStripRows + half;
+    const uint16_t* d = live ? strip_scales(w, s) : nullptr;
+    for (long b = 0; b < nblocks; ++b) {
+      __m512i v[8];
+      if (live) {
+        strip_q5_0_values(w, s, b, (__mmask16)((1u << live) - 1), v);
+      } else {
+        for (__m512i& x : v) x = _mm512_setzero_si512();
+      }
+      for (int kk = 0; kk < 8; ++kk) _mm512_store_si512(p.w + b * 1024 + half * 512 + kk * 64, v[kk]);
+      for (int c = 0; c < kStripRows; ++c) {
+        p.sc[b * kCols + half * kStripRows + c] = c < live ? half_to_float(d[b * kStripRows + c]) : 0.0f;
+        p.off[b * kCols + half * kStripRows + c] = 0.0f;
+      }
+    }
+  }
+}
+
 template <QuantFormat F>
 void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
+  if constexpr (F == QuantFormat::kQ5_0) {
+    if (has_strips(w) && n0 % kStripRows == 0) {
+      pack_panel_from_strips(w, n0, ncols, p);
+      return;
+    }
+  }
   constexpr FormatInfo fi = info(F);
   const long K = w.cols, row_bytes = quant_row_bytes(F, K), nsub = K / fi.sub;
   Unpacked u;
@@ -806,7 +836,7 @@ void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
       continue;
     }
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
-    uint8_t stored[sizeof(u.q)];  // a block read back from strips (decoders' q5_0)
+    uint8_t stored[sizeof(u.q)];  // a block read back from strips (the up half of [gate; up] at no strip)
     for (long blk = 0; blk < K / fi.cols; ++blk) {
       if (has_strips(w)) strip_stored_block(w, n0 + c, blk, stored);
       unpack<F>(has_strips(w) ? stored : row + blk * fi.bytes, u);

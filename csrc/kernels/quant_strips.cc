@@ -113,6 +113,21 @@ namespace {
 // at 32; q8_0 alike within noise up to 16 KiB, 206-223 at 32; one thread, q4_0 at 16 KiB best.
 constexpr long kStripPrefetchBytes = 16384;
 
+// Group g of a 4- or 5-bit strip block as two vpdpbusd operands: the stored values of columns
+// 4g .. 4g + 3 (lo) and 16 + 4g .. (hi) of the 16 rows, q5_0's fifth bits (vector `fifth`) moved to
+// bit 4 of their bytes.
+template <QuantFormat F>
+inline void group_values(__m512i v, __m512i fifth, int g, __m512i& lo, __m512i& hi) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  lo = _mm512_and_si512(v, nibble);
+  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  if constexpr (F == QuantFormat::kQ5_0) {
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4));
+  }
+}
+
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
   memcpy(&v, p, 4);
@@ -126,7 +141,6 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
   const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1
   constexpr int G = strip_groups(F), V = strip_vectors(F);
   const long nblocks = a.nblocks;
-  const __m512i nibble = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
   const int8_t* x[XR];
   const float* dx[XR];
   const float* sx[XR];
@@ -159,13 +173,8 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
     for (int g = 0; g < G; ++g) {
       const __m512i v = _mm512_loadu_si512(qb + g * 64);
       if constexpr (F != QuantFormat::kQ8_0) {
-        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        if constexpr (F == QuantFormat::kQ5_0) {  // the fifth bits, moved to bit 4 of their bytes
-          const __m512i flo = _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4);
-          const __m512i fhi = _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4);
-          lo = _mm512_or_si512(lo, flo);
-          hi = _mm512_or_si512(hi, fhi);
-        }
+        __m512i lo, hi;
+        group_values<F>(v, fifth, g, lo, hi);
         for (int i = 0; i < XR; ++i) {
           s0[i] = _mm512_dpbusd_epi32(s0[i], lo, broadcast4(x[i] + b * QK + 4 * g));
           s1[i] = _mm512_dpbusd_epi32(s1[i], hi, broadcast4(x[i] + b * QK + QK / 2 + 4 * g));
@@ -216,6 +225,17 @@ void strip_rows(const StripActivations& a, long M, const uint8_t* quants, const 
   }
 }
 }  // namespace
+
+void strip_q5_0_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]) {
+  const uint8_t* qb = strip_quants(w, s) + b * strip_vectors(QuantFormat::kQ5_0) * 64;
+  const __m512i fifth = _mm512_loadu_si512(qb + 4 * 64);
+  for (int g = 0; g < 4; ++g) {
+    __m512i lo, hi;
+    group_values<QuantFormat::kQ5_0>(_mm512_loadu_si512(qb + g * 64), fifth, g, lo, hi);
+    out[g] = _mm512_maskz_mov_epi32(live, lo);
+    out[4 + g] = _mm512_maskz_mov_epi32(live, hi);
+  }
+}
 
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f) {
   StripActivations a;

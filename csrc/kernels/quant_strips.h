@@ -17,6 +17,10 @@
 
 #include "kernels/kernels.h"
 
+#if defined(PYXF_TARGET_avx512)
+#include <immintrin.h>
+#endif
+
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
 constexpr bool strip_format(QuantFormat f) {
@@ -53,6 +57,9 @@ struct StripActivations {
   float* s;       // [M][nblocks]: dx * sum(q), which q4_1's offsets multiply
 };
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
+// Block b of q5_0 strip s as the GEMM's panel half wants it: out[kk], columns 4 kk .. 4 kk + 3 of the
+// 16 rows, their stored values (w + 16) as unsigned bytes; rows not in `live` zero.
+void strip_q5_0_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]);
 void free_strip_rows(StripActivations& a);
 // y[M][ldy] (+)= the prepared rows times w^T + bias, w's strips shared among the threads of the
 // enclosing parallel region (a static share each, no barrier at the end).
