@@ -86,17 +86,22 @@ def test_block_formats_match_reference(isa, fmt, m, k, n):
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def product_case(fmt, m, k, n, seed):
+    """Random activations x [m, k], a weight [n, k] in fmt (stored, row scales, dequantized), a bias."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    return (x, *quantized_weight(w, fmt), bias)
+
+
 @pytest.mark.parametrize("fmt", sorted(QTYPES) + ["int8"])
 @pytest.mark.parametrize("m,k,n", [(2, 96, 9), (4, 160, 13), (5, 224, 8), (8, 576, 37), (15, 32, 6), (18, 64, 10)])
 def test_decode_batches_match_reference(isa, fmt, m, k, n):
     # Few rows (decode, batches below the GEMM's 16 rows, 20 where the GEMM would repack the weights
     # per call): the streaming kernels' tiles of 1-4 activation rows x 4 weight rows plus single
     # leftover rows, steps of 2 or 4 blocks with partial last ones.
-    rng = np.random.default_rng(m * 31 + k + n)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32)
-    wq, scales, w_deq = quantized_weight(w, fmt)
+    x, wq, scales, w_deq, bias = product_case(fmt, m, k, n, seed=m * 31 + k + n)
     y = _core.ops.linear_quant(x, wq, fmt, scales, bias=bias)
     ref = reference_product(x, w_deq, isa, fmt) + bias
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -119,21 +124,25 @@ def silu(v):
     return v / (1 + np.exp(-v))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
-@pytest.mark.parametrize("m,inter", [(3, 64), (20, 48), (67, 96)])
-def test_gated_ffn_up_matches_reference(isa, fmt, m, inter):
-    # ffn_up of a gated FFN: silu(x gate^T) * (x up^T), w = [gate; up]; the fused kernel (AVX-512)
-    # applies the activation to GEMM tiles, others run the product and the activation apart.
+def assert_gated_matches_reference(isa, fmt, m, inter, k, panels=False):
+    """ffn_up of a gated FFN, silu(x gate^T) * (x up^T) for w = [gate; up], against float64."""
     rng = np.random.default_rng(m + inter)
-    k = 160
     w = rng.standard_normal((2 * inter, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     wq, scales, w_deq = quantized_weight(w, fmt)
     gu = reference_product(x, w_deq, isa, fmt)
     ref = silu(gu[:, :inter]) * gu[:, inter:]
-    y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu")
+    y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu", panels=panels)
     assert y.shape == (m, inter)
-    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("m,inter", [(3, 64), (20, 48), (67, 96)])
+def test_gated_ffn_up_matches_reference(isa, fmt, m, inter):
+    # The fused kernel (AVX-512) applies the activation to GEMM tiles, others run the product and
+    # the activation apart.
+    assert_gated_matches_reference(isa, fmt, m, inter, k=160)
 
 
 def test_quantized_product_is_close_to_float(isa):
@@ -248,11 +257,7 @@ def test_decode_strips_match_reference(isa, fmt, m, k, n):
     # Decoders' q8_0 / q4_0 / q4_1 / q5_0 matrices are repacked at load into strips of 16 rows where
     # the table has that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM packs its
     # panels from them from 32 (whole, partial and lone strips; one to four rows a tile and leftovers).
-    rng = np.random.default_rng(m * 101 + k + n)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32)
-    wq, scales, w_deq = quantized_weight(w, fmt)
+    x, wq, scales, w_deq, bias = product_case(fmt, m, k, n, seed=m * 101 + k + n)
     if not isa.startswith("avx512"):
         with pytest.raises(ValueError, match="no decode layout"):
             _core.ops.linear_quant(x, wq, fmt, bias=bias, panels="decode")
@@ -270,15 +275,7 @@ def test_decode_strips_match_reference(isa, fmt, m, k, n):
 def test_decode_strips_gated(isa, fmt, m, inter):
     # [gate; up] on strips: the up half starts inside a strip when inter % 16 != 0 (its panels are
     # then packed from the rows).
-    rng = np.random.default_rng(m + inter)
-    k = 128
-    w = rng.standard_normal((2 * inter, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    wq, scales, w_deq = quantized_weight(w, fmt)
-    gu = reference_product(x, w_deq, isa, fmt)
-    ref = silu(gu[:, :inter]) * gu[:, inter:]
-    y = _core.ops.linear_quant_gated(x, wq, fmt, scales, "silu", panels="decode")
-    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    assert_gated_matches_reference(isa, fmt, m, inter, k=128, panels="decode")
 
 
 @pytest.mark.parametrize("isa", STRIP_KERNELS, indirect=True)
