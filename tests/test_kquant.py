@@ -135,6 +135,36 @@ def test_gated_ffn_up_matches_numpy(isa, fmt, m):
     assert_close(_core.ops.linear_quant_gated(x, data, fmt, activation="silu"), want)
 
 
+@pytest.mark.parametrize("fmt", ["q5_0", "q4_k"])
+def test_decode_strips_match_numpy(isa, fmt):
+    """Decoders' q5_0 and q4_k matrices get strips of 16 rows at load on the AVX-512 tables (random
+    blocks: every 6-bit scale and minimum pattern): the strip GEMV below 32 rows, the GEMM on panels
+    packed from the strips from 32 (the same products as from the rows), and [gate; up]."""
+    block = FORMATS[fmt][1]
+    shapes = SHAPES[block] + [(31, 2 * block, 20), (32, 2 * block, 48)]
+    for m, k, n in shapes:
+        rng = np.random.default_rng(m * 100 + n + 7)
+        data = random_blocks(fmt, n, k, rng)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        if not isa.startswith("avx512"):
+            with pytest.raises(ValueError, match="no decode layout"):
+                _core.ops.linear_quant(x, data, fmt, bias=bias, panels="decode")
+            return
+        y = _core.ops.linear_quant(x, data, fmt, bias=bias, panels="decode")
+        assert_close(y, reference_linear(x, reference_dequantize(data, fmt, k), fmt, bias))
+        if m >= 32:
+            np.testing.assert_array_equal(y, _core.ops.linear_quant(x, data, fmt, bias=bias))
+    for m, inter in ((3, 40), (40, 40), (33, 24)):  # the up half at a strip, and inside one
+        rng = np.random.default_rng(m + inter)
+        k = 2 * block
+        data = random_blocks(fmt, 2 * inter, k, rng)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        ref = reference_linear(x, reference_dequantize(data, fmt, k), fmt)
+        want = silu(ref[:, :inter]) * ref[:, inter:]
+        assert_close(_core.ops.linear_quant_gated(x, data, fmt, activation="silu", panels="decode"), want)
+
+
 def test_rows_must_fit_the_blocks():
     data = np.zeros((4, 144), np.uint8)
     with pytest.raises(ValueError, match="multiple of 256"):

@@ -53,17 +53,21 @@ constexpr long kQuantGemmRows = 16;
 // dequantized to bf16 pair panels for its tiles.
 enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2, kStrips = 3 };
 
-// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1 and q5_0 rows
-// in strips of kStripRows, each strip strip_block_bytes(format) per block of 32 columns (as many
-// bytes as its rows stored as they were): strip_vectors(format) 64-byte vectors, then 16 fp16
-// scales (q4_1: and 16 fp16 offsets).
+// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1, q5_0 and q4_k
+// rows in strips of kStripRows, each strip strip_block_bytes(format) per block of the format
+// (quant_block_cols): strip_vectors(format) 64-byte vectors, then the block's scales (as many bytes
+// as its rows stored as they were; q4_k 2.8% more, its 6-bit scales and minima unpacked to bytes).
 constexpr int kStripRows = 16;
 constexpr int strip_vectors(QuantFormat f) {
-  return f == QuantFormat::kQ8_0 ? 8 : f == QuantFormat::kQ5_0 ? 5 : 4;
+  return f == QuantFormat::kQ8_0 ? 8 : f == QuantFormat::kQ5_0 ? 5 : f == QuantFormat::kQ4_K ? 32 : 4;
 }
 constexpr long strip_block_bytes(QuantFormat f) {
-  return strip_vectors(f) * 64L + (f == QuantFormat::kQ4_1 ? 2 : 1) * 2L * kStripRows;
+  return strip_vectors(f) * 64L + (f == QuantFormat::kQ4_K   ? (2 * 8 + 2 * 2) * kStripRows
+                                   : f == QuantFormat::kQ4_1 ? 2 * 2 * kStripRows
+                                                             : 2 * kStripRows);
 }
+// Bytes of one strip of a matrix of `cols` columns.
+constexpr long strip_row_bytes(QuantFormat f, long cols) { return cols / quant_block_cols(f) * strip_block_bytes(f); }
 
 struct QuantWeight {
   QuantFormat format;

@@ -254,9 +254,11 @@ void dequantize_row_f(const QuantWeight& w, long row, float* out) {
 }
 
 // ---- activations ----
+}  // namespace
 
 // x in blocks of `block` (32 or 256) -> int8 q, per block the scale d = max|x| / 127 (q = x / d
-// rounded to nearest even, as llama.cpp's q8_0 and q8_K) and the sum of every 16 q.
+// rounded to nearest even, as llama.cpp's q8_0 and q8_K) and the sum of every 16 q. (Also the
+// strips' q4_k GEMV's, quant_strips.cc.)
 void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_t* sum16) {
   for (long b = 0; b < K / block; ++b) {
     const float* xb = x + b * block;
@@ -304,6 +306,7 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
   }
 }
 
+namespace {
 // Moves groups of `chunk` values within each span of chunk * n: group order[i] goes to place i.
 void reorder(int8_t* q, long K, int chunk, const int* order, int n) {
   int8_t tmp[QKK];
@@ -791,25 +794,26 @@ struct Panel {
   }
 };
 
-// pack_panel from a q5_0 matrix's strips (decoders'; n0 at a strip): each 16-column half of a
-// block is the strip's 8 value vectors, its scales the strip's.
+// pack_panel from a q5_0 or q4_k matrix's strips (decoders'; n0 at a strip): each 16-column half
+// of a block of 32 is the strip's 8 value vectors, its scales and offsets the strip's.
 void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) {
   const long nblocks = w.cols / QK;
   for (int half = 0; half < 2; ++half) {
     const int live = imax(0, imin(kStripRows, ncols - kStripRows * half));
     const long s = n0 / kStripRows + half;
-    const uint16_t* d = live ? strip_scales(w, s) : nullptr;
     for (long b = 0; b < nblocks; ++b) {
       __m512i v[8];
       if (live) {
-        strip_q5_0_values(w, s, b, (__mmask16)((1u << live) - 1), v);
+        strip_block_values(w, s, b, (__mmask16)((1u << live) - 1), v);
       } else {
         for (__m512i& x : v) x = _mm512_setzero_si512();
       }
       for (int kk = 0; kk < 8; ++kk) _mm512_store_si512(p.w + b * 1024 + half * 512 + kk * 64, v[kk]);
       for (int c = 0; c < kStripRows; ++c) {
-        p.sc[b * kCols + half * kStripRows + c] = c < live ? half_to_float(d[b * kStripRows + c]) : 0.0f;
-        p.off[b * kCols + half * kStripRows + c] = 0.0f;
+        float scale = 0.0f, offset = 0.0f;
+        if (c < live) strip_block_scale(w, s, b, c, &scale, &offset);
+        p.sc[b * kCols + half * kStripRows + c] = scale;
+        p.off[b * kCols + half * kStripRows + c] = offset;
       }
     }
   }
@@ -817,7 +821,7 @@ void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) 
 
 template <QuantFormat F>
 void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
-  if constexpr (F == QuantFormat::kQ5_0) {
+  if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ4_K) {
     if (has_strips(w) && n0 % kStripRows == 0) {
       pack_panel_from_strips(w, n0, ncols, p);
       return;

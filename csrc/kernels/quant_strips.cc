@@ -10,11 +10,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "kernels/simd.h"
 
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
 void quantize_row(const float* x, long K, int8_t* q, float* d, float* s);
+void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_t* sum16);
 
 namespace {
 constexpr int QK = kQuantBlock;
@@ -44,6 +48,55 @@ uint32_t fifth_bits_from_strip(uint32_t h) {
     }
   return qh;
 }
+
+// q4_k: the 12 bytes of a super-block's 6-bit scales and minima (8 each), and back.
+void k_scales_unpack(const uint8_t* b, uint8_t sc[8], uint8_t mn[8]) {
+  for (int s = 0; s < 4; ++s) {
+    sc[s] = b[s] & 63;
+    mn[s] = b[s + 4] & 63;
+    sc[s + 4] = (uint8_t)((b[s + 8] & 0x0f) | ((b[s] >> 6) << 4));
+    mn[s + 4] = (uint8_t)((b[s + 8] >> 4) | ((b[s + 4] >> 6) << 4));
+  }
+}
+void k_scales_pack(const uint8_t sc[8], const uint8_t mn[8], uint8_t* b) {
+  for (int s = 0; s < 4; ++s) {
+    b[s] = (uint8_t)(sc[s] | ((sc[s + 4] >> 4) << 6));
+    b[s + 4] = (uint8_t)(mn[s] | ((mn[s + 4] >> 4) << 6));
+    b[s + 8] = (uint8_t)((sc[s + 4] & 0x0f) | ((mn[s + 4] & 0x0f) << 4));
+  }
+}
+
+// q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes.
+constexpr int kQ4kBytes = 144, kQ4kQuants = 16;
+
+void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
+  const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
+  uint8_t* sc = out + nb * strip_vectors(w.format) * 64;
+  uint8_t* mn = sc + nb * 8 * kStripRows;
+  uint16_t* d = reinterpret_cast<uint16_t*>(mn + nb * 8 * kStripRows);
+  uint16_t* dmin = d + nb * kStripRows;
+  for (int r = 0; r < kStripRows; ++r) {
+    const long row = s * kStripRows + r;
+    for (long b = 0; b < nb; ++b) {
+      const uint8_t* blk = row < w.rows ? w.data + row * row_bytes + b * kQ4kBytes : nullptr;
+      for (int v = 0; v < 32; ++v)  // vector (g, j) = 8 g + j: quant bytes 32 g + 4 j ..
+        for (int i = 0; i < 4; ++i) out[((b * 32 + v) * kStripRows + r) * 4 + i] = blk ? blk[kQ4kQuants + 4 * v + i] : 0;
+      uint8_t bsc[8] = {}, bmn[8] = {};
+      if (blk) k_scales_unpack(blk + 4, bsc, bmn);
+      for (int t = 0; t < 8; ++t) {
+        sc[(b * 8 + t) * kStripRows + r] = bsc[t];
+        mn[(b * 8 + t) * kStripRows + r] = bmn[t];
+      }
+      uint16_t dv = 0, mv = 0;
+      if (blk) {
+        memcpy(&dv, blk, 2);
+        memcpy(&mv, blk + 2, 2);
+      }
+      d[b * kStripRows + r] = dv;
+      dmin[b * kStripRows + r] = mv;
+    }
+  }
+}
 }  // namespace
 
 long strips_bytes(const QuantWeight& w) {
@@ -57,6 +110,11 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
   const int off = data_offset(w.format);
   const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;  // 8-bit: w + 128
   const long sb = strip_bytes(w);
+  if (w.format == QuantFormat::kQ4_K) {
+#pragma omp parallel for schedule(static)
+    for (long s = 0; s < strips; ++s) pack_k_strip(w, s, out + s * sb);
+    return;
+  }
 #pragma omp parallel for schedule(static)
   for (long s = 0; s < strips; ++s) {
     uint8_t* quants = out + s * sb;
@@ -90,6 +148,21 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
 
 void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out) {
   const long s = row / kStripRows;
+  if (w.format == QuantFormat::kQ4_K) {
+    const int r = (int)(row % kStripRows);
+    memcpy(out, strip_k_d(w, s) + b * kStripRows + r, 2);
+    memcpy(out + 2, strip_k_dmin(w, s) + b * kStripRows + r, 2);
+    uint8_t sc[8], mn[8];
+    for (int t = 0; t < 8; ++t) {
+      sc[t] = strip_k_scales(w, s)[(b * 8 + t) * kStripRows + r];
+      mn[t] = strip_k_mins(w, s)[(b * 8 + t) * kStripRows + r];
+    }
+    k_scales_pack(sc, mn, out + 4);
+    const uint8_t* quants = strip_quants(w, s) + b * 32 * 64;
+    for (int v = 0; v < 32; ++v)
+      for (int i = 0; i < 4; ++i) out[kQ4kQuants + 4 * v + i] = quants[(v * kStripRows + r) * 4 + i];
+    return;
+  }
   const int r = (int)(row % kStripRows), groups = strip_groups(w.format), vectors = strip_vectors(w.format);
   const int off = data_offset(w.format);
   const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;
@@ -125,6 +198,19 @@ inline void group_values(__m512i v, __m512i fifth, int g, __m512i& lo, __m512i& 
     const __m512i bit4 = _mm512_set1_epi8(0x10);
     lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4));
     hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4));
+  }
+}
+
+// y[i][0 .. live) (+)= acc[i] + bias, for XR rows.
+template <int XR>
+inline void store_rows(const __m512 acc[XR], float* y, long ldy, int live, const float* bias, bool accumulate) {
+  const __mmask16 k = (__mmask16)((1u << live) - 1);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(k, bias) : _mm512_setzero_ps();
+  for (int i = 0; i < XR; ++i) {
+    float* yi = y + i * ldy;
+    __m512 v = _mm512_add_ps(acc[i], bv);
+    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, yi));
+    _mm512_mask_storeu_ps(yi, k, v);
   }
 }
 
@@ -196,37 +282,115 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
       for (int i = 0; i < XR; ++i) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[i][b]), acc[i]);
     }
   }
-  const __mmask16 k = (__mmask16)((1u << live) - 1);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(k, bias) : _mm512_setzero_ps();
+  store_rows<XR>(acc, y, ldy, live, bias, accumulate);
+}
+
+// XR activation rows (from m0) x one q4_k strip. Per super-block and sub-block t the int32 lanes
+// (rows) sum q x over the sub-block's 32 columns; a row's super-block is then
+// dx (d sum_t sc_t isum_t - dmin sum_t m_t xsum_t), the integer sums exact.
+template <int XR>
+void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long s, float* y, long ldy, int live,
+                  const float* bias, bool accumulate) {
+  constexpr int SB = kQuantSuperBlock;
+  const long nb = a.nblocks;
+  const uint8_t* quants = strip_quants(w, s);
+  const uint8_t* scales = strip_k_scales(w, s);
+  const uint8_t* mins = strip_k_mins(w, s);
+  const uint16_t* d = strip_k_d(w, s);
+  const uint16_t* dmin = strip_k_dmin(w, s);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const int8_t* x[XR];
+  const float* dx[XR];
+  const int32_t* xsum[XR];
   for (int i = 0; i < XR; ++i) {
-    float* yi = y + i * ldy;
-    __m512 v = _mm512_add_ps(acc[i], bv);
-    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, yi));
-    _mm512_mask_storeu_ps(yi, k, v);
+    x[i] = a.q + (m0 + i) * nb * SB;
+    dx[i] = a.dx + (m0 + i) * nb;
+    xsum[i] = a.init + (m0 + i) * nb * 8;
   }
+  __m512 acc[XR];
+  for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
+  for (long b = 0; b < nb; ++b) {
+    const uint8_t* qb = quants + b * 32 * 64;
+    __m512i isc[XR], imn[XR];
+    for (int i = 0; i < XR; ++i) isc[i] = imn[i] = _mm512_setzero_si512();
+    for (int g = 0; g < 4; ++g) {
+      __m512i lo[XR][2], hi[XR][2];  // sub-blocks 2g and 2g + 1, two chains each
+      for (int i = 0; i < XR; ++i) lo[i][0] = lo[i][1] = hi[i][0] = hi[i][1] = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t* p = qb + (8 * g + j) * 64;
+        _mm_prefetch((const char*)(p + kStripPrefetchBytes), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(p);
+        const __m512i l = _mm512_and_si512(v, nibble), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int i = 0; i < XR; ++i) {
+          const int8_t* xb = x[i] + b * SB + 64 * g + 4 * j;
+          lo[i][j % 2] = _mm512_dpbusd_epi32(lo[i][j % 2], l, broadcast4(xb));
+          hi[i][j % 2] = _mm512_dpbusd_epi32(hi[i][j % 2], h, broadcast4(xb + QK));
+        }
+      }
+      const auto sub_scales = [&](int t) {
+        return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (b * 8 + t) * kStripRows)));
+      };
+      const __m512i sc_lo = sub_scales(2 * g), sc_hi = sub_scales(2 * g + 1);
+      for (int i = 0; i < XR; ++i) {
+        isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(lo[i][0], lo[i][1]), sc_lo));
+        isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(hi[i][0], hi[i][1]), sc_hi));
+      }
+    }
+    for (int t = 0; t < 8; ++t) {
+      const __m512i m = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + (b * 8 + t) * kStripRows)));
+      for (int i = 0; i < XR; ++i) imn[i] = _mm512_add_epi32(imn[i], _mm512_mullo_epi32(m, _mm512_set1_epi32(xsum[i][b * 8 + t])));
+    }
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kStripRows)));
+    const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmin + b * kStripRows)));
+    for (int i = 0; i < XR; ++i) {
+      const __m512 sum = _mm512_fmsub_ps(db, _mm512_cvtepi32_ps(isc[i]), _mm512_mul_ps(mb, _mm512_cvtepi32_ps(imn[i])));
+      acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(dx[i][b]), acc[i]);
+    }
+  }
+  store_rows<XR>(acc, y, ldy, live, bias, accumulate);
 }
 
 // Activation rows per tile: a strip's block (288 or 544 bytes) is loaded once for up to 4 rows.
 constexpr int kStripXR = 4;
 
-template <QuantFormat F>
-void strip_rows(const StripActivations& a, long M, const uint8_t* quants, const uint16_t* scales, float* y, long ldy,
-                int live, const float* bias, bool accumulate) {
+// Calls tile(std::integral_constant<int, XR>, m) for the M activation rows, up to kStripXR at a time.
+template <class Tile>
+void for_row_tiles(long M, Tile&& tile) {
   for (long m = 0; m < M;) {
     const int xr = (int)lmin(kStripXR, M - m);
-    float* ym = y + m * ldy;
     switch (xr) {
-      case 4: strip_tile<F, 4>(a, m, quants, scales, ym, ldy, live, bias, accumulate); break;
-      case 3: strip_tile<F, 3>(a, m, quants, scales, ym, ldy, live, bias, accumulate); break;
-      case 2: strip_tile<F, 2>(a, m, quants, scales, ym, ldy, live, bias, accumulate); break;
-      default: strip_tile<F, 1>(a, m, quants, scales, ym, ldy, live, bias, accumulate); break;
+      case 4: tile(std::integral_constant<int, 4>{}, m); break;
+      case 3: tile(std::integral_constant<int, 3>{}, m); break;
+      case 2: tile(std::integral_constant<int, 2>{}, m); break;
+      default: tile(std::integral_constant<int, 1>{}, m); break;
     }
     m += xr;
   }
 }
+
+// Calls fn(std::integral_constant<QuantFormat, F>) for the 32-column strip format F = f.
+template <class Fn>
+void with_block_format(QuantFormat f, Fn&& fn) {
+  switch (f) {
+    case QuantFormat::kQ8_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ8_0>{}); break;
+    case QuantFormat::kQ5_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_0>{}); break;
+    case QuantFormat::kQ4_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_1>{}); break;
+    default: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_0>{}); break;
+  }
+}
 }  // namespace
 
-void strip_q5_0_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]) {
+void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  if (w.format == QuantFormat::kQ4_K) {  // sub-block t of super-block b / 8: nibbles of group t / 2
+    const int t = (int)(b % 8);
+    const uint8_t* qb = strip_quants(w, s) + ((b / 8) * 32 + (t / 2) * 8) * 64;
+    for (int j = 0; j < 8; ++j) {
+      const __m512i v = _mm512_loadu_si512(qb + j * 64);
+      out[j] = _mm512_maskz_mov_epi32(live, _mm512_and_si512(t % 2 ? _mm512_srli_epi16(v, 4) : v, nibble));
+    }
+    return;
+  }
   const uint8_t* qb = strip_quants(w, s) + b * strip_vectors(QuantFormat::kQ5_0) * 64;
   const __m512i fifth = _mm512_loadu_si512(qb + 4 * 64);
   for (int g = 0; g < 4; ++g) {
@@ -237,14 +401,34 @@ void strip_q5_0_values(const QuantWeight& w, long s, long b, __mmask16 live, __m
   }
 }
 
+void strip_block_scale(const QuantWeight& w, long s, long b, int r, float* scale, float* offset) {
+  if (w.format == QuantFormat::kQ4_K) {  // as unpacking the stored super-block computes them
+    const long sb = b / 8, at = b * kStripRows + r;
+    *scale = to_f32(f16{strip_k_d(w, s)[sb * kStripRows + r]}) * (float)strip_k_scales(w, s)[at];
+    *offset = -(to_f32(f16{strip_k_dmin(w, s)[sb * kStripRows + r]}) * (float)strip_k_mins(w, s)[at]);
+    return;
+  }
+  *scale = to_f32(f16{strip_scales(w, s)[b * kStripRows + r]});
+  *offset = 0.0f;
+}
+
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f) {
   StripActivations a;
-  a.nblocks = K / QK;
-  const long nblocks = a.nblocks;
+  const bool k = f == QuantFormat::kQ4_K;
+  a.nblocks = K / quant_block_cols(f);
+  const long nblocks = a.nblocks, inits = M * nblocks * (k ? 8 : 1);
   a.q = (int8_t*)aligned_alloc(64, (size_t)(M * K + 63) / 64 * 64);
-  a.dx = (float*)aligned_alloc(64, (size_t)(sizeof(float) * M * nblocks * 3 + 63) / 64 * 64);
-  a.init = reinterpret_cast<int32_t*>(a.dx + M * nblocks);
-  a.s = a.dx + 2 * M * nblocks;
+  a.dx = (float*)aligned_alloc(64, (size_t)(sizeof(float) * (M * nblocks * 2 + inits) + 63) / 64 * 64);
+  a.s = a.dx + M * nblocks;
+  a.init = reinterpret_cast<int32_t*>(a.dx + 2 * M * nblocks);
+  if (k) {  // llama.cpp's q8_K: a scale per 256 activations; the sums of each sub-block of 32
+    std::vector<int32_t> sum16(K / 16);
+    for (long m = 0; m < M; ++m) {
+      quantize_act(x + m * K, K, kQuantSuperBlock, a.q + m * K, a.dx + m * nblocks, sum16.data());
+      for (long t = 0; t < K / QK; ++t) a.init[m * (K / QK) + t] = sum16[2 * t] + sum16[2 * t + 1];
+    }
+    return a;
+  }
   // Stored values w + 128 (q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's are w's own (its offset is m).
   const int shift = f == QuantFormat::kQ8_0 ? 7 : f == QuantFormat::kQ5_0 ? 4 : 3;
   const int zero = f == QuantFormat::kQ4_1 ? 0 : 1 << shift;
@@ -273,14 +457,19 @@ void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const 
     const long n = s * kStripRows;
     const int live = (int)lmin(kStripRows, w.rows - n);
     const float* bn = bias ? bias + n : nullptr;
+    if (w.format == QuantFormat::kQ4_K) {
+      for_row_tiles(M, [&](auto XR, long m) {
+        strip_tile_k<XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
+      });
+      continue;
+    }
     const uint8_t* quants = strip_quants(w, s);
     const uint16_t* scales = strip_scales(w, s);
-    switch (w.format) {
-      case QuantFormat::kQ8_0: strip_rows<QuantFormat::kQ8_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
-      case QuantFormat::kQ5_0: strip_rows<QuantFormat::kQ5_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
-      case QuantFormat::kQ4_1: strip_rows<QuantFormat::kQ4_1>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
-      default: strip_rows<QuantFormat::kQ4_0>(a, M, quants, scales, y + n, ldy, live, bn, accumulate); break;
-    }
+    with_block_format(w.format, [&](auto F) {
+      for_row_tiles(M, [&](auto XR, long m) {
+        strip_tile<F.value, XR.value>(a, m, quants, scales, y + m * ldy + n, ldy, live, bn, accumulate);
+      });
+    });
   }
 }
 #endif

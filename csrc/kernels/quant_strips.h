@@ -11,6 +11,10 @@
 //           each row's 32 fifth bits: byte i of its dword has bit g for column 4g + i and bit 4 + g
 //           for column 16 + 4g + i, so group g's bits reach bit 4 of their bytes by one shift;
 //   scales  [nblocks][16 rows] fp16, after all the quants; q4_1 then its offsets m alike.
+// q4_k's blocks are super-blocks of 256 columns, 8 sub-blocks of 32: quants [nblocks][4 groups][8]
+// [16 rows][4 bytes], vector (g, j) bytes 4j .. 4j + 3 of the row's quant group g (low nibbles:
+// sub-block 2g, high: 2g + 1, columns 4j ..); then the 6-bit scales [nblocks][8][16 rows] and minima
+// alike as bytes, then d and dmin [nblocks][16 rows] fp16 each.
 // Bytes per strip equal those of the 16 rows as stored: the layout adds nothing to what a decode
 // step reads, and the rows' own pages are released once the strips exist.
 #pragma once
@@ -24,21 +28,32 @@
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
 constexpr bool strip_format(QuantFormat f) {
-  return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_0;
+  return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_0 ||
+         f == QuantFormat::kQ4_K;
 }
 constexpr int strip_groups(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 8 : 4; }
 
 inline long strip_count(const QuantWeight& w) { return (w.rows + kStripRows - 1) / kStripRows; }
-inline long strip_bytes(const QuantWeight& w) { return w.cols / kQuantBlock * strip_block_bytes(w.format); }
+inline long strip_bytes(const QuantWeight& w) { return strip_row_bytes(w.format, w.cols); }
+inline long strip_blocks(const QuantWeight& w) { return w.cols / quant_block_cols(w.format); }
 inline bool has_strips(const QuantWeight& w) { return w.gemm_panels && w.panel_layout == PanelLayout::kStrips; }
 // Strip s's quants, and its block scales (fp16) after them.
 inline const uint8_t* strip_quants(const QuantWeight& w, long s) { return w.gemm_panels + s * strip_bytes(w); }
 inline const uint16_t* strip_scales(const QuantWeight& w, long s) {
-  return reinterpret_cast<const uint16_t*>(strip_quants(w, s) + w.cols / kQuantBlock * strip_vectors(w.format) * 64L);
+  return reinterpret_cast<const uint16_t*>(strip_quants(w, s) + strip_blocks(w) * strip_vectors(w.format) * 64L);
 }
 inline const uint16_t* strip_offsets(const QuantWeight& w, long s) {  // q4_1's m
-  return strip_scales(w, s) + w.cols / kQuantBlock * kStripRows;
+  return strip_scales(w, s) + strip_blocks(w) * kStripRows;
 }
+// q4_k: the sub-block scales and minima (bytes), then d and dmin (fp16).
+inline const uint8_t* strip_k_scales(const QuantWeight& w, long s) {
+  return strip_quants(w, s) + strip_blocks(w) * strip_vectors(w.format) * 64L;
+}
+inline const uint8_t* strip_k_mins(const QuantWeight& w, long s) { return strip_k_scales(w, s) + strip_blocks(w) * 8 * kStripRows; }
+inline const uint16_t* strip_k_d(const QuantWeight& w, long s) {
+  return reinterpret_cast<const uint16_t*>(strip_k_mins(w, s) + strip_blocks(w) * 8 * kStripRows);
+}
+inline const uint16_t* strip_k_dmin(const QuantWeight& w, long s) { return strip_k_d(w, s) + strip_blocks(w) * kStripRows; }
 
 // Bytes of w's strips (0 for formats without them) and the repacking into `out` (that many bytes).
 long strips_bytes(const QuantWeight& w);
@@ -50,16 +65,19 @@ void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out);
 // M activation rows quantized for the strip GEMV (per row: int8 blocks, their scales, and the
 // int32 each block's sum starts from: -128 or -8 times the sum of its activations).
 struct StripActivations {
-  long nblocks;
+  long nblocks;   // of 32 columns (q4_k: of 256)
   int8_t* q;      // [M][K]
   float* dx;      // [M][nblocks]
-  int32_t* init;  // [M][nblocks]
+  int32_t* init;  // [M][nblocks] (q4_k: [M][nblocks][8], each sub-block's sum(q))
   float* s;       // [M][nblocks]: dx * sum(q), which q4_1's offsets multiply
 };
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
-// Block b of q5_0 strip s as the GEMM's panel half wants it: out[kk], columns 4 kk .. 4 kk + 3 of the
-// 16 rows, their stored values (w + 16) as unsigned bytes; rows not in `live` zero.
-void strip_q5_0_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]);
+// Block b (of 32 columns; q4_k: sub-block b % 8 of super-block b / 8) of q5_0 or q4_k strip s as
+// the GEMM's panel half wants it: out[kk], columns 4 kk .. 4 kk + 3 of the 16 rows, their stored
+// integers as unsigned bytes (q5_0: w + 16); rows not in `live` zero. And row r's scale and offset
+// for that block, the floats unpacking the stored block gives (w = scale q + offset).
+void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]);
+void strip_block_scale(const QuantWeight& w, long s, long b, int r, float* scale, float* offset);
 void free_strip_rows(StripActivations& a);
 // y[M][ldy] (+)= the prepared rows times w^T + bias, w's strips shared among the threads of the
 // enclosing parallel region (a static share each, no barrier at the end).

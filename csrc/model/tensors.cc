@@ -373,9 +373,8 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
       kernels::QuantWeight cut = s;
       // Panels are of the whole matrix; strips serve rows from the start of one.
       const bool strips = s.panel_layout == kernels::PanelLayout::kStrips && (lo - start) % kernels::kStripRows == 0;
-      cut.gemm_panels = strips ? s.gemm_panels + (lo - start) / kernels::kStripRows * (s.cols / kernels::kQuantBlock) *
-                                                     kernels::strip_block_bytes(s.format)
-                               : nullptr;
+      cut.gemm_panels =
+          strips ? s.gemm_panels + (lo - start) / kernels::kStripRows * kernels::strip_row_bytes(s.format, s.cols) : nullptr;
       cut.panel_layout = strips ? s.panel_layout : kernels::PanelLayout::kNone;
       cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
       cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
