@@ -39,9 +39,9 @@ def load(path=None, context_length=None, threads=None, quantize=None, quantize_e
     huge_pages: True copies the file's matrices that every call reads whole (those not packed into
     panels) into memory on 2 MiB pages at load, where the kernel offers transparent huge pages
     (fewer TLB misses: SmolLM2 decode 6-24% faster, docs/DESIGN.md "Weights in memory"), and
-    repacks a decoder's q8_0 / q4_0 / q4_1 / q5_0 / q4_k matrices for the decode kernels (AVX-512:
-    12-30% faster decoding on an Intel Xeon); False reads them as stored from the memory-mapped file on 4 KiB
-    pages, shared with other processes that map it.
+    repacks a decoder's q8_0 / q4_0 / q4_1 / q5_0 / q4_k / q6_k matrices for the decode kernels
+    (AVX-512: 12-30% faster decoding on an Intel Xeon); False reads them as stored from the
+    memory-mapped file on 4 KiB pages, shared with other processes that map it.
 
     Every model it returns has generate() (decoders and encoder-decoders: text out) or encode()
     (encoders: embeddings out); see pyxf.Model and pyxf.Seq2SeqModel.

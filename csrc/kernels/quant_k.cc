@@ -794,10 +794,11 @@ struct Panel {
   }
 };
 
-// pack_panel from a q5_0 or q4_k matrix's strips (decoders'; n0 at a strip): each 16-column half
+// pack_panel from a q5_0, q4_k or q6_k matrix's strips (decoders'; n0 at a strip): each 16-column half
 // of a block of 32 is the strip's 8 value vectors, its scales and offsets the strip's.
 void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) {
   const long nblocks = w.cols / QK;
+  const int per_block = QK / info(w.format).sub;  // scales per block of 32
   for (int half = 0; half < 2; ++half) {
     const int live = imax(0, imin(kStripRows, ncols - kStripRows * half));
     const long s = n0 / kStripRows + half;
@@ -809,11 +810,13 @@ void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) 
         for (__m512i& x : v) x = _mm512_setzero_si512();
       }
       for (int kk = 0; kk < 8; ++kk) _mm512_store_si512(p.w + b * 1024 + half * 512 + kk * 64, v[kk]);
-      for (int c = 0; c < kStripRows; ++c) {
-        float scale = 0.0f, offset = 0.0f;
-        if (c < live) strip_block_scale(w, s, b, c, &scale, &offset);
-        p.sc[b * kCols + half * kStripRows + c] = scale;
-        p.off[b * kCols + half * kStripRows + c] = offset;
+      for (int u = b * per_block; u < (b + 1) * per_block; ++u) {
+        for (int c = 0; c < kStripRows; ++c) {
+          float scale = 0.0f, offset = 0.0f;
+          if (c < live) strip_block_scale(w, s, u, c, &scale, &offset);
+          p.sc[u * kCols + half * kStripRows + c] = scale;
+          if (u % per_block == 0) p.off[b * kCols + half * kStripRows + c] = offset;
+        }
       }
     }
   }
@@ -821,7 +824,7 @@ void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) 
 
 template <QuantFormat F>
 void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
-  if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ4_K) {
+  if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ4_K || F == QuantFormat::kQ6_K) {
     if (has_strips(w) && n0 % kStripRows == 0) {
       pack_panel_from_strips(w, n0, ncols, p);
       return;

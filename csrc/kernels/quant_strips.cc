@@ -66,8 +66,29 @@ void k_scales_pack(const uint8_t sc[8], const uint8_t mn[8], uint8_t* b) {
   }
 }
 
-// q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes.
+// q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes. q6_k: 128 low-bit bytes, 64
+// high-bit bytes, 16 int8 scales, fp16 d.
 constexpr int kQ4kBytes = 144, kQ4kQuants = 16;
+constexpr int kQ6kBytes = 210, kQ6kHigh = 128, kQ6kScales = 192, kQ6kD = 208;
+
+void pack_q6k_strip(const QuantWeight& w, long s, uint8_t* out) {
+  const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
+  int8_t* sc = reinterpret_cast<int8_t*>(out + nb * strip_vectors(w.format) * 64);
+  uint16_t* d = reinterpret_cast<uint16_t*>(sc + nb * 16 * kStripRows);
+  for (int r = 0; r < kStripRows; ++r) {
+    const long row = s * kStripRows + r;
+    for (long b = 0; b < nb; ++b) {
+      const uint8_t* blk = row < w.rows ? w.data + row * row_bytes + b * kQ6kBytes : nullptr;
+      // vectors 0-31: low-bit bytes 4v ..; 32-47: high-bit bytes 4 (v - 32) ..
+      for (int v = 0; v < 48; ++v)
+        for (int i = 0; i < 4; ++i) out[((b * 48 + v) * kStripRows + r) * 4 + i] = blk ? blk[4 * v + i] : 0;
+      for (int u = 0; u < 16; ++u) sc[(b * 16 + u) * kStripRows + r] = blk ? (int8_t)blk[kQ6kScales + u] : 0;
+      uint16_t dv = 0;
+      if (blk) memcpy(&dv, blk + kQ6kD, 2);
+      d[b * kStripRows + r] = dv;
+    }
+  }
+}
 
 void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
   const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
@@ -110,9 +131,15 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
   const int off = data_offset(w.format);
   const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;  // 8-bit: w + 128
   const long sb = strip_bytes(w);
-  if (w.format == QuantFormat::kQ4_K) {
+  if (w.format == QuantFormat::kQ4_K || w.format == QuantFormat::kQ6_K) {
 #pragma omp parallel for schedule(static)
-    for (long s = 0; s < strips; ++s) pack_k_strip(w, s, out + s * sb);
+    for (long s = 0; s < strips; ++s) {
+      if (w.format == QuantFormat::kQ4_K) {
+        pack_k_strip(w, s, out + s * sb);
+      } else {
+        pack_q6k_strip(w, s, out + s * sb);
+      }
+    }
     return;
   }
 #pragma omp parallel for schedule(static)
@@ -161,6 +188,15 @@ void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out) {
     const uint8_t* quants = strip_quants(w, s) + b * 32 * 64;
     for (int v = 0; v < 32; ++v)
       for (int i = 0; i < 4; ++i) out[kQ4kQuants + 4 * v + i] = quants[(v * kStripRows + r) * 4 + i];
+    return;
+  }
+  if (w.format == QuantFormat::kQ6_K) {
+    const int r = (int)(row % kStripRows);
+    const uint8_t* quants = strip_quants(w, s) + b * 48 * 64;
+    for (int v = 0; v < 48; ++v)
+      for (int i = 0; i < 4; ++i) out[4 * v + i] = quants[(v * kStripRows + r) * 4 + i];
+    for (int u = 0; u < 16; ++u) out[kQ6kScales + u] = (uint8_t)strip_q6_scales(w, s)[(b * 16 + u) * kStripRows + r];
+    memcpy(out + kQ6kD, strip_q6_d(w, s) + b * kStripRows + r, 2);
     return;
   }
   const int r = (int)(row % kStripRows), groups = strip_groups(w.format), vectors = strip_vectors(w.format);
@@ -350,6 +386,79 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
   store_rows<XR>(acc, y, ldy, live, bias, accumulate);
 }
 
+// The 6-bit values of q6_k columns 128 h + 32 p + 4 j .. of 16 rows (p = a and a + 2) from low-bit
+// vector (h, a, j) and high-bit vector (h, j).
+inline void q6_values(__m512i low, __m512i high, int a, __m512i& p_a, __m512i& p_a2) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f), top = _mm512_set1_epi8(0x30);
+  p_a = _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_and_si512(_mm512_slli_epi16(high, 4 - 2 * a), top));
+  p_a2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble),
+                         _mm512_and_si512(_mm512_srli_epi16(high, 2 * a), top));
+}
+
+// XR activation rows (from m0) x one q6_k strip: per sub-block u of 16 columns the int32 lanes sum
+// q x; a row's super-block is dx d (sum_u sc_u isum_u - 32 sum_u sc_u xsum_u).
+template <int XR>
+void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, long s, float* y, long ldy, int live,
+                    const float* bias, bool accumulate) {
+  constexpr int SB = kQuantSuperBlock;
+  const long nb = a.nblocks;
+  const uint8_t* quants = strip_quants(w, s);
+  const int8_t* scales = strip_q6_scales(w, s);
+  const uint16_t* d = strip_q6_d(w, s);
+  const int8_t* x[XR];
+  const float* dx[XR];
+  const int32_t* xsum[XR];
+  for (int i = 0; i < XR; ++i) {
+    x[i] = a.q + (m0 + i) * nb * SB;
+    dx[i] = a.dx + (m0 + i) * nb;
+    xsum[i] = a.init + (m0 + i) * nb * 16;
+  }
+  const auto sub_scales = [&](long b, int u) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (b * 16 + u) * kStripRows)));
+  };
+  __m512 acc[XR];
+  for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
+  for (long b = 0; b < nb; ++b) {
+    const uint8_t* qb = quants + b * 48 * 64;
+    __m512i isc[XR], izp[XR];
+    for (int i = 0; i < XR; ++i) isc[i] = izp[i] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      for (int al = 0; al < 2; ++al) {  // columns 32 p .. of half h, p = al and al + 2; j < 4 and j >= 4
+        __m512i s[XR][4];               // sub-blocks 8 h + 2 al, + 1, 8 h + 2 (al + 2), + 1
+        for (int i = 0; i < XR; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t* lp = qb + ((2 * h + al) * 8 + j) * 64;
+          _mm_prefetch((const char*)(lp + kStripPrefetchBytes), _MM_HINT_T0);
+          __m512i v0, v2;
+          q6_values(_mm512_loadu_si512(lp), _mm512_loadu_si512(qb + (32 + 8 * h + j) * 64), al, v0, v2);
+          for (int i = 0; i < XR; ++i) {
+            const int8_t* xb = x[i] + b * SB + 128 * h + 4 * j;
+            s[i][j / 4] = _mm512_dpbusd_epi32(s[i][j / 4], v0, broadcast4(xb + 32 * al));
+            s[i][2 + j / 4] = _mm512_dpbusd_epi32(s[i][2 + j / 4], v2, broadcast4(xb + 32 * (al + 2)));
+          }
+        }
+        const int u0 = 8 * h + 2 * al, u2 = 8 * h + 2 * (al + 2);
+        const __m512i c0 = sub_scales(b, u0), c1 = sub_scales(b, u0 + 1), c2 = sub_scales(b, u2), c3 = sub_scales(b, u2 + 1);
+        for (int i = 0; i < XR; ++i) {
+          isc[i] = _mm512_add_epi32(isc[i], _mm512_add_epi32(_mm512_mullo_epi32(s[i][0], c0), _mm512_mullo_epi32(s[i][1], c1)));
+          isc[i] = _mm512_add_epi32(isc[i], _mm512_add_epi32(_mm512_mullo_epi32(s[i][2], c2), _mm512_mullo_epi32(s[i][3], c3)));
+        }
+      }
+    }
+    _mm_prefetch((const char*)(scales + b * 16 * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
+    for (int u = 0; u < 16; ++u) {
+      const __m512i c = sub_scales(b, u);
+      for (int i = 0; i < XR; ++i) izp[i] = _mm512_add_epi32(izp[i], _mm512_mullo_epi32(c, _mm512_set1_epi32(xsum[i][b * 16 + u])));
+    }
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kStripRows)));
+    for (int i = 0; i < XR; ++i) {
+      const __m512i total = _mm512_sub_epi32(isc[i], _mm512_slli_epi32(izp[i], 5));  // - 32 sum sc xsum
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(db, _mm512_set1_ps(dx[i][b])), acc[i]);
+    }
+  }
+  store_rows<XR>(acc, y, ldy, live, bias, accumulate);
+}
+
 // Activation rows per tile: a strip's block (288 or 544 bytes) is loaded once for up to 4 rows.
 constexpr int kStripXR = 4;
 
@@ -391,6 +500,17 @@ void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __
     }
     return;
   }
+  if (w.format == QuantFormat::kQ6_K) {  // columns 32 t .. of super-block b / 8: half h = t / 4, p = t % 4
+    const int t = (int)(b % 8), h = t / 4, p = t % 4;
+    const uint8_t* qb = strip_quants(w, s) + (b / 8) * 48 * 64;
+    for (int j = 0; j < 8; ++j) {
+      __m512i v0, v2;
+      q6_values(_mm512_loadu_si512(qb + ((2 * h + p % 2) * 8 + j) * 64), _mm512_loadu_si512(qb + (32 + 8 * h + j) * 64),
+                p % 2, v0, v2);
+      out[j] = _mm512_maskz_mov_epi32(live, p < 2 ? v0 : v2);
+    }
+    return;
+  }
   const uint8_t* qb = strip_quants(w, s) + b * strip_vectors(QuantFormat::kQ5_0) * 64;
   const __m512i fifth = _mm512_loadu_si512(qb + 4 * 64);
   for (int g = 0; g < 4; ++g) {
@@ -401,7 +521,13 @@ void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __
   }
 }
 
-void strip_block_scale(const QuantWeight& w, long s, long b, int r, float* scale, float* offset) {
+void strip_block_scale(const QuantWeight& w, long s, long u, int r, float* scale, float* offset) {
+  if (w.format == QuantFormat::kQ6_K) {  // sub-blocks of 16
+    *scale = to_f32(f16{strip_q6_d(w, s)[(u / 16) * kStripRows + r]}) * (float)strip_q6_scales(w, s)[u * kStripRows + r];
+    *offset = 0.0f;
+    return;
+  }
+  const long b = u;  // sub-blocks of 32
   if (w.format == QuantFormat::kQ4_K) {  // as unpacking the stored super-block computes them
     const long sb = b / 8, at = b * kStripRows + r;
     *scale = to_f32(f16{strip_k_d(w, s)[sb * kStripRows + r]}) * (float)strip_k_scales(w, s)[at];
@@ -414,18 +540,21 @@ void strip_block_scale(const QuantWeight& w, long s, long b, int r, float* scale
 
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f) {
   StripActivations a;
-  const bool k = f == QuantFormat::kQ4_K;
+  const bool k = is_k_quant(f);
+  const int sums = f == QuantFormat::kQ6_K ? 16 : k ? 8 : 1;  // per block: sums of q over 16 or 32 columns
   a.nblocks = K / quant_block_cols(f);
-  const long nblocks = a.nblocks, inits = M * nblocks * (k ? 8 : 1);
+  const long nblocks = a.nblocks, inits = M * nblocks * sums;
   a.q = (int8_t*)aligned_alloc(64, (size_t)(M * K + 63) / 64 * 64);
   a.dx = (float*)aligned_alloc(64, (size_t)(sizeof(float) * (M * nblocks * 2 + inits) + 63) / 64 * 64);
   a.s = a.dx + M * nblocks;
   a.init = reinterpret_cast<int32_t*>(a.dx + 2 * M * nblocks);
-  if (k) {  // llama.cpp's q8_K: a scale per 256 activations; the sums of each sub-block of 32
+  if (k) {  // llama.cpp's q8_K: a scale per 256 activations; the sums of each sub-block
     std::vector<int32_t> sum16(K / 16);
     for (long m = 0; m < M; ++m) {
       quantize_act(x + m * K, K, kQuantSuperBlock, a.q + m * K, a.dx + m * nblocks, sum16.data());
-      for (long t = 0; t < K / QK; ++t) a.init[m * (K / QK) + t] = sum16[2 * t] + sum16[2 * t + 1];
+      for (long t = 0; t < nblocks * sums; ++t) {
+        a.init[m * nblocks * sums + t] = sums == 16 ? sum16[t] : sum16[2 * t] + sum16[2 * t + 1];
+      }
     }
     return a;
   }
@@ -460,6 +589,12 @@ void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const 
     if (w.format == QuantFormat::kQ4_K) {
       for_row_tiles(M, [&](auto XR, long m) {
         strip_tile_k<XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
+      });
+      continue;
+    }
+    if (w.format == QuantFormat::kQ6_K) {
+      for_row_tiles(M, [&](auto XR, long m) {
+        strip_tile_q6k<XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
       });
       continue;
     }

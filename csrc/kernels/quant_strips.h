@@ -14,7 +14,11 @@
 // q4_k's blocks are super-blocks of 256 columns, 8 sub-blocks of 32: quants [nblocks][4 groups][8]
 // [16 rows][4 bytes], vector (g, j) bytes 4j .. 4j + 3 of the row's quant group g (low nibbles:
 // sub-block 2g, high: 2g + 1, columns 4j ..); then the 6-bit scales [nblocks][8][16 rows] and minima
-// alike as bytes, then d and dmin [nblocks][16 rows] fp16 each.
+// alike as bytes, then d and dmin [nblocks][16 rows] fp16 each. q6_k (as many bytes as stored): its
+// 128 low-bit bytes as vectors (h, a, j) = 16 h + 8 a + j, bytes 64 h + 32 a + 4 j .. (low nibbles:
+// columns 128 h + 32 a + 4 j .., high: + 64), its 64 high-bit bytes as vectors 32 + 8 h + j, bytes
+// 32 h + 4 j .. (bits 2p, 2p + 1: columns 128 h + 32 p + 4 j ..), then the int8 scales [nblocks][16
+// sub-blocks][16 rows] and d [nblocks][16 rows] fp16.
 // Bytes per strip equal those of the 16 rows as stored: the layout adds nothing to what a decode
 // step reads, and the rows' own pages are released once the strips exist.
 #pragma once
@@ -29,7 +33,7 @@ namespace pyxf::kernels::PYXF_TARGET_NS {
 
 constexpr bool strip_format(QuantFormat f) {
   return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_0 ||
-         f == QuantFormat::kQ4_K;
+         f == QuantFormat::kQ4_K || f == QuantFormat::kQ6_K;
 }
 constexpr int strip_groups(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 8 : 4; }
 
@@ -54,6 +58,13 @@ inline const uint16_t* strip_k_d(const QuantWeight& w, long s) {
   return reinterpret_cast<const uint16_t*>(strip_k_mins(w, s) + strip_blocks(w) * 8 * kStripRows);
 }
 inline const uint16_t* strip_k_dmin(const QuantWeight& w, long s) { return strip_k_d(w, s) + strip_blocks(w) * kStripRows; }
+// q6_k: the int8 sub-block scales, then d (fp16).
+inline const int8_t* strip_q6_scales(const QuantWeight& w, long s) {
+  return reinterpret_cast<const int8_t*>(strip_k_scales(w, s));
+}
+inline const uint16_t* strip_q6_d(const QuantWeight& w, long s) {
+  return reinterpret_cast<const uint16_t*>(strip_q6_scales(w, s) + strip_blocks(w) * 16 * kStripRows);
+}
 
 // Bytes of w's strips (0 for formats without them) and the repacking into `out` (that many bytes).
 long strips_bytes(const QuantWeight& w);
@@ -68,16 +79,17 @@ struct StripActivations {
   long nblocks;   // of 32 columns (q4_k: of 256)
   int8_t* q;      // [M][K]
   float* dx;      // [M][nblocks]
-  int32_t* init;  // [M][nblocks] (q4_k: [M][nblocks][8], each sub-block's sum(q))
+  int32_t* init;  // [M][nblocks] (q4_k: [M][nblocks][8], each 32 columns' sum(q); q6_k: [M][nblocks][16], each 16's)
   float* s;       // [M][nblocks]: dx * sum(q), which q4_1's offsets multiply
 };
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
-// Block b (of 32 columns; q4_k: sub-block b % 8 of super-block b / 8) of q5_0 or q4_k strip s as
-// the GEMM's panel half wants it: out[kk], columns 4 kk .. 4 kk + 3 of the 16 rows, their stored
-// integers as unsigned bytes (q5_0: w + 16); rows not in `live` zero. And row r's scale and offset
-// for that block, the floats unpacking the stored block gives (w = scale q + offset).
+// Block b of 32 columns (K-quants: columns 32 (b % 8) .. of super-block b / 8) of a q5_0, q4_k or
+// q6_k strip s as the GEMM's panel half wants it: out[kk], columns 4 kk .. 4 kk + 3 of the 16 rows,
+// their stored integers as unsigned bytes (q5_0: w + 16, q6_k: w + 32); rows not in `live` zero. And
+// row r's scale and offset for sub-block u (of the format's size), the floats unpacking the stored
+// block gives (w = scale (q - zero) + offset).
 void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]);
-void strip_block_scale(const QuantWeight& w, long s, long b, int r, float* scale, float* offset);
+void strip_block_scale(const QuantWeight& w, long s, long u, int r, float* scale, float* offset);
 void free_strip_rows(StripActivations& a);
 // y[M][ldy] (+)= the prepared rows times w^T + bias, w's strips shared among the threads of the
 // enclosing parallel region (a static share each, no barrier at the end).
