@@ -256,6 +256,23 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// The arrays of XR activation rows from m0.
+template <int XR>
+struct TileRows {
+  const int8_t* x[XR];
+  const float* dx[XR];
+  const float* sx[XR];
+  const int32_t* sums[XR];  // StripActivations::init
+  TileRows(const StripActivations& a, long m0) {
+    for (int i = 0; i < XR; ++i) {
+      x[i] = a.q + (m0 + i) * a.K;
+      dx[i] = a.dx + (m0 + i) * a.nblocks;
+      sx[i] = a.s + (m0 + i) * a.nblocks;
+      sums[i] = a.init + (m0 + i) * a.sums;
+    }
+  }
+};
+
 // XR activation rows (from m0) x one strip: y[i][0 .. live) (+)= row i times the strip's rows.
 template <QuantFormat F, int XR>
 void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const uint16_t* scales, float* y,
@@ -263,16 +280,11 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
   const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1
   constexpr int G = strip_groups(F), V = strip_vectors(F);
   const long nblocks = a.nblocks;
-  const int8_t* x[XR];
-  const float* dx[XR];
-  const float* sx[XR];
-  const int32_t* init[XR];
-  for (int i = 0; i < XR; ++i) {
-    x[i] = a.q + (m0 + i) * nblocks * QK;
-    dx[i] = a.dx + (m0 + i) * nblocks;
-    sx[i] = a.s + (m0 + i) * nblocks;
-    init[i] = a.init + (m0 + i) * nblocks;
-  }
+  const TileRows<XR> rows(a, m0);
+  const auto& x = rows.x;
+  const auto& dx = rows.dx;
+  const auto& sx = rows.sx;
+  const auto& init = rows.sums;
   __m512 acc[XR];
   for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nblocks; ++b) {
@@ -335,14 +347,10 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
   const uint16_t* d = strip_k_d(w, s);
   const uint16_t* dmin = strip_k_dmin(w, s);
   const __m512i nibble = _mm512_set1_epi8(0x0f);
-  const int8_t* x[XR];
-  const float* dx[XR];
-  const int32_t* xsum[XR];
-  for (int i = 0; i < XR; ++i) {
-    x[i] = a.q + (m0 + i) * nb * SB;
-    dx[i] = a.dx + (m0 + i) * nb;
-    xsum[i] = a.init + (m0 + i) * nb * 8;
-  }
+  const TileRows<XR> rows(a, m0);
+  const auto& x = rows.x;
+  const auto& dx = rows.dx;
+  const auto& xsum = rows.sums;
   __m512 acc[XR];
   for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nb; ++b) {
@@ -405,14 +413,10 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
   const uint8_t* quants = strip_quants(w, s);
   const int8_t* scales = strip_q6_scales(w, s);
   const uint16_t* d = strip_q6_d(w, s);
-  const int8_t* x[XR];
-  const float* dx[XR];
-  const int32_t* xsum[XR];
-  for (int i = 0; i < XR; ++i) {
-    x[i] = a.q + (m0 + i) * nb * SB;
-    dx[i] = a.dx + (m0 + i) * nb;
-    xsum[i] = a.init + (m0 + i) * nb * 16;
-  }
+  const TileRows<XR> rows(a, m0);
+  const auto& x = rows.x;
+  const auto& dx = rows.dx;
+  const auto& xsum = rows.sums;
   const auto sub_scales = [&](long b, int u) {
     return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (b * 16 + u) * kStripRows)));
   };
@@ -542,8 +546,10 @@ StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat 
   StripActivations a;
   const bool k = is_k_quant(f);
   const int sums = f == QuantFormat::kQ6_K ? 16 : k ? 8 : 1;  // per block: sums of q over 16 or 32 columns
+  a.K = K;
   a.nblocks = K / quant_block_cols(f);
-  const long nblocks = a.nblocks, inits = M * nblocks * sums;
+  a.sums = a.nblocks * sums;
+  const long nblocks = a.nblocks, inits = M * a.sums;
   a.q = (int8_t*)aligned_alloc(64, (size_t)(M * K + 63) / 64 * 64);
   a.dx = (float*)aligned_alloc(64, (size_t)(sizeof(float) * (M * nblocks * 2 + inits) + 63) / 64 * 64);
   a.s = a.dx + M * nblocks;

@@ -76,10 +76,11 @@ void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out);
 // M activation rows quantized for the strip GEMV (per row: int8 blocks, their scales, and the
 // int32 each block's sum starts from: -128 or -8 times the sum of its activations).
 struct StripActivations {
-  long nblocks;   // of 32 columns (q4_k: of 256)
+  long K, nblocks;  // columns; blocks of 32 columns (K-quants: of 256)
+  long sums;        // init entries per row
   int8_t* q;      // [M][K]
   float* dx;      // [M][nblocks]
-  int32_t* init;  // [M][nblocks] (q4_k: [M][nblocks][8], each 32 columns' sum(q); q6_k: [M][nblocks][16], each 16's)
+  int32_t* init;  // [M][sums]: per block (q4_k: per 32 columns' sum(q); q6_k: per 16's)
   float* s;       // [M][nblocks]: dx * sum(q), which q4_1's offsets multiply
 };
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f);
