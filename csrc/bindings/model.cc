@@ -75,7 +75,8 @@ void bind_model(py::module_& m) {
       .def("bound_tensors", &PyModel::bound_tensors,
            "[(name, shape, required), ...]: the tensors this model asked for, in order.")
       .def_property_readonly("huge_page_bytes", [](const PyModel& m) { return m.huge_page_bytes(); },
-                             "Bytes of the file's matrices on huge pages, copied or repacked at load (0: read from the mapping).")
+                             "Bytes of the file's matrices on huge pages, copied or repacked at load "
+                             "(0: read from the mapping).")
       .def_property_readonly("vocab_size", [](const PyModel& m) { return m.config().vocab_size; });
 }
 

@@ -39,7 +39,8 @@ struct QuantArg {
                      w.ndim() == 2 ? w.shape(0) : -1, cols);
     make_quant_panels(q, panels, memory);
     if (panels == QuantPanels::kDecode && !q.gemm_panels) {
-      throw py::value_error(std::string("the ") + kernels::active().name + " kernels have no decode layout for " + format);
+      throw py::value_error(std::string("the ") + kernels::active().name + " kernels have no decode layout for " +
+                            format);
     }
   }
   FloatArray scales;

@@ -162,7 +162,8 @@ void bind_seq2seq(py::module_& m) {
       .def("bound_tensors", &PySeq2SeqModel::bound_tensors,
            "[(name, shape, required), ...]: the tensors this model asked for, in order.")
       .def_property_readonly("huge_page_bytes", [](const PySeq2SeqModel& m) { return m.huge_page_bytes(); },
-                             "Bytes of the file's matrices on huge pages, copied or repacked at load (0: read from the mapping).")
+                             "Bytes of the file's matrices on huge pages, copied or repacked at load "
+                             "(0: read from the mapping).")
       .def("generate", &PySeq2SeqModel::generate, "sources"_a, "beam_size"_a = 1, "num_hypotheses"_a = 1,
            "length_penalty"_a = 1.0f, "early_stopping"_a = 0, "no_repeat_ngram_size"_a = 0, "max_length"_a = 256,
            "min_length"_a = 0, "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f,

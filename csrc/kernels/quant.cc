@@ -666,7 +666,8 @@ void linear_quant_decode_segments(const float* x, long M, const QuantWeight* w, 
       if (has_strips(w[i])) {
         strip_tiles(strip_rows[i], M, w[i], bi, y + col, ldy, accumulate);
       } else {
-        with_stream_format(w[i].format, [&](auto F) { stream_tiles<F.value>(rows[i], M, w[i], bi, y + col, ldy, accumulate); });
+        with_stream_format(w[i].format,
+                           [&](auto F) { stream_tiles<F.value>(rows[i], M, w[i], bi, y + col, ldy, accumulate); });
       }
       col += w[i].rows;
     }
@@ -788,7 +789,8 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
     } else if (strip) {
       const __m512i flip = _mm512_set1_epi8((char)0x80);
       for (int g = 0; g < QK / 4; ++g) {
-        slices[g] = _mm512_maskz_mov_epi32(live, _mm512_xor_si512(_mm512_loadu_si512(strip + (b * (QK / 4) + g) * 64), flip));
+        const __m512i stored = _mm512_loadu_si512(strip + (b * (QK / 4) + g) * 64);
+        slices[g] = _mm512_maskz_mov_epi32(live, _mm512_xor_si512(stored, flip));
       }
     } else {
       transpose_rows_16x8(base, row_bytes, live, slices);
@@ -805,7 +807,8 @@ void pack_vnni_half(const QuantWeight& w, const uint8_t* rows, long row_bytes, _
 void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel& p) {
   const long row_bytes = quant_row_bytes(w.format, w.cols);
   static_assert(kVnniCols == 2 * kStripRows, "a panel's halves are two strips");
-  const bool strips = has_strips(w) && n0 % kStripRows == 0;  // (else from the rows: the up half of [gate; up], I % 16 != 0)
+  // From the strips where the panel starts at one (else from the rows: [gate; up]'s up half, I % 16 != 0).
+  const bool strips = has_strips(w) && n0 % kStripRows == 0;
   for (int half = 0; half < 2; ++half) {
     const int live = imax(0, imin(16, ncols - 16 * half));
     const uint8_t* strip = strips && live > 0 ? strip_quants(w, n0 / kStripRows + half) : nullptr;

@@ -101,7 +101,9 @@ void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
     for (long b = 0; b < nb; ++b) {
       const uint8_t* blk = row < w.rows ? w.data + row * row_bytes + b * kQ4kBytes : nullptr;
       for (int v = 0; v < 32; ++v)  // vector (g, j) = 8 g + j: quant bytes 32 g + 4 j ..
-        for (int i = 0; i < 4; ++i) out[((b * 32 + v) * kStripRows + r) * 4 + i] = blk ? blk[kQ4kQuants + 4 * v + i] : 0;
+        for (int i = 0; i < 4; ++i) {
+          out[((b * 32 + v) * kStripRows + r) * 4 + i] = blk ? blk[kQ4kQuants + 4 * v + i] : 0;
+        }
       uint8_t bsc[8] = {}, bmn[8] = {};
       if (blk) k_scales_unpack(blk + 4, bsc, bmn);
       for (int t = 0; t < 8; ++t) {
@@ -250,6 +252,11 @@ inline void store_rows(const __m512 acc[XR], float* y, long ldy, int live, const
   }
 }
 
+// 16 unsigned bytes as int32 lanes.
+inline __m512i bytes_u32(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
   memcpy(&v, p, 4);
@@ -371,18 +378,18 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
           hi[i][j % 2] = _mm512_dpbusd_epi32(hi[i][j % 2], h, broadcast4(xb + QK));
         }
       }
-      const auto sub_scales = [&](int t) {
-        return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (b * 8 + t) * kStripRows)));
-      };
-      const __m512i sc_lo = sub_scales(2 * g), sc_hi = sub_scales(2 * g + 1);
+      const __m512i sc_lo = bytes_u32(scales + (b * 8 + 2 * g) * kStripRows);
+      const __m512i sc_hi = bytes_u32(scales + (b * 8 + 2 * g + 1) * kStripRows);
       for (int i = 0; i < XR; ++i) {
         isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(lo[i][0], lo[i][1]), sc_lo));
         isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(hi[i][0], hi[i][1]), sc_hi));
       }
     }
     for (int t = 0; t < 8; ++t) {
-      const __m512i m = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + (b * 8 + t) * kStripRows)));
-      for (int i = 0; i < XR; ++i) imn[i] = _mm512_add_epi32(imn[i], _mm512_mullo_epi32(m, _mm512_set1_epi32(xsum[i][b * 8 + t])));
+      const __m512i m = bytes_u32(mins + (b * 8 + t) * kStripRows);
+      for (int i = 0; i < XR; ++i) {
+        imn[i] = _mm512_add_epi32(imn[i], _mm512_mullo_epi32(m, _mm512_set1_epi32(xsum[i][b * 8 + t])));
+      }
     }
     const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kStripRows)));
     const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmin + b * kStripRows)));
@@ -442,17 +449,18 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
           }
         }
         const int u0 = 8 * h + 2 * al, u2 = 8 * h + 2 * (al + 2);
-        const __m512i c0 = sub_scales(b, u0), c1 = sub_scales(b, u0 + 1), c2 = sub_scales(b, u2), c3 = sub_scales(b, u2 + 1);
+        const __m512i c[4] = {sub_scales(b, u0), sub_scales(b, u0 + 1), sub_scales(b, u2), sub_scales(b, u2 + 1)};
         for (int i = 0; i < XR; ++i) {
-          isc[i] = _mm512_add_epi32(isc[i], _mm512_add_epi32(_mm512_mullo_epi32(s[i][0], c0), _mm512_mullo_epi32(s[i][1], c1)));
-          isc[i] = _mm512_add_epi32(isc[i], _mm512_add_epi32(_mm512_mullo_epi32(s[i][2], c2), _mm512_mullo_epi32(s[i][3], c3)));
+          for (int q = 0; q < 4; ++q) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(s[i][q], c[q]));
         }
       }
     }
     _mm_prefetch((const char*)(scales + b * 16 * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
     for (int u = 0; u < 16; ++u) {
       const __m512i c = sub_scales(b, u);
-      for (int i = 0; i < XR; ++i) izp[i] = _mm512_add_epi32(izp[i], _mm512_mullo_epi32(c, _mm512_set1_epi32(xsum[i][b * 16 + u])));
+      for (int i = 0; i < XR; ++i) {
+        izp[i] = _mm512_add_epi32(izp[i], _mm512_mullo_epi32(c, _mm512_set1_epi32(xsum[i][b * 16 + u])));
+      }
     }
     const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kStripRows)));
     for (int i = 0; i < XR; ++i) {
@@ -527,7 +535,8 @@ void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __
 
 void strip_block_scale(const QuantWeight& w, long s, long u, int r, float* scale, float* offset) {
   if (w.format == QuantFormat::kQ6_K) {  // sub-blocks of 16
-    *scale = to_f32(f16{strip_q6_d(w, s)[(u / 16) * kStripRows + r]}) * (float)strip_q6_scales(w, s)[u * kStripRows + r];
+    const float d = to_f32(f16{strip_q6_d(w, s)[(u / 16) * kStripRows + r]});
+    *scale = d * (float)strip_q6_scales(w, s)[u * kStripRows + r];
     *offset = 0.0f;
     return;
   }

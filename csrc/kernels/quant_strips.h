@@ -53,11 +53,15 @@ inline const uint16_t* strip_offsets(const QuantWeight& w, long s) {  // q4_1's 
 inline const uint8_t* strip_k_scales(const QuantWeight& w, long s) {
   return strip_quants(w, s) + strip_blocks(w) * strip_vectors(w.format) * 64L;
 }
-inline const uint8_t* strip_k_mins(const QuantWeight& w, long s) { return strip_k_scales(w, s) + strip_blocks(w) * 8 * kStripRows; }
+inline const uint8_t* strip_k_mins(const QuantWeight& w, long s) {
+  return strip_k_scales(w, s) + strip_blocks(w) * 8 * kStripRows;
+}
 inline const uint16_t* strip_k_d(const QuantWeight& w, long s) {
   return reinterpret_cast<const uint16_t*>(strip_k_mins(w, s) + strip_blocks(w) * 8 * kStripRows);
 }
-inline const uint16_t* strip_k_dmin(const QuantWeight& w, long s) { return strip_k_d(w, s) + strip_blocks(w) * kStripRows; }
+inline const uint16_t* strip_k_dmin(const QuantWeight& w, long s) {
+  return strip_k_d(w, s) + strip_blocks(w) * kStripRows;
+}
 // q6_k: the int8 sub-block scales, then d (fp16).
 inline const int8_t* strip_q6_scales(const QuantWeight& w, long s) {
   return reinterpret_cast<const int8_t*>(strip_k_scales(w, s));

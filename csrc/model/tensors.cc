@@ -147,23 +147,28 @@ Linear WeightBinder::view(const std::string& name, long out, long in) {
   return l;
 }
 
+// Whether every part of a quantized matrix (its one format, or each segment) has panels (of
+// `layout`, when given).
+static bool quant_panels(const Linear& l, kernels::PanelLayout layout = kernels::PanelLayout::kNone) {
+  if (!l.quantized) return false;
+  const auto has = [&](const kernels::QuantWeight& q) {
+    return q.gemm_panels && (layout == kernels::PanelLayout::kNone || q.panel_layout == layout);
+  };
+  if (l.segments.empty()) return has(l.quant);
+  for (const kernels::QuantWeight& s : l.segments) {
+    if (!has(s)) return false;
+  }
+  return true;
+}
+
 Linear WeightBinder::matrix(const std::string& name, long out, long in) {
   Linear l = view(name, out, in);
-  copy_into_memory(name, l);
+  // Strips replace the rows for every call (a tied head, stacked experts); other panels do not.
+  if (!quant_panels(l, kernels::PanelLayout::kStrips)) copy_into_memory(name, l);
   return l;
 }
 
 Linear WeightBinder::table(const std::string& name, long out, long in) { return view(name, out, in); }
-
-// Whether every part of a quantized matrix (its one format, or each segment) has panels.
-static bool quant_panels(const Linear& l) {
-  if (!l.quantized) return false;
-  if (l.segments.empty()) return l.quant.gemm_panels != nullptr;
-  for (const kernels::QuantWeight& s : l.segments) {
-    if (!s.gemm_panels) return false;
-  }
-  return true;
-}
 
 Linear WeightBinder::linear(const std::string& name, long out, long in) {
   Linear l = view(name + ".weight", out, in);
@@ -373,8 +378,8 @@ Linear row_block(const Linear& w, long rows, long in, long first, long count) {
       kernels::QuantWeight cut = s;
       // Panels are of the whole matrix; strips serve rows from the start of one.
       const bool strips = s.panel_layout == kernels::PanelLayout::kStrips && (lo - start) % kernels::kStripRows == 0;
-      cut.gemm_panels =
-          strips ? s.gemm_panels + (lo - start) / kernels::kStripRows * kernels::strip_row_bytes(s.format, s.cols) : nullptr;
+      const long strip = (lo - start) / kernels::kStripRows;
+      cut.gemm_panels = strips ? s.gemm_panels + strip * kernels::strip_row_bytes(s.format, s.cols) : nullptr;
       cut.panel_layout = strips ? s.panel_layout : kernels::PanelLayout::kNone;
       cut.data = s.data + (lo - start) * kernels::quant_row_bytes(s.format, s.cols);
       cut.row_scales = s.row_scales ? s.row_scales + (lo - start) : nullptr;
