@@ -820,8 +820,9 @@ void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel
     const bool real = c < ncols;
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
     const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
-    const uint16_t* strip_d = strips && real ? strip_scales(w, (n0 + c) / kStripRows) + (n0 + c) % kStripRows : nullptr;
-    const uint16_t* strip_m = strip_d && w.format == QuantFormat::kQ4_1 ? strip_d + nblocks * kStripRows : nullptr;
+    const long s = (n0 + c) / kStripRows, r = (n0 + c) % kStripRows;
+    const uint16_t* strip_d = strips && real ? strip_scales(w, s) + r : nullptr;
+    const uint16_t* strip_m = strip_d && w.format == QuantFormat::kQ4_1 ? strip_offsets(w, s) + r : nullptr;
     for (long b = 0; b < nblocks; ++b) {
       float d = 0.0f, m = 0.0f;
       if (strip_d) {

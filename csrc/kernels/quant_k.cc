@@ -824,6 +824,8 @@ void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) 
 
 template <QuantFormat F>
 void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
+  // From the strips where the panel starts at one (else from the rows, as pack_vnni: [gate; up]'s
+  // up half, I % 16 != 0).
   if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ4_K || F == QuantFormat::kQ6_K) {
     if (has_strips(w) && n0 % kStripRows == 0) {
       pack_panel_from_strips(w, n0, ncols, p);
@@ -843,10 +845,8 @@ void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
       continue;
     }
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
-    uint8_t stored[sizeof(u.q)];  // a block read back from strips (the up half of [gate; up] at no strip)
     for (long blk = 0; blk < K / fi.cols; ++blk) {
-      if (has_strips(w)) strip_stored_block(w, n0 + c, blk, stored);
-      unpack<F>(has_strips(w) ? stored : row + blk * fi.bytes, u);
+      unpack<F>(row + blk * fi.bytes, u);
       for (int g = 0; g < fi.cols / QK; ++g) {
         const long b = blk * (fi.cols / QK) + g;
         for (int kk = 0; kk < 8; ++kk) memcpy(dst + b * 1024 + kk * 64, u.q + g * QK + kk * 4, 4);

@@ -29,7 +29,7 @@ constexpr int data_offset(QuantFormat f) {
 }
 constexpr int stored_block_bytes(QuantFormat f) { return data_offset(f) + (f == QuantFormat::kQ8_0 ? QK : QK / 2); }
 
-// A q5_0 block's 32 fifth bits (bit j: column j) in the strip's order (quant_strips.h), and back.
+// A q5_0 block's 32 fifth bits (bit j: column j) in the strip's order (quant_strips.h).
 uint32_t fifth_bits_to_strip(uint32_t qh) {
   uint32_t h = 0;
   for (int i = 0; i < 4; ++i)
@@ -39,17 +39,8 @@ uint32_t fifth_bits_to_strip(uint32_t qh) {
     }
   return h;
 }
-uint32_t fifth_bits_from_strip(uint32_t h) {
-  uint32_t qh = 0;
-  for (int i = 0; i < 4; ++i)
-    for (int g = 0; g < 4; ++g) {
-      qh |= ((h >> (8 * i + g)) & 1u) << (4 * g + i);
-      qh |= ((h >> (8 * i + 4 + g)) & 1u) << (16 + 4 * g + i);
-    }
-  return qh;
-}
 
-// q4_k: the 12 bytes of a super-block's 6-bit scales and minima (8 each), and back.
+// q4_k: the 12 bytes of a super-block's 6-bit scales and minima (8 each).
 void k_scales_unpack(const uint8_t* b, uint8_t sc[8], uint8_t mn[8]) {
   for (int s = 0; s < 4; ++s) {
     sc[s] = b[s] & 63;
@@ -58,18 +49,11 @@ void k_scales_unpack(const uint8_t* b, uint8_t sc[8], uint8_t mn[8]) {
     mn[s + 4] = (uint8_t)((b[s + 8] >> 4) | ((b[s + 4] >> 6) << 4));
   }
 }
-void k_scales_pack(const uint8_t sc[8], const uint8_t mn[8], uint8_t* b) {
-  for (int s = 0; s < 4; ++s) {
-    b[s] = (uint8_t)(sc[s] | ((sc[s + 4] >> 4) << 6));
-    b[s + 4] = (uint8_t)(mn[s] | ((mn[s + 4] >> 4) << 6));
-    b[s + 8] = (uint8_t)((sc[s + 4] & 0x0f) | ((mn[s + 4] & 0x0f) << 4));
-  }
-}
 
 // q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes. q6_k: 128 low-bit bytes, 64
 // high-bit bytes, 16 int8 scales, fp16 d.
 constexpr int kQ4kBytes = 144, kQ4kQuants = 16;
-constexpr int kQ6kBytes = 210, kQ6kHigh = 128, kQ6kScales = 192, kQ6kD = 208;
+constexpr int kQ6kBytes = 210, kQ6kScales = 192, kQ6kD = 208;
 
 void pack_q6k_strip(const QuantWeight& w, long s, uint8_t* out) {
   const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
@@ -172,48 +156,6 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
         }
       }
     }
-  }
-}
-
-void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out) {
-  const long s = row / kStripRows;
-  if (w.format == QuantFormat::kQ4_K) {
-    const int r = (int)(row % kStripRows);
-    memcpy(out, strip_k_d(w, s) + b * kStripRows + r, 2);
-    memcpy(out + 2, strip_k_dmin(w, s) + b * kStripRows + r, 2);
-    uint8_t sc[8], mn[8];
-    for (int t = 0; t < 8; ++t) {
-      sc[t] = strip_k_scales(w, s)[(b * 8 + t) * kStripRows + r];
-      mn[t] = strip_k_mins(w, s)[(b * 8 + t) * kStripRows + r];
-    }
-    k_scales_pack(sc, mn, out + 4);
-    const uint8_t* quants = strip_quants(w, s) + b * 32 * 64;
-    for (int v = 0; v < 32; ++v)
-      for (int i = 0; i < 4; ++i) out[kQ4kQuants + 4 * v + i] = quants[(v * kStripRows + r) * 4 + i];
-    return;
-  }
-  if (w.format == QuantFormat::kQ6_K) {
-    const int r = (int)(row % kStripRows);
-    const uint8_t* quants = strip_quants(w, s) + b * 48 * 64;
-    for (int v = 0; v < 48; ++v)
-      for (int i = 0; i < 4; ++i) out[4 * v + i] = quants[(v * kStripRows + r) * 4 + i];
-    for (int u = 0; u < 16; ++u) out[kQ6kScales + u] = (uint8_t)strip_q6_scales(w, s)[(b * 16 + u) * kStripRows + r];
-    memcpy(out + kQ6kD, strip_q6_d(w, s) + b * kStripRows + r, 2);
-    return;
-  }
-  const int r = (int)(row % kStripRows), groups = strip_groups(w.format), vectors = strip_vectors(w.format);
-  const int off = data_offset(w.format);
-  const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;
-  const uint8_t* quants = strip_quants(w, s) + b * vectors * 64;
-  memcpy(out, strip_scales(w, s) + b * kStripRows + r, 2);
-  if (w.format == QuantFormat::kQ4_1) memcpy(out + 2, strip_offsets(w, s) + b * kStripRows + r, 2);
-  for (int g = 0; g < groups; ++g)
-    for (int i = 0; i < 4; ++i) out[off + 4 * g + i] = (uint8_t)(quants[(g * kStripRows + r) * 4 + i] ^ flip);
-  if (w.format == QuantFormat::kQ5_0) {
-    uint32_t h;
-    memcpy(&h, quants + (groups * kStripRows + r) * 4, 4);
-    const uint32_t qh = fifth_bits_from_strip(h);
-    memcpy(out + 2, &qh, 4);
   }
 }
 

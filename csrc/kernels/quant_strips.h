@@ -73,8 +73,6 @@ inline const uint16_t* strip_q6_d(const QuantWeight& w, long s) {
 // Bytes of w's strips (0 for formats without them) and the repacking into `out` (that many bytes).
 long strips_bytes(const QuantWeight& w);
 void pack_strips(const QuantWeight& w, uint8_t* out);
-// Block b of row `row` as stored (quant_row_bytes / blocks bytes into out), read back from w's strips.
-void strip_stored_block(const QuantWeight& w, long row, long b, uint8_t* out);
 
 #if defined(PYXF_TARGET_avx512)
 // M activation rows quantized for the strip GEMV (per row: int8 blocks, their scales, and the
