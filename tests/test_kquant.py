@@ -135,9 +135,9 @@ def test_gated_ffn_up_matches_numpy(isa, fmt, m):
     assert_close(_core.ops.linear_quant_gated(x, data, fmt, activation="silu"), want)
 
 
-@pytest.mark.parametrize("fmt", ["q5_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_decode_strips_match_numpy(isa, fmt):
-    """Decoders' q5_0, q4_k and q6_k matrices get strips of 16 rows at load on the AVX-512 tables
+    """Decoders' q5_0, q5_1 and K-quant matrices get strips of 16 rows at load on the AVX-512 tables
     (random blocks: every scale and minimum pattern): the strip GEMV below 32 rows, the GEMM on panels
     packed from the strips from 32 (the same products as from the rows), and [gate; up]."""
     block = FORMATS[fmt][1]

@@ -246,7 +246,7 @@ def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
         assert np.abs(gated - silu(gu[:, :n // 2]) * gu[:, n // 2:]).max() <= 1e-5 * np.abs(gated).max() + 1e-6
 
 
-STRIP_FORMATS = ["q8_0", "q4_0", "q4_1", "q5_0"]
+STRIP_FORMATS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 STRIP_KERNELS = [name for name in KERNELS if name.startswith("avx512")]
 
 
@@ -254,9 +254,10 @@ STRIP_KERNELS = [name for name in KERNELS if name.startswith("avx512")]
 @pytest.mark.parametrize("m,k,n", [(1, 32, 16), (1, 576, 37), (3, 96, 5), (4, 160, 48), (5, 64, 17), (19, 1536, 33),
                                    (31, 96, 20), (32, 96, 37), (40, 576, 70)])
 def test_decode_strips_match_reference(isa, fmt, m, k, n):
-    # Decoders' q8_0 / q4_0 / q4_1 / q5_0 matrices are repacked at load into strips of 16 rows where
-    # the table has that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM packs its
-    # panels from them from 32 (whole, partial and lone strips; one to four rows a tile and leftovers).
+    # Decoders' q8_0 / q4_0 / q4_1 / q5_0 / q5_1 matrices are repacked at load into strips of 16
+    # rows where the table has that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM
+    # packs its panels from them from 32 (whole, partial and lone strips; one to four rows a tile and
+    # leftovers).
     x, wq, scales, w_deq, bias = product_case(fmt, m, k, n, seed=m * 101 + k + n)
     if not isa.startswith("avx512"):
         with pytest.raises(ValueError, match="no decode layout"):

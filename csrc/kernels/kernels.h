@@ -53,23 +53,26 @@ constexpr long kQuantGemmRows = 16;
 // dequantized to bf16 pair panels for its tiles.
 enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2, kStrips = 3 };
 
-// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1, q5_0, q4_k and
-// q6_k rows in strips of kStripRows, each strip strip_block_bytes(format) per block of the format
-// (quant_block_cols): strip_vectors(format) 64-byte vectors, then the block's scales (as many bytes
-// as its rows stored as they were; q4_k 2.8% more, its 6-bit scales and minima unpacked to bytes).
+// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1, q5_0, q5_1,
+// q4_k, q5_k and q6_k rows in strips of kStripRows, each strip strip_block_bytes(format) per block of
+// the format (quant_block_cols): strip_vectors(format) 64-byte vectors, then the block's scales (as
+// many bytes as its rows stored as they were; q4_k 2.8% and q5_k 2.3% more, their 6-bit scales and
+// minima unpacked to bytes).
 constexpr int kStripRows = 16;
 constexpr int strip_vectors(QuantFormat f) {
-  return f == QuantFormat::kQ8_0   ? 8
-         : f == QuantFormat::kQ5_0 ? 5
-         : f == QuantFormat::kQ4_K ? 32
-         : f == QuantFormat::kQ6_K ? 48
-                                   : 4;
+  return f == QuantFormat::kQ8_0                              ? 8
+         : f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1 ? 5
+         : f == QuantFormat::kQ4_K                            ? 32
+         : f == QuantFormat::kQ5_K                            ? 40
+         : f == QuantFormat::kQ6_K                            ? 48
+                                                              : 4;
 }
 constexpr long strip_block_bytes(QuantFormat f) {
-  return strip_vectors(f) * 64L + (f == QuantFormat::kQ4_K   ? (2 * 8 + 2 * 2) * kStripRows
-                                   : f == QuantFormat::kQ6_K ? (16 + 2) * kStripRows
-                                   : f == QuantFormat::kQ4_1 ? 2 * 2 * kStripRows
-                                                             : 2 * kStripRows);
+  return strip_vectors(f) * 64L +
+         (f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K   ? (2 * 8 + 2 * 2) * kStripRows
+          : f == QuantFormat::kQ6_K                            ? (16 + 2) * kStripRows
+          : f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_1 ? 2 * 2 * kStripRows
+                                                               : 2 * kStripRows);
 }
 // Bytes of one strip of a matrix of `cols` columns.
 constexpr long strip_row_bytes(QuantFormat f, long cols) { return cols / quant_block_cols(f) * strip_block_bytes(f); }
@@ -243,8 +246,9 @@ struct KernelTable {
   long (*gemm_panel_bytes)(const QuantWeight& w);
   PanelLayout (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
   // The same for decoders, whose calls are mostly a few rows (decode) and sometimes many (prefill):
-  // w repacked for the few-rows kernel (kStrips: q8_0 and q4_0 on AVX-512, as many bytes as w),
-  // from which the many-rows kernel packs its panels per call. 0 / null where w keeps its rows.
+  // w repacked for the few-rows kernel (kStrips: every block format but int8 on AVX-512, about as
+  // many bytes as w), from which the many-rows kernel packs its panels per call. 0 / null where w
+  // keeps its rows.
   long (*decode_panel_bytes)(const QuantWeight& w);
   PanelLayout (*pack_decode_panels)(const QuantWeight& w, uint8_t* out);
 };

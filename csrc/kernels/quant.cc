@@ -1146,7 +1146,7 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
 #if defined(PYXF_TARGET_avx512)
-  // Decode on strips made at load (decoders' q8_0, q4_0, q5_0), else on the streaming GEMV where it
+  // Decode on strips made at load (decoders' block formats but int8), else on the streaming GEMV where it
   // is chosen: every block format but the K-quants (q5_0 / q5_1 included; their other kernels are
   // quant_k.cc's).
   const bool strips = on_strips(w, M), stream = streams(w, M);

@@ -794,7 +794,7 @@ struct Panel {
   }
 };
 
-// pack_panel from a q5_0, q4_k or q6_k matrix's strips (decoders'; n0 at a strip): each 16-column half
+// pack_panel from a q5_0, q5_1 or K-quant matrix's strips (decoders'; n0 at a strip): each 16-column half
 // of a block of 32 is the strip's 8 value vectors, its scales and offsets the strip's.
 void pack_panel_from_strips(const QuantWeight& w, long n0, int ncols, Panel& p) {
   const long nblocks = w.cols / QK;
@@ -826,7 +826,7 @@ template <QuantFormat F>
 void pack_panel(const QuantWeight& w, long n0, int ncols, Panel& p) {
   // From the strips where the panel starts at one (else from the rows, as pack_vnni: [gate; up]'s
   // up half, I % 16 != 0).
-  if constexpr (F == QuantFormat::kQ5_0 || F == QuantFormat::kQ4_K || F == QuantFormat::kQ6_K) {
+  if constexpr (strip_format(F)) {
     if (has_strips(w) && n0 % kStripRows == 0) {
       pack_panel_from_strips(w, n0, ncols, p);
       return;

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/simd.h"
@@ -22,10 +23,10 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
 
 namespace {
 constexpr int QK = kQuantBlock;
-// Where a stored block's quant bytes start (after its fp16 scale, q4_1 its offset, q5_0 its fifth
-// bits), and its bytes.
+// Where a stored block's quant bytes start (after its fp16 scale, q4_1 / q5_1 its offset, q5_0 /
+// q5_1 their fifth bits), and its bytes.
 constexpr int data_offset(QuantFormat f) {
-  return f == QuantFormat::kQ5_0 ? 6 : f == QuantFormat::kQ4_1 ? 4 : 2;
+  return 2 + (strip_has_offsets(f) ? 2 : 0) + (strip_fifth_bits(f) ? 4 : 0);
 }
 constexpr int stored_block_bytes(QuantFormat f) { return data_offset(f) + (f == QuantFormat::kQ8_0 ? QK : QK / 2); }
 
@@ -50,9 +51,10 @@ void k_scales_unpack(const uint8_t* b, uint8_t sc[8], uint8_t mn[8]) {
   }
 }
 
-// q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes. q6_k: 128 low-bit bytes, 64
-// high-bit bytes, 16 int8 scales, fp16 d.
-constexpr int kQ4kBytes = 144, kQ4kQuants = 16;
+// q4_k super-block: fp16 d, fp16 dmin, 12 scale bytes, 128 quant bytes; q5_k the same with 32
+// fifth-bit bytes before the quants. q6_k: 128 low-bit bytes, 64 high-bit bytes, 16 int8 scales,
+// fp16 d.
+constexpr int kQ4kBytes = 144, kQ4kQuants = 16, kQ5kBytes = 176, kQ5kHigh = 16, kQ5kQuants = 48;
 constexpr int kQ6kBytes = 210, kQ6kScales = 192, kQ6kD = 208;
 
 void pack_q6k_strip(const QuantWeight& w, long s, uint8_t* out) {
@@ -75,6 +77,9 @@ void pack_q6k_strip(const QuantWeight& w, long s, uint8_t* out) {
 }
 
 void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
+  const bool five = w.format == QuantFormat::kQ5_K;
+  const int block_bytes = five ? kQ5kBytes : kQ4kBytes, quants = five ? kQ5kQuants : kQ4kQuants;
+  const int vectors = strip_vectors(w.format);
   const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
   uint8_t* sc = out + nb * strip_vectors(w.format) * 64;
   uint8_t* mn = sc + nb * 8 * kStripRows;
@@ -83,11 +88,11 @@ void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
   for (int r = 0; r < kStripRows; ++r) {
     const long row = s * kStripRows + r;
     for (long b = 0; b < nb; ++b) {
-      const uint8_t* blk = row < w.rows ? w.data + row * row_bytes + b * kQ4kBytes : nullptr;
-      for (int v = 0; v < 32; ++v)  // vector (g, j) = 8 g + j: quant bytes 32 g + 4 j ..
-        for (int i = 0; i < 4; ++i) {
-          out[((b * 32 + v) * kStripRows + r) * 4 + i] = blk ? blk[kQ4kQuants + 4 * v + i] : 0;
-        }
+      const uint8_t* blk = row < w.rows ? w.data + row * row_bytes + b * block_bytes : nullptr;
+      for (int v = 0; v < vectors; ++v) {  // vector (g, j) = 8 g + j: quant bytes 32 g + 4 j ..; q5_k's
+        const int at = v < 32 ? quants + 4 * v : kQ5kHigh + 4 * (v - 32);  // 32 + j: fifth bits 4 j ..
+        for (int i = 0; i < 4; ++i) out[((b * vectors + v) * kStripRows + r) * 4 + i] = blk ? blk[at + i] : 0;
+      }
       uint8_t bsc[8] = {}, bmn[8] = {};
       if (blk) k_scales_unpack(blk + 4, bsc, bmn);
       for (int t = 0; t < 8; ++t) {
@@ -117,13 +122,13 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
   const int off = data_offset(w.format);
   const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;  // 8-bit: w + 128
   const long sb = strip_bytes(w);
-  if (w.format == QuantFormat::kQ4_K || w.format == QuantFormat::kQ6_K) {
+  if (is_k_quant(w.format)) {
 #pragma omp parallel for schedule(static)
     for (long s = 0; s < strips; ++s) {
-      if (w.format == QuantFormat::kQ4_K) {
-        pack_k_strip(w, s, out + s * sb);
-      } else {
+      if (w.format == QuantFormat::kQ6_K) {
         pack_q6k_strip(w, s, out + s * sb);
+      } else {
+        pack_k_strip(w, s, out + s * sb);
       }
     }
     return;
@@ -141,16 +146,16 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
           uint8_t* dst = quants + ((b * vectors + g) * kStripRows + r) * 4;
           for (int i = 0; i < 4; ++i) dst[i] = blk ? (uint8_t)(blk[off + 4 * g + i] ^ flip) : flip;
         }
-        if (w.format == QuantFormat::kQ5_0) {
+        if (strip_fifth_bits(w.format)) {
           uint32_t qh = 0;
-          if (blk) memcpy(&qh, blk + 2, 4);
+          if (blk) memcpy(&qh, blk + off - 4, 4);
           const uint32_t h = fifth_bits_to_strip(qh);
           memcpy(quants + ((b * vectors + groups) * kStripRows + r) * 4, &h, 4);
         }
         uint16_t d = 0, m = 0;
         if (blk) memcpy(&d, blk, 2);
         scales[b * kStripRows + r] = d;
-        if (w.format == QuantFormat::kQ4_1) {
+        if (strip_has_offsets(w.format)) {
           if (blk) memcpy(&m, blk + 2, 2);
           scales[(nblocks + b) * kStripRows + r] = m;
         }
@@ -166,15 +171,26 @@ namespace {
 // at 32; q8_0 alike within noise up to 16 KiB, 206-223 at 32; one thread, q4_0 at 16 KiB best.
 constexpr long kStripPrefetchBytes = 16384;
 
+// f(std::integral_constant<int, 0>{}) .. f(std::integral_constant<int, N - 1>{}): loop bodies whose
+// shifts take their count as an immediate (a count in a register costs a second uop).
+template <class F, int... I>
+inline void unrolled(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void unrolled(F&& f) {
+  unrolled(f, std::make_integer_sequence<int, N>{});
+}
+
 // Group g of a 4- or 5-bit strip block as two vpdpbusd operands: the stored values of columns
-// 4g .. 4g + 3 (lo) and 16 + 4g .. (hi) of the 16 rows, q5_0's fifth bits (vector `fifth`) moved to
-// bit 4 of their bytes.
+// 4g .. 4g + 3 (lo) and 16 + 4g .. (hi) of the 16 rows, q5_0's / q5_1's fifth bits (vector `fifth`)
+// moved to bit 4 of their bytes.
 template <QuantFormat F>
 inline void group_values(__m512i v, __m512i fifth, int g, __m512i& lo, __m512i& hi) {
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   lo = _mm512_and_si512(v, nibble);
   hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-  if constexpr (F == QuantFormat::kQ5_0) {
+  if constexpr (strip_fifth_bits(F)) {
     const __m512i bit4 = _mm512_set1_epi8(0x10);
     lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4));
     hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4));
@@ -226,7 +242,7 @@ struct TileRows {
 template <QuantFormat F, int XR>
 void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const uint16_t* scales, float* y,
                 long ldy, int live, const float* bias, bool accumulate) {
-  const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1
+  const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1, q5_1
   constexpr int G = strip_groups(F), V = strip_vectors(F);
   const long nblocks = a.nblocks;
   const TileRows<XR> rows(a, m0);
@@ -241,7 +257,7 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
     for (int g = 0; g < V; ++g) _mm_prefetch((const char*)(qb + kStripPrefetchBytes + g * 64), _MM_HINT_T0);
     if (b % 2 == 0) {
       _mm_prefetch((const char*)(scales + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
-      if constexpr (F == QuantFormat::kQ4_1) {
+      if constexpr (strip_has_offsets(F)) {
         _mm_prefetch((const char*)(offsets + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
       }
     }
@@ -252,7 +268,7 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
       s1[i] = _mm512_setzero_si512();
     }
     __m512i fifth = _mm512_setzero_si512();
-    if constexpr (F == QuantFormat::kQ5_0) fifth = _mm512_loadu_si512(qb + G * 64);
+    if constexpr (strip_fifth_bits(F)) fifth = _mm512_loadu_si512(qb + G * 64);
     for (int g = 0; g < G; ++g) {
       const __m512i v = _mm512_loadu_si512(qb + g * 64);
       if constexpr (F != QuantFormat::kQ8_0) {
@@ -274,7 +290,7 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
       const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
       acc[i] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx[i][b])), acc[i]);
     }
-    if constexpr (F == QuantFormat::kQ4_1) {  // + m * dx * sum(q)
+    if constexpr (strip_has_offsets(F)) {  // + m * dx * sum(q)
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b * kStripRows)));
       for (int i = 0; i < XR; ++i) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[i][b]), acc[i]);
     }
@@ -282,10 +298,27 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
   store_rows<XR>(acc, y, ldy, live, bias, accumulate);
 }
 
-// XR activation rows (from m0) x one q4_k strip. Per super-block and sub-block t the int32 lanes
-// (rows) sum q x over the sub-block's 32 columns; a row's super-block is then
+// Bit p of each byte of v moved to bit 4 (other bits of the result: any).
+inline __m512i bit_to_4(__m512i v, int p) { return p <= 4 ? _mm512_slli_epi16(v, 4 - p) : _mm512_srli_epi16(v, p - 4); }
+
+// The values of q4_k / q5_k vector (g, j) of a strip: sub-block 2g's (lo) and 2g + 1's (hi), q5_k's
+// fifth bits from its vector j (`high`).
+template <bool kFive>
+inline void k_values(__m512i v, __m512i high, int g, __m512i& lo, __m512i& hi) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  lo = _mm512_and_si512(v, nibble);
+  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  if constexpr (kFive) {
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    lo = _mm512_or_si512(lo, _mm512_and_si512(bit_to_4(high, 2 * g), bit4));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(bit_to_4(high, 2 * g + 1), bit4));
+  }
+}
+
+// XR activation rows (from m0) x one q4_k or q5_k strip. Per super-block and sub-block t the int32
+// lanes (rows) sum q x over the sub-block's 32 columns; a row's super-block is then
 // dx (d sum_t sc_t isum_t - dmin sum_t m_t xsum_t), the integer sums exact.
-template <int XR>
+template <bool kFive, int XR>
 void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long s, float* y, long ldy, int live,
                   const float* bias, bool accumulate) {
   constexpr int SB = kQuantSuperBlock;
@@ -295,7 +328,7 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
   const uint8_t* mins = strip_k_mins(w, s);
   const uint16_t* d = strip_k_d(w, s);
   const uint16_t* dmin = strip_k_dmin(w, s);
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  constexpr int V = strip_vectors(kFive ? QuantFormat::kQ5_K : QuantFormat::kQ4_K);
   const TileRows<XR> rows(a, m0);
   const auto& x = rows.x;
   const auto& dx = rows.dx;
@@ -303,17 +336,23 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
   __m512 acc[XR];
   for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nb; ++b) {
-    const uint8_t* qb = quants + b * 32 * 64;
+    const uint8_t* qb = quants + b * V * 64;
     __m512i isc[XR], imn[XR];
     for (int i = 0; i < XR; ++i) isc[i] = imn[i] = _mm512_setzero_si512();
-    for (int g = 0; g < 4; ++g) {
+    unrolled<4>([&](auto G) {
+      constexpr int g = G.value;
       __m512i lo[XR][2], hi[XR][2];  // sub-blocks 2g and 2g + 1, two chains each
       for (int i = 0; i < XR; ++i) lo[i][0] = lo[i][1] = hi[i][0] = hi[i][1] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
         const uint8_t* p = qb + (8 * g + j) * 64;
         _mm_prefetch((const char*)(p + kStripPrefetchBytes), _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(p);
-        const __m512i l = _mm512_and_si512(v, nibble), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        __m512i high = _mm512_setzero_si512(), l, h;
+        if constexpr (kFive) {
+          const uint8_t* ph = qb + (32 + j) * 64;
+          if constexpr (g == 0) _mm_prefetch((const char*)(ph + kStripPrefetchBytes), _MM_HINT_T0);
+          high = _mm512_loadu_si512(ph);
+        }
+        k_values<kFive>(_mm512_loadu_si512(p), high, g, l, h);
         for (int i = 0; i < XR; ++i) {
           const int8_t* xb = x[i] + b * SB + 64 * g + 4 * j;
           lo[i][j % 2] = _mm512_dpbusd_epi32(lo[i][j % 2], l, broadcast4(xb));
@@ -326,7 +365,7 @@ void strip_tile_k(const StripActivations& a, long m0, const QuantWeight& w, long
         isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(lo[i][0], lo[i][1]), sc_lo));
         isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(_mm512_add_epi32(hi[i][0], hi[i][1]), sc_hi));
       }
-    }
+    });
     for (int t = 0; t < 8; ++t) {
       const __m512i m = bytes_u32(mins + (b * 8 + t) * kStripRows);
       for (int i = 0; i < XR; ++i) {
@@ -376,8 +415,9 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
     __m512i isc[XR], izp[XR];
     for (int i = 0; i < XR; ++i) isc[i] = izp[i] = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
-      for (int al = 0; al < 2; ++al) {  // columns 32 p .. of half h, p = al and al + 2; j < 4 and j >= 4
-        __m512i s[XR][4];               // sub-blocks 8 h + 2 al, + 1, 8 h + 2 (al + 2), + 1
+      unrolled<2>([&](auto AL) {  // columns 32 p .. of half h, p = al and al + 2; j < 4 and j >= 4
+        constexpr int al = AL.value;
+        __m512i s[XR][4];  // sub-blocks 8 h + 2 al, + 1, 8 h + 2 (al + 2), + 1
         for (int i = 0; i < XR; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
           const uint8_t* lp = qb + ((2 * h + al) * 8 + j) * 64;
@@ -395,7 +435,7 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
         for (int i = 0; i < XR; ++i) {
           for (int q = 0; q < 4; ++q) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(s[i][q], c[q]));
         }
-      }
+      });
     }
     _mm_prefetch((const char*)(scales + b * 16 * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
     for (int u = 0; u < 16; ++u) {
@@ -438,19 +478,25 @@ void with_block_format(QuantFormat f, Fn&& fn) {
     case QuantFormat::kQ8_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ8_0>{}); break;
     case QuantFormat::kQ5_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_0>{}); break;
     case QuantFormat::kQ4_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_1>{}); break;
+    case QuantFormat::kQ5_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_1>{}); break;
     default: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_0>{}); break;
   }
 }
 }  // namespace
 
 void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __m512i out[8]) {
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
-  if (w.format == QuantFormat::kQ4_K) {  // sub-block t of super-block b / 8: nibbles of group t / 2
-    const int t = (int)(b % 8);
-    const uint8_t* qb = strip_quants(w, s) + ((b / 8) * 32 + (t / 2) * 8) * 64;
+  if (w.format == QuantFormat::kQ4_K || w.format == QuantFormat::kQ5_K) {  // sub-block t of super-block
+    const int t = (int)(b % 8), g = t / 2;                                      // b / 8: group t / 2
+    const uint8_t* qb = strip_quants(w, s) + (b / 8) * strip_vectors(w.format) * 64;
     for (int j = 0; j < 8; ++j) {
-      const __m512i v = _mm512_loadu_si512(qb + j * 64);
-      out[j] = _mm512_maskz_mov_epi32(live, _mm512_and_si512(t % 2 ? _mm512_srli_epi16(v, 4) : v, nibble));
+      const __m512i v = _mm512_loadu_si512(qb + (8 * g + j) * 64);
+      __m512i lo, hi;
+      if (w.format == QuantFormat::kQ5_K) {
+        k_values<true>(v, _mm512_loadu_si512(qb + (32 + j) * 64), g, lo, hi);
+      } else {
+        k_values<false>(v, v, g, lo, hi);
+      }
+      out[j] = _mm512_maskz_mov_epi32(live, t % 2 ? hi : lo);
     }
     return;
   }
@@ -483,14 +529,15 @@ void strip_block_scale(const QuantWeight& w, long s, long u, int r, float* scale
     return;
   }
   const long b = u;  // sub-blocks of 32
-  if (w.format == QuantFormat::kQ4_K) {  // as unpacking the stored super-block computes them
+  if (w.format == QuantFormat::kQ4_K || w.format == QuantFormat::kQ5_K) {  // as unpacking the stored
+                                                                            // super-block computes them
     const long sb = b / 8, at = b * kStripRows + r;
     *scale = to_f32(f16{strip_k_d(w, s)[sb * kStripRows + r]}) * (float)strip_k_scales(w, s)[at];
     *offset = -(to_f32(f16{strip_k_dmin(w, s)[sb * kStripRows + r]}) * (float)strip_k_mins(w, s)[at]);
     return;
   }
   *scale = to_f32(f16{strip_scales(w, s)[b * kStripRows + r]});
-  *offset = 0.0f;
+  *offset = strip_has_offsets(w.format) ? to_f32(f16{strip_offsets(w, s)[b * kStripRows + r]}) : 0.0f;
 }
 
 StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat f) {
@@ -515,9 +562,9 @@ StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat 
     }
     return a;
   }
-  // Stored values w + 128 (q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's are w's own (its offset is m).
-  const int shift = f == QuantFormat::kQ8_0 ? 7 : f == QuantFormat::kQ5_0 ? 4 : 3;
-  const int zero = f == QuantFormat::kQ4_1 ? 0 : 1 << shift;
+  // Stored values w + 128 (q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's and q5_1's are w's own (their
+  // offset is m).
+  const int zero = f == QuantFormat::kQ8_0 ? 128 : f == QuantFormat::kQ5_0 ? 16 : f == QuantFormat::kQ4_0 ? 8 : 0;
   for (long m = 0; m < M; ++m) {
     int8_t* q = a.q + m * K;
     quantize_row(x + m * K, K, q, a.dx + m * nblocks, a.s + m * nblocks);
@@ -543,9 +590,14 @@ void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const 
     const long n = s * kStripRows;
     const int live = (int)lmin(kStripRows, w.rows - n);
     const float* bn = bias ? bias + n : nullptr;
-    if (w.format == QuantFormat::kQ4_K) {
+    if (w.format == QuantFormat::kQ4_K || w.format == QuantFormat::kQ5_K) {
+      const bool five = w.format == QuantFormat::kQ5_K;
       for_row_tiles(M, [&](auto XR, long m) {
-        strip_tile_k<XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
+        if (five) {
+          strip_tile_k<true, XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
+        } else {
+          strip_tile_k<false, XR.value>(a, m, w, s, y + m * ldy + n, ldy, live, bn, accumulate);
+        }
       });
       continue;
     }
