@@ -392,7 +392,7 @@ inline void q6_values(__m512i low, __m512i high, int a, __m512i& p_a, __m512i& p
 }
 
 // XR activation rows (from m0) x one q6_k strip: per sub-block u of 16 columns the int32 lanes sum
-// q x; a row's super-block is dx d (sum_u sc_u isum_u - 32 sum_u sc_u xsum_u).
+// (q - 32) x, starting from -32 xsum_u; a row's super-block is dx d sum_u sc_u isum_u.
 template <int XR>
 void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, long s, float* y, long ldy, int live,
                     const float* bias, bool accumulate) {
@@ -412,13 +412,17 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
   for (int i = 0; i < XR; ++i) acc[i] = _mm512_setzero_ps();
   for (long b = 0; b < nb; ++b) {
     const uint8_t* qb = quants + b * 48 * 64;
-    __m512i isc[XR], izp[XR];
-    for (int i = 0; i < XR; ++i) isc[i] = izp[i] = _mm512_setzero_si512();
+    __m512i isc[XR];
+    for (int i = 0; i < XR; ++i) isc[i] = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       unrolled<2>([&](auto AL) {  // columns 32 p .. of half h, p = al and al + 2; j < 4 and j >= 4
         constexpr int al = AL.value;
-        __m512i s[XR][4];  // sub-blocks 8 h + 2 al, + 1, 8 h + 2 (al + 2), + 1
-        for (int i = 0; i < XR; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = _mm512_setzero_si512();
+        const int u0 = 8 * h + 2 * al, u2 = 8 * h + 2 * (al + 2);
+        const int u[4] = {u0, u0 + 1, u2, u2 + 1};
+        __m512i s[XR][4];  // sub-blocks u[0 .. 3]
+        for (int i = 0; i < XR; ++i) {
+          for (int q = 0; q < 4; ++q) s[i][q] = _mm512_set1_epi32(-32 * xsum[i][b * 16 + u[q]]);
+        }
         for (int j = 0; j < 8; ++j) {
           const uint8_t* lp = qb + ((2 * h + al) * 8 + j) * 64;
           _mm_prefetch((const char*)(lp + kStripPrefetchBytes), _MM_HINT_T0);
@@ -430,24 +434,16 @@ void strip_tile_q6k(const StripActivations& a, long m0, const QuantWeight& w, lo
             s[i][2 + j / 4] = _mm512_dpbusd_epi32(s[i][2 + j / 4], v2, broadcast4(xb + 32 * (al + 2)));
           }
         }
-        const int u0 = 8 * h + 2 * al, u2 = 8 * h + 2 * (al + 2);
-        const __m512i c[4] = {sub_scales(b, u0), sub_scales(b, u0 + 1), sub_scales(b, u2), sub_scales(b, u2 + 1)};
+        const __m512i c[4] = {sub_scales(b, u[0]), sub_scales(b, u[1]), sub_scales(b, u[2]), sub_scales(b, u[3])};
         for (int i = 0; i < XR; ++i) {
           for (int q = 0; q < 4; ++q) isc[i] = _mm512_add_epi32(isc[i], _mm512_mullo_epi32(s[i][q], c[q]));
         }
       });
     }
     _mm_prefetch((const char*)(scales + b * 16 * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
-    for (int u = 0; u < 16; ++u) {
-      const __m512i c = sub_scales(b, u);
-      for (int i = 0; i < XR; ++i) {
-        izp[i] = _mm512_add_epi32(izp[i], _mm512_mullo_epi32(c, _mm512_set1_epi32(xsum[i][b * 16 + u])));
-      }
-    }
     const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kStripRows)));
     for (int i = 0; i < XR; ++i) {
-      const __m512i total = _mm512_sub_epi32(isc[i], _mm512_slli_epi32(izp[i], 5));  // - 32 sum sc xsum
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(db, _mm512_set1_ps(dx[i][b])), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[i]), _mm512_mul_ps(db, _mm512_set1_ps(dx[i][b])), acc[i]);
     }
   }
   store_rows<XR>(acc, y, ldy, live, bias, accumulate);
