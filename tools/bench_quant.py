@@ -1,4 +1,4 @@
-"""Quantized decoding in tools/bench.py: pyxf's int8/q8_0/q4_0/q4_1/Q4_K_M models, llama.cpp
+"""Quantized decoding in tools/bench.py: pyxf's int8/q8_0/q4_0/q4_1/K-quant models, llama.cpp
 (llama-cpp-python) on GGUF files of the same weights, CTranslate2's generator in float32 and int8, the
 memory bandwidth roofline, and the quality of the quantized files (perplexity, top-1 agreement with
 float32) in pyxf and in llama.cpp.
@@ -15,8 +15,8 @@ Every engine starts from the same numbers: SmolLM2-135M-Instruct's Q4_1 GGUF, de
     Q4_1          the original file
     Q4_K_M, Q5_K_M, Q6_K  llama.cpp's quantizer on the F32 file (SmolLM2's rows of 576 are not a
                   multiple of 256: those tensors get llama.cpp's fallbacks Q5_0 / Q5_1 / Q8_0)
-    pyxf q8_0/q4_0/q4_1/q4_k_m   those GGUF files converted with no flags (`pyxf convert X.gguf OUT`):
-                  the same blocks
+    pyxf q8_0/q4_0/q4_1/q4_k_m/q5_k_m/q6_k   those GGUF files converted with no flags
+                  (`pyxf convert X.gguf OUT`): the same blocks
     pyxf int8     --quantize int8 (per-row int8, the tied embedding/head included; no GGUF equivalent)
     CTranslate2   the HF model (transformers from the GGUF), TransformersConverter to float32 and int8
 
@@ -40,8 +40,8 @@ import which_pyxf  # noqa: E402
 
 which_pyxf.use_checkout_if_built()  # the pyxf tools/bench.py uses
 
-PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
-GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")
+PYXF_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")
+GGUF_FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")
 # made by llama.cpp's quantizer only (no pyxf.quant fallback)
 LLAMA_ONLY = ("q4_k_m", "q5_k_m", "q6_k", "bf16")
 QUALITY_FORMATS = ("q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")  # bf16: pyxf computes on vdpbf16ps
@@ -650,7 +650,7 @@ def report_section(engines, records, spec, labels, common_prefix):
             f"| {labels[e]} | {weights} | — | — | {rate(decode)} | — | {rate(get(r, 'prefill', 'tokens_per_s'))} | "
             f"{rate(get(r, 'batch8', 'tokens_per_s'))} | {agree} |"
         )
-    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1", "q4_k_m", "bf16")] + [
+    pairs = [(f"pyxf-{f}", f"llama.cpp-{f}") for f in ("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")] + [
         ("pyxf", "llama.cpp-f32"), ("pyxf-int8", "ct2-int8"), ("pyxf", "ct2-float32"), ("pyxf-bf16", "torch-bf16"),
         ("pyxf-bf16", "pyxf")]
     ratios = []
