@@ -3,8 +3,8 @@ every call reads whole onto transparent huge pages (huge_pages=True, the default
 the file's mapping (huge_pages=False). The copy must change no number: both ways compute the same
 logits bit for bit, for matrices in one format, in several (a Q4_K_M file's fused qkv), stacked
 (experts), a tied head that is also the embedding table, and an encoder-decoder's shared embeddings.
-By default a decoder's q8_0 / q4_0 / q4_1 / q5_0 / q4_k / q6_k matrices are also repacked for the
-AVX-512 decode kernels (strips), which sum the same integer products in another order than the kernels reading the rows
+By default a decoder's quantized matrices are also repacked for the AVX-512 decode kernels
+(strips), which sum the same integer products in another order than the kernels reading the rows
 (Gemma 3 amplifies such rounding into logits several units apart, as it does between a prompt fed
 at once and token by token): files with such matrices are compared on the AVX2 table, which repacks
 nothing. (The default way is the one every other test compares with transformers.)"""
@@ -21,7 +21,7 @@ import kquant_files
 import pyxf
 from pyxf.memory import process_memory
 
-STRIP_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k")
+STRIP_FORMATS = ("int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 
 PROMPT = list(range(3, 3 + 48))  # 48 rows: the many-rows GEMMs; then single-token steps: the GEMVs
 

@@ -246,28 +246,34 @@ def test_panels_made_at_load_give_the_same_products(isa, fmt, m, n):
         assert np.abs(gated - silu(gu[:, :n // 2]) * gu[:, n // 2:]).max() <= 1e-5 * np.abs(gated).max() + 1e-6
 
 
-STRIP_FORMATS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+STRIP_FORMATS = ["int8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 STRIP_KERNELS = [name for name in KERNELS if name.startswith("avx512")]
+
+
+def has_strips(isa, fmt):
+    """Whether the table repacks a decoder's fmt matrices into strips (AVX-512; the int8 format
+    not on avx512_amx, whose tiles' GEMM reads its rows)."""
+    return isa.startswith("avx512") and not (isa == "avx512_amx" and fmt == "int8")
 
 
 @pytest.mark.parametrize("fmt", STRIP_FORMATS)
 @pytest.mark.parametrize("m,k,n", [(1, 32, 16), (1, 576, 37), (3, 96, 5), (4, 160, 48), (5, 64, 17), (19, 1536, 33),
                                    (31, 96, 20), (32, 96, 37), (40, 576, 70)])
 def test_decode_strips_match_reference(isa, fmt, m, k, n):
-    # Decoders' q8_0 / q4_0 / q4_1 / q5_0 / q5_1 matrices are repacked at load into strips of 16
-    # rows where the table has that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM
+    # Decoders' int8 / q8_0 / q4_0 / q4_1 / q5_0 / q5_1 matrices are repacked at load into strips of
+    # 16 rows where the table has that layout (AVX-512): the GEMV reads them below 32 rows, the GEMM
     # packs its panels from them from 32 (whole, partial and lone strips; one to four rows a tile and
     # leftovers).
     x, wq, scales, w_deq, bias = product_case(fmt, m, k, n, seed=m * 101 + k + n)
-    if not isa.startswith("avx512"):
+    if not has_strips(isa, fmt):
         with pytest.raises(ValueError, match="no decode layout"):
-            _core.ops.linear_quant(x, wq, fmt, bias=bias, panels="decode")
+            _core.ops.linear_quant(x, wq, fmt, scales, bias=bias, panels="decode")
         return
     ref = reference_product(x, w_deq, isa, fmt) + bias
-    y = _core.ops.linear_quant(x, wq, fmt, bias=bias, panels="decode")
+    y = _core.ops.linear_quant(x, wq, fmt, scales, bias=bias, panels="decode")
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
     if m >= 32:  # the GEMM: the same panels as packed from the rows, so the same products
-        np.testing.assert_array_equal(y, _core.ops.linear_quant(x, wq, fmt, bias=bias))
+        np.testing.assert_array_equal(y, _core.ops.linear_quant(x, wq, fmt, scales, bias=bias))
 
 
 @pytest.mark.parametrize("isa", STRIP_KERNELS, indirect=True)
@@ -276,6 +282,10 @@ def test_decode_strips_match_reference(isa, fmt, m, k, n):
 def test_decode_strips_gated(isa, fmt, m, inter):
     # [gate; up] on strips: the up half starts inside a strip when inter % 16 != 0 (its panels are
     # then packed from the rows).
+    if not has_strips(isa, fmt):
+        with pytest.raises(ValueError, match="no decode layout"):
+            assert_gated_matches_reference(isa, fmt, m, inter, k=128, panels="decode")
+        return
     assert_gated_matches_reference(isa, fmt, m, inter, k=128, panels="decode")
 
 
@@ -287,8 +297,9 @@ def test_decode_strips_non_finite_rows(isa):
     x = rng.standard_normal((3, 96)).astype(np.float32)
     x[0, 50] = np.nan
     x[2, 3] = np.inf
-    for fmt in STRIP_FORMATS:
-        y = _core.ops.linear_quant(x, gguf.quants.quantize(w, QTYPES[fmt]), fmt, panels="decode")
+    for fmt in filter(lambda f: has_strips(isa, f), STRIP_FORMATS):
+        wq, scales, _ = quantized_weight(w, fmt)
+        y = _core.ops.linear_quant(x, wq, fmt, scales, panels="decode")
         assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
 
 

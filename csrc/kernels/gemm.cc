@@ -33,6 +33,7 @@ void linear_quant(const float* x, long M, const QuantWeight& w, const float* bia
 void linear_quant_gated(const float* x, long M, const QuantWeight& w, Activation act, float* y);
 long gemm_panel_bytes(const QuantWeight& w);
 PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out);
+long decode_panel_bytes(const QuantWeight& w);
 }  // namespace pyxf::kernels::avx512
 #endif
 
@@ -1089,6 +1090,11 @@ PanelLayout pack_gemm_panels(const QuantWeight& w, uint8_t* out) {
   pack_matrix<AmxInt8Panels>(&rows, w.cols, w.rows, reinterpret_cast<uint16_t*>(out));
   return PanelLayout::kBf16Tiles;
 }
+
+// No strips for the int8 format here: the tiles' GEMM above reads its rows.
+long decode_panel_bytes(const QuantWeight& w) {
+  return w.format == QuantFormat::kInt8 ? 0 : avx512::decode_panel_bytes(w);
+}
 #endif
 
 // The avx512_bf16 table: avx512's, with this file's GEMMs (bf16 weights on vdpbf16ps) and attention
@@ -1112,6 +1118,7 @@ void fill_table(KernelTable* t) {
   t->linear_quant_gated = linear_quant_gated;
   t->gemm_panel_bytes = gemm_panel_bytes;
   t->pack_gemm_panels = pack_gemm_panels;
+  t->decode_panel_bytes = decode_panel_bytes;
 #endif
 }
 #endif

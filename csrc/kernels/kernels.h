@@ -53,14 +53,14 @@ constexpr long kQuantGemmRows = 16;
 // dequantized to bf16 pair panels for its tiles.
 enum class PanelLayout : int { kNone = 0, kVnni = 1, kBf16Tiles = 2, kStrips = 3 };
 
-// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): q8_0, q4_0, q4_1, q5_0, q5_1,
-// q4_k, q5_k and q6_k rows in strips of kStripRows, each strip strip_block_bytes(format) per block of
-// the format (quant_block_cols): strip_vectors(format) 64-byte vectors, then the block's scales (as
-// many bytes as its rows stored as they were; q4_k 2.8% and q5_k 2.3% more, their 6-bit scales and
-// minima unpacked to bytes).
+// PanelLayout::kStrips (the AVX-512 decode GEMV's, quant_strips.h): int8, q8_0, q4_0, q4_1, q5_0,
+// q5_1, q4_k, q5_k and q6_k rows in strips of kStripRows, each strip strip_block_bytes(format) per
+// block of the format (quant_block_cols): strip_vectors(format) 64-byte vectors, then the block's
+// scales (as many bytes as its rows stored as they were; q4_k 2.8% and q5_k 2.3% more, their 6-bit
+// scales and minima unpacked to bytes; int8's row scales stay in QuantWeight::row_scales).
 constexpr int kStripRows = 16;
 constexpr int strip_vectors(QuantFormat f) {
-  return f == QuantFormat::kQ8_0                              ? 8
+  return f == QuantFormat::kQ8_0 || f == QuantFormat::kInt8   ? 8
          : f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1 ? 5
          : f == QuantFormat::kQ4_K                            ? 32
          : f == QuantFormat::kQ5_K                            ? 40
@@ -72,6 +72,7 @@ constexpr long strip_block_bytes(QuantFormat f) {
          (f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K   ? (2 * 8 + 2 * 2) * kStripRows
           : f == QuantFormat::kQ6_K                            ? (16 + 2) * kStripRows
           : f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_1 ? 2 * 2 * kStripRows
+          : f == QuantFormat::kInt8                            ? 0
                                                                : 2 * kStripRows);
 }
 // Bytes of one strip of a matrix of `cols` columns.
@@ -246,9 +247,8 @@ struct KernelTable {
   long (*gemm_panel_bytes)(const QuantWeight& w);
   PanelLayout (*pack_gemm_panels)(const QuantWeight& w, uint8_t* out);
   // The same for decoders, whose calls are mostly a few rows (decode) and sometimes many (prefill):
-  // w repacked for the few-rows kernel (kStrips: every block format but int8 on AVX-512, about as
-  // many bytes as w), from which the many-rows kernel packs its panels per call. 0 / null where w
-  // keeps its rows.
+  // w repacked for the few-rows kernel (kStrips on AVX-512: about as many bytes as w), from which the
+  // many-rows kernel packs its panels per call. 0 / null where w keeps its rows.
   long (*decode_panel_bytes)(const QuantWeight& w);
   PanelLayout (*pack_decode_panels)(const QuantWeight& w, uint8_t* out);
 };

@@ -821,7 +821,7 @@ void pack_vnni(const QuantWeight& w, long n0, int ncols, long nblocks, VnniPanel
     const uint8_t* row = w.data + (n0 + c) * row_bytes;
     const float scale = real && w.row_scales ? w.row_scales[n0 + c] : 1.0f;
     const long s = (n0 + c) / kStripRows, r = (n0 + c) % kStripRows;
-    const uint16_t* strip_d = strips && real ? strip_scales(w, s) + r : nullptr;
+    const uint16_t* strip_d = strips && real && w.format != QuantFormat::kInt8 ? strip_scales(w, s) + r : nullptr;
     const uint16_t* strip_m = strip_d && w.format == QuantFormat::kQ4_1 ? strip_offsets(w, s) + r : nullptr;
     for (long b = 0; b < nblocks; ++b) {
       float d = 0.0f, m = 0.0f;
@@ -1146,7 +1146,7 @@ static void linear_quant_many_rows(const float* x, long M, const QuantWeight& w,
 void linear_quant(const float* x, long M, const QuantWeight& w, const float* bias, float* y,
                   bool accumulate) {
 #if defined(PYXF_TARGET_avx512)
-  // Decode on strips made at load (decoders' block formats but int8), else on the streaming GEMV where it
+  // Decode on strips made at load (decoders' matrices), else on the streaming GEMV where it
   // is chosen: every block format but the K-quants (q5_0 / q5_1 included; their other kernels are
   // quant_k.cc's).
   const bool strips = on_strips(w, M), stream = streams(w, M);

@@ -24,11 +24,11 @@ void quantize_act(const float* x, long K, int block, int8_t* q, float* d, int32_
 namespace {
 constexpr int QK = kQuantBlock;
 // Where a stored block's quant bytes start (after its fp16 scale, q4_1 / q5_1 its offset, q5_0 /
-// q5_1 their fifth bits), and its bytes.
+// q5_1 their fifth bits; int8's rows are their bytes), and its bytes.
 constexpr int data_offset(QuantFormat f) {
-  return 2 + (strip_has_offsets(f) ? 2 : 0) + (strip_fifth_bits(f) ? 4 : 0);
+  return f == QuantFormat::kInt8 ? 0 : 2 + (strip_has_offsets(f) ? 2 : 0) + (strip_fifth_bits(f) ? 4 : 0);
 }
-constexpr int stored_block_bytes(QuantFormat f) { return data_offset(f) + (f == QuantFormat::kQ8_0 ? QK : QK / 2); }
+constexpr int stored_block_bytes(QuantFormat f) { return data_offset(f) + (strip_8bit(f) ? QK : QK / 2); }
 
 // A q5_0 block's 32 fifth bits (bit j: column j) in the strip's order (quant_strips.h).
 uint32_t fifth_bits_to_strip(uint32_t qh) {
@@ -81,7 +81,7 @@ void pack_k_strip(const QuantWeight& w, long s, uint8_t* out) {
   const int block_bytes = five ? kQ5kBytes : kQ4kBytes, quants = five ? kQ5kQuants : kQ4kQuants;
   const int vectors = strip_vectors(w.format);
   const long nb = strip_blocks(w), row_bytes = quant_row_bytes(w.format, w.cols);
-  uint8_t* sc = out + nb * strip_vectors(w.format) * 64;
+  uint8_t* sc = out + nb * vectors * 64;
   uint8_t* mn = sc + nb * 8 * kStripRows;
   uint16_t* d = reinterpret_cast<uint16_t*>(mn + nb * 8 * kStripRows);
   uint16_t* dmin = d + nb * kStripRows;
@@ -120,7 +120,7 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
   const long nblocks = w.cols / QK, row_bytes = quant_row_bytes(w.format, w.cols), strips = strip_count(w);
   const int groups = strip_groups(w.format), vectors = strip_vectors(w.format), bb = stored_block_bytes(w.format);
   const int off = data_offset(w.format);
-  const uint8_t flip = w.format == QuantFormat::kQ8_0 ? 0x80 : 0x00;  // 8-bit: w + 128
+  const uint8_t flip = strip_8bit(w.format) ? 0x80 : 0x00;  // 8-bit: w + 128
   const long sb = strip_bytes(w);
   if (is_k_quant(w.format)) {
 #pragma omp parallel for schedule(static)
@@ -152,6 +152,7 @@ void pack_strips(const QuantWeight& w, uint8_t* out) {
           const uint32_t h = fifth_bits_to_strip(qh);
           memcpy(quants + ((b * vectors + groups) * kStripRows + r) * 4, &h, 4);
         }
+        if (w.format == QuantFormat::kInt8) continue;  // its scales are per row, apart
         uint16_t d = 0, m = 0;
         if (blk) memcpy(&d, blk, 2);
         scales[b * kStripRows + r] = d;
@@ -238,10 +239,11 @@ struct TileRows {
   }
 };
 
-// XR activation rows (from m0) x one strip: y[i][0 .. live) (+)= row i times the strip's rows.
+// XR activation rows (from m0) x one strip: y[i][0 .. live) (+)= row i times the strip's rows (int8:
+// times their `row_scales`).
 template <QuantFormat F, int XR>
-void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const uint16_t* scales, float* y,
-                long ldy, int live, const float* bias, bool accumulate) {
+void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const uint16_t* scales,
+                const float* row_scales, float* y, long ldy, int live, const float* bias, bool accumulate) {
   const uint16_t* offsets = scales + a.nblocks * kStripRows;  // q4_1, q5_1
   constexpr int G = strip_groups(F), V = strip_vectors(F);
   const long nblocks = a.nblocks;
@@ -255,7 +257,7 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
   for (long b = 0; b < nblocks; ++b) {
     const uint8_t* qb = quants + b * V * 64;
     for (int g = 0; g < V; ++g) _mm_prefetch((const char*)(qb + kStripPrefetchBytes + g * 64), _MM_HINT_T0);
-    if (b % 2 == 0) {
+    if (F != QuantFormat::kInt8 && b % 2 == 0) {
       _mm_prefetch((const char*)(scales + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
       if constexpr (strip_has_offsets(F)) {
         _mm_prefetch((const char*)(offsets + b * kStripRows) + kStripPrefetchBytes / 8, _MM_HINT_T0);
@@ -271,7 +273,7 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
     if constexpr (strip_fifth_bits(F)) fifth = _mm512_loadu_si512(qb + G * 64);
     for (int g = 0; g < G; ++g) {
       const __m512i v = _mm512_loadu_si512(qb + g * 64);
-      if constexpr (F != QuantFormat::kQ8_0) {
+      if constexpr (!strip_8bit(F)) {
         __m512i lo, hi;
         group_values<F>(v, fifth, g, lo, hi);
         for (int i = 0; i < XR; ++i) {
@@ -285,15 +287,25 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
         }
       }
     }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kStripRows)));
-    for (int i = 0; i < XR; ++i) {
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
-      acc[i] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx[i][b])), acc[i]);
+    if constexpr (F == QuantFormat::kInt8) {  // the row scales come last
+      for (int i = 0; i < XR; ++i) {
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i])), _mm512_set1_ps(dx[i][b]), acc[i]);
+      }
+    } else {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kStripRows)));
+      for (int i = 0; i < XR; ++i) {
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
+        acc[i] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx[i][b])), acc[i]);
+      }
     }
     if constexpr (strip_has_offsets(F)) {  // + m * dx * sum(q)
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b * kStripRows)));
       for (int i = 0; i < XR; ++i) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[i][b]), acc[i]);
     }
+  }
+  if constexpr (F == QuantFormat::kInt8) {
+    const __m512 rs = _mm512_maskz_loadu_ps((__mmask16)((1u << live) - 1), row_scales);
+    for (int i = 0; i < XR; ++i) acc[i] = _mm512_mul_ps(acc[i], rs);
   }
   store_rows<XR>(acc, y, ldy, live, bias, accumulate);
 }
@@ -472,6 +484,7 @@ template <class Fn>
 void with_block_format(QuantFormat f, Fn&& fn) {
   switch (f) {
     case QuantFormat::kQ8_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ8_0>{}); break;
+    case QuantFormat::kInt8: fn(std::integral_constant<QuantFormat, QuantFormat::kInt8>{}); break;
     case QuantFormat::kQ5_0: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_0>{}); break;
     case QuantFormat::kQ4_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ4_1>{}); break;
     case QuantFormat::kQ5_1: fn(std::integral_constant<QuantFormat, QuantFormat::kQ5_1>{}); break;
@@ -558,9 +571,9 @@ StripActivations prepare_strip_rows(const float* x, long M, long K, QuantFormat 
     }
     return a;
   }
-  // Stored values w + 128 (q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's and q5_1's are w's own (their
-  // offset is m).
-  const int zero = f == QuantFormat::kQ8_0 ? 128 : f == QuantFormat::kQ5_0 ? 16 : f == QuantFormat::kQ4_0 ? 8 : 0;
+  // Stored values w + 128 (int8, q8_0), w + 16 (q5_0), w + 8 (q4_0); q4_1's and q5_1's are w's own
+  // (their offset is m).
+  const int zero = strip_8bit(f) ? 128 : f == QuantFormat::kQ5_0 ? 16 : f == QuantFormat::kQ4_0 ? 8 : 0;
   for (long m = 0; m < M; ++m) {
     int8_t* q = a.q + m * K;
     quantize_row(x + m * K, K, q, a.dx + m * nblocks, a.s + m * nblocks);
@@ -605,9 +618,10 @@ void strip_tiles(const StripActivations& a, long M, const QuantWeight& w, const 
     }
     const uint8_t* quants = strip_quants(w, s);
     const uint16_t* scales = strip_scales(w, s);
+    const float* row_scales = w.row_scales ? w.row_scales + n : nullptr;  // int8
     with_block_format(w.format, [&](auto F) {
       for_row_tiles(M, [&](auto XR, long m) {
-        strip_tile<F.value, XR.value>(a, m, quants, scales, y + m * ldy + n, ldy, live, bn, accumulate);
+        strip_tile<F.value, XR.value>(a, m, quants, scales, row_scales, y + m * ldy + n, ldy, live, bn, accumulate);
       });
     });
   }

@@ -1,16 +1,17 @@
 // Quantized matrices repacked at load into strips of 16 rows (PanelLayout::kStrips), the layout the
 // AVX-512 decode GEMV reads (quant_strips.cc) and the many-rows GEMM packs its panels from.
 //
-// A strip holds rows 16 s .. 16 s + 15 of a q8_0, q4_0, q4_1, q5_0 or q5_1 matrix (rows past the
-// matrix: zero weights, scale 0), block after block of 32 columns:
+// A strip holds rows 16 s .. 16 s + 15 of an int8, q8_0, q4_0, q4_1, q5_0 or q5_1 matrix (rows past
+// the matrix: zero weights, scale 0), block after block of 32 columns:
 //   quants  [nblocks][vectors][16 rows][4 bytes]: vector g < groups is bytes 4g .. 4g + 3 of each
-//           row's block, so one 64-byte load is a vpdpbusd operand for 16 rows at once. q8_0: 8
-//           groups, the bytes stored as w + 128 (unsigned, as vpdpbusd multiplies them); the others
+//           row's block, so one 64-byte load is a vpdpbusd operand for 16 rows at once. int8 and
+//           q8_0: 8 groups, the bytes stored as w + 128 (unsigned, as vpdpbusd multiplies them); the others
 //           4 groups of the stored nibble bytes (low nibbles: columns 4g .., high nibbles: 16 + 4g ..;
 //           values w + 8, q5_0 w + 16 with its fifth bits), and q5_0 / q5_1 a fifth vector, each
 //           row's 32 fifth bits: byte i of its dword has bit g for column 4g + i and bit 4 + g for
 //           column 16 + 4g + i, so group g's bits reach bit 4 of their bytes by one shift;
-//   scales  [nblocks][16 rows] fp16, after all the quants; q4_1 and q5_1 then their offsets m alike.
+//   scales  [nblocks][16 rows] fp16, after all the quants; q4_1 and q5_1 then their offsets m alike;
+//           none for int8 (its row scales stay in QuantWeight::row_scales).
 // q4_k's and q5_k's blocks are super-blocks of 256 columns, 8 sub-blocks of 32: quants [nblocks][4
 // groups][8][16 rows][4 bytes], vector (g, j) bytes 4j .. 4j + 3 of the row's quant group g (low
 // nibbles: sub-block 2g, high: 2g + 1, columns 4j ..); q5_k then 8 vectors 32 + j of its fifth-bit
@@ -34,13 +35,15 @@
 namespace pyxf::kernels::PYXF_TARGET_NS {
 
 constexpr bool strip_format(QuantFormat f) {
-  return f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_0 ||
-         f == QuantFormat::kQ5_1 || f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K || f == QuantFormat::kQ6_K;
+  return f == QuantFormat::kInt8 || f == QuantFormat::kQ8_0 || f == QuantFormat::kQ4_0 || f == QuantFormat::kQ4_1 ||
+         f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1 || f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K ||
+         f == QuantFormat::kQ6_K;
 }
 // The 32-column formats with a vector of fifth bits per block, and those with offsets (w = d q + m).
 constexpr bool strip_fifth_bits(QuantFormat f) { return f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1; }
 constexpr bool strip_has_offsets(QuantFormat f) { return f == QuantFormat::kQ4_1 || f == QuantFormat::kQ5_1; }
-constexpr int strip_groups(QuantFormat f) { return f == QuantFormat::kQ8_0 ? 8 : 4; }
+constexpr bool strip_8bit(QuantFormat f) { return f == QuantFormat::kQ8_0 || f == QuantFormat::kInt8; }
+constexpr int strip_groups(QuantFormat f) { return strip_8bit(f) ? 8 : 4; }
 
 inline long strip_count(const QuantWeight& w) { return (w.rows + kStripRows - 1) / kStripRows; }
 inline long strip_bytes(const QuantWeight& w) { return strip_row_bytes(w.format, w.cols); }
