@@ -23,7 +23,7 @@ def free_port():
 class Server:
     """A running `pyxf serve ARGS...`; .url is the base URL ("http://127.0.0.1:PORT")."""
 
-    def __init__(self, args, api_key=None, log_path=None):
+    def __init__(self, args, api_key=None, log_path=None, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -33,6 +33,7 @@ class Server:
             command += ["--api-key", api_key]
         child = child_process_options()
         child["env"].pop("PYXF_API_KEY", None)
+        child["env"].update(env or {})
         self.log = open(log_path, "w+") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log, **child)
         self._wait_until_healthy()
