@@ -183,19 +183,28 @@ inline void unrolled(F&& f) {
   unrolled(f, std::make_integer_sequence<int, N>{});
 }
 
-// Group g of a 4- or 5-bit strip block as two vpdpbusd operands: the stored values of columns
-// 4g .. 4g + 3 (lo) and 16 + 4g .. (hi) of the 16 rows, q5_0's / q5_1's fifth bits (vector `fifth`)
-// moved to bit 4 of their bytes.
-template <QuantFormat F>
-inline void group_values(__m512i v, __m512i fifth, int g, __m512i& lo, __m512i& hi) {
+// Bit p of each byte of v moved to bit 4 (other bits of the result: any).
+inline __m512i bit_to_4(__m512i v, int p) { return p <= 4 ? _mm512_slli_epi16(v, 4 - p) : _mm512_srli_epi16(v, p - 4); }
+
+// A vector of nibble bytes as two vpdpbusd operands, its low nibbles (lo) and high nibbles (hi) of
+// 16 rows; with kFifth, bits p_lo and p_hi of `fifth`'s bytes become their bit 4.
+template <bool kFifth>
+inline void nibble_values(__m512i v, __m512i fifth, int p_lo, int p_hi, __m512i& lo, __m512i& hi) {
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   lo = _mm512_and_si512(v, nibble);
   hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-  if constexpr (strip_fifth_bits(F)) {
+  if constexpr (kFifth) {
     const __m512i bit4 = _mm512_set1_epi8(0x10);
-    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(fifth, 4 - g), bit4));
-    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srli_epi16(fifth, g), bit4));
+    lo = _mm512_or_si512(lo, _mm512_and_si512(bit_to_4(fifth, p_lo), bit4));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(bit_to_4(fifth, p_hi), bit4));
   }
+}
+
+// Group g of a 4- or 5-bit strip block: the stored values of columns 4g .. 4g + 3 (lo) and
+// 16 + 4g .. (hi) of the 16 rows, q5_0's / q5_1's fifth bits (bits g and 4 + g of `fifth`) included.
+template <QuantFormat F>
+inline void group_values(__m512i v, __m512i fifth, int g, __m512i& lo, __m512i& hi) {
+  nibble_values<strip_fifth_bits(F)>(v, fifth, g, 4 + g, lo, hi);
 }
 
 // y[i][0 .. live) (+)= acc[i] + bias, for XR rows.
@@ -310,21 +319,11 @@ void strip_tile(const StripActivations& a, long m0, const uint8_t* quants, const
   store_rows<XR>(acc, y, ldy, live, bias, accumulate);
 }
 
-// Bit p of each byte of v moved to bit 4 (other bits of the result: any).
-inline __m512i bit_to_4(__m512i v, int p) { return p <= 4 ? _mm512_slli_epi16(v, 4 - p) : _mm512_srli_epi16(v, p - 4); }
-
 // The values of q4_k / q5_k vector (g, j) of a strip: sub-block 2g's (lo) and 2g + 1's (hi), q5_k's
-// fifth bits from its vector j (`high`).
+// fifth bits (bits 2g and 2g + 1) from its vector j (`high`).
 template <bool kFive>
 inline void k_values(__m512i v, __m512i high, int g, __m512i& lo, __m512i& hi) {
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
-  lo = _mm512_and_si512(v, nibble);
-  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-  if constexpr (kFive) {
-    const __m512i bit4 = _mm512_set1_epi8(0x10);
-    lo = _mm512_or_si512(lo, _mm512_and_si512(bit_to_4(high, 2 * g), bit4));
-    hi = _mm512_or_si512(hi, _mm512_and_si512(bit_to_4(high, 2 * g + 1), bit4));
-  }
+  nibble_values<kFive>(v, high, 2 * g, 2 * g + 1, lo, hi);
 }
 
 // XR activation rows (from m0) x one q4_k or q5_k strip. Per super-block and sub-block t the int32
@@ -503,7 +502,7 @@ void strip_block_values(const QuantWeight& w, long s, long b, __mmask16 live, __
       if (w.format == QuantFormat::kQ5_K) {
         k_values<true>(v, _mm512_loadu_si512(qb + (32 + j) * 64), g, lo, hi);
       } else {
-        k_values<false>(v, v, g, lo, hi);
+        k_values<false>(v, _mm512_setzero_si512(), g, lo, hi);
       }
       out[j] = _mm512_maskz_mov_epi32(live, t % 2 ? hi : lo);
     }
